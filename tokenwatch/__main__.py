@@ -1,0 +1,7 @@
+"""`python -m tokenwatch` runs the command line."""
+
+from __future__ import annotations
+
+from tokenwatch.cli import main
+
+raise SystemExit(main())

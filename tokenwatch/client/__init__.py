@@ -1,0 +1,1 @@
+"""What agents import: report usage and task boundaries to the supervisor (stdlib + openai only)."""

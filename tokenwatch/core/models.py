@@ -1,0 +1,291 @@
+"""Plain data shared by every layer: the usage event, agents, budgets, alerts, actions, snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+FIELD_ALIASES = {"ts": ("timestamp", "time")}
+
+
+class Status(enum.StrEnum):
+    """How an LLM call ended."""
+
+    OK = "ok"
+    ERROR = "error"
+    DENIED = "denied"
+    CANCELLED = "cancelled"
+
+
+class Source(enum.StrEnum):
+    """Which capture path saw the call."""
+
+    PROXY = "proxy"
+    SDK = "sdk"
+    LOG = "log"
+    IMPORT = "import"
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    """One LLM call, normalised the OpenTelemetry way (see docs/architecture.md).
+
+    `input_tokens` counts every prompt token, cache reads and writes included;
+    `output_tokens` counts every generated token, reasoning included.
+    """
+
+    ts: float = field(default_factory=time.time)
+    agent: str = ""
+    run_id: str = ""
+    pid: int | None = None
+    session: str = ""
+    user: str = ""
+    task: str = ""
+    step: str = ""
+    tool: str = ""
+    provider: str = ""
+    model: str = ""
+    endpoint: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    price_version: str = ""
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    wait_ms: float = 0.0
+    status: str = Status.OK.value
+    http_status: int | None = None
+    prompt_hash: str = ""
+    source: str = Source.SDK.value
+    estimated: bool = False
+    call_id: str = ""
+    """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def priced(self) -> bool:
+        return self.cost_usd is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["total_tokens"] = self.total_tokens
+        return d
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a mapping, ignoring derived keys like `total_tokens`; types are not coerced."""
+        names = set(cls.field_names())
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class AgentState(enum.StrEnum):
+    """What an agent is doing, as the supervisor sees it."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    THROTTLED = "throttled"
+    STOPPED = "stopped"
+    EXITED = "exited"
+    DETACHED = "detached"
+    """Known from a previous supervisor's records, not yet re-adopted."""
+
+
+class ActionKind(enum.StrEnum):
+    """What tokenwatch can do to an agent or a call."""
+
+    ALERT = "alert"
+    THROTTLE = "throttle"
+    PAUSE = "pause"
+    RESUME = "resume"
+    KILL = "kill"
+    DENY = "deny"
+
+
+class Severity(enum.StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(slots=True)
+class Agent:
+    """An agent under supervision (launched, attached, or only reporting)."""
+
+    name: str
+    pid: int | None = None
+    state: str = AgentState.RUNNING.value
+    run_id: str = ""
+    command: list[str] = field(default_factory=list)
+    task: str = ""
+    user: str = ""
+    session: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    critical: bool = False
+    launched: bool = False
+    """True when tokenwatch started the process (it then owns its logs and exit code)."""
+    exit_code: int | None = None
+    throttle: str = ""
+    """Active throttle rate as the user wrote it (`20k/min`, `$1/h`, `50%`), empty when off."""
+    started_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(slots=True)
+class Alert:
+    """Something a person should know, with what was done about it."""
+
+    rule: str
+    agent: str
+    message: str
+    severity: str = Severity.WARNING.value
+    action: str = ActionKind.ALERT.value
+    ts: float = field(default_factory=time.time)
+    id: int | None = None
+    acknowledged: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(slots=True)
+class Action:
+    """An action taken on an agent: who (key, cli, rule:NAME), what, why."""
+
+    kind: str
+    agent: str
+    who: str
+    why: str = ""
+    detail: str = ""
+    ok: bool = True
+    ts: float = field(default_factory=time.time)
+    id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(slots=True)
+class BudgetStatus:
+    """Where one budget stands in its current period."""
+
+    name: str
+    scope: str
+    target: str
+    period: str
+    limit: float
+    unit: str
+    """`tokens` or `usd`."""
+    used: float
+    action: str
+    resets_at: float | None = None
+    forecast_exhausted_at: float | None = None
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.limit - self.used)
+
+    @property
+    def fraction(self) -> float:
+        return self.used / self.limit if self.limit else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["remaining"] = self.remaining
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(slots=True)
+class AgentView:
+    """One agents-table row of a snapshot: an agent plus its live figures."""
+
+    agent: Agent
+    models: list[str] = field(default_factory=list)
+    requests_per_min: float = 0.0
+    tokens_per_min: float = 0.0
+    usd_per_hour: float = 0.0
+    period_tokens: int = 0
+    period_cost_usd: float = 0.0
+    budget_fraction: float | None = None
+    burn: list[float] = field(default_factory=list)
+    """Tokens per interval over the recent past, oldest first, for a sparkline."""
+    last_alert: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        d = dict(data)
+        d["agent"] = Agent.from_dict(d["agent"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything the dashboard shows, aggregated by the engine at a bounded rate."""
+
+    ts: float
+    tokens_per_min: float = 0.0
+    usd_per_hour: float = 0.0
+    spend_today_usd: float = 0.0
+    daily_budget_usd: float | None = None
+    agents: list[AgentView] = field(default_factory=list)
+    top: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    """Cost by group: `{"agent": [(name, usd), ...], "model": ..., ...}`, largest first."""
+    budgets: list[BudgetStatus] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    """Newest first, bounded."""
+    burn: list[float] = field(default_factory=list)
+    """Total tokens per interval, oldest first."""
+    supervisor: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        d = dict(data)
+        d["agents"] = [AgentView.from_dict(a) for a in d.get("agents", [])]
+        d["budgets"] = [BudgetStatus.from_dict(b) for b in d.get("budgets", [])]
+        d["alerts"] = [Alert.from_dict(a) for a in d.get("alerts", [])]
+        d["top"] = {
+            k: [(str(n), float(v)) for n, v in rows] for k, rows in d.get("top", {}).items()
+        }
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,1 @@
+"""The offline fake LLM provider and the demo agents behind `tokenwatch demo`."""

@@ -1,0 +1,1 @@
+"""Exporters for fleets: Prometheus /metrics and OpenTelemetry OTLP."""

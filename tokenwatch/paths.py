@@ -1,0 +1,90 @@
+"""Every path tokenwatch reads or writes: XDG dirs, or all under $TOKENWATCH_HOME."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "TOKENWATCH_HOME"
+CONFIG_NAME = "tokenwatch.toml"
+OVERLAY_NAME = "tokenwatch.local.toml"
+DB_NAME = "usage.db"
+SOCKET_NAME = "tokenwatch.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Where tokenwatch keeps its files; build one with `Paths.discover()`."""
+
+    config_dir: Path
+    """User config dir: the fallback tokenwatch.toml and the tokenwatch-owned overlay."""
+    state_dir: Path
+    """Durable state: the SQLite ledger and agent logs."""
+    runtime_dir: Path
+    """Volatile, private (0700): the supervisor's socket and pid file."""
+
+    @classmethod
+    def discover(cls, env: dict[str, str] | None = None) -> Paths:
+        env = dict(os.environ) if env is None else env
+        home = env.get(HOME_ENV)
+        if home:
+            root = Path(home).expanduser()
+            return cls(root / "config", root / "state", root / "run")
+        user_home = Path(env.get("HOME") or Path.home())
+        config = Path(env.get("XDG_CONFIG_HOME") or user_home / ".config") / "tokenwatch"
+        state = Path(env.get("XDG_STATE_HOME") or user_home / ".local" / "state") / "tokenwatch"
+        runtime_base = env.get("XDG_RUNTIME_DIR")
+        runtime = (
+            Path(runtime_base) / "tokenwatch"
+            if runtime_base
+            else Path("/tmp") / f"tokenwatch-{os.getuid()}"
+        )
+        return cls(config, state, runtime)
+
+    @property
+    def db(self) -> Path:
+        return self.state_dir / DB_NAME
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / SOCKET_NAME
+
+    @property
+    def pidfile(self) -> Path:
+        return self.runtime_dir / "supervisor.pid"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def user_config(self) -> Path:
+        return self.config_dir / CONFIG_NAME
+
+    @property
+    def overlay(self) -> Path:
+        return self.config_dir / OVERLAY_NAME
+
+    def config_candidates(self, cwd: Path | None = None) -> list[Path]:
+        """The project's tokenwatch.toml first, then the user's."""
+        here = (cwd or Path.cwd()) / CONFIG_NAME
+        return [here, self.user_config]
+
+    def ensure_private_runtime(self) -> Path:
+        """Create the runtime dir as 0700 (never a looser window) and return it."""
+        old = os.umask(0o077)
+        try:
+            self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        finally:
+            os.umask(old)
+        st = self.runtime_dir.stat()
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"{self.runtime_dir} is owned by uid {st.st_uid}, not you")
+        if st.st_mode & 0o077:
+            os.chmod(self.runtime_dir, 0o700)
+        return self.runtime_dir
+
+    def ensure_state(self) -> Path:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.state_dir
