@@ -1,0 +1,180 @@
+"""Parsing what people type: token counts (`200k`), money (`$2`), durations (`1h`), rates (`20k/min`)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
+_NUMBER = r"(\d+(?:\.\d+)?|\.\d+)"
+_DURATION_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "min": 60,
+    "m": 60,
+    "h": 3600,
+    "hr": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+    "w": 604800,
+    "week": 604800,
+}
+
+
+class QuantityError(ValueError):
+    """Text that is not the quantity asked for; the message says what was expected."""
+
+
+class Unit(enum.StrEnum):
+    TOKENS = "tokens"
+    USD = "usd"
+
+
+@dataclass(frozen=True, slots=True)
+class Amount:
+    """A limit: some tokens or some dollars."""
+
+    value: float
+    unit: Unit
+
+    def __str__(self) -> str:
+        if self.unit is Unit.USD:
+            return f"${self.value:g}"
+        return format_tokens(self.value)
+
+
+class RateKind(enum.StrEnum):
+    TOKENS_PER_MIN = "tokens/min"
+    USD_PER_HOUR = "usd/hour"
+    FRACTION = "fraction"
+    """Run this fraction of the time (duty cycle) or of the agent's own pace."""
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A throttle rate: `20k/min`, `$1/h`, `50%` or `off`."""
+
+    kind: RateKind
+    value: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        """Tokens or dollars per second (fraction rates return the fraction)."""
+        if self.kind is RateKind.TOKENS_PER_MIN:
+            return self.value / 60.0
+        if self.kind is RateKind.USD_PER_HOUR:
+            return self.value / 3600.0
+        return self.value
+
+    def __str__(self) -> str:
+        if self.kind is RateKind.OFF:
+            return "off"
+        if self.kind is RateKind.FRACTION:
+            return f"{self.value * 100:g}%"
+        if self.kind is RateKind.USD_PER_HOUR:
+            return f"${self.value:g}/h"
+        return f"{format_tokens(self.value)}/min"
+
+
+def parse_tokens(text: str | int | float) -> int:
+    """`200k` -> 200000, `1.5M` -> 1500000, `12,000` -> 12000."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        if text < 0:
+            raise QuantityError(f"a token count cannot be negative: {text}")
+        return int(text)
+    raw = str(text).strip().lower().replace(",", "").replace("_", "")
+    raw = raw.removesuffix("tokens").removesuffix("tok").strip()
+    m = re.fullmatch(_NUMBER + r"\s*([kmb]?)", raw)
+    if not m:
+        raise QuantityError(f"not a token count: {text!r} (try 200000, 200k or 1.5M)")
+    return round(float(m.group(1)) * _SUFFIX[m.group(2)])
+
+
+def parse_usd(text: str | int | float) -> float:
+    """`$2`, `2.50`, `$1.5k` -> dollars."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    raw = str(text).strip().lower().replace(",", "")
+    raw = raw.removeprefix("$").removesuffix("usd").strip()
+    m = re.fullmatch(_NUMBER + r"\s*([kmb]?)", raw)
+    if not m:
+        raise QuantityError(f"not an amount of dollars: {text!r} (try $2 or $0.50)")
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+def parse_amount(text: str | int | float) -> Amount:
+    """A budget limit: `$2` is dollars, `200k` (or a bare number) is tokens."""
+    if isinstance(text, str) and (
+        text.strip().startswith("$") or text.strip().lower().endswith("usd")
+    ):
+        return Amount(parse_usd(text), Unit.USD)
+    try:
+        return Amount(float(parse_tokens(text)), Unit.TOKENS)
+    except QuantityError:
+        raise QuantityError(
+            f"not a limit: {text!r} (tokens like 200k, or dollars like $2)"
+        ) from None
+
+
+def parse_duration(text: str | int | float) -> float:
+    """`90s`, `5min`, `1h`, `7d`, `2w` or a number of seconds -> seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    raw = str(text).strip().lower()
+    m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", raw)
+    if not m or m.group(2) not in _DURATION_UNITS | {"": 1}:
+        raise QuantityError(f"not a duration: {text!r} (try 30s, 5min, 1h, 7d)")
+    return float(m.group(1)) * (_DURATION_UNITS.get(m.group(2), 1))
+
+
+def parse_rate(text: str) -> Rate:
+    """`20k/min`, `1000/s`, `$1/h`, `$0.5/min`, `50%`, `0.5`, `off`."""
+    raw = text.strip().lower().replace(" ", "")
+    if raw in {"off", "none", "0", "no"}:
+        return Rate(RateKind.OFF)
+    if raw.endswith("%"):
+        pct = float(_checked_number(raw[:-1], text))
+        if not 0 < pct <= 100:
+            raise QuantityError(f"a percentage must be above 0 and at most 100: {text!r}")
+        return Rate(RateKind.FRACTION, pct / 100)
+    if "/" not in raw:
+        frac = float(_checked_number(raw, text))
+        if 0 < frac < 1:
+            return Rate(RateKind.FRACTION, frac)
+        raise QuantityError(f"not a rate: {text!r} (try 20k/min, $1/h, 50% or off)")
+    amount, _, per = raw.partition("/")
+    per_s = parse_duration("1" + per if per and per[0].isalpha() else per)
+    if per_s <= 0:
+        raise QuantityError(f"not a rate: {text!r}")
+    if amount.startswith("$"):
+        return Rate(RateKind.USD_PER_HOUR, parse_usd(amount) * 3600 / per_s)
+    return Rate(RateKind.TOKENS_PER_MIN, parse_tokens(amount) * 60 / per_s)
+
+
+def _checked_number(raw: str, original: str) -> str:
+    if not re.fullmatch(_NUMBER, raw):
+        raise QuantityError(f"not a rate: {original!r} (try 20k/min, $1/h, 50% or off)")
+    return raw
+
+
+def format_tokens(n: float) -> str:
+    """12345 -> `12.3k`; 2_500_000 -> `2.5M`."""
+    n = float(n)
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}".replace(".0" + suffix, suffix)
+    return f"{n:.0f}"
+
+
+def format_usd(value: float | None) -> str:
+    """Dollars with sensible precision; `unpriced` for None, never a silent $0."""
+    if value is None:
+        return "unpriced"
+    if abs(value) >= 100:
+        return f"${value:,.0f}"
+    if abs(value) >= 1:
+        return f"${value:,.2f}"
+    return f"${value:.4f}"
