@@ -161,11 +161,16 @@ def _checked_number(raw: str, original: str) -> str:
 
 
 def format_tokens(n: float) -> str:
-    """12345 -> `12.3k`; 2_500_000 -> `2.5M`."""
+    """12345 -> `12.3k`; 2_500_000 -> `2.5M` (three significant digits, never exponent notation)."""
     n = float(n)
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
-            return f"{n / div:.3g}{suffix}".replace(".0" + suffix, suffix)
+            scaled = n / div
+            decimals = 0 if abs(scaled) >= 100 else 1 if abs(scaled) >= 10 else 2
+            text = f"{scaled:.{decimals}f}"
+            if "." in text:
+                text = text.rstrip("0").rstrip(".")
+            return text + suffix
     return f"{n:.0f}"
 
 

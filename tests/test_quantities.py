@@ -1,0 +1,90 @@
+"""What people type for limits, durations and throttle rates parses to what they meant."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenwatch.core.quantities import (
+    QuantityError,
+    RateKind,
+    Unit,
+    format_tokens,
+    format_usd,
+    parse_amount,
+    parse_duration,
+    parse_rate,
+    parse_tokens,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [("200k", 200_000), ("1.5M", 1_500_000), ("12,000", 12_000), ("7", 7), (" 2K ", 2_000)],
+)
+def test_token_counts(text: str, tokens: int) -> None:
+    assert parse_tokens(text) == tokens
+
+
+def test_dollar_limits_and_token_limits_are_told_apart() -> None:
+    assert parse_amount("$2").unit is Unit.USD
+    assert parse_amount("$2").value == 2.0
+    assert parse_amount("200k").unit is Unit.TOKENS
+    assert parse_amount(5000).value == 5000
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "per_second"),
+    [
+        ("20k/min", RateKind.TOKENS_PER_MIN, 20_000 / 60),
+        ("1000/s", RateKind.TOKENS_PER_MIN, 1000.0),
+        ("$1/h", RateKind.USD_PER_HOUR, 1 / 3600),
+        ("$0.5/min", RateKind.USD_PER_HOUR, 0.5 / 60),
+        ("50%", RateKind.FRACTION, 0.5),
+        ("0.25", RateKind.FRACTION, 0.25),
+    ],
+)
+def test_rates(text: str, kind: RateKind, per_second: float) -> None:
+    rate = parse_rate(text)
+    assert rate.kind is kind
+    assert rate.per_second == pytest.approx(per_second)
+
+
+def test_off_turns_a_throttle_off() -> None:
+    assert parse_rate("off").kind is RateKind.OFF
+
+
+@pytest.mark.parametrize("bad", ["fast", "120%", "-3/min", "$x/h", "5/fortnight", ""])
+def test_bad_rates_say_what_is_expected(bad: str) -> None:
+    with pytest.raises(QuantityError, match="rate|percentage|duration|token|dollars"):
+        parse_rate(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("5min", 300), ("1h", 3600), ("7d", 604800)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_unpriced_is_never_shown_as_zero() -> None:
+    assert format_usd(None) == "unpriced"
+    assert format_usd(0.0) == "$0.0000"
+    assert format_usd(1234.5) == "$1,234"
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_token_counts_round_trip_through_their_display(n: int) -> None:
+    shown = format_tokens(n)
+    # Three significant digits: the display is within 0.5% of the count.
+    assert parse_tokens(shown) == pytest.approx(n, rel=5e-3, abs=1)
+
+
+@given(st.text(max_size=20))
+def test_parsers_raise_only_quantity_errors(text: str) -> None:
+    for parser in (parse_tokens, parse_duration, parse_rate, parse_amount):
+        try:
+            parser(text)
+        except QuantityError:
+            pass
