@@ -57,7 +57,7 @@ def test_off_turns_a_throttle_off() -> None:
 
 @pytest.mark.parametrize("bad", ["fast", "120%", "-3/min", "$x/h", "5/fortnight", ""])
 def test_bad_rates_say_what_is_expected(bad: str) -> None:
-    with pytest.raises(QuantityError, match="rate|percentage|duration|token|dollars"):
+    with pytest.raises(QuantityError, match=r"rate|percentage|duration|token|dollars"):
         parse_rate(bad)
 
 
