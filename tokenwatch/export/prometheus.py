@@ -1,0 +1,199 @@
+"""Prometheus `/metrics` for the supervisor: counters from every recorded call, gauges at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import anyio
+import anyio.abc
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tokenwatch.config import PrometheusSettings
+from tokenwatch.core.models import Action, AgentState, Alert, Snapshot, UsageEvent
+from tokenwatch.export.labels import LabelFolder
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CALL_LABELS = ("agent", "model", "provider", "task", "user", "status")
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning")
+
+
+class SnapshotCollector(Collector):
+    """Gauges read from the engine's latest snapshot when Prometheus scrapes."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._rates(snap)
+        yield from self._agents(snap)
+        yield from self._budgets(snap)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    @staticmethod
+    def _rates(snap: Snapshot) -> Iterator[Metric]:
+        tpm = GaugeMetricFamily(
+            "tokenwatch_tokens_per_minute", "Tokens per minute, all agents, now"
+        )
+        tpm.add_metric([], snap.tokens_per_min)
+        uph = GaugeMetricFamily(
+            "tokenwatch_usd_per_hour", "Spend rate in USD per hour, all agents, now"
+        )
+        uph.add_metric([], snap.usd_per_hour)
+        yield tpm
+        yield uph
+
+    @staticmethod
+    def _agents(snap: Snapshot) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "tokenwatch_agent_state", "1 for the state each agent is in", labels=["agent", "state"]
+        )
+        tpm = GaugeMetricFamily(
+            "tokenwatch_agent_tokens_per_minute", "Tokens per minute by agent", labels=["agent"]
+        )
+        uph = GaugeMetricFamily(
+            "tokenwatch_agent_usd_per_hour", "Spend rate in USD per hour by agent", labels=["agent"]
+        )
+        for view in snap.agents:
+            name = view.agent.name
+            for candidate in AgentState:
+                state.add_metric(
+                    [name, candidate.value], float(view.agent.state == candidate.value)
+                )
+            tpm.add_metric([name], view.tokens_per_min)
+            uph.add_metric([name], view.usd_per_hour)
+        yield state
+        yield tpm
+        yield uph
+
+    @staticmethod
+    def _budgets(snap: Snapshot) -> Iterator[Metric]:
+        labels = ["budget", "scope", "target", "period", "unit"]
+        used = GaugeMetricFamily("tokenwatch_budget_used", "Budget used this period", labels=labels)
+        remaining = GaugeMetricFamily(
+            "tokenwatch_budget_remaining", "Budget left this period", labels=labels
+        )
+        limit = GaugeMetricFamily("tokenwatch_budget_limit", "Budget limit", labels=labels)
+        for b in snap.budgets:
+            values = [b.name, b.scope, b.target, b.period, b.unit]
+            used.add_metric(values, b.used)
+            remaining.add_metric(values, b.remaining)
+            limit.add_metric(values, b.limit)
+        yield used
+        yield remaining
+        yield limit
+
+
+class PrometheusExporter:
+    """Turns engine events into Prometheus series; `observe` is an engine listener."""
+
+    def __init__(self, settings: PrometheusSettings, snapshot: Callable[[], Snapshot]) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self._task = LabelFolder(settings.max_label_values)
+        self._user = LabelFolder(settings.max_label_values)
+        reg = self.registry
+        self.tokens = Counter(
+            "tokenwatch_tokens",
+            "Tokens by type (input counts cache reads and writes; output counts reasoning)",
+            [*CALL_LABELS, "type"],
+            registry=reg,
+        )
+        self.cost = Counter(
+            "tokenwatch_cost_usd", "Spend in USD (priced calls)", CALL_LABELS, registry=reg
+        )
+        self.requests = Counter(
+            "tokenwatch_requests", "LLM calls recorded", CALL_LABELS, registry=reg
+        )
+        self.unpriced = Counter(
+            "tokenwatch_unpriced_requests",
+            "Calls to models with no known price",
+            ["model"],
+            registry=reg,
+        )
+        self.actions = Counter(
+            "tokenwatch_actions", "Actions taken on agents", ["kind", "agent"], registry=reg
+        )
+        self.alerts = Counter(
+            "tokenwatch_alerts", "Alerts raised", ["rule", "severity"], registry=reg
+        )
+        reg.register(SnapshotCollector(snapshot))
+        self._port = 0
+
+    def observe(self, kind: str, obj: Any) -> None:
+        if kind == "usage" and isinstance(obj, UsageEvent):
+            self._usage(obj)
+        elif kind == "action" and isinstance(obj, Action):
+            self.actions.labels(obj.kind, obj.agent).inc()
+        elif kind == "alert" and isinstance(obj, Alert):
+            self.alerts.labels(obj.rule, obj.severity).inc()
+
+    def _usage(self, event: UsageEvent) -> None:
+        labels = (
+            event.agent,
+            event.model,
+            event.provider,
+            self._task(event.task),
+            self._user(event.user),
+            event.status,
+        )
+        counts = (
+            event.input_tokens,
+            event.output_tokens,
+            event.cache_read_tokens,
+            event.cache_write_tokens,
+            event.reasoning_tokens,
+        )
+        for token_type, count in zip(TOKEN_TYPES, counts, strict=True):
+            if count:
+                self.tokens.labels(*labels, token_type).inc(count)
+        self.requests.labels(*labels).inc()
+        if event.cost_usd is None:
+            self.unpriced.labels(event.model).inc()
+        else:
+            self.cost.labels(*labels).inc(event.cost_usd)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve GET /metrics on `settings.listen` until cancelled; reports the bound port."""
+        from aiohttp import web
+
+        host, port = parse_listen(self.settings.listen)
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+            self._port = int(runner.addresses[0][1])
+            task_status.started(self._port)
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`127.0.0.1:9464`, `:9464` or `[::1]:9464` -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"[export.prometheus] listen: expected HOST:PORT, got {listen!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
