@@ -1,0 +1,150 @@
+"""Anthropic wire shapes for the fake LLM: Messages (JSON and SSE) and count_tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from tokenwatch.core.tokens import count_anthropic, count_text
+from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id
+from tokenwatch.demo.fake_reply import Segment, compose_reply
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(status: int, message: str, param: str = "") -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def headers(ex: Exchange) -> dict[str, str]:
+    return {
+        "request-id": ex.request_id,
+        "anthropic-ratelimit-requests-limit": "4000",
+        "anthropic-ratelimit-requests-remaining": "3999",
+    }
+
+
+def _blocks(content: Any) -> list[Any]:
+    return content if isinstance(content, list) else [content]
+
+
+def _segments(ex: Exchange) -> list[Segment]:
+    """Tools, then system blocks, then message blocks: Anthropic's cache prefix order."""
+    segs: list[Segment] = []
+    for tool in ex.body.get("tools") or []:
+        marked = isinstance(tool, dict) and "cache_control" in tool
+        segs.append(Segment(repr(tool), count_text(repr(tool), ex.model).tokens, marked))
+    system = ex.body.get("system")
+    for block in _blocks(system) if system else []:
+        segs.append(_block_segment(block, ex.model))
+    for message in ex.body.get("messages") or []:
+        for block in _blocks(message.get("content")):
+            segs.append(_block_segment(block, ex.model))
+    return segs
+
+
+def _block_segment(block: Any, model: str) -> Segment:
+    if isinstance(block, dict):
+        text = block.get("text")
+        body = text if isinstance(text, str) else repr(block.get("content", block))
+        return Segment(repr(block), count_text(body, model).tokens, "cache_control" in block)
+    return Segment(repr(block), count_text(str(block), model).tokens)
+
+
+def _validate(ex: Exchange) -> tuple[Any, list[dict[str, Any]]]:
+    ex.require("model", str)
+    messages = ex.require("messages", list)
+    if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise BadRequest("messages: at least one message with a role is required")
+    system = ex.body.get("system")
+    if not isinstance(system, (str, list, type(None))):
+        raise BadRequest("system: must be a string or a list of text blocks")
+    return system, messages
+
+
+def _input_tokens(ex: Exchange) -> int:
+    system, messages = _validate(ex)
+    tools = ex.body.get("tools")
+    extra = count_text(repr(tools), ex.model).tokens if tools else 0
+    return count_anthropic(system, messages, ex.model).tokens + extra
+
+
+async def count_tokens(ex: Exchange) -> web.StreamResponse:
+    return ex.json({"input_tokens": _input_tokens(ex)}, headers(ex))
+
+
+def _wire_usage(u: Usage) -> dict[str, Any]:
+    """Anthropic's own split: input_tokens EXCLUDES cache reads and writes."""
+    return {
+        "input_tokens": u.input_tokens - u.cache_read_tokens - u.cache_write_tokens,
+        "cache_creation_input_tokens": u.cache_write_tokens,
+        "cache_read_input_tokens": u.cache_read_tokens,
+        "output_tokens": u.output_tokens,
+        "service_tier": "standard",
+    }
+
+
+async def messages(ex: Exchange) -> web.StreamResponse:
+    total = _input_tokens(ex)
+    limit = ex.limit("max_tokens")
+    if limit is None:
+        raise BadRequest("max_tokens: Field required")
+    read, write = ex.cache.anthropic_cached(_segments(ex))
+    read, write = min(read, total), min(write, total - min(read, total))
+    reply = compose_reply(repr(ex.body.get("messages")), limit, ex.model)
+    output = count_text(reply.text, ex.model).tokens
+    ex.usage = Usage(total, output, read, write, 0)
+    stop = "max_tokens" if reply.truncated else "end_turn"
+    message = {
+        "id": new_id("msg_01", 22),
+        "type": "message",
+        "role": "assistant",
+        "model": ex.model,
+        "content": [{"type": "text", "text": reply.text}],
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": _wire_usage(ex.usage),
+    }
+    if not ex.stream:
+        return ex.json(message, headers(ex))
+    await ex.open_stream(headers(ex))
+    start_usage = {**_wire_usage(ex.usage), "output_tokens": 1}
+    start = {**message, "content": [], "stop_reason": None, "usage": start_usage}
+    await ex.send({"type": "message_start", "message": start}, event="message_start")
+    block_start = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    await ex.send(block_start, event="content_block_start")
+    await ex.send({"type": "ping"}, event="ping")
+    for piece in reply.pieces:
+        delta = {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": piece},
+        }
+        await ex.send(delta, event="content_block_delta")
+    await ex.send({"type": "content_block_stop", "index": 0}, event="content_block_stop")
+    end = {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop, "stop_sequence": None},
+        "usage": {"output_tokens": output},
+    }
+    await ex.send(end, event="message_delta")
+    await ex.send({"type": "message_stop"}, event="message_stop")
+    return await ex.close_stream()
+
+
+def new_request_id() -> str:
+    return new_id("req_011", 21)

@@ -1,0 +1,229 @@
+"""One request to the fake LLM: its fault plan, SSE writing, the counted call it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from aiohttp import web
+
+from tokenwatch.demo.fake_reply import PromptCache
+
+FAULT_HEADER = "x-fake-llm-fault"
+DEFAULT_SLOW_MS = 10_000.0
+
+
+@dataclass(slots=True)
+class CountedCall:
+    """What the fake server billed for one call, normalised the OpenTelemetry way.
+
+    `input_tokens` includes cache reads and writes; `output_tokens` includes reasoning.
+    """
+
+    endpoint: str
+    model: str
+    stream: bool
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    status: int
+    request_id: str
+    complete: bool = True
+    """False when the stream was cut on purpose before its end."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Normalised token figures of one reply (see CountedCall)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """What to do wrong with one request."""
+
+    status: int = 0
+    """Answer with this HTTP error (429, 500...) instead of a reply; 0 for none."""
+    cut_after: int | None = None
+    """Close the connection after this many stream chunks (or body bytes), without the end."""
+    delay_ms: float = 0.0
+    """Extra wait before answering."""
+
+
+def parse_fault(value: str) -> Fault:
+    """Parse `429`, `500`, `cut`, `cut:N`, `slow` or `slow:MS` (comma-separated to combine)."""
+    status, cut, delay = 0, None, 0.0
+    for raw in value.split(","):
+        word, _, arg = raw.strip().partition(":")
+        try:
+            if word.isdigit() and not arg:
+                status = int(word)
+                if not 400 <= status <= 599:
+                    raise ValueError
+            elif word == "cut":
+                cut = int(arg) if arg else 1
+            elif word == "slow":
+                delay = float(arg) if arg else DEFAULT_SLOW_MS
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"bad {FAULT_HEADER} {raw.strip()!r}: use 429, 500, cut[:N] or slow[:MS]"
+            ) from None
+    return Fault(status, cut, delay)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Server-wide behaviour of the fake LLM."""
+
+    latency_ms: float = 0.0
+    chunk_ms: float = 0.0
+    fail_every: int = 0
+    fail_status: int = 500
+    cut_every: int = 0
+    cut_after: int = 2
+    retry_after_s: float = 1.0
+
+
+class BadRequest(Exception):
+    """The request is malformed; answered with 400 in the provider's error shape."""
+
+
+class StreamCut(Exception):
+    """The connection was closed on purpose mid-response."""
+
+
+ErrorBody = Callable[[int, str, str], dict[str, Any]]
+
+
+def new_id(prefix: str, n_chars: int = 24) -> str:
+    return prefix + secrets.token_hex(n_chars // 2 + 1)[:n_chars]
+
+
+class Exchange:
+    """A request in flight: parsed body, fault plan, and the writers that honour them."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        settings: Settings,
+        fault: Fault,
+        cache: PromptCache,
+        request_id: str,
+    ) -> None:
+        self.request = request
+        self.body = body
+        self.settings = settings
+        self.fault = fault
+        self.cache = cache
+        self.request_id = request_id
+        self.usage = Usage()
+        self.model = str(body.get("model", ""))
+        self.stream = bool(body.get("stream", False))
+        self.created = int(time.time())
+        self._chunks = 0
+        self._response: web.StreamResponse | None = None
+
+    def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        """The body field `key`, which must be present and of `kind`, else a 400."""
+        value = self.body.get(key)
+        if not isinstance(value, kind):
+            raise BadRequest(f"'{key}' is a required property of the right type")
+        return value
+
+    def limit(self, *keys: str) -> int | None:
+        for key in keys:
+            value = self.body.get(key)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise BadRequest(f"'{key}' must be a positive integer")
+                return value
+        return None
+
+    def json(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response(payload, headers=headers, dumps=_dumps)
+
+    async def json_cut(self, payload: dict[str, Any], headers: dict[str, str]) -> None:
+        """Start a JSON body of the right length, send `cut_after` bytes of it, then hang up."""
+        body = _dumps(payload).encode()
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(self.request)
+        await resp.write(body[: self.fault.cut_after or 0])
+        self._hang_up()
+
+    async def open_stream(self, headers: dict[str, str]) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                **headers,
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+            }
+        )
+        await resp.prepare(self.request)
+        self._response = resp
+        return resp
+
+    async def send(self, data: dict[str, Any] | str, event: str | None = None) -> None:
+        """Write one SSE event, pausing `chunk_ms` first, and cutting the stream if planned."""
+        assert self._response is not None, "open_stream first"
+        if self._chunks and self.settings.chunk_ms:
+            await anyio.sleep(self.settings.chunk_ms / 1000)
+        if self.fault.cut_after is not None and self._chunks >= self.fault.cut_after:
+            self._hang_up()
+        text = data if isinstance(data, str) else _dumps(data)
+        frame = (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
+        await self._response.write(frame.encode())
+        self._chunks += 1
+
+    async def close_stream(self) -> web.StreamResponse:
+        assert self._response is not None
+        await self._response.write_eof()
+        return self._response
+
+    def _hang_up(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        raise StreamCut
+
+    def counted(self, endpoint: str, status: int) -> CountedCall:
+        u = self.usage
+        return CountedCall(
+            endpoint=endpoint,
+            model=self.model,
+            stream=self.stream,
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cache_read_tokens=u.cache_read_tokens,
+            cache_write_tokens=u.cache_write_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            status=status,
+            request_id=self.request_id,
+        )
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(int(seconds * 1000)),
+    }
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,366 @@
+"""OpenAI wire shapes for the fake LLM: chat completions, Responses, legacy completions, embeddings."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from aiohttp import web
+
+from tokenwatch.core.tokens import count_messages, count_responses_input, count_text
+from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id
+from tokenwatch.demo.fake_reply import (
+    Reply,
+    Segment,
+    compose_reply,
+    embedding,
+    reasoning_tokens,
+)
+
+SYSTEM_FINGERPRINT = "fp_fake0llm01"
+MODELS = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-5",
+    "gpt-5-mini",
+    "o3",
+    "o4-mini",
+    "gpt-3.5-turbo-instruct",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+)
+EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
+DEFAULT_EMBEDDING_DIMENSIONS = 1536
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def error_body(status: int, message: str, param: str = "") -> dict[str, Any]:
+    kind, code = _ERROR_TYPES.get(status, ("server_error", None))
+    return {"error": {"message": message, "type": kind, "param": param or None, "code": code}}
+
+
+def headers(ex: Exchange) -> dict[str, str]:
+    return {
+        "x-request-id": ex.request_id,
+        "openai-processing-ms": "1",
+        "openai-version": "2020-10-01",
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-limit-tokens": "30000000",
+        "x-ratelimit-remaining-tokens": "29999000",
+    }
+
+
+def _segments(items: list[Any], model: str, *, extra: Any = None) -> list[Segment]:
+    """Each message (and the tool list first) as a cacheable prefix unit."""
+    segs = [Segment(repr(extra), count_text(repr(extra), model).tokens)] if extra else []
+    for item in items:
+        key = repr(item)
+        tokens = count_messages([item], model).tokens - 3 if isinstance(item, dict) else 0
+        segs.append(Segment(key, tokens or count_text(key, model).tokens))
+    return segs
+
+
+def _tools_tokens(ex: Exchange) -> int:
+    tools = ex.body.get("tools")
+    return count_text(repr(tools), ex.model).tokens if tools else 0
+
+
+def _bill(ex: Exchange, prompt_tokens: int, segments: list[Segment], limit: int | None) -> Reply:
+    """Compose the reply and set the exchange's usage: cache hits, reasoning, output."""
+    cached = ex.cache.openai_cached(segments, prompt_tokens)
+    reasoning = reasoning_tokens(ex.model, prompt_tokens, limit)
+    visible_limit = None if limit is None else max(limit - reasoning, 0)
+    reply = compose_reply(
+        repr(ex.body.get("messages") or ex.body.get("input") or ex.body.get("prompt")),
+        visible_limit,
+        ex.model,
+    )
+    output = count_text(reply.text, ex.model).tokens + reasoning
+    ex.usage = Usage(prompt_tokens, output, cached, 0, reasoning)
+    return reply
+
+
+def _chat_usage(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cache_read_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": u.reasoning_tokens,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+async def chat_completions(ex: Exchange) -> web.StreamResponse:
+    messages = ex.require("messages", list)
+    ex.require("model", str)
+    if not messages:
+        raise BadRequest("'messages' must contain at least one message")
+    try:
+        prompt = count_messages(messages, ex.model).tokens + _tools_tokens(ex)
+    except TypeError as exc:
+        raise BadRequest(str(exc)) from None
+    limit = ex.limit("max_completion_tokens", "max_tokens")
+    reply = _bill(ex, prompt, _segments(messages, ex.model, extra=ex.body.get("tools")), limit)
+    finish = "length" if reply.truncated else "stop"
+    cid = new_id("chatcmpl-", 29)
+    head = {
+        "id": cid,
+        "created": ex.created,
+        "model": ex.model,
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    if not ex.stream:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": reply.text,
+            "refusal": None,
+            "annotations": [],
+        }
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return ex.json(
+            {
+                **head,
+                "object": "chat.completion",
+                "choices": [choice],
+                "usage": _chat_usage(ex.usage),
+            },
+            headers(ex),
+        )
+    return await _stream_chunks(
+        ex, {**head, "object": "chat.completion.chunk"}, reply, finish, _chat_delta
+    )
+
+
+def _chat_delta(i: int, piece: str | None, finish: str | None) -> dict[str, Any]:
+    if piece is None:
+        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+    delta: dict[str, Any] = {"content": piece}
+    if i == 0:
+        delta = {"role": "assistant", "content": piece, "refusal": None}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+
+
+def _text_delta(i: int, piece: str | None, finish: str | None) -> dict[str, Any]:
+    return {"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}
+
+
+async def _stream_chunks(
+    ex: Exchange, head: dict[str, Any], reply: Reply, finish: str, choice: Any
+) -> web.StreamResponse:
+    """SSE chunks (one per piece), a finishing chunk, the usage chunk if asked, then [DONE]."""
+    options = ex.body.get("stream_options") or {}
+    with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    tail = {"usage": None} if with_usage else {}
+    await ex.open_stream(headers(ex))
+    pieces: list[str] = [""] if choice is _chat_delta else []
+    for i, piece in enumerate([*pieces, *reply.pieces]):
+        await ex.send({**head, "choices": [choice(i, piece, None)], **tail})
+    await ex.send({**head, "choices": [choice(-1, None, finish)], **tail})
+    if with_usage:
+        await ex.send({**head, "choices": [], "usage": _chat_usage(ex.usage)})
+    await ex.send("[DONE]")
+    return await ex.close_stream()
+
+
+def _strings(ex: Exchange, key: str) -> list[str]:
+    """A field that is a string or a non-empty list of strings, as a list."""
+    raw = ex.body.get(key)
+    items: list[Any] = raw if isinstance(raw, list) else [raw]
+    texts = [t for t in items if isinstance(t, str)]
+    if not texts or len(texts) != len(items):
+        raise BadRequest(f"'{key}' must be a string or a non-empty list of strings")
+    return texts
+
+
+async def completions(ex: Exchange) -> web.StreamResponse:
+    ex.require("model", str)
+    texts = _strings(ex, "prompt")
+    prompt_tokens = sum(count_text(t, ex.model).tokens for t in texts)
+    limit = ex.limit("max_tokens") or 16  # the legacy endpoint's documented default
+    reply = _bill(ex, prompt_tokens, _segments(texts, ex.model), limit)
+    finish = "length" if reply.truncated else "stop"
+    head = {
+        "id": new_id("cmpl-", 29),
+        "object": "text_completion",
+        "created": ex.created,
+        "model": ex.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+    if not ex.stream:
+        choice = _text_delta(0, reply.text, finish)
+        return ex.json({**head, "choices": [choice], "usage": _chat_usage(ex.usage)}, headers(ex))
+    return await _stream_chunks(ex, head, reply, finish, _text_delta)
+
+
+async def embeddings(ex: Exchange) -> web.StreamResponse:
+    ex.require("model", str)
+    texts = _strings(ex, "input")
+    dims = ex.body.get("dimensions") or EMBEDDING_DIMENSIONS.get(
+        ex.model, DEFAULT_EMBEDDING_DIMENSIONS
+    )
+    if not isinstance(dims, int) or dims < 1:
+        raise BadRequest("'dimensions' must be a positive integer")
+    as_base64 = ex.body.get("encoding_format") == "base64"
+    tokens = sum(count_text(t, ex.model).tokens for t in texts)
+    ex.usage = Usage(input_tokens=tokens)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _vector(t, dims, as_base64)}
+        for i, t in enumerate(texts)
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return ex.json({"object": "list", "data": data, "model": ex.model, "usage": usage}, headers(ex))
+
+
+def _vector(text: str, dims: int, as_base64: bool) -> list[float] | str:
+    values = embedding(text, dims)
+    if not as_base64:
+        return values
+    return base64.b64encode(struct.pack(f"<{dims}f", *values)).decode()
+
+
+def models_list() -> dict[str, Any]:
+    data = [
+        {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "system"} for m in MODELS
+    ]
+    return {"object": "list", "data": data}
+
+
+def _responses_usage(u: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": u.input_tokens,
+        "input_tokens_details": {"cached_tokens": u.cache_read_tokens},
+        "output_tokens": u.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        "total_tokens": u.input_tokens + u.output_tokens,
+    }
+
+
+async def responses(ex: Exchange) -> web.StreamResponse:
+    ex.require("model", str)
+    raw = ex.body.get("input")
+    instructions = ex.body.get("instructions")
+    if not isinstance(raw, (str, list)) or not isinstance(instructions, (str, type(None))):
+        raise BadRequest("'input' must be a string or a list of input items")
+    try:
+        prompt = count_responses_input(raw, instructions, ex.model).tokens + _tools_tokens(ex)
+    except TypeError as exc:
+        raise BadRequest(str(exc)) from None
+    items = [instructions, *(raw if isinstance(raw, list) else [raw])]
+    limit = ex.limit("max_output_tokens")
+    reply = _bill(ex, prompt, _segments(items, ex.model, extra=ex.body.get("tools")), limit)
+    response = _response_object(ex, limit, instructions)
+    message_id = new_id("msg_", 48)
+    reasoning_item = (
+        [{"id": new_id("rs_", 48), "type": "reasoning", "summary": []}]
+        if ex.usage.reasoning_tokens
+        else []
+    )
+    text_part = {"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}
+    message = {
+        "id": message_id,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [text_part],
+    }
+    done = {
+        **response,
+        "status": "incomplete" if reply.truncated else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if reply.truncated else None,
+        "output": [
+            *reasoning_item,
+            {**message, "status": "incomplete" if reply.truncated else "completed"},
+        ],
+        "usage": _responses_usage(ex.usage),
+    }
+    if not ex.stream:
+        return ex.json(done, headers(ex))
+    return await _stream_response(ex, response, done, reasoning_item, message, reply)
+
+
+def _response_object(ex: Exchange, limit: int | None, instructions: str | None) -> dict[str, Any]:
+    body = ex.body
+    return {
+        "id": new_id("resp_", 48),
+        "object": "response",
+        "created_at": ex.created,
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": instructions,
+        "max_output_tokens": limit,
+        "model": ex.model,
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": body.get("store", True),
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools", []),
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": body.get("metadata") or {},
+    }
+
+
+async def _stream_response(
+    ex: Exchange,
+    response: dict[str, Any],
+    done: dict[str, Any],
+    reasoning_item: list[dict[str, Any]],
+    message: dict[str, Any],
+    reply: Reply,
+) -> web.StreamResponse:
+    """The Responses API event sequence, each event with its sequence_number."""
+    seq = 0
+
+    async def emit(kind: str, **fields: Any) -> None:
+        nonlocal seq
+        await ex.send({"type": kind, "sequence_number": seq, **fields}, event=kind)
+        seq += 1
+
+    await ex.open_stream(headers(ex))
+    await emit("response.created", response=response)
+    await emit("response.in_progress", response=response)
+    for item in reasoning_item:
+        await emit("response.output_item.added", output_index=0, item=item)
+        await emit("response.output_item.done", output_index=0, item=item)
+    index = len(reasoning_item)
+    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
+    empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    await emit(
+        "response.output_item.added",
+        output_index=index,
+        item={**message, "status": "in_progress", "content": []},
+    )
+    await emit("response.content_part.added", **where, part=empty_part)
+    for piece in reply.pieces:
+        await emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+    await emit("response.output_text.done", **where, text=reply.text, logprobs=[])
+    await emit("response.content_part.done", **where, part=message["content"][0])
+    await emit("response.output_item.done", output_index=index, item=done["output"][-1])
+    final = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
+    await emit(final, response=done)
+    return await ex.close_stream()
