@@ -1,0 +1,271 @@
+"""The dashboard application and `build_app`, the one factory the CLI, tests and benchmark use."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+from textual import on
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.message_pump import MessagePump
+from textual.screen import Screen
+
+from tokenwatch.core.models import Action, Agent, AgentView, BudgetStatus, Snapshot
+from tokenwatch.tui.messages import (
+    ActionArrived,
+    AgentChanged,
+    AlertArrived,
+    CommandDone,
+    FeedEnded,
+    SnapshotArrived,
+)
+from tokenwatch.tui.screens.detail import AgentDetailScreen
+from tokenwatch.tui.screens.main import MainScreen
+from tokenwatch.tui.screens.report import ReportScreen
+from tokenwatch.tui.source import CommandError, DashboardSource
+
+QUIT_NOTE = (
+    "tokenwatch: dashboard closed; agents keep running under the supervisor "
+    "(`tokenwatch status` lists them, `tokenwatch kill NAME` stops one)"
+)
+
+_DONE_VERBS = {
+    "pause": "paused",
+    "resume": "resumed",
+    "kill": "killed",
+    "pause_all": "paused all non-critical agents",
+    "ack_alerts": "alerts acknowledged",
+    "set_budget": "budget saved",
+    "launch": "launched",
+}
+
+
+def describe_done(message: CommandDone) -> str:
+    """The one line a user sees when a command finished, e.g. `paused researcher`."""
+    fields = message.fields
+    target = fields.get("agent") or fields.get("name") or ""
+    if message.kind == "throttle":
+        rate = fields.get("rate", "")
+        return f"throttle off for {target}" if rate == "off" else f"throttled {target} to {rate}"
+    if message.kind == "set_budget":
+        budget = fields.get("budget", {})
+        return f"budget {budget.get('name', '')}: {budget.get('limit')} → {budget.get('action')}"
+    verb = _DONE_VERBS.get(message.kind, f"{message.kind} done")
+    return f"{verb} {target}".strip()
+
+
+class TokenwatchApp(App[None]):
+    """Live view of what agents spend, with keys to pause, throttle and kill them."""
+
+    CSS_PATH = "dashboard.tcss"
+    TITLE = "tokenwatch"
+    BINDINGS: ClassVar[list[Any]] = [Binding("q", "quit", "Quit")]
+
+    def __init__(
+        self,
+        source: DashboardSource,
+        *,
+        address: str = "",
+        launchable: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+        min_refresh: float = 0.25,
+        max_rows: int = 200,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.address = address
+        self.launchable = list(launchable)
+        self.clock = clock
+        self.min_refresh = min_refresh
+        self.max_rows = max_rows
+        self.snapshot = Snapshot(ts=0.0)
+        self.actions: deque[Action] = deque(maxlen=500)
+        self.refreshes = 0
+        """Snapshots applied to the screen (fewer than received when they coalesce)."""
+        self.received = 0
+        self._pending: Snapshot | None = None
+        self._last_apply = float("-inf")
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        self.push_screen(MainScreen(address=self.address, max_rows=self.max_rows))
+        self.run_worker(self._pump(), name="feed", exit_on_error=False)
+        self.set_interval(1.0, self._tick)
+
+    async def _pump(self) -> None:
+        """Only posts messages: the handlers below own every piece of UI state."""
+        try:
+            async for kind, item in self.source.updates():
+                self.post_message(_as_message(kind, item))
+        except Exception as exc:
+            self.post_message(FeedEnded(f"connection lost: {exc}"))
+        else:
+            self.post_message(FeedEnded("the supervisor closed the connection"))
+
+    @property
+    def main(self) -> MainScreen:
+        screen = self.get_screen_stack_bottom()
+        assert isinstance(screen, MainScreen)
+        return screen
+
+    def get_screen_stack_bottom(self) -> Screen[Any]:
+        return self.screen_stack[1] if len(self.screen_stack) > 1 else self.screen
+
+    # ---- state -------------------------------------------------------------------------
+
+    @property
+    def budgets(self) -> list[BudgetStatus]:
+        return self.snapshot.budgets
+
+    def view_of(self, name: str) -> AgentView | None:
+        return next((v for v in self.snapshot.agents if v.agent.name == name), None)
+
+    @on(SnapshotArrived)
+    def _snapshot(self, message: SnapshotArrived) -> None:
+        self.received += 1
+        self._pending = message.snapshot
+        wait = self._last_apply + self.min_refresh - time.monotonic()
+        if wait <= 0:
+            self._apply_pending()
+        elif self._pending is message.snapshot:
+            self.set_timer(wait, self._apply_pending, name="refresh")
+
+    def _apply_pending(self) -> None:
+        snap, self._pending = self._pending, None
+        if snap is None:
+            return
+        self._last_apply = time.monotonic()
+        self.snapshot = snap
+        self.refreshes += 1
+        self.main.show_snapshot(snap)
+        self._refresh_detail()
+
+    @on(AlertArrived)
+    def _alert(self, message: AlertArrived) -> None:
+        self.main.show_alert(message.alert)
+        if message.alert.severity == "critical":
+            self.notify(
+                f"{message.alert.agent}: {message.alert.message}",
+                title=message.alert.rule,
+                severity="error",
+            )
+
+    @on(ActionArrived)
+    def _action(self, message: ActionArrived) -> None:
+        self.actions.append(message.action)
+        self.main.show_action(message.action)
+        self._refresh_detail()
+
+    @on(AgentChanged)
+    def _agent(self, message: AgentChanged) -> None:
+        view = self.view_of(message.agent.name)
+        if view is None:
+            view = AgentView(agent=message.agent)
+            self.snapshot.agents.append(view)
+        else:
+            view.agent = message.agent
+        self.main.show_agent(view)
+        self._refresh_detail()
+
+    @on(FeedEnded)
+    def _feed_ended(self, message: FeedEnded) -> None:
+        self.main.show_disconnected(message.error)
+        self.notify(message.error, title="supervisor", severity="error", timeout=10)
+
+    def _tick(self) -> None:
+        self.main.feed.redraw()
+
+    def _refresh_detail(self) -> None:
+        if isinstance(self.screen, AgentDetailScreen):
+            self.screen.refresh_view()
+
+    # ---- commands ----------------------------------------------------------------------
+
+    def send(self, kind: str, *, reply_to: MessagePump | None = None, **fields: Any) -> None:
+        """Send a command without blocking the UI; its CommandDone goes to `reply_to` (or here)."""
+        self.run_worker(
+            self._send(kind, fields, reply_to or self), group="commands", exit_on_error=False
+        )
+
+    async def _send(self, kind: str, fields: dict[str, Any], reply_to: MessagePump) -> None:
+        try:
+            result = await self.source.command(kind, **fields)
+        except CommandError as exc:
+            reply_to.post_message(CommandDone(kind, fields, None, str(exc) or kind + " failed"))
+        except Exception as exc:
+            reply_to.post_message(CommandDone(kind, fields, None, f"{type(exc).__name__}: {exc}"))
+        else:
+            reply_to.post_message(CommandDone(kind, fields, result))
+
+    @on(CommandDone)
+    def _command_done(self, message: CommandDone) -> None:
+        if message.ok:
+            self.notify(describe_done(message), timeout=3)
+        else:
+            self.notify(message.error, title=f"{message.kind} failed", severity="error", timeout=6)
+
+    # ---- navigation --------------------------------------------------------------------
+
+    def open_detail(self, name: str) -> None:
+        self.push_screen(AgentDetailScreen(name))
+
+    def open_report(self) -> None:
+        self.push_screen(ReportScreen())
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if not isinstance(screen, MainScreen):
+            return
+        for binding in MainScreen.BINDINGS:
+            if isinstance(binding, Binding) and binding.description:
+                yield SystemCommand(
+                    binding.description,
+                    f"key {binding.key}",
+                    _runner(screen, binding.action),
+                )
+
+
+def _runner(screen: Screen[Any], action: str) -> Callable[[], Any]:
+    async def run() -> None:
+        await screen.run_action(action)
+
+    return run
+
+
+def _as_message(
+    kind: str, item: Any
+) -> SnapshotArrived | AlertArrived | ActionArrived | AgentChanged:
+    if kind == "snapshot":
+        return SnapshotArrived(item)
+    if kind == "alert":
+        return AlertArrived(item)
+    if kind == "action":
+        return ActionArrived(item)
+    if kind == "agent":
+        return AgentChanged(dataclasses.replace(item) if isinstance(item, Agent) else item)
+    raise ValueError(f"unknown update kind {kind!r}")
+
+
+def build_app(
+    source: DashboardSource,
+    *,
+    address: str = "",
+    launchable: Sequence[str] = (),
+    clock: Callable[[], float] = time.time,
+    min_refresh: float = 0.25,
+    max_rows: int = 200,
+) -> TokenwatchApp:
+    """The dashboard over any source; the CLI, the tests and the benchmark all build it here."""
+    return TokenwatchApp(
+        source,
+        address=address,
+        launchable=launchable,
+        clock=clock,
+        min_refresh=min_refresh,
+        max_rows=max_rows,
+    )

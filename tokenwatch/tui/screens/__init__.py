@@ -1,0 +1,1 @@
+"""The dashboard's screens: main, agent detail, report, and the dialogs keys open."""

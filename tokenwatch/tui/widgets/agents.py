@@ -1,0 +1,205 @@
+"""The agents table: one row per agent, updated cell by cell by row key, sorted and filtered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual.coordinate import Coordinate
+from textual.widgets import DataTable
+
+from tokenwatch.core.models import AgentView
+from tokenwatch.tui.figures import format_tokens, format_usd, gauge, sparkline, state_label
+
+Cell = str | Text
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    label: str
+    width: int
+    cell: Callable[[AgentView], Cell]
+    order: Callable[[AgentView], Any]
+    """Sort key; larger-is-more-interesting columns sort descending first."""
+    wide_only: bool = False
+    descending: bool = True
+
+
+def _state(v: AgentView) -> Text:
+    label = state_label(v.agent.state, v.agent.exit_code, v.agent.throttle)
+    if v.agent.critical:
+        label.append(" ★", style="bold")
+    return label
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("name", "agent", 18, lambda v: v.agent.name, lambda v: v.agent.name, descending=False),
+    Column("state", "state", 13, _state, lambda v: v.agent.state, descending=False),
+    Column("pid", "pid", 7, lambda v: str(v.agent.pid or "-"), lambda v: v.agent.pid or 0, True),
+    Column("models", "model", 16, lambda v: ",".join(v.models) or "-", lambda v: v.models, True),
+    Column(
+        "rpm", "req/m", 6, lambda v: f"{v.requests_per_min:.0f}", lambda v: v.requests_per_min, True
+    ),
+    Column(
+        "tpm", "tok/m", 7, lambda v: format_tokens(v.tokens_per_min), lambda v: v.tokens_per_min
+    ),
+    Column("uph", "$/h", 8, lambda v: format_usd(v.usd_per_hour), lambda v: v.usd_per_hour),
+    Column(
+        "tokens",
+        "tokens",
+        7,
+        lambda v: format_tokens(v.period_tokens),
+        lambda v: v.period_tokens,
+        True,
+    ),
+    Column("cost", "cost", 9, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd),
+    Column(
+        "budget",
+        "budget",
+        13,
+        lambda v: gauge(v.budget_fraction),
+        lambda v: v.budget_fraction or 0.0,
+    ),
+    Column("burn", "burn", 8, lambda v: sparkline(v.burn), lambda v: sum(v.burn[-8:]), True),
+    Column(
+        "alert",
+        "last alert",
+        24,
+        lambda v: Text(v.last_alert, style="yellow"),
+        lambda v: v.last_alert,
+        True,
+    ),
+)
+COLUMN_KEYS = tuple(c.key for c in COLUMNS)
+WIDE_MIN_WIDTH = 140
+"""Terminal width from which every column fits; narrower terminals show the essential ones."""
+
+
+def matches(view: AgentView, needle: str) -> bool:
+    """Case-insensitive substring filter over name, state, models, task and tags."""
+    if not needle:
+        return True
+    a = view.agent
+    haystack = " ".join(
+        [a.name, a.state, a.task, a.user, *view.models, *(f"{k}={v}" for k, v in a.tags.items())]
+    )
+    return needle.lower() in haystack.lower()
+
+
+class AgentsTable(DataTable[Cell]):
+    """Shows at most `max_rows` agents; only cells whose text changed are touched."""
+
+    def __init__(self, *, max_rows: int = 200, **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", **kwargs)
+        self.max_rows = max_rows
+        self.sort_key = "cost"
+        self.sort_descending = True
+        self.filter_text = ""
+        self.wide = True
+        self.cell_updates = 0
+        """Cells rewritten so far: how much work the diffing saved is visible in the benchmark."""
+        self._views: dict[str, AgentView] = {}
+        self._plain: dict[str, tuple[str, ...]] = {}
+        self._columns: tuple[Column, ...] = ()
+        self.hidden_rows = 0
+        """Agents that passed the filter but did not fit under `max_rows`."""
+
+    def on_mount(self) -> None:
+        self.set_wide(self.wide, force=True)
+
+    @property
+    def selected_name(self) -> str | None:
+        if self.row_count == 0:
+            return None
+        key = self.coordinate_to_cell_key(Coordinate(self.cursor_row, 0)).row_key
+        return str(key.value)
+
+    def view_of(self, name: str) -> AgentView | None:
+        return self._views.get(name)
+
+    def set_wide(self, wide: bool, *, force: bool = False) -> None:
+        """Switch between every column and the essential ones (terminal width changed)."""
+        if wide == self.wide and not force:
+            return
+        self.wide = wide
+        self._columns = tuple(c for c in COLUMNS if wide or not c.wide_only)
+        selected = self.selected_name
+        self.clear(columns=True)
+        self._plain.clear()
+        for col in self._columns:
+            self.add_column(col.label, key=col.key, width=col.width)
+        self._sync(selected)
+
+    def show(self, views: Iterable[AgentView]) -> None:
+        self._views = {v.agent.name: v for v in views}
+        self._sync(self.selected_name)
+
+    def update_view(self, view: AgentView) -> None:
+        """One agent changed (a pause took effect): refresh its row now, not at the next snapshot."""
+        self._views[view.agent.name] = view
+        self._sync(self.selected_name)
+
+    def set_filter(self, text: str) -> None:
+        self.filter_text = text
+        self._sync(self.selected_name)
+
+    def sort_by(self, key: str) -> None:
+        """Sort by a column; choosing the same column again reverses the order."""
+        column = next(c for c in COLUMNS if c.key == key)
+        if key == self.sort_key:
+            self.sort_descending = not self.sort_descending
+        else:
+            self.sort_key, self.sort_descending = key, column.descending
+        self._sync(self.selected_name)
+
+    def cycle_sort(self) -> str:
+        keys = [c.key for c in self._columns]
+        nxt = (
+            keys[(keys.index(self.sort_key) + 1) % len(keys)] if self.sort_key in keys else keys[0]
+        )
+        self.sort_by(nxt)
+        return nxt
+
+    def _visible(self) -> list[AgentView]:
+        column = next(c for c in COLUMNS if c.key == self.sort_key)
+        chosen = [v for v in self._views.values() if matches(v, self.filter_text)]
+        chosen.sort(key=lambda v: v.agent.name)
+        chosen.sort(key=column.order, reverse=self.sort_descending)
+        self.hidden_rows = max(0, len(chosen) - self.max_rows)
+        return chosen[: self.max_rows]
+
+    def _sync(self, selected: str | None) -> None:
+        if not self._columns:
+            return
+        chosen = self._visible()
+        wanted = [v.agent.name for v in chosen]
+        keep = set(wanted)
+        for name in [n for n in self._plain if n not in keep]:
+            self.remove_row(name)
+            del self._plain[name]
+        for view in chosen:
+            self._write_row(view)
+        current = [str(row.key.value) for row in self.ordered_rows]
+        if current != wanted:
+            rank = {name: i for i, name in enumerate(wanted)}
+            self.sort("name", key=lambda name: rank[str(name)])
+        if selected in keep:
+            self.move_cursor(row=self.get_row_index(selected), animate=False)
+
+    def _write_row(self, view: AgentView) -> None:
+        name = view.agent.name
+        cells = [col.cell(view) for col in self._columns]
+        plain = tuple(c.plain if isinstance(c, Text) else c for c in cells)
+        old = self._plain.get(name)
+        self._plain[name] = plain
+        if old is None:
+            self.add_row(*cells, key=name)
+            self.cell_updates += len(cells)
+            return
+        for col, cell, before, after in zip(self._columns, cells, old, plain, strict=True):
+            if before != after:
+                self.update_cell(name, col.key, cell)
+                self.cell_updates += 1
