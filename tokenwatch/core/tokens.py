@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -107,12 +109,68 @@ def _load(name: str) -> Any | None:
 
             if name == FALLBACK_ENCODING:
                 encoding = tiktoken.get_encoding(_OFFLINE_NAME)
-            elif name in _DOWNLOADABLE and _cached_locally(name):
+            elif name in _DOWNLOADABLE and (_cached_locally(name) or _seed_cache(name)):
                 encoding = tiktoken.get_encoding(name)
         except Exception:  # a broken install or cache must degrade to an estimate, not crash
             encoding = None
         _encodings[name] = encoding
         return encoding
+
+
+def _bundled_vocab(name: str) -> Path | None:
+    """A copy of `name`'s vocabulary shipped inside an installed package (quicktok), if any."""
+    import importlib.util
+
+    if name != "o200k_base":
+        return None
+    try:
+        spec = importlib.util.find_spec("quicktok")  # locates the package without importing it
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "data" / "o200k.vocab"
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_vocab(path: Path) -> dict[bytes, int]:
+    """quicktok's vocab file: u32 count, then (u16 length, token bytes, u32 rank) per token."""
+    data = path.read_bytes()
+    (count,) = struct.unpack_from("<I", data, 0)
+    offset, ranks = 4, {}
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", data, offset)
+        token = data[offset + 2 : offset + 2 + length]
+        (rank,) = struct.unpack_from("<I", data, offset + 2 + length)
+        ranks[token] = rank
+        offset += 6 + length
+    return ranks
+
+
+def _seed_cache(name: str) -> bool:
+    """Put a bundled, hash-checked copy of `name` where tiktoken looks first, so it never downloads."""
+    source, folder = _bundled_vocab(name), _cache_dir()
+    if source is None or folder is None:
+        return False
+    url, sha = _DOWNLOADABLE[name]
+    try:
+        ranks = _read_vocab(source)
+    except (OSError, struct.error):
+        return False
+    lines = sorted(ranks.items(), key=lambda item: item[1])
+    blob = b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in lines)
+    if hashlib.sha256(blob).hexdigest() != sha:
+        return False
+    target = Path(folder) / hashlib.sha1(url.encode()).hexdigest()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        partial.write_bytes(blob)
+        partial.replace(target)
+    except OSError:
+        return False
+    return True
 
 
 def _encoding_name(model: str) -> tuple[str, bool]:
