@@ -1,0 +1,442 @@
+"""`instrument()`: wraps the openai SDK's resource classes so every call is admitted and reported."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokenwatch.client import gate, prompt, tracking
+from tokenwatch.client.openai_usage import Counted, StreamReading, counted, field
+from tokenwatch.client.reporter import LinkState
+from tokenwatch.client.session import current_reporter
+from tokenwatch.core.models import Status, UsageEvent
+
+log = logging.getLogger("tokenwatch")
+
+CALL_ID_HEADER = "x-tokenwatch-call-id"
+PROXY_URL_ENV = "TOKENWATCH_PROXY_URL"
+PROVIDER = "openai"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One SDK method tokenwatch wraps."""
+
+    module: str
+    cls: str
+    method: str
+    endpoint: str
+
+
+_CHAT = "openai.resources.chat.completions.completions"
+_RESPONSES = "openai.resources.responses.responses"
+_EMBEDDINGS = "openai.resources.embeddings"
+_LEGACY = "openai.resources.completions"
+TARGETS: tuple[Target, ...] = (
+    Target(_CHAT, "Completions", "create", "chat.completions"),
+    Target(_CHAT, "AsyncCompletions", "create", "chat.completions"),
+    Target(_CHAT, "Completions", "parse", "chat.completions"),
+    Target(_CHAT, "AsyncCompletions", "parse", "chat.completions"),
+    Target(_RESPONSES, "Responses", "create", "responses"),
+    Target(_RESPONSES, "AsyncResponses", "create", "responses"),
+    Target(_RESPONSES, "Responses", "parse", "responses"),
+    Target(_RESPONSES, "AsyncResponses", "parse", "responses"),
+    Target(_EMBEDDINGS, "Embeddings", "create", "embeddings"),
+    Target(_EMBEDDINGS, "AsyncEmbeddings", "create", "embeddings"),
+    Target(_LEGACY, "Completions", "create", "completions"),
+    Target(_LEGACY, "AsyncCompletions", "create", "completions"),
+)
+"""`.stream()` helpers and `with_raw_response` go through these `create` methods too."""
+
+_MAX_OUTPUT_PARAMS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+_ORIGINAL = "__tokenwatch_original__"
+
+_lock = threading.Lock()
+_patched: dict[tuple[type, str], Any] = {}
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("tokenwatch_inside", default=False)
+
+
+def instrument() -> bool:
+    """Wrap the openai SDK so its calls are reported; a no-op when already done.
+
+    Returns False when the openai package is not importable (nothing to wrap).
+    """
+    with _lock:
+        if _patched:
+            return True
+        try:
+            importlib.import_module("openai")
+        except ImportError:
+            log.debug("tokenwatch: openai is not installed; nothing to instrument")
+            return False
+        for target in TARGETS:
+            _patch(target)
+        return bool(_patched)
+
+
+def uninstrument() -> None:
+    """Restore the openai SDK's own methods."""
+    with _lock:
+        for (cls, method), original in _patched.items():
+            setattr(cls, method, original)
+        _patched.clear()
+
+
+def instrumented() -> bool:
+    return bool(_patched)
+
+
+def _patch(target: Target) -> None:
+    try:
+        cls = getattr(importlib.import_module(target.module), target.cls)
+    except (ImportError, AttributeError):
+        log.debug("tokenwatch: %s.%s not in this openai version", target.module, target.cls)
+        return
+    original = cls.__dict__.get(target.method)
+    if original is None or hasattr(original, _ORIGINAL):
+        return
+    import inspect
+
+    make = _wrap_async if inspect.iscoroutinefunction(original) else _wrap_sync
+    wrapper = make(original, target.endpoint)
+    setattr(wrapper, _ORIGINAL, original)
+    setattr(cls, target.method, wrapper)
+    _patched[(cls, target.method)] = original
+
+
+def _wrap_sync(original: Callable[..., Any], endpoint: str) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = Call.begin(endpoint, self, kwargs)
+        if call is None:
+            return original(self, *args, **kwargs)
+        token = _inside.set(True)
+        try:
+            if call.gated:
+                call.ticket = _guarded(lambda: gate.admit_sync(call.admit_fields()))
+            call.sent()
+            try:
+                result = original(self, *args, **call.kwargs)
+            except BaseException as exc:
+                call.failed(exc)
+                raise
+            return call.observe(result)
+        finally:
+            _inside.reset(token)
+
+    return wrapper
+
+
+def _wrap_async(original: Callable[..., Any], endpoint: str) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = Call.begin(endpoint, self, kwargs)
+        if call is None:
+            return await original(self, *args, **kwargs)
+        token = _inside.set(True)
+        try:
+            if call.gated:
+                try:
+                    call.ticket = await gate.admit_async(call.admit_fields())
+                except gate.BudgetExceeded:
+                    raise
+                except Exception:
+                    log.debug("tokenwatch: admission failed; letting the call go", exc_info=True)
+            call.sent()
+            try:
+                result = await original(self, *args, **call.kwargs)
+            except BaseException as exc:
+                call.failed(exc)
+                raise
+            return call.observe(result)
+        finally:
+            _inside.reset(token)
+
+    return wrapper
+
+
+def _guarded(admit: Callable[[], gate.Ticket]) -> gate.Ticket:
+    """Admission, where only a budget's deny may reach the agent."""
+    try:
+        return admit()
+    except gate.BudgetExceeded:
+        raise
+    except Exception:
+        log.debug("tokenwatch: admission failed; letting the call go", exc_info=True)
+        return gate.Ticket()
+
+
+def _base_url(resource: Any) -> str:
+    client = getattr(resource, "_client", None)
+    return str(getattr(client, "base_url", "") or "")
+
+
+def _through_proxy(resource: Any) -> bool:
+    """True when this client goes through tokenwatch's proxy, which records the call itself."""
+    proxy = os.environ.get(PROXY_URL_ENV, "")
+    return bool(proxy) and _base_url(resource).startswith(proxy)
+
+
+class Call:
+    """One instrumented call, from before it is sent to its UsageEvent."""
+
+    def __init__(self, endpoint: str, kwargs: dict[str, Any], proxied: bool) -> None:
+        self.endpoint = endpoint
+        self.kwargs = kwargs
+        self.model = str(kwargs.get("model") or "")
+        self.proxied = proxied
+        self.call_id = str(uuid.uuid4())
+        self.ts = time.time()
+        self.t0 = time.perf_counter()
+        self.ticket = gate.Ticket()
+        self.ttft_ms: float | None = None
+        self.done = False
+        self._prompt_tokens: tuple[int, bool] | None = None
+        self._add_call_id_header()
+
+    @classmethod
+    def begin(cls, endpoint: str, resource: Any, kwargs: dict[str, Any]) -> Call | None:
+        """A Call for these arguments, or None to pass the call through untouched."""
+        if _inside.get():
+            return None  # an instrumented method calling another: the outer one reports
+        try:
+            for name in ("messages", "input"):
+                # An iterator would be used up by hashing: the SDK must still see every message.
+                value = kwargs.get(name)
+                if value is not None and not isinstance(value, str | list | tuple | dict):
+                    kwargs[name] = list(value)
+            return cls(endpoint, dict(kwargs), _through_proxy(resource))
+        except Exception:
+            log.debug("tokenwatch: not tracking a call", exc_info=True)
+            return None
+
+    def _add_call_id_header(self) -> None:
+        headers = dict(self.kwargs.get("extra_headers") or {})
+        self.call_id = str(headers.setdefault(CALL_ID_HEADER, self.call_id))
+        self.kwargs["extra_headers"] = headers
+
+    @property
+    def gated(self) -> bool:
+        """Ask the supervisor first? Not through the proxy (it gates), nor when nobody answers."""
+        if self.proxied:
+            return False
+        rep = current_reporter()
+        return rep is None or rep.state is not LinkState.DOWN
+
+    def admit_fields(self) -> dict[str, Any]:
+        tokens, _ = self.prompt_tokens()
+        max_output = next(
+            (self.kwargs[p] for p in _MAX_OUTPUT_PARAMS if isinstance(self.kwargs.get(p), int)),
+            None,
+        )
+        fields = gate.admit_fields(self.model, PROVIDER, tokens, 0, self.prompt_hash())
+        if max_output is None:
+            del fields["max_output_tokens"]
+        else:
+            fields["max_output_tokens"] = max_output
+        return fields
+
+    def prompt(self) -> Any:
+        if "messages" in self.kwargs:
+            return self.kwargs["messages"]
+        if self.endpoint == "responses":
+            return {
+                "instructions": self.kwargs.get("instructions"),
+                "input": self.kwargs.get("input"),
+            }
+        return self.kwargs.get("input", self.kwargs.get("prompt", ""))
+
+    def prompt_hash(self) -> str:
+        return prompt.prompt_hash(self.prompt())
+
+    def prompt_tokens(self) -> tuple[int, bool]:
+        if self._prompt_tokens is None:
+            self._prompt_tokens = prompt.count_prompt(self.endpoint, self.kwargs, self.model)
+        return self._prompt_tokens
+
+    def sent(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def observe(self, result: Any) -> Any:
+        """Record the call from its result (now, or at the end of a stream); returns it unchanged."""
+        try:
+            self._observe(result)
+        except Exception:
+            log.debug("tokenwatch: could not read usage", exc_info=True)
+        return result
+
+    def _observe(self, result: Any) -> None:
+        http_status = 200
+        parsed = result
+        if _is_raw_response(result):
+            http_status = int(getattr(result, "status_code", 200))
+            parsed = result.parse()
+        if _is_stream(parsed, "Stream"):
+            _watch_sync(parsed, StreamWatch(self, http_status))
+        elif _is_stream(parsed, "AsyncStream"):
+            _watch_async(parsed, StreamWatch(self, http_status))
+        else:
+            self.finish(counted(field(parsed, "usage")), field(parsed, "model"), http_status)
+
+    def failed(self, exc: BaseException) -> None:
+        status = Status.ERROR if isinstance(exc, Exception) else Status.CANCELLED
+        http_status = getattr(exc, "status_code", None)
+        self.finish(
+            Counted(), None, http_status if isinstance(http_status, int) else None, status=status
+        )
+
+    def first_token(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.t0) * 1000
+
+    def finish(
+        self,
+        usage: Counted | None,
+        model: Any,
+        http_status: int | None,
+        *,
+        status: Status = Status.OK,
+        output_text: str = "",
+    ) -> None:
+        """Build the UsageEvent once; estimate locally when the provider gave no usage."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            event = self._event(usage, model, http_status, status, output_text)
+            tracking.record(event, reservation=self.ticket.reservation, deliver=not self.proxied)
+        except Exception:
+            log.debug("tokenwatch: could not record a call", exc_info=True)
+
+    def _event(
+        self,
+        usage: Counted | None,
+        model: Any,
+        http_status: int | None,
+        status: Status,
+        output_text: str,
+    ) -> UsageEvent:
+        model_name = model if isinstance(model, str) and model else self.model
+        estimated = False
+        if usage is None:
+            prompt_tokens, _ = self.prompt_tokens()
+            output_tokens, _ = prompt.count_output(output_text, model_name)
+            usage = Counted(input_tokens=prompt_tokens, output_tokens=output_tokens)
+            estimated = True
+        event = tracking.new_event(
+            ts=self.ts,
+            provider=PROVIDER,
+            model=model_name,
+            endpoint=self.endpoint,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=usage.cache_read_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            latency_ms=(time.perf_counter() - self.t0) * 1000,
+            ttft_ms=self.ttft_ms,
+            wait_ms=self.ticket.wait_s * 1000,
+            status=status.value,
+            http_status=http_status,
+            prompt_hash=self.prompt_hash(),
+            estimated=estimated,
+            call_id=self.call_id,
+        )
+        shape = prompt.prompt_shape_hash(self.prompt())
+        if shape and hasattr(event, "prompt_shape"):
+            event.prompt_shape = shape
+        return event
+
+
+class StreamWatch:
+    """Follows a stream as the agent reads it and records the call when it ends or is closed."""
+
+    def __init__(self, call: Call, http_status: int) -> None:
+        self.call = call
+        self.http_status = http_status
+        self.reading = StreamReading()
+
+    def see(self, item: Any) -> None:
+        try:
+            if self.reading.see(item):
+                self.call.first_token()
+        except Exception:
+            log.debug("tokenwatch: unreadable stream item", exc_info=True)
+
+    def end(self, status: Status) -> None:
+        reading = self.reading
+        self.call.finish(
+            reading.usage,
+            reading.model,
+            self.http_status,
+            status=status if reading.usage is None else Status.OK,
+            output_text=reading.text,
+        )
+
+
+def _is_raw_response(result: Any) -> bool:
+    return type(result).__name__ == "LegacyAPIResponse" and hasattr(result, "parse")
+
+
+def _is_stream(result: Any, name: str) -> bool:
+    return any(c.__name__ == name for c in type(result).__mro__) and hasattr(result, "_iterator")
+
+
+def _watch_sync(stream: Any, watch: StreamWatch) -> None:
+    inner: Iterator[Any] = stream._iterator
+
+    def watched() -> Iterator[Any]:
+        status = Status.CANCELLED
+        try:
+            for item in inner:
+                watch.see(item)
+                yield item
+            status = Status.OK
+        except Exception:
+            status = Status.ERROR
+            raise
+        finally:
+            watch.end(status)
+
+    original_close = stream.close
+
+    def close() -> None:
+        watch.end(Status.CANCELLED)
+        original_close()
+
+    stream._iterator = watched()
+    stream.close = close
+
+
+def _watch_async(stream: Any, watch: StreamWatch) -> None:
+    inner: AsyncIterator[Any] = stream._iterator
+
+    async def watched() -> AsyncIterator[Any]:
+        status = Status.CANCELLED
+        try:
+            async for item in inner:
+                watch.see(item)
+                yield item
+            status = Status.OK
+        except Exception:
+            status = Status.ERROR
+            raise
+        finally:
+            watch.end(status)
+
+    original_close = stream.close
+
+    async def close() -> None:
+        watch.end(Status.CANCELLED)
+        await original_close()
+
+    stream._iterator = watched()
+    stream.close = close

@@ -1,0 +1,135 @@
+"""Reading usage from OpenAI SDK results and stream items, normalised as UsageEvent says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_TEXT_EVENTS = {
+    "response.output_text.delta",
+    "response.refusal.delta",
+    "response.function_call_arguments.delta",
+    "response.reasoning_summary_text.delta",
+}
+_FINAL_EVENTS = {"response.completed", "response.incomplete", "response.failed"}
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """Token figures as the provider reported them, normalised (input includes cached)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def field(obj: Any, name: str) -> Any:
+    """An attribute of an SDK model or a key of a plain dict (raw JSON)."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def counted(usage: Any) -> Counted | None:
+    """Chat/legacy usage (prompt_tokens...) or Responses usage (input_tokens...); None if absent.
+
+    OpenAI already counts cached tokens inside the prompt figure and reasoning inside the
+    completion figure, which is the normalised shape.
+    """
+    if usage is None:
+        return None
+    if field(usage, "prompt_tokens") is not None:
+        prompt_details = field(usage, "prompt_tokens_details")
+        completion_details = field(usage, "completion_tokens_details")
+        return Counted(
+            input_tokens=_int(field(usage, "prompt_tokens")),
+            output_tokens=_int(field(usage, "completion_tokens")),
+            cache_read_tokens=_int(field(prompt_details, "cached_tokens")),
+            reasoning_tokens=_int(field(completion_details, "reasoning_tokens")),
+        )
+    if field(usage, "input_tokens") is not None:
+        return Counted(
+            input_tokens=_int(field(usage, "input_tokens")),
+            output_tokens=_int(field(usage, "output_tokens")),
+            cache_read_tokens=_int(field(field(usage, "input_tokens_details"), "cached_tokens")),
+            reasoning_tokens=_int(field(field(usage, "output_tokens_details"), "reasoning_tokens")),
+        )
+    return None
+
+
+class StreamReading:
+    """What a stream showed so far: usage if it came, the model, and the generated text."""
+
+    def __init__(self) -> None:
+        self.usage: Counted | None = None
+        self.model = ""
+        self.parts: list[str] = []
+        self.saw_content = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def see(self, item: Any) -> bool:
+        """Take one stream item; True when it carried generated content (for time to first token)."""
+        kind = field(item, "type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            return self._see_response_event(kind, item)
+        return self._see_chunk(item)
+
+    def _see_chunk(self, chunk: Any) -> bool:
+        model = field(chunk, "model")
+        if isinstance(model, str) and model:
+            self.model = model
+        found = counted(field(chunk, "usage"))
+        if found is not None:
+            self.usage = found
+        before = len(self.parts)
+        for choice in field(chunk, "choices") or ():
+            self._take_choice(choice)
+        return self._content_seen(before)
+
+    def _take_choice(self, choice: Any) -> None:
+        text = field(choice, "text")  # legacy completions
+        if isinstance(text, str) and text:
+            self.parts.append(text)
+        delta = field(choice, "delta")
+        for name in ("content", "refusal"):
+            value = field(delta, name)
+            if isinstance(value, str) and value:
+                self.parts.append(value)
+        for tool_call in field(delta, "tool_calls") or ():
+            function = field(tool_call, "function")
+            for name in ("name", "arguments"):
+                value = field(function, name)
+                if isinstance(value, str) and value:
+                    self.parts.append(value)
+
+    def _see_response_event(self, kind: str, event: Any) -> bool:
+        before = len(self.parts)
+        if kind in _TEXT_EVENTS:
+            delta = field(event, "delta")
+            if isinstance(delta, str) and delta:
+                self.parts.append(delta)
+        response = field(event, "response")
+        model = field(response, "model")
+        if isinstance(model, str) and model:
+            self.model = model
+        if kind in _FINAL_EVENTS:
+            found = counted(field(response, "usage"))
+            if found is not None:
+                self.usage = found
+        return self._content_seen(before)
+
+    def _content_seen(self, before: int) -> bool:
+        if len(self.parts) > before and not self.saw_content:
+            self.saw_content = True
+            return True
+        return False

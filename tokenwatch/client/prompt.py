@@ -1,0 +1,78 @@
+"""Prompt hashes and local token counts for the SDK, via core.tokens when present, else a fallback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+CHARS_PER_TOKEN = 4
+
+
+def _canonical(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def prompt_hash(prompt: Any) -> str:
+    """Stable hash of a prompt (never the prompt itself)."""
+    try:
+        from tokenwatch.core.tokens import prompt_hash as core_hash
+
+        return core_hash(prompt)
+    except Exception:  # tokens.py absent or broken: the hash must still be stable
+        return hashlib.sha256(_canonical(prompt).encode()).hexdigest()[:16]
+
+
+def prompt_shape_hash(prompt: Any) -> str:
+    """Hash where near-duplicates (differing only in numbers, ids, times) collide; '' if unavailable."""
+    try:
+        from tokenwatch.core.tokens import prompt_shape_hash as core_shape
+
+        return core_shape(prompt)
+    except Exception:
+        return ""
+
+
+def _chars_estimate(value: Any) -> int:
+    return (len(_canonical(value)) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def count_prompt(endpoint: str, params: dict[str, Any], model: str) -> tuple[int, bool]:
+    """(prompt tokens, estimated) for a request's parameters, counted locally."""
+    try:
+        from tokenwatch.core import tokens
+
+        if "messages" in params:
+            count = tokens.count_messages(list(params["messages"]), model)
+        elif endpoint == "responses":
+            count = tokens.count_responses_input(
+                params.get("input", ""), params.get("instructions"), model
+            )
+        else:
+            count = tokens.count_text(
+                _text_of(params.get("input", params.get("prompt", ""))), model
+            )
+        return count.tokens, count.estimated
+    except Exception:  # counting is advisory: never let it break the call
+        return _chars_estimate(params.get("messages", params.get("input", ""))), True
+
+
+def count_output(text: str, model: str) -> tuple[int, bool]:
+    """(tokens, estimated) of generated text, counted locally."""
+    try:
+        from tokenwatch.core.tokens import count_text
+
+        count = count_text(text, model)
+        return count.tokens, count.estimated
+    except Exception:
+        return _chars_estimate(text), True
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    return _canonical(value)
