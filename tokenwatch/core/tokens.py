@@ -334,6 +334,8 @@ def count_responses_input(
         tally.message({"role": "developer", "content": instructions})
     if isinstance(input, str):
         tally.message({"role": "user", "content": input})
+    elif not isinstance(input, list):
+        raise TypeError("input must be a string or a list of input items")
     else:
         for item in _as_messages(input):
             if "role" in item or item.get("type") == "message":
