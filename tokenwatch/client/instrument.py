@@ -25,6 +25,7 @@ log = logging.getLogger("tokenwatch")
 CALL_ID_HEADER = "x-tokenwatch-call-id"
 PROXY_URL_ENV = "TOKENWATCH_PROXY_URL"
 PROVIDER = "openai"
+RESPONSES = "/v1/responses"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +43,18 @@ _RESPONSES = "openai.resources.responses.responses"
 _EMBEDDINGS = "openai.resources.embeddings"
 _LEGACY = "openai.resources.completions"
 TARGETS: tuple[Target, ...] = (
-    Target(_CHAT, "Completions", "create", "chat.completions"),
-    Target(_CHAT, "AsyncCompletions", "create", "chat.completions"),
-    Target(_CHAT, "Completions", "parse", "chat.completions"),
-    Target(_CHAT, "AsyncCompletions", "parse", "chat.completions"),
-    Target(_RESPONSES, "Responses", "create", "responses"),
-    Target(_RESPONSES, "AsyncResponses", "create", "responses"),
-    Target(_RESPONSES, "Responses", "parse", "responses"),
-    Target(_RESPONSES, "AsyncResponses", "parse", "responses"),
-    Target(_EMBEDDINGS, "Embeddings", "create", "embeddings"),
-    Target(_EMBEDDINGS, "AsyncEmbeddings", "create", "embeddings"),
-    Target(_LEGACY, "Completions", "create", "completions"),
-    Target(_LEGACY, "AsyncCompletions", "create", "completions"),
+    Target(_CHAT, "Completions", "create", "/v1/chat/completions"),
+    Target(_CHAT, "AsyncCompletions", "create", "/v1/chat/completions"),
+    Target(_CHAT, "Completions", "parse", "/v1/chat/completions"),
+    Target(_CHAT, "AsyncCompletions", "parse", "/v1/chat/completions"),
+    Target(_RESPONSES, "Responses", "create", RESPONSES),
+    Target(_RESPONSES, "AsyncResponses", "create", RESPONSES),
+    Target(_RESPONSES, "Responses", "parse", RESPONSES),
+    Target(_RESPONSES, "AsyncResponses", "parse", RESPONSES),
+    Target(_EMBEDDINGS, "Embeddings", "create", "/v1/embeddings"),
+    Target(_EMBEDDINGS, "AsyncEmbeddings", "create", "/v1/embeddings"),
+    Target(_LEGACY, "Completions", "create", "/v1/completions"),
+    Target(_LEGACY, "AsyncCompletions", "create", "/v1/completions"),
 )
 """`.stream()` helpers and `with_raw_response` go through these `create` methods too."""
 
@@ -248,7 +249,7 @@ class Call:
     def prompt(self) -> Any:
         if "messages" in self.kwargs:
             return self.kwargs["messages"]
-        if self.endpoint == "responses":
+        if self.endpoint == RESPONSES:
             return {
                 "instructions": self.kwargs.get("instructions"),
                 "input": self.kwargs.get("input"),

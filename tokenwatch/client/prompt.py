@@ -46,7 +46,7 @@ def count_prompt(endpoint: str, params: dict[str, Any], model: str) -> tuple[int
 
         if "messages" in params:
             count = tokens.count_messages(list(params["messages"]), model)
-        elif endpoint == "responses":
+        elif endpoint.endswith("/responses"):
             count = tokens.count_responses_input(
                 params.get("input", ""), params.get("instructions"), model
             )
