@@ -140,6 +140,9 @@ class Agent:
     throttle: str = ""
     """Active throttle rate as the user wrote it (`20k/min`, `$1/h`, `50%`), empty when off."""
     started_at: float = field(default_factory=time.time)
+    start_time: int = 0
+    """The process's start time (clock ticks after boot): a restarted supervisor re-adopts the
+    pid only if it still names that process, never one that reused the pid."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

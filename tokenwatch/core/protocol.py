@@ -111,6 +111,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "ack_alerts": {"ids": (_LIST, False)},
     "env": {"agent": (_STR, True)},
     "adopt": {"agent": (_STR, True), "decision": (_STR, True)},
+    "launch": {"name": (_STR, True)},
     "shutdown": {},
 }
 

@@ -1,0 +1,291 @@
+"""Commands that run or talk to the supervisor: serve, stop, status, pause, resume, kill, throttle,
+env, launch, adopt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tokenwatch.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from tokenwatch.client.control import SupervisorClient
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the supervisor in the foreground",
+        description=(
+            "Run the supervisor (socket server, proxy, ledger, budgets, rules) in the foreground "
+            "until SIGTERM or Ctrl-C; it then resumes any agent it paused and flushes the ledger. "
+            "Clients start one in the background when none runs, so this is for systemd or a "
+            "terminal of its own."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="tokenwatch.toml to use (default: discovered)")
+    p.add_argument("--detach", action="store_true", help="start in the background and return")
+    p.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("stop", help="stop the running supervisor (agents keep running)")
+    p.set_defaults(func=run_stop)
+
+    p = sub.add_parser(
+        "status",
+        help="agents with state, pid, tokens, cost and burn rate",
+        description="Show the supervised agents (starts the supervisor if none runs).",
+    )
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=run_status)
+
+    p = sub.add_parser(
+        "pause",
+        help="stop an agent's process tree (SIGSTOP) and hold its calls",
+        description="Pause an agent: SIGSTOP to its whole process tree; its proxied calls wait.",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
+    target.add_argument("--all", action="store_true", help="every agent not marked critical")
+    _why(p)
+    p.set_defaults(func=run_pause)
+
+    for verb, text in (
+        ("resume", "continue a paused agent (SIGCONT) and release its calls"),
+        ("kill", "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"),
+    ):
+        p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("name", help="agent name (see `tokenwatch status`)")
+        _why(p)
+        p.set_defaults(func=run_control, verb=verb)
+
+    p = sub.add_parser(
+        "throttle",
+        help="slow an agent down without failing it",
+        description=(
+            "Slow an agent: RATE is tokens per minute (20k/min), dollars per hour ($1/h), a share "
+            "of the time it may run (50%%, by SIGSTOP/SIGCONT duty cycle), or `off`."
+        ),
+    )
+    p.add_argument("name", help="agent name")
+    p.add_argument("rate", help="20k/min, $1/h, 50%% or off")
+    _why(p)
+    p.set_defaults(func=run_throttle)
+
+    p = sub.add_parser(
+        "env",
+        help="shell lines that make a process report as an agent and use the proxy",
+        description=(
+            "Print `export` lines for a process started outside tokenwatch: it then reports as "
+            'NAME (SDK) and calls through the proxy. Use: eval "$(tokenwatch env NAME)".'
+        ),
+    )
+    p.add_argument("name", help="agent name (an existing agent, or a new one to register)")
+    p.set_defaults(func=run_env)
+
+    p = sub.add_parser("launch", help="start an [agents.NAME] agent from the config")
+    p.add_argument("name", help="the NAME of an [agents.NAME] table")
+    p.set_defaults(func=run_launch)
+
+    p = sub.add_parser(
+        "adopt",
+        help="decide about an agent a previous supervisor left behind",
+        description="Agents found after a supervisor crash are DETACHED until adopted, killed or forgotten.",
+    )
+    p.add_argument("name", help="agent name")
+    p.add_argument("decision", choices=("adopt", "kill", "forget"))
+    p.set_defaults(func=run_adopt)
+
+
+def _why(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--why", default="", help="reason recorded with the action")
+
+
+# -- running the supervisor ----------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import anyio
+
+    from tokenwatch.config import load_config
+    from tokenwatch.core.daemon import AlreadyRunning, StartFailed, ensure_running
+    from tokenwatch.core.supervisor import serve_until_signalled
+    from tokenwatch.paths import Paths
+
+    paths = Paths.discover()
+    if args.detach:
+        try:
+            started = ensure_running(paths)
+        except StartFailed as exc:
+            raise CliError(str(exc)) from None
+        print(f"supervisor {'started' if started else 'already running'} on {paths.socket}")
+        return 0
+    config = load_config(Path(args.config) if args.config else None, paths)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        anyio.run(serve_until_signalled, paths, config)
+    except AlreadyRunning as exc:
+        if args.background:
+            return 0  # another client's supervisor won the start race: that one serves
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    data = _call(lambda c: c.request("shutdown"), start=False)
+    print(f"supervisor {data['pid']} is stopping")
+    return 0
+
+
+# -- talking to it ---------------------------------------------------------------------------
+
+
+def _call(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
+    """Connect, run `fn`, and turn every supervisor failure into one clear line."""
+    import anyio
+
+    from tokenwatch.client.control import SupervisorClient, SupervisorError
+
+    async def go() -> Any:
+        async with await SupervisorClient.connect(start=start) as client:
+            return await fn(client)
+
+    try:
+        return anyio.run(go)
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    status = _call(lambda c: c.request("status"), start=True)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(render_status(status))
+    return 0
+
+
+def render_status(status: dict[str, Any]) -> str:
+    from tokenwatch.core.quantities import format_tokens, format_usd
+
+    sup = status["supervisor"]
+    lines = [
+        f"supervisor pid {sup['pid']} · socket {sup['socket']}"
+        + (f" · proxy {sup['proxy_url']}" if sup.get("proxy_url") else "")
+        + f" · {format_usd(status['spend_today_usd'])} today"
+    ]
+    rows = [("NAME", "STATE", "PID", "TOKENS", "COST", "TOK/MIN", "$/HOUR", "THROTTLE")]
+    for view in status["agents"]:
+        agent, summary = view["agent"], view.get("summary", {})
+        rows.append(
+            (
+                agent["name"],
+                agent["state"]
+                + (f" ({agent['exit_code']})" if agent.get("exit_code") is not None else ""),
+                str(agent["pid"] or "-"),
+                format_tokens(summary.get("tokens", 0)),
+                format_usd(summary.get("cost_usd")) if summary.get("requests") else "-",
+                format_tokens(view["tokens_per_min"]),
+                format_usd(view["usd_per_hour"]) if view["usd_per_hour"] else "-",
+                agent.get("throttle") or "-",
+            )
+        )
+    if len(rows) == 1:
+        lines.append("no agents yet: start one with `tokenwatch run -- CMD`")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def _print_action(action: dict[str, Any]) -> None:
+    detail = f" ({action['detail']})" if action.get("detail") else ""
+    verb = {"pause": "paused", "resume": "resumed", "kill": "killed", "throttle": "throttled",
+            "deny": "denied"}.get(action["kind"], action["kind"])  # fmt: skip
+    if not action.get("ok", True):
+        raise CliError(f"{action['agent']}: could not be {verb}{detail}")
+    print(f"{action['agent']} {verb}{detail}")
+
+
+def run_pause(args: argparse.Namespace) -> int:
+    if args.all:
+        actions = _call(lambda c: c.request("pause_all", who="cli", why=args.why), start=False)
+        for action in actions:
+            _print_action(action)
+        if not actions:
+            print("no running agent to pause")
+        return 0
+    _print_action(
+        _call(lambda c: c.request("pause", agent=args.name, who="cli", why=args.why), start=False)
+    )
+    return 0
+
+
+def run_control(args: argparse.Namespace) -> int:
+    action = _call(
+        lambda c: c.request(args.verb, agent=args.name, who="cli", why=args.why), start=False
+    )
+    _print_action(action)
+    return 0
+
+
+def run_throttle(args: argparse.Namespace) -> int:
+    from tokenwatch.core.quantities import QuantityError, parse_rate
+
+    try:
+        parse_rate(args.rate)
+    except QuantityError as exc:
+        raise CliError(str(exc), exit_code=2) from None
+    action = _call(
+        lambda c: c.request("throttle", agent=args.name, rate=args.rate, who="cli", why=args.why),
+        start=False,
+    )
+    _print_action(action)
+    return 0
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from tokenwatch.client.control import SupervisorError
+
+    async def env(client: SupervisorClient) -> Any:
+        try:
+            return await client.request("env", agent=args.name)
+        except SupervisorError as exc:
+            if exc.code != "unknown_agent":
+                raise
+        registered = await client.request("register", name=args.name)
+        return registered["env"]
+
+    values = _call(env, start=True)
+    for key in sorted(values):
+        print(f"export {key}={shlex.quote(str(values[key]))}")
+    return 0
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    data = _call(lambda c: c.request("launch", name=args.name), start=True)
+    print(f"launched {data['name']} (pid {data['pid']})")
+    return 0
+
+
+def run_adopt(args: argparse.Namespace) -> int:
+    _call(
+        lambda c: c.request("adopt", agent=args.name, decision=args.decision, who="cli"),
+        start=False,
+    )
+    print(f"{args.name}: {args.decision}")
+    return 0

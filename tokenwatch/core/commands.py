@@ -1,0 +1,313 @@
+"""What each protocol message does: the supervisor's request handlers, from wire fields to engine
+calls and back to reply data (documented in docs/protocol.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tokenwatch.config import BudgetSettings, Config, ConfigError, parse_config
+from tokenwatch.core.admission import Admission, CallRequest
+from tokenwatch.core.agents import AgentRecord
+from tokenwatch.core.engine import Engine
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.protocol import ErrorCode, ProtocolError
+from tokenwatch.core.server import Session, usage_from_wire
+
+MIN_SUBSCRIBE_INTERVAL = 0.1
+TASK_STATES = frozenset({"start", "end"})
+
+
+def _who(msg: dict[str, Any]) -> str:
+    return str(msg.get("who") or "cli")
+
+
+def _registered(engine: Engine, rec: AgentRecord) -> dict[str, Any]:
+    return {"name": rec.name, "run_id": rec.agent.run_id, "env": engine.env_for(rec)}
+
+
+class Commands:
+    """Implements server.Handler on top of the engine (and the config for budget edits)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: Config,
+        *,
+        on_shutdown: Callable[[], None] = lambda: None,
+        info: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self._on_shutdown = on_shutdown
+        self._info = info
+        self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
+            name.removeprefix("on_"): getattr(self, name)
+            for name in dir(self)
+            if name.startswith("on_")
+        }
+
+    # -- server.Handler -----------------------------------------------------------------------
+
+    async def handle(self, session: Session, msg: dict[str, Any]) -> Any:
+        handler = self._handlers.get(msg["type"])
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg['type']!r} is not served here")
+        return await handler(session, msg)
+
+    async def ingest(self, session: Session, events: list[UsageEvent]) -> None:
+        for event in events:
+            self._fill(session, event)
+        await self.engine.ingest(events)
+
+    def session_closed(self, session: Session) -> None:
+        if session.agent:
+            self.engine.connection_lost(session.agent)
+
+    def snapshot(self) -> Any:
+        return self.engine.snapshot().to_dict()
+
+    def _fill(self, session: Session, event: UsageEvent) -> None:
+        """Usage from a connection that said hello belongs to that agent unless it says otherwise."""
+        if session.agent:
+            event.agent = event.agent or session.agent
+            if event.pid is None:
+                event.pid = session.peer.pid
+
+    # -- agents -------------------------------------------------------------------------------
+
+    async def on_hello(self, session: Session, msg: dict[str, Any]) -> Any:
+        rec = self.engine.hello(
+            msg["name"],
+            pid=msg.get("pid"),
+            run_id=msg.get("run_id", ""),
+            task=msg.get("task", ""),
+            user=msg.get("user", ""),
+            session=msg.get("session", ""),
+            tags=_tags(msg),
+        )
+        session.agent = rec.name
+        return {"name": rec.name, "throttle": rec.agent.throttle, "state": rec.agent.state}
+
+    async def on_heartbeat(self, session: Session, msg: dict[str, Any]) -> Any:
+        return {"ts": time.time()}
+
+    async def on_task(self, session: Session, msg: dict[str, Any]) -> Any:
+        if msg["state"] not in TASK_STATES:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "task: 'state' must be start or end")
+        self.engine.task(_agent_of(session), msg["name"], msg["state"])
+        return None
+
+    async def on_admit(self, session: Session, msg: dict[str, Any]) -> Any:
+        agent = _agent_of(session)
+        rec = self.engine.roster.get(agent)
+        call = CallRequest(
+            agent=agent,
+            provider=msg.get("provider", ""),
+            model=msg.get("model", ""),
+            run_id=rec.agent.run_id if rec else "",
+            task=rec.agent.task if rec else "",
+            tags=dict(rec.agent.tags) if rec else {},
+            input_tokens=max(0, msg.get("input_tokens", 0)),
+            max_output_tokens=max(0, msg.get("max_output_tokens", 0)),
+            prompt_hash=msg.get("prompt_hash", ""),
+        )
+        admission, wait = self.engine.admit_nowait(call)
+        return {
+            "allowed": admission.allowed,
+            "wait": wait,
+            "message": admission.message,
+            "budget": admission.budget,
+            "reservation": admission.reservation,
+            "status": admission.status,
+            "retry_after": admission.retry_after,
+        }
+
+    async def on_settle(self, session: Session, msg: dict[str, Any]) -> Any:
+        admission = Admission(True, reservation=msg["reservation"])
+        if msg.get("event") is None:
+            self.engine.release(admission)
+            return None
+        event = usage_from_wire(msg["event"])
+        self._fill(session, event)
+        await self.engine.settle(admission, event)
+        return None
+
+    async def on_register(self, session: Session, msg: dict[str, Any]) -> Any:
+        command = [str(a) for a in msg.get("command", [])]
+        rec = self.engine.register(
+            msg.get("name") or _default_name(command),
+            pid=msg.get("pid"),
+            command=command,
+            task=msg.get("task", ""),
+            tags=_tags(msg),
+            budget=msg.get("budget", ""),
+            launched=msg.get("launched", False),
+            critical=msg.get("critical", False),
+            openai_upstream=msg.get("openai_upstream", ""),
+            anthropic_upstream=msg.get("anthropic_upstream", ""),
+        )
+        return _registered(self.engine, rec)
+
+    async def on_started(self, session: Session, msg: dict[str, Any]) -> Any:
+        rec = self.engine.started(msg["name"], msg["pid"])
+        return {"name": rec.name, "pid": rec.agent.pid}
+
+    async def on_exited(self, session: Session, msg: dict[str, Any]) -> Any:
+        return {"summary": self.engine.exited(msg["name"], msg["code"])}
+
+    async def on_attach(self, session: Session, msg: dict[str, Any]) -> Any:
+        return _registered(self.engine, self.engine.attach(msg["pid"], msg.get("name", "")))
+
+    async def on_launch(self, session: Session, msg: dict[str, Any]) -> Any:
+        rec = await self.engine.launch(msg["name"])
+        return {"name": rec.name, "pid": rec.agent.pid, "run_id": rec.agent.run_id}
+
+    async def on_env(self, session: Session, msg: dict[str, Any]) -> Any:
+        rec = self.engine.roster.find(msg["agent"])
+        return self.engine.env_for(rec)
+
+    async def on_adopt(self, session: Session, msg: dict[str, Any]) -> Any:
+        action = await self.engine.adopt(msg["agent"], msg["decision"], who=_who(msg))
+        return action.to_dict() if action else None
+
+    # -- clients ------------------------------------------------------------------------------
+
+    async def on_list(self, session: Session, msg: dict[str, Any]) -> Any:
+        return [rec.agent.to_dict() for rec in self.engine.roster]
+
+    async def on_status(self, session: Session, msg: dict[str, Any]) -> Any:
+        snap = self.engine.snapshot()
+        totals = {rec.name: rec for rec in self.engine.roster}
+        agents = []
+        for view in snap.agents:
+            row = view.to_dict()
+            rec = totals.get(view.agent.name)
+            if rec is not None:
+                row["summary"] = rec.summary()
+            agents.append(row)
+        return {
+            "supervisor": self._info(),
+            "engine": dataclasses.asdict(self.engine.statistics()),
+            "tokens_per_min": snap.tokens_per_min,
+            "usd_per_hour": snap.usd_per_hour,
+            "spend_today_usd": snap.spend_today_usd,
+            "agents": agents,
+        }
+
+    async def on_subscribe(self, session: Session, msg: dict[str, Any]) -> Any:
+        wanted = msg.get("interval") or self.engine.settings.snapshot_interval
+        session.snapshot_interval = max(MIN_SUBSCRIBE_INTERVAL, float(wanted))
+        session.subscribed = True
+        return {"interval": session.snapshot_interval}
+
+    async def on_pause(self, session: Session, msg: dict[str, Any]) -> Any:
+        action = await self.engine.pause(msg["agent"], who=_who(msg), why=msg.get("why", ""))
+        return action.to_dict()
+
+    async def on_resume(self, session: Session, msg: dict[str, Any]) -> Any:
+        action = await self.engine.resume(msg["agent"], who=_who(msg), why=msg.get("why", ""))
+        return action.to_dict()
+
+    async def on_kill(self, session: Session, msg: dict[str, Any]) -> Any:
+        action = await self.engine.kill(msg["agent"], who=_who(msg), why=msg.get("why", ""))
+        return action.to_dict()
+
+    async def on_throttle(self, session: Session, msg: dict[str, Any]) -> Any:
+        action = await self.engine.throttle(
+            msg["agent"], msg["rate"], who=_who(msg), why=msg.get("why", "")
+        )
+        return action.to_dict()
+
+    async def on_pause_all(self, session: Session, msg: dict[str, Any]) -> Any:
+        actions = await self.engine.pause_all(who=_who(msg), why=msg.get("why", ""))
+        return [a.to_dict() for a in actions]
+
+    async def on_budgets(self, session: Session, msg: dict[str, Any]) -> Any:
+        return [s.to_dict() for s in self.engine.budgets.statuses()]
+
+    async def on_set_budget(self, session: Session, msg: dict[str, Any]) -> Any:
+        try:
+            budget = parse_config({"budget": [msg["budget"]]}, "set_budget").budget[0]
+        except ConfigError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+        self._apply_budgets(_persist_budget(self.config, budget))
+        return {"name": budget.name or _budget_name(budget)}
+
+    async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
+        name = msg["name"]
+        known = {b.name or _budget_name(b) for b in self.config.budget}
+        if name not in known:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no budget named {name!r}")
+        self._apply_budgets(_forget_budget(self.config, name))
+        return {"name": name}
+
+    def _apply_budgets(self, config: Config) -> None:
+        self.config = config
+        self.engine.budgets.replace(config.budget)
+
+    async def on_alerts(self, session: Session, msg: dict[str, Any]) -> Any:
+        alerts = await self.engine.alerts(since=msg.get("since", 0), limit=msg.get("limit", 200))
+        return [a.to_dict() for a in alerts]
+
+    async def on_ack_alerts(self, session: Session, msg: dict[str, Any]) -> Any:
+        ids = msg.get("ids")
+        if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "ack_alerts: 'ids' must be integers")
+        return {"acknowledged": await self.engine.ack_alerts(ids)}
+
+    async def on_shutdown(self, session: Session, msg: dict[str, Any]) -> Any:
+        self._on_shutdown()
+        return {"pid": os.getpid()}
+
+
+def _agent_of(session: Session) -> str:
+    if not session.agent:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "say hello first: this connection has no agent")
+    return session.agent
+
+
+def _tags(msg: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (msg.get("tags") or {}).items()}
+
+
+def _default_name(command: list[str]) -> str:
+    """Something recognisable from the command: the script for `python x.py`, else argv0."""
+    words = [os.path.basename(a) for a in command if a and not a.startswith("-")]
+    if not words:
+        return "agent"
+    if words[0].startswith("python") and len(words) > 1:
+        return words[1].removesuffix(".py") or "agent"
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in words[0])
+    return name[:40] or "agent"
+
+
+def _budget_name(b: BudgetSettings) -> str:
+    return f"{b.scope}:{b.target}:{b.period}"
+
+
+def _persist_budget(config: Config, budget: BudgetSettings) -> Config:
+    try:
+        from tokenwatch.core.budget_file import set_budget
+    except ImportError:
+        kept = [
+            b
+            for b in config.budget
+            if (b.name or _budget_name(b)) != (budget.name or _budget_name(budget))
+        ]
+        return dataclasses.replace(config, budget=[*kept, budget])
+    updated: Config = set_budget(config, budget)
+    return updated
+
+
+def _forget_budget(config: Config, name: str) -> Config:
+    try:
+        from tokenwatch.core.budget_file import remove_budget
+    except ImportError:
+        kept = [b for b in config.budget if (b.name or _budget_name(b)) != name]
+        return dataclasses.replace(config, budget=kept)
+    updated: Config = remove_budget(config, name)
+    return updated

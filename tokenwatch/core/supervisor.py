@@ -1,0 +1,296 @@
+"""The supervisor service: opens the ledger, wires prices, budgets, rules, the engine, the proxy,
+exporters and the socket server, and owns their lifetime (signals, clean exit, crash recovery)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from tokenwatch.config import Config
+from tokenwatch.core.commands import Commands
+from tokenwatch.core.daemon import instance_lock, remove_pid, write_pid
+from tokenwatch.core.engine import Engine
+from tokenwatch.core.models import Agent, UsageEvent
+from tokenwatch.core.processes import Spawner, spawn
+from tokenwatch.core.server import SocketServer
+from tokenwatch.core.snapshots import GROUPS
+from tokenwatch.paths import Paths
+
+if TYPE_CHECKING:
+    from tokenwatch.core.store import Store
+
+log = logging.getLogger("tokenwatch.supervisor")
+
+_EVENT_FIELDS = UsageEvent.field_names()
+
+
+def wire(obj: Any) -> Any:
+    """A published object as push data (events the fast way: there can be many)."""
+    if isinstance(obj, UsageEvent):
+        d = {name: getattr(obj, name) for name in _EVENT_FIELDS}
+        d["total_tokens"] = obj.input_tokens + obj.output_tokens
+        return d
+    to_dict = getattr(obj, "to_dict", None)
+    return to_dict() if to_dict is not None else obj
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRoutes:
+    """The engine's view of the proxy: routes per agent and the URLs agents are given."""
+
+    table: Any
+    proxy: Any
+    url: str
+
+    def add_route(self, agent: Agent, openai_upstream: str, anthropic_upstream: str) -> str:
+        from tokenwatch.proxy.server import AgentRoute
+
+        route = AgentRoute(
+            agent=agent.name,
+            run_id=agent.run_id,
+            task=agent.task,
+            user=agent.user,
+            tags=dict(agent.tags),
+            openai_upstream=openai_upstream,
+            anthropic_upstream=anthropic_upstream,
+        )
+        return str(self.table.add(route))
+
+    def remove_route(self, token: str) -> None:
+        self.table.remove(token)
+
+    def set_task(self, agent: str, task: str) -> None:
+        self.table.set_task(agent, task)
+
+    def base_urls(self, token: str) -> dict[str, str]:
+        return dict(self.proxy.base_urls(token))
+
+
+class Supervisor:
+    """One per user: `await tg.start(sup.run)` serves until `request_shutdown()` (or cancel)."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        spawner: Spawner = spawn,
+        proxy: bool = True,
+        exporters: bool = True,
+    ) -> None:
+        self.paths = paths
+        self.config = config
+        self._clock = clock
+        self._spawner = spawner
+        self._with_proxy = proxy
+        self._with_exporters = exporters
+        self._stop = anyio.Event()
+        self.started_at = clock()
+        self.engine: Engine | None = None
+        self.server: SocketServer | None = None
+        self.store: Store | None = None
+        self.proxy_url = ""
+        self.recovered: list[str] = []
+
+    def request_shutdown(self) -> None:
+        self._stop.set()
+
+    def info(self) -> dict[str, Any]:
+        from tokenwatch import __version__
+
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "socket": str(self.paths.socket),
+            "proxy_url": self.proxy_url,
+            "db": str(self.paths.db),
+            "config": self.config.source,
+            "started_at": self.started_at,
+        }
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[Supervisor] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until asked to stop; then resume what it paused and flush the ledger."""
+        from tokenwatch.core.store import Store
+
+        with instance_lock(self.paths):
+            self.paths.ensure_state()
+            store = self.store = await Store.open(self.paths.db)
+            try:
+                await self._serve(store, task_status)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await store.aclose()
+                remove_pid(self.paths)
+                log.info("supervisor stopped")
+
+    async def _serve(self, store: Store, task_status: anyio.abc.TaskStatus[Supervisor]) -> None:
+        engine = self.engine = self._build_engine(store)
+        commands = Commands(engine, self.config, on_shutdown=self.request_shutdown, info=self.info)
+        server = self.server = SocketServer(self.paths.socket, commands)
+        engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            await self._seed(engine, store)
+            self.recovered = [rec.name for rec in await engine.recover()]
+            await self._start_notifier(tg, engine)
+            if self._with_proxy:
+                await self._start_proxy(tg, engine)
+            if self._with_exporters:
+                await self._start_exporters(tg, engine)
+            await tg.start(server.serve)
+            write_pid(self.paths)
+            log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
+            task_status.started(self)
+            await self._stop.wait()
+            log.info("shutting down: resuming paused agents, flushing the ledger")
+            with anyio.CancelScope(shield=True):
+                await engine.release_all()
+            tg.cancel_scope.cancel()
+
+    def _build_engine(self, store: Store) -> Engine:
+        cfg = self.config
+        engine = Engine(
+            store,
+            _prices(cfg),
+            _budgets(cfg, self._clock),
+            _rules(cfg, self._clock, lambda name: _is_critical(engine, name)),
+            settings=cfg.supervisor,
+            clock=self._clock,
+            spawner=self._spawner,
+            notifier=_notifier(cfg),
+            agents=cfg.agents,
+            logs_dir=self.paths.logs_dir,
+            socket_path=str(self.paths.socket),
+        )
+        return engine
+
+    async def _seed(self, engine: Engine, store: Store) -> None:
+        """What is already in the ledger for today, so budgets and figures start where they were."""
+        seed = getattr(engine.budgets, "seed", None)
+        if seed is not None:
+            await seed(store)
+        since = engine.live.day_start
+        for group in GROUPS:
+            for row in await store.aggregate(group, since):
+                engine.live.today.seed(group, row.key, row.total_tokens, row.cost_usd)
+
+    async def _start_notifier(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
+        notifier = engine.notifier
+        if notifier is not None:
+            await tg.start(notifier.run)
+
+    async def _start_proxy(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
+        try:
+            from tokenwatch.proxy.server import ProxyServer, RouteTable
+        except ImportError as exc:
+            log.warning("proxy unavailable (%s): agents report through the SDK only", exc)
+            return
+        table = RouteTable()
+        proxy = ProxyServer(engine, table, self.config.proxy, clock=self._clock)
+        port = await tg.start(proxy.serve)
+        self.proxy_url = f"http://{self.config.proxy.host}:{port}"
+        engine.use_routes(ProxyRoutes(table, proxy, self.proxy_url))
+        log.info("proxy listening on %s", self.proxy_url)
+
+    async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
+        settings = self.config.export
+        if settings.prometheus.listen:
+            from tokenwatch.export.prometheus import PrometheusExporter
+
+            prom = PrometheusExporter(settings.prometheus, engine.snapshot)
+            engine.add_listener(prom.observe)
+            await tg.start(prom.serve)
+        if settings.otlp.endpoint:
+            from tokenwatch.export.otlp import OtlpExporter
+
+            otlp = OtlpExporter(settings.otlp, engine.snapshot)
+            engine.add_listener(otlp.observe)
+            tg.start_soon(_shut_down_at_exit, otlp)
+
+
+async def _shut_down_at_exit(exporter: Any) -> None:
+    """Keep an SDK-threaded exporter until the supervisor stops, then flush it off the loop."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(exporter.shutdown)
+
+
+def _is_critical(engine: Engine | None, name: str) -> bool:
+    rec = engine.roster.get(name) if engine is not None else None
+    return rec is not None and rec.agent.critical
+
+
+def _prices(cfg: Config) -> Any:
+    try:
+        from tokenwatch.core.pricing import PriceTable
+    except ImportError:
+        from tokenwatch.core.standins import NoPrices
+
+        log.warning("pricing unavailable: usage is recorded unpriced")
+        return NoPrices()
+    return PriceTable.load(cfg.prices)
+
+
+def _budgets(cfg: Config, clock: Callable[[], float]) -> Any:
+    try:
+        from tokenwatch.core.budgets import Budgets
+    except ImportError:
+        from tokenwatch.core.standins import NoBudgets
+
+        log.warning("budgets unavailable: nothing is enforced")
+        return NoBudgets()
+    return Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=clock)
+
+
+def _rules(cfg: Config, clock: Callable[[], float], is_critical: Callable[[str], bool]) -> Any:
+    try:
+        rules = importlib.import_module("tokenwatch.core.rules")
+    except ImportError:
+        from tokenwatch.core.standins import NoRules
+
+        log.warning("rules unavailable: no detectors run")
+        return NoRules()
+    settings = cfg.rule or list(getattr(rules, "DEFAULT_RULES", []))
+    return rules.Rules(settings, clock=clock, is_critical=is_critical)
+
+
+def _notifier(cfg: Config) -> Any:
+    if not (cfg.alerts.webhook or cfg.alerts.desktop):
+        return None
+    try:
+        from tokenwatch.core.alerting import Notifier
+    except ImportError:
+        log.warning("alert delivery unavailable: alerts are stored and shown only")
+        return None
+    return Notifier(cfg.alerts)
+
+
+async def serve_until_signalled(paths: Paths, config: Config) -> None:
+    """Run a supervisor in this process until SIGTERM, SIGINT or SIGHUP (or a shutdown request)."""
+    sup = Supervisor(paths, config)
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            tg.start_soon(_stop_on_signal, signals, sup)
+            await sup.run()
+            tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(signals: Any, sup: Supervisor) -> None:
+    async for signum in signals:
+        log.info("received %s", signal.Signals(signum).name)
+        sup.request_shutdown()
