@@ -20,10 +20,18 @@ async def fake_llm() -> AsyncIterator[FakeLLM]:
 
 
 @pytest.fixture
-def openai_client(fake_llm: FakeLLM) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=fake_llm.url + "/v1", api_key=API_KEY, max_retries=0)
+async def openai_client(fake_llm: FakeLLM) -> AsyncIterator[openai.AsyncOpenAI]:
+    """An async OpenAI client on the fake server, without retries (faults surface at once)."""
+    async with openai.AsyncOpenAI(
+        base_url=fake_llm.url + "/v1", api_key=API_KEY, max_retries=0
+    ) as client:
+        yield client
 
 
 @pytest.fixture
-def anthropic_client(fake_llm: FakeLLM) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=fake_llm.url, api_key=API_KEY, max_retries=0)
+async def anthropic_client(fake_llm: FakeLLM) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    """An async Anthropic client on the fake server, without retries."""
+    async with anthropic.AsyncAnthropic(
+        base_url=fake_llm.url, api_key=API_KEY, max_retries=0
+    ) as client:
+        yield client
