@@ -1,0 +1,220 @@
+"""The ledger's SQLite schema as numbered migrations, applied in order on open (`PRAGMA user_version`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+# Columns of the events table, in UsageEvent field order (the writer binds rows in this order).
+EVENT_COLUMNS: tuple[str, ...] = (
+    "ts",
+    "agent",
+    "run_id",
+    "pid",
+    "session",
+    "user",
+    "task",
+    "step",
+    "tool",
+    "provider",
+    "model",
+    "endpoint",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "price_version",
+    "latency_ms",
+    "ttft_ms",
+    "wait_ms",
+    "status",
+    "http_status",
+    "prompt_hash",
+    "source",
+    "estimated",
+    "call_id",
+)
+
+# The dimensions a rollup row is keyed by (besides its time bucket); every filter must be one.
+ROLLUP_DIMS: tuple[str, ...] = ("agent", "task", "model", "user", "provider")
+
+# Rollup tables and the width of their time buckets in seconds, coarsest first.
+ROLLUPS: tuple[tuple[str, int], ...] = (("rollup_hour", 3600), ("rollup_minute", 60))
+
+# Summed measures of a rollup row, with the SQL that computes each from raw event rows.
+MEASURES: tuple[tuple[str, str], ...] = (
+    ("requests", "COUNT(*)"),
+    ("input_tokens", "SUM(input_tokens)"),
+    ("cache_read_tokens", "SUM(cache_read_tokens)"),
+    ("cache_write_tokens", "SUM(cache_write_tokens)"),
+    ("output_tokens", "SUM(output_tokens)"),
+    ("reasoning_tokens", "SUM(reasoning_tokens)"),
+    ("cost_usd", "TOTAL(cost_usd)"),
+    ("unpriced", "SUM(cost_usd IS NULL)"),
+    ("errors", "SUM(status = 'error')"),
+    ("denied", "SUM(status = 'denied')"),
+    ("estimated", "SUM(estimated != 0)"),
+)
+
+
+def quoted(column: str) -> str:
+    # `user` is a keyword in some SQL dialects; quoting every identifier keeps SQLite unambiguous.
+    return f'"{column}"'
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits first, and each migration must be one transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _v1_events(db: sqlite3.Connection) -> None:
+    """The first ledger: one events table indexed by time (no dedup, no rollups)."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            agent TEXT NOT NULL DEFAULT '',
+            run_id TEXT NOT NULL DEFAULT '',
+            pid INTEGER,
+            session TEXT NOT NULL DEFAULT '',
+            "user" TEXT NOT NULL DEFAULT '',
+            task TEXT NOT NULL DEFAULT '',
+            step TEXT NOT NULL DEFAULT '',
+            tool TEXT NOT NULL DEFAULT '',
+            provider TEXT NOT NULL DEFAULT '',
+            model TEXT NOT NULL DEFAULT '',
+            endpoint TEXT NOT NULL DEFAULT '',
+            input_tokens INTEGER NOT NULL DEFAULT 0,
+            output_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+            cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            cost_usd REAL,
+            price_version TEXT NOT NULL DEFAULT '',
+            latency_ms REAL,
+            ttft_ms REAL,
+            status TEXT NOT NULL DEFAULT 'ok',
+            http_status INTEGER,
+            prompt_hash TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'sdk',
+            estimated INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX events_ts ON events (ts);
+        """,
+    )
+
+
+def rollup_refresh_sql(table: str, width: int) -> str:
+    """Fold event rows with `id > ?` into a rollup table (used per batch and for backfills)."""
+    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
+    names = ", ".join(name for name, _ in MEASURES)
+    exprs = ", ".join(expr for _, expr in MEASURES)
+    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in MEASURES)
+    return (
+        f"INSERT INTO {table} (bucket, {dims}, {names}) "
+        f"SELECT CAST(ts / {width} AS INTEGER) * {width}, {dims}, {exprs} "
+        f"FROM events WHERE id > ? GROUP BY 1, {dims} "
+        f"ON CONFLICT (bucket, {dims}) DO UPDATE SET {updates}"
+    )
+
+
+def _create_rollup(db: sqlite3.Connection, table: str) -> None:
+    dims = ", ".join(f"{quoted(d)} TEXT NOT NULL" for d in ROLLUP_DIMS)
+    measures = ", ".join(
+        f"{name} REAL NOT NULL DEFAULT 0"
+        if name == "cost_usd"
+        else f"{name} INTEGER NOT NULL DEFAULT 0"
+        for name, _ in MEASURES
+    )
+    key = ", ".join(quoted(d) for d in ROLLUP_DIMS)
+    db.execute(
+        f"CREATE TABLE {table} (bucket INTEGER NOT NULL, {dims}, {measures}, "
+        f"PRIMARY KEY (bucket, {key})) WITHOUT ROWID"
+    )
+
+
+def _v2_dedup_rollups_and_supervision(db: sqlite3.Connection) -> None:
+    """Idempotency key, queue wait, per-minute/hour rollups, and the supervisor's own tables."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE events ADD COLUMN wait_ms REAL NOT NULL DEFAULT 0;
+        ALTER TABLE events ADD COLUMN call_id TEXT NOT NULL DEFAULT '';
+        CREATE UNIQUE INDEX events_call_id ON events (call_id) WHERE call_id != '';
+        CREATE INDEX events_agent_id ON events (agent, id);
+        CREATE TABLE agents (name TEXT PRIMARY KEY, data TEXT NOT NULL, updated REAL NOT NULL);
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            rule TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            message TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            action TEXT NOT NULL,
+            acknowledged INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX alerts_ts ON alerts (ts);
+        CREATE TABLE actions (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            who TEXT NOT NULL,
+            why TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            ok INTEGER NOT NULL
+        );
+        CREATE INDEX actions_agent_ts ON actions (agent, ts);
+        CREATE INDEX actions_ts ON actions (ts);
+        """,
+    )
+    for table, width in ROLLUPS:
+        _create_rollup(db, table)
+        db.execute(rollup_refresh_sql(table, width), (0,))
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v1_events,
+    _v2_dedup_rollups_and_supervision,
+)
+"""MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
+
+VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The file was written by a newer tokenwatch than this one."""
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring `db` (in autocommit mode) to VERSION, one transaction per step; returns the old version.
+
+    The version is read inside each write transaction, so two processes opening a fresh file at
+    once do not both run the same step.
+    """
+    start: int | None = None
+    while True:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            start = version if start is None else start
+            if version > VERSION:
+                raise SchemaTooNew(
+                    f"ledger schema version {version} is newer than this tokenwatch "
+                    f"understands ({VERSION}); upgrade tokenwatch"
+                )
+            if version == VERSION:
+                db.execute("COMMIT")
+                return start
+            MIGRATIONS[version](db)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")

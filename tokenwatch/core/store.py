@@ -1,0 +1,687 @@
+"""The usage ledger: one SQLite file (WAL) with a batched writer, rollups and the queries on top."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import aiosqlite
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import current_token
+
+from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
+from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start
+from tokenwatch.core.schema import (
+    EVENT_COLUMNS,
+    MEASURES,
+    ROLLUP_DIMS,
+    ROLLUPS,
+    SchemaTooNew,
+    migrate,
+    quoted,
+)
+from tokenwatch.core.writer import (
+    BatchWriter,
+    Item,
+    Operation,
+    StoreUnavailable,
+    Waiter,
+    describe,
+)
+
+__all__ = [
+    "GROUPINGS",
+    "GroupTotals",
+    "Rates",
+    "Store",
+    "StoreStatistics",
+    "StoreUnavailable",
+    "StoredEvent",
+    "Totals",
+]
+
+GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day")
+"""What `aggregate(by=...)` accepts."""
+
+BUSY_TIMEOUT = 10.0
+"""Seconds a write waits for another process's write transaction before StoreUnavailable."""
+
+_SELECT_EVENT = f"SELECT id, {', '.join(quoted(c) for c in EVENT_COLUMNS)} FROM events"
+# How a raw event row contributes to each rollup measure (one row, so a count of 1).
+_RAW_MEASURES = {
+    "requests": "1",
+    "cost_usd": "COALESCE(cost_usd, 0)",
+    "unpriced": "cost_usd IS NULL",
+    "errors": "status = 'error'",
+    "denied": "status = 'denied'",
+    "estimated": "estimated != 0",
+}
+_GLOB_CHARS = frozenset("*?[")
+_ALERT_COLUMNS = ("id", "ts", "rule", "agent", "message", "severity", "action", "acknowledged")
+_ACTION_COLUMNS = ("id", "ts", "kind", "agent", "who", "why", "detail", "ok")
+
+T = TypeVar("T", bound="Totals")
+
+
+@dataclass(slots=True)
+class Totals:
+    """Sums over a set of usage events, with the ratios reports show."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    """Cost of the priced events only; see `unpriced_requests`."""
+    unpriced_requests: int = 0
+    """Events whose model had no price: their cost is unknown, not zero."""
+    errors: int = 0
+    denied: int = 0
+    estimated_requests: int = 0
+    tasks: int = 0
+    """Distinct non-empty task names."""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def avg_tokens_per_call(self) -> float:
+        return self.total_tokens / self.requests if self.requests else 0.0
+
+    @property
+    def output_input_ratio(self) -> float | None:
+        return self.output_tokens / self.input_tokens if self.input_tokens else None
+
+    @property
+    def cost_per_task(self) -> float | None:
+        return self.cost_usd / self.tasks if self.tasks else None
+
+    @property
+    def fully_priced(self) -> bool:
+        return self.unpriced_requests == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(
+            total_tokens=self.total_tokens,
+            avg_tokens_per_call=self.avg_tokens_per_call,
+            output_input_ratio=self.output_input_ratio,
+            cost_per_task=self.cost_per_task,
+        )
+        return d
+
+
+@dataclass(slots=True)
+class GroupTotals(Totals):
+    """Totals of one group (`key` is the agent, task, model, user, provider or local date)."""
+
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Rates over a rolling window ending now."""
+
+    window: float
+    """Seconds."""
+    tokens_per_min: float
+    usd_per_hour: float
+    requests_per_min: float
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A usage event with its row id (for paging history)."""
+
+    id: int
+    event: UsageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    pending: int
+    """Events and writes queued, not yet committed."""
+    committed: int
+    duplicates: int
+    """Events not stored because their call_id already was."""
+    rejected: int
+    batches: int
+    failures: int
+    lost: int
+    last_error: str
+
+
+class Store:
+    """The ledger. Writes go through one batched writer thread; reads use their own connection."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer: BatchWriter,
+        reader: aiosqlite.Connection,
+        clock: Callable[[], float],
+        migrated_from: int,
+    ) -> None:
+        self.path = path
+        self.migrated_from = migrated_from
+        """Schema version found on open (0 for a new file)."""
+        self._writer = writer
+        self._reader = reader
+        self._clock = clock
+        self._closed = False
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        batch_size: int = 2000,
+        flush_interval: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> Store:
+        """Open (creating and migrating as needed) the ledger at `path`."""
+        path = Path(path)
+        conn, migrated_from = await anyio.to_thread.run_sync(_open_writer, path)
+        writer = BatchWriter(
+            conn,
+            path,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            token=current_token(),
+        )
+        try:
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            await reader.execute("PRAGMA query_only = ON")
+            await reader.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreUnavailable(describe(exc, path)) from None
+        writer.start()
+        return cls(path, writer, reader, clock, migrated_from)
+
+    async def aclose(self) -> None:
+        """Commit everything queued, then close. Raises StoreUnavailable if some could not be."""
+        if self._closed:
+            return
+        self._closed = True
+        error: StoreUnavailable | None = None
+        try:
+            await self.flush()
+        except StoreUnavailable as exc:
+            error = exc
+        with anyio.CancelScope(shield=True):
+            await self._writer.aclose()
+            await self._reader.close()
+        if error is not None or self._writer.stats.lost:
+            lost = self._writer.stats.lost
+            raise StoreUnavailable(f"{error or self._writer.stats.last_error} ({lost} events lost)")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def append(self, event: UsageEvent) -> bool:
+        """Store one event; returns once committed. False if its call_id was already stored."""
+        return await self.append_many((event,)) == 1
+
+    async def append_many(self, events: Sequence[UsageEvent]) -> int:
+        """Store events (committed on return); the number newly stored (duplicates excluded)."""
+        if not events:
+            return 0
+        waiter = Waiter(len(events))
+        self._writer.submit(Item(event=e, waiter=waiter) for e in events)
+        return (await waiter.wait()).stored
+
+    def append_nowait(self, event: UsageEvent) -> None:
+        """Queue an event; it is durable after the next flush (within `flush_interval`)."""
+        self._writer.submit((Item(event=event),))
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed."""
+        waiter = Waiter()
+        self._writer.submit((Item(waiter=waiter),))
+        await waiter.wait()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], int | None]) -> int:
+        """Run `fn` inside the writer's next transaction; its integer result (0 for None)."""
+        waiter = Waiter()
+        self._writer.submit((Item(op=Operation(fn), waiter=waiter),))
+        value = (await waiter.wait()).value
+        return int(value) if isinstance(value, int) else 0
+
+    def statistics(self) -> StoreStatistics:
+        s = self._writer.stats
+        return StoreStatistics(
+            pending=self._writer.pending,
+            committed=s.committed,
+            duplicates=s.duplicates,
+            rejected=s.rejected,
+            batches=s.batches,
+            failures=s.failures,
+            lost=s.lost,
+            last_error=s.last_error,
+        )
+
+    # -- totals and groups --------------------------------------------------------------
+
+    async def totals(self, since: float, until: float | None = None, **filters: str) -> Totals:
+        """Sums over events with `since <= ts < until` (no upper bound when None)."""
+        rows = await self._grouped(None, [("", since, _upper(until))], filters)
+        return _as_totals(Totals, rows[0] if rows else None)
+
+    async def window_rates(self, window: float, now: float | None = None, **filters: str) -> Rates:
+        """Tokens/min, USD/hour and requests/min over the `window` seconds up to `now` inclusive."""
+        now = self._clock() if now is None else now
+        totals = await self.totals(now - window, math.nextafter(now, math.inf), **filters)
+        minutes = window / 60.0 if window > 0 else math.inf
+        return Rates(
+            window=window,
+            tokens_per_min=totals.total_tokens / minutes,
+            usd_per_hour=totals.cost_usd / (minutes / 60.0),
+            requests_per_min=totals.requests / minutes,
+            totals=totals,
+        )
+
+    async def period_totals(
+        self,
+        period: str,
+        tz: datetime.tzinfo,
+        now: float | None = None,
+        **filters: str,
+    ) -> Totals:
+        """Totals of the calendar hour/day/week/month containing `now` (or `total`: all time)."""
+        now = self._clock() if now is None else now
+        if period == "total":
+            return await self.totals(0.0, None, **filters)
+        if period not in CALENDAR_PERIODS:
+            raise ValueError(f"not a calendar period: {period!r} (hour, day, week, month, total)")
+        start = period_start(now, period, tz)
+        return await self.totals(start, period_end(now, period, tz), **filters)
+
+    async def aggregate(
+        self,
+        by: str,
+        since: float,
+        until: float | None = None,
+        *,
+        top: int | None = None,
+        tz: datetime.tzinfo | None = None,
+        **filters: str,
+    ) -> list[GroupTotals]:
+        """Totals per agent, task, model, user, provider, or local `day` (in `tz`).
+
+        Groups come largest cost first (then tokens); days come in date order.
+        """
+        if by not in GROUPINGS:
+            raise ValueError(f"cannot group by {by!r} (one of: {', '.join(GROUPINGS)})")
+        hi = _upper(until)
+        if by == "day":
+            latest = max(self._clock(), await self._latest_ts())
+            windows = _day_windows(since, hi, tz or _local_zone(), latest)
+            rows = await self._grouped("label", windows, filters)
+            groups = [_as_totals(GroupTotals, row) for row in rows]
+            groups.sort(key=lambda g: g.key)
+        else:
+            rows = await self._grouped(quoted(by), [("", since, hi)], filters)
+            groups = [_as_totals(GroupTotals, row) for row in rows]
+            groups.sort(key=lambda g: (-g.cost_usd, -g.total_tokens, g.key))
+        return groups[:top] if top is not None else groups
+
+    async def _grouped(
+        self,
+        key: str | None,
+        windows: Sequence[tuple[str, float, float]],
+        filters: Mapping[str, str],
+    ) -> list[tuple[Any, ...]]:
+        sql, params = _summary_sql(key, windows, filters, self._clock())
+        async with self._reader.execute(sql, params) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+    async def _latest_ts(self) -> float:
+        async with self._reader.execute("SELECT MAX(ts) FROM events") as cursor:
+            row = await cursor.fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0
+
+    # -- events -------------------------------------------------------------------------
+
+    async def history(
+        self, *, agent: str | None = None, limit: int = 100, before_id: int | None = None
+    ) -> list[StoredEvent]:
+        """Stored events newest first; pass the last id seen as `before_id` for the next page."""
+        where: list[str] = []
+        params: list[str | int] = []
+        if agent is not None:
+            where.append("agent = ?")
+            params.append(agent)
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        sql = f"{_SELECT_EVENT}{clause} ORDER BY id DESC LIMIT ?"
+        async with self._reader.execute(sql, (*params, limit)) as cursor:
+            return [StoredEvent(row[0], _event(row)) async for row in cursor]
+
+    async def iter_events(
+        self, since: float = 0, until: float | None = None, batch: int = 5000
+    ) -> AsyncIterator[UsageEvent]:
+        """Every event with `since <= ts < until`, oldest first, read a page at a time."""
+        hi = _upper(until)
+        last_ts, last_id = since, -1
+        sql = (
+            f"{_SELECT_EVENT} WHERE ts < ? AND (ts > ? OR (ts = ? AND id > ?)) "
+            "ORDER BY ts, id LIMIT ?"
+        )
+        while True:
+            async with self._reader.execute(sql, (hi, last_ts, last_ts, last_id, batch)) as cur:
+                rows = list(await cur.fetchall())
+            for row in rows:
+                yield _event(row)
+            if len(rows) < batch:
+                return
+            last_ts, last_id = rows[-1][1], rows[-1][0]
+
+    async def count_events(self) -> int:
+        async with self._reader.execute("SELECT COUNT(*) FROM events") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- agents, alerts, actions ----------------------------------------------------------
+
+    async def save_agent(self, agent: Agent) -> None:
+        data = json.dumps(agent.to_dict(), sort_keys=True)
+        now = self._clock()
+        await self._write(
+            lambda db: (
+                db.execute(
+                    "INSERT INTO agents (name, data, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+                    (agent.name, data, now),
+                ).rowcount
+            )
+        )
+
+    async def load_agents(self) -> list[Agent]:
+        async with self._reader.execute("SELECT data FROM agents ORDER BY name") as cursor:
+            return [Agent.from_dict(json.loads(row[0])) async for row in cursor]
+
+    async def forget_agent(self, name: str) -> None:
+        await self._write(
+            lambda db: db.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount
+        )
+
+    async def add_alert(self, alert: Alert) -> int:
+        """Store an alert; returns (and sets on `alert`) its id."""
+        alert.id = await self._insert_row("alerts", alert.to_dict())
+        return alert.id
+
+    async def list_alerts(self, since: float = 0, limit: int = 200) -> list[Alert]:
+        """Alerts with `ts >= since`, newest first."""
+        rows = await self._recent_rows("alerts", _ALERT_COLUMNS, since, limit)
+        return [Alert(**{**row, "acknowledged": bool(row["acknowledged"])}) for row in rows]
+
+    async def ack_alerts(self, ids: Sequence[int] | None = None) -> int:
+        """Acknowledge the given alerts (all when None); returns how many changed."""
+        if ids is None:
+            return await self._changes("UPDATE alerts SET acknowledged = 1 WHERE NOT acknowledged")
+        wanted = [(int(i),) for i in ids]
+        return await self._changes(
+            "UPDATE alerts SET acknowledged = 1 WHERE id = ? AND NOT acknowledged", wanted
+        )
+
+    async def add_action(self, action: Action) -> int:
+        """Log an action; returns (and sets on `action`) its id."""
+        action.id = await self._insert_row("actions", action.to_dict())
+        return action.id
+
+    async def list_actions(
+        self, agent: str | None = None, since: float = 0, limit: int = 200
+    ) -> list[Action]:
+        """Actions with `ts >= since` (for one agent or all), newest first."""
+        rows = await self._recent_rows("actions", _ACTION_COLUMNS, since, limit, agent)
+        return [Action(**{**row, "ok": bool(row["ok"])}) for row in rows]
+
+    async def _changes(self, sql: str, many: Iterable[tuple[Any, ...]] | None = None) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            cursor = db.executemany(sql, many) if many is not None else db.execute(sql)
+            return max(0, cursor.rowcount)
+
+        return await self._write(run)
+
+    async def _insert_row(self, table: str, row: Mapping[str, Any]) -> int:
+        values = {k: v for k, v in row.items() if k != "id"}
+        sql = f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})"
+        params = tuple(int(v) if isinstance(v, bool) else v for v in values.values())
+        return await self._write(lambda db: db.execute(sql, params).lastrowid)
+
+    async def _recent_rows(
+        self,
+        table: str,
+        columns: tuple[str, ...],
+        since: float,
+        limit: int,
+        agent: str | None = None,
+    ) -> list[dict[str, Any]]:
+        where = "ts >= ?" + (" AND agent = ?" if agent is not None else "")
+        params = (since, agent, limit) if agent is not None else (since, limit)
+        sql = (
+            f"SELECT {', '.join(columns)} FROM {table} "
+            f"WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
+        )
+        async with self._reader.execute(sql, params) as cursor:
+            return [dict(zip(columns, row, strict=True)) async for row in cursor]
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+def _open_writer(path: Path) -> tuple[sqlite3.Connection, int]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create {path.parent}: {exc.strerror}") from None
+    try:
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
+        )
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(describe(exc, path)) from None
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreUnavailable(f"cannot use the ledger {path}: WAL mode refused ({mode})")
+        # NORMAL survives a killed process (the WAL is in the OS's hands); see docs/ledger.md.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        migrated_from = migrate(conn)
+    except SchemaTooNew as exc:
+        conn.close()
+        raise StoreUnavailable(f"cannot use the ledger {path}: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if "not a database" in str(exc):
+            raise StoreUnavailable(f"{path} is not a tokenwatch ledger (not SQLite)") from None
+        raise StoreUnavailable(describe(exc, path)) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn, migrated_from
+
+
+# -- query building ----------------------------------------------------------------------------
+
+
+def _upper(until: float | None) -> float:
+    return math.inf if until is None else until
+
+
+def _local_zone() -> datetime.tzinfo:
+    tz = datetime.datetime.now().astimezone().tzinfo
+    assert tz is not None
+    return tz
+
+
+def segments(since: float, until: float, now: float) -> list[tuple[str | None, float, float]]:
+    """Split [since, until) into hour-rollup, minute-rollup and raw-event pieces.
+
+    Whole hours come from `rollup_hour`, whole minutes at the edges from `rollup_minute`, and
+    the remaining seconds from the events themselves (table None).
+    """
+    if until <= since:
+        return []
+    if math.isinf(until):
+        # Rollups up to a bound past now; anything stamped later is read raw.
+        finite = (math.floor(max(now, since) / 3600) + 2) * 3600.0
+        return [*segments(since, finite, now), (None, finite, math.inf)]
+    out: list[tuple[str | None, float, float]] = []
+    _split(since, until, 0, out)
+    return out
+
+
+def _split(lo: float, hi: float, level: int, out: list[tuple[str | None, float, float]]) -> None:
+    if lo >= hi:
+        return
+    if level == len(ROLLUPS):
+        out.append((None, lo, hi))
+        return
+    table, width = ROLLUPS[level]
+    first = math.ceil(lo / width) * width
+    last = math.floor(hi / width) * width
+    if first >= last:
+        _split(lo, hi, level + 1, out)
+        return
+    _split(lo, first, level + 1, out)
+    out.append((table, float(first), float(last)))
+    _split(last, hi, level + 1, out)
+
+
+def _filter_sql(filters: Mapping[str, str]) -> tuple[str, list[str]]:
+    parts: list[str] = []
+    params: list[str] = []
+    for name, value in sorted(filters.items()):
+        if name not in ROLLUP_DIMS:
+            raise ValueError(f"cannot filter on {name!r} (one of: {', '.join(ROLLUP_DIMS)})")
+        op = "GLOB" if _GLOB_CHARS & set(value) else "="
+        parts.append(f" AND {quoted(name)} {op} ?")
+        params.append(str(value))
+    return "".join(parts), params
+
+
+def _summary_sql(
+    key: str | None,
+    windows: Sequence[tuple[str, float, float]],
+    filters: Mapping[str, str],
+    now: float,
+) -> tuple[str, list[Any]]:
+    """One query summing every window's pieces; grouped by `key` when given."""
+    where, filter_params = _filter_sql(filters)
+    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
+    rollup_cols = ", ".join(name for name, _ in MEASURES)
+    raw_cols = ", ".join(f"{_RAW_MEASURES.get(name, name)} AS {name}" for name, _ in MEASURES)
+    parts: list[str] = []
+    params: list[Any] = []
+    for label, lo, hi in windows:
+        for table, a, b in segments(lo, hi, now):
+            if table is None:
+                parts.append(
+                    f"SELECT ? AS label, {dims}, {raw_cols} FROM events "
+                    f"WHERE ts >= ? AND ts < ?{where}"
+                )
+            else:
+                parts.append(
+                    f"SELECT ? AS label, {dims}, {rollup_cols} FROM {table} "
+                    f"WHERE bucket >= ? AND bucket < ?{where}"
+                )
+            params += [label, a, b, *filter_params]
+    if not parts:
+        parts.append(f"SELECT '' AS label, {dims}, {rollup_cols} FROM rollup_hour WHERE 0")
+    sums = ", ".join(f"TOTAL({name})" for name, _ in MEASURES)
+    select_key = key if key is not None else "''"
+    group = f" GROUP BY {key}" if key is not None else ""
+    sql = (
+        f"SELECT {sums}, COUNT(DISTINCT NULLIF(task, '')), {select_key} "
+        f"FROM ({' UNION ALL '.join(parts)}){group}"
+    )
+    return sql, params
+
+
+def _day_windows(
+    since: float, until: float, tz: datetime.tzinfo, now: float
+) -> list[tuple[str, float, float]]:
+    end = min(until, now + 1.0) if math.isinf(until) else until
+    windows: list[tuple[str, float, float]] = []
+    lo = since
+    while lo < end:
+        hi = min(period_end(lo, "day", tz), end)
+        label = datetime.datetime.fromtimestamp(lo, tz).date().isoformat()
+        windows.append((label, lo, hi))
+        lo = hi
+    if math.isinf(until) and windows:
+        label, lo, _ = windows[-1]
+        windows[-1] = (label, lo, math.inf)
+    return windows
+
+
+def _as_totals(cls: type[T], row: tuple[Any, ...] | None) -> T:
+    if row is None:
+        return cls()
+    (
+        requests,
+        input_tokens,
+        cache_read,
+        cache_write,
+        output,
+        reasoning,
+        cost,
+        unpriced,
+        errors,
+        denied,
+        estimated,
+        tasks,
+        key,
+    ) = row
+    totals = cls(
+        requests=int(requests),
+        input_tokens=int(input_tokens),
+        cache_read_tokens=int(cache_read),
+        cache_write_tokens=int(cache_write),
+        output_tokens=int(output),
+        reasoning_tokens=int(reasoning),
+        cost_usd=float(cost),
+        unpriced_requests=int(unpriced),
+        errors=int(errors),
+        denied=int(denied),
+        estimated_requests=int(estimated),
+        tasks=int(tasks),
+    )
+    if isinstance(totals, GroupTotals):
+        totals.key = str(key)
+    return totals
+
+
+def _event(row: Sequence[Any]) -> UsageEvent:
+    event = UsageEvent(**dict(zip(EVENT_COLUMNS, row[1:], strict=True)))
+    event.estimated = bool(event.estimated)
+    return event
