@@ -93,7 +93,7 @@ class TokenwatchApp(App[None]):
     # ---- lifecycle ---------------------------------------------------------------------
 
     def on_mount(self) -> None:
-        self.push_screen(MainScreen(address=self.address, max_rows=self.max_rows))
+        self.push_screen(MainScreen(address=self.address, max_rows=self.max_rows, clock=self.clock))
         self.run_worker(self._pump(), name="feed", exit_on_error=False)
         self.set_interval(1.0, self._tick)
 

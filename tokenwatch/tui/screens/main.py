@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from textual import on
@@ -51,35 +52,31 @@ class MainScreen(Screen[None]):
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
-    def __init__(self, *, address: str, max_rows: int) -> None:
+    def __init__(self, *, address: str, max_rows: int, clock: Callable[[], float]) -> None:
         super().__init__()
-        self._address = address
-        self._max_rows = max_rows
+        # Held directly, not queried: feed updates may arrive while the screen is being torn down.
+        self.summary = SummaryBar(address)
+        self.table = AgentsTable(max_rows=max_rows)
+        self.spenders = TopSpenders()
+        self.feed = AlertFeed(clock)
+        self.burn = BurnChart()
 
     @property
     def tw(self) -> TokenwatchApp:
         return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
-        yield SummaryBar(self._address)
-        yield AgentsTable(max_rows=self._max_rows)
+        yield self.summary
+        yield self.table
         with Horizontal(id="lower"):
-            yield TopSpenders()
-            yield AlertFeed(self.tw.clock)
-        yield BurnChart()
+            yield self.spenders
+            yield self.feed
+        yield self.burn
         yield Input(
             placeholder="filter agents (name, state, model, task, tag); enter keeps, esc clears",
             id="filter",
         )
         yield Footer()
-
-    @property
-    def table(self) -> AgentsTable:
-        return self.query_one(AgentsTable)
-
-    @property
-    def feed(self) -> AlertFeed:
-        return self.query_one(AlertFeed)
 
     def on_mount(self) -> None:
         self.table.focus()
@@ -91,11 +88,11 @@ class MainScreen(Screen[None]):
     # ---- data in -------------------------------------------------------------------------
 
     def show_snapshot(self, snap: Snapshot) -> None:
-        self.query_one(SummaryBar).show(snap)
+        self.summary.show(snap)
         self.table.show(snap.agents)
-        self.query_one(TopSpenders).show(snap.top)
+        self.spenders.show(snap.top)
         self.feed.add_alerts(snap.alerts)
-        self.query_one(BurnChart).show(snap.burn)
+        self.burn.show(snap.burn)
         self._retitle_table()
 
     def show_alert(self, alert: Alert) -> None:
@@ -108,7 +105,7 @@ class MainScreen(Screen[None]):
         self.table.update_view(view)
 
     def show_disconnected(self, why: str) -> None:
-        self.query_one(SummaryBar).show_disconnected(why)
+        self.summary.show_disconnected(why)
 
     def _retitle_table(self) -> None:
         table = self.table
@@ -211,7 +208,7 @@ class MainScreen(Screen[None]):
             self._retitle_table()
 
     def action_group(self) -> None:
-        grouping = self.query_one(TopSpenders).cycle_grouping()
+        grouping = self.spenders.cycle_grouping()
         self.notify(f"top spenders by {grouping}", timeout=1.5)
 
     def action_sort(self) -> None:
@@ -221,7 +218,7 @@ class MainScreen(Screen[None]):
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.add_class("-active")
-        box.focus()
+        self.call_after_refresh(box.focus)  # not focusable until the class shows it
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:

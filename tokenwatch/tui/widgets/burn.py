@@ -21,15 +21,16 @@ class BurnChart(Vertical):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.border_title = "burn rate"
         self._data: list[float] = []
+        self._chart = Sparkline([], summary_function=max)
 
     def compose(self) -> ComposeResult:
-        yield Sparkline([], summary_function=max)
+        yield self._chart
 
     def show(self, burn: Sequence[float]) -> None:
         data = list(burn)
         if data == self._data:
             return
         self._data = data
-        self.query_one(Sparkline).data = data
+        self._chart.data = data
         peak = max(data) if data else 0.0
         self.border_title = f"burn rate (peak {format_tokens(peak)} tokens/interval)"
