@@ -112,6 +112,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "env": {"agent": (_STR, True)},
     "adopt": {"agent": (_STR, True), "decision": (_STR, True)},
     "launch": {"name": (_STR, True)},
+    "history": {"agent": (_STR, True), "limit": (_INT, False)},
+    "report": {"since": (_NUM, False), "by": (_STR, False)},
     "shutdown": {},
 }
 
