@@ -568,7 +568,9 @@ def _split(lo: float, hi: float, level: int, out: list[tuple[str | None, float, 
         return
     table, width = ROLLUPS[level]
     first = math.ceil(lo / width) * width
+    first += width if first < lo else 0  # division can round down (tiny or huge floats)
     last = math.floor(hi / width) * width
+    last -= width if last > hi else 0
     if first >= last:
         _split(lo, hi, level + 1, out)
         return

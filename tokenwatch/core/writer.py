@@ -284,7 +284,7 @@ class BatchWriter:
                 outcome.wake.append(item.waiter)
 
     def _commit(self, fresh: list[Item], batch: list[Item]) -> tuple[set[int], dict[int, str]]:
-        """One transaction: events, rollups, then operations. Returns stored and rejected items."""
+        """One transaction: operations, events, rollups. Returns stored and rejected items."""
         conn = self._conn
         rejected: dict[int, str] = {}
         rows = [event_row(item.event) for item in fresh if item.event is not None]
@@ -292,8 +292,8 @@ class BatchWriter:
             fresh, rows, rejected = _drop_unbindable(fresh, rows)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            stored = self._insert(fresh, rows)
             _run_ops(conn, batch)
+            stored = self._insert(fresh, rows)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -1,0 +1,194 @@
+"""Ledger durability and evolution: SIGKILL after an ack, migration from v1, rollup pieces."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import signal
+import sqlite3
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenwatch.core import schema
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.store import Store, StoreUnavailable, segments
+
+WRITER = textwrap.dedent(
+    """
+    import sys, anyio
+    from pathlib import Path
+    from tokenwatch.core.models import UsageEvent
+    from tokenwatch.core.store import Store
+
+    async def main() -> None:
+        store = await Store.open(Path(sys.argv[1]))
+        i = 0
+        while True:
+            # Acknowledged (committed) events are announced; queued ones are never announced.
+            for j in range(50):
+                store.append_nowait(UsageEvent(ts=1.0, agent="bulk", call_id=f"q{i}-{j}"))
+            await store.append(UsageEvent(ts=2.0, agent="acked", call_id=f"a{i}", input_tokens=i))
+            print(f"a{i}", flush=True)
+            i += 1
+
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.slow
+async def test_acknowledged_events_survive_sigkill(tokenwatch_home: Path) -> None:
+    db = tokenwatch_home / "kill.db"
+    proc = await anyio.open_process([sys.executable, "-c", WRITER, str(db)])
+    acked: list[str] = []
+    assert proc.stdout is not None
+    buffer = b""
+    with anyio.fail_after(60):
+        while len(acked) < 300:
+            buffer += await proc.stdout.receive()
+            *lines, buffer = buffer.split(b"\n")
+            acked += [line.decode() for line in lines if line]
+    os.kill(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # The killed process left a WAL behind; a fresh reader must recover every acked row.
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT call_id FROM events WHERE agent='acked'")}
+    missing = [a for a in acked if a not in stored]
+    assert missing == []
+    async with await Store.open(db) as store:
+        totals = await store.totals(0, agent="acked")
+    assert totals.requests >= len(acked)
+
+
+V1_ROWS = [
+    (1_700_000_000.5, "old-agent", "gpt-4o", 100, 20, 0.0015, "t1"),
+    (1_700_000_100.0, "old-agent", "mystery", 50, 5, None, "t2"),
+    (1_700_003_700.0, "other", "gpt-4o", 10, 1, 0.0002, ""),
+]
+
+
+def make_v1_ledger(path: Path) -> None:
+    """A ledger as the first tokenwatch release wrote it (schema v1), built by hand."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            PRAGMA journal_mode = WAL;
+            CREATE TABLE events (
+                id INTEGER PRIMARY KEY, ts REAL NOT NULL,
+                agent TEXT NOT NULL DEFAULT '', run_id TEXT NOT NULL DEFAULT '', pid INTEGER,
+                session TEXT NOT NULL DEFAULT '', "user" TEXT NOT NULL DEFAULT '',
+                task TEXT NOT NULL DEFAULT '', step TEXT NOT NULL DEFAULT '',
+                tool TEXT NOT NULL DEFAULT '', provider TEXT NOT NULL DEFAULT '',
+                model TEXT NOT NULL DEFAULT '', endpoint TEXT NOT NULL DEFAULT '',
+                input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+                cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+                cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+                reasoning_tokens INTEGER NOT NULL DEFAULT 0, cost_usd REAL,
+                price_version TEXT NOT NULL DEFAULT '', latency_ms REAL, ttft_ms REAL,
+                status TEXT NOT NULL DEFAULT 'ok', http_status INTEGER,
+                prompt_hash TEXT NOT NULL DEFAULT '', source TEXT NOT NULL DEFAULT 'sdk',
+                estimated INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE INDEX events_ts ON events (ts);
+            PRAGMA user_version = 1;
+            """
+        )
+        db.executemany(
+            "INSERT INTO events (ts, agent, model, input_tokens, output_tokens, cost_usd, task) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            V1_ROWS,
+        )
+
+
+async def test_v1_ledger_is_migrated_with_its_history(tokenwatch_home: Path) -> None:
+    path = tokenwatch_home / "old.db"
+    make_v1_ledger(path)
+    async with await Store.open(path) as store:
+        assert store.migrated_from == 1
+        totals = await store.totals(0)
+        assert totals.requests == 3
+        assert totals.input_tokens == 160
+        assert totals.cost_usd == pytest.approx(0.0017)
+        assert totals.unpriced_requests == 1
+        assert totals.tasks == 2
+        # Old rows are in the rollups too: a whole-hour window is answered from them.
+        hour = await store.totals(1_699_999_200, 1_700_002_800)
+        assert (hour.requests, hour.output_tokens) == (2, 25)
+        by_agent = await store.aggregate("agent", 0)
+        assert [(g.key, g.requests) for g in by_agent] == [("old-agent", 2), ("other", 1)]
+        # New columns work on migrated rows: dedup on call_id, wait_ms.
+        assert await store.append(UsageEvent(ts=1_700_000_200, call_id="n1", wait_ms=5)) is True
+        assert await store.append(UsageEvent(ts=1_700_000_200, call_id="n1")) is False
+        [newest] = await store.history(limit=1)
+        assert newest.event.wait_ms == 5
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
+
+
+async def test_ledger_from_a_newer_tokenwatch_is_refused(tokenwatch_home: Path) -> None:
+    path = tokenwatch_home / "future.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {schema.VERSION + 1}")
+    with pytest.raises(StoreUnavailable, match="newer"):
+        await Store.open(path)
+
+
+async def test_full_disk_fails_loudly_and_loses_nothing_queued(tokenwatch_home: Path) -> None:
+    path = tokenwatch_home / "full.db"
+    async with await Store.open(path) as store:
+        await store.append(UsageEvent(ts=10.0, input_tokens=1))
+        # Cap the file at its current size: SQLite then reports "database or disk is full",
+        # exactly as on a full disk. (A test-only reach into the writer's connection.)
+        pages = await store._write(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await store._write(lambda db: db.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0])
+        big = [UsageEvent(ts=20.0, prompt_hash="x" * 2000, call_id=f"b{i}") for i in range(50)]
+        with pytest.raises(StoreUnavailable, match=f"{path}.*disk is full"):
+            await store.append_many(big)
+        for i in range(30):
+            store.append_nowait(UsageEvent(ts=30.0, prompt_hash="y" * 2000, call_id=f"q{i}"))
+        with pytest.raises(StoreUnavailable, match="disk is full"):
+            await store.flush()
+        assert "disk is full" in store.statistics().last_error
+        assert (await store.totals(0)).requests == 1
+        # Space comes back: the queued events were kept and are now written.
+        await store._write(lambda db: db.execute("PRAGMA max_page_count = 1000000").fetchone()[0])
+        await store.flush()
+        assert (await store.totals(25, 35)).requests == 30
+        assert store.statistics().lost == 0
+
+
+finite = st.floats(0, 2e9, allow_nan=False)
+
+
+@given(since=finite, span=st.floats(0, 4e6, allow_nan=False))
+def test_rollup_pieces_cover_the_range_exactly(since: float, span: float) -> None:
+    until = since + span
+    pieces = segments(since, until, now=since)
+    if until <= since:
+        assert pieces == []
+        return
+    assert pieces[0][1] == since
+    assert pieces[-1][2] == until
+    for (_, _, hi), (_, lo, _) in itertools.pairwise(pieces):
+        assert hi == lo  # contiguous, no overlap
+    for table, lo, hi in pieces:
+        width = dict(schema.ROLLUPS).get(table or "", None)
+        if width is not None:
+            assert lo % width == 0
+            assert hi % width == 0
+    raw = sum(hi - lo for table, lo, hi in pieces if table is None)
+    assert raw <= 2 * 60  # only the sub-minute edges are read from raw events
+
+
+def test_open_ended_range_reads_the_future_raw() -> None:
+    pieces = segments(0.0, math.inf, now=7_200.5)
+    assert pieces[-1] == (None, pieces[-2][2], math.inf)
+    assert pieces[-2][2] > 7_200.5
