@@ -11,8 +11,11 @@ import anthropic
 import httpx2
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fake_llm_fixtures import API_KEY, anthropic_client, fake_llm, openai_client
+from tokenwatch.demo.fake_exchange import DEFAULT_SLOW_MS, Fault, parse_fault
 from tokenwatch.demo.fake_llm import CountedCall, FakeLLM, running_fake_llm
 
 __all__ = ["anthropic_client", "fake_llm", "openai_client"]
@@ -531,3 +534,37 @@ async def test_calls_endpoint_lists_what_was_billed(
     async with aiohttp.ClientSession() as session, session.post(fake_llm.url + "/_fake/reset"):
         pass
     assert fake_llm.calls == []
+
+
+def test_fault_header_forms() -> None:
+    assert parse_fault("429") == Fault(status=429)
+    assert parse_fault("cut") == Fault(cut_after=1)
+    assert parse_fault(" cut:3 , slow:50 ") == Fault(cut_after=3, delay_ms=50.0)
+    assert parse_fault("slow") == Fault(delay_ms=DEFAULT_SLOW_MS)
+    for bad in ("200", "cut:-1", "slow:nan", "slow:inf", "boom", "429:1", ""):
+        with pytest.raises(ValueError, match="x-fake-llm-fault"):
+            parse_fault(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=20))
+def test_any_fault_header_parses_or_is_refused_clearly(value: str) -> None:
+    try:
+        fault = parse_fault(value)
+    except ValueError as exc:
+        refusal = str(exc)
+        assert "x-fake-llm-fault" in refusal
+        return
+    assert fault.status == 0 or 400 <= fault.status <= 599
+    assert fault.cut_after is None or fault.cut_after >= 0
+    assert 0 <= fault.delay_ms < math.inf
+
+
+async def test_cut_json_reply_breaks_the_body(
+    fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
+) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        await openai_client.chat.completions.create(
+            model="gpt-4o", messages=HELLO, extra_headers={"x-fake-llm-fault": "cut:10"}
+        )
+    assert [(c.status, c.complete) for c in fake_llm.calls] == [(200, False)]

@@ -80,7 +80,7 @@ def _input_tokens(ex: Exchange) -> int:
 
 
 async def count_tokens(ex: Exchange) -> web.StreamResponse:
-    return ex.json({"input_tokens": _input_tokens(ex)}, headers(ex))
+    return await ex.json({"input_tokens": _input_tokens(ex)}, headers(ex))
 
 
 def _wire_usage(u: Usage) -> dict[str, Any]:
@@ -116,7 +116,7 @@ async def messages(ex: Exchange) -> web.StreamResponse:
         "usage": _wire_usage(ex.usage),
     }
     if not ex.stream:
-        return ex.json(message, headers(ex))
+        return await ex.json(message, headers(ex))
     await ex.open_stream(headers(ex))
     start_usage = {**_wire_usage(ex.usage), "output_tokens": 1}
     start = {**message, "content": [], "stop_reason": None, "usage": start_usage}

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 from aiohttp import web
@@ -75,8 +75,12 @@ def parse_fault(value: str) -> Fault:
                     raise ValueError
             elif word == "cut":
                 cut = int(arg) if arg else 1
+                if cut < 0:
+                    raise ValueError
             elif word == "slow":
                 delay = float(arg) if arg else DEFAULT_SLOW_MS
+                if not 0 <= delay < math.inf:
+                    raise ValueError
             else:
                 raise ValueError
         except ValueError:
@@ -155,16 +159,15 @@ class Exchange:
                 return value
         return None
 
-    def json(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-        return web.json_response(payload, headers=headers, dumps=_dumps)
-
-    async def json_cut(self, payload: dict[str, Any], headers: dict[str, str]) -> None:
-        """Start a JSON body of the right length, send `cut_after` bytes of it, then hang up."""
+    async def json(self, payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+        """The JSON reply; with a `cut` fault, only its first bytes before hanging up."""
+        if self.fault.cut_after is None:
+            return web.json_response(payload, headers=headers, dumps=_dumps)
         body = _dumps(payload).encode()
         resp = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
         resp.content_length = len(body)
         await resp.prepare(self.request)
-        await resp.write(body[: self.fault.cut_after or 0])
+        await resp.write(body[: min(self.fault.cut_after, len(body) - 1)])
         self._hang_up()
 
     async def open_stream(self, headers: dict[str, str]) -> web.StreamResponse:
@@ -196,7 +199,7 @@ class Exchange:
         await self._response.write_eof()
         return self._response
 
-    def _hang_up(self) -> None:
+    def _hang_up(self) -> NoReturn:
         transport = self.request.transport
         if transport is not None:
             transport.abort()

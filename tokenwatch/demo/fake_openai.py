@@ -133,7 +133,7 @@ async def chat_completions(ex: Exchange) -> web.StreamResponse:
             "annotations": [],
         }
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return ex.json(
+        return await ex.json(
             {
                 **head,
                 "object": "chat.completion",
@@ -204,7 +204,9 @@ async def completions(ex: Exchange) -> web.StreamResponse:
     }
     if not ex.stream:
         choice = _text_delta(0, reply.text, finish)
-        return ex.json({**head, "choices": [choice], "usage": _chat_usage(ex.usage)}, headers(ex))
+        return await ex.json(
+            {**head, "choices": [choice], "usage": _chat_usage(ex.usage)}, headers(ex)
+        )
     return await _stream_chunks(ex, head, reply, finish, _text_delta)
 
 
@@ -224,7 +226,9 @@ async def embeddings(ex: Exchange) -> web.StreamResponse:
         for i, t in enumerate(texts)
     ]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return ex.json({"object": "list", "data": data, "model": ex.model, "usage": usage}, headers(ex))
+    return await ex.json(
+        {"object": "list", "data": data, "model": ex.model, "usage": usage}, headers(ex)
+    )
 
 
 def _vector(text: str, dims: int, as_base64: bool) -> list[float] | str:
@@ -290,7 +294,7 @@ async def responses(ex: Exchange) -> web.StreamResponse:
         "usage": _responses_usage(ex.usage),
     }
     if not ex.stream:
-        return ex.json(done, headers(ex))
+        return await ex.json(done, headers(ex))
     return await _stream_response(ex, response, done, reasoning_item, message, reply)
 
 
