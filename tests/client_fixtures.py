@@ -111,7 +111,7 @@ async def running_supervisor(path: Path, **kwargs: Any) -> AsyncIterator[FakeSup
             yield sup
         finally:
             tg.cancel_scope.cancel()
-    path.unlink(missing_ok=True)
+    await anyio.Path(path).unlink(missing_ok=True)
 
 
 @contextmanager

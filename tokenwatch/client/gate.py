@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,17 @@ ADMIT_TIMEOUT_S = 0.5
 """An admit not answered within this long lets the call go: tokenwatch never stalls the agent."""
 MAX_WAIT_S = 300.0
 """Cap on one throttle wait, so a confused supervisor cannot freeze the agent for ever."""
+
+
+sleep: Callable[[float], None] = time.sleep
+"""How a sync caller waits (replaced in tests to record waits instead of taking them)."""
+
+
+async def sleep_async(seconds: float) -> None:
+    """How an async caller waits: the running event loop's sleep (asyncio or trio)."""
+    import anyio
+
+    await anyio.sleep(seconds)
 
 
 class BudgetExceeded(Exception):
@@ -74,11 +86,11 @@ def admit_sync(fields: dict[str, Any]) -> Ticket:
     """Sync admission: sleeps in the caller's thread as told; raises BudgetExceeded on deny."""
     pushed = _throttle_wait()
     if pushed:
-        time.sleep(pushed)
+        sleep(pushed)
     ticket = _ticket(session.reporter().request("admit", ADMIT_TIMEOUT_S, **fields))
     _raise_if_denied(ticket)
     if ticket.wait_s:
-        time.sleep(ticket.wait_s)
+        sleep(ticket.wait_s)
     ticket.wait_s += pushed
     return ticket
 
@@ -89,7 +101,7 @@ async def admit_async(fields: dict[str, Any]) -> Ticket:
 
     pushed = _throttle_wait()
     if pushed:
-        await anyio.sleep(pushed)
+        await sleep_async(pushed)
     rep = session.reporter()
     reply = None
     if rep.state is not LinkState.DOWN:
@@ -99,7 +111,7 @@ async def admit_async(fields: dict[str, Any]) -> Ticket:
     ticket = _ticket(reply)
     _raise_if_denied(ticket)
     if ticket.wait_s:
-        await anyio.sleep(ticket.wait_s)
+        await sleep_async(ticket.wait_s)
     ticket.wait_s += pushed
     return ticket
 

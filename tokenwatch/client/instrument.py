@@ -105,9 +105,8 @@ def _patch(target: Target) -> None:
     original = cls.__dict__.get(target.method)
     if original is None or hasattr(original, _ORIGINAL):
         return
-    import inspect
-
-    make = _wrap_async if inspect.iscoroutinefunction(original) else _wrap_sync
+    # Decorators like `required_args` hide coroutine functions: go by the class, as the SDK does.
+    make = _wrap_async if target.cls.startswith("Async") else _wrap_sync
     wrapper = make(original, target.endpoint)
     setattr(wrapper, _ORIGINAL, original)
     setattr(cls, target.method, wrapper)

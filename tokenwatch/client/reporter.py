@@ -209,7 +209,9 @@ class Reporter:
             self._pending[mid] = protocol.dumps(protocol.request(kind, mid, **fields))
             self._outbox.append(mid)
             self._trim()
-        self._wake()
+            connected = self._state is LinkState.CONNECTED
+        if connected:  # otherwise the thread sends the whole buffer once it connects
+            self._wake()
         return mid
 
     def request_future(self, kind: str, **fields: Any) -> concurrent.futures.Future[dict[str, Any]]:
