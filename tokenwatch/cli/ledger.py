@@ -1,0 +1,383 @@
+"""`tokenwatch import`, `report` and `prices`: the ledger and the price table from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from tokenwatch.cli.errors import CliError
+
+if TYPE_CHECKING:
+    import datetime
+
+    from tokenwatch.config import Config
+    from tokenwatch.core.importer import LineError
+    from tokenwatch.core.models import UsageEvent
+    from tokenwatch.core.pricing import PriceTable, Resolution
+    from tokenwatch.core.report import Report
+    from tokenwatch.core.store import Store
+
+GROUPS = ("agent", "task", "model", "user", "provider", "day")
+FILTERS = ("agent", "task", "model", "user", "provider")
+IMPORT_BATCH = 5000
+MAX_ERRORS_SHOWN = 20
+
+
+def register(subparsers: Any) -> None:
+    _register_import(subparsers)
+    _register_report(subparsers)
+    _register_prices(subparsers)
+
+
+def _register_import(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "import",
+        help="store usage events from a JSON-lines file (or stdin)",
+        description=(
+            "Read usage events, one JSON object per line, in the shape `tokenwatch export` "
+            "writes (field names of the usage event: ts, agent, model, input_tokens, "
+            "output_tokens, cache_read_tokens, ... cost_usd). `ts` is Unix seconds or ISO 8601 "
+            "(without an offset: the configured time zone). Missing fields take their defaults; "
+            "events without cost_usd are priced with the current price table. Each bad line is "
+            "reported with its number and skipped; the good ones are stored. A line already "
+            "imported (same call_id, or same content) is stored once. Exit status: 0 when every "
+            "line was good, 1 when some were skipped (the rest is stored), 2 on usage errors."
+        ),
+    )
+    p.add_argument("file", metavar="FILE", help="JSON-lines file; '-' reads stdin")
+    p.add_argument(
+        "--no-price",
+        action="store_true",
+        help="store events without cost_usd as unpriced instead of pricing them now",
+    )
+    p.set_defaults(func=run_import)
+
+
+def _register_report(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="tokens and cost per agent, task, model, user, provider or day",
+        description=(
+            "Summarise stored usage over a window: per group, requests, input/cached/output/"
+            "reasoning tokens, cost, average tokens per call, output/input ratio, cost per "
+            "task and errors, with a total row. Cost marked * leaves out calls to models "
+            "the price table does not know. JSON and CSV use the usage event's field names "
+            "(input_tokens, ..., cost_usd) plus total_tokens."
+        ),
+    )
+    p.add_argument(
+        "--since",
+        default="24h",
+        help="start: 1h, 24h, 7d (ago), today, or a date/time like 2026-11-01 (default 24h)",
+    )
+    p.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
+    p.add_argument("--by", choices=GROUPS, default="agent", help="grouping (default agent)")
+    p.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+    )
+    p.add_argument("--top", type=_positive_int, default=None, metavar="N", help="largest N groups")
+    for name in FILTERS:
+        p.add_argument(
+            f"--{name}", default=None, metavar="NAME", help=f"only this {name} (glob allowed)"
+        )
+    p.set_defaults(func=run_report)
+
+
+def _register_prices(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "prices",
+        help="show the price table, or how one model is priced",
+        description=(
+            "Show the dated price table (USD per 1M tokens) with tokenwatch.toml's "
+            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the family it '
+            "resolves to and the alias rules that got it there."
+        ),
+    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="one model name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_prices)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# -- shared ----------------------------------------------------------------------------------
+
+
+def _config() -> Config:
+    from tokenwatch.config import load_config
+
+    return load_config()
+
+
+def _zone(cfg: Config) -> datetime.tzinfo:
+    from tokenwatch.core.periods import zone
+    from tokenwatch.core.quantities import QuantityError
+
+    try:
+        return zone(cfg.supervisor.timezone)
+    except QuantityError as exc:
+        raise CliError(f"{cfg.source}: supervisor.timezone: {exc}", 2) from None
+
+
+def _price_table(cfg: Config) -> PriceTable:
+    from tokenwatch.core.pricing import PriceError, PriceTable
+
+    try:
+        return PriceTable.load(cfg.prices)
+    except PriceError as exc:
+        raise CliError(f"{cfg.source}: {exc}", 2) from None
+
+
+def _db_path() -> Path:
+    from tokenwatch.paths import Paths
+
+    return Paths.discover().db
+
+
+async def _open_store(path: Path) -> Store:
+    from tokenwatch.core.store import Store, StoreUnavailable
+
+    try:
+        return await Store.open(path)
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
+
+
+# -- import ----------------------------------------------------------------------------------
+
+
+def run_import(args: argparse.Namespace) -> int:
+    import anyio
+
+    cfg = _config()
+    tz = _zone(cfg)
+    table = None if args.no_price else _price_table(cfg)
+    source = _open_input(args.file)
+    try:
+        summary = anyio.run(_import, source, tz, table, _db_path())
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    print(summary.line(), file=sys.stderr)
+    return 1 if summary.errors else 0
+
+
+class ImportSummary:
+    """What an import did, for the closing line."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.stored = 0
+        self.errors: list[LineError] = []
+        self.unpriced: dict[str, int] = {}
+
+    def line(self) -> str:
+        parts = [f"imported {self.stored} events"]
+        if self.read > self.stored:
+            parts.append(f"{self.read - self.stored} already stored")
+        if self.errors:
+            plural = "s" if len(self.errors) != 1 else ""
+            parts.append(f"skipped {len(self.errors)} bad line{plural}")
+        if self.unpriced:
+            names = ", ".join(sorted(self.unpriced))
+            parts.append(f"{sum(self.unpriced.values())} unpriced (model {names})")
+        return "tokenwatch: " + ", ".join(parts)
+
+
+def _open_input(name: str) -> TextIO:
+    if name == "-":
+        return sys.stdin
+    try:
+        return open(name, encoding="utf-8", errors="strict")
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror}") from None
+
+
+def _lines(source: TextIO, name: str) -> Iterator[str]:
+    try:
+        yield from source
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+async def _import(
+    source: TextIO, tz: datetime.tzinfo, table: PriceTable | None, db: Path
+) -> ImportSummary:
+    from tokenwatch.core.importer import LineError, parse_lines
+    from tokenwatch.core.store import StoreUnavailable
+
+    summary = ImportSummary()
+    batch: list[UsageEvent] = []
+    store = await _open_store(db)
+    try:
+        try:
+            for _, item in parse_lines(_lines(source, source.name), tz):
+                if isinstance(item, LineError):
+                    _report_bad_line(item, summary)
+                    continue
+                _price(item, table, summary)
+                batch.append(item)
+                if len(batch) >= IMPORT_BATCH:
+                    await _store_batch(store, batch, summary)
+            await _store_batch(store, batch, summary)
+        finally:
+            await store.aclose()
+    except StoreUnavailable as exc:
+        raise CliError(f"{exc}; stored {summary.stored} events before that") from None
+    hidden = len(summary.errors) - MAX_ERRORS_SHOWN
+    if hidden > 0:
+        print(f"tokenwatch: ... and {hidden} more bad lines", file=sys.stderr)
+    return summary
+
+
+def _report_bad_line(error: LineError, summary: ImportSummary) -> None:
+    summary.errors.append(error)
+    if len(summary.errors) <= MAX_ERRORS_SHOWN:
+        print(f"tokenwatch: {error}", file=sys.stderr)
+
+
+def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) -> None:
+    if event.cost_usd is None and table is not None:
+        table.price(event)
+    if event.cost_usd is None:
+        name = event.model or "(none)"
+        summary.unpriced[name] = summary.unpriced.get(name, 0) + 1
+
+
+async def _store_batch(store: Store, batch: list[UsageEvent], summary: ImportSummary) -> None:
+    if batch:
+        summary.read += len(batch)
+        summary.stored += await store.append_many(batch)
+        batch.clear()
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.quantities import QuantityError
+    from tokenwatch.core.report import render
+
+    cfg = _config()
+    tz = _zone(cfg)
+    try:
+        since = parse_since(args.since, tz=tz)
+        until = parse_since(args.until, tz=tz) if args.until else None
+    except QuantityError as exc:
+        raise CliError(str(exc), 2) from None
+    if until is not None and until <= since:
+        raise CliError("--until must be later than --since", 2)
+    filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
+    report = anyio.run(_report, args.by, since, until, args.top, tz, filters)
+    sys.stdout.write(render(report, args.format))
+    return 0
+
+
+async def _report(
+    by: str,
+    since: float,
+    until: float | None,
+    top: int | None,
+    tz: datetime.tzinfo,
+    filters: dict[str, str],
+) -> Report:
+    from tokenwatch.core.report import build_report
+
+    store = await _open_store(_db_path())
+    try:
+        return await build_report(store, by=by, since=since, until=until, top=top, tz=tz, **filters)
+    finally:
+        await store.aclose()
+
+
+# -- prices ----------------------------------------------------------------------------------
+
+
+def run_prices(args: argparse.Namespace) -> int:
+    import json
+
+    table = _price_table(_config())
+    if args.model is None:
+        rows = [{**p.to_dict(), "overridden": table.is_overridden(p.model)} for p in table.models()]
+        if args.json:
+            print(json.dumps({"version": table.version, "models": rows}, indent=2))
+        else:
+            sys.stdout.write(_price_lines(table))
+        return 0
+    resolved = table.resolve(args.model)
+    if resolved is None:
+        raise CliError(
+            f"unknown model {args.model!r}: not in the price table ({table.version}); calls to it "
+            f'are stored unpriced. Add [prices."{args.model}"] to tokenwatch.toml to price it.'
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "version": table.version,
+                    "model": args.model,
+                    "resolved": resolved.price.model,
+                    "via": list(resolved.via),
+                    "overridden": resolved.overridden,
+                    "price": resolved.price.to_dict(),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    sys.stdout.write(_one_price(table, resolved))
+    return 0
+
+
+_RATE_COLUMNS = ("input", "cache_read", "cache_write", "output", "reasoning")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def _price_lines(table: PriceTable) -> str:
+    header = ["MODEL", "PROVIDER", "INPUT", "CACHE READ", "CACHE WRITE", "OUTPUT", "REASONING"]
+    rows = []
+    for p in table.models():
+        mark = "*" if table.is_overridden(p.model) else ""
+        rows.append([p.model + mark, p.provider, *(_rate(getattr(p, c)) for c in _RATE_COLUMNS)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = [f"prices version {table.version} (USD per 1M tokens; * = set in tokenwatch.toml)"]
+    for r in [header, *rows]:
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=True)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def _one_price(table: PriceTable, resolved: Resolution) -> str:
+    p = resolved.price
+    lines = [f"{resolved.asked}: priced as {p.model} ({p.provider}), table {table.version}"]
+    lines += [f"  via {step}" for step in resolved.via]
+    if resolved.overridden:
+        lines.append("  rates set in tokenwatch.toml")
+    lines += [
+        f"  {name.replace('_', ' '):<12} {_rate(getattr(p, name))} USD per 1M tokens"
+        for name in _RATE_COLUMNS
+        if getattr(p, name) is not None
+    ]
+    if p.reasoning is None:
+        lines.append("  reasoning tokens are billed as output")
+    if p.note:
+        lines.append(f"  note: {p.note}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,178 @@
+"""Usage reports from the ledger: grouped rows plus a total, rendered as a table, JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tokenwatch.core.quantities import format_usd
+
+if TYPE_CHECKING:
+    from tokenwatch.core.store import GroupTotals, Store, Totals
+
+FORMATS = ("table", "json", "csv")
+
+# JSON/CSV columns after the group key: the usage event's own field names, then derived figures.
+COLUMNS: tuple[str, ...] = (
+    "requests",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "cost_usd",
+    "unpriced_requests",
+    "avg_tokens_per_call",
+    "output_input_ratio",
+    "tasks",
+    "cost_per_task",
+    "errors",
+    "denied",
+    "estimated_requests",
+)
+
+# Table columns: (header, value for a Totals); money and ratios keep their markers.
+_TABLE: tuple[tuple[str, str], ...] = (
+    ("REQ", "requests"),
+    ("INPUT", "input_tokens"),
+    ("CACHED", "cache_read_tokens"),
+    ("OUTPUT", "output_tokens"),
+    ("REASON", "reasoning_tokens"),
+    ("COST", "cost_usd"),
+    ("TOK/CALL", "avg_tokens_per_call"),
+    ("OUT/IN", "output_input_ratio"),
+    ("$/TASK", "cost_per_task"),
+    ("ERR", "errors"),
+)
+UNPRICED_MARK = "*"
+
+
+@dataclass(slots=True)
+class Report:
+    """Rows of one `by` grouping over [since, until), with their total."""
+
+    by: str
+    since: float
+    until: float | None
+    rows: list[GroupTotals]
+    total: Totals
+    unpriced_models: list[str] = field(default_factory=list)
+    """Models seen in the window that the price table does not know."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "since": _iso(self.since),
+            "until": _iso(self.until) if self.until is not None else None,
+            "groups": [{self.by: row.key, **_figures(row)} for row in self.rows],
+            "total": _figures(self.total),
+            "unpriced_models": self.unpriced_models,
+        }
+
+
+async def build_report(
+    store: Store,
+    *,
+    by: str,
+    since: float,
+    until: float | None = None,
+    top: int | None = None,
+    tz: datetime.tzinfo | None = None,
+    **filters: str,
+) -> Report:
+    """Group rows (largest cost first, or by date), the window's total, and unpriced models."""
+    # mypy cannot tell that no filter is named `top` or `tz` (the store refuses such filters).
+    rows = await store.aggregate(by, since, until, top=top, tz=tz, **filters)  # type: ignore[arg-type]
+    total = await store.totals(since, until, **filters)
+    unpriced: list[str] = []
+    if total.unpriced_requests:
+        models = await store.aggregate("model", since, until, **filters)  # type: ignore[arg-type]
+        unpriced = sorted(m.key or "(no model)" for m in models if m.unpriced_requests)
+    return Report(by, since, until, rows, total, unpriced)
+
+
+def _figures(totals: Totals) -> dict[str, Any]:
+    data = totals.to_dict()
+    if _all_unpriced(totals):
+        data["cost_usd"] = None  # unknown, not zero
+    return {name: data[name] for name in COLUMNS}
+
+
+def _all_unpriced(totals: Totals) -> bool:
+    return totals.requests > 0 and totals.unpriced_requests == totals.requests
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()
+
+
+def render(report: Report, fmt: str) -> str:
+    if fmt == "json":
+        return render_json(report)
+    if fmt == "csv":
+        return render_csv(report)
+    return render_table(report)
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def render_csv(report: Report) -> str:
+    """One row per group, no total row (spreadsheets sum); empty cells for undefined ratios."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([report.by, *COLUMNS])
+    for row in report.rows:
+        figures = _figures(row)
+        writer.writerow([row.key, *("" if figures[c] is None else figures[c] for c in COLUMNS)])
+    return out.getvalue()
+
+
+def render_table(report: Report) -> str:
+    """Aligned columns, a TOTAL row, and a footnote when some calls could not be priced."""
+    header = [report.by.upper(), *(h for h, _ in _TABLE)]
+    body = [[row.key or "(none)", *_cells(row)] for row in report.rows]
+    total = ["TOTAL", *_cells(report.total)]
+    widths = [max(len(r[i]) for r in [header, *body, total]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [line(header), *(line(r) for r in body), rule, line(total)]
+    if not report.rows:
+        lines.insert(1, "(no usage in this window)")
+    if report.total.unpriced_requests:
+        models = ", ".join(report.unpriced_models)
+        count = report.total.unpriced_requests
+        lines.append(
+            f"{UNPRICED_MARK} {count} call{'s' if count != 1 else ''} unpriced (unknown model: "
+            f'{models}): not in COST. Price them with [prices."MODEL"] in tokenwatch.toml.'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cells(t: Totals) -> list[str]:
+    cells: list[str] = []
+    for _, name in _TABLE:
+        value = getattr(t, name)
+        if name == "cost_usd":
+            shown = format_usd(None if _all_unpriced(t) else value)
+            cells.append(shown + (UNPRICED_MARK if t.unpriced_requests else ""))
+        elif name == "cost_per_task":
+            cells.append("-" if value is None else format_usd(value))
+        elif name == "output_input_ratio":
+            cells.append("-" if value is None else f"{value:.2f}")
+        elif name == "avg_tokens_per_call":
+            cells.append(f"{value:,.0f}")
+        else:
+            cells.append(f"{value:,}")
+    return cells
