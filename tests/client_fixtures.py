@@ -40,6 +40,8 @@ class FakeSupervisor:
         self.messages: list[dict[str, Any]] = []
         self.sequence: Timeline = []
         self.connections = 0
+        self.errors: list[str] = []
+        """Protocol errors in what the SDK sent (a correct SDK sends none)."""
         self._changed = anyio.Event()
         self._streams: list[anyio.abc.SocketStream] = []
 
@@ -80,8 +82,21 @@ class FakeSupervisor:
         try:
             while True:
                 line = await lines.receive_until(b"\n", protocol.MAX_LINE_BYTES)
-                await self._answer(stream, protocol.decode(line))
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                try:
+                    msg = protocol.decode(line)
+                except protocol.ProtocolError as exc:
+                    self.errors.append(f"{exc.code}: {exc.message}")
+                    await stream.send(
+                        protocol.dumps(protocol.reply_error(None, exc.code, exc.message))
+                    )
+                    continue
+                await self._answer(stream, msg)
+        except (
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+        ):
             pass
 
     async def _answer(self, stream: anyio.abc.SocketStream, msg: dict[str, Any]) -> None:
