@@ -1,0 +1,198 @@
+"""The demo's agents: real processes calling the fake LLM through tokenwatch's proxy with the
+official openai and anthropic SDKs. Run one with `python -m tokenwatch.demo.agents KIND`.
+
+Each exits by itself when the demo that started it is gone (TOKENWATCH_DEMO_PARENT), and needs no
+network and no real API key.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+PARENT_ENV: Final = "TOKENWATCH_DEMO_PARENT"
+DUMMY_KEY: Final = "sk-tokenwatch-demo-not-a-real-key"
+KINDS: Final = ("researcher", "coder", "summariser", "claude-writer", "looper")
+
+TOPICS = (
+    "vector clocks",
+    "B-tree page splits",
+    "TCP slow start",
+    "garbage collection pauses",
+    "SQLite WAL checkpoints",
+    "Raft leader election",
+    "bloom filter sizing",
+    "HTTP/2 flow control",
+)
+
+
+def parent_alive() -> bool:
+    """False once the demo process that launched us has exited (or was never named)."""
+    raw = os.environ.get(PARENT_ENV, "")
+    if not raw.isdigit():
+        return True
+    try:
+        os.kill(int(raw), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_while_demo_lives(steps: Iterator[float]) -> int:
+    """Drive an agent: each step makes its calls and says how long to rest before the next."""
+    for rest in steps:
+        if not parent_alive():
+            return 0
+        time.sleep(rest)
+    return 0
+
+
+def _openai() -> Any:
+    import openai
+
+    return openai.OpenAI(api_key=DUMMY_KEY, max_retries=0, timeout=60)
+
+
+def _anthropic() -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(api_key=DUMMY_KEY, max_retries=0, timeout=60)
+
+
+def _guarded(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """One call; a refusal (budget, paused supervisor going away) is printed, never fatal."""
+    try:
+        call(*args, **kwargs)
+    except Exception as exc:  # the demo agent keeps going whatever the API says
+        print(f"call failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+def researcher() -> Iterator[float]:
+    """Steady: one modest question a second, each on a new topic."""
+    client = _openai()
+    for n in range(1_000_000):
+        topic = TOPICS[n % len(TOPICS)]
+        _guarded(
+            client.chat.completions.create,
+            model="gpt-4o-mini",
+            messages=[
+                {"role": "system", "content": "You are a careful research assistant."},
+                {"role": "user", "content": f"Question {n}: explain {topic} in 80 words."},
+            ],
+            max_tokens=120,
+        )
+        yield 1.0
+
+
+def coder() -> Iterator[float]:
+    """Bursty with a growing context: bursts of streamed calls, each resending the conversation."""
+    client = _openai()
+    history: list[dict[str, str]] = [{"role": "system", "content": "You write Python code."}]
+    rng = random.Random(7)
+    for burst in range(1_000_000):
+        for step in range(rng.randint(3, 6)):
+            history.append({"role": "user", "content": f"burst {burst} step {step}: refactor it"})
+            _guarded(_stream_code, client, history)
+            if len(history) > 60:
+                del history[1:21]  # the agent "summarises" its memory away now and then
+            yield 0.2
+        yield 4.0
+
+
+def _stream_code(client: Any, history: list[dict[str, str]]) -> None:
+    chunks = client.chat.completions.create(
+        model="gpt-4o",
+        messages=history,
+        max_tokens=200,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    history.append({"role": "assistant", "content": text})
+
+
+def summariser() -> Iterator[float]:
+    """Cheap: short summaries with the smallest model, every two seconds."""
+    client = _openai()
+    for n in range(1_000_000):
+        _guarded(
+            client.chat.completions.create,
+            model="gpt-4.1-nano",
+            messages=[{"role": "user", "content": f"Summarise log chunk {n} in one line."}],
+            max_tokens=40,
+        )
+        yield 2.0
+
+
+def claude_writer() -> Iterator[float]:
+    """An Anthropic model, streamed through the Messages API."""
+    client = _anthropic()
+    for n in range(1_000_000):
+        _guarded(_write_note, client, f"Draft note {n} for a small bug fix.")
+        yield 1.5
+
+
+def _write_note(client: Any, prompt: str) -> None:
+    with client.messages.stream(
+        model="claude-haiku-4-5",
+        max_tokens=160,
+        system="You draft release notes.",
+        messages=[{"role": "user", "content": prompt}],
+    ) as stream:
+        stream.get_final_message()
+
+
+LOOP_AFTER: Final = 6
+"""Healthy calls the looper makes before it gets stuck."""
+
+
+def looper() -> Iterator[float]:
+    """Healthy for a few calls, then stuck: the same prompt again and again, fast."""
+    client = _openai()
+    for n in range(1_000_000):
+        stuck = n >= LOOP_AFTER
+        prompt = (
+            "The tool returned an error. Try the same fix again."
+            if stuck
+            else f"Plan step {n} of the migration."
+        )
+        _guarded(
+            client.chat.completions.create,
+            model="gpt-4o",
+            messages=[
+                {"role": "system", "content": "You are an autonomous agent."},
+                {"role": "user", "content": prompt},
+            ],
+            max_tokens=150,
+        )
+        yield 0.3 if stuck else 1.0
+
+
+BEHAVIOURS: Final[dict[str, Callable[[], Iterator[float]]]] = {
+    "researcher": researcher,
+    "coder": coder,
+    "summariser": summariser,
+    "claude-writer": claude_writer,
+    "looper": looper,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in BEHAVIOURS:
+        print(f"usage: python -m tokenwatch.demo.agents {{{','.join(KINDS)}}}", file=sys.stderr)
+        return 2
+    try:
+        return run_while_demo_lives(BEHAVIOURS[args[0]]())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
