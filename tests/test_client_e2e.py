@@ -1,0 +1,91 @@
+"""The SDK against the real supervisor: usage stored once, tasks attributed, a deny budget obeyed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import openai
+import pytest
+
+import tokenwatch
+from tests.client_fixtures import installed_reporter
+from tokenwatch.client import tracking
+from tokenwatch.config import BudgetSettings, Config
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.supervisor import Supervisor
+from tokenwatch.demo.fake_llm import FakeLLM, running_fake_llm
+from tokenwatch.paths import Paths
+
+MESSAGES = [{"role": "user", "content": "Summarise the plot of Hamlet in one line."}]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLLM]:
+    async with running_fake_llm() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def sdk() -> Iterator[None]:
+    tracking.reset_usage()
+    tokenwatch.instrument()
+    yield
+    tokenwatch.uninstrument()
+
+
+@asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Supervisor]:
+    sup = Supervisor(Paths.discover(), config, proxy=False, exporters=False)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(30):
+            await tg.start(sup.run)
+        try:
+            yield sup
+        finally:
+            sup.request_shutdown()
+
+
+async def stored(sup: Supervisor, agent: str, count: int) -> list[UsageEvent]:
+    assert sup.store is not None
+    with anyio.fail_after(30):
+        while len(rows := await sup.store.history(agent=agent)) < count:
+            await anyio.sleep(0.02)
+    return [row.event for row in reversed(rows)]
+
+
+@pytest.mark.slow
+async def test_usage_reaches_the_ledger_once_with_its_task(fake: FakeLLM) -> None:
+    async with serving(Config()):
+        with installed_reporter(Path(sup.paths.socket), name="e2e-agent") as rep:
+            async with openai.AsyncOpenAI(
+                base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
+            ) as client:
+                async with tokenwatch.task("t-42"):
+                    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await anyio.to_thread.run_sync(rep.wait_flushed, 30.0)
+            events = await stored(sup, "e2e-agent", 2)
+    assert [e.task for e in events] == ["t-42", ""]
+    assert [(e.input_tokens, e.output_tokens) for e in events] == [
+        (c.input_tokens, c.output_tokens) for c in fake.calls
+    ]
+    assert all(e.source == "sdk" for e in events)
+
+
+@pytest.mark.slow
+async def test_deny_budget_raises_budget_exceeded(fake: FakeLLM) -> None:
+    budget = BudgetSettings(
+        name="tiny", scope="agent", target="e2e-deny", period="day", limit=5, action="deny"
+    )
+    async with serving(Config(budget=[budget])):
+        with installed_reporter(Path(sup.paths.socket), name="e2e-deny"):
+            async with openai.AsyncOpenAI(
+                base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
+            ) as client:
+                with pytest.raises(tokenwatch.BudgetExceeded) as caught:
+                    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert caught.value.budget == "tiny"
+    assert fake.calls == []
