@@ -73,6 +73,8 @@ class BudgetSettings:
     """Percentages at which a warning fires, once per period."""
     rolling: bool = False
     """Measure the period as a rolling window instead of calendar-aligned."""
+    rate: str = "50%"
+    """Throttle rate applied when the action is throttle (`20k/min`, `$1/h`, `50%`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,8 @@ class RuleSettings:
     """Switch a rule off without deleting it."""
     agents: str = "*"
     """Glob of agent names the rule watches."""
+    rate: str = "50%"
+    """Throttle rate applied when the action is throttle (`20k/min`, `$1/h`, `50%`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,8 @@ class UsageEvent:
     estimated: bool = False
     call_id: str = ""
     """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
+    prompt_shape: str = ""
+    """Hash of the prompt with numbers, ids and times masked: near-duplicate prompts share it."""
 
     @property
     def total_tokens(self) -> int:
