@@ -58,7 +58,7 @@ async def stored(sup: Supervisor, agent: str, count: int) -> list[UsageEvent]:
 
 @pytest.mark.slow
 async def test_usage_reaches_the_ledger_once_with_its_task(fake: FakeLLM) -> None:
-    async with serving(Config()):
+    async with serving(Config()) as sup:
         with installed_reporter(Path(sup.paths.socket), name="e2e-agent") as rep:
             async with openai.AsyncOpenAI(
                 base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
@@ -80,7 +80,7 @@ async def test_deny_budget_raises_budget_exceeded(fake: FakeLLM) -> None:
     budget = BudgetSettings(
         name="tiny", scope="agent", target="e2e-deny", period="day", limit=5, action="deny"
     )
-    async with serving(Config(budget=[budget])):
+    async with serving(Config(budget=[budget])) as sup:
         with installed_reporter(Path(sup.paths.socket), name="e2e-deny"):
             async with openai.AsyncOpenAI(
                 base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
