@@ -222,7 +222,7 @@ async def _import(
     store = await _open_store(db)
     try:
         try:
-            for _, item in parse_lines(_lines(source, source.name), tz):
+            for _, item in parse_lines(_lines(source, getattr(source, "name", "stdin")), tz):
                 if isinstance(item, LineError):
                     _report_bad_line(item, summary)
                     continue
@@ -251,7 +251,7 @@ def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) 
     if event.cost_usd is None and table is not None:
         table.price(event)
     if event.cost_usd is None:
-        name = event.model or "(none)"
+        name = event.model or "(no model)"
         summary.unpriced[name] = summary.unpriced.get(name, 0) + 1
 
 

@@ -99,7 +99,7 @@ async def build_report(
 def _figures(totals: Totals) -> dict[str, Any]:
     data = totals.to_dict()
     if _all_unpriced(totals):
-        data["cost_usd"] = None  # unknown, not zero
+        data["cost_usd"] = data["cost_per_task"] = None  # unknown, not zero
     return {name: data[name] for name in COLUMNS}
 
 
@@ -168,7 +168,7 @@ def _cells(t: Totals) -> list[str]:
             shown = format_usd(None if _all_unpriced(t) else value)
             cells.append(shown + (UNPRICED_MARK if t.unpriced_requests else ""))
         elif name == "cost_per_task":
-            cells.append("-" if value is None else format_usd(value))
+            cells.append("-" if value is None or _all_unpriced(t) else format_usd(value))
         elif name == "output_input_ratio":
             cells.append("-" if value is None else f"{value:.2f}")
         elif name == "avg_tokens_per_call":

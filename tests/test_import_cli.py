@@ -1,0 +1,167 @@
+"""`tokenwatch import`: good lines stored and priced, bad lines reported by number, idempotent."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenwatch.cli import main
+from tokenwatch.core.importer import parse_lines
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.periods import zone
+from tokenwatch.core.store import Store
+from tokenwatch.paths import Paths
+
+UTC = zone("UTC")
+
+
+def stored_events() -> list[UsageEvent]:
+    async def read() -> list[UsageEvent]:
+        async with await Store.open(Paths.discover().db) as store:
+            return [e async for e in store.iter_events()]
+
+    return anyio.run(read)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_good_lines_stored_bad_lines_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_lines(
+        tmp_path / "usage.jsonl",
+        [
+            json.dumps({"ts": "2026-11-01T10:00:00+00:00", "agent": "coder", "model": "gpt-4o",
+                        "input_tokens": 1000, "output_tokens": 100}),
+            "",
+            "{not json",
+            json.dumps({"ts": 1_790_000_000, "agent": "coder", "input_tokens": -5}),
+            json.dumps({"timestamp": 1_790_000_001, "agent": "r", "model": "house-llm",
+                        "input_tokens": 10, "output_tokens": 1, "estimated": True}),
+            json.dumps({"ts": 1_790_000_002, "agent": "r", "colour": "red"}),
+            json.dumps({"ts": 1_790_000_003, "model": "gpt-4o", "cost_usd": 0.5,
+                        "total_tokens": 3, "input_tokens": 2, "output_tokens": 1}),
+        ],
+    )  # fmt: skip
+    code = main(["import", str(source)])
+    err = capsys.readouterr().err
+    assert code == 1  # some lines were skipped (the good ones are stored)
+    assert "line 3: not JSON" in err
+    assert "line 4: input_tokens: must not be negative" in err
+    assert "line 6: unknown field 'colour'" in err
+    assert err.strip().splitlines()[-1] == (
+        "tokenwatch: imported 3 events, skipped 3 bad lines, 1 unpriced (model house-llm)"
+    )
+    events = {e.agent: e for e in stored_events()}
+    coder = events["coder"]
+    assert coder.source == "import"
+    assert coder.ts == 1_793_527_200.0  # 2026-11-01T10:00:00Z
+    # Priced at import: 1000 * 2.50 + 100 * 10 per 1M = $0.0035.
+    assert coder.cost_usd == pytest.approx(0.0035)
+    assert coder.price_version != ""
+    assert events["r"].cost_usd is None
+    assert events["r"].estimated is True
+    assert events[""].cost_usd == 0.5  # a given cost is kept
+
+
+def test_importing_twice_stores_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_lines(
+        tmp_path / "u.jsonl",
+        [
+            json.dumps({"ts": 1_790_000_000 + i, "model": "gpt-4o", "input_tokens": i})
+            for i in range(5)
+        ]
+        + [json.dumps({"ts": 1_790_000_100, "model": "o3", "call_id": "given"})],
+    )
+    assert main(["import", str(source)]) == 0
+    assert main(["import", str(source)]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tokenwatch: imported 0 events, 6 already stored"
+    )
+    assert len(stored_events()) == 6
+
+
+def test_stdin_and_export_round_trip(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = UsageEvent(
+        ts=1_790_000_000.25,
+        agent="x",
+        task="t",
+        model="claude-haiku-4-5",
+        provider="anthropic",
+        input_tokens=100,
+        cache_read_tokens=60,
+        output_tokens=7,
+        latency_ms=12.5,
+        http_status=200,
+        pid=99,
+        call_id="c-1",
+    )
+    line = json.dumps(event.to_dict())  # what `tokenwatch export` writes, total_tokens included
+    monkeypatch.setattr(sys, "stdin", io.StringIO(line + "\n"))
+    assert main(["import", "-"]) == 0
+    [stored] = stored_events()
+    # Priced on the way in: (100-60)*1 + 60*0.10 + 7*5 = 40 + 6 + 35 = 81 per 1M.
+    assert stored.cost_usd == pytest.approx(81e-6)
+    event.cost_usd, event.price_version = stored.cost_usd, stored.price_version
+    assert stored == event
+
+
+def test_no_price_flag_keeps_events_unpriced(tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "u.jsonl", [json.dumps({"ts": 1e9, "model": "gpt-4o"})])
+    assert main(["import", "--no-price", str(source)]) == 0
+    assert stored_events()[0].cost_usd is None
+
+
+def test_missing_file_and_binary_input_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["import", str(tmp_path / "absent.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"tokenwatch: cannot read {tmp_path / 'absent.jsonl'}: No such file or directory\n"
+    )
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b'{"ts": 1}\n\xff\xfe\x00garbage\n')
+    assert main(["import", str(binary)]) == 1
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_unusable_ledger_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = Paths.discover().db
+    db.mkdir(parents=True)  # something that is not a database sits where the ledger goes
+    source = write_lines(tmp_path / "u.jsonl", [json.dumps({"ts": 1e9})])
+    assert main(["import", str(source)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"tokenwatch: cannot write the ledger {db}: ")
+
+
+@given(
+    ts=st.one_of(st.floats(0, 4e9), st.integers(0, 4_000_000_000)),
+    tokens=st.integers(0, 10**9),
+    agent=st.text(max_size=20),
+)
+def test_any_valid_event_line_parses_back(ts: float, tokens: int, agent: str) -> None:
+    data = {"ts": ts, "agent": agent, "input_tokens": tokens, "output_tokens": tokens}
+    [(number, event)] = list(parse_lines([json.dumps(data)], UTC))
+    assert number == 1
+    assert isinstance(event, UsageEvent)
+    assert (event.ts, event.agent, event.input_tokens) == (float(ts), agent, tokens)
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_text_never_crashes_the_parser(text: str) -> None:
+    for _, item in parse_lines(text.splitlines(), UTC):
+        assert isinstance(item, UsageEvent) or str(item).startswith("line ")

@@ -1,0 +1,207 @@
+"""`tokenwatch report` and `tokenwatch prices`: every format parses and shows hand-computed figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tokenwatch.cli import main
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.store import Store
+from tokenwatch.paths import Paths
+
+
+def seed(events: list[UsageEvent]) -> None:
+    async def write() -> None:
+        async with await Store.open(Paths.discover().db) as store:
+            await store.append_many(events)
+
+    anyio.run(write)
+
+
+@pytest.fixture
+def ledger() -> float:
+    """Two agents over the last hours, one unpriced model, one old event outside 24 h."""
+    now = time.time()
+    seed(
+        [
+            UsageEvent(ts=now - 600, agent="coder", task="t1", model="gpt-4o", user="ana",
+                       provider="openai", input_tokens=1000, cache_read_tokens=400,
+                       output_tokens=200, cost_usd=0.5),
+            UsageEvent(ts=now - 1200, agent="coder", task="t2", model="gpt-4o", user="ana",
+                       provider="openai", input_tokens=3000, output_tokens=600,
+                       reasoning_tokens=100, cost_usd=1.5, status="error"),
+            UsageEvent(ts=now - 7200, agent="researcher", task="t3", model="house-llm",
+                       provider="local", input_tokens=500, output_tokens=500),
+            UsageEvent(ts=now - 3 * 86400, agent="coder", model="gpt-4o", cost_usd=100.0,
+                       input_tokens=1),
+        ]
+    )  # fmt: skip
+    return now
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_report_uses_event_field_names(
+    ledger: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    groups = {g["agent"]: g for g in data["groups"]}
+    coder = groups["coder"]
+    assert coder["requests"] == 2
+    assert coder["input_tokens"] == 4000
+    assert coder["cache_read_tokens"] == 400
+    assert coder["output_tokens"] == 800
+    assert coder["reasoning_tokens"] == 100
+    assert coder["total_tokens"] == 4800
+    assert coder["cost_usd"] == pytest.approx(2.0)
+    assert coder["avg_tokens_per_call"] == pytest.approx(2400)
+    assert coder["output_input_ratio"] == pytest.approx(0.2)
+    assert coder["tasks"] == 2
+    assert coder["cost_per_task"] == pytest.approx(1.0)
+    assert coder["errors"] == 1
+    researcher = groups["researcher"]
+    assert researcher["cost_usd"] is None  # unknown model: unpriced, not $0
+    assert researcher["unpriced_requests"] == 1
+    assert data["total"]["requests"] == 3  # the 3-day-old call is outside the default 24 h
+    assert data["unpriced_models"] == ["house-llm"]
+    assert [g["agent"] for g in data["groups"]] == ["coder", "researcher"]  # dearest first
+
+
+def test_csv_report_parses_with_one_row_per_group(
+    ledger: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--by", "model", "--format", "csv", "--since", "7d")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    by_model = {r["model"]: r for r in rows}
+    assert set(by_model) == {"gpt-4o", "house-llm"}
+    assert int(by_model["gpt-4o"]["requests"]) == 3
+    assert float(by_model["gpt-4o"]["cost_usd"]) == pytest.approx(102.0)
+    assert by_model["house-llm"]["cost_usd"] == ""
+    assert by_model["house-llm"]["cost_per_task"] == ""
+
+
+def test_table_report_is_aligned_with_total_and_unpriced_note(
+    ledger: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--by", "task")
+    assert code == 0
+    lines = out.splitlines()
+    header, *rest = lines
+    assert header.split()[:3] == ["TASK", "REQ", "INPUT"]
+    total = next(line for line in rest if line.startswith("TOTAL"))
+    assert total.split()[1:3] == ["3", "4,500"]
+    assert "$2.00*" in total
+    # Right-aligned columns: every data row ends its COST cell at the same place as the header.
+    cost_end = header.index("COST") + len("COST")
+    for line in rest[:3]:
+        assert line[cost_end - 1] != " "
+    assert lines[-1].startswith("* 1 call unpriced (unknown model: house-llm)")
+    assert any(line.startswith("t3") and "unpriced*" in line for line in rest)
+
+
+def test_top_and_filters(ledger: float, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "report", "--by", "task", "--top", "1", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    assert [g["task"] for g in data["groups"]] == ["t2"]
+    assert data["total"]["requests"] == 3  # the total still covers every group
+    code, out, _ = run(capsys, "report", "--agent", "res*", "--format", "json", "--by", "model")
+    assert [g["model"] for g in json.loads(out)["groups"]] == ["house-llm"]
+
+
+def test_by_day_over_a_week(ledger: float, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "report", "--by", "day", "--since", "7d", "--format", "json")
+    assert code == 0
+    days = json.loads(out)["groups"]
+    assert sum(d["requests"] for d in days) == 4
+    assert [d["day"] for d in days] == sorted(d["day"] for d in days)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "--since", "yesterday"], "not a time: 'yesterday'"),
+        (["report", "--since", "1h", "--until", "2h"], "--until must be later than --since"),
+    ],
+)
+def test_bad_windows_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert message in err
+
+
+def test_report_on_empty_ledger(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "report")
+    assert code == 0
+    assert "(no usage in this window)" in out
+    assert out.splitlines()[-1].split()[:2] == ["TOTAL", "0"]
+
+
+def test_prices_table_and_one_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "prices")
+    assert code == 0
+    assert out.startswith("prices version 20")
+    assert any(line.split()[:3] == ["gpt-4o", "openai", "2.5"] for line in out.splitlines())
+    code, out, _ = run(capsys, "prices", "gpt-4o-mini-2024-07-18")
+    assert code == 0
+    assert "priced as gpt-4o-mini (openai)" in out
+    assert "via gpt-4o-mini-2024-07-18 -> gpt-4o-mini (OpenAI dated snapshot)" in out
+    code, out, _ = run(capsys, "prices", "claude-sonnet-4-5-20250929", "--json")
+    data = json.loads(out)
+    assert data["resolved"] == "claude-sonnet-4-5"
+    assert data["price"]["cache_write"] == 3.75
+
+
+def test_prices_unknown_model_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "prices", "gpt-99")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("tokenwatch: unknown model 'gpt-99'")
+    assert err.count("\n") == 1
+
+
+def test_prices_shows_config_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tokenwatch.toml").write_text(
+        '[prices."llama3.1:8b"]\nfree = true\n\n[prices."gpt-4o"]\noutput = 12.0\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "prices", "--json")
+    assert code == 0
+    models = {m["model"]: m for m in json.loads(out)["models"]}
+    assert models["llama3.1:8b"]["input"] == 0
+    assert models["llama3.1:8b"]["overridden"] is True
+    assert models["gpt-4o"]["output"] == 12.0
+    assert models["gpt-4o"]["input"] == 2.5
+    code, out, _ = run(capsys, "prices", "gpt-4o-2024-08-06")
+    assert "rates set in tokenwatch.toml" in out
+
+
+def test_bad_price_override_names_file_and_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "tokenwatch.toml").write_text('[prices."mine"]\ninput = 1.0\n')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "prices")
+    assert code == 2
+    assert str(tmp_path / "tokenwatch.toml") in err
+    assert 'prices."mine"' in err
