@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
 
 import aiohttp
 import anthropic
+import anyio
 import httpx2
 import openai
 import pytest
@@ -568,3 +570,23 @@ async def test_cut_json_reply_breaks_the_body(
             model="gpt-4o", messages=HELLO, extra_headers={"x-fake-llm-fault": "cut:10"}
         )
     assert [(c.status, c.complete) for c in fake_llm.calls] == [(200, False)]
+
+
+async def test_client_hanging_up_mid_stream_is_counted_incomplete_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = json.dumps({"model": "gpt-4o", "stream": True, "messages": HELLO}).encode()
+    async with running_fake_llm(chunk_ms=50) as fake:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(
+                fake.url + "/v1/chat/completions",
+                data=body,
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+            assert (await resp.content.readline()).startswith(b"data: ")
+            resp.close()
+        with anyio.fail_after(30):
+            while not fake.calls:
+                await anyio.sleep(0.01)
+    assert [(c.stream, c.complete) for c in fake.calls] == [(True, False)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -111,6 +111,10 @@ class StreamCut(Exception):
     """The connection was closed on purpose mid-response."""
 
 
+class ClientGone(StreamCut):
+    """The client hung up before the response was complete."""
+
+
 ErrorBody = Callable[[int, str, str], dict[str, Any]]
 
 
@@ -166,8 +170,7 @@ class Exchange:
         body = _dumps(payload).encode()
         resp = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
         resp.content_length = len(body)
-        await resp.prepare(self.request)
-        await resp.write(body[: min(self.fault.cut_after, len(body) - 1)])
+        await self._write(resp, body[: min(self.fault.cut_after, len(body) - 1)])
         self._hang_up()
 
     async def open_stream(self, headers: dict[str, str]) -> web.StreamResponse:
@@ -178,8 +181,8 @@ class Exchange:
                 "Cache-Control": "no-cache",
             }
         )
-        await resp.prepare(self.request)
         self._response = resp
+        await self._write(resp, None)
         return resp
 
     async def send(self, data: dict[str, Any] | str, event: str | None = None) -> None:
@@ -191,13 +194,26 @@ class Exchange:
             self._hang_up()
         text = data if isinstance(data, str) else _dumps(data)
         frame = (f"event: {event}\n" if event else "") + f"data: {text}\n\n"
-        await self._response.write(frame.encode())
+        await self._write(self._response, frame.encode())
         self._chunks += 1
 
     async def close_stream(self) -> web.StreamResponse:
         assert self._response is not None
-        await self._response.write_eof()
+        try:
+            await self._response.write_eof()
+        except ConnectionResetError:
+            raise ClientGone from None
         return self._response
+
+    async def _write(self, resp: web.StreamResponse, data: bytes | None) -> None:
+        """Send headers if not yet sent, then `data`; a client that hung up ends the exchange."""
+        try:
+            if not resp.prepared:
+                await resp.prepare(self.request)
+            if data:
+                await resp.write(data)
+        except ConnectionResetError:
+            raise ClientGone from None
 
     def _hang_up(self) -> NoReturn:
         transport = self.request.transport

@@ -23,6 +23,7 @@ from tokenwatch.demo import fake_anthropic, fake_openai
 from tokenwatch.demo.fake_exchange import (
     FAULT_HEADER,
     BadRequest,
+    ClientGone,
     CountedCall,
     ErrorBody,
     Exchange,
@@ -182,10 +183,11 @@ class FakeLLM:
             response = await handler(ex)
         except BadRequest as exc:
             return self._fail(ex, provider, endpoint, 400, billed, str(exc))
-        except StreamCut:
+        except StreamCut as cut:
             if billed:
                 self.calls.append(dataclasses.replace(ex.counted(endpoint, 200), complete=False))
-            log.info("%s %s cut on purpose (request %s)", request.method, endpoint, rid)
+            why = "client hung up" if isinstance(cut, ClientGone) else "cut on purpose"
+            log.info("%s %s %s (request %s)", request.method, endpoint, why, rid)
             raise asyncio_cancelled() from None
         if billed:
             self.calls.append(ex.counted(endpoint, response.status))
