@@ -1,0 +1,266 @@
+"""Detectors: small pure functions of an agent's recent events and the time, each saying what it saw."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from tokenwatch.core.models import BudgetStatus, Severity, Status, UsageEvent
+from tokenwatch.core.quantities import format_tokens, format_usd
+
+RUNAWAY_REPEATS: Final = 3
+RUNAWAY_WINDOW: Final = 60.0
+NEAR_DUPLICATE_SPREAD: Final = 0.1
+"""Near-duplicate prompts (same shape) must also be within this fraction in size: a loop resends
+the same prompt with a counter changed; a conversation whose shape collides grows."""
+TASK_FACTOR: Final = 3.0
+TASK_HISTORY_MIN: Final = 3
+"""Finished tasks needed before an agent's usual per-task figure is trusted."""
+SPIKE_FACTOR: Final = 5.0
+SPIKE_WINDOW: Final = 60.0
+SPIKE_MIN_CALLS: Final = 3
+"""Calls in the window before a rate counts: one big call is not a spike."""
+SPIKE_BASELINE_WINDOWS: Final = 5
+"""The baseline must span at least this many windows of the agent's own history."""
+BASELINE_SPAN: Final = 1800.0
+"""Seconds of history, before the window, that make an agent's baseline."""
+HUGE_REQUEST_TOKENS: Final = 8000
+CONTEXT_CALLS: Final = 10
+CONTEXT_MIN_TOKENS: Final = 16_000
+"""Prompt size below which a rising context is not worth an alert (a chat growing turn by turn)."""
+CONTEXT_GROWTH: Final = 2.0
+DRIFT_RISE: Final = 0.3
+DRIFT_WINDOW: Final = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What a detector saw, in words a person can act on."""
+
+    detector: str
+    agent: str
+    message: str
+    severity: str = Severity.WARNING.value
+
+
+def _ok(events: Sequence[UsageEvent]) -> list[UsageEvent]:
+    # Failed attempts cost nothing: an SDK retrying a 429 three times is not a loop.
+    return [e for e in events if e.status == Status.OK]
+
+
+def runaway(
+    events: Sequence[UsageEvent],
+    now: float,
+    *,
+    repeats: int = RUNAWAY_REPEATS,
+    window: float = RUNAWAY_WINDOW,
+) -> Finding | None:
+    """The newest call's prompt sent `repeats` times within `window` s (exactly, or with only
+    numbers, ids or times changed)."""
+    if not events:
+        return None
+    last = events[-1]
+    recent = [e for e in _ok(events) if e.ts > now - window]
+    same = [e for e in recent if last.prompt_hash and e.prompt_hash == last.prompt_hash]
+    what = "the same prompt"
+    if len(same) < repeats and last.prompt_shape:
+        same = [e for e in recent if _near_duplicate(e, last)]
+        what = "nearly the same prompt"
+    if len(same) < repeats:
+        return None
+    span = same[-1].ts - same[0].ts
+    return Finding(
+        "runaway",
+        last.agent,
+        f"{last.agent} repeated {what} {len(same)} times in {span:.0f} s",
+    )
+
+
+def _near_duplicate(e: UsageEvent, last: UsageEvent) -> bool:
+    if e.prompt_shape != last.prompt_shape:
+        return False
+    big = max(e.input_tokens, last.input_tokens, 1)
+    return abs(e.input_tokens - last.input_tokens) <= NEAR_DUPLICATE_SPREAD * big
+
+
+def task_tokens(
+    agent: str,
+    task: str,
+    tokens: int,
+    finished: Sequence[int],
+    *,
+    factor: float = TASK_FACTOR,
+    limit: float | None = None,
+) -> Finding | None:
+    """A task's tokens so far over `factor` x its limit, or x the agent's usual (median) task."""
+    if limit:
+        baseline, what = limit, f"its limit of {format_tokens(limit)}"
+    elif len(finished) >= TASK_HISTORY_MIN:
+        baseline = statistics.median(finished)
+        what = f"its usual {format_tokens(baseline)} per task"
+    else:
+        return None
+    if baseline <= 0 or tokens <= factor * baseline:
+        return None
+    return Finding(
+        "task_tokens",
+        agent,
+        f"{agent}'s task {task or '(unnamed)'} has used {format_tokens(tokens)} tokens, "
+        f"{tokens / baseline:.1f}x {what}",
+    )
+
+
+def spike(
+    events: Sequence[UsageEvent],
+    now: float,
+    *,
+    factor: float = SPIKE_FACTOR,
+    window: float = SPIKE_WINDOW,
+) -> Finding | None:
+    """The agent's tokens/min over the last `window` s above `factor` x its own baseline."""
+    if not events:
+        return None
+    ok = _ok(events)
+    current = [e for e in ok if now - window < e.ts <= now]
+    if len(current) < SPIKE_MIN_CALLS:
+        return None
+    before = [e for e in ok if now - window - BASELINE_SPAN < e.ts <= now - window]
+    if len(before) < SPIKE_MIN_CALLS:
+        return None
+    span = now - window - before[0].ts
+    if span < SPIKE_BASELINE_WINDOWS * window:
+        return None
+    rate_now = sum(e.total_tokens for e in current) / (window / 60.0)
+    baseline = sum(e.total_tokens for e in before) / (span / 60.0)
+    if baseline <= 0 or rate_now <= factor * baseline:
+        return None
+    agent = events[-1].agent
+    return Finding(
+        "spike",
+        agent,
+        f"{agent} is burning {format_tokens(rate_now)} tokens/min, "
+        f"{rate_now / baseline:.0f}x its usual {format_tokens(baseline)}/min",
+    )
+
+
+def hourly_overspend(
+    events: Sequence[UsageEvent],
+    now: float,
+    budgets: Sequence[BudgetStatus],
+    *,
+    factor: float = SPIKE_FACTOR,
+) -> Finding | None:
+    """The agent's spend over the last hour above `factor` x (a daily dollar budget / 24)."""
+    if not events:
+        return None
+    agent = events[-1].agent
+    spent = sum(e.cost_usd or 0.0 for e in _ok(events) if e.ts > now - 3600.0)
+    for b in budgets:
+        if b.unit != "usd" or b.period != "day" or not _covers(b, agent):
+            continue
+        pace = b.limit / 24.0
+        if pace > 0 and spent > factor * pace:
+            return Finding(
+                "spike",
+                agent,
+                f"{agent} spent {format_usd(spent)} in the last hour, {spent / pace:.0f}x the "
+                f"hourly pace of budget {b.name} ({format_usd(b.limit)} per day)",
+            )
+    return None
+
+
+def huge_request(event: UsageEvent, *, limit: float = HUGE_REQUEST_TOKENS) -> Finding | None:
+    """One call whose prompt is over `limit` tokens."""
+    if event.input_tokens <= limit:
+        return None
+    return Finding(
+        "huge_request",
+        event.agent,
+        f"{event.agent} sent a {format_tokens(event.input_tokens)}-token prompt to "
+        f"{event.model or 'its model'} (over {format_tokens(limit)})",
+        Severity.INFO.value,
+    )
+
+
+def context_growth(
+    events: Sequence[UsageEvent],
+    *,
+    calls: int = CONTEXT_CALLS,
+    min_tokens: int = CONTEXT_MIN_TOKENS,
+) -> Finding | None:
+    """The prompt grew on each of the last `calls` calls of one task, to `min_tokens` or more and
+    to at least twice its size."""
+    ok = _ok(events)
+    if len(ok) < calls:
+        return None
+    tail = ok[-calls:]
+    if len({e.task for e in tail}) != 1:
+        return None
+    sizes = [e.input_tokens for e in tail]
+    rising = all(b > a for a, b in itertools.pairwise(sizes))
+    if not rising or sizes[-1] < min_tokens or sizes[-1] < CONTEXT_GROWTH * sizes[0]:
+        return None
+    agent = tail[-1].agent
+    return Finding(
+        "context_growth",
+        agent,
+        f"{agent}'s prompt grew on each of its last {calls} calls, from "
+        f"{format_tokens(sizes[0])} to {format_tokens(sizes[-1])} tokens, without the task ending",
+    )
+
+
+def drift(
+    agent: str,
+    tasks: Sequence[tuple[float, int]],
+    now: float,
+    *,
+    rise: float = DRIFT_RISE,
+    window: float = DRIFT_WINDOW,
+) -> Finding | None:
+    """Tokens per task over the last `window` s up by `rise` or more against the window before.
+
+    `tasks` are (end time, tokens) of finished tasks."""
+    current = [t for ts, t in tasks if now - window < ts <= now]
+    previous = [t for ts, t in tasks if now - 2 * window < ts <= now - window]
+    if len(current) < TASK_HISTORY_MIN or len(previous) < TASK_HISTORY_MIN:
+        return None
+    was, now_avg = statistics.fmean(previous), statistics.fmean(current)
+    if was <= 0 or now_avg < (1 + rise) * was:
+        return None
+    return Finding(
+        "drift",
+        agent,
+        f"{agent} now uses {format_tokens(now_avg)} tokens per task, "
+        f"up {now_avg / was - 1:.0%} from {format_tokens(was)} in the period before",
+        Severity.INFO.value,
+    )
+
+
+def forecast(
+    agent: str, budgets: Sequence[BudgetStatus], now: float, tz: dt.tzinfo | None = None
+) -> Finding | None:
+    """A budget covering the agent runs out, at the current burn rate, before its period ends."""
+    for b in budgets:
+        eta, resets = b.forecast_exhausted_at, b.resets_at
+        if eta is None or resets is None or b.used >= b.limit or not _covers(b, agent):
+            continue
+        if eta < resets:
+            return Finding(
+                "forecast",
+                agent,
+                f"at the current rate budget {b.name} runs out at {_clock_time(eta, tz)}, "
+                f"before it resets at {_clock_time(resets, tz)} ({b.fraction:.0%} used)",
+            )
+    return None
+
+
+def _covers(b: BudgetStatus, agent: str) -> bool:
+    return b.scope == "global" or (b.scope == "agent" and b.target == agent)
+
+
+def _clock_time(ts: float, tz: dt.tzinfo | None) -> str:
+    return f"{dt.datetime.fromtimestamp(ts, tz):%H:%M}"

@@ -1,0 +1,347 @@
+"""The rule book: `[[rule]]` settings turned into detectors with confirmation, cooldown, escalation
+and critical agents; DEFAULT_RULES when the config has none."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from tokenwatch.config import ConfigError, RuleSettings
+from tokenwatch.core import detect
+from tokenwatch.core.admission import Signal
+from tokenwatch.core.detect import Finding
+from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
+
+DETECTORS: Final = (
+    "runaway",
+    "task_tokens",
+    "spike",
+    "huge_request",
+    "context_growth",
+    "drift",
+    "forecast",
+)
+ACTIONS: Final = ("alert", "throttle", "pause", "kill", "deny")
+ALERT_ONLY: Final = frozenset({"huge_request", "drift"})
+"""Detectors that inform but never act on an agent, whatever their rule says."""
+CONFIRM: Final = {"spike": 2, "forecast": 2}
+"""Consecutive observations a finding must hold for before it fires (not one noisy sample);
+the other detectors already need several calls by construction."""
+ESCALATION_MEMORY: Final = 10.0
+"""A rule that fires again within this many cooldowns (or windows) escalates; later, it starts over."""
+HISTORY_SECONDS: Final = 2 * 3600.0
+HISTORY_CALLS: Final = 2000
+TASKS_KEPT: Final = 500
+DEFAULT_RATE: Final = "50%"
+
+DEFAULT_RULES: list[RuleSettings] = [
+    RuleSettings(
+        name="runaway",
+        detector="runaway",
+        threshold=3,
+        window=60,
+        action="pause",
+        escalate=["kill"],
+        cooldown=60,
+    ),
+    RuleSettings(
+        name="spike",
+        detector="spike",
+        threshold=5,
+        window=60,
+        action="throttle",
+        escalate=["pause"],
+        cooldown=300,
+    ),
+    RuleSettings(name="task-tokens", detector="task_tokens", threshold=3, cooldown=600),
+    RuleSettings(name="huge-request", detector="huge_request", threshold=8000, cooldown=300),
+    RuleSettings(name="context-growth", detector="context_growth", threshold=10, cooldown=600),
+    RuleSettings(name="drift", detector="drift", threshold=0.3, window=86400, cooldown=86400),
+    RuleSettings(name="forecast", detector="forecast", cooldown=3600),
+]
+"""Used when tokenwatch.toml has no [[rule]]: stop loops, slow spikes, tell about the rest."""
+
+_DONE: Final = {
+    "alert": "",
+    "throttle": "; throttled",
+    "pause": "; paused",
+    "kill": "; stopped",
+    "deny": "; its calls are refused",
+}
+
+_SPARED: Final = {"throttle": "throttled", "pause": "paused", "kill": "killed", "deny": "denied"}
+
+
+class RuleError(ConfigError):
+    """A rule that cannot be used; the message names it and says what is wrong."""
+
+
+def rule_name(settings: RuleSettings) -> str:
+    return settings.name or settings.detector
+
+
+def check_rule(settings: RuleSettings) -> None:
+    """Raise RuleError for an unknown detector or action."""
+    name = rule_name(settings) or "(unnamed)"
+    if settings.detector not in DETECTORS:
+        raise RuleError(
+            f"rule {name}: unknown detector {settings.detector!r} ({', '.join(DETECTORS)})"
+        )
+    for action in [settings.action, *settings.escalate]:
+        if action not in ACTIONS:
+            raise RuleError(f"rule {name}: unknown action {action!r} ({', '.join(ACTIONS)})")
+    if settings.threshold < 0 or settings.window < 0 or settings.cooldown < 0:
+        raise RuleError(f"rule {name}: threshold, window and cooldown cannot be negative")
+
+
+@dataclass(slots=True)
+class _Firing:
+    """One rule's memory of one agent."""
+
+    since: float = float("-inf")
+    """Evidence older than the last firing is spent: escalating needs the pattern again."""
+    last: float | None = None
+    level: int = 0
+    holding: int = 0
+
+
+@dataclass(slots=True)
+class _Task:
+    name: str
+    started: float
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class _AgentMemory:
+    events: deque[UsageEvent] = field(default_factory=lambda: deque(maxlen=HISTORY_CALLS))
+    task: _Task | None = None
+    finished: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=TASKS_KEPT))
+    """(end time, tokens) of the agent's finished tasks."""
+    context_from: float = float("-inf")
+
+
+class Rules:
+    """Feeds every event to the configured detectors and says what should happen.
+
+    Implements `admission.RuleBook`. `budgets` (optional) gives budget statuses to the forecast
+    and spike detectors; `is_critical` names agents that are only ever alerted on.
+    """
+
+    def __init__(
+        self,
+        settings: Sequence[RuleSettings],
+        *,
+        clock: Callable[[], float] = time.time,
+        is_critical: Callable[[str], bool] = lambda name: False,
+        budgets: Callable[[], Sequence[BudgetStatus]] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._is_critical = is_critical
+        self._budgets = budgets
+        self._rules: list[RuleSettings] = []
+        self._agents: dict[str, _AgentMemory] = {}
+        self._firings: dict[tuple[str, str], _Firing] = {}
+        self.replace(settings)
+
+    def replace(self, settings: Sequence[RuleSettings]) -> None:
+        """New rules at once; the memory of agents and of what already fired stays."""
+        for s in settings:
+            check_rule(s)
+        names = [rule_name(s) for s in settings]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise RuleError(f"two rules are named {sorted(dupes)[0]!r}; name them apart")
+        self._rules = [s for s in settings if s.enabled]
+
+    def names(self) -> Sequence[str]:
+        return [rule_name(s) for s in self._rules]
+
+    def use_budgets(self, budgets: Callable[[], Sequence[BudgetStatus]]) -> None:
+        """Let forecast and spike rules see budget statuses (wired after both exist)."""
+        self._budgets = budgets
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def observe(self, event: UsageEvent) -> list[Signal]:
+        """Remember the event and run every rule watching its agent."""
+        now = self._clock()
+        mem = self._agents.setdefault(event.agent, _AgentMemory())
+        signals: list[Signal] = []
+        if event.task and mem.task is not None and mem.task.name != event.task:
+            signals += self._end_task(event.agent, mem, now)
+        if event.task and mem.task is None:
+            mem.task = _Task(event.task, event.ts)
+        if mem.task is not None and event.task == mem.task.name:
+            mem.task.tokens += event.total_tokens
+        mem.events.append(event)
+        _forget_old(mem.events, now)
+        for rule in self._rules:
+            if rule.detector == "drift" or not fnmatch.fnmatchcase(event.agent, rule.agents):
+                continue
+            signal = self._run(rule, event, mem, now)
+            if signal is not None:
+                signals.append(signal)
+        return signals
+
+    def task_ended(self, agent: str, task: str) -> list[Signal]:
+        """The agent said its task is over: its figure joins the agent's usual, drift is checked."""
+        mem = self._agents.get(agent)
+        if mem is None or mem.task is None or mem.task.name != task:
+            return []
+        return self._end_task(agent, mem, self._clock())
+
+    def _end_task(self, agent: str, mem: _AgentMemory, now: float) -> list[Signal]:
+        assert mem.task is not None
+        if mem.task.tokens > 0:
+            mem.finished.append((now, mem.task.tokens))
+        mem.task = None
+        mem.context_from = now
+        signals: list[Signal] = []
+        for rule in self._rules:
+            if rule.detector == "drift" and fnmatch.fnmatchcase(agent, rule.agents):
+                finding = detect.drift(
+                    agent,
+                    list(mem.finished),
+                    now,
+                    rise=rule.threshold or detect.DRIFT_RISE,
+                    window=rule.window or detect.DRIFT_WINDOW,
+                )
+                signal = self._fire(rule, agent, finding, now)
+                if signal is not None:
+                    signals.append(signal)
+        return signals
+
+    # -- one rule -------------------------------------------------------------------------------
+
+    def _run(
+        self, rule: RuleSettings, event: UsageEvent, mem: _AgentMemory, now: float
+    ) -> Signal | None:
+        firing = self._firing(rule, event.agent)
+        events = [e for e in mem.events if e.ts > firing.since]
+        finding = self._detect(rule, event, events, mem, now) if events else None
+        return self._fire(rule, event.agent, finding, now)
+
+    def _detect(
+        self,
+        rule: RuleSettings,
+        event: UsageEvent,
+        events: list[UsageEvent],
+        mem: _AgentMemory,
+        now: float,
+    ) -> Finding | None:
+        level, window = rule.threshold, rule.window
+        kind = rule.detector
+        if kind == "runaway":
+            return detect.runaway(
+                events,
+                now,
+                repeats=int(level or detect.RUNAWAY_REPEATS),
+                window=window or detect.RUNAWAY_WINDOW,
+            )
+        if kind == "spike":
+            factor = level or detect.SPIKE_FACTOR
+            found = detect.spike(events, now, factor=factor, window=window or detect.SPIKE_WINDOW)
+            if found is None and self._budgets is not None:
+                found = detect.hourly_overspend(events, now, self._budgets(), factor=factor)
+            return found
+        if kind == "huge_request":
+            return detect.huge_request(event, limit=level or detect.HUGE_REQUEST_TOKENS)
+        if kind == "context_growth":
+            recent = [e for e in events if e.ts > mem.context_from]
+            return detect.context_growth(recent, calls=int(level or detect.CONTEXT_CALLS))
+        if kind == "task_tokens":
+            return self._task_tokens(rule, mem)
+        if kind == "forecast" and self._budgets is not None:
+            return detect.forecast(event.agent, self._budgets(), now)
+        return None
+
+    def _task_tokens(self, rule: RuleSettings, mem: _AgentMemory) -> Finding | None:
+        task = mem.task
+        if task is None:
+            return None
+        limit = None
+        if self._budgets is not None:
+            limits = [
+                b.limit
+                for b in self._budgets()
+                if b.period == "task" and b.unit == "tokens" and b.target in (task.name, "*")
+            ]
+            limit = min(limits) if limits else None
+        agent = mem.events[-1].agent
+        return detect.task_tokens(
+            agent,
+            task.name,
+            task.tokens,
+            [t for _, t in mem.finished],
+            factor=rule.threshold or detect.TASK_FACTOR,
+            limit=limit,
+        )
+
+    def _firing(self, rule: RuleSettings, agent: str) -> _Firing:
+        key = (rule_name(rule), agent)
+        firing = self._firings.get(key)
+        if firing is None:
+            firing = self._firings[key] = _Firing()
+        return firing
+
+    def _fire(
+        self, rule: RuleSettings, agent: str, finding: Finding | None, now: float
+    ) -> Signal | None:
+        """Apply confirmation, cooldown and escalation to what a detector found."""
+        firing = self._firing(rule, agent)
+        if finding is None:
+            firing.holding = 0
+            return None
+        firing.holding += 1
+        if firing.holding < CONFIRM.get(rule.detector, 1):
+            return None
+        if firing.last is not None and now - firing.last < rule.cooldown:
+            return None
+        memory = ESCALATION_MEMORY * max(rule.cooldown, rule.window, 1.0)
+        if firing.last is not None and now - firing.last <= memory:
+            firing.level += 1
+        else:
+            firing.level = 0
+        firing.last, firing.since, firing.holding = now, now, 0
+        return self._signal(rule, agent, finding, firing.level, now)
+
+    def _signal(
+        self, rule: RuleSettings, agent: str, finding: Finding, level: int, now: float
+    ) -> Signal:
+        steps = [rule.action, *rule.escalate]
+        action = steps[min(level, len(steps) - 1)]
+        note = ""
+        if rule.detector in ALERT_ONLY:
+            action = ActionKind.ALERT.value
+        elif action != ActionKind.ALERT and self._is_critical(agent):
+            note = f"; {agent} is critical: not {_SPARED[action]}, only alerted"
+            action = ActionKind.ALERT.value
+        rate = (rule.rate or DEFAULT_RATE) if action == ActionKind.THROTTLE else ""
+        done = f"{_DONE[action]} to {rate}" if rate else _DONE[action]
+        alert = Alert(
+            rule=rule_name(rule),
+            agent=agent,
+            message=f"{finding.message}{done}{note}",
+            severity=_severity(action, finding),
+            action=action,
+            ts=now,
+        )
+        return Signal(alert=alert, action=action, agent=agent, rate=rate)
+
+
+def _severity(action: str, finding: Finding) -> str:
+    if action in (ActionKind.PAUSE, ActionKind.KILL, ActionKind.DENY):
+        return Severity.CRITICAL.value
+    if action == ActionKind.THROTTLE:
+        return Severity.WARNING.value
+    return finding.severity
+
+
+def _forget_old(events: deque[UsageEvent], now: float) -> None:
+    while events and events[0].ts < now - HISTORY_SECONDS:
+        events.popleft()
