@@ -1,0 +1,376 @@
+"""The proxy's HTTP server and upstream client: the one module that knows the library (aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+from aiohttp import (
+    ClientConnectorError,
+    ClientError,
+    ClientPayloadError,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    ServerTimeoutError,
+    TCPConnector,
+    web,
+)
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("tokenwatch.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+"""Headers that describe one connection, not the message: never relayed as they are."""
+_CLIENT_SKIPS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+class BodyTooLarge(Exception):
+    """The request body is over the limit (answered with 413)."""
+
+
+class RequestTooSlow(Exception):
+    """The client did not send its whole request before the deadline (answered with 408)."""
+
+
+class ClientGone(Exception):
+    """The client hung up while the response was being written."""
+
+
+class UpstreamUnreachable(Exception):
+    """The upstream refused or failed the connection (answered with 502)."""
+
+
+class UpstreamTimeout(Exception):
+    """The upstream did not connect or answer in time (answered with 504)."""
+
+
+class UpstreamCut(Exception):
+    """The upstream closed the connection before the end of its response."""
+
+
+Headers = list[tuple[str, str]]
+ErrorPage = Callable[[int, str], tuple[bytes, str]]
+"""Status and message to (body, content type): how the server words its own protocol errors."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a client may send, and how long it has."""
+
+    max_body_bytes: int
+    max_header_bytes: int
+    request_timeout: float
+
+
+class Incoming:
+    """One received request: its head at once, its body on demand, and the way to answer it."""
+
+    __slots__ = ("_request", "_response", "started")
+
+    def __init__(self, request: web.BaseRequest, started: float) -> None:
+        self._request = request
+        self._response: web.StreamResponse | None = None
+        self.started = started
+        """Loop clock (seconds) when the request head had arrived."""
+
+    @property
+    def method(self) -> str:
+        return self._request.method
+
+    @property
+    def path(self) -> str:
+        return self._request.raw_path.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self._request.raw_path.partition("?")[2]
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._request.headers
+
+    def header_items(self) -> Headers:
+        return list(self._request.headers.items())
+
+    async def read_body(self, limits: Limits) -> bytes:
+        """The whole body, within the size limit and what is left of the request deadline."""
+        declared = self._request.content_length
+        if declared is not None and declared > limits.max_body_bytes:
+            raise BodyTooLarge
+        left = limits.request_timeout - (asyncio.get_running_loop().time() - self.started)
+        parts: list[bytes] = []
+        size = 0
+        with anyio.move_on_after(max(0.0, left)) as scope:
+            async for chunk in self._request.content.iter_any():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise BodyTooLarge
+                parts.append(chunk)
+        if scope.cancelled_caught:
+            raise RequestTooSlow
+        return b"".join(parts)
+
+    @property
+    def started_response(self) -> bool:
+        return self._response is not None
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        """A whole response at once."""
+        response = web.Response(status=status, body=body)
+        _set_headers(response, headers)
+        self._response = response
+        await self._guard(response.prepare(self._request))
+        await self._guard(response.write_eof())
+
+    async def start(self, status: int, headers: Headers, content_length: int | None) -> None:
+        """Send the head of a response whose body follows in `write` calls."""
+        response = web.StreamResponse(status=status)
+        _set_headers(response, headers)
+        if content_length is not None:
+            response.content_length = content_length
+        self._response = response
+        await self._guard(response.prepare(self._request))
+
+    async def write(self, chunk: bytes) -> None:
+        assert self._response is not None
+        await self._guard(self._response.write(chunk))
+
+    async def finish(self) -> None:
+        assert self._response is not None
+        await self._guard(self._response.write_eof())
+
+    def abort(self) -> None:
+        """Drop the connection so the client sees a cut response, not a clean end."""
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+
+    def response(self) -> web.StreamResponse:
+        if self._response is None:
+            self._response = web.Response(status=500)
+        return self._response
+
+    @staticmethod
+    async def _guard(step: Awaitable[Any]) -> None:
+        try:
+            await step
+        except (ConnectionError, ClientError, RuntimeError) as exc:
+            raise ClientGone(type(exc).__name__) from None
+
+
+def _set_headers(response: web.StreamResponse, headers: Headers) -> None:
+    for name, value in headers:
+        response.headers.add(name, value)
+
+
+def relayable(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> Headers:
+    """The end-to-end headers of a message, without the connection ones and `drop` (lower case)."""
+    return [(k, v) for k, v in headers if (low := k.lower()) not in HOP_BY_HOP and low not in drop]
+
+
+class UpstreamResponse:
+    """An upstream's answer: status and headers now, the body chunk by chunk as it arrives."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return int(self._response.status)
+
+    @property
+    def headers(self) -> Headers:
+        return list(self._response.headers.items())
+
+    @property
+    def content_length(self) -> int | None:
+        value = self._response.content_length
+        return int(value) if value is not None else None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except ServerTimeoutError:
+            raise UpstreamTimeout("the upstream went silent mid-response") from None
+        except (ClientPayloadError, ClientError, ConnectionError) as exc:
+            raise UpstreamCut(type(exc).__name__) from None
+
+    def close(self) -> None:
+        """Stop reading and drop the upstream connection (an abandoned stream stops costing)."""
+        self._response.close()
+
+
+class UpstreamClient:
+    """A pooled HTTP client for upstream calls; create and close it on the serving loop."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self._timeout = ClientTimeout(
+            total=None,
+            connect=connect_timeout,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout,
+        )
+        self._session: ClientSession | None = None
+
+    async def __aenter__(self) -> UpstreamClient:
+        connector = TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self._session = ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=_CLIENT_SKIPS,
+            cookie_jar=DummyCookieJar(),  # upstream cookies must not leak between agents
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def open(
+        self, method: str, url: str, headers: Headers, body: bytes
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send a request; yields once the response head is in, closes it on exit."""
+        assert self._session is not None, "use the client inside `async with`"
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+        except ClientConnectorError as exc:
+            raise UpstreamUnreachable(_reason(exc)) from None
+        except (TimeoutError, ServerTimeoutError):
+            raise UpstreamTimeout("the upstream did not answer in time") from None
+        except (ClientError, ConnectionError) as exc:
+            raise UpstreamUnreachable(type(exc).__name__) from None
+        try:
+            yield UpstreamResponse(response)
+        finally:
+            response.release()
+
+
+def _reason(exc: ClientConnectorError) -> str:
+    # the host and port only: never the whole URL or request
+    return f"cannot connect to {exc.host}:{exc.port} ({exc.strerror or type(exc).__name__})"
+
+
+Handler = Callable[[Incoming], Awaitable[None]]
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's connection handler, answering malformed requests in our own words, unlogged.
+
+    aiohttp's default logs the offending line, which can hold an API key.
+    """
+
+    error_page: ErrorPage
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status, text = 431, "request header fields too large"
+        elif status == 500:
+            text = "internal error in tokenwatch's proxy"
+        else:
+            text = "malformed HTTP request"
+        log.debug("refused a request: %s (%s)", text, type(exc).__name__)
+        body, ctype = self.error_page(status, text)
+        response = web.Response(status=status, body=body, content_type=None)
+        response.headers["Content-Type"] = ctype
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __init__(self, handler: Any, error_page: ErrorPage, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._error_page = error_page
+
+    def __call__(self) -> RequestHandler:
+        protocol = _Protocol(self, loop=self._loop, **self._kwargs)
+        protocol.error_page = self._error_page
+        return protocol
+
+
+class HttpServer:
+    """Serves `handler` on loopback addresses; one port for all of them."""
+
+    def __init__(self, handler: Handler, limits: Limits, error_page: ErrorPage) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._error_page = error_page
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        incoming = Incoming(request, asyncio.get_running_loop().time())
+        await self._handler(incoming)
+        return incoming.response()
+
+    async def serve(
+        self,
+        hosts: list[str],
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on `hosts[0]` (required) and the others (best effort) until cancelled."""
+        server = _Server(
+            self._handle,
+            self._error_page,
+            # an idle or half-sent head is dropped after the deadline; a running response is not
+            keepalive_timeout=self._limits.request_timeout,
+            max_line_size=self._limits.max_header_bytes,
+            max_field_size=self._limits.max_header_bytes,
+            auto_decompress=False,
+            access_log=None,
+        )
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        try:
+            first = web.TCPSite(runner, hosts[0], port, reuse_address=True)
+            await first.start()
+            bound = int(runner.addresses[0][1])
+            for host in hosts[1:]:
+                await _start_optional(web.TCPSite(runner, host, bound, reuse_address=True))
+            task_status.started(bound)
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+
+
+async def _start_optional(site: web.TCPSite) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        # e.g. no IPv6 loopback on this machine: the first address still serves
+        log.debug("not listening on %s: %s", site.name, exc.strerror)

@@ -1,0 +1,501 @@
+"""The proxy: routes each agent's call upstream, relays it unchanged, gates it and records its usage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import orjson
+
+from tokenwatch.config import ProxySettings
+from tokenwatch.core import tokens
+from tokenwatch.core.admission import Admission, CallRequest, Gate
+from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.tokens import TokenCount
+from tokenwatch.proxy import anthropic_usage, openai_usage
+from tokenwatch.proxy.errors import JSON, ErrorReply, error_body, error_reply
+from tokenwatch.proxy.http import (
+    BodyTooLarge,
+    ClientGone,
+    Headers,
+    HttpServer,
+    Incoming,
+    Limits,
+    RequestTooSlow,
+    UpstreamClient,
+    UpstreamCut,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    relayable,
+)
+from tokenwatch.proxy.routes import (
+    ANTHROPIC,
+    OPENAI,
+    AgentRoute,
+    RouteTable,
+    Target,
+    check_bind,
+    loopback_host,
+    provider_of,
+    split_path,
+    upstream_url,
+)
+from tokenwatch.proxy.sse import SseSplitter
+from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt
+
+__all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
+
+log = logging.getLogger("tokenwatch.proxy")
+
+CALL_ID_HEADER = "x-tokenwatch-call-id"
+MAX_HEADER_BYTES = 16_384
+"""Longest request line or header field accepted (431 beyond)."""
+MAX_CAPTURE_BYTES = 16 * 1024 * 1024
+"""A JSON response is kept for reading its usage up to this size; it is relayed whatever its size."""
+_UPSTREAM_DROP = frozenset({CALL_ID_HEADER, "accept-encoding"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyStatistics:
+    """How busy the proxy is, for `tokenwatch status` and the dashboard."""
+
+    in_flight: int
+    """Calls being forwarded or relayed right now."""
+    held: int
+    """Calls waiting for admission (paused or throttled agent)."""
+    total: int
+    """Requests received since start, refused ones included."""
+    errors: int
+    """Calls that ended in an upstream error, a cut stream or a timeout."""
+    refused: int
+    """Calls refused by the gate (budget, deny, store unavailable) or by the proxy's guards."""
+    settling: int
+    """Recorded calls whose settlement has not returned yet."""
+    settle_failures: int
+    """Settlements that raised (the engine keeps the record and retries; the proxy only counts)."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """One metered call on its way: what is known so far and the event being filled."""
+
+    target: Target
+    route: AgentRoute
+    facts: CallFacts
+    prompt: TokenCount
+    event: UsageEvent
+    reader: Reader
+    strip_usage: bool = False
+    started: float = 0.0
+    first_byte: float | None = None
+
+
+class ProxyServer:
+    """The local reverse proxy. `port = await tg.start(proxy.serve)`; cancel the scope to stop."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        routes: RouteTable,
+        settings: ProxySettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._gate = gate
+        self._routes = routes
+        self._settings = settings
+        self._clock = clock
+        self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
+        self._http = HttpServer(self._handle, self._limits, _protocol_error_page)
+        self._client: UpstreamClient | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._host = settings.host
+        self.port = 0
+        self._in_flight = self._held = self._total = self._errors = self._refused = 0
+        self._settling = self._settle_failures = 0
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on loopback until cancelled; reports the port once listening."""
+        hosts = check_bind(self._settings.host)
+        # load the tokenizer now, in a thread, so the first call does not stall the loop
+        await anyio.to_thread.run_sync(tokens.count_text, "warm up")
+        timeouts = (self._settings.connect_timeout, self._settings.read_timeout)
+        async with UpstreamClient(*timeouts) as client, anyio.create_task_group() as tg:
+            self._client, self._tg = client, tg
+            self.port = await tg.start(self._http.serve, hosts, self._settings.port)
+            task_status.started(self.port)
+
+    def base_urls(self, token: str) -> dict[str, str]:
+        """The environment that points an agent's SDKs at its route."""
+        host = "[::1]" if self._host == "::1" else "127.0.0.1"
+        root = f"http://{host}:{self.port}/a/{token}"
+        return {"OPENAI_BASE_URL": root + "/v1", "ANTHROPIC_BASE_URL": root}
+
+    def statistics(self) -> ProxyStatistics:
+        return ProxyStatistics(
+            in_flight=self._in_flight,
+            held=self._held,
+            total=self._total,
+            errors=self._errors,
+            refused=self._refused,
+            settling=self._settling,
+            settle_failures=self._settle_failures,
+        )
+
+    # -- one request ---------------------------------------------------------------------------
+
+    async def _handle(self, req: Incoming) -> None:
+        self._total += 1
+        provider = provider_of(req.path, req.headers)
+        if not loopback_host(req.headers.get("Host"), self.port):
+            message = "tokenwatch's proxy only answers requests addressed to localhost"
+            return await self._guard(req, provider, 403, message, "bad_host")
+        target = split_path(req.path, req.headers)
+        route = self._routes.get(target.token) if target is not None else None
+        if target is None or route is None:
+            message = "unknown tokenwatch route: use the base URL `tokenwatch env` or `run` gave"
+            return await self._guard(req, provider, 404, message, "no_route")
+        try:
+            body = await req.read_body(self._limits)
+        except BodyTooLarge:
+            limit = self._settings.max_body_bytes
+            message = f"request body over tokenwatch's limit of {limit} bytes"
+            return await self._guard(req, provider, 413, message, "too_large")
+        except RequestTooSlow:
+            message = "the request was not received in time"
+            return await self._guard(req, provider, 408, message, "too_slow")
+        await self._dispatch(req, target, route, body)
+
+    async def _guard(
+        self, req: Incoming, provider: str, status: int, message: str, code: str
+    ) -> None:
+        """Refuse a request the proxy will not forward at all (nothing reaches the upstream)."""
+        self._refused += 1
+        await self._refuse(req, error_reply(provider, status, message, code=code))
+
+    async def _dispatch(
+        self, req: Incoming, target: Target, route: AgentRoute, body: bytes
+    ) -> None:
+        doc = _json_object(body) if req.method == "POST" else None
+        facts = _read_request(target, doc)
+        if req.method != "POST" or not facts.metered:
+            return await self._pass_through(req, target, route, body, facts.model)
+        prompt = await count_prompt(facts, len(body))
+        admission = await self._admit(req, target, route, facts, prompt)
+        if admission is None:
+            return
+        call = self._new_call(req, target, route, facts, prompt, admission)
+        if not admission.allowed:
+            self._refused += 1
+            call.event.status = Status.DENIED.value
+            call.event.http_status = admission.status
+            self._settle_soon(admission, call.event)
+            return await self._refuse(req, _refusal(target.provider, admission))
+        self._in_flight += 1
+        try:
+            await self._forward(req, call, body, doc)
+        finally:
+            self._in_flight -= 1
+            self._settle_soon(admission, call.event)
+
+    async def _admit(
+        self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
+    ) -> Admission | None:
+        call = CallRequest(
+            agent=route.agent,
+            provider=target.provider,
+            model=facts.model,
+            endpoint=target.endpoint,
+            run_id=route.run_id,
+            task=route.task,
+            user=route.user,
+            tags=dict(route.tags),
+            input_tokens=prompt.tokens,
+            max_output_tokens=facts.max_output_tokens or self._settings.default_max_output_tokens,
+            prompt_hash=facts.prompt_hash,
+        )
+        self._held += 1
+        try:
+            return await self._gate.admit(call)
+        except Exception as exc:
+            # fail closed: a call nobody could check must not spend
+            log.warning("admission failed for agent %s: %s", route.agent, type(exc).__name__)
+            message = "tokenwatch could not check this call against its budgets; try again"
+            await self._guard(req, target.provider, 503, message, "gate_error")
+            return None
+        finally:
+            self._held -= 1
+
+    def _new_call(
+        self,
+        req: Incoming,
+        target: Target,
+        route: AgentRoute,
+        facts: CallFacts,
+        prompt: TokenCount,
+        admission: Admission,
+    ) -> _Call:
+        event = UsageEvent(
+            ts=self._clock(),
+            agent=route.agent,
+            run_id=route.run_id,
+            user=route.user,
+            task=route.task,
+            provider=target.provider,
+            model=facts.model,
+            endpoint=target.endpoint,
+            wait_ms=admission.waited_ms,
+            prompt_hash=facts.prompt_hash,
+            source=Source.PROXY.value,
+            call_id=req.headers.get(CALL_ID_HEADER) or uuid.uuid4().hex,
+        )
+        reader: Reader
+        if target.provider == ANTHROPIC:
+            reader = anthropic_usage.AnthropicReader()
+        else:
+            reader = openai_usage.OpenAIReader(target.endpoint)
+        return _Call(target, route, facts, prompt, event, reader)
+
+    # -- forwarding ----------------------------------------------------------------------------
+
+    async def _forward(
+        self, req: Incoming, call: _Call, body: bytes, doc: dict[str, Any] | None
+    ) -> None:
+        if call.target.provider == OPENAI and doc is not None:
+            asked = openai_usage.ask_for_usage(call.target.endpoint, doc)
+            if asked is not None:
+                body, call.strip_usage = asked, True
+                call.reader = openai_usage.OpenAIReader(call.target.endpoint, strip_usage=True)
+        headers = relayable(req.header_items(), _UPSTREAM_DROP)
+        # identity, so the usage in a JSON body can be read; the agent's leg is loopback anyway
+        headers.append(("Accept-Encoding", "identity"))
+        url = upstream_url(self._settings, call.route, call.target, call.facts.model, req.query)
+        call.started = _now()
+        try:
+            await self._exchange(req, call, url, headers, body)
+        except ClientGone:
+            call.event.status = Status.CANCELLED.value
+        except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
+            await self._upstream_failed(req, call, exc)
+        await self._finish_event(call)
+
+    async def _exchange(
+        self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
+    ) -> None:
+        assert self._client is not None
+        async with self._client.open(req.method, url, headers, body) as upstream:
+            call.event.http_status = upstream.status
+            length = None if call.strip_usage else upstream.content_length
+            await req.start(upstream.status, relayable(upstream.headers), length)
+            try:
+                if _is_sse(upstream.headers):
+                    await self._relay_stream(req, call, upstream)
+                else:
+                    await self._relay_body(req, call, upstream)
+                await req.finish()
+            except ClientGone:
+                upstream.close()  # an abandoned generation stops costing
+                raise
+
+    async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+        kept: list[bytes] = []
+        size = 0
+        async for chunk in upstream.chunks():
+            self._first_byte(call)
+            await req.write(chunk)
+            size += len(chunk)
+            if size <= MAX_CAPTURE_BYTES:
+                kept.append(chunk)
+        if size <= MAX_CAPTURE_BYTES:
+            call.reader.read_json(b"".join(kept))
+
+    async def _relay_stream(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+        splitter = SseSplitter()
+        read = call.reader.read_event
+        async for chunk in upstream.chunks():
+            self._first_byte(call)
+            if call.strip_usage:
+                # whole events only, so the usage chunk the client did not ask for can be left out
+                out = b"".join(e.raw for e in splitter.feed(chunk) if read(e))
+                if out:
+                    await req.write(out)
+                continue
+            await req.write(chunk)  # relay first: parsing must not delay the agent's tokens
+            for event in splitter.feed(chunk):
+                read(event)
+        rest = splitter.rest()
+        if rest and call.strip_usage:
+            await req.write(rest)
+
+    def _first_byte(self, call: _Call) -> None:
+        if call.first_byte is None:
+            call.first_byte = _now()
+
+    async def _upstream_failed(self, req: Incoming, call: _Call, exc: Exception) -> None:
+        self._errors += 1
+        call.event.status = Status.ERROR.value
+        if req.started_response:
+            req.abort()  # the client must see a cut stream, not a clean end
+            return
+        status = 504 if isinstance(exc, UpstreamTimeout) else 502
+        call.event.http_status = status
+        message = f"tokenwatch could not reach the upstream: {exc}"
+        await self._refuse(req, error_reply(call.target.provider, status, message, code="upstream"))
+
+    async def _finish_event(self, call: _Call) -> None:
+        """Fill in timing and usage: the upstream's figures, else a local count marked estimated."""
+        event, reader, end = call.event, call.reader, _now()
+        event.latency_ms = (end - call.started) * 1000
+        if call.first_byte is not None:
+            event.ttft_ms = (call.first_byte - call.started) * 1000
+        failed = event.http_status is None or event.http_status >= 400
+        if failed:
+            # an upstream error costs nothing unless its body says it was billed
+            if event.status == Status.OK.value:
+                event.status = Status.ERROR.value
+                self._errors += 1
+            if reader.usage is not None:
+                _fill(event, reader.usage)
+        elif reader.usage is not None and reader.complete:
+            _fill(event, reader.usage)
+        else:
+            await self._estimate(call, reader.usage)
+
+    async def _estimate(self, call: _Call, usage: Usage | None) -> None:
+        """No usage, or a cut or abandoned stream: count what was sent and received."""
+        known = usage or Usage()
+        output = await tokens.count_text_async(call.reader.output_text(), call.facts.model)
+        _fill(call.event, known)
+        call.event.input_tokens = known.input_tokens or call.prompt.tokens
+        call.event.output_tokens = max(known.output_tokens, output.tokens)
+        call.event.estimated = True
+
+    # -- pass-through, refusals, settling --------------------------------------------------------
+
+    async def _pass_through(
+        self, req: Incoming, target: Target, route: AgentRoute, body: bytes, model: str
+    ) -> None:
+        assert self._client is not None
+        url = upstream_url(self._settings, route, target, model, req.query)
+        headers = relayable(req.header_items(), frozenset({CALL_ID_HEADER}))
+        self._in_flight += 1
+        try:
+            async with self._client.open(req.method, url, headers, body) as upstream:
+                await req.start(
+                    upstream.status, relayable(upstream.headers), upstream.content_length
+                )
+                async for chunk in upstream.chunks():
+                    await req.write(chunk)
+                await req.finish()
+        except ClientGone:
+            pass
+        except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
+            call = _Call(target, route, CallFacts(), TokenCount(0, True, ""), UsageEvent(), _Null())
+            await self._upstream_failed(req, call, exc)
+        finally:
+            self._in_flight -= 1
+
+    async def _refuse(self, req: Incoming, reply: ErrorReply) -> None:
+        try:
+            await req.respond(reply.status, reply.headers, reply.body)
+        except ClientGone:
+            pass
+
+    def _settle_soon(self, admission: Admission, event: UsageEvent) -> None:
+        """Settle in the server's task group: the agent's connection is not held while it runs."""
+        assert self._tg is not None
+        self._settling += 1
+        self._tg.start_soon(self._settle, admission, event)
+
+    async def _settle(self, admission: Admission, event: UsageEvent) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._gate.settle(admission, event)
+            except Exception as exc:
+                self._settle_failures += 1
+                log.warning(
+                    "could not settle a call of agent %s (%s): the engine keeps and retries it",
+                    event.agent,
+                    type(exc).__name__,
+                )
+            finally:
+                self._settling -= 1
+
+
+class _Null:
+    """A reader for calls whose response is not read (pass-through)."""
+
+    usage: Usage | None = None
+    complete = False
+
+    def read_json(self, body: bytes) -> None:
+        return None
+
+    def read_event(self, event: Any) -> bool:
+        return True
+
+    def output_text(self) -> str:
+        return ""
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if body.lstrip()[:1] != b"{":
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
+    if doc is None:
+        metered = target.endpoint in openai_usage.METERED or target.endpoint == "/v1/messages"
+        return CallFacts(metered=metered)
+    if target.provider == ANTHROPIC:
+        return anthropic_usage.read_request(target.endpoint, doc)
+    return openai_usage.read_request(target.endpoint, doc)
+
+
+def _is_sse(headers: Headers) -> bool:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.lower().startswith("text/event-stream")
+    return False
+
+
+def _fill(event: UsageEvent, usage: Usage) -> None:
+    event.input_tokens = usage.input_tokens
+    event.output_tokens = usage.output_tokens
+    event.cache_read_tokens = usage.cache_read_tokens
+    event.cache_write_tokens = usage.cache_write_tokens
+    event.reasoning_tokens = usage.reasoning_tokens
+
+
+def _refusal(provider: str, admission: Admission) -> ErrorReply:
+    status = admission.status if admission.status >= 400 else 429
+    message = admission.message or "refused by tokenwatch"
+    code = "budget_exceeded" if admission.budget else "tokenwatch_refused"
+    # without a retry-after, waiting will not help: tell the SDK not to retry on its own
+    retry = None if admission.retry_after is not None else False
+    return error_reply(
+        provider, status, message, code=code, retry_after=admission.retry_after, retry=retry
+    )
+
+
+def _protocol_error_page(status: int, message: str) -> tuple[bytes, str]:
+    return error_body(OPENAI, status, message), JSON

@@ -1,0 +1,66 @@
+"""Server-sent events split out of a byte stream that arrives in arbitrary chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One event: its exact bytes (separator included), its `event:` name and joined `data:`."""
+
+    raw: bytes
+    name: str
+    data: bytes
+
+
+class SseSplitter:
+    """Feed chunks, get whole events; a partial event waits for the next chunk."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        buffer = self._pending + chunk if self._pending else chunk
+        events: list[SseEvent] = []
+        start = 0
+        while True:
+            end, sep = _next_boundary(buffer, start)
+            if end < 0:
+                break
+            events.append(parse_event(buffer[start : end + sep]))
+            start = end + sep
+        self._pending = buffer[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """Bytes of an event that never ended (a cut stream), exactly as received."""
+        pending, self._pending = self._pending, b""
+        return pending
+
+
+def _next_boundary(buffer: bytes, start: int) -> tuple[int, int]:
+    best, size = -1, 0
+    for sep in _SEPARATORS:
+        at = buffer.find(sep, start)
+        if at >= 0 and (best < 0 or at < best):
+            best, size = at, len(sep)
+    return best, size
+
+
+def parse_event(raw: bytes) -> SseEvent:
+    name = ""
+    data: list[bytes] = []
+    for line in raw.splitlines():
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value.decode("utf-8", "replace")
+    return SseEvent(raw, name, b"\n".join(data))

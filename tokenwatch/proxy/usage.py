@@ -1,0 +1,107 @@
+"""What the proxy learns about one call: the request's facts, and the usage its response reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio.to_thread
+
+from tokenwatch.core import tokens
+from tokenwatch.core.tokens import TokenCount
+from tokenwatch.proxy.sse import SseEvent
+
+INLINE_CHARS = 16_384
+"""Request bodies smaller than this are counted on the event loop; bigger ones in a thread."""
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token figures normalised the OpenTelemetry way (see core.models.UsageEvent)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class CallFacts:
+    """What a request says about itself before it is sent."""
+
+    model: str = ""
+    stream: bool = False
+    max_output_tokens: int = 0
+    """The request's own output limit; 0 when it sets none."""
+    prompt_hash: str = ""
+    metered: bool = True
+    """False for calls that cost nothing and are only relayed (count_tokens, models, files)."""
+    prompt: Callable[[], TokenCount] | None = None
+    """Counts the prompt locally (tiktoken); None when there is nothing to count."""
+
+
+class Reader(Protocol):
+    """Reads one response's usage (and, for estimates, its generated text)."""
+
+    usage: Usage | None
+    complete: bool
+    """True once the response said it had ended (final usage, `[DONE]`, `message_stop`)."""
+
+    def read_json(self, body: bytes) -> None: ...
+
+    def read_event(self, event: SseEvent) -> bool:
+        """Take in one SSE event; False when the client must not see it (usage it did not ask for)."""
+        ...
+
+    def output_text(self) -> str: ...
+
+
+@dataclass(slots=True)
+class TextParts:
+    """Generated text collected from stream deltas, for counting when no usage comes."""
+
+    parts: list[str] = field(default_factory=list)
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, str) and value:
+            self.parts.append(value)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def number(doc: Any, *keys: str) -> int:
+    """An integer found by walking `keys` into nested objects; 0 when absent or not a number."""
+    for key in keys:
+        if not isinstance(doc, dict):
+            return 0
+        doc = doc.get(key)
+    return doc if isinstance(doc, int) and not isinstance(doc, bool) else 0
+
+
+def model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else ""
+
+
+def int_field(body: dict[str, Any], *names: str) -> int:
+    for name in names:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
+    """The prompt's tokens without blocking the loop; a chars/4 estimate if it cannot be read."""
+    count = facts.prompt
+    if count is None:
+        return TokenCount(0, True, "none")
+    try:
+        if body_size < INLINE_CHARS and tokens.encoding_ready(facts.model):
+            return count()
+        return await anyio.to_thread.run_sync(count)
+    except (TypeError, ValueError, AttributeError):
+        return TokenCount(max(1, body_size // tokens.CHARS_PER_TOKEN), True, "chars/4")
