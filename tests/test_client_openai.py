@@ -93,6 +93,7 @@ async def test_sync_chat_completion(fake: FakeLLM, sup: FakeSupervisor) -> None:
     assert event["agent"] == "researcher"
     assert event["model"] == reply.model
     assert event["prompt_hash"]
+    assert event["prompt_shape"]
     assert event["latency_ms"] > 0
     assert event["http_status"] == 200
 

@@ -201,6 +201,7 @@ class Call:
         self.ttft_ms: float | None = None
         self.done = False
         self._prompt_tokens: tuple[int, bool] | None = None
+        self._prompt_hash: str | None = None
         self._add_call_id_header()
 
     @classmethod
@@ -256,7 +257,9 @@ class Call:
         return self.kwargs.get("input", self.kwargs.get("prompt", ""))
 
     def prompt_hash(self) -> str:
-        return prompt.prompt_hash(self.prompt())
+        if self._prompt_hash is None:
+            self._prompt_hash = prompt.prompt_hash(self.prompt())
+        return self._prompt_hash
 
     def prompt_tokens(self) -> tuple[int, bool]:
         if self._prompt_tokens is None:
@@ -332,7 +335,7 @@ class Call:
             output_tokens, _ = prompt.count_output(output_text, model_name)
             usage = Counted(input_tokens=prompt_tokens, output_tokens=output_tokens)
             estimated = True
-        event = tracking.new_event(
+        return tracking.new_event(
             ts=self.ts,
             provider=PROVIDER,
             model=model_name,
@@ -347,13 +350,10 @@ class Call:
             status=status.value,
             http_status=http_status,
             prompt_hash=self.prompt_hash(),
+            prompt_shape=prompt.prompt_shape_hash(self.prompt()),
             estimated=estimated,
             call_id=self.call_id,
         )
-        shape = prompt.prompt_shape_hash(self.prompt())
-        if shape and hasattr(event, "prompt_shape"):
-            event.prompt_shape = shape
-        return event
 
 
 class StreamWatch:

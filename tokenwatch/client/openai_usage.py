@@ -33,6 +33,12 @@ def field(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+def items(obj: Any, name: str) -> list[Any]:
+    """A list-valued field, or [] when it is absent or not a list."""
+    value = field(obj, name)
+    return list(value) if isinstance(value, list | tuple) else []
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -92,7 +98,7 @@ class StreamReading:
         if found is not None:
             self.usage = found
         before = len(self.parts)
-        for choice in field(chunk, "choices") or ():
+        for choice in items(chunk, "choices"):
             self._take_choice(choice)
         return self._content_seen(before)
 
@@ -105,7 +111,7 @@ class StreamReading:
             value = field(delta, name)
             if isinstance(value, str) and value:
                 self.parts.append(value)
-        for tool_call in field(delta, "tool_calls") or ():
+        for tool_call in items(delta, "tool_calls"):
             function = field(tool_call, "function")
             for name in ("name", "arguments"):
                 value = field(function, name)
