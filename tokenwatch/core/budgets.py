@@ -498,8 +498,9 @@ class Budgets:
             f"{event.agent} made one call using {budget.show(amount)}, over budget "
             f"{budget.name} ({budget.show(budget.limit)} per call)"
         )
-        alert = Alert(f"budget:{budget.name}", event.agent, message, Severity.WARNING.value,
-                      ts=self._clock())  # fmt: skip
+        alert = Alert(
+            f"budget:{budget.name}", event.agent, message, Severity.WARNING.value, ts=self._clock()
+        )
         return Signal(alert=alert, action=ActionKind.ALERT.value, agent=event.agent)
 
     # -- status ---------------------------------------------------------------------------------
