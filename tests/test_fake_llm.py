@@ -33,6 +33,11 @@ def only_call(fake: FakeLLM) -> CountedCall:
     return fake.calls[0]
 
 
+def billed(call: CountedCall) -> tuple[int, int]:
+    """(input, output) tokens as the server counted them: what the SDK must report."""
+    return call.input_tokens, call.output_tokens
+
+
 async def test_chat_completion_usage_matches_what_the_server_counted(
     fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
 ) -> None:
@@ -76,14 +81,11 @@ async def test_stream_with_include_usage_ends_with_a_usage_chunk(
         stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
-    call = only_call(fake_llm)
     *body, last = chunks
     assert last.choices == []
     assert last.usage is not None
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
-        call.input_tokens,
-        call.output_tokens,
-    )
+    call = only_call(fake_llm)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == billed(call)
     assert all(c.usage is None for c in body)
     assert body[0].choices[0].delta.role == "assistant"
     assert body[-1].choices[0].finish_reason == "stop"
@@ -205,12 +207,8 @@ async def test_responses_api_stream_has_the_real_event_sequence(
     done = next(e for e in events if e.type == "response.output_text.done")
     assert deltas == done.text
     final = events[-1].response  # type: ignore[union-attr]
-    call = only_call(fake_llm)
     assert final.usage is not None
-    assert (final.usage.input_tokens, final.usage.output_tokens) == (
-        call.input_tokens,
-        call.output_tokens,
-    )
+    assert (final.usage.input_tokens, final.usage.output_tokens) == billed(only_call(fake_llm))
 
 
 async def test_responses_stream_helper_and_reasoning(
@@ -346,12 +344,8 @@ async def test_anthropic_stream_helper(
     ) as stream:
         text = "".join([t async for t in stream.text_stream])
         final = await stream.get_final_message()
-    call = only_call(fake_llm)
     assert text == final.content[0].text  # type: ignore[union-attr]
-    assert (final.usage.input_tokens, final.usage.output_tokens) == (
-        call.input_tokens,
-        call.output_tokens,
-    )
+    assert (final.usage.input_tokens, final.usage.output_tokens) == billed(only_call(fake_llm))
 
 
 async def test_anthropic_cache_control_writes_then_reads(
