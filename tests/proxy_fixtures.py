@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
-import pytest
 
 from tokenwatch.config import ProxySettings
 from tokenwatch.core.admission import Admission, CallRequest
@@ -126,9 +125,3 @@ async def running_proxy(
                 yield ProxyRig(proxy, routes, gate, fake, token, proxy.base_urls(token))
             finally:
                 tg.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def rig() -> AsyncIterator[ProxyRig]:
-    async with running_proxy() as r:
-        yield r

@@ -8,7 +8,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.proxy_fixtures import API_KEY, ProxyRig, rig  # noqa: F401
+from tests.proxy_fixtures import API_KEY, ProxyRig, running_proxy
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -33,29 +33,36 @@ def assert_matches_fake(rig: ProxyRig) -> None:
 
 
 @pytest.fixture
-async def oai(rig: ProxyRig) -> AsyncIterator[openai.AsyncOpenAI]:  # noqa: F811
+async def rig() -> AsyncIterator[ProxyRig]:
+    async with running_proxy() as r:
+        yield r
+
+
+@pytest.fixture
+async def oai(rig: ProxyRig) -> AsyncIterator[openai.AsyncOpenAI]:
     async with openai.AsyncOpenAI(
         base_url=rig.openai_url, api_key=API_KEY, max_retries=0
     ) as client:
         yield client
 
 
-async def test_chat_completion_json(rig: ProxyRig, oai: openai.AsyncOpenAI) -> None:  # noqa: F811
+async def test_chat_completion_json(rig: ProxyRig, oai: openai.AsyncOpenAI) -> None:
     reply = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
     assert reply.choices[0].message.content
     (event,) = await rig.gate.wait_settled(1)
-    assert event.agent == "coder" and event.run_id == "run-1" and event.task == "t1"
-    assert event.source == "proxy" and event.status == "ok" and event.http_status == 200
+    assert (event.agent, event.run_id, event.task) == ("coder", "run-1", "t1")
+    assert (event.source, event.status, event.http_status) == ("proxy", "ok", 200)
     assert reply.usage is not None
     assert event.input_tokens == reply.usage.prompt_tokens
     assert event.output_tokens == reply.usage.completion_tokens
-    assert event.latency_ms is not None and event.latency_ms > 0
+    assert event.latency_ms is not None
+    assert event.latency_ms > 0
     assert event.prompt_hash
     assert_matches_fake(rig)
 
 
 async def test_streaming_chat_without_include_usage_hides_the_usage_chunk(
-    rig: ProxyRig,  # noqa: F811
+    rig: ProxyRig,
     oai: openai.AsyncOpenAI,
 ) -> None:
     stream = await oai.chat.completions.create(
@@ -70,12 +77,13 @@ async def test_streaming_chat_without_include_usage_hides_the_usage_chunk(
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
     (event,) = await rig.gate.wait_settled(1)
-    assert event.output_tokens > 0 and event.ttft_ms is not None
+    assert event.output_tokens > 0
+    assert event.ttft_ms is not None
     assert_matches_fake(rig)
 
 
 async def test_streaming_chat_with_include_usage_keeps_it(
-    rig: ProxyRig,  # noqa: F811
+    rig: ProxyRig,
     oai: openai.AsyncOpenAI,
 ) -> None:
     stream = await oai.chat.completions.create(
@@ -86,7 +94,8 @@ async def test_streaming_chat_with_include_usage_keeps_it(
     )
     chunks = [chunk async for chunk in stream]
     usage = chunks[-1].usage
-    assert usage is not None and not chunks[-1].choices
+    assert usage is not None
+    assert not chunks[-1].choices
     (event,) = await rig.gate.wait_settled(1)
     assert (event.input_tokens, event.output_tokens) == (
         usage.prompt_tokens,
@@ -95,7 +104,7 @@ async def test_streaming_chat_with_include_usage_keeps_it(
     assert_matches_fake(rig)
 
 
-async def test_legacy_completions_and_embeddings(rig: ProxyRig, oai: openai.AsyncOpenAI) -> None:  # noqa: F811
+async def test_legacy_completions_and_embeddings(rig: ProxyRig, oai: openai.AsyncOpenAI) -> None:
     await oai.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi", max_tokens=20)
     stream = await oai.completions.create(
         model="gpt-3.5-turbo-instruct", prompt=["one", "two"], max_tokens=20, stream=True
@@ -112,7 +121,7 @@ async def test_legacy_completions_and_embeddings(rig: ProxyRig, oai: openai.Asyn
     assert_matches_fake(rig)
 
 
-async def test_responses_api_json_and_stream(rig: ProxyRig, oai: openai.AsyncOpenAI) -> None:  # noqa: F811
+async def test_responses_api_json_and_stream(rig: ProxyRig, oai: openai.AsyncOpenAI) -> None:
     reply = await oai.responses.create(model="o4-mini", input="Why is the sky blue?")
     assert reply.usage is not None
     async with oai.responses.stream(
@@ -129,7 +138,7 @@ async def test_responses_api_json_and_stream(rig: ProxyRig, oai: openai.AsyncOpe
     assert_matches_fake(rig)
 
 
-async def test_anthropic_messages_json_and_stream(rig: ProxyRig) -> None:  # noqa: F811
+async def test_anthropic_messages_json_and_stream(rig: ProxyRig) -> None:
     client = anthropic.AsyncAnthropic(base_url=rig.anthropic_url, api_key=API_KEY, max_retries=0)
     system = "You answer in one line. " * 300  # long enough to be cached on the second call
     msg = [{"role": "user", "content": "What is a token?"}]
@@ -163,7 +172,7 @@ async def test_anthropic_messages_json_and_stream(rig: ProxyRig) -> None:  # noq
     assert len(rig.gate.events) == 2
 
 
-async def test_sync_openai_client_in_a_thread(rig: ProxyRig) -> None:  # noqa: F811
+async def test_sync_openai_client_in_a_thread(rig: ProxyRig) -> None:
     import anyio.to_thread
 
     def call() -> int:
@@ -180,7 +189,7 @@ async def test_sync_openai_client_in_a_thread(rig: ProxyRig) -> None:  # noqa: F
     assert_matches_fake(rig)
 
 
-async def test_curl_gets_the_upstream_bytes(rig: ProxyRig) -> None:  # noqa: F811
+async def test_curl_gets_the_upstream_bytes(rig: ProxyRig) -> None:
     import json
     import shutil
 
