@@ -1,0 +1,226 @@
+"""Each detector fires on its pattern and stays quiet on healthy traffic that looks like it."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from budget_fixtures import Clock, at
+
+from tokenwatch.config import BudgetSettings
+from tokenwatch.core import detect
+from tokenwatch.core.budgets import Budgets
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
+
+T0 = at("2026-11-23 10:00")
+
+
+def sent(
+    ts: float, prompt: object, tokens: int, agent: str = "researcher", **kw: object
+) -> UsageEvent:
+    """A call as the SDK or proxy reports it: hashes of the prompt, never the prompt."""
+    return UsageEvent(
+        ts=ts,
+        agent=agent,
+        model="gpt-4o",
+        input_tokens=tokens,
+        output_tokens=200,
+        prompt_hash=prompt_hash(prompt),
+        prompt_shape=prompt_shape_hash(prompt),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def first_firing(events: list[UsageEvent], check: object) -> int | None:
+    """Index of the first call after which `check(events so far, now)` finds something."""
+    for i in range(len(events)):
+        if check(events[: i + 1], events[i].ts) is not None:  # type: ignore[operator]
+            return i
+    return None
+
+
+def chat_with_short_turns(turns: int = 30) -> list[UsageEvent]:
+    """A person chatting: `ok`, `go on`, `ok` ... every few seconds; the history grows."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": "You are helpful."}]
+    events = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": "ok" if i % 2 else "go on"})
+        events.append(sent(T0 + 4 * i, list(messages), 40 + 60 * i, agent="chat"))
+        messages.append({"role": "assistant", "content": f"Here is part {i + 1} of the story."})
+    return events
+
+
+def batch_job(calls: int = 200) -> list[UsageEvent]:
+    """Many different documents summarised as fast as the API allows."""
+    words = ["invoice", "contract", "memo", "report", "letter", "minutes", "brief", "note"]
+    return [
+        sent(
+            T0 + 0.3 * i,
+            f"Summarise this {words[i % 8]}: {' '.join(words[(i * k) % 8] for k in range(40))} "
+            f"from {words[(i // 8) % 8]} {words[(i // 64) % 8]}",
+            800 + (i * 37) % 400,
+            agent="batch",
+        )
+        for i in range(calls)
+    ]
+
+
+def long_expensive_task(calls: int = 40) -> list[UsageEvent]:
+    """One task reading a big fixed document and asking a different question each step."""
+    questions = ["who", "what", "when", "where", "why", "how", "which", "whose"]
+    return [
+        sent(
+            T0 + 20 * i,
+            f"<6000-token document> Question {questions[i % 8]} {questions[(i // 8) % 8]}",
+            6000 + (i % 5) * 50,
+            agent="analyst",
+            task="audit",
+        )
+        for i in range(calls)
+    ]
+
+
+HEALTHY = {
+    "chat": chat_with_short_turns,
+    "batch": batch_job,
+    "long task": long_expensive_task,
+}
+
+
+# -- runaway ------------------------------------------------------------------------------------------
+
+
+def test_runaway_fires_on_the_third_identical_prompt_and_says_so() -> None:
+    prompt = [{"role": "user", "content": "Fix the failing test."}]
+    events = [sent(T0 + 10 * i, prompt, 900) for i in range(3)]
+    assert detect.runaway(events[:2], events[1].ts) is None
+    finding = detect.runaway(events, events[2].ts)
+    assert finding is not None
+    assert finding.message == "researcher repeated the same prompt 3 times in 20 s"
+
+
+def test_runaway_sees_prompts_that_differ_only_by_a_counter_or_a_time() -> None:
+    events = [
+        sent(T0 + 5 * i, f"Attempt {i + 1} at 2026-11-23T10:00:{i:02d}Z: fix the test", 900)
+        for i in range(3)
+    ]
+    assert len({e.prompt_hash for e in events}) == 3
+    finding = detect.runaway(events, events[-1].ts)
+    assert finding is not None
+    assert "repeated nearly the same prompt 3 times in 10 s" in finding.message
+
+
+def test_runaway_ignores_repeats_spread_beyond_its_window_and_failed_retries() -> None:
+    prompt = "Fix the failing test."
+    slow = [sent(T0 + 40 * i, prompt, 900) for i in range(3)]
+    assert detect.runaway(slow, slow[-1].ts) is None  # 80 s apart
+    retries = [sent(T0 + i, prompt, 900, status="error", http_status=429) for i in range(2)]
+    retries.append(sent(T0 + 3, prompt, 900))
+    assert detect.runaway(retries, retries[-1].ts) is None
+
+
+def test_no_detector_fires_on_healthy_traffic_that_looks_like_a_problem() -> None:
+    checks = {
+        "runaway": detect.runaway,
+        "spike": detect.spike,
+        "context_growth": lambda events, now: detect.context_growth(events),
+    }
+    for kind, make in HEALTHY.items():
+        events = make()
+        for name, check in checks.items():
+            assert first_firing(events, check) is None, f"{name} fired on {kind}"
+
+
+# -- spike --------------------------------------------------------------------------------------------
+
+
+def steady(calls: int, every: float, tokens: int, start: float = T0) -> list[UsageEvent]:
+    return [sent(start + every * i, f"step {chr(65 + i % 26)}{i}", tokens) for i in range(calls)]
+
+
+def test_spike_fires_when_an_agent_burns_far_above_its_own_baseline() -> None:
+    baseline = steady(30, 60, 1000)  # 1.2k tokens/min for half an hour
+    burst_start = baseline[-1].ts + 60
+    burst = [sent(burst_start + 5 * i, f"tool output {i}", 3000) for i in range(12)]
+    events = baseline + burst
+    hit = first_firing(events, detect.spike)
+    assert hit is not None
+    assert hit >= len(baseline) + detect.SPIKE_MIN_CALLS - 1  # never on the first burst call
+    finding = detect.spike(events[: hit + 1], events[hit].ts)
+    assert finding is not None
+    assert "x its usual 1.2" in finding.message  # ~1.2k tokens/min before the burst
+
+
+def test_spike_needs_a_baseline_and_more_than_one_big_call() -> None:
+    fast_from_the_start = [sent(T0 + i, f"doc {i}", 3000) for i in range(60)]
+    assert first_firing(fast_from_the_start, detect.spike) is None
+    one_big = [*steady(30, 60, 1000), sent(T0 + 1810, "a huge one", 90_000)]
+    assert first_firing(one_big, detect.spike) is None
+
+
+def test_hourly_spend_over_the_daily_pace_counts_as_a_spike() -> None:
+    budgets = Budgets([BudgetSettings(name="daily", limit="$24")], tz="UTC", clock=lambda: T0)
+    rows = budgets.statuses()
+    events = [sent(T0 - 3000 + 60 * i, f"q{i}", 1000, cost_usd=0.2) for i in range(50)]
+    finding = detect.hourly_overspend(events, T0, rows)
+    assert finding is not None
+    assert "spent $10.00 in the last hour, 10x the hourly pace of budget daily" in finding.message
+    assert detect.hourly_overspend(events[:20], T0, rows) is None  # $4 in the hour: under 5x
+
+
+# -- task tokens, context growth, drift --------------------------------------------------------------
+
+
+def test_task_tokens_compares_a_task_with_the_agents_usual_or_its_limit() -> None:
+    usual = [10_000, 12_000, 9_000]
+    assert detect.task_tokens("a", "t", 35_000, usual[:2]) is None  # too little history
+    assert detect.task_tokens("a", "t", 29_000, usual) is None
+    finding = detect.task_tokens("a", "t", 31_000, usual)
+    assert finding is not None
+    assert finding.message == "a's task t has used 31k tokens, 3.1x its usual 10k per task"
+    by_limit = detect.task_tokens("a", "t", 16_000, [], limit=5000)
+    assert by_limit is not None
+    assert "3.2x its limit of 5k" in by_limit.message
+
+
+def test_context_growth_fires_when_the_prompt_keeps_growing_within_a_task() -> None:
+    growing = [sent(T0 + 10 * i, f"step {i}", 10_000 + 2_500 * i, task="t") for i in range(10)]
+    finding = detect.context_growth(growing)
+    assert finding is not None
+    assert "grew on each of its last 10 calls, from 10k to 32.5k tokens" in finding.message
+    one_dip = [*growing[:5], sent(T0 + 51, "x", 9000, task="t"), *growing[5:]]
+    assert detect.context_growth(one_dip[:10]) is None
+    two_tasks = [
+        sent(e.ts, "s", e.input_tokens, task="t" if i < 5 else "u") for i, e in enumerate(growing)
+    ]
+    assert detect.context_growth(two_tasks) is None
+
+
+def test_drift_compares_tokens_per_task_with_the_period_before() -> None:
+    day = 86400.0
+    before = [(T0 - day - 3600 * i, 10_000) for i in range(3)]
+    assert detect.drift("a", [*before, *((T0 - 60 * i, 12_000) for i in range(3))], T0) is None
+    finding = detect.drift("a", [*before, *((T0 - 60 * i, 14_000) for i in range(3))], T0)
+    assert finding is not None
+    assert finding.message == "a now uses 14k tokens per task, up 40% from 10k in the period before"
+
+
+def test_huge_request_is_about_one_prompt_over_the_limit() -> None:
+    assert detect.huge_request(sent(T0, "x", 8000)) is None
+    finding = detect.huge_request(sent(T0, "x", 12_500))
+    assert finding is not None
+    assert finding.message == "researcher sent a 12.5k-token prompt to gpt-4o (over 8k)"
+
+
+def test_forecast_names_the_budget_and_when_it_runs_out() -> None:
+    clock = Clock(at("2026-11-23 00:00"))
+    budgets = Budgets([BudgetSettings(name="daily", limit="10k")], tz="UTC", clock=clock)
+    for _ in range(4):
+        budgets.record(sent(clock.now, "x", 800))  # 1k per hour
+        clock.advance(3600)
+    finding = detect.forecast("researcher", budgets.statuses(), clock.now, dt.UTC)
+    assert finding is not None
+    assert finding.message == (
+        "at the current rate budget daily runs out at 10:00, before it resets at 00:00 (40% used)"
+    )
+    assert detect.forecast("researcher", [], clock.now) is None
