@@ -258,7 +258,7 @@ class Store:
 
     def append_nowait(self, event: UsageEvent) -> None:
         """Queue an event; it is durable after the next flush (within `flush_interval`)."""
-        self._writer.submit((Item(event=event),))
+        self._writer.put_nowait(event)
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -135,8 +136,12 @@ def _bindable(row: tuple[Any, ...]) -> bool:
     return True
 
 
+# What sqlite3 raises when a value cannot be bound (wrong type, int too large).
+_BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, TypeError)
+
+
 class BatchWriter:
-    """Owns the write connection and its thread; items are FIFO, committed in batches.
+    """Owns the write connection and its thread; the queue is FIFO, committed in batches.
 
     Awaited items (append, flush, operations) are written as soon as the thread is free, so
     concurrent callers share one commit; queued-only events linger up to `flush_interval`
@@ -155,12 +160,16 @@ class BatchWriter:
         self._conn = conn
         self._path = path
         self._batch_size = max(1, batch_size)
-        self._flush_interval = flush_interval
+        self._flush_interval = max(0.001, flush_interval)
         self._token = token
         self._cond = threading.Condition()
-        self._queue: deque[Item] = deque()
+        # Plain events (queued without a waiter) or Items; deque appends are thread-safe.
+        self._queue: deque[UsageEvent | Item] = deque()
         self._awaited = 0
+        self._idle = False
         self._closing = False
+        self._last_id = 0
+        """Largest event id before the current batch (its rows are the ones above it)."""
         self._closed = Waiter()
         self.stats = WriterStatistics()
         self._thread = threading.Thread(target=self._run, name="tokenwatch-ledger", daemon=True)
@@ -168,13 +177,23 @@ class BatchWriter:
     def start(self) -> None:
         self._thread.start()
 
+    def put_nowait(self, event: UsageEvent) -> None:
+        """Queue one event without waiting (the hot path: no lock unless the thread sleeps)."""
+        if self._closing:
+            raise StoreUnavailable(f"the ledger {self._path} is closed")
+        self._queue.append(event)
+        if self._idle or len(self._queue) == self._batch_size:
+            with self._cond:
+                self._cond.notify()
+
     def submit(self, items: Iterable[Item]) -> None:
+        """Queue items someone awaits; the thread starts writing at once."""
         with self._cond:
             if self._closing:
                 raise StoreUnavailable(f"the ledger {self._path} is closed")
             for item in items:
                 self._queue.append(item)
-                self._awaited += item.waiter is not None
+                self._awaited += 1
             self._cond.notify()
 
     @property
@@ -207,12 +226,15 @@ class BatchWriter:
             self._closed.settle()
             self._wake([self._closed])
 
-    def _take(self, retry: float) -> list[Item] | None:
+    def _take(self, retry: float) -> list[UsageEvent | Item] | None:
         with self._cond:
             if retry and not self._closing:
                 self._cond.wait(retry)
             while not self._queue and not self._closing:
-                self._cond.wait()
+                # The timeout covers a put_nowait that raced past the idle flag.
+                self._idle = True
+                self._cond.wait(self._flush_interval)
+                self._idle = False
             if not self._queue:
                 return None
             deadline = time.monotonic() + self._flush_interval
@@ -221,39 +243,45 @@ class BatchWriter:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            size = min(len(self._queue), self._batch_size)
-            batch = [self._queue.popleft() for _ in range(size)]
-            self._awaited -= sum(item.waiter is not None for item in batch)
+            queue = self._queue
+            batch = [queue.popleft() for _ in range(min(len(queue), self._batch_size))]
+            self._awaited -= sum(type(x) is Item for x in batch)
             return batch
 
     def _give_up(self) -> None:
         with self._cond:
-            lost = [item for item in self._queue if item.waiter is None]
-            self.stats.lost += len(lost)
-            self._queue = deque(item for item in self._queue if item.waiter is not None)
+            kept = [x for x in self._queue if type(x) is Item]
+            self.stats.lost += len(self._queue) - len(kept)
+            self._queue = deque(kept)
 
-    def _requeue(self, items: Sequence[Item]) -> None:
+    def _requeue(self, events: Sequence[UsageEvent]) -> None:
         with self._cond:
-            self._queue.extendleft(reversed(items))
+            self._queue.extendleft(reversed(events))
 
-    def _write(self, batch: list[Item]) -> bool:
-        fresh = _first_of_each_call(batch)
+    def _write(self, batch: list[UsageEvent | Item]) -> bool:
+        items = [x for x in batch if isinstance(x, Item)]
+        events = _events_of(batch) if items else typing.cast(list[UsageEvent], batch)
         outcome = _Outcome()
         try:
-            stored, rejected = self._commit(fresh, batch)
+            inserted, rejected = self._commit(events, items)
         except sqlite3.Error as exc:
             self._fail(batch, StoreUnavailable(describe(exc, self._path)), outcome)
             self._wake(outcome.wake)
             return False
         self.stats.batches += 1
-        self.stats.committed += len(stored)
-        events = sum(item.event is not None for item in batch)
-        self.stats.duplicates += events - len(stored) - len(rejected)
+        self.stats.committed += inserted
+        self.stats.duplicates += len(events) - inserted - len(rejected)
         self.stats.rejected += len(rejected)
-        for item in batch:
-            self._settle(item, item.event is not None and id(item) in stored, rejected, outcome)
+        if items:
+            stored = self._stored_items(batch, inserted, len(events) - len(rejected), rejected)
+            for item in items:
+                self._settle(item, id(item) in stored, rejected, outcome)
         self._wake(outcome.wake)
         return True
+
+    @staticmethod
+    def _awaited_in(batch: list[UsageEvent | Item]) -> bool:
+        return any(type(x) is Item for x in batch)
 
     def _settle(
         self, item: Item, stored: bool, rejected: dict[int, str], outcome: _Outcome
@@ -261,8 +289,8 @@ class BatchWriter:
         waiter = item.waiter
         if waiter is None:
             return
-        if id(item) in rejected:
-            done = waiter.fail(ValueError(rejected[id(item)]))
+        if item.event is not None and id(item.event) in rejected:
+            done = waiter.fail(ValueError(rejected[id(item.event)]))
         elif item.op is not None:
             done = (
                 waiter.fail(item.op.error)
@@ -274,56 +302,84 @@ class BatchWriter:
         if done:
             outcome.wake.append(waiter)
 
-    def _fail(self, batch: list[Item], error: StoreUnavailable, outcome: _Outcome) -> None:
+    def _fail(
+        self, batch: list[UsageEvent | Item], error: StoreUnavailable, outcome: _Outcome
+    ) -> None:
         self.stats.failures += 1
         self.stats.last_error = str(error)
-        retry = [item for item in batch if item.waiter is None and item.event is not None]
-        self._requeue(retry)
-        for item in batch:
-            if item.waiter is not None and item.waiter.fail(error):
-                outcome.wake.append(item.waiter)
+        self._requeue([x for x in batch if type(x) is not Item])  # type: ignore[misc]
+        for x in batch:
+            if type(x) is Item and x.waiter is not None and x.waiter.fail(error):
+                outcome.wake.append(x.waiter)
 
-    def _commit(self, fresh: list[Item], batch: list[Item]) -> tuple[set[int], dict[int, str]]:
-        """One transaction: operations, events, rollups. Returns stored and rejected items."""
-        conn = self._conn
+    def _commit(self, events: list[UsageEvent], items: list[Item]) -> tuple[int, dict[int, str]]:
+        """One transaction: operations, events, rollups. Returns (inserted, rejected by id)."""
+        rows = list(map(event_row, events))
         rejected: dict[int, str] = {}
-        rows = [event_row(item.event) for item in fresh if item.event is not None]
-        if not all(map(_bindable, rows)):
-            fresh, rows, rejected = _drop_unbindable(fresh, rows)
+        try:
+            return self._transaction(rows, items), rejected
+        except _BIND_ERRORS:
+            pass  # some event has a field of the wrong type: set those aside, write the rest
+        rows, rejected = _drop_unbindable(events, rows)
+        return self._transaction(rows, items), rejected
+
+    def _transaction(self, rows: list[tuple[Any, ...]], items: list[Item]) -> int:
+        conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            _run_ops(conn, batch)
-            stored = self._insert(fresh, rows)
+            _run_ops(conn, items)
+            inserted = self._insert(rows)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            _reset_ops(batch)
+            _reset_ops(items)
             raise
-        return stored, rejected
+        return inserted
 
-    def _insert(self, fresh: list[Item], rows: list[tuple[Any, ...]]) -> set[int]:
+    def _insert(self, rows: list[tuple[Any, ...]]) -> int:
         if not rows:
-            return set()
+            return 0
         conn = self._conn
-        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        self._last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
         inserted = conn.executemany(INSERT_EVENT, rows).rowcount
         for sql in _REFRESH:
-            conn.execute(sql, (last,))
-        if inserted == len(rows):
-            return {id(item) for item in fresh}
-        # Some call_ids were already stored by an earlier batch (or another process).
+            conn.execute(sql, (self._last_id,))
+        return int(inserted)
+
+    def _stored_items(
+        self,
+        batch: list[UsageEvent | Item],
+        inserted: int,
+        attempted: int,
+        rejected: dict[int, str],
+    ) -> set[int]:
+        """Which awaited items' events were stored (the rest repeated a stored call_id)."""
+        candidates = [
+            x
+            for x in batch
+            if type(x) is Item and x.event is not None and id(x.event) not in rejected
+        ]
+        if inserted == attempted:
+            return {id(x) for x in candidates}
         new_ids = {
             row[0]
-            for row in conn.execute(
-                "SELECT call_id FROM events WHERE id > ? AND call_id != ''", (last,)
+            for row in self._conn.execute(
+                "SELECT call_id FROM events WHERE id > ? AND call_id != ''", (self._last_id,)
             )
         }
-        return {
-            id(item)
-            for item in fresh
-            if item.event is not None and (not item.event.call_id or item.event.call_id in new_ids)
-        }
+        stored: set[int] = set()
+        for x in batch:
+            event = x.event if isinstance(x, Item) else x
+            if event is None or id(event) in rejected:
+                continue
+            if event.call_id:
+                if event.call_id not in new_ids:
+                    continue
+                new_ids.discard(event.call_id)  # the first in the batch took it
+            if type(x) is Item:
+                stored.add(id(x))
+        return stored
 
     def _wake(self, waiters: list[Waiter]) -> None:
         if not waiters:
@@ -334,13 +390,23 @@ class BatchWriter:
             pass  # the event loop is gone: nobody is left to wake
 
 
+def _events_of(batch: list[UsageEvent | Item]) -> list[UsageEvent]:
+    out: list[UsageEvent] = []
+    for x in batch:
+        if not isinstance(x, Item):
+            out.append(x)
+        elif x.event is not None:
+            out.append(x.event)
+    return out
+
+
 def _set_all(waiters: list[Waiter]) -> None:
     for waiter in waiters:
         waiter.done.set()
 
 
-def _run_ops(conn: sqlite3.Connection, batch: list[Item]) -> None:
-    for item in batch:
+def _run_ops(conn: sqlite3.Connection, items: list[Item]) -> None:
+    for item in items:
         op = item.op
         if op is None:
             continue
@@ -355,44 +421,26 @@ def _run_ops(conn: sqlite3.Connection, batch: list[Item]) -> None:
         conn.execute("RELEASE op")
 
 
-def _reset_ops(batch: list[Item]) -> None:
-    for item in batch:
+def _reset_ops(items: list[Item]) -> None:
+    for item in items:
         if item.op is not None:
             item.op.value = None
             item.op.error = None
 
 
-def _first_of_each_call(batch: list[Item]) -> list[Item]:
-    """The batch's events, minus those repeating a call_id seen earlier in it (first one wins)."""
-    fresh: list[Item] = []
-    seen: set[str] = set()
-    for item in batch:
-        event = item.event
-        if event is None:
-            continue
-        if event.call_id:
-            if event.call_id in seen:
-                continue
-            seen.add(event.call_id)
-        fresh.append(item)
-    return fresh
-
-
 def _drop_unbindable(
-    fresh: list[Item], rows: list[tuple[Any, ...]]
-) -> tuple[list[Item], list[tuple[Any, ...]], dict[int, str]]:
-    kept: list[Item] = []
-    kept_rows: list[tuple[Any, ...]] = []
+    events: list[UsageEvent], rows: list[tuple[Any, ...]]
+) -> tuple[list[tuple[Any, ...]], dict[int, str]]:
+    kept: list[tuple[Any, ...]] = []
     rejected: dict[int, str] = {}
-    for item, row in zip(fresh, rows, strict=True):
+    for event, row in zip(events, rows, strict=True):
         if _bindable(row):
-            kept.append(item)
-            kept_rows.append(row)
-        else:
-            bad = [
-                f"{name}={value!r}"
-                for name, value in zip(EVENT_COLUMNS, row, strict=True)
-                if not _bindable((value,))
-            ]
-            rejected[id(item)] = f"usage event has fields of the wrong type: {', '.join(bad)}"
-    return kept, kept_rows, rejected
+            kept.append(row)
+            continue
+        bad = [
+            f"{name}={value!r}"
+            for name, value in zip(EVENT_COLUMNS, row, strict=True)
+            if not _bindable((value,))
+        ]
+        rejected[id(event)] = f"usage event has fields of the wrong type: {', '.join(bad)}"
+    return kept, rejected
