@@ -1,0 +1,281 @@
+"""Process control on real process trees: pause, resume, kill, pid-reuse safety, duty cycle, spawn."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.process_fixtures import dead, spawn_tree, start_sleeper, state, wait_until
+from tokenwatch.core import processes
+from tokenwatch.core.processes import (
+    DutyCycle,
+    NotPermitted,
+    ProcessGone,
+    ProcessHandle,
+    process_info,
+    spawn,
+)
+
+
+def all_stopped(pids: list[int]) -> bool:
+    return all(state(pid) == "T" for pid in pids)
+
+
+def none_stopped(pids: list[int]) -> bool:
+    return all(state(pid) not in ("T", None) for pid in pids)
+
+
+async def test_pause_resume_kill_reach_a_setsid_grandchild(short_tmp: Path) -> None:
+    handle, pids = await spawn_tree(short_tmp)
+    root, _child, grandchild = pids
+    assert process_info(grandchild).sid != process_info(root).sid
+    assert sorted(info.pid for info in handle.tree()) == sorted(pids)
+
+    assert sorted(handle.pause()) == sorted(pids)
+    await wait_until(lambda: all_stopped(pids), "every process is stopped (T)")
+
+    assert sorted(handle.resume()) == sorted(pids)
+    await wait_until(lambda: none_stopped(pids), "every process runs again")
+
+    report = await handle.kill(grace=30)
+    assert sorted(report.terminated) == sorted(pids)
+    assert report.killed == []
+    assert all(dead(pid) for pid in pids)
+    assert state(root) is None, "our own child is reaped, not left a zombie"
+    assert handle.wait_exit_nowait() == 128 + signal.SIGTERM
+    handle.close()
+
+
+async def test_a_process_ignoring_sigterm_is_killed_after_the_grace(short_tmp: Path) -> None:
+    handle, pids = await spawn_tree(short_tmp, flags="setsid,ignore-term")
+    root, child, grandchild = pids
+    report = await handle.kill(grace=0.3)
+    assert sorted(report.terminated) == sorted([root, child])
+    assert report.killed == [grandchild]
+    assert report.survivors == []
+    assert all(dead(pid) for pid in pids)
+    handle.close()
+
+
+async def test_a_paused_tree_dies_of_sigterm(short_tmp: Path) -> None:
+    handle, pids = await spawn_tree(short_tmp)
+    handle.pause()
+    await wait_until(lambda: all_stopped(pids), "the tree is stopped")
+    # without the SIGCONT that goes with SIGTERM, a stopped process would only die of SIGKILL
+    report = await handle.kill(grace=30)
+    assert sorted(report.terminated) == sorted(pids)
+    assert report.killed == []
+    handle.close()
+
+
+async def test_an_exited_process_is_never_signalled(short_tmp: Path) -> None:
+    handle = spawn(["true"], env=dict(os.environ))
+    assert await handle.wait_exit() == 0
+    assert not handle.alive()
+    with pytest.raises(ProcessGone):
+        handle.pause()
+    with pytest.raises(ProcessGone):
+        handle.resume()
+    assert handle.tree() == []
+    report = await handle.kill(grace=0.1)
+    assert (report.terminated, report.killed) == ([], [])
+    handle.close()
+
+
+async def test_a_reused_pid_is_refused_when_adopting() -> None:
+    sleeper = start_sleeper()
+    try:
+        real = process_info(sleeper.pid).start_time
+        with pytest.raises(ProcessGone, match="another process"):
+            ProcessHandle.attach(sleeper.pid, start_time=real + 1)
+        with ProcessHandle.attach(sleeper.pid, start_time=real) as handle:
+            assert handle.alive()
+        assert state(sleeper.pid) != "T"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+async def test_a_descendant_whose_pid_was_reused_is_left_alone(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle, pids = await spawn_tree(short_tmp, flags="")
+    root, child, grandchild = pids
+    real_scan = processes._children_by_parent
+
+    def scan_seeing_an_older_grandchild() -> dict[int, list[processes._Stat]]:
+        # as if /proc was read just before the grandchild's pid went to a new process
+        children = real_scan()
+        children[child] = [
+            processes._Stat(s.pid, s.state, s.ppid, s.pgid, s.sid, s.flags, s.start_time - 1)
+            for s in children.get(child, [])
+        ]
+        return children
+
+    monkeypatch.setattr(processes, "_children_by_parent", scan_seeing_an_older_grandchild)
+    assert sorted(handle.pause()) == sorted([root, child])
+    await wait_until(lambda: all_stopped([root, child]), "root and child are stopped")
+    assert state(grandchild) != "T"
+    monkeypatch.undo()
+    await handle.kill(grace=30)
+    assert all(dead(pid) for pid in pids)
+    handle.close()
+
+
+def test_attach_refuses_tokenwatch_itself_its_group_and_init() -> None:
+    with pytest.raises(NotPermitted, match="tokenwatch itself"):
+        ProcessHandle.attach(os.getpid())
+    same_group = subprocess.Popen(["sleep", "600"])
+    try:
+        with pytest.raises(NotPermitted, match="process group"):
+            ProcessHandle.attach(same_group.pid)
+    finally:
+        same_group.kill()
+        same_group.wait()
+    if os.getpgid(1) != os.getpgrp():
+        with pytest.raises(NotPermitted):
+            ProcessHandle.attach(1)
+
+
+async def test_attach_refuses_another_users_process() -> None:
+    if os.getuid() != 0:
+        pytest.skip("starting a process as nobody needs root")
+    other = start_sleeper("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    try:
+        await wait_until(lambda: process_info(other.pid).argv[:1] == ["sleep"], "setpriv execs")
+        with pytest.raises(NotPermitted, match="another user"):
+            ProcessHandle.attach(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_attach_a_missing_pid_is_process_gone() -> None:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    with pytest.raises(ProcessGone):
+        ProcessHandle.attach(pid_max + 1)
+
+
+INSIDE_THE_TREE = r"""
+import json, os, sys
+from tokenwatch.core.processes import ProcessHandle
+handle = ProcessHandle.attach(os.getppid())
+stopped = handle.pause()
+resumed = handle.resume()
+print(json.dumps({"me": os.getpid(), "stopped": stopped, "tree": [i.pid for i in handle.tree()]}))
+"""
+
+
+def test_a_tree_that_contains_tokenwatch_skips_it(short_tmp: Path) -> None:
+    # a parent (own session) runs tokenwatch code in a child of its own: the child pauses its
+    # parent's tree; if it stopped itself it would hang and this test would time out
+    script = short_tmp / "inside.py"
+    script.write_text(INSIDE_THE_TREE)
+    parent_code = (
+        "import subprocess, sys\n"
+        f"out = subprocess.run([sys.executable, {str(script)!r}], start_new_session=True,"
+        " capture_output=True, text=True, timeout=60)\n"
+        "sys.stdout.write(out.stdout + out.stderr)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", parent_code],
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["me"] not in result["stopped"]
+    assert result["me"] not in result["tree"]
+    assert len(result["stopped"]) == 1
+
+
+class PhaseRecorder:
+    """A scripted sleep for DutyCycle: records each phase once the tree is in the expected state."""
+
+    def __init__(self, pids: list[int], phases: int) -> None:
+        self.pids = pids
+        self.phases = phases
+        self.seen: list[tuple[float, str]] = []
+        self.scope = anyio.CancelScope()
+
+    async def sleep(self, seconds: float) -> None:
+        running = len(self.seen) % 2 == 0
+        if running:
+            await wait_until(lambda: none_stopped(self.pids), "the tree runs")
+        else:
+            await wait_until(lambda: all_stopped(self.pids), "the tree is stopped")
+        self.seen.append((seconds, "running" if running else "stopped"))
+        if len(self.seen) == self.phases:
+            self.scope.cancel()
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_duty_cycle_alternates_and_leaves_the_tree_running(short_tmp: Path) -> None:
+    handle, pids = await spawn_tree(short_tmp)
+    recorder = PhaseRecorder(pids, phases=4)
+    cycle = DutyCycle(handle, run_fraction=0.25, period=2.0, sleep=recorder.sleep)
+    with recorder.scope:
+        await cycle.run()
+    # cancelled during a stopped phase: the tree must have been continued on the way out
+    assert recorder.seen == [
+        (0.5, "running"),
+        (1.5, "stopped"),
+        (0.5, "running"),
+        (1.5, "stopped"),
+    ]
+    await wait_until(lambda: none_stopped(pids), "the tree runs after the cycle ends")
+    await handle.kill(grace=30)
+    handle.close()
+
+
+async def test_duty_cycle_ends_when_the_agent_exits() -> None:
+    handle = spawn(["true"], env=dict(os.environ))
+    await handle.wait_exit()
+    with anyio.fail_after(30):
+        await DutyCycle(handle, run_fraction=0.5, period=0.01).run()
+    handle.close()
+
+
+def test_duty_cycle_rejects_a_fraction_out_of_range() -> None:
+    handle = spawn(["true"], env=dict(os.environ))
+    with pytest.raises(ValueError, match="fraction"):
+        DutyCycle(handle, run_fraction=0)
+    with pytest.raises(ValueError, match="fraction"):
+        DutyCycle(handle, run_fraction=1.5)
+    handle.close()
+
+
+async def test_spawn_logs_output_with_no_stdin_and_reports_the_exit_code(short_tmp: Path) -> None:
+    log = short_tmp / "logs" / "agent.log"
+    handle = spawn(
+        ["sh", "-c", 'echo out; echo err >&2; cat; echo "cwd=$PWD var=$TW_TEST"; exit 3'],
+        env={"PATH": os.environ["PATH"], "TW_TEST": "yes"},
+        cwd=str(short_tmp),
+        log_path=log,
+    )
+    with anyio.fail_after(30):
+        assert await handle.wait_exit() == 3
+    assert log.read_text().splitlines() == ["out", "err", f"cwd={short_tmp} var=yes"]
+    assert log.stat().st_mode & 0o777 == 0o600
+    handle.close()
+
+
+async def test_a_spawned_agent_has_its_own_session(short_tmp: Path) -> None:
+    handle = spawn(["sleep", "600"], env=dict(os.environ))
+    assert process_info(handle.pid).sid == handle.pid
+    await handle.kill(grace=30)
+    assert handle.wait_exit_nowait() == 128 + signal.SIGTERM
+    handle.close()
+
+
+def test_spawn_of_a_missing_command_raises_oserror() -> None:
+    with pytest.raises(OSError):
+        spawn(["/nonexistent/agent"], env=dict(os.environ))
