@@ -1,0 +1,225 @@
+"""Ledger benchmark: events/s through the batched writer, and a 24 h report over a big ledger.
+
+Usage: python bench/ledger.py [--events 1000000] [--stored 10000000] [--dir DIR] [--keep]
+
+1. Writer: `--events` usage events go through `Store.append_nowait` (and, separately, through
+   64 concurrent `Store.append` callers), timed from the first call to the end of `flush()`,
+   i.e. until every event is committed. Fresh file, WAL, synchronous=NORMAL.
+2. Report: a ledger of `--stored` events spread evenly over 30 days is filled in bulk (plain
+   sqlite3 `executemany` of pre-built rows into `events`, 200k rows per transaction, then the
+   rollups rebuilt with the store's own rollup SQL), then `aggregate("agent", now - 24h)` is
+   timed through the public Store API: first (cold cache) run, then the median of 20 runs.
+   The workload has 20 agents, each on one task at a time (new task every ~10 min), 4 models,
+   3 users. For contrast the same report is also timed as a plain GROUP BY over raw events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.schema import EVENT_COLUMNS, ROLLUPS, rollup_refresh_sql
+from tokenwatch.core.store import Store
+from tokenwatch.core.writer import INSERT_EVENT
+
+DAY = 86400.0
+SPAN_DAYS = 30
+AGENTS = [f"agent-{i:02d}" for i in range(20)]
+MODELS = [("gpt-4o", "openai"), ("gpt-4o-mini", "openai"), ("claude-sonnet-4-5", "anthropic"),
+          ("gemini-2.5-flash", "google")]  # fmt: skip
+USERS = ["ana", "bo", "cy"]
+
+
+def sample_event(ts: float, i: int) -> UsageEvent:
+    model, provider = MODELS[i % len(MODELS)]
+    return UsageEvent(
+        ts=ts,
+        agent=AGENTS[i % len(AGENTS)],
+        task=f"task-{i % 97}",
+        model=model,
+        provider=provider,
+        input_tokens=1000 + i % 500,
+        cache_read_tokens=i % 300,
+        output_tokens=200 + i % 100,
+        cost_usd=0.001,
+        price_version="2026-11-01",
+        latency_ms=500.0,
+        source="proxy",
+        call_id=f"c{i}",
+    )
+
+
+async def bench_writer(workdir: Path, n: int) -> tuple[float, float]:
+    now = time.time()
+    events = [sample_event(now - i * 0.001, i) for i in range(n)]
+    async with await Store.open(workdir / "nowait.db") as store:
+        start = time.perf_counter()
+        for event in events:
+            store.append_nowait(event)
+        await store.flush()
+        nowait_rate = n / (time.perf_counter() - start)
+        assert store.statistics().committed == n
+    m = min(n, 200_000)
+    events = [sample_event(now - i * 0.001, i) for i in range(m)]
+    async with await Store.open(workdir / "awaited.db") as store:
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for k in range(64):
+                tg.start_soon(_append_each, store, events[k::64])
+        awaited_rate = m / (time.perf_counter() - start)
+        assert store.statistics().committed == m
+    return nowait_rate, awaited_rate
+
+
+async def _append_each(store: Store, events: list[UsageEvent]) -> None:
+    for event in events:
+        await store.append(event)
+
+
+def bulk_rows(total: int, now: float) -> Iterator[tuple[Any, ...]]:
+    """`total` rows evenly over SPAN_DAYS up to now; each agent changes task every ~10 min."""
+    rnd = random.Random(7)
+    start = now - SPAN_DAYS * DAY
+    step = SPAN_DAYS * DAY / total
+    columns = EVENT_COLUMNS
+    base = dict.fromkeys(columns)
+    for i in range(total):
+        ts = start + i * step
+        agent = i % len(AGENTS)
+        model, provider = MODELS[(agent + int(ts // 3600)) % len(MODELS)]
+        row = dict(base)
+        row.update(
+            ts=ts,
+            agent=AGENTS[agent],
+            run_id="",
+            session="",
+            user=USERS[agent % len(USERS)],
+            task=f"{AGENTS[agent]}-t{int(ts // 600)}",
+            step="",
+            tool="",
+            provider=provider,
+            model=model,
+            endpoint="/v1/chat/completions",
+            input_tokens=rnd.randrange(200, 8000),
+            output_tokens=rnd.randrange(10, 800),
+            cache_read_tokens=0,
+            cache_write_tokens=0,
+            reasoning_tokens=0,
+            cost_usd=0.002,
+            price_version="2026-11-01",
+            wait_ms=0.0,
+            status="ok",
+            prompt_hash="",
+            source="proxy",
+            estimated=0,
+            call_id="",
+        )
+        yield tuple(row[c] for c in columns)
+
+
+async def create_empty(path: Path) -> None:
+    async with await Store.open(path):
+        pass
+
+
+def fill(path: Path, total: int, now: float) -> tuple[float, float]:
+    anyio.run(create_empty, path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA synchronous = OFF")  # a bulk load, not the writer under test
+    start = time.perf_counter()
+    rows = bulk_rows(total, now)
+    chunk = 200_000
+    while True:
+        batch = [row for _, row in zip(range(chunk), rows, strict=False)]
+        if not batch:
+            break
+        db.execute("BEGIN")
+        db.executemany(INSERT_EVENT, batch)
+        db.execute("COMMIT")
+    insert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    db.execute("BEGIN")
+    for table, width in ROLLUPS:
+        db.execute(rollup_refresh_sql(table, width), (0,))
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.execute("ANALYZE")
+    db.close()
+    return insert_s, time.perf_counter() - start
+
+
+async def time_report(path: Path, now: float) -> tuple[float, float, int]:
+    async with await Store.open(path, clock=lambda: now) as store:
+        start = time.perf_counter()
+        groups = await store.aggregate("agent", now - DAY)
+        cold = time.perf_counter() - start
+        runs = []
+        for _ in range(20):
+            start = time.perf_counter()
+            again = await store.aggregate("agent", now - DAY)
+            runs.append(time.perf_counter() - start)
+        assert again == groups
+    return cold, statistics.median(runs), sum(g.requests for g in groups)
+
+
+def time_raw_report(path: Path, now: float) -> float:
+    db = sqlite3.connect(path)
+    start = time.perf_counter()
+    db.execute(
+        "SELECT agent, COUNT(*), SUM(input_tokens), SUM(output_tokens), TOTAL(cost_usd), "
+        "COUNT(DISTINCT task) FROM events WHERE ts >= ? GROUP BY agent",
+        (now - DAY,),
+    ).fetchall()
+    elapsed = time.perf_counter() - start
+    db.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events for the writer")
+    parser.add_argument("--stored", type=int, default=10_000_000, help="events in the big ledger")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the files")
+    parser.add_argument("--keep", action="store_true", help="keep the big ledger afterwards")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="tw-bench-", dir=args.dir))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "
+          f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")  # fmt: skip
+    try:
+        nowait, awaited = anyio.run(bench_writer, workdir, args.events)
+        print(f"writer: {args.events:,} events via append_nowait+flush: {nowait:,.0f} events/s")
+        print(f"writer: {min(args.events, 200_000):,} events via 64 concurrent append(): "
+              f"{awaited:,.0f} events/s")  # fmt: skip
+        now = time.time()
+        big = workdir / "big.db"
+        insert_s, rollup_s = fill(big, args.stored, now)
+        size = sum(p.stat().st_size for p in workdir.glob("big.db*")) / 1e9
+        print(f"fill: {args.stored:,} events over {SPAN_DAYS} days in {insert_s:.1f} s "
+              f"(+ rollups {rollup_s:.1f} s), {size:.2f} GB on disk")  # fmt: skip
+        cold, median, counted = anyio.run(time_report, big, now)
+        print(f"report: 24 h by agent over {args.stored:,} events ({counted:,} in window): "
+              f"first {cold * 1000:.1f} ms, median of 20 {median * 1000:.1f} ms")  # fmt: skip
+        raw = time_raw_report(big, now)
+        print(f"contrast: same report as GROUP BY over raw events: {raw * 1000:.0f} ms")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+
+
+if __name__ == "__main__":
+    main()
