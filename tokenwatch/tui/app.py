@@ -153,6 +153,7 @@ class TokenwatchApp(App[None]):
                 f"{message.alert.agent}: {message.alert.message}",
                 title=message.alert.rule,
                 severity="error",
+                markup=False,
             )
 
     @on(ActionArrived)
@@ -175,7 +176,7 @@ class TokenwatchApp(App[None]):
     @on(FeedEnded)
     def _feed_ended(self, message: FeedEnded) -> None:
         self.main.show_disconnected(message.error)
-        self.notify(message.error, title="supervisor", severity="error", timeout=10)
+        self.notify(message.error, title="supervisor", severity="error", timeout=10, markup=False)
 
     def _tick(self) -> None:
         self.main.feed.redraw()
@@ -205,9 +206,15 @@ class TokenwatchApp(App[None]):
     @on(CommandDone)
     def _command_done(self, message: CommandDone) -> None:
         if message.ok:
-            self.notify(describe_done(message), timeout=3)
+            self.notify(describe_done(message), timeout=3, markup=False)
         else:
-            self.notify(message.error, title=f"{message.kind} failed", severity="error", timeout=6)
+            self.notify(
+                message.error,
+                title=f"{message.kind} failed",
+                severity="error",
+                timeout=6,
+                markup=False,
+            )
 
     # ---- navigation --------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Sparkline, Static
+from textual.widgets import DataTable, Footer, Sparkline, Static, TabbedContent, TabPane
 
 from tokenwatch.core.models import Action, AgentView, BudgetStatus, UsageEvent
 from tokenwatch.tui.figures import format_tokens, format_usd, gauge, state_label
@@ -95,6 +95,11 @@ class AgentDetailScreen(Screen[None]):
     BINDINGS = [
         Binding("escape,backspace", "app.pop_screen", "Back"),
         Binding("r", "refresh", "Refresh calls"),
+        Binding("1", "tab('calls')", "Calls", show=False),
+        Binding("2", "tab('breakdown')", "Breakdown", show=False),
+        Binding("3", "tab('budgets')", "Budgets", show=False),
+        Binding("4", "tab('actions')", "Actions", show=False),
+        Binding("5", "tab('log')", "Log", show=False),
     ]
 
     def __init__(self, name: str) -> None:
@@ -113,21 +118,27 @@ class AgentDetailScreen(Screen[None]):
         with Horizontal(id="figures-row"):
             yield Static(id="figures")
             yield Sparkline([], id="agent-burn")
-        yield DataTable(id="calls", cursor_type="row")
-        with Horizontal(id="breakdowns"):
-            yield Static(id="by-model")
-            yield Static(id="by-task")
-        with VerticalScroll(id="extras"):
-            yield Static(id="budgets")
-            yield Static(id="actions")
-            yield Static(id="log")
+        with TabbedContent(id="tabs"):
+            with TabPane("1 Calls", id="tab-calls"):
+                yield DataTable(id="calls", cursor_type="row")
+            with TabPane("2 By model/task", id="tab-breakdown"), Horizontal():
+                yield Static(id="by-model")
+                yield Static(id="by-task")
+            with TabPane("3 Budgets", id="tab-budgets"):
+                yield Static(id="budgets")
+            with TabPane("4 Actions", id="tab-actions"):
+                yield Static(id="actions")
+            with TabPane("5 Log", id="tab-log"), VerticalScroll():
+                yield Static(id="log")
         yield Footer()
+
+    def action_tab(self, pane: str) -> None:
+        self.query_one(TabbedContent).active = f"tab-{pane}"
 
     def on_mount(self) -> None:
         table = self.query_one("#calls", DataTable)
         for label in CALL_COLUMNS:
             table.add_column(label, key=label)
-        table.border_title = "calls (newest first)"
         self.query_one("#by-model").border_title = "by model"
         self.query_one("#by-task").border_title = "by task"
         self.query_one("#agent-burn").border_title = "burn"
@@ -143,7 +154,7 @@ class AgentDetailScreen(Screen[None]):
             return
         message.stop()
         if not message.ok:
-            self.query_one("#calls", DataTable).border_title = f"calls: {message.error}"
+            self.notify(message.error, title="call history", severity="error", markup=False)
             return
         self.set_history(message.result)
 
@@ -179,7 +190,7 @@ class AgentDetailScreen(Screen[None]):
         ]
         self.query_one("#actions", Static).update(_actions(mine))
         log = "\n".join(self.log_lines[-20:]) if self.log_lines else "(no output captured)"
-        self.query_one("#log", Static).update(Text("output log\n", "bold") + Text(log, "dim"))
+        self.query_one("#log", Static).update(Text(log, "dim"))
 
 
 def _identity(view: AgentView) -> Text:
@@ -212,7 +223,7 @@ def _figures(view: AgentView) -> Text:
 
 
 def _budgets(budgets: Sequence[BudgetStatus]) -> Text:
-    text = Text("budgets covering it\n", style="bold")
+    text = Text()
     if not budgets:
         text.append("none (b sets one)", style="dim")
     for b in budgets:
@@ -226,7 +237,7 @@ def _budgets(budgets: Sequence[BudgetStatus]) -> Text:
 
 
 def _actions(actions: Sequence[Action]) -> Text:
-    text = Text("actions taken\n", style="bold")
+    text = Text()
     if not actions:
         text.append("none", style="dim")
     for action in sorted(actions, key=lambda a: a.ts, reverse=True)[:20]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -110,9 +111,9 @@ class MainScreen(Screen[None]):
     def _retitle_table(self) -> None:
         table = self.table
         arrow = "↓" if table.sort_descending else "↑"
-        parts = [f"agents · sort {table.sort_key}{arrow} [s]"]
+        parts = [f"agents · sort {table.sort_key}{arrow} (s)"]
         if table.filter_text:
-            parts.append(f"filter '{table.filter_text}'")
+            parts.append(f"filter '{escape(table.filter_text)}'")
         if table.hidden_rows:
             parts.append(f"{table.hidden_rows} more not shown (filter with /)")
         table.border_title = " · ".join(parts)
@@ -123,7 +124,7 @@ class MainScreen(Screen[None]):
         name = self.table.selected_name
         view = self.table.view_of(name) if name else None
         if view is None:
-            self.notify("no agent selected", severity="warning")
+            self.notify("no agent selected", severity="warning", markup=False)
         return view
 
     def action_pause(self) -> None:
@@ -143,7 +144,7 @@ class MainScreen(Screen[None]):
             if yes:
                 self.tw.send("kill", agent=name, who="key")
             else:
-                self.notify(f"{name} not killed")
+                self.notify(f"{name} not killed", markup=False)
 
         pid = f" (pid {view.agent.pid})" if view.agent.pid else ""
         self.app.push_screen(
@@ -186,7 +187,7 @@ class MainScreen(Screen[None]):
     def action_ack(self) -> None:
         ids = [e.key[1] for e in self.feed.unacknowledged if isinstance(e.key[1], int)]
         if not self.feed.unacknowledged:
-            self.notify("no alerts to acknowledge")
+            self.notify("no alerts to acknowledge", markup=False)
             return
         self.tw.send("ack_alerts", ids=ids)
 
@@ -209,7 +210,7 @@ class MainScreen(Screen[None]):
 
     def action_group(self) -> None:
         grouping = self.spenders.cycle_grouping()
-        self.notify(f"top spenders by {grouping}", timeout=1.5)
+        self.notify(f"top spenders by {grouping}", timeout=1.5, markup=False)
 
     def action_sort(self) -> None:
         self.table.cycle_sort()
@@ -247,6 +248,7 @@ class MainScreen(Screen[None]):
             self.notify(
                 "nothing to launch: add [agents.NAME] with a command to tokenwatch.toml",
                 severity="warning",
+                markup=False,
             )
             return
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -88,7 +89,7 @@ class ReportScreen(Screen[None]):
     def _request(self) -> None:
         since = self.tw.clock() - WINDOWS[self.window]
         self.query_one("#report-title", Static).update(
-            f"last {self.window} by {self.group} · [1] 1h [2] 24h [3] 7d · [g] group · loading…"
+            Text(f"last {self.window} by {self.group} · 1: 1h  2: 24h  3: 7d · g: group · loading…")
         )
         self.tw.send("report", reply_to=self, since=since, by=self.group)
 
@@ -97,14 +98,14 @@ class ReportScreen(Screen[None]):
         if message.kind != "report":
             return
         message.stop()
-        title = f"last {self.window} by {self.group} · [1] 1h [2] 24h [3] 7d · [g] group"
+        title = f"last {self.window} by {self.group} · 1: 1h  2: 24h  3: 7d · g: group"
         if not message.ok:
-            self.query_one("#report-title", Static).update(f"{title} · {message.error}")
+            self.query_one("#report-title", Static).update(Text(f"{title} · {message.error}"))
             return
         rows = (
             message.result if isinstance(message.result, list) else message.result.get("rows", [])
         )
-        self.query_one("#report-title", Static).update(title)
+        self.query_one("#report-title", Static).update(Text(title))
         self.show_rows(rows)
 
     def show_rows(self, rows: Sequence[dict[str, Any]]) -> None:

@@ -35,46 +35,31 @@ def _state(v: AgentView) -> Text:
     return label
 
 
+def _budget(v: AgentView) -> Text:
+    return gauge(v.budget_fraction, width=6)
+
+
+def _alert(v: AgentView) -> Text:
+    return Text(v.last_alert, style="yellow")
+
+
+# key, label, width, cell, sort key: the essential columns first, the wide-only ones marked
 COLUMNS: tuple[Column, ...] = (
-    Column("name", "agent", 18, lambda v: v.agent.name, lambda v: v.agent.name, descending=False),
-    Column("state", "state", 13, _state, lambda v: v.agent.state, descending=False),
+    Column("name", "agent", 16, lambda v: v.agent.name, lambda v: v.agent.name, descending=False),
+    Column("state", "state", 11, _state, lambda v: v.agent.state, descending=False),
     Column("pid", "pid", 7, lambda v: str(v.agent.pid or "-"), lambda v: v.agent.pid or 0, True),
-    Column("models", "model", 16, lambda v: ",".join(v.models) or "-", lambda v: v.models, True),
-    Column(
-        "rpm", "req/m", 6, lambda v: f"{v.requests_per_min:.0f}", lambda v: v.requests_per_min, True
-    ),
-    Column(
-        "tpm", "tok/m", 7, lambda v: format_tokens(v.tokens_per_min), lambda v: v.tokens_per_min
-    ),
+    Column("models", "model", 14, lambda v: ",".join(v.models) or "-", lambda v: v.models, True),
+    Column("rpm", "req/m", 5, lambda v: f"{v.requests_per_min:.0f}", lambda v: v.requests_per_min, True),
+    Column("tpm", "tok/m", 6, lambda v: format_tokens(v.tokens_per_min), lambda v: v.tokens_per_min),
     Column("uph", "$/h", 8, lambda v: format_usd(v.usd_per_hour), lambda v: v.usd_per_hour),
-    Column(
-        "tokens",
-        "tokens",
-        7,
-        lambda v: format_tokens(v.period_tokens),
-        lambda v: v.period_tokens,
-        True,
-    ),
-    Column("cost", "cost", 9, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd),
-    Column(
-        "budget",
-        "budget",
-        13,
-        lambda v: gauge(v.budget_fraction),
-        lambda v: v.budget_fraction or 0.0,
-    ),
+    Column("tokens", "tokens", 6, lambda v: format_tokens(v.period_tokens), lambda v: v.period_tokens, True),
+    Column("cost", "cost", 8, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd),
+    Column("budget", "budget", 11, _budget, lambda v: v.budget_fraction or 0.0),
     Column("burn", "burn", 8, lambda v: sparkline(v.burn), lambda v: sum(v.burn[-8:]), True),
-    Column(
-        "alert",
-        "last alert",
-        24,
-        lambda v: Text(v.last_alert, style="yellow"),
-        lambda v: v.last_alert,
-        True,
-    ),
-)
+    Column("alert", "last alert", 18, _alert, lambda v: v.last_alert, True),
+)  # fmt: skip
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
-WIDE_MIN_WIDTH = 140
+WIDE_MIN_WIDTH = 150
 """Terminal width from which every column fits; narrower terminals show the essential ones."""
 
 

@@ -71,7 +71,7 @@ class AlertFeed(Static):
         self._clock = clock
         self._limit = limit
         self._entries: dict[tuple[object, ...], FeedEntry] = {}
-        self.border_title = "alerts [a: ack]"
+        self.border_title = "alerts (a: acknowledge)"
 
     @property
     def unacknowledged(self) -> list[FeedEntry]:

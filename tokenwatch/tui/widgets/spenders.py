@@ -36,7 +36,7 @@ class TopSpenders(Static):
         self._redraw()
 
     def _retitle(self) -> None:
-        self.border_title = f"top spenders by {self.grouping} [g]"
+        self.border_title = f"top spenders by {self.grouping} (g)"
 
     def _redraw(self) -> None:
         rows = self._top.get(self.grouping, [])

@@ -15,7 +15,7 @@ class SummaryBar(Static):
     """Two lines: what is being spent now, and who is spending it."""
 
     DEFAULT_CSS = """
-    SummaryBar { height: 2; padding: 0 1; background: $boost; }
+    SummaryBar { height: 2; padding: 0 1; background: $boost; text-wrap: nowrap; text-overflow: clip; }
     """
 
     def __init__(self, address: str = "", **kwargs: object) -> None:
