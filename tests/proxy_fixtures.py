@@ -111,11 +111,11 @@ async def running_proxy(
     """fake-llm plus the proxy whose default upstreams are the fake; one agent `coder` routed."""
     gate = gate or RecordingGate()
     async with running_fake_llm(**(fake_kwargs or {})) as fake:
-        config = ProxySettings(
-            openai_upstream=fake.url + "/v1",
-            anthropic_upstream=fake.url,
-            **settings,  # type: ignore[arg-type]
-        )
+        defaults: dict[str, object] = {
+            "openai_upstream": fake.url + "/v1",
+            "anthropic_upstream": fake.url,
+        }
+        config = ProxySettings(**{**defaults, **settings})  # type: ignore[arg-type]
         routes = RouteTable()
         proxy = ProxyServer(gate, routes, config)
         async with anyio.create_task_group() as tg:

@@ -1,0 +1,182 @@
+"""The proxy when things go wrong: cut streams, hang-ups, upstream errors, budgets, a slow store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import anyio
+import anyio.lowlevel
+import openai
+import pytest
+
+from tests.proxy_fixtures import API_KEY, ProxyRig, RecordingGate, running_proxy
+from tokenwatch.core.tokens import count_messages
+
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+FAULT = "x-fake-llm-fault"
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[ProxyRig]:
+    async with running_proxy() as r:
+        yield r
+
+
+def client(rig: ProxyRig, **headers: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=rig.openai_url, api_key=API_KEY, max_retries=0, default_headers=headers
+    )
+
+
+async def test_stream_cut_upstream_is_recorded_estimated_and_not_zero(rig: ProxyRig) -> None:
+    async with client(rig, **{FAULT: "cut:3"}) as oai:
+        stream = await oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        with pytest.raises(Exception) as caught:  # the SDK's transport error for a cut body
+            async for _ in stream:
+                pass
+        assert not isinstance(caught.value, AssertionError)
+    (event,) = await rig.gate.wait_settled(1)
+    assert event.estimated is True
+    assert event.status == "error"
+    assert event.input_tokens > 0
+    assert event.output_tokens > 0  # the pieces relayed before the cut were counted
+    (billed,) = rig.fake.calls
+    assert billed.complete is False
+    assert event.input_tokens == billed.input_tokens  # same tokenizer, same prompt
+
+
+async def test_client_that_hangs_up_mid_stream_is_recorded_cancelled() -> None:
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "max_tokens": 400}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with (
+        running_proxy(fake_kwargs={"chunk_ms": 20}) as rig,
+        aiohttp.ClientSession() as http,
+        http.post(rig.openai_url + "/chat/completions", json=body, headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        async for line in resp.content:
+            if b'"content":"' in line and b'"content":""' not in line:
+                break
+        resp.close()  # hang up mid-stream
+        (event,) = await rig.gate.wait_settled(1)
+    assert event.status == "cancelled"
+    assert event.estimated is True
+    assert event.input_tokens > 0
+    assert event.output_tokens > 0
+
+
+async def test_upstream_errors_are_recorded_with_status_and_no_usage(rig: ProxyRig) -> None:
+    for status in ("429", "500"):
+        async with client(rig, **{FAULT: status}) as oai:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            assert caught.value.status_code == int(status)
+    events = await rig.gate.wait_settled(2)
+    assert [e.http_status for e in events] == [429, 500]
+    assert all(e.status == "error" for e in events)
+    assert all(e.total_tokens == 0 and not e.estimated for e in events)
+
+
+async def test_unreachable_upstream_is_a_provider_shaped_502() -> None:
+    async with running_proxy(openai_upstream="http://127.0.0.1:9/v1") as rig:
+        async with client(rig) as oai:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert caught.value.status_code == 502
+        assert "upstream" in str(caught.value.message)
+        (event,) = await rig.gate.wait_settled(1)
+        assert (event.status, event.http_status, event.total_tokens) == ("error", 502, 0)
+
+
+async def test_silent_upstream_times_out_as_504() -> None:
+    async with running_proxy(read_timeout=0.5) as rig, client(rig, **{FAULT: "slow:5000"}) as oai:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert caught.value.status_code == 504
+        (event,) = await rig.gate.wait_settled(1)
+        assert event.http_status == 504
+
+
+@pytest.mark.slow
+async def test_fifty_concurrent_calls_against_a_budget_for_ten() -> None:
+    prompt = [{"role": "user", "content": "hello there"}]
+    worst = count_messages(prompt, "gpt-4o-mini").tokens + 100  # prompt plus max_tokens
+    gate = RecordingGate(budget=worst * 10)
+    async with running_proxy(gate) as rig, client(rig) as oai:
+        statuses: list[int] = []
+        messages: list[str] = []
+        release = anyio.Event()
+
+        async def one() -> None:
+            await release.wait()
+            try:
+                await oai.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=prompt,  # type: ignore[arg-type]
+                    max_tokens=100,
+                )
+                statuses.append(200)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+                messages.append(exc.message)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(one)
+            await anyio.lowlevel.checkpoint()
+            release.set()
+        admitted = 10
+        assert statuses.count(200) == admitted
+        assert statuses.count(429) == 50 - admitted
+        assert gate.peak_reserved <= (gate.budget or 0)
+        assert all("budget 'test'" in m for m in messages)
+        events = await gate.wait_settled(50)
+        assert sum(e.status == "denied" for e in events) == 50 - admitted
+        assert len(rig.fake.calls) == admitted  # refused calls never reached the upstream
+
+
+async def test_refusal_is_provider_shaped_with_retry_after() -> None:
+    from tokenwatch.core.admission import Admission, CallRequest
+
+    class Closed(RecordingGate):
+        async def admit(self, call: CallRequest) -> Admission:
+            return Admission(
+                False, status=429, message="budget 'day' is spent", budget="day", retry_after=42
+            )
+
+    async with running_proxy(Closed()) as rig, client(rig) as oai:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert caught.value.response.headers["retry-after"] == "42"
+        assert caught.value.body["message"] == "budget 'day' is spent"  # type: ignore[index]
+        assert rig.fake.calls == []
+
+
+async def test_proxy_keeps_serving_while_settle_is_slow(rig: ProxyRig) -> None:
+    rig.gate.settle_gate = anyio.Event()  # the store hangs: no settle returns
+    async with client(rig) as oai:
+        with anyio.fail_after(30):
+            for _ in range(3):
+                await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    assert rig.proxy.statistics().settling == 3
+    assert rig.gate.events == []
+    rig.gate.settle_gate.set()
+    events = await rig.gate.wait_settled(3)
+    assert len(events) == 3
+    assert rig.proxy.statistics().settling == 0
+
+
+async def test_failing_settle_does_not_break_the_proxy(rig: ProxyRig) -> None:
+    rig.gate.settle_error = RuntimeError("database is locked")
+    async with client(rig) as oai:
+        for _ in range(2):
+            reply = await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            assert reply.choices
+    with anyio.fail_after(30):
+        while rig.proxy.statistics().settle_failures < 2:
+            await anyio.sleep(0.01)
