@@ -27,12 +27,15 @@ MESSAGES = [
 
 
 @pytest.fixture(autouse=True)
-def sdk_instrumented() -> Iterator[None]:
+def sdk_instrumented(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(gate, "_skip_until", 0.0)
     tracking.reset_usage()
     tokenwatch.instrument()
     yield
     tokenwatch.uninstrument()
     tracking.reset_usage()
+    while _opened:
+        _opened.pop().close()
 
 
 @pytest.fixture
@@ -55,8 +58,14 @@ async def aclient(fake: FakeLLM) -> AsyncIterator[openai.AsyncOpenAI]:
         yield client
 
 
+_opened: list[openai.OpenAI] = []
+"""Sync clients made by a test, closed when it ends (their sockets must not outlive it)."""
+
+
 def sync_client(fake: FakeLLM, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake.url + "/v1", api_key="sk-test", max_retries=0, **kwargs)
+    client = openai.OpenAI(base_url=fake.url + "/v1", api_key="sk-test", max_retries=0, **kwargs)
+    _opened.append(client)
+    return client
 
 
 def async_client(fake: FakeLLM) -> openai.AsyncOpenAI:
@@ -405,6 +414,9 @@ async def test_admit_unanswered_lets_the_call_go(
     reply = await aclient.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert reply.choices[0].message.content
     assert_billed(await one_event(sup), fake)
+    await aclient.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert_billed(await one_event(sup, 2), fake)
+    assert len(sup.of_type("admit")) == 1, "a hung supervisor costs one timeout, not one per call"
 
 
 def timed_calls(client: openai.OpenAI, n: int) -> float:

@@ -117,6 +117,7 @@ def test_reporter_ignores_unreadable_lines(line: bytes) -> None:
     rep._handle(line)
     assert rep.statistics().pending == 1, "noise never acknowledges a report"
     assert rep.throttle_wait() == 0
+    rep.close()
 
 
 @given(st.dictionaries(st.sampled_from(["type", "re", "ok", "kind", "data", "error"]), json_values))
@@ -125,6 +126,7 @@ def test_reporter_survives_any_message_shape(msg: dict[str, Any]) -> None:
     mid = rep.send_nowait("usage", event={"call_id": "x"})
     rep._handle(protocol.dumps(msg))
     stats = rep.statistics()
+    rep.close()
     assert stats.pending in (0, 1)
     if msg.get("type") == "reply" and msg.get("re") == mid and msg.get("ok"):
         assert stats.pending == 0

@@ -16,6 +16,9 @@ log = logging.getLogger("tokenwatch")
 
 ADMIT_TIMEOUT_S = 0.5
 """An admit not answered within this long lets the call go: tokenwatch never stalls the agent."""
+QUIET_AFTER_TIMEOUT_S = 5.0
+"""After an admit goes unanswered, calls skip admission this long: a hung supervisor costs one
+timeout, not one per call."""
 MAX_WAIT_S = 300.0
 """Cap on one throttle wait, so a confused supervisor cannot freeze the agent for ever."""
 
@@ -77,6 +80,20 @@ def _ticket(reply: dict[str, Any] | None) -> Ticket:
     return ticket
 
 
+_skip_until = 0.0
+
+
+def admission_wanted() -> bool:
+    """False for a while after an admit went unanswered."""
+    return time.monotonic() >= _skip_until
+
+
+def _note_unanswered(reply: dict[str, Any] | None) -> None:
+    global _skip_until
+    if reply is None:
+        _skip_until = time.monotonic() + QUIET_AFTER_TIMEOUT_S
+
+
 def _throttle_wait() -> float:
     rep = session.current_reporter()
     return min(MAX_WAIT_S, rep.throttle_wait()) if rep is not None else 0.0
@@ -87,7 +104,9 @@ def admit_sync(fields: dict[str, Any]) -> Ticket:
     pushed = _throttle_wait()
     if pushed:
         sleep(pushed)
-    ticket = _ticket(session.reporter().request("admit", ADMIT_TIMEOUT_S, **fields))
+    reply = session.reporter().request("admit", ADMIT_TIMEOUT_S, **fields)
+    _note_unanswered(reply)
+    ticket = _ticket(reply)
     _raise_if_denied(ticket)
     if ticket.wait_s:
         sleep(ticket.wait_s)
@@ -108,6 +127,7 @@ async def admit_async(fields: dict[str, Any]) -> Ticket:
         # A worker thread waits, so neither the event loop nor the reporter thread ever blocks.
         ask = functools.partial(rep.request, "admit", ADMIT_TIMEOUT_S, **fields)
         reply = await anyio.to_thread.run_sync(ask)
+        _note_unanswered(reply)
     ticket = _ticket(reply)
     _raise_if_denied(ticket)
     if ticket.wait_s:

@@ -231,7 +231,8 @@ class Call:
         if self.proxied:
             return False
         rep = current_reporter()
-        return rep is None or rep.state is not LinkState.DOWN
+        reachable = rep is None or rep.state is not LinkState.DOWN
+        return reachable and gate.admission_wanted()
 
     def admit_fields(self) -> dict[str, Any]:
         tokens, _ = self.prompt_tokens()

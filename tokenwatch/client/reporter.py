@@ -268,7 +268,10 @@ class Reporter:
             self._state = LinkState.CLOSED
             thread = self._thread
         self._wake()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is None:  # never started: nobody else will close the wakeup pair
+            self._wake_r.close()
+            self._wake_w.close()
+        elif thread is not threading.current_thread():
             thread.join(2.0)
 
     def statistics(self) -> ReporterStatistics:
