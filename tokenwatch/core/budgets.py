@@ -425,13 +425,18 @@ class Budgets:
 
     async def seed(self, store: Any) -> None:
         """Count usage already in the ledger for the current periods (no warnings re-fired)."""
-        since = self._seed_since(self._clock())
+        since = self.counting_since(self._clock())
         if since is None:
             return
         async for event in store.iter_events(since=since):
             self._count(event, None)
 
-    def _seed_since(self, now: float) -> float | None:
+    def warm_up(self, event: UsageEvent) -> None:
+        """Count usage from before the time of interest, silently (seeding, replay warm-up)."""
+        self._count(event, None)
+
+    def counting_since(self, now: float) -> float | None:
+        """The earliest time whose usage counts toward some budget at `now` (None: no budget)."""
         starts: list[float] = []
         for budget in self._all():
             if budget.period == "request":
@@ -483,8 +488,8 @@ class Budgets:
         message = (
             f"{agent} reached budget {budget.name} "
             f"({budget.show(c.used)} of {budget.show(budget.limit)} {budget.per()}){done}"
-            + (until if action != "alert" else "")
-            + f" (`{budget.raise_hint(key)}`)"
+            + (f"{until} (`{budget.raise_hint(key)}`)" if action != "alert" else "")
+            + (f"; raise it with `{budget.raise_hint(key)}`" if action == "alert" else "")
         )
         # deny is enforced by reserve() per budget; denying the whole agent would also block
         # calls this budget does not cover, so the engine is only told to alert.
