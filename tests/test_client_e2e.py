@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
+import httpx2
 import openai
 import pytest
 
 import tokenwatch
 from tests.client_fixtures import installed_reporter
 from tokenwatch.client import tracking
-from tokenwatch.config import BudgetSettings, Config
+from tokenwatch.client.control import SupervisorClient
+from tokenwatch.config import BudgetSettings, Config, ProxySettings
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.demo.fake_llm import FakeLLM, running_fake_llm
@@ -37,8 +40,8 @@ def sdk() -> Iterator[None]:
 
 
 @asynccontextmanager
-async def serving(config: Config) -> AsyncIterator[Supervisor]:
-    sup = Supervisor(Paths.discover(), config, proxy=False, exporters=False)
+async def serving(config: Config, *, proxy: bool = False) -> AsyncIterator[Supervisor]:
+    sup = Supervisor(Paths.discover(), config, proxy=proxy, exporters=False)
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(30):
             await tg.start(sup.run)
@@ -89,3 +92,41 @@ async def test_deny_budget_raises_budget_exceeded(fake: FakeLLM) -> None:
                     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert caught.value.budget == "tiny"
     assert fake.calls == []
+
+
+@pytest.mark.slow
+async def test_call_through_the_proxy_is_counted_once(
+    fake: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    async def on_request(request: Any) -> None:
+        seen.append(request.headers["x-tokenwatch-call-id"])
+
+    config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+    async with serving(config, proxy=True) as sup:
+        socket = Path(sup.paths.socket)
+        async with await SupervisorClient.connect(socket_path=socket, start=False) as ctl:
+            registered = await ctl.request("register", name="proxied")
+        env = registered["env"]
+        monkeypatch.setenv("TOKENWATCH_PROXY_URL", env["TOKENWATCH_PROXY_URL"])
+        with installed_reporter(socket, name=registered["name"]) as rep:
+            async with openai.AsyncOpenAI(
+                base_url=env["OPENAI_BASE_URL"],
+                api_key="sk-test",
+                max_retries=0,
+                http_client=httpx2.AsyncClient(event_hooks={"request": [on_request]}),
+            ) as client:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            tokenwatch.report(model="marker", input_tokens=1, output_tokens=1)
+            await anyio.to_thread.run_sync(rep.wait_flushed, 30.0)
+            events = await stored(sup, registered["name"], 2)
+    calls = [e for e in events if e.model != "marker"]
+    assert len(calls) == 1
+    assert calls[0].source == "proxy"
+    assert [calls[0].call_id] == seen
+    assert (calls[0].input_tokens, calls[0].output_tokens) == (
+        fake.calls[0].input_tokens,
+        fake.calls[0].output_tokens,
+    )
+    assert tokenwatch.usage().requests == 2, "usage() counts the proxied call too"
