@@ -235,7 +235,10 @@ class Call:
         return reachable and gate.admission_wanted()
 
     def admit_fields(self) -> dict[str, Any]:
-        tokens, _ = self.prompt_tokens()
+        # A reservation only: a rough count now beats a first tokenizer load on the agent's call.
+        tokens, _ = prompt.count_prompt(
+            self.endpoint, self.kwargs, self.model, wait_for_tokenizer=False
+        )
         max_output = next(
             (self.kwargs[p] for p in _MAX_OUTPUT_PARAMS if isinstance(self.kwargs.get(p), int)),
             None,
@@ -284,12 +287,21 @@ class Call:
         if _is_raw_response(result):
             http_status = int(getattr(result, "status_code", 200))
             parsed = result.parse()
+        if self._will_estimate(parsed):
+            prompt.tokenizer_ready(self.model)  # load it while the stream runs, not at its end
         if _is_stream(parsed, "Stream"):
             _watch_sync(parsed, StreamWatch(self, http_status))
         elif _is_stream(parsed, "AsyncStream"):
             _watch_async(parsed, StreamWatch(self, http_status))
         else:
             self.finish(counted(field(parsed, "usage")), field(parsed, "model"), http_status)
+
+    def _will_estimate(self, result: Any) -> bool:
+        """A stream that will carry no usage: chat or legacy completions without include_usage."""
+        if self.endpoint == RESPONSES or not hasattr(result, "_iterator"):
+            return False
+        options = self.kwargs.get("stream_options")
+        return not (isinstance(options, dict) and options.get("include_usage"))
 
     def failed(self, exc: BaseException) -> None:
         status = Status.ERROR if isinstance(exc, Exception) else Status.CANCELLED

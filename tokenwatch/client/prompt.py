@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from typing import Any
 
 CHARS_PER_TOKEN = 4
@@ -39,8 +40,45 @@ def _chars_estimate(value: Any) -> int:
     return (len(_canonical(value)) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
-def count_prompt(endpoint: str, params: dict[str, Any], model: str) -> tuple[int, bool]:
-    """(prompt tokens, estimated) for a request's parameters, counted locally."""
+_warming: set[str] = set()
+
+
+def tokenizer_ready(model: str) -> bool:
+    """True when counting for `model` costs no encoding load; else starts loading it in the
+    background (a first load takes up to a second, which must not land on an agent's call)."""
+    try:
+        from tokenwatch.core import tokens
+
+        if tokens.encoding_ready(model):
+            return True
+    except Exception:
+        return True  # no tokenizer to wait for: the character estimate is all there is
+    if model not in _warming:
+        _warming.add(model)
+        threading.Thread(
+            target=_load_quietly, args=(model,), name="tokenwatch-tokenizer", daemon=True
+        ).start()
+    return False
+
+
+def _load_quietly(model: str) -> None:
+    try:
+        from tokenwatch.core.tokens import count_text
+
+        count_text("warm up", model)
+    except Exception:
+        pass  # counting falls back to the character estimate
+
+
+def count_prompt(
+    endpoint: str, params: dict[str, Any], model: str, *, wait_for_tokenizer: bool = True
+) -> tuple[int, bool]:
+    """(prompt tokens, estimated) for a request's parameters, counted locally.
+
+    With `wait_for_tokenizer` False, a tokenizer still loading gives a character estimate now.
+    """
+    if not wait_for_tokenizer and not tokenizer_ready(model):
+        return _chars_estimate(params.get("messages", params.get("input", ""))), True
     try:
         from tokenwatch.core import tokens
 
