@@ -50,7 +50,7 @@ def set_budget(config: Config, budget: BudgetSettings) -> Config:
     """Add or replace (by name) a budget in the overlay; returns the config as now in force."""
     check_budget(budget)
     name = budget_name(budget)
-    entry = _entry(dataclasses.replace(budget, name=name))
+    entry = budget_entry(budget)
     with _editing(overlay_file(config)) as overlay:
         kept = [b for b in overlay.get("budget", []) if _name_of(b) != name]
         overlay["budget"] = [*kept, entry]
@@ -74,7 +74,9 @@ def remove_budget(config: Config, name: str) -> Config:
     return _reloaded(config, [b for b in config.budget if budget_name(b) != name])
 
 
-def _entry(budget: BudgetSettings) -> dict[str, Any]:
+def budget_entry(budget: BudgetSettings) -> dict[str, Any]:
+    """The budget as a `[[budget]]` table (and `set_budget` message): named, defaults left out."""
+    budget = dataclasses.replace(budget, name=budget_name(budget))
     defaults = BudgetSettings()
     entry: dict[str, Any] = {}
     for f in dataclasses.fields(BudgetSettings):
