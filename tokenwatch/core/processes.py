@@ -128,15 +128,30 @@ def process_info(pid: int) -> ProcessInfo:
 
 
 def _check_permitted(st: _Stat, uid: int) -> None:
+    """Refuse what no one should stop: another user's process, init, kernel threads."""
     pid = st.pid
-    if pid == os.getpid():
-        raise NotPermitted(f"pid {pid} is tokenwatch itself")
-    if st.pgid == os.getpgrp():
-        raise NotPermitted(f"pid {pid} is in tokenwatch's own process group")
     if pid == 1 or st.flags & _PF_KTHREAD or st.ppid == 2:
-        raise NotPermitted(f"pid {pid} is init or a kernel thread")
+        raise NotPermitted(f"pid {pid} is init or a kernel thread: tokenwatch leaves it alone")
     if uid != os.getuid():
-        raise NotPermitted(f"pid {pid} belongs to another user (uid {uid})")
+        raise NotPermitted(f"pid {pid} belongs to another user (uid {uid}), not to you")
+
+
+def _check_not_self(st: _Stat) -> None:
+    if st.pid == os.getpid():
+        raise NotPermitted(f"pid {st.pid} is tokenwatch itself")
+    if st.pgid == os.getpgrp():
+        raise NotPermitted(f"pid {st.pid} is in tokenwatch's own process group")
+
+
+def check_controllable(pid: int) -> ProcessInfo:
+    """What a client checks before asking the supervisor to take `pid`: it exists, is yours,
+    and is neither init nor a kernel thread. Raises ProcessGone or NotPermitted."""
+    info = process_info(pid)
+    st = _read_stat(pid)
+    _check_permitted(st, info.uid)
+    if st.state in ("Z", "X"):
+        raise ProcessGone(f"pid {pid} has exited")
+    return info
 
 
 def _children_by_parent() -> dict[int, list[_Stat]]:
@@ -246,6 +261,7 @@ class ProcessHandle:
         as when a restarted supervisor re-adopts its agents. Raises ProcessGone or NotPermitted.
         """
         st = _read_stat(pid)
+        _check_not_self(st)
         _check_permitted(st, _read_uid(pid))
         if start_time is not None and st.start_time != start_time:
             raise ProcessGone(f"pid {pid} is now another process")

@@ -1,0 +1,337 @@
+"""Commands `run` (launch an agent under supervision, in the foreground) and `attach` (adopt one)."""
+
+from __future__ import annotations
+
+import argparse
+import os.path
+import re
+from typing import TYPE_CHECKING, Any
+
+from tokenwatch.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from tokenwatch.client.control import SupervisorClient
+    from tokenwatch.core.foreground import ForegroundChild
+
+SUPERVISOR_FAILED = 125
+"""Exit code when the supervisor cannot be reached or refuses the agent (nothing was run)."""
+CANNOT_EXECUTE = 126
+COMMAND_NOT_FOUND = 127
+UPSTREAM_VARS = {"OPENAI_BASE_URL": "openai_upstream", "ANTHROPIC_BASE_URL": "anthropic_upstream"}
+INTERPRETERS = re.compile(r"(python|pypy|node|deno|bun|ruby|perl|php|bash|sh|zsh|dash)[\d.]*")
+"""Commands whose script, not themselves, names the agent."""
+LAUNCHERS = frozenset({"uv", "uvx", "npx", "poetry", "pipenv", "env", "nice", "nohup", "time"})
+"""Commands that run another one: skipped (with their words like `run`) when naming the agent."""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run an agent under supervision (tokenwatch run -- CMD ...)",
+        description=(
+            "Run CMD in this terminal as if run directly (same stdin, stdout, stderr; Ctrl-C and "
+            "Ctrl-Z reach it), registered with the supervisor (started in the background if "
+            "none runs): its LLM calls go through the tokenwatch proxy (OPENAI_BASE_URL and "
+            "ANTHROPIC_BASE_URL are set; yours become the upstreams), Python children report "
+            "through the SDK, and it can be paused, throttled or killed. Exits with CMD's exit "
+            "code (128+N if killed by signal N) and prints a one-line summary on stderr. "
+            f"Exit {SUPERVISOR_FAILED}: no supervisor (see --unsupervised); "
+            f"{COMMAND_NOT_FOUND}: CMD not found; {CANNOT_EXECUTE}: CMD not executable."
+        ),
+    )
+    p.add_argument("--name", help="agent name (default: from CMD; made unique, e.g. coder-2)")
+    p.add_argument("--task", default="", help="task its calls are attributed to")
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label for budgets and reports (repeatable)",
+    )
+    p.add_argument("--budget", help="limit for this run: tokens (200k) or dollars ($2)")
+    p.add_argument(
+        "--critical", action="store_true", help="rules only alert; never pause or kill it"
+    )
+    p.add_argument(
+        "--unsupervised",
+        action="store_true",
+        help="if no supervisor can be reached, run CMD anyway (with a warning) instead of failing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line at exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the agent")
+    p.set_defaults(func=run_run)
+
+    p = sub.add_parser(
+        "attach",
+        help="put a running process under supervision (pause, throttle, kill)",
+        description=(
+            "Supervise a process tokenwatch did not start: it can then be paused, throttled "
+            "(duty cycle) and killed like any agent. Its calls are only seen if it reports "
+            "them: see `tokenwatch env NAME` for the variables to start it with next time."
+        ),
+    )
+    p.add_argument("pid", type=int, help="process id (one of yours)")
+    p.add_argument("--name", default="", help="agent name (default: from its command line)")
+    p.set_defaults(func=run_attach)
+
+
+def _tags(pairs: list[str]) -> dict[str, str]:
+    tags = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--tag {pair!r}: expected KEY=VALUE", exit_code=2)
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def _check_budget(budget: str | None) -> None:
+    if budget is None:
+        return
+    from tokenwatch.core.quantities import QuantityError, parse_amount
+
+    try:
+        parse_amount(budget)
+    except QuantityError as exc:
+        raise CliError(f"--budget: {exc}", exit_code=2) from None
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CliError("nothing to run: tokenwatch run [OPTIONS] -- CMD [ARGS...]", exit_code=2)
+    return command
+
+
+def default_name(command: list[str]) -> str:
+    """Something recognisable from CMD: `python agents/coder.py` -> `coder`, `python -m pkg.bot`
+    -> `pkg.bot`, `uv run x.py` -> `x`, else the program's name; fit for an agent name."""
+    words = [os.path.basename(w) for w in command]
+    while words and (words[0] in LAUNCHERS or words[0] in ("run", "exec") or "=" in words[0]):
+        words.pop(0)
+    name = words[0] if words else "agent"
+    if INTERPRETERS.fullmatch(name):
+        name = _script_of(command[len(command) - len(words) + 1 :]) or name
+    name = re.sub(r"[^A-Za-z0-9._@:+-]+", "-", name.removesuffix(".py")).strip("-.")
+    return name[:64] or "agent"
+
+
+def _script_of(args: list[str]) -> str:
+    for i, arg in enumerate(args):
+        if arg == "-m" and i + 1 < len(args):
+            return args[i + 1]
+        if arg in ("-c", "-e", "--eval", "-"):
+            return ""
+        if not arg.startswith("-"):
+            return os.path.splitext(os.path.basename(arg))[0]
+    return ""
+
+
+def _upstreams(env: dict[str, str]) -> dict[str, str]:
+    """The user's own base URLs become the proxy's upstreams (never the proxy itself)."""
+    proxy = env.get("TOKENWATCH_PROXY_URL", "")
+    return {
+        field: env[var]
+        for var, field in UPSTREAM_VARS.items()
+        if env.get(var) and not (proxy and env[var].startswith(proxy))
+    }
+
+
+def run_run(args: argparse.Namespace) -> int:
+    import os
+
+    from tokenwatch.core.foreground import ForegroundChild, Interrupted
+
+    command = _command(args)
+    request: dict[str, Any] = {
+        "name": args.name or default_name(command),
+        "command": command,
+        "task": args.task or None,
+        "tags": _tags(args.tag) or None,
+        "budget": args.budget,
+        "launched": True,
+        "critical": args.critical or None,
+        **_upstreams(dict(os.environ)),
+    }
+    _check_budget(args.budget)
+    with ForegroundChild() as child:
+        try:
+            return _run_supervised(child, command, request, args)
+        except Interrupted as exc:
+            return exc.code
+
+
+def _run_supervised(
+    child: ForegroundChild, command: list[str], request: dict[str, Any], args: argparse.Namespace
+) -> int:
+    import anyio
+
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:
+        name = anyio.run(_register_and_start, child, command, request)
+    except SupervisorUnavailable as exc:
+        if not args.unsupervised:
+            raise CliError(
+                f"{exc.message} (pass --unsupervised to run without tokenwatch)",
+                exit_code=SUPERVISOR_FAILED,
+            ) from None
+        _warn(f"running unsupervised: {exc.message}")
+        return _run_unsupervised(child, command)
+    except SupervisorError as exc:
+        raise CliError(exc.message, exit_code=SUPERVISOR_FAILED) from None
+    code = child.wait()
+    summary = anyio.run(_report_exit, name, code)
+    if not args.quiet:
+        _warn(summary_line(name, code, summary))
+    return code
+
+
+async def _register_and_start(
+    child: ForegroundChild, command: list[str], request: dict[str, Any]
+) -> str:
+    """Register, spawn with the env the supervisor gave, tell it the pid; returns the name."""
+    from tokenwatch.client.control import SupervisorClient
+
+    async with await SupervisorClient.connect() as client:
+        reply = await client.request("register", **request)
+        name = str(reply["name"])
+        env = _child_env(client, name, reply)
+        try:
+            _start(child, command, env)
+        except CliError as exc:
+            await client.request("exited", name=name, code=exc.exit_code)
+            raise
+        await _started(client, child, name)
+    return name
+
+
+async def _started(client: SupervisorClient, child: ForegroundChild, name: str) -> None:
+    from tokenwatch.client.control import SupervisorError
+
+    assert child.pid is not None
+    try:
+        await client.request("started", name=name, pid=child.pid)
+    except SupervisorError as exc:
+        if child.exited_nowait():
+            return  # it was over before the supervisor looked: nothing left to control
+        # the agent runs already: carry on, but say it cannot be paused or killed
+        _warn(f"{name} runs, but the supervisor did not take hold of it: {exc.message}")
+
+
+def _child_env(client: SupervisorClient, name: str, reply: dict[str, Any]) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (reply.get("env") or {}).items()})
+    env.setdefault("TOKENWATCH_SOCKET", str(client.socket_path))
+    env["TOKENWATCH_AGENT"] = name
+    env["TOKENWATCH_RUN_ID"] = str(reply.get("run_id") or "")
+    try:
+        from tokenwatch.client.autoinstrument import child_env
+    except ImportError:
+        return env
+    return child_env(env)
+
+
+def _start(child: ForegroundChild, command: list[str], env: dict[str, str]) -> int:
+    try:
+        return child.start(command, env=env)
+    except FileNotFoundError:
+        raise CliError(f"{command[0]}: command not found", exit_code=COMMAND_NOT_FOUND) from None
+    except PermissionError:
+        raise CliError(f"{command[0]}: permission denied", exit_code=CANNOT_EXECUTE) from None
+    except OSError as exc:
+        raise CliError(f"{command[0]}: {exc.strerror}", exit_code=CANNOT_EXECUTE) from None
+
+
+async def _report_exit(name: str, code: int) -> dict[str, Any] | None:
+    """Tell the supervisor the agent ended; its summary, or None if the supervisor is gone."""
+    from tokenwatch.client.control import SupervisorClient, SupervisorError
+
+    try:
+        async with await SupervisorClient.connect(start=False) as client:
+            reply = await client.request("exited", name=name, code=code)
+    except SupervisorError as exc:
+        _warn(f"could not report the exit to the supervisor: {exc.message}")
+        return None
+    summary = (reply or {}).get("summary")
+    return summary if isinstance(summary, dict) else None
+
+
+def _run_unsupervised(child: ForegroundChild, command: list[str]) -> int:
+    import os
+
+    _start(child, command, dict(os.environ))
+    return child.wait()
+
+
+def summary_line(name: str, code: int, summary: dict[str, Any] | None) -> str:
+    """`NAME exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway`."""
+    from tokenwatch.core.quantities import format_usd
+
+    parts = [f"{name} exited {code}{_signal_note(code)}"]
+    if summary is not None:
+        requests = int(summary.get("requests") or 0)
+        parts += [
+            f"{int(summary.get('tokens') or 0):,} tokens",
+            format_usd(summary.get("cost_usd")) if requests else "$0",
+            f"{requests:,} request{'' if requests == 1 else 's'}",
+            *[str(action) for action in summary.get("actions") or []],
+        ]
+    return " · ".join(parts)
+
+
+def _signal_note(code: int) -> str:
+    import signal
+
+    if code <= 128:
+        return ""
+    try:
+        return f" ({signal.Signals(code - 128).name})"
+    except ValueError:
+        return ""
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"tokenwatch: {message}", file=sys.stderr, flush=True)
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    import anyio
+
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    _check_attachable(args.pid)
+
+    async def attach() -> Any:
+        from tokenwatch.client.control import SupervisorClient
+
+        async with await SupervisorClient.connect() as client:
+            return await client.request("attach", pid=args.pid, name=args.name or None)
+
+    try:
+        reply = anyio.run(attach)
+    except SupervisorUnavailable as exc:
+        raise CliError(exc.message, exit_code=SUPERVISOR_FAILED) from None
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
+    name = reply["name"]
+    print(f"attached pid {args.pid} as {name}: tokenwatch pause|throttle|kill {name}")
+    return 0
+
+
+def _check_attachable(pid: int) -> None:
+    """One clear line for a pid that cannot be supervised, before bothering the supervisor."""
+    from tokenwatch.core.processes import NotPermitted, ProcessGone, check_controllable
+
+    try:
+        check_controllable(pid)
+    except ProcessGone:
+        raise CliError(f"no process with pid {pid}") from None
+    except NotPermitted as exc:
+        raise CliError(str(exc)) from None
