@@ -136,13 +136,20 @@ class Incoming:
     def started_response(self) -> bool:
         return self._response is not None
 
-    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
-        """A whole response at once."""
+    async def respond(
+        self, status: int, headers: Headers, body: bytes, *, close: bool = False
+    ) -> None:
+        """A whole response at once; `close` drops the connection after it (body left unread)."""
         response = web.Response(status=status, body=body)
         _set_headers(response, headers)
+        if close:
+            response.force_close()
         self._response = response
         await self._guard(response.prepare(self._request))
         await self._guard(response.write_eof())
+        if close:
+            # not aiohttp's lingering read of the rest of a body we refused
+            self._request.protocol.force_close()
 
     async def start(self, status: int, headers: Headers, content_length: int | None) -> None:
         """Send the head of a response whose body follows in `write` calls."""

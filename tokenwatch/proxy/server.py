@@ -60,6 +60,7 @@ MAX_HEADER_BYTES = 16_384
 """Longest request line or header field accepted (431 beyond)."""
 MAX_CAPTURE_BYTES = 16 * 1024 * 1024
 """A JSON response is kept for reading its usage up to this size; it is relayed whatever its size."""
+_UNREAD = frozenset({408, 413})
 _UPSTREAM_DROP = frozenset({CALL_ID_HEADER, "accept-encoding"})
 
 
@@ -407,7 +408,10 @@ class ProxyServer:
 
     async def _refuse(self, req: Incoming, reply: ErrorReply) -> None:
         try:
-            await req.respond(reply.status, reply.headers, reply.body)
+            # a body cut short or too big stays unread: close rather than linger over it
+            await req.respond(
+                reply.status, reply.headers, reply.body, close=reply.status in _UNREAD
+            )
         except ClientGone:
             pass
 
