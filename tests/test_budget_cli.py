@@ -1,0 +1,202 @@
+"""`tokenwatch budget`, `alerts` and `rules test` as a user runs them, with and without a supervisor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from budget_fixtures import event
+from supervisor_fixtures import running_supervisor
+from test_detect import sent
+
+from tokenwatch.cli import main
+from tokenwatch.config import Config, load_config
+from tokenwatch.core.models import Alert
+from tokenwatch.core.store import Store
+from tokenwatch.paths import OVERLAY_NAME, Paths
+
+
+@pytest.fixture(autouse=True)
+def in_empty_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run from a directory without a tokenwatch.toml (the user's config applies)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def fill_ledger(events: list, alerts: list[Alert] = ()) -> None:  # type: ignore[type-arg,assignment]
+    paths = Paths.discover()
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    async with await Store.open(paths.db) as store:
+        await store.append_many(events)
+        for alert in alerts:
+            await store.add_alert(alert)
+        await store.flush()
+
+
+def test_set_list_and_remove_a_budget_without_a_supervisor(
+    capsys: pytest.CaptureFixture[str], tokenwatch_home: Path
+) -> None:
+    code, out, _ = run(capsys, "budget", "set", "agent:researcher", "$5", "--action", "pause")
+    assert code == 0
+    assert out.startswith("budget agent:researcher:day: $5 per day, pause at the limit")
+    assert "no supervisor is running" in out
+    assert (tokenwatch_home / "config" / OVERLAY_NAME).is_file()
+
+    # Raising it keeps the action it had.
+    run(capsys, "budget", "set", "agent:researcher", "$10")
+    (budget,) = load_config().budget
+    assert (budget.limit, budget.action) == ("$10", "pause")
+
+    code, out, _ = run(capsys, "budget", "list")
+    header, row = out.splitlines()
+    assert header.split() == [
+        "BUDGET",
+        "TARGET",
+        "PERIOD",
+        "LIMIT",
+        "USED",
+        "LEFT",
+        "RESETS",
+        "RUNS",
+        "OUT",
+        "ACTION",
+    ]
+    assert row.split()[:4] == ["agent:researcher:day", "researcher", "day", "$10.00"]
+
+    code, out, _ = run(capsys, "budget", "rm", "agent:researcher:day")
+    assert code == 0
+    assert load_config().budget == []
+    assert run(capsys, "budget", "list")[1].startswith("no budgets")
+
+
+def test_budget_list_counts_what_the_ledger_holds_for_today(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    anyio.run(fill_ledger, [event(time.time(), tokens=40_000, cost_usd=1.25)])
+    run(capsys, "budget", "set", "global", "100k", "--name", "daily-tokens")
+    run(capsys, "budget", "set", "agent:*", "$5")
+    code, out, _ = run(capsys, "budget", "list", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["daily-tokens"]["used"] == 40_000
+    assert rows["daily-tokens"]["remaining"] == 60_000
+    assert rows["agent:*:day"]["target"] == "researcher"
+    assert rows["agent:*:day"]["used"] == 1.25
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["budget", "set", "team:x", "5"], "unknown scope 'team'"),
+        (["budget", "set", "agent", "5"], "say what the agent budget covers"),
+        (["budget", "set", "agent:x", "lots"], "not a limit: 'lots'"),
+        (["budget", "set", "global", "5k", "--warn", "half"], "--warn takes percentages"),
+        (["budget", "rm", "nope"], "no budget named 'nope'"),
+        (["alerts", "--since", "yesterday-ish"], "--since: not a time"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_a_failing_exit(argv: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("tokenwatch: ")
+    assert message in line
+
+
+def test_alerts_from_the_ledger_oldest_first_within_since(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    now = time.time()
+    alerts = [
+        Alert(
+            "runaway",
+            "researcher",
+            "researcher repeated the same prompt 3 times in 20 s; paused",
+            "critical",
+            "pause",
+            ts=now - 60,
+        ),
+        Alert("budget:daily", "writer", "writer has used 80% of budget daily", ts=now - 30),
+        Alert("spike", "old", "from last week", ts=now - 8 * 86400),
+    ]
+    anyio.run(fill_ledger, [], alerts)
+    code, out, _ = run(capsys, "alerts", "--since", "1h")
+    lines = out.splitlines()
+    assert code == 0
+    assert len(lines) == 3
+    assert "researcher  runaway       pause   researcher repeated the same prompt" in lines[1]
+    assert lines[2].endswith("writer has used 80% of budget daily")
+    code, out, _ = run(capsys, "alerts", "--since", "30d", "--json")
+    assert [a["agent"] for a in json.loads(out)] == ["old", "researcher", "writer"]
+
+
+def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
+    capsys: pytest.CaptureFixture[str], in_empty_project: Path
+) -> None:
+    import time
+
+    start = time.time() - 3600
+    loop = [{"role": "user", "content": "again"}]
+    events = [sent(start + 10 * i, loop, 500) for i in range(4)]
+    events += [
+        sent(start + 100 + i, f"doc {i} about {chr(97 + i)}", 300, agent="ok") for i in range(5)
+    ]
+    anyio.run(fill_ledger, events)
+
+    code, out, _ = run(capsys, "rules", "test", "--since", "2h")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "replayed 9 calls since 2h; nothing was changed"
+    assert "researcher repeated the same prompt 3 times in 20 s; paused" in lines[2]
+    assert lines[-1] == "would have fired 1 times: runaway pause x1"
+
+    custom = in_empty_project / "strict.toml"
+    custom.write_text(
+        '[[rule]]\nname = "loop2"\ndetector = "runaway"\nthreshold = 2\naction = "kill"\n'
+    )
+    code, out, _ = run(capsys, "rules", "test", "--since", "2h", "--config", str(custom), "--json")
+    fired = json.loads(out)
+    assert [(f["rule"], f["action"]) for f in fired] == [("loop2", "kill")]
+    assert fired[0]["ts"] == start + 10
+
+    code, out, _ = run(capsys, "alerts", "--since", "2h")
+    assert out.startswith("no alerts")  # the replay stored nothing
+
+
+async def test_edits_reach_a_running_supervisor_and_list_reads_from_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with running_supervisor(Paths.discover(), Config(), proxy=False, exporters=False) as sup:
+        assert sup.engine is not None
+        argv = ["budget", "set", "agent:researcher", "20k", "--action", "deny"]
+        assert await anyio.to_thread.run_sync(main, argv) == 0
+        assert "saved and applied" in capsys.readouterr().out
+        assert [s.name for s in sup.engine.budgets.statuses()] == ["agent:researcher:day"]
+
+        import time
+
+        await sup.engine.ingest([event(time.time(), tokens=15_000)])
+        assert await anyio.to_thread.run_sync(main, ["budget", "list", "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert (row["name"], row["used"], row["action"]) == ("agent:researcher:day", 15_000, "deny")
+
+        assert await anyio.to_thread.run_sync(main, ["budget", "rm", "agent:researcher:day"]) == 0
+        assert "saved and applied" in capsys.readouterr().out
+        assert sup.engine.budgets.statuses() == []
