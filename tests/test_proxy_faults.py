@@ -180,3 +180,45 @@ async def test_failing_settle_does_not_break_the_proxy(rig: ProxyRig) -> None:
     with anyio.fail_after(30):
         while rig.proxy.statistics().settle_failures < 2:
             await anyio.sleep(0.01)
+
+
+async def test_held_call_waits_for_admission_then_goes() -> None:
+    from tokenwatch.core.admission import Admission, CallRequest
+
+    class Paused(RecordingGate):
+        def __init__(self) -> None:
+            super().__init__()
+            self.resume = anyio.Event()
+
+        async def admit(self, call: CallRequest) -> Admission:
+            await self.resume.wait()
+            admission = await super().admit(call)
+            admission.waited_ms = 1234.0
+            return admission
+
+    gate = Paused()
+    async with running_proxy(gate) as rig, client(rig) as oai, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: oai.chat.completions.create(model="gpt-4o", messages=MESSAGES))  # type: ignore[arg-type]
+        with anyio.fail_after(30):
+            while rig.proxy.statistics().held == 0:
+                await anyio.sleep(0.01)
+        assert rig.fake.calls == []  # held, not failed, and not sent
+        gate.resume.set()
+        (event,) = await gate.wait_settled(1)
+    assert event.status == "ok"
+    assert event.wait_ms == 1234.0
+    assert rig.proxy.statistics().held == 0
+
+
+async def test_per_model_upstream_is_used() -> None:
+    from tokenwatch.demo.fake_llm import running_fake_llm
+
+    async with running_fake_llm() as local:
+        upstreams = {"llama*": local.url + "/v1"}
+        async with running_proxy(model_upstreams=upstreams) as rig, client(rig) as oai:
+            await oai.chat.completions.create(model="llama3", messages=MESSAGES)  # type: ignore[arg-type]
+            await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            events = await rig.gate.wait_settled(2)
+    assert [c.model for c in local.calls] == ["llama3"]
+    assert [c.model for c in rig.fake.calls] == ["gpt-4o"]
+    assert [e.model for e in events] == ["llama3", "gpt-4o"]

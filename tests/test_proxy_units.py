@@ -1,0 +1,132 @@
+"""Proxy parts on their own: SSE splitting, Host names, upstream URLs, usage normalisation."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenwatch.config import ProxySettings
+from tokenwatch.proxy import anthropic_usage, openai_usage
+from tokenwatch.proxy.routes import AgentRoute, RouteTable, loopback_host, split_path, upstream_url
+from tokenwatch.proxy.sse import SseSplitter, parse_event
+
+EVENT_TEXT = st.text(
+    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40
+)
+
+
+def sse_stream(payloads: list[str]) -> bytes:
+    return b"".join(b"data: " + p.encode() + b"\n\n" for p in payloads)
+
+
+@given(st.lists(EVENT_TEXT, max_size=12), st.lists(st.integers(1, 64), max_size=30))
+def test_any_chunking_yields_the_same_events_and_bytes(
+    payloads: list[str], cuts: list[int]
+) -> None:
+    stream = sse_stream(payloads)
+    splitter = SseSplitter()
+    events = []
+    at = 0
+    for size in [*cuts, len(stream)]:
+        events += splitter.feed(stream[at : at + size])
+        at += size
+    assert [e.data.decode() for e in events] == payloads
+    assert b"".join(e.raw for e in events) + splitter.rest() == stream
+
+
+def test_event_names_and_multiline_data() -> None:
+    event = parse_event(b'event: message_delta\ndata: {"a":\ndata: 1}\n\n')
+    assert event.name == "message_delta"
+    assert orjson.loads(event.data) == {"a": 1}
+
+
+@given(st.sampled_from(["localhost", "127.0.0.1", "[::1]", "LOCALHOST"]), st.integers(1, 65535))
+def test_loopback_names_with_our_port_pass(name: str, port: int) -> None:
+    assert loopback_host(f"{name}:{port}", port)
+    assert loopback_host(name, port)
+    assert not loopback_host(f"{name}:{port % 65535 + 1}", port)
+
+
+@given(st.text(max_size=30))
+def test_other_hosts_fail(host: str) -> None:
+    name = host.split(":")[0].lower().strip()
+    if name not in {"localhost", "127.0.0.1", "[::1]"}:
+        assert not loopback_host(host, 8080)
+
+
+def test_upstream_precedence_model_then_agent_then_proxy_then_public() -> None:
+    settings = ProxySettings(
+        openai_upstream="http://proxy-default/v1",
+        model_upstreams={"llama*": "http://127.0.0.1:11434/v1"},
+    )
+    target = split_path("/a/tok/v1/chat/completions", {})
+    assert target is not None
+    mine = AgentRoute(agent="a", openai_upstream="http://agent-own/v1")
+    bare = AgentRoute(agent="b")
+    assert upstream_url(settings, mine, target, "llama3", "") == (
+        "http://127.0.0.1:11434/v1/chat/completions"
+    )
+    assert upstream_url(settings, mine, target, "gpt-4o", "x=1") == (
+        "http://agent-own/v1/chat/completions?x=1"
+    )
+    assert upstream_url(settings, bare, target, "gpt-4o", "") == (
+        "http://proxy-default/v1/chat/completions"
+    )
+    assert upstream_url(ProxySettings(), bare, target, "gpt-4o", "") == (
+        "https://api.openai.com/v1/chat/completions"
+    )
+    messages = split_path("/a/tok/v1/messages", {})
+    assert messages is not None
+    assert messages.provider == "anthropic"
+    assert upstream_url(ProxySettings(), bare, messages, "claude", "") == (
+        "https://api.anthropic.com/v1/messages"
+    )
+
+
+def test_models_list_goes_to_the_provider_that_asked() -> None:
+    openai_side = split_path("/a/tok/v1/models", {})
+    anthropic_side = split_path("/a/tok/v1/models", {"anthropic-version": "2023-06-01"})
+    assert openai_side is not None
+    assert anthropic_side is not None
+    assert (openai_side.provider, anthropic_side.provider) == ("openai", "anthropic")
+
+
+def test_route_tokens_are_unique_and_tasks_follow_the_agent() -> None:
+    table = RouteTable()
+    one = table.add(AgentRoute(agent="coder"))
+    two = table.add(AgentRoute(agent="coder"))
+    assert one != two
+    table.set_task("coder", "fix-bug")
+    assert {table.get(one).task, table.get(two).task} == {"fix-bug"}  # type: ignore[union-attr]
+    table.remove(one)
+    assert table.get(one) is None
+
+
+def test_anthropic_usage_counts_cache_inside_input() -> None:
+    start = {
+        "input_tokens": 10,
+        "cache_read_input_tokens": 1000,
+        "cache_creation_input_tokens": 50,
+        "output_tokens": 1,
+    }
+    first = anthropic_usage.usage_from(start)
+    final = anthropic_usage.usage_from({"output_tokens": 321}, first)
+    assert final is not None
+    assert (final.input_tokens, final.cache_read_tokens, final.cache_write_tokens) == (
+        1060,
+        1000,
+        50,
+    )
+    assert final.output_tokens == 321
+
+
+def test_ask_for_usage_only_when_the_client_did_not() -> None:
+    body = {"model": "m", "messages": [], "stream": True}
+    asked = openai_usage.ask_for_usage("/v1/chat/completions", body)
+    assert asked is not None
+    assert orjson.loads(asked)["stream_options"] == {"include_usage": True}
+    already = {**body, "stream_options": {"include_usage": True}}
+    assert openai_usage.ask_for_usage("/v1/chat/completions", already) is None
+    assert openai_usage.ask_for_usage("/v1/chat/completions", {**body, "stream": False}) is None
+    assert openai_usage.ask_for_usage("/v1/embeddings", body) is None
