@@ -28,9 +28,9 @@ DETECTORS: Final = (
 ACTIONS: Final = ("alert", "throttle", "pause", "kill", "deny")
 ALERT_ONLY: Final = frozenset({"huge_request", "drift"})
 """Detectors that inform but never act on an agent, whatever their rule says."""
-CONFIRM: Final = {"spike": 2, "forecast": 2}
+CONFIRM: Final = {"forecast": 2}
 """Consecutive observations a finding must hold for before it fires (not one noisy sample);
-the other detectors already need several calls by construction."""
+the other detectors already need several calls by construction (a spike: 3 in its window)."""
 ESCALATION_MEMORY: Final = 10.0
 """A rule that fires again within this many cooldowns (or windows) escalates; later, it starts over."""
 HISTORY_SECONDS: Final = 2 * 3600.0
