@@ -1,0 +1,321 @@
+"""Benchmark: what tokenwatch's proxy adds to latency and time to first token, against calling the
+same trivial upstream directly, at concurrency 1, at a fixed offered rate, and at the highest rate
+it sustains with p99 under 50 ms.
+
+Method: the upstream (a minimal aiohttp server answering a fixed chat completion, or 50 SSE chunks
+plus a usage chunk) and the proxy (ProxyServer with a gate that admits everything, so the figure is
+the proxy's own cost) each run in their own process, like the supervisor does; the load generator
+(one aiohttp client) runs here. Direct and proxied runs are interleaved in blocks so machine noise
+hits both alike. Latency is from the scheduled send time to the last body byte (open loop: time
+spent queued behind the in-flight cap counts), TTFT to the first body byte.
+
+    .venv/bin/python bench/proxy.py            # full run (about a minute)
+    .venv/bin/python bench/proxy.py --quick    # smaller samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+CHUNKS = 50
+BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+    "max_tokens": 64,
+}
+USAGE = {"prompt_tokens": 14, "completion_tokens": 50, "total_tokens": 64}
+
+
+# -- the trivial upstream (own process) -------------------------------------------------------
+
+
+def _completion() -> bytes:
+    message = {"role": "assistant", "content": "hello " * 50}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    doc = {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [choice]}
+    return json.dumps({**doc, "usage": USAGE}).encode()
+
+
+def _chunk(i: int) -> bytes:
+    delta = {"index": 0, "delta": {"content": "hello "}, "finish_reason": None}
+    doc = {"id": "c1", "object": "chat.completion.chunk", "choices": [delta], "usage": None}
+    return b"data: " + json.dumps({**doc, "n": i}).encode() + b"\n\n"
+
+
+async def _upstream_handler(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    if not body.get("stream"):
+        return web.Response(body=COMPLETION, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in STREAM_CHUNKS:
+        await response.write(chunk)
+    await response.write(b"data: " + json.dumps({"choices": [], "usage": USAGE}).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+COMPLETION = _completion()
+STREAM_CHUNKS = [_chunk(i) for i in range(CHUNKS)]
+
+
+async def run_upstream() -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _upstream_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.Event().wait()
+
+
+# -- the proxy (own process) ------------------------------------------------------------------
+
+
+class _OpenGate:
+    """Admits everything and records nothing: the benchmark measures the proxy alone."""
+
+    async def admit(self, call: Any) -> Any:
+        from tokenwatch.core.admission import Admission
+
+        return Admission(True)
+
+    async def settle(self, admission: Any, event: Any) -> None:
+        return None
+
+
+async def run_proxy(upstream: str) -> None:
+    import anyio
+
+    from tokenwatch.config import ProxySettings
+    from tokenwatch.proxy.server import AgentRoute, ProxyServer, RouteTable
+
+    routes = RouteTable()
+    token = routes.add(AgentRoute(agent="bench"))
+    proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream))
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        print(proxy.base_urls(token)["OPENAI_BASE_URL"], flush=True)
+
+
+# -- the load generator -----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    latency_ms: list[float]
+    ttft_ms: list[float]
+    errors: int
+    seconds: float
+
+    def pct(self, values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _one(
+    http: aiohttp.ClientSession, url: str, payload: bytes, start: float, sample: Sample
+) -> None:
+    first: float | None = None
+    try:
+        async with http.post(url, data=payload, headers=HEADERS) as resp:
+            async for _ in resp.content.iter_any():
+                if first is None:
+                    first = time.perf_counter()
+            ok = resp.status == 200
+    except aiohttp.ClientError:
+        ok = False
+    end = time.perf_counter()
+    if not ok or first is None:
+        sample.errors += 1
+        return
+    sample.latency_ms.append((end - start) * 1000)
+    sample.ttft_ms.append((first - start) * 1000)
+
+
+HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+
+
+async def sequential(http: aiohttp.ClientSession, url: str, payload: bytes, n: int) -> Sample:
+    sample = Sample([], [], 0, 0.0)
+    began = time.perf_counter()
+    for _ in range(n):
+        await _one(http, url, payload, time.perf_counter(), sample)
+    sample.seconds = time.perf_counter() - began
+    return sample
+
+
+async def open_loop(
+    http: aiohttp.ClientSession, url: str, payload: bytes, rate: float, n: int, cap: int = 32
+) -> Sample:
+    """`n` requests scheduled `1/rate` apart; at most `cap` in flight, the rest wait their turn."""
+    sample = Sample([], [], 0, 0.0)
+    slots = asyncio.Semaphore(cap)
+    began = time.perf_counter()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def fire(at: float) -> None:
+        async with slots:
+            await _one(http, url, payload, at, sample)
+
+    for i in range(n):
+        at = began + i / rate
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(fire(at)))
+    await asyncio.gather(*tasks)
+    sample.seconds = time.perf_counter() - began
+    return sample
+
+
+def _merge(samples: list[Sample]) -> Sample:
+    return Sample(
+        [v for s in samples for v in s.latency_ms],
+        [v for s in samples for v in s.ttft_ms],
+        sum(s.errors for s in samples),
+        sum(s.seconds for s in samples),
+    )
+
+
+Runner = Callable[[str], Awaitable[Sample]]
+
+
+async def paired(direct: str, proxied: str, run: Runner, blocks: int) -> tuple[Sample, Sample]:
+    """Direct and proxied runs interleaved block by block."""
+    a: list[Sample] = []
+    b: list[Sample] = []
+    for _ in range(blocks):
+        a.append(await run(direct))
+        b.append(await run(proxied))
+    return _merge(a), _merge(b)
+
+
+def report(title: str, direct: Sample, proxied: Sample, ttft: bool) -> dict[str, float]:
+    d50, d99 = direct.pct(direct.latency_ms, 0.5), direct.pct(direct.latency_ms, 0.99)
+    p50, p99 = proxied.pct(proxied.latency_ms, 0.5), proxied.pct(proxied.latency_ms, 0.99)
+    row = {"direct_p50": d50, "direct_p99": d99, "proxy_p50": p50, "proxy_p99": p99}
+    line = (
+        f"{title:<38} direct p50 {d50:7.3f} p99 {d99:7.3f} | proxy p50 {p50:7.3f} p99 {p99:7.3f}"
+        f" | added p50 {p50 - d50:+7.3f} p99 {p99 - d99:+7.3f} ms"
+    )
+    if ttft:
+        t_d = direct.pct(direct.ttft_ms, 0.5)
+        t_p = proxied.pct(proxied.ttft_ms, 0.5)
+        row["added_ttft_p50"] = t_p - t_d
+        line += f" | added TTFT p50 {t_p - t_d:+7.3f} ms"
+    if direct.errors or proxied.errors:
+        line += f" | errors {direct.errors}/{proxied.errors}"
+    print(line, flush=True)
+    return row
+
+
+async def max_rate(http: aiohttp.ClientSession, url: str, payload: bytes, seconds: float) -> float:
+    """Highest offered rate whose p99 stays under 50 ms and that is delivered at >= 95 %."""
+    best = 0.0
+    for rate in (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000):
+        n = int(rate * seconds)
+        sample = await open_loop(http, url, payload, rate, n)
+        achieved = len(sample.latency_ms) / sample.seconds
+        p99 = sample.pct(sample.latency_ms, 0.99)
+        ok = p99 < 50 and achieved >= 0.95 * rate and not sample.errors
+        print(
+            f"  offered {rate:5d}/s achieved {achieved:7.0f}/s p99 {p99:7.2f} ms {'ok' if ok else 'X'}"
+        )
+        if not ok:
+            break
+        best = float(rate)
+    return best
+
+
+def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        raise SystemExit(f"{args[0]} did not start")
+    return proc, line
+
+
+async def bench(quick: bool) -> None:
+    upstream_proc, port = _spawn("--serve-upstream")
+    upstream = f"http://127.0.0.1:{port}/v1"
+    proxy_proc, proxied_base = _spawn("--serve-proxy", upstream)
+    try:
+        await _measure(upstream, proxied_base, quick)
+    finally:
+        for proc in (proxy_proc, upstream_proc):
+            proc.terminate()
+            proc.wait(10)
+
+
+async def _measure(upstream: str, proxied_base: str, quick: bool) -> None:
+    direct, proxied = upstream + "/chat/completions", proxied_base + "/chat/completions"
+    json_body = json.dumps(BODY).encode()
+    stream_body = json.dumps(
+        {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    ).encode()
+    seq_n, rate_n, blocks = (200, 1000, 3) if quick else (1000, 5000, 5)
+    print(f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} cpus")
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for warm in (direct, proxied):
+            await sequential(http, warm, json_body, 200)
+        for name, body, ttft in (
+            ("JSON", json_body, False),
+            ("50-chunk stream", stream_body, True),
+        ):
+
+            async def seq(url: str, body: bytes = body) -> Sample:
+                return await sequential(http, url, body, seq_n // blocks)
+
+            async def rate500(url: str, body: bytes = body) -> Sample:
+                return await open_loop(http, url, body, 500, rate_n // blocks)
+
+            report(f"{name}, concurrency 1", *await paired(direct, proxied, seq, blocks), ttft)
+            report(
+                f"{name}, 500/s open loop, <=32",
+                *await paired(direct, proxied, rate500, blocks),
+                ttft,
+            )
+        print("highest sustained rate through the proxy (JSON, p99 < 50 ms):")
+        best = await max_rate(http, proxied, json_body, 1.0 if quick else 2.0)
+        print(f"sustained: {best:.0f} requests/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller samples")
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-proxy", metavar="UPSTREAM", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        asyncio.run(run_upstream())
+    elif args.serve_proxy:
+        asyncio.run(run_proxy(args.serve_proxy))
+    else:
+        asyncio.run(bench(args.quick))
+
+
+if __name__ == "__main__":
+    main()
