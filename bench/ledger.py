@@ -6,8 +6,8 @@ Usage: python bench/ledger.py [--events 1000000] [--stored 10000000] [--dir DIR]
    64 concurrent `Store.append` callers), timed from the first call to the end of `flush()`,
    i.e. until every event is committed. Fresh file, WAL, synchronous=NORMAL.
 2. Report: a ledger of `--stored` events spread evenly over 30 days is filled in bulk (plain
-   sqlite3 `executemany` of pre-built rows into `events`, 200k rows per transaction, then the
-   rollups rebuilt with the store's own rollup SQL), then `aggregate("agent", now - 24h)` is
+   sqlite3 `executemany` of pre-built rows into `events`, 200k rows per transaction, each
+   followed by the store's own rollup SQL for those rows), then `aggregate("agent", now - 24h)` is
    timed through the public Store API: first (cold cache) run, then the median of 20 runs.
    The workload has 20 agents, each on one task at a time (new task every ~10 min), 4 models,
    3 users. For contrast the same report is also timed as a plain GROUP BY over raw events.
@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,14 @@ USERS = ["ana", "bo", "cy"]
 
 
 def sample_event(ts: float, i: int) -> UsageEvent:
-    model, provider = MODELS[i % len(MODELS)]
+    """Live-like traffic: 20 agents interleaved, each on its own task and model."""
+    agent = i % len(AGENTS)
+    model, provider = MODELS[agent % len(MODELS)]
     return UsageEvent(
         ts=ts,
-        agent=AGENTS[i % len(AGENTS)],
-        task=f"task-{i % 97}",
+        agent=AGENTS[agent],
+        task=f"{AGENTS[agent]}-t{int(ts // 600)}",
+        user=USERS[agent % len(USERS)],
         model=model,
         provider=provider,
         input_tokens=1000 + i % 500,
@@ -62,26 +66,48 @@ def sample_event(ts: float, i: int) -> UsageEvent:
     )
 
 
-async def bench_writer(workdir: Path, n: int) -> tuple[float, float]:
+@dataclass
+class WriterRun:
+    events: int
+    wall: float
+    process_cpu: float
+    writer_cpu: float
+
+    def line(self, how: str) -> str:
+        return (
+            f"writer: {self.events:,} events via {how}: {self.events / self.wall:,.0f} events/s "
+            f"wall; writer thread {self.writer_cpu / self.events * 1e6:.1f} us CPU/event "
+            f"(= {self.events / self.writer_cpu:,.0f} events per CPU-second); whole process "
+            f"{self.process_cpu / self.events * 1e6:.1f} us CPU/event"
+        )
+
+
+async def bench_writer(workdir: Path, n: int) -> tuple[WriterRun, WriterRun]:
     now = time.time()
     events = [sample_event(now - i * 0.001, i) for i in range(n)]
     async with await Store.open(workdir / "nowait.db") as store:
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for event in events:
             store.append_nowait(event)
         await store.flush()
-        nowait_rate = n / (time.perf_counter() - start)
-        assert store.statistics().committed == n
+        stats = store.statistics()
+        nowait = WriterRun(
+            n, time.perf_counter() - wall, time.process_time() - cpu, stats.cpu_seconds
+        )
+        assert stats.committed == n
     m = min(n, 200_000)
     events = [sample_event(now - i * 0.001, i) for i in range(m)]
     async with await Store.open(workdir / "awaited.db") as store:
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         async with anyio.create_task_group() as tg:
             for k in range(64):
                 tg.start_soon(_append_each, store, events[k::64])
-        awaited_rate = m / (time.perf_counter() - start)
-        assert store.statistics().committed == m
-    return nowait_rate, awaited_rate
+        stats = store.statistics()
+        awaited = WriterRun(
+            m, time.perf_counter() - wall, time.process_time() - cpu, stats.cpu_seconds
+        )
+        assert stats.committed == m
+    return nowait, awaited
 
 
 async def _append_each(store: Store, events: list[UsageEvent]) -> None:
@@ -135,30 +161,32 @@ async def create_empty(path: Path) -> None:
         pass
 
 
-def fill(path: Path, total: int, now: float) -> tuple[float, float]:
+def fill(path: Path, total: int, now: float) -> float:
+    """Bulk load: 200k rows per transaction, rollups folded in per chunk as the writer does."""
     anyio.run(create_empty, path)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous = OFF")  # a bulk load, not the writer under test
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.execute("PRAGMA cache_size = -262144")
+    refresh = [rollup_refresh_sql(table, width) for table, width in ROLLUPS]
     start = time.perf_counter()
     rows = bulk_rows(total, now)
     chunk = 200_000
+    last = 0
     while True:
         batch = [row for _, row in zip(range(chunk), rows, strict=False)]
         if not batch:
             break
         db.execute("BEGIN")
         db.executemany(INSERT_EVENT, batch)
+        for sql in refresh:
+            db.execute(sql, (last,))
         db.execute("COMMIT")
-    insert_s = time.perf_counter() - start
-    start = time.perf_counter()
-    db.execute("BEGIN")
-    for table, width in ROLLUPS:
-        db.execute(rollup_refresh_sql(table, width), (0,))
-    db.execute("COMMIT")
+        last += len(batch)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.execute("ANALYZE")
     db.close()
-    return insert_s, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 async def time_report(path: Path, now: float) -> tuple[float, float, int]:
@@ -180,7 +208,7 @@ def time_raw_report(path: Path, now: float) -> float:
     start = time.perf_counter()
     db.execute(
         "SELECT agent, COUNT(*), SUM(input_tokens), SUM(output_tokens), TOTAL(cost_usd), "
-        "COUNT(DISTINCT task) FROM events WHERE ts >= ? GROUP BY agent",
+        "COUNT(DISTINCT task) FROM events INDEXED BY events_ts WHERE ts >= ? GROUP BY agent",
         (now - DAY,),
     ).fetchall()
     elapsed = time.perf_counter() - start
@@ -199,21 +227,22 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "
           f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")  # fmt: skip
     try:
+        print(f"load average before: {os.getloadavg()[0]:.1f}")
         nowait, awaited = anyio.run(bench_writer, workdir, args.events)
-        print(f"writer: {args.events:,} events via append_nowait+flush: {nowait:,.0f} events/s")
-        print(f"writer: {min(args.events, 200_000):,} events via 64 concurrent append(): "
-              f"{awaited:,.0f} events/s")  # fmt: skip
+        print(nowait.line("append_nowait + flush"))
+        print(awaited.line("64 concurrent append()"))
         now = time.time()
         big = workdir / "big.db"
-        insert_s, rollup_s = fill(big, args.stored, now)
+        fill_s = fill(big, args.stored, now)
         size = sum(p.stat().st_size for p in workdir.glob("big.db*")) / 1e9
-        print(f"fill: {args.stored:,} events over {SPAN_DAYS} days in {insert_s:.1f} s "
-              f"(+ rollups {rollup_s:.1f} s), {size:.2f} GB on disk")  # fmt: skip
+        print(f"fill: {args.stored:,} events over {SPAN_DAYS} days in {fill_s:.1f} s "
+              f"(rows and rollups), {size:.2f} GB on disk")  # fmt: skip
         cold, median, counted = anyio.run(time_report, big, now)
         print(f"report: 24 h by agent over {args.stored:,} events ({counted:,} in window): "
               f"first {cold * 1000:.1f} ms, median of 20 {median * 1000:.1f} ms")  # fmt: skip
         raw = time_raw_report(big, now)
         print(f"contrast: same report as GROUP BY over raw events: {raw * 1000:.0f} ms")
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -162,6 +162,8 @@ class StoreStatistics:
     failures: int
     lost: int
     last_error: str
+    cpu_seconds: float = 0.0
+    """CPU time the writer thread has spent writing."""
 
 
 class Store:
@@ -284,6 +286,7 @@ class Store:
             failures=s.failures,
             lost=s.lost,
             last_error=s.last_error,
+            cpu_seconds=s.cpu_seconds,
         )
 
     # -- totals and groups --------------------------------------------------------------
@@ -608,7 +611,9 @@ def _summary_sql(
         for table, a, b in segments(lo, hi, now):
             if table is None:
                 parts.append(
-                    f"SELECT ? AS label, {dims}, {raw_cols} FROM events "
+                    # The time range is always the selective part: never let a filter on
+                    # agent pick the (agent, id) index and walk all of that agent's history.
+                    f"SELECT ? AS label, {dims}, {raw_cols} FROM events INDEXED BY events_ts "
                     f"WHERE ts >= ? AND ts < ?{where}"
                 )
             else:

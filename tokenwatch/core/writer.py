@@ -102,6 +102,8 @@ class WriterStatistics:
     lost: int = 0
     """Queued (not awaited) events given up at close because the file stayed unwritable."""
     last_error: str = ""
+    cpu_seconds: float = 0.0
+    """CPU time the writer thread spent writing batches."""
 
 
 @dataclass(slots=True)
@@ -217,7 +219,9 @@ class BatchWriter:
                 batch = self._take(retry)
                 if batch is None:
                     break
+                started = time.thread_time()
                 ok = self._write(batch)
+                self.stats.cpu_seconds += time.thread_time() - started
                 retry = 0.0 if ok else min(_RETRY_MAX, max(0.05, retry * 2))
                 if not ok and self._closing:
                     self._give_up()
@@ -384,8 +388,17 @@ class BatchWriter:
     def _wake(self, waiters: list[Waiter]) -> None:
         if not waiters:
             return
+        native = self._token.native_token
+        # asyncio's loop and trio's token can take a callback without making this thread wait
+        # for the event loop (which may be busy); anything else goes through anyio, blocking.
+        run_soon = getattr(native, "call_soon_threadsafe", None) or getattr(
+            native, "run_sync_soon", None
+        )
         try:
-            anyio.from_thread.run_sync(_set_all, waiters, token=self._token)
+            if run_soon is not None:
+                run_soon(_set_all, waiters)
+            else:
+                anyio.from_thread.run_sync(_set_all, waiters, token=self._token)
         except Exception:
             pass  # the event loop is gone: nobody is left to wake
 
