@@ -183,7 +183,7 @@ class Incoming:
     async def _guard(step: Awaitable[Any]) -> None:
         try:
             await step
-        except (ConnectionError, ClientError, RuntimeError) as exc:
+        except (ConnectionError, ClientError) as exc:
             raise ClientGone(type(exc).__name__) from None
 
 
