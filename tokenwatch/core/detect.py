@@ -121,7 +121,11 @@ def spike(
     factor: float = SPIKE_FACTOR,
     window: float = SPIKE_WINDOW,
 ) -> Finding | None:
-    """The agent's tokens/min over the last `window` s above `factor` x its own baseline."""
+    """The agent's tokens over the last `window` s above `factor` x its usual window.
+
+    Its usual window is the median, over its calls in the baseline span, of the tokens in the
+    `window` s up to each call: an agent that always works in bursts has bursty windows as its
+    usual, so only a pace it has not kept before counts."""
     if not events:
         return None
     ok = _ok(events)
@@ -129,22 +133,36 @@ def spike(
     if len(current) < SPIKE_MIN_CALLS:
         return None
     before = [e for e in ok if now - window - BASELINE_SPAN < e.ts <= now - window]
-    if len(before) < SPIKE_MIN_CALLS:
+    if (
+        len(before) < SPIKE_MIN_CALLS
+        or now - window - before[0].ts < SPIKE_BASELINE_WINDOWS * window
+    ):
         return None
-    span = now - window - before[0].ts
-    if span < SPIKE_BASELINE_WINDOWS * window:
-        return None
-    rate_now = sum(e.total_tokens for e in current) / (window / 60.0)
-    baseline = sum(e.total_tokens for e in before) / (span / 60.0)
-    if baseline <= 0 or rate_now <= factor * baseline:
+    usual = statistics.median(_window_sums(before, window))
+    burning = sum(e.total_tokens for e in current)
+    if usual <= 0 or burning <= factor * usual:
         return None
     agent = events[-1].agent
+    per_min = 60.0 / window
     return Finding(
         "spike",
         agent,
-        f"{agent} is burning {format_tokens(rate_now)} tokens/min, "
-        f"{rate_now / baseline:.0f}x its usual {format_tokens(baseline)}/min",
+        f"{agent} is burning {format_tokens(burning * per_min)} tokens/min, "
+        f"{burning / usual:.0f}x its usual {format_tokens(usual * per_min)}/min",
     )
+
+
+def _window_sums(events: Sequence[UsageEvent], window: float) -> list[float]:
+    """For each call (oldest first), the tokens of the calls in the `window` s up to it."""
+    sums: list[float] = []
+    total, lo = 0.0, 0
+    for e in events:
+        total += e.total_tokens
+        while events[lo].ts <= e.ts - window:
+            total -= events[lo].total_tokens
+            lo += 1
+        sums.append(total)
+    return sums
 
 
 def hourly_overspend(

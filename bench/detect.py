@@ -1,0 +1,259 @@
+"""Detection benchmark: precision, recall and calls-to-detection per detector over scripted traces,
+and the time from the triggering call to a real agent process being stopped.
+
+Usage: python bench/detect.py [--variants 10] [--stops 20]
+
+1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 6 healthy
+   and 5 runaway kinds) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
+   task ends where the trace has them, exactly as the engine feeds it. A detector's firing is
+   right when it is on a runaway trace at or after the call where the runaway started.
+   Precision = right firings / all trace firings of the detector; recall = runaway traces of
+   the kinds the detector is meant for that it caught; calls to detection = index of the first
+   firing - start + 1 (3 means on the third runaway call); calls to action = the same for the
+   first throttle, pause or kill.
+2. Stop latency: an in-process supervisor (store, engine, default rules; no proxy) takes hold of
+   a real `sleep` process started in its own session. Two looping calls are ingested, then the
+   clock starts, the third (triggering) one is ingested through `Engine.ingest` (stored,
+   budgets, rules, action), and the clock stops when /proc/PID/stat shows the process stopped
+   (state T), polled every 0.2 ms. Repeated `--stops` times with a fresh process each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from traces.corpus import Trace, corpus
+
+from tokenwatch.config import Config, SupervisorSettings
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.rules import DEFAULT_RULES, Rules, rule_name
+from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
+
+MEANT_FOR = {
+    "runaway": ("loop", "near_loop"),
+    "spike": ("spike",),
+    "context_growth": ("snowball",),
+    "task_tokens": ("overrun",),
+}
+ENFORCING = ("throttle", "pause", "kill")
+INFORMATIONAL = ("huge_request", "drift", "forecast")
+"""Alert-only detectors about size or pace, not runaways: their firings are listed apart."""
+
+
+@dataclass
+class Firing:
+    index: int
+    detector: str
+    action: str
+
+
+@dataclass
+class Outcome:
+    trace: Trace
+    firings: list[Firing] = field(default_factory=list)
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_trace(trace: Trace) -> Outcome:
+    clock = _Clock()
+    rules = Rules(DEFAULT_RULES, clock=clock)
+    detector_of = {rule_name(r): r.detector for r in DEFAULT_RULES}
+    outcome = Outcome(trace)
+    for i, event in enumerate(trace.events):
+        clock.now = event.ts
+        signals = rules.observe(event)
+        if i in trace.task_ends:
+            signals += rules.task_ended(event.agent, trace.task_ends[i])
+        outcome.firings += [Firing(i, detector_of[s.alert.rule], s.action) for s in signals]
+    return outcome
+
+
+def right(outcome: Outcome, firing: Firing) -> bool:
+    start = outcome.trace.start
+    return start is not None and firing.index >= start
+
+
+def detection_table(outcomes: list[Outcome]) -> list[str]:
+    lines = [
+        "| detector | precision | recall | calls to detection (median / max) | healthy traces flagged |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for detector in sorted(
+        {d for d in MEANT_FOR} | {f.detector for o in outcomes for f in o.firings}
+    ):
+        flagged = [o for o in outcomes if any(f.detector == detector for f in o.firings)]
+        right_traces = [
+            o for o in flagged if all(right(o, f) for f in o.firings if f.detector == detector)
+        ]
+        meant = [o for o in outcomes if o.trace.kind in MEANT_FOR.get(detector, ())]
+        calls = [_first(o, detector) for o in meant]
+        caught = [c for c in calls if c is not None]
+        healthy = sorted({o.trace.name for o in flagged if not o.trace.runaway})
+        lines.append(
+            f"| {detector} | {_ratio(len(right_traces), len(flagged))} | "
+            f"{_ratio(len(caught), len(meant)) if meant else 'n/a'} | "
+            f"{_spread(caught)} | {len(healthy)}{': ' + ', '.join(healthy[:4]) if healthy else ''} |"
+        )
+    return lines
+
+
+def action_table(outcomes: list[Outcome]) -> list[str]:
+    lines = [
+        "| runaway kind | traces | first action | calls to action (median / max) | within 3 calls |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    by_kind: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        if o.trace.runaway:
+            by_kind[o.trace.kind].append(o)
+    for kind, group in by_kind.items():
+        calls, actions = [], set()
+        for o in group:
+            acted = [f for f in o.firings if f.action in ENFORCING and right(o, f)]
+            if acted:
+                calls.append(acted[0].index - (o.trace.start or 0) + 1)
+                actions.add(acted[0].action)
+        within = sum(1 for c in calls if c <= 3)
+        lines.append(
+            f"| {kind} | {len(group)} | {', '.join(sorted(actions)) or 'alert only'} | "
+            f"{_spread(calls)} | {within}/{len(group)} |"
+        )
+    return lines
+
+
+def _first(o: Outcome, detector: str) -> int | None:
+    hits = [f.index for f in o.firings if f.detector == detector and right(o, f)]
+    return hits[0] - (o.trace.start or 0) + 1 if hits else None
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a}/{b} = {a / b:.2f}" if b else "n/a (never fired)"
+
+
+def _spread(values: list[int]) -> str:
+    return f"{statistics.median(values):g} / {max(values)}" if values else "-"
+
+
+# -- stop latency ----------------------------------------------------------------------------------
+
+
+def state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        data = fh.read()
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3].decode()
+
+
+async def stop_latencies(runs: int) -> list[float]:
+    from tokenwatch.core.supervisor import Supervisor
+    from tokenwatch.paths import Paths
+
+    home = Path(tempfile.mkdtemp(prefix="twb-"))
+    os.environ["TOKENWATCH_HOME"] = str(home)
+    clock = _Clock()
+    clock.now = time.time()
+    config = Config(supervisor=SupervisorSettings(timezone="UTC"), rule=list(DEFAULT_RULES))
+    sup = Supervisor(Paths.discover(), config, clock=clock, proxy=False, exporters=False)
+    latencies: list[float] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(sup.run)
+        assert sup.engine is not None
+        for n in range(runs):
+            latencies.append(await _one_stop(sup.engine, clock, n))
+        sup.request_shutdown()
+    return latencies
+
+
+async def _one_stop(engine: Any, clock: _Clock, n: int) -> float:
+    child = await anyio.open_process(["sleep", "600"], start_new_session=True)
+    try:
+        name = engine.register(f"looper-{n}", pid=child.pid).name
+        prompt = [{"role": "user", "content": f"loop {n}"}]
+        calls = []
+        for _ in range(3):
+            clock.now += 5
+            calls.append(
+                UsageEvent(
+                    ts=clock.now,
+                    agent=name,
+                    input_tokens=900,
+                    output_tokens=100,
+                    prompt_hash=prompt_hash(prompt),
+                    prompt_shape=prompt_shape_hash(prompt),
+                )
+            )
+        await engine.ingest(calls[:2])
+        started = time.perf_counter()
+        await engine.ingest(calls[2:])
+        with anyio.fail_after(30):
+            while state_of(child.pid) != "T":
+                await anyio.sleep(0.0002)
+        return time.perf_counter() - started
+    finally:
+        child.kill()
+        await child.wait()
+        clock.now += 3600  # the next agent's loop starts clear of this one's cooldown
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--variants", type=int, default=10, help="seeded variants per trace kind")
+    parser.add_argument("--stops", type=int, default=20, help="stop-latency repetitions")
+    args = parser.parse_args()
+
+    traces = corpus(args.variants)
+    began = time.perf_counter()
+    outcomes = [run_trace(t) for t in traces]
+    elapsed = time.perf_counter() - began
+    calls = sum(len(t.events) for t in traces)
+    healthy = sum(1 for t in traces if not t.runaway)
+    print(f"# tokenwatch detection benchmark ({platform.python_version()}, {os.cpu_count()} cores)")
+    print(
+        f"{len(traces)} traces ({healthy} healthy), {calls} calls, "
+        f"{calls / elapsed:,.0f} calls/s through the default rules\n"
+    )
+    print("\n".join(detection_table(outcomes)))
+    print()
+    print("\n".join(action_table(outcomes)))
+    for label, wanted in (("a runaway detector", False), ("an informational alert", True)):
+        names = [
+            o.trace.name
+            for o in outcomes
+            if not o.trace.runaway
+            and any((f.detector in INFORMATIONAL) == wanted for f in o.firings)
+        ]
+        print(f"\nhealthy traces flagged by {label}: {len(names)}/{healthy} {names[:6]}")
+
+    if args.stops:
+        latencies = anyio.run(stop_latencies, args.stops)
+        ms = sorted(x * 1000 for x in latencies)
+        print(
+            f"\ntriggering call -> process stopped (state T), {len(ms)} runs: "
+            f"median {statistics.median(ms):.1f} ms, max {ms[-1]:.1f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Scripted agent traces for the detection benchmark: healthy ones that look like trouble, and
+runaways of several kinds, each with the index of the call at which it started.
+
+Usage: python bench/traces/corpus.py [--write DIR]   (one JSON-lines file per trace)
+
+Prompts are made up and hashed the way the SDK and the proxy hash them
+(tokenwatch.core.tokens.prompt_hash / prompt_shape_hash); only hashes and sizes reach detectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
+
+T0 = 1_795_420_800.0  # 2026-11-23 00:00 UTC; every trace starts within the day
+WORDS = [
+    "invoice",
+    "contract",
+    "memo",
+    "report",
+    "letter",
+    "minutes",
+    "brief",
+    "note",
+    "schema",
+    "parser",
+    "cache",
+    "index",
+    "query",
+    "router",
+    "handler",
+    "worker",
+    "queue",
+    "table",
+    "column",
+    "budget",
+    "ledger",
+    "socket",
+    "stream",
+    "token",
+    "model",
+    "agent",
+]
+
+
+@dataclass
+class Trace:
+    name: str
+    kind: str
+    """healthy, loop, near_loop, spike, snowball or overrun."""
+    events: list[UsageEvent] = field(default_factory=list)
+    start: int | None = None
+    """Index of the first call of the runaway (None for a healthy trace)."""
+    task_ends: dict[int, str] = field(default_factory=dict)
+    """After the call at this index, the agent says its task is over."""
+
+    @property
+    def runaway(self) -> bool:
+        return self.start is not None
+
+
+class _Writer:
+    """Builds one agent's calls on a moving clock."""
+
+    def __init__(self, agent: str, rng: random.Random, start: float) -> None:
+        self.agent, self.rng, self.now = agent, rng, start
+        self.events: list[UsageEvent] = []
+
+    def call(
+        self,
+        prompt: Any,
+        tokens: int,
+        *,
+        after: float,
+        task: str = "",
+        out: int = 300,
+        status: str = "ok",
+    ) -> None:
+        self.now += after
+        self.events.append(
+            UsageEvent(
+                ts=self.now,
+                agent=self.agent,
+                task=task,
+                model="gpt-4o",
+                provider="openai",
+                input_tokens=tokens,
+                output_tokens=out if status == "ok" else 0,
+                cost_usd=(tokens * 2.5 + out * 10) / 1e6,
+                status=status,
+                prompt_hash=prompt_hash(prompt),
+                prompt_shape=prompt_shape_hash(prompt),
+            )
+        )
+
+    def sentence(self, n: int = 12) -> str:
+        return " ".join(self.rng.choice(WORDS) for _ in range(n))
+
+
+# -- healthy ---------------------------------------------------------------------------------------
+
+
+def chat(rng: random.Random) -> Trace:
+    """A person chatting in short turns (`ok`, `go on`), the history growing each turn."""
+    w = _Writer("chat", rng, T0 + rng.uniform(0, 3600))
+    messages: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(rng.randint(30, 60)):
+        messages.append({"role": "user", "content": rng.choice(["ok", "go on", "ok", "yes"])})
+        w.call(list(messages), 60 + 80 * i, after=rng.uniform(2, 20))
+        messages.append({"role": "assistant", "content": w.sentence(40)})
+    return Trace("chat", "healthy", w.events)
+
+
+def batch(rng: random.Random) -> Trace:
+    """A batch job summarising many different documents as fast as the API allows."""
+    w = _Writer("batch", rng, T0 + rng.uniform(0, 3600))
+    for _ in range(rng.randint(150, 300)):
+        w.call(f"Summarise: {w.sentence(60)}", rng.randint(600, 2500), after=rng.uniform(0.1, 0.6))
+    return Trace("batch", "healthy", w.events)
+
+
+def long_task(rng: random.Random) -> Trace:
+    """One long, expensive task: a big fixed document, a different question each step."""
+    w = _Writer("analyst", rng, T0 + rng.uniform(0, 3600))
+    size = rng.randint(5000, 7500)
+    for _ in range(rng.randint(30, 60)):
+        w.call(
+            f"<document> Q: {w.sentence(8)}",
+            size + rng.randint(0, 200),
+            after=rng.uniform(10, 40),
+            task="audit",
+            out=rng.randint(300, 1500),
+        )
+    return Trace("long-task", "healthy", w.events)
+
+
+def coder(rng: random.Random) -> Trace:
+    """A coding agent: tasks of a dozen steps, the context growing within each, then ending."""
+    w = _Writer("coder", rng, T0 + rng.uniform(0, 3600))
+    ends: dict[int, str] = {}
+    for t in range(rng.randint(5, 10)):
+        context = rng.randint(1500, 3000)
+        for _ in range(rng.randint(6, 14)):
+            context += rng.randint(200, 900)
+            w.call(f"step {w.sentence(10)}", context, after=rng.uniform(3, 15), task=f"issue-{t}")
+        ends[len(w.events) - 1] = f"issue-{t}"
+        w.now += rng.uniform(30, 120)
+    return Trace("coder", "healthy", w.events, task_ends=ends)
+
+
+def retrier(rng: random.Random) -> Trace:
+    """An agent whose SDK retries rate-limited calls with the very same prompt."""
+    w = _Writer("retrier", rng, T0 + rng.uniform(0, 3600))
+    for _ in range(rng.randint(40, 80)):
+        prompt = f"Classify: {w.sentence(30)}"
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            w.call(prompt, 900, after=rng.uniform(0.5, 2), status="error")
+        w.call(prompt, 900, after=rng.uniform(0.5, 2))
+    return Trace("retrier", "healthy", w.events)
+
+
+def bursty(rng: random.Random) -> Trace:
+    """Bursts of work with idle spells between, for an hour: its usual pace is bursty."""
+    w = _Writer("bursty", rng, T0 + rng.uniform(0, 3600))
+    end = w.now + 3600
+    while w.now < end:
+        for _ in range(rng.randint(4, 10)):
+            w.call(f"tool {w.sentence(12)}", rng.randint(1500, 3000), after=rng.uniform(2, 6))
+        w.now += rng.uniform(60, 240)
+    return Trace("bursty", "healthy", w.events)
+
+
+# -- runaways --------------------------------------------------------------------------------------
+
+
+def _prefix(rng: random.Random, agent: str, minutes: float = 35) -> _Writer:
+    """Normal work at a steady pace before something goes wrong."""
+    w = _Writer(agent, rng, T0 + rng.uniform(0, 3600))
+    end = w.now + minutes * 60
+    while w.now < end:
+        w.call(f"step {w.sentence(14)}", rng.randint(800, 2000), after=rng.uniform(30, 90))
+    return w
+
+
+def loop(rng: random.Random) -> Trace:
+    """The same prompt sent again and again (a tool error the agent keeps retrying)."""
+    w = _Writer("looper", rng, T0 + rng.uniform(0, 3600))
+    for _ in range(rng.randint(3, 15)):
+        w.call(f"step {w.sentence(14)}", rng.randint(800, 2000), after=rng.uniform(5, 30))
+    start, prompt = len(w.events), [{"role": "user", "content": "Run the tests; fix what fails."}]
+    for _ in range(30):
+        w.call(prompt, 1800, after=rng.uniform(2, 15))
+    return Trace("loop", "loop", w.events, start)
+
+
+def near_loop(rng: random.Random) -> Trace:
+    """A loop where only an attempt counter and a timestamp change in the prompt."""
+    w = _Writer("retry-bot", rng, T0 + rng.uniform(0, 3600))
+    for _ in range(rng.randint(3, 15)):
+        w.call(f"step {w.sentence(14)}", rng.randint(800, 2000), after=rng.uniform(5, 30))
+    start = len(w.events)
+    for n in range(30):
+        w.now += rng.uniform(2, 15)
+        stamp = f"2026-11-23T{int(w.now // 3600 % 24):02d}:{int(w.now // 60 % 60):02d}:00Z"
+        w.call(f"Attempt {n + 1} at {stamp}: deploy service-42 and report", 2100 + n % 3, after=0)
+    return Trace("near-loop", "near_loop", w.events, start)
+
+
+def spike(rng: random.Random) -> Trace:
+    """Steady work for half an hour, then a fan-out burning many times faster (all different)."""
+    w = _prefix(rng, "planner")
+    start = len(w.events)
+    for _ in range(40):
+        w.call(f"subtask {w.sentence(20)}", rng.randint(3000, 6000), after=rng.uniform(0.5, 3))
+    return Trace("spike", "spike", w.events, start)
+
+
+def snowball(rng: random.Random) -> Trace:
+    """A task whose prompt grows every call (tool output appended, never trimmed)."""
+    w = _Writer("snowball", rng, T0 + rng.uniform(0, 3600))
+    for _ in range(rng.randint(3, 8)):
+        w.call(
+            f"step {w.sentence(14)}", rng.randint(2000, 4000), after=rng.uniform(5, 20), task="t"
+        )
+    start, size = len(w.events), rng.randint(8000, 12000)
+    for _ in range(25):
+        size = int(size * rng.uniform(1.15, 1.3))
+        w.call(f"continue {w.sentence(10)}", size, after=rng.uniform(5, 20), task="t")
+    return Trace("snowball", "snowball", w.events, start)
+
+
+def overrun(rng: random.Random) -> Trace:
+    """Usual tasks of ~10k tokens, then one that goes on and on."""
+    w = _Writer("worker", rng, T0 + rng.uniform(0, 3600))
+    ends: dict[int, str] = {}
+    for t in range(4):
+        for _ in range(rng.randint(4, 6)):
+            w.call(
+                f"work {w.sentence(12)}",
+                rng.randint(1500, 2000),
+                after=rng.uniform(5, 20),
+                task=f"job-{t}",
+            )
+        ends[len(w.events) - 1] = f"job-{t}"
+    start = len(w.events)
+    for _ in range(60):
+        w.call(
+            f"work {w.sentence(12)}",
+            rng.randint(1500, 2000),
+            after=rng.uniform(5, 20),
+            task="job-4",
+        )
+    return Trace("overrun", "overrun", w.events, start, task_ends=ends)
+
+
+HEALTHY: tuple[Callable[[random.Random], Trace], ...] = (
+    chat,
+    batch,
+    long_task,
+    coder,
+    retrier,
+    bursty,
+)
+RUNAWAY: tuple[Callable[[random.Random], Trace], ...] = (loop, near_loop, spike, snowball, overrun)
+
+
+def corpus(variants: int = 10, seed: int = 2026) -> list[Trace]:
+    """`variants` seeded traces of every kind."""
+    traces = []
+    for make in (*HEALTHY, *RUNAWAY):
+        for v in range(variants):
+            trace = make(random.Random(f"{seed}-{make.__name__}-{v}"))
+            trace.name = f"{trace.name}-{v}"
+            traces.append(trace)
+    return traces
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--write", metavar="DIR", help="write each trace as JSON lines here")
+    parser.add_argument("--variants", type=int, default=10)
+    args = parser.parse_args()
+    traces = corpus(args.variants)
+    for t in traces:
+        print(f"{t.name:16} {t.kind:9} calls={len(t.events):4} start={t.start}")
+    if args.write:
+        out = Path(args.write)
+        out.mkdir(parents=True, exist_ok=True)
+        for t in traces:
+            meta = {"trace": t.name, "kind": t.kind, "start": t.start, "task_ends": t.task_ends}
+            lines = [json.dumps(meta)] + [json.dumps(e.to_dict()) for e in t.events]
+            (out / f"{t.name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
