@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,3 +89,22 @@ def _ppid(pid: int) -> int:
 def start_sleeper(*extra: str) -> subprocess.Popen[bytes]:
     """A long sleep in its own session (so tokenwatch's group rule does not refuse it)."""
     return subprocess.Popen([*extra, "sleep", "600"], start_new_session=True)
+
+
+def start_as_nobody() -> subprocess.Popen[bytes]:
+    """A long sleep owned by `nobody` (needs root), returned once setpriv has switched users."""
+    proc = start_sleeper("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    deadline = time.monotonic() + 30
+    while _argv0(proc.pid) != "sleep":
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("setpriv did not start sleep as nobody")
+        time.sleep(0.02)
+    return proc
+
+
+def _argv0(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""

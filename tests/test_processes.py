@@ -12,7 +12,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.process_fixtures import dead, spawn_tree, start_sleeper, state, wait_until
+from tests.process_fixtures import (
+    dead,
+    spawn_tree,
+    start_as_nobody,
+    start_sleeper,
+    state,
+    wait_until,
+)
 from tokenwatch.core import processes
 from tokenwatch.core.processes import (
     DutyCycle,
@@ -144,12 +151,11 @@ def test_attach_refuses_tokenwatch_itself_its_group_and_init() -> None:
             ProcessHandle.attach(1)
 
 
-async def test_attach_refuses_another_users_process() -> None:
+def test_attach_refuses_another_users_process() -> None:
     if os.getuid() != 0:
         pytest.skip("starting a process as nobody needs root")
-    other = start_sleeper("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    other = start_as_nobody()
     try:
-        await wait_until(lambda: process_info(other.pid).argv[:1] == ["sleep"], "setpriv execs")
         with pytest.raises(NotPermitted, match="another user"):
             ProcessHandle.attach(other.pid)
     finally:

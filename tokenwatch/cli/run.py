@@ -158,12 +158,12 @@ def run_run(args: argparse.Namespace) -> int:
     _check_budget(args.budget)
     with ForegroundChild() as child:
         try:
-            return _run_supervised(child, command, request, args)
+            return _run(child, command, request, args)
         except Interrupted as exc:
             return exc.code
 
 
-def _run_supervised(
+def _run(
     child: ForegroundChild, command: list[str], request: dict[str, Any], args: argparse.Namespace
 ) -> int:
     import anyio
@@ -179,11 +179,12 @@ def _run_supervised(
                 exit_code=SUPERVISOR_FAILED,
             ) from None
         _warn(f"running unsupervised: {exc.message}")
-        return _run_unsupervised(child, command)
+        name, code, summary = str(request["name"]), _run_unsupervised(child, command), None
     except SupervisorError as exc:
         raise CliError(exc.message, exit_code=SUPERVISOR_FAILED) from None
-    code = child.wait()
-    summary = anyio.run(_report_exit, name, code)
+    else:
+        code = child.wait()
+        summary = anyio.run(_report_exit, name, code)
     if not args.quiet:
         _warn(summary_line(name, code, summary))
     return code

@@ -1,0 +1,330 @@
+"""`tokenwatch run` and `tokenwatch attach` as a user runs them, against a real supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.process_fixtures import start_as_nobody, state
+from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
+from tokenwatch.cli.run import default_name, summary_line
+from tokenwatch.client.control import SupervisorClient
+from tokenwatch.core.processes import process_info
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def supervisor() -> Iterator[ServeProcess]:
+    """One `tokenwatch serve` for the module (each test uses agent names of its own)."""
+    home = Path(tempfile.mkdtemp(prefix="twr-"))
+    env = tokenwatch_env(home)
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
+        env.pop(var, None)
+    with supervisor_process(env) as sp:
+        yield sp
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def tokenwatch(
+    sp: ServeProcess, *args: str, input: bytes | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwatch", *args],
+        env={**sp.env, **env},
+        input=input.decode() if input is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def status_of(sp: ServeProcess, name: str) -> dict[str, Any]:
+    """The agent's row in the supervisor's status (asked in-process: a CLI start costs seconds)."""
+
+    async def fetch() -> Any:
+        async with await SupervisorClient.connect(sp.paths, start=False) as client:
+            return await client.request("status")
+
+    rows = [row for row in anyio.run(fetch)["agents"] if row["agent"]["name"] == name]
+    assert rows, f"{name} is not in the status"
+    return rows[-1]  # type: ignore[no-any-return]
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.parametrize(
+    ("script", "code", "note"),
+    [("exit 0", 0, ""), ("exit 3", 3, ""), ("kill -TERM $$", 128 + 15, " (SIGTERM)")],
+)
+def test_exits_with_the_agents_exit_code(
+    supervisor: ServeProcess, script: str, code: int, note: str
+) -> None:
+    name = f"exit-{code}"
+    out = tokenwatch(supervisor, "run", "--name", name, "--", "sh", "-c", script)
+    assert out.returncode == code
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"tokenwatch: {name} exited {code}{note} · 0 tokens")
+    assert status_of(supervisor, name)["agent"]["exit_code"] == code
+
+
+def test_stdin_and_stdout_pass_straight_through(supervisor: ServeProcess) -> None:
+    out = tokenwatch(
+        supervisor,
+        "run",
+        "-q",
+        "--",
+        *py("import sys; sys.stdout.write(sys.stdin.read().upper())"),
+        input=b"line one\nline two\n",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "LINE ONE\nLINE TWO\n"
+    assert out.stderr == ""
+
+
+SHOW_ENV = (
+    "import json, os; print(json.dumps({'pid': os.getpid(), "
+    "'env': {k: v for k, v in os.environ.items() if k.startswith(('TOKENWATCH_', 'OPENAI_', "
+    "'ANTHROPIC_', 'PYTHONPATH'))}}))"
+)
+
+
+def test_the_agent_gets_the_supervisors_environment(supervisor: ServeProcess) -> None:
+    out = tokenwatch(
+        supervisor, "run", "-q", "--name", "envy", "--task", "t-42", "--tag", "team=ml", "--",
+        *py(SHOW_ENV),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    env = seen["env"]
+    row = status_of(supervisor, "envy")
+    assert env["TOKENWATCH_AGENT"] == "envy"
+    assert env["TOKENWATCH_RUN_ID"] == row["agent"]["run_id"] != ""
+    assert env["TOKENWATCH_SOCKET"] == str(supervisor.paths.socket)
+    assert env["TOKENWATCH_TASK"] == "t-42"
+    assert row["agent"]["pid"] == seen["pid"]
+    assert row["agent"]["tags"] == {"team": "ml"}
+    assert env["OPENAI_BASE_URL"].startswith(env["TOKENWATCH_PROXY_URL"])
+    assert env["ANTHROPIC_BASE_URL"].startswith(env["TOKENWATCH_PROXY_URL"])
+    assert "autoinstrument" in env["PYTHONPATH"].split(os.pathsep)[0]
+
+
+OPENAI_CALL = """
+import openai
+client = openai.OpenAI(api_key="sk-test-not-a-secret", max_retries=0)
+reply = client.chat.completions.create(
+    model="gpt-4o-mini", messages=[{"role": "user", "content": "count my tokens"}])
+print(reply.usage.total_tokens)
+"""
+
+
+@pytest.mark.slow
+def test_an_agents_openai_calls_are_counted_once_through_the_proxy(
+    supervisor: ServeProcess,
+) -> None:
+    from tokenwatch.demo.fake_llm import fake_llm_in_thread
+
+    with fake_llm_in_thread() as fake:
+        out = tokenwatch(
+            supervisor, "run", "--name", "caller", "--", *py(OPENAI_CALL),
+            OPENAI_BASE_URL=fake.url + "/v1",
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(fake.calls) == 1
+    billed = fake.calls[0].input_tokens + fake.calls[0].output_tokens
+    assert int(out.stdout) == billed
+    assert f"caller exited 0 · {billed:,} tokens · $" in out.stderr
+    assert out.stderr.rstrip().endswith("· 1 request")
+
+
+CATCH = """
+import os, signal, sys, time
+def caught(sig, frame):
+    print(f"child got {signal.Signals(sig).name}", flush=True)
+    sys.exit(7)
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, caught)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_to_tokenwatch_run_reach_the_agent(
+    supervisor: ServeProcess, sig: signal.Signals
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwatch", "run", "-q", "--", *py(CATCH)],
+        env=supervisor.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out == f"child got {sig.name}\n"
+    assert proc.returncode == 7, err
+
+
+def test_names_are_unique_among_live_agents(supervisor: ServeProcess) -> None:
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", "twin", "--", *py(
+            "import os, sys; print(os.environ['TOKENWATCH_AGENT'], flush=True); sys.stdin.read()"
+        )],
+        env=supervisor.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline() == "twin\n"
+        second = tokenwatch(supervisor, "run", "-q", "--name", "twin", "--", *py(SHOW_ENV))
+        assert json.loads(second.stdout)["env"]["TOKENWATCH_AGENT"] == "twin-2"
+    finally:
+        first.communicate(timeout=TIMEOUT)
+    assert first.returncode == 0
+
+
+def test_a_missing_command_is_one_line_and_exit_127(supervisor: ServeProcess) -> None:
+    out = tokenwatch(supervisor, "run", "--name", "ghost", "--", "no-such-agent-cmd")
+    assert out.returncode == 127
+    assert out.stderr == "tokenwatch: no-such-agent-cmd: command not found\n"
+    assert status_of(supervisor, "ghost")["agent"]["exit_code"] == 127
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tag", "oops", "--", "true"], "--tag 'oops': expected KEY=VALUE"),
+        (["--budget", "lots", "--", "true"], "--budget: not a limit"),
+        ([], "nothing to run"),
+    ],
+)
+def test_bad_options_are_one_line_and_run_nothing(
+    supervisor: ServeProcess, args: list[str], message: str
+) -> None:
+    out = tokenwatch(supervisor, "run", *args)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"tokenwatch: {message}")
+    assert out.stderr.count("\n") == 1
+
+
+def test_without_a_supervisor_run_fails_unless_unsupervised(short_tmp: Path) -> None:
+    unusable = short_tmp / "not-a-dir"
+    unusable.write_text("")
+    env = {**os.environ, "TOKENWATCH_HOME": str(unusable)}
+    cmd = [sys.executable, "-m", "tokenwatch", "run", "--name", "solo"]
+    out = subprocess.run(
+        [*cmd, "--", "sh", "-c", "echo ran; exit 4"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 125
+    assert out.stdout == ""
+    assert out.stderr.count("\n") == 1
+    assert "--unsupervised" in out.stderr
+
+    out = subprocess.run(
+        [*cmd, "--unsupervised", "--", "sh", "-c", "echo ran; exit 4"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 4
+    assert out.stdout == "ran\n"
+    assert out.stderr.splitlines()[0].startswith("tokenwatch: running unsupervised:")
+    assert out.stderr.splitlines()[1] == "tokenwatch: solo exited 4"
+
+
+def test_attach_then_pause_and_kill_by_name(supervisor: ServeProcess) -> None:
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        out = tokenwatch(supervisor, "attach", str(sleeper.pid), "--name", "napper")
+        assert out.returncode == 0, out.stderr
+        assert "napper" in out.stdout
+        assert status_of(supervisor, "napper")["agent"]["pid"] == sleeper.pid
+
+        assert tokenwatch(supervisor, "pause", "napper").returncode == 0
+        assert state(sleeper.pid) == "T"
+        assert tokenwatch(supervisor, "kill", "napper").returncode == 0
+        assert sleeper.wait(TIMEOUT) == -signal.SIGTERM
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+def test_attach_errors_are_one_line(supervisor: ServeProcess) -> None:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    out = tokenwatch(supervisor, "attach", str(pid_max + 1))
+    assert (out.returncode, out.stderr) == (1, f"tokenwatch: no process with pid {pid_max + 1}\n")
+
+    out = tokenwatch(supervisor, "attach", "1")
+    assert out.returncode == 1
+    assert out.stderr.startswith("tokenwatch: pid 1 ")
+    assert out.stderr.count("\n") == 1
+
+
+def test_attach_refuses_another_users_process(supervisor: ServeProcess) -> None:
+    if os.getuid() != 0:
+        pytest.skip("starting a process as nobody needs root")
+    other = start_as_nobody()
+    try:
+        out = tokenwatch(supervisor, "attach", str(other.pid))
+        assert out.returncode == 1
+        assert out.stderr == (
+            f"tokenwatch: pid {other.pid} belongs to another user "
+            f"(uid {process_info(other.pid).uid}), not to you\n"
+        )
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        (["python3", "agents/coder.py", "--fast"], "coder"),
+        (["/usr/bin/python3.11", "-u", "bot.py"], "bot"),
+        (["python", "-m", "pkg.researcher"], "pkg.researcher"),
+        (["python3", "-c", "print(1)"], "python3"),
+        (["uv", "run", "triage.py"], "triage"),
+        (["env", "A=1", "node", "server.js"], "server"),
+        (["claude"], "claude"),
+        (["./my agent!"], "my-agent"),
+    ],
+)
+def test_default_names_are_recognisable(command: list[str], name: str) -> None:
+    assert default_name(command) == name
+
+
+def test_summary_line_reads_like_the_docs() -> None:
+    summary = {
+        "tokens": 12345,
+        "cost_usd": 0.0123,
+        "requests": 7,
+        "actions": ["paused by rule:runaway"],
+    }
+    assert summary_line("coder", 0, summary) == (
+        "coder exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway"
+    )
+    assert summary_line("coder", 130, None) == "coder exited 130 (SIGINT)"
