@@ -110,10 +110,7 @@ def run_set(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     budget = _budget_from_args(args, config)
-    try:
-        set_budget(config, budget)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    set_budget(config, budget)
     entry = budget_entry(budget)
     told = _tell_supervisor(lambda c: c.request("set_budget", budget=entry))
     period = "" if budget.period == "total" else f" per {budget.period}"
