@@ -207,10 +207,12 @@ class Reporter:
         with self._lock:
             mid = self._new_id()
             self._pending[mid] = protocol.dumps(protocol.request(kind, mid, **fields))
+            # One wakeup per burst: a non-empty outbox already has one on its way; while not
+            # connected the thread sends the whole buffer once it connects.
+            wake = not self._outbox and self._state is LinkState.CONNECTED
             self._outbox.append(mid)
             self._trim()
-            connected = self._state is LinkState.CONNECTED
-        if connected:  # otherwise the thread sends the whole buffer once it connects
+        if wake:
             self._wake()
         return mid
 

@@ -238,9 +238,17 @@ def record(event: UsageEvent, *, reservation: str = "", deliver: bool = True) ->
         return
     rep = session.reporter()
     if reservation:
-        rep.send_nowait("settle", reservation=reservation, event=event.to_dict())
+        rep.send_nowait("settle", reservation=reservation, event=wire_event(event))
     else:
-        rep.send_nowait("usage", event=event.to_dict())
+        rep.send_nowait("usage", event=wire_event(event))
+
+
+_EVENT_FIELDS = UsageEvent.field_names()
+
+
+def wire_event(event: UsageEvent) -> dict[str, Any]:
+    """The event as a message field; every field is a scalar, so no deep copy (asdict) is needed."""
+    return {name: getattr(event, name) for name in _EVENT_FIELDS}
 
 
 def _log(event: UsageEvent, costs: tuple[float, float, float] | None) -> None:
