@@ -108,3 +108,85 @@ def _argv0(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+# A shell in miniature: session leader on a pty, runs argv as a foreground job, reports job
+# control events as JSON lines on fd argv[1], and does `fg` whenever the job stops.
+MINI_SHELL = r"""
+import json, os, signal, sys
+report = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+os.setsid()
+tty = os.open(sys.argv[2], os.O_RDWR)
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    os.tcsetpgrp(tty, os.getpgrp())
+    for fd in (0, 1, 2):
+        os.dup2(tty, fd)
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    os.execvp(sys.argv[3], sys.argv[3:])
+try:
+    os.setpgid(pid, pid)
+except OSError:
+    pass
+while True:
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):
+        report.write(json.dumps({"stopped": os.WSTOPSIG(status)}) + "\n")
+        os.tcsetpgrp(tty, pid)
+        os.killpg(pid, signal.SIGCONT)
+        continue
+    report.write(json.dumps({"exited": os.waitstatus_to_exitcode(status)}) + "\n")
+    break
+"""
+
+
+class Terminal:
+    """A pty with MINI_SHELL running a command on it; type keys, read the screen and the events."""
+
+    def __init__(self, directory: Path, argv: list[str], env: dict[str, str]) -> None:
+        import pty
+
+        self.master, self._slave = pty.openpty()
+        report_r, report_w = os.pipe()
+        shell = directory / "mini_shell.py"
+        shell.write_text(MINI_SHELL)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(shell), str(report_w), os.ttyname(self._slave), *argv],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(report_w,),
+        )
+        os.close(report_w)
+        self._events = os.fdopen(report_r)
+        self.screen = ""
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def read_until(self, text: str, timeout: float = 30) -> str:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.master], [], [], left)[0]:
+                raise AssertionError(f"{text!r} never showed; the screen: {self.screen!r}")
+            self.screen += os.read(self.master, 4096).decode(errors="replace")
+        return self.screen
+
+    def event(self) -> dict[str, int]:
+        import json
+
+        line = self._events.readline()
+        assert line, "the mini shell ended without a report"
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._events.close()
+        os.close(self.master)
+        os.close(self._slave)

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.process_fixtures import start_as_nobody, state
+from tests.process_fixtures import Terminal, start_as_nobody, state
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
@@ -328,3 +328,36 @@ def test_summary_line_reads_like_the_docs() -> None:
         "coder exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway"
     )
     assert summary_line("coder", 130, None) == "coder exited 130 (SIGINT)"
+
+
+ON_A_TERMINAL = """
+import os, signal, sys, time
+def foreground():
+    return os.tcgetpgrp(0) == os.getpgrp()
+def caught(sig, frame):
+    print(f"got SIGINT foreground={foreground()}", flush=True)
+    sys.exit(7)
+signal.signal(signal.SIGINT, caught)
+signal.signal(signal.SIGCONT, lambda *_: print(f"continued foreground={foreground()}", flush=True))
+print(f"ready foreground={foreground()}", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_on_a_terminal_ctrl_z_and_ctrl_c_behave_as_without_tokenwatch(
+    supervisor: ServeProcess, short_tmp: Path
+) -> None:
+    argv = [sys.executable, "-m", "tokenwatch", "run", "-q", "--", *py(ON_A_TERMINAL)]
+    term = Terminal(short_tmp, argv, supervisor.env)
+    try:
+        term.read_until("ready foreground=True")
+        term.type(b"\x1a")  # Ctrl-Z: the job stops as a whole, the shell sees it
+        assert term.event() == {"stopped": signal.SIGTSTP}
+        term.read_until("continued foreground=True")  # the shell's `fg` reached the agent
+        term.type(b"\x03")
+        term.read_until("got SIGINT foreground=True")
+        assert term.event() == {"exited": 7}
+    finally:
+        term.close()
