@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.proxy_fixtures import API_KEY, ProxyRig, RecordingGate, running_proxy
+from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.tokens import count_messages
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -141,8 +142,6 @@ async def test_fifty_concurrent_calls_against_a_budget_for_ten() -> None:
 
 
 async def test_refusal_is_provider_shaped_with_retry_after() -> None:
-    from tokenwatch.core.admission import Admission, CallRequest
-
     class Closed(RecordingGate):
         async def admit(self, call: CallRequest) -> Admission:
             return Admission(
@@ -182,32 +181,65 @@ async def test_failing_settle_does_not_break_the_proxy(rig: ProxyRig) -> None:
             await anyio.sleep(0.01)
 
 
+class Paused(RecordingGate):
+    """Holds every call until `resume` is set, as the engine does for a paused agent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = anyio.Event()
+
+    async def admit(self, call: CallRequest) -> Admission:
+        await self.resume.wait()
+        admission = await super().admit(call)
+        admission.waited_ms = 1234.0
+        return admission
+
+
+async def wait_held(rig: ProxyRig) -> None:
+    with anyio.fail_after(30):
+        while rig.proxy.statistics().held == 0:
+            await anyio.sleep(0.01)
+
+
 async def test_held_call_waits_for_admission_then_goes() -> None:
-    from tokenwatch.core.admission import Admission, CallRequest
-
-    class Paused(RecordingGate):
-        def __init__(self) -> None:
-            super().__init__()
-            self.resume = anyio.Event()
-
-        async def admit(self, call: CallRequest) -> Admission:
-            await self.resume.wait()
-            admission = await super().admit(call)
-            admission.waited_ms = 1234.0
-            return admission
-
     gate = Paused()
     async with running_proxy(gate) as rig, client(rig) as oai, anyio.create_task_group() as tg:
         tg.start_soon(lambda: oai.chat.completions.create(model="gpt-4o", messages=MESSAGES))  # type: ignore[arg-type]
-        with anyio.fail_after(30):
-            while rig.proxy.statistics().held == 0:
-                await anyio.sleep(0.01)
+        await wait_held(rig)
         assert rig.fake.calls == []  # held, not failed, and not sent
         gate.resume.set()
         (event,) = await gate.wait_settled(1)
     assert event.status == "ok"
     assert event.wait_ms == 1234.0
     assert rig.proxy.statistics().held == 0
+
+
+async def probe(rig: ProxyRig) -> None:
+    """A request the proxy answers by itself (unknown route): it has handled what came before."""
+    async with aiohttp.ClientSession() as http:
+        port = rig.proxy.port
+        async with http.get(f"http://127.0.0.1:{port}/a/nope/v1/models") as resp:
+            assert resp.status == 404
+
+
+async def test_held_call_whose_agent_hung_up_is_never_sent() -> None:
+    gate = Paused()
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with running_proxy(gate) as rig:
+        url = rig.openai_url + "/chat/completions"
+        async with aiohttp.ClientSession() as http, anyio.create_task_group() as tg:
+            tg.start_soon(lambda: http.post(url, json=body, headers=headers))
+            await wait_held(rig)
+            tg.cancel_scope.cancel()  # the agent gives up while held
+        with anyio.fail_after(30):
+            while rig.proxy.statistics().total < 2:  # the hang-up has reached the proxy once
+                await probe(rig)
+        gate.resume.set()
+        (event,) = await gate.wait_settled(1)
+        assert rig.fake.statistics()["requests"] == 0
+    assert event.status == "cancelled"
+    assert event.total_tokens == 0
 
 
 async def test_per_model_upstream_is_used() -> None:

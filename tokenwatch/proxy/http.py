@@ -133,6 +133,12 @@ class Incoming:
         return b"".join(parts)
 
     @property
+    def client_gone(self) -> bool:
+        """True when the client has hung up (e.g. while its call was held)."""
+        transport = self._request.transport
+        return transport is None or transport.is_closing()
+
+    @property
     def started_response(self) -> bool:
         return self._response is not None
 

@@ -202,6 +202,11 @@ class ProxyServer:
             call.event.http_status = admission.status
             self._settle_soon(admission, call.event)
             return await self._refuse(req, _refusal(target.provider, admission))
+        if req.client_gone:
+            # hung up while held: nothing is sent, the reservation is given back by settling
+            call.event.status = Status.CANCELLED.value
+            self._settle_soon(admission, call.event)
+            return None
         self._in_flight += 1
         try:
             await self._forward(req, call, body, doc)
