@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import anyio
 import pytest
 
 from tokenwatch.core.models import Action, Agent, AgentState, Alert, UsageEvent
@@ -310,3 +311,41 @@ async def test_unwritable_location_raises_store_unavailable(tokenwatch_home: Pat
     garbage.write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(StoreUnavailable, match="not a tokenwatch ledger"):
         await Store.open(garbage)
+
+
+async def test_append_is_visible_to_other_connections_on_return(store: Store) -> None:
+    for i in range(20):
+        assert await store.append(ev(NOW, call_id=f"v{i}"))
+        with sqlite3.connect(store.path) as other:
+            count = other.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        assert count == i + 1
+
+
+async def test_a_long_reader_never_blocks_the_writer(store: Store) -> None:
+    await store.append(ev(NOW - 10, input_tokens=1))
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT SUM(input_tokens) FROM events").fetchone()[0] == 1
+    with anyio.fail_after(30):
+        assert await store.append(ev(NOW, input_tokens=10))
+    # The reader keeps its snapshot; the store's own reads see the new row.
+    assert reader.execute("SELECT SUM(input_tokens) FROM events").fetchone()[0] == 1
+    assert (await store.totals(0)).input_tokens == 11
+    reader.execute("COMMIT")
+    reader.close()
+
+
+async def test_concurrent_appenders_share_commits(store: Store) -> None:
+    results: list[bool] = []
+
+    async def caller(k: int) -> None:
+        for j in range(20):
+            results.append(await store.append(ev(NOW - j, agent=f"a{k}", call_id=f"{k}-{j % 10}")))
+
+    async with anyio.create_task_group() as tg:
+        for k in range(25):
+            tg.start_soon(caller, k)
+    assert results.count(True) == 25 * 10  # the second half repeat call_ids
+    assert results.count(False) == 25 * 10
+    assert (await store.totals(0)).requests == 250
+    assert store.statistics().batches < 250  # callers were grouped into shared commits
