@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -33,8 +33,8 @@ MAX_PUSHES: Final = 4096
 """Events held for one subscriber; past this the oldest are dropped (and counted)."""
 MAX_REPLY_BACKLOG: Final = 4096
 """Replies waiting to be written before the server stops reading that connection."""
-MAX_INGEST_IN_FLIGHT: Final = 8
-"""Usage batches one connection may have waiting for the store at once (pipelining)."""
+MAX_QUEUED_EVENTS: Final = 20_000
+"""Usage events one connection may have waiting for the store before the server stops reading it."""
 CONCURRENT_TYPES: Final = frozenset(
     {"admit", "settle", "kill", "launch", "pause_all", "adopt", "shutdown", "exited"}
 )
@@ -343,7 +343,11 @@ class SocketServer:
         self, session: Session, stream: anyio.abc.SocketStream, tg: anyio.abc.TaskGroup
     ) -> None:
         buf = b""
-        ingests = _InFlight(MAX_INGEST_IN_FLIGHT)
+
+        async def ingest(batch: list[tuple[Any, UsageEvent]]) -> None:
+            await self._ingest(session, batch)
+
+        ingests = _Ingestor(ingest)
         try:
             while True:
                 try:
@@ -361,7 +365,7 @@ class SocketServer:
                     return
                 await session.outbox.wait_room()
         finally:
-            await ingests.wait_all()
+            await ingests.wait_idle()
 
     def _too_large(self, session: Session) -> None:
         self._errors += 1
@@ -374,7 +378,7 @@ class SocketServer:
         session: Session,
         lines: list[bytes],
         tg: anyio.abc.TaskGroup,
-        ingests: _InFlight,
+        ingests: _Ingestor,
     ) -> bool:
         """Act on complete lines; False when the connection must close."""
         batch: list[tuple[Any, UsageEvent]] = []
@@ -397,16 +401,16 @@ class SocketServer:
                     session.error_nowait(mid, exc.code, exc.message)
                 continue
             if batch:
-                await ingests.start(tg, self._ingest, session, batch)
+                await ingests.put(tg, batch)
                 batch = []
             if msg["type"] != "heartbeat":
-                await ingests.wait_all()  # keep order: usage before e.g. the task end after it
+                await ingests.wait_idle()  # keep order: usage before e.g. the task end after it
             if msg["type"] in CONCURRENT_TYPES:
                 tg.start_soon(self._dispatch, session, msg)
             else:
                 await self._dispatch(session, msg)
         if batch:
-            await ingests.start(tg, self._ingest, session, batch)
+            await ingests.put(tg, batch)
         return True
 
     def _decode(self, session: Session, line: bytes) -> dict[str, Any] | None:
@@ -445,40 +449,44 @@ class SocketServer:
             self._send_snapshot([session], self._clock())
 
 
-class _InFlight:
-    """Bounded set of a connection's usage batches waiting for the store."""
+class _Ingestor:
+    """A connection's usage on its way to the store: one commit in flight at a time, and whatever
+    arrives meanwhile gathered into the next (group commit), up to a bound that stops reading."""
 
-    def __init__(self, limit: int) -> None:
-        self._limiter = anyio.CapacityLimiter(limit)
-        self._running = 0
+    def __init__(
+        self,
+        ingest: Callable[[list[tuple[Any, UsageEvent]]], Awaitable[None]],
+        limit: int = MAX_QUEUED_EVENTS,
+    ) -> None:
+        self._ingest = ingest
+        self._limit = limit
+        self._queued: list[tuple[Any, UsageEvent]] = []
+        self._busy = False
         self._idle = anyio.Event()
         self._idle.set()
+        self._room = anyio.Event()
 
-    async def start(
-        self,
-        tg: anyio.abc.TaskGroup,
-        fn: Callable[[Session, list[tuple[Any, UsageEvent]]], Any],
-        session: Session,
-        batch: list[tuple[Any, UsageEvent]],
-    ) -> None:
-        token = object()
-        await self._limiter.acquire_on_behalf_of(token)
-        if self._running == 0:
+    async def put(self, tg: anyio.abc.TaskGroup, items: list[tuple[Any, UsageEvent]]) -> None:
+        while len(self._queued) >= self._limit:
+            self._room = anyio.Event()
+            await self._room.wait()
+        self._queued.extend(items)
+        if not self._busy:
+            self._busy = True
             self._idle = anyio.Event()
-        self._running += 1
+            tg.start_soon(self._drain)
 
-        async def run() -> None:
-            try:
-                await fn(session, batch)
-            finally:
-                self._limiter.release_on_behalf_of(token)
-                self._running -= 1
-                if self._running == 0:
-                    self._idle.set()
+    async def _drain(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                self._room.set()
+                await self._ingest(batch)
+        finally:
+            self._busy = False
+            self._idle.set()
 
-        tg.start_soon(run)
-
-    async def wait_all(self) -> None:
+    async def wait_idle(self) -> None:
         await self._idle.wait()
 
 
