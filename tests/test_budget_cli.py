@@ -200,3 +200,17 @@ async def test_edits_reach_a_running_supervisor_and_list_reads_from_it(
         assert await anyio.to_thread.run_sync(main, ["budget", "rm", "agent:researcher:day"]) == 0
         assert "saved and applied" in capsys.readouterr().out
         assert sup.engine.budgets.statuses() == []
+
+
+def test_rules_test_with_a_rule_that_cannot_work_names_it(
+    capsys: pytest.CaptureFixture[str], in_empty_project: Path
+) -> None:
+    bad = in_empty_project / "bad.toml"
+    bad.write_text('[[rule]]\nname = "x"\ndetector = "psychic"\n')
+    code, out, err = run(capsys, "rules", "test", "--config", str(bad))
+    assert code != 0
+    assert out == ""
+    assert err.strip() == (
+        "tokenwatch: rule x: unknown detector 'psychic' (runaway, task_tokens, spike, "
+        "huge_request, context_growth, drift, forecast)"
+    )
