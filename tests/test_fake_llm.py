@@ -584,3 +584,121 @@ async def test_client_hanging_up_mid_stream_is_counted_incomplete_quietly(
                 await anyio.sleep(0.01)
     assert [(c.stream, c.complete) for c in fake.calls] == [(True, False)]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"],
+}
+CHAT_TOOLS: Any = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+async def test_forced_chat_tool_call_json_and_stream(
+    fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
+) -> None:
+    reply = await openai_client.chat.completions.create(
+        model="gpt-4o", messages=HELLO, tools=CHAT_TOOLS, tool_choice="required"
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.id.startswith("call_")
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert set(arguments) == {"city", "days"}
+    async with openai_client.chat.completions.stream(
+        model="gpt-4o",
+        messages=HELLO,
+        tools=CHAT_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        stream_options={"include_usage": True},
+    ) as stream:
+        final = await stream.get_final_completion()
+    (streamed,) = final.choices[0].message.tool_calls or []
+    assert streamed.function.name == "get_time"  # type: ignore[union-attr]
+    assert streamed.function.arguments == "{}"  # type: ignore[union-attr]
+    assert reply.usage is not None
+    assert final.usage is not None
+    assert [c.output_tokens for c in fake_llm.calls] == [
+        reply.usage.completion_tokens,
+        final.usage.completion_tokens,
+    ]
+
+
+async def test_auto_tool_choice_answers_in_text(
+    fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
+) -> None:
+    reply = await openai_client.chat.completions.create(
+        model="gpt-4o", messages=HELLO, tools=CHAT_TOOLS
+    )
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason == "stop"
+
+
+async def test_forced_responses_function_call(
+    fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
+) -> None:
+    tools: Any = [{"type": "function", "name": "get_weather", "parameters": WEATHER_SCHEMA}]
+    response = await openai_client.responses.create(
+        model="gpt-4.1", input="Weather?", tools=tools, tool_choice="required"
+    )
+    (item,) = response.output
+    assert item.type == "function_call"
+    assert item.name == "get_weather"
+    async with openai_client.responses.stream(
+        model="gpt-4.1", input="Weather?", tools=tools, tool_choice="required"
+    ) as stream:
+        deltas = [
+            e.delta async for e in stream if e.type == "response.function_call_arguments.delta"
+        ]
+        final = await stream.get_final_response()
+    (streamed,) = final.output
+    assert streamed.type == "function_call"
+    assert "".join(deltas) == streamed.arguments == item.arguments
+    assert final.usage is not None
+    assert final.usage.output_tokens == fake_llm.calls[-1].output_tokens
+
+
+async def test_forced_anthropic_tool_use(
+    fake_llm: FakeLLM, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
+    tools: Any = [{"name": "get_weather", "input_schema": WEATHER_SCHEMA}]
+    message = await anthropic_client.messages.create(
+        model=CLAUDE, max_tokens=100, messages=HELLO, tools=tools, tool_choice={"type": "any"}
+    )
+    (block,) = message.content
+    assert message.stop_reason == "tool_use"
+    assert block.type == "tool_use"
+    assert set(block.input) == {"city", "days"}  # type: ignore[arg-type]
+    async with anthropic_client.messages.stream(
+        model=CLAUDE,
+        max_tokens=100,
+        messages=HELLO,
+        tools=tools,
+        tool_choice={"type": "tool", "name": "get_weather"},
+    ) as stream:
+        final = await stream.get_final_message()
+    (streamed,) = final.content
+    assert streamed.type == "tool_use"
+    assert streamed.input == block.input
+    assert [c.output_tokens for c in fake_llm.calls] == [
+        message.usage.output_tokens,
+        final.usage.output_tokens,
+    ]
+
+
+async def test_forcing_an_unknown_tool_is_400(
+    fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
+) -> None:
+    with pytest.raises(openai.BadRequestError, match="not in 'tools'"):
+        await openai_client.chat.completions.create(
+            model="gpt-4o",
+            messages=HELLO,
+            tools=CHAT_TOOLS,
+            tool_choice={"type": "function", "function": {"name": "launch_rockets"}},
+        )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aiohttp import web
 
 from tokenwatch.core.tokens import count_anthropic, count_text
 from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id
-from tokenwatch.demo.fake_reply import Segment, compose_reply
+from tokenwatch.demo.fake_reply import Reply, Segment, ToolCall, compose_reply, compose_tool_call
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -94,6 +95,22 @@ def _wire_usage(u: Usage) -> dict[str, Any]:
     }
 
 
+def _forced_tool(ex: Exchange) -> ToolCall | None:
+    """The tool call `tool_choice` {"type": "any"} or {"type": "tool", "name": ...} forces."""
+    schemas = {
+        t["name"]: t.get("input_schema")
+        for t in ex.body.get("tools") or []
+        if isinstance(t, dict) and isinstance(t.get("name"), str)
+    }
+    choice = ex.body.get("tool_choice")
+    if not schemas or not isinstance(choice, dict) or choice.get("type") not in ("any", "tool"):
+        return None
+    name = choice.get("name") if choice.get("type") == "tool" else next(iter(schemas))
+    if name not in schemas:
+        raise BadRequest(f"tool_choice.name: tool '{name}' not found in tools")
+    return compose_tool_call(repr(ex.body.get("messages")), str(name), schemas[name])
+
+
 async def messages(ex: Exchange) -> web.StreamResponse:
     total = _input_tokens(ex)
     limit = ex.limit("max_tokens")
@@ -101,16 +118,27 @@ async def messages(ex: Exchange) -> web.StreamResponse:
         raise BadRequest("max_tokens: Field required")
     read, write = ex.cache.anthropic_cached(_segments(ex))
     read, write = min(read, total), min(write, total - min(read, total))
-    reply = compose_reply(repr(ex.body.get("messages")), limit, ex.model)
-    output = count_text(reply.text, ex.model).tokens
+    tool = _forced_tool(ex)
+    reply = (
+        Reply((), False) if tool else compose_reply(repr(ex.body.get("messages")), limit, ex.model)
+    )
+    output = count_text(tool.name + tool.arguments if tool else reply.text, ex.model).tokens
     ex.usage = Usage(total, output, read, write, 0)
-    stop = "max_tokens" if reply.truncated else "end_turn"
+    stop = "tool_use" if tool else "max_tokens" if reply.truncated else "end_turn"
+    block: dict[str, Any] = {"type": "text", "text": reply.text}
+    if tool:
+        block = {
+            "type": "tool_use",
+            "id": new_id("toolu_01", 22),
+            "name": tool.name,
+            "input": json.loads(tool.arguments),
+        }
     message = {
         "id": new_id("msg_01", 22),
         "type": "message",
         "role": "assistant",
         "model": ex.model,
-        "content": [{"type": "text", "text": reply.text}],
+        "content": [block],
         "stop_reason": stop,
         "stop_sequence": None,
         "usage": _wire_usage(ex.usage),
@@ -121,29 +149,25 @@ async def messages(ex: Exchange) -> web.StreamResponse:
     start_usage = {**_wire_usage(ex.usage), "output_tokens": 1}
     start = {**message, "content": [], "stop_reason": None, "usage": start_usage}
     await ex.send({"type": "message_start", "message": start}, event="message_start")
-    block_start = {
-        "type": "content_block_start",
-        "index": 0,
-        "content_block": {"type": "text", "text": ""},
-    }
-    await ex.send(block_start, event="content_block_start")
-    await ex.send({"type": "ping"}, event="ping")
-    for piece in reply.pieces:
-        delta = {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": piece},
-        }
-        await ex.send(delta, event="content_block_delta")
-    await ex.send({"type": "content_block_stop", "index": 0}, event="content_block_stop")
-    end = {
-        "type": "message_delta",
-        "delta": {"stop_reason": stop, "stop_sequence": None},
-        "usage": {"output_tokens": output},
-    }
-    await ex.send(end, event="message_delta")
-    await ex.send({"type": "message_stop"}, event="message_stop")
+    opening = {**block, "input": {}} if tool else {**block, "text": ""}
+    await _send(ex, "content_block_start", index=0, content_block=opening)
+    await _send(ex, "ping")
+    deltas = (
+        [{"type": "input_json_delta", "partial_json": p} for p in tool.pieces]
+        if tool
+        else [{"type": "text_delta", "text": p} for p in reply.pieces]
+    )
+    for delta in deltas:
+        await _send(ex, "content_block_delta", index=0, delta=delta)
+    await _send(ex, "content_block_stop", index=0)
+    end = {"stop_reason": stop, "stop_sequence": None}
+    await _send(ex, "message_delta", delta=end, usage={"output_tokens": output})
+    await _send(ex, "message_stop")
     return await ex.close_stream()
+
+
+async def _send(ex: Exchange, kind: str, **fields: Any) -> None:
+    await ex.send({"type": kind, **fields}, event=kind)
 
 
 def new_request_id() -> str:

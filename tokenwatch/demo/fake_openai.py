@@ -13,7 +13,9 @@ from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id
 from tokenwatch.demo.fake_reply import (
     Reply,
     Segment,
+    ToolCall,
     compose_reply,
+    compose_tool_call,
     embedding,
     reasoning_tokens,
 )
@@ -75,19 +77,47 @@ def _tools_tokens(ex: Exchange) -> int:
     return count_text(repr(tools), ex.model).tokens if tools else 0
 
 
-def _bill(ex: Exchange, prompt_tokens: int, segments: list[Segment], limit: int | None) -> Reply:
+def _bill(
+    ex: Exchange,
+    prompt_tokens: int,
+    segments: list[Segment],
+    limit: int | None,
+    tool: ToolCall | None = None,
+) -> Reply:
     """Compose the reply and set the exchange's usage: cache hits, reasoning, output."""
     cached = ex.cache.openai_cached(segments, prompt_tokens)
     reasoning = reasoning_tokens(ex.model, prompt_tokens, limit)
     visible_limit = None if limit is None else max(limit - reasoning, 0)
-    reply = compose_reply(
-        repr(ex.body.get("messages") or ex.body.get("input") or ex.body.get("prompt")),
-        visible_limit,
-        ex.model,
-    )
-    output = count_text(reply.text, ex.model).tokens + reasoning
+    seed = repr(ex.body.get("messages") or ex.body.get("input") or ex.body.get("prompt"))
+    reply = Reply((), False) if tool else compose_reply(seed, visible_limit, ex.model)
+    said = tool.name + tool.arguments if tool else reply.text
+    output = count_text(said, ex.model).tokens + reasoning
     ex.usage = Usage(prompt_tokens, output, cached, 0, reasoning)
     return reply
+
+
+def _forced_tool(ex: Exchange, *, nested: bool) -> ToolCall | None:
+    """The tool call the request forces (`tool_choice` "required" or a named function), if any.
+
+    Chat completions nest each tool's name under "function"; the Responses API does not.
+    """
+    schemas: dict[str, Any] = {}
+    for tool in ex.body.get("tools") or []:
+        spec = tool.get("function") if nested and isinstance(tool, dict) else tool
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            schemas[spec["name"]] = spec.get("parameters")
+    choice = ex.body.get("tool_choice")
+    if not schemas or choice is None or (isinstance(choice, str) and choice != "required"):
+        return None
+    name = next(iter(schemas))
+    if isinstance(choice, dict):
+        named = choice.get("function") if nested else choice
+        name = named.get("name", name) if isinstance(named, dict) else name
+    if name not in schemas:
+        raise BadRequest(f"tool_choice names '{name}', which is not in 'tools'")
+    return compose_tool_call(
+        repr(ex.body.get("messages") or ex.body.get("input")), name, schemas[name]
+    )
 
 
 def _chat_usage(u: Usage) -> dict[str, Any]:
@@ -115,63 +145,65 @@ async def chat_completions(ex: Exchange) -> web.StreamResponse:
     except TypeError as exc:
         raise BadRequest(str(exc)) from None
     limit = ex.limit("max_completion_tokens", "max_tokens")
-    reply = _bill(ex, prompt, _segments(messages, ex.model, extra=ex.body.get("tools")), limit)
-    finish = "length" if reply.truncated else "stop"
-    cid = new_id("chatcmpl-", 29)
+    tool = _forced_tool(ex, nested=True)
+    segments = _segments(messages, ex.model, extra=ex.body.get("tools"))
+    reply = _bill(ex, prompt, segments, limit, tool)
+    finish = "tool_calls" if tool else "length" if reply.truncated else "stop"
     head = {
-        "id": cid,
+        "id": new_id("chatcmpl-", 29),
         "created": ex.created,
         "model": ex.model,
         "service_tier": "default",
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
+    call_id = new_id("call_", 24)
     if not ex.stream:
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": reply.text,
+            "content": None if tool else reply.text,
             "refusal": None,
             "annotations": [],
         }
+        if tool:
+            message["tool_calls"] = [_chat_tool_call(call_id, tool.name, tool.arguments)]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return await ex.json(
-            {
-                **head,
-                "object": "chat.completion",
-                "choices": [choice],
-                "usage": _chat_usage(ex.usage),
-            },
-            headers(ex),
-        )
-    return await _stream_chunks(
-        ex, {**head, "object": "chat.completion.chunk"}, reply, finish, _chat_delta
-    )
+        payload = {"object": "chat.completion", "choices": [choice], "usage": _chat_usage(ex.usage)}
+        return await ex.json({**head, **payload}, headers(ex))
+    if tool:
+        first = _chat_tool_call(call_id, tool.name, "")
+        deltas = [
+            {"role": "assistant", "content": None, "tool_calls": [first], "refusal": None},
+            *({"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in tool.pieces),
+        ]
+    else:
+        deltas = [
+            {"role": "assistant", "content": "", "refusal": None},
+            *({"content": piece} for piece in reply.pieces),
+        ]
+    choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+    last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+    return await _stream_chunks(ex, {**head, "object": "chat.completion.chunk"}, [*choices, last])
 
 
-def _chat_delta(i: int, piece: str | None, finish: str | None) -> dict[str, Any]:
-    if piece is None:
-        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
-    delta: dict[str, Any] = {"content": piece}
-    if i == 0:
-        delta = {"role": "assistant", "content": piece, "refusal": None}
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+def _chat_tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    function = {"name": name, "arguments": arguments}
+    return {"index": 0, "id": call_id, "type": "function", "function": function}
 
 
-def _text_delta(i: int, piece: str | None, finish: str | None) -> dict[str, Any]:
-    return {"text": piece or "", "index": 0, "logprobs": None, "finish_reason": finish}
+def _text_delta(piece: str, finish: str | None) -> dict[str, Any]:
+    return {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
 
 
 async def _stream_chunks(
-    ex: Exchange, head: dict[str, Any], reply: Reply, finish: str, choice: Any
+    ex: Exchange, head: dict[str, Any], choices: list[dict[str, Any]]
 ) -> web.StreamResponse:
-    """SSE chunks (one per piece), a finishing chunk, the usage chunk if asked, then [DONE]."""
+    """One SSE chunk per choice delta, then the usage chunk if asked for, then [DONE]."""
     options = ex.body.get("stream_options") or {}
     with_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     tail = {"usage": None} if with_usage else {}
     await ex.open_stream(headers(ex))
-    pieces: list[str] = [""] if choice is _chat_delta else []
-    for i, piece in enumerate([*pieces, *reply.pieces]):
-        await ex.send({**head, "choices": [choice(i, piece, None)], **tail})
-    await ex.send({**head, "choices": [choice(-1, None, finish)], **tail})
+    for choice in choices:
+        await ex.send({**head, "choices": [choice], **tail})
     if with_usage:
         await ex.send({**head, "choices": [], "usage": _chat_usage(ex.usage)})
     await ex.send("[DONE]")
@@ -203,11 +235,12 @@ async def completions(ex: Exchange) -> web.StreamResponse:
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     if not ex.stream:
-        choice = _text_delta(0, reply.text, finish)
+        choice = _text_delta(reply.text, finish)
         return await ex.json(
             {**head, "choices": [choice], "usage": _chat_usage(ex.usage)}, headers(ex)
         )
-    return await _stream_chunks(ex, head, reply, finish, _text_delta)
+    choices = [_text_delta(piece, None) for piece in reply.pieces]
+    return await _stream_chunks(ex, head, [*choices, _text_delta("", finish)])
 
 
 async def embeddings(ex: Exchange) -> web.StreamResponse:
@@ -267,35 +300,99 @@ async def responses(ex: Exchange) -> web.StreamResponse:
         raise BadRequest(str(exc)) from None
     items = [instructions, *(raw if isinstance(raw, list) else [raw])]
     limit = ex.limit("max_output_tokens")
-    reply = _bill(ex, prompt, _segments(items, ex.model, extra=ex.body.get("tools")), limit)
+    tool = _forced_tool(ex, nested=False)
+    segments = _segments(items, ex.model, extra=ex.body.get("tools"))
+    reply = _bill(ex, prompt, segments, limit, tool)
     response = _response_object(ex, limit, instructions)
-    message_id = new_id("msg_", 48)
-    reasoning_item = (
+    reasoning = (
         [{"id": new_id("rs_", 48), "type": "reasoning", "summary": []}]
         if ex.usage.reasoning_tokens
         else []
     )
-    text_part = {"type": "output_text", "text": reply.text, "annotations": [], "logprobs": []}
-    message = {
-        "id": message_id,
-        "type": "message",
-        "status": "completed",
-        "role": "assistant",
-        "content": [text_part],
-    }
+    status = "incomplete" if reply.truncated else "completed"
+    item = _function_call_item(tool) if tool else _message_item(reply.text, status)
     done = {
         **response,
-        "status": "incomplete" if reply.truncated else "completed",
+        "status": status,
         "incomplete_details": {"reason": "max_output_tokens"} if reply.truncated else None,
-        "output": [
-            *reasoning_item,
-            {**message, "status": "incomplete" if reply.truncated else "completed"},
-        ],
+        "output": [*reasoning, item],
         "usage": _responses_usage(ex.usage),
     }
     if not ex.stream:
         return await ex.json(done, headers(ex))
-    return await _stream_response(ex, response, done, reasoning_item, message, reply)
+    events = _ResponseEvents(ex)
+    await ex.open_stream(headers(ex))
+    await events.emit("response.created", response=response)
+    await events.emit("response.in_progress", response=response)
+    for thought in reasoning:
+        await events.emit("response.output_item.added", output_index=0, item=thought)
+        await events.emit("response.output_item.done", output_index=0, item=thought)
+    if tool:
+        await events.function_call(len(reasoning), item, tool)
+    else:
+        await events.message(len(reasoning), item, reply)
+    await events.emit(f"response.{status}", response=done)
+    return await ex.close_stream()
+
+
+def _message_item(text: str, status: str) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "id": new_id("msg_", 48),
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [part],
+    }
+
+
+def _function_call_item(tool: ToolCall) -> dict[str, Any]:
+    return {
+        "id": new_id("fc_", 48),
+        "type": "function_call",
+        "status": "completed",
+        "call_id": new_id("call_", 24),
+        "name": tool.name,
+        "arguments": tool.arguments,
+    }
+
+
+class _ResponseEvents:
+    """Writes the Responses API's SSE events, numbering them with `sequence_number`."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.seq = 0
+
+    async def emit(self, kind: str, **fields: Any) -> None:
+        await self.ex.send({"type": kind, "sequence_number": self.seq, **fields}, event=kind)
+        self.seq += 1
+
+    async def message(self, index: int, item: dict[str, Any], reply: Reply) -> None:
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        opening = {**item, "status": "in_progress", "content": []}
+        await self.emit("response.output_item.added", output_index=index, item=opening)
+        await self.emit("response.content_part.added", **where, part=empty)
+        for piece in reply.pieces:
+            await self.emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+        await self.emit("response.output_text.done", **where, text=reply.text, logprobs=[])
+        await self.emit("response.content_part.done", **where, part=item["content"][0])
+        await self.emit("response.output_item.done", output_index=index, item=item)
+
+    async def function_call(self, index: int, item: dict[str, Any], tool: ToolCall) -> None:
+        where = {"item_id": item["id"], "output_index": index}
+        opening = {**item, "status": "in_progress", "arguments": ""}
+        await self.emit("response.output_item.added", output_index=index, item=opening)
+        for piece in tool.pieces:
+            await self.emit("response.function_call_arguments.delta", **where, delta=piece)
+        await self.emit(
+            "response.function_call_arguments.done",
+            **where,
+            name=tool.name,
+            arguments=tool.arguments,
+        )
+        await self.emit("response.output_item.done", output_index=index, item=item)
 
 
 def _response_object(ex: Exchange, limit: int | None, instructions: str | None) -> dict[str, Any]:
@@ -327,44 +424,3 @@ def _response_object(ex: Exchange, limit: int | None, instructions: str | None) 
         "user": None,
         "metadata": body.get("metadata") or {},
     }
-
-
-async def _stream_response(
-    ex: Exchange,
-    response: dict[str, Any],
-    done: dict[str, Any],
-    reasoning_item: list[dict[str, Any]],
-    message: dict[str, Any],
-    reply: Reply,
-) -> web.StreamResponse:
-    """The Responses API event sequence, each event with its sequence_number."""
-    seq = 0
-
-    async def emit(kind: str, **fields: Any) -> None:
-        nonlocal seq
-        await ex.send({"type": kind, "sequence_number": seq, **fields}, event=kind)
-        seq += 1
-
-    await ex.open_stream(headers(ex))
-    await emit("response.created", response=response)
-    await emit("response.in_progress", response=response)
-    for item in reasoning_item:
-        await emit("response.output_item.added", output_index=0, item=item)
-        await emit("response.output_item.done", output_index=0, item=item)
-    index = len(reasoning_item)
-    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
-    empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    await emit(
-        "response.output_item.added",
-        output_index=index,
-        item={**message, "status": "in_progress", "content": []},
-    )
-    await emit("response.content_part.added", **where, part=empty_part)
-    for piece in reply.pieces:
-        await emit("response.output_text.delta", **where, delta=piece, logprobs=[])
-    await emit("response.output_text.done", **where, text=reply.text, logprobs=[])
-    await emit("response.content_part.done", **where, part=message["content"][0])
-    await emit("response.output_item.done", output_index=index, item=done["output"][-1])
-    final = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
-    await emit(final, response=done)
-    return await ex.close_stream()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tokenwatch.core.tokens import count_text
 
@@ -96,6 +98,48 @@ def compose_reply(seed: str, limit: int | None = None, model: str = "") -> Reply
         pieces.pop()
         truncated = True
     return Reply(tuple(pieces), truncated)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the fake model makes to one of the request's tools."""
+
+    name: str
+    arguments: str
+    """The arguments as JSON text, as the APIs send them."""
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        """The arguments in the small pieces a stream sends."""
+        step = ARGUMENT_PIECE_CHARS
+        return tuple(self.arguments[i : i + step] for i in range(0, len(self.arguments), step))
+
+
+ARGUMENT_PIECE_CHARS = 8
+_SAMPLE_VALUES: dict[str, Any] = {
+    "integer": 3,
+    "number": 0.5,
+    "boolean": True,
+    "array": [],
+    "object": {},
+    "null": None,
+}
+
+
+def compose_tool_call(seed: str, name: str, schema: Any) -> ToolCall:
+    """Arguments filling each property of the tool's JSON schema with a value of its type."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    arguments: dict[str, Any] = {}
+    for i, (key, spec) in enumerate((properties or {}).items()):
+        kind = spec.get("type", "string") if isinstance(spec, dict) else "string"
+        enum = spec.get("enum") if isinstance(spec, dict) else None
+        if isinstance(enum, list) and enum:
+            arguments[key] = enum[0]
+        elif kind in _SAMPLE_VALUES:
+            arguments[key] = _SAMPLE_VALUES[kind]
+        else:
+            arguments[key] = " ".join(WORDS[b % len(WORDS)] for b in _digest(f"{seed}{i}")[:3])
+    return ToolCall(name, json.dumps(arguments, separators=(",", ":")))
 
 
 def is_reasoning_model(model: str) -> bool:
