@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import statistics
 import time
@@ -444,3 +446,24 @@ async def test_absent_supervisor_costs_little(fake: FakeLLM, short_tmp: Path) ->
         f"median per call: {baseline * 1000:.2f} ms bare, {instrumented * 1000:.2f} ms instrumented"
     )
     assert os.environ.get("TOKENWATCH_SOCKET") is None
+
+
+async def test_api_key_and_prompt_never_leave_the_process(
+    fake: FakeLLM, sup: FakeSupervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="tokenwatch")
+    secret = "sk-live-DO-NOT-LEAK-1234"
+    prompt = "my private prompt about project nightingale"
+    async with openai.AsyncOpenAI(
+        base_url=fake.url + "/v1", api_key=secret, max_retries=0
+    ) as client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+    await one_event(sup)
+    wire = json.dumps(sup.messages)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "gpt-4o-mini" in logged
+    for text in (wire, logged):
+        assert secret not in text
+        assert "nightingale" not in text

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwatch.client import session
-from tokenwatch.client.reporter import LinkState
+from tokenwatch.client.reporter import LinkState, Reporter
 
 log = logging.getLogger("tokenwatch")
 
@@ -88,9 +88,10 @@ def admission_wanted() -> bool:
     return time.monotonic() >= _skip_until
 
 
-def _note_unanswered(reply: dict[str, Any] | None) -> None:
+def _note_unanswered(reply: dict[str, Any] | None, rep: Reporter) -> None:
+    """A connected supervisor that did not answer in time is hung or overloaded: leave it be."""
     global _skip_until
-    if reply is None:
+    if reply is None and rep.state is LinkState.CONNECTED:
         _skip_until = time.monotonic() + QUIET_AFTER_TIMEOUT_S
 
 
@@ -104,8 +105,9 @@ def admit_sync(fields: dict[str, Any]) -> Ticket:
     pushed = _throttle_wait()
     if pushed:
         sleep(pushed)
-    reply = session.reporter().request("admit", ADMIT_TIMEOUT_S, **fields)
-    _note_unanswered(reply)
+    rep = session.reporter()
+    reply = rep.request("admit", ADMIT_TIMEOUT_S, **fields)
+    _note_unanswered(reply, rep)
     ticket = _ticket(reply)
     _raise_if_denied(ticket)
     if ticket.wait_s:
@@ -127,7 +129,7 @@ async def admit_async(fields: dict[str, Any]) -> Ticket:
         # A worker thread waits, so neither the event loop nor the reporter thread ever blocks.
         ask = functools.partial(rep.request, "admit", ADMIT_TIMEOUT_S, **fields)
         reply = await anyio.to_thread.run_sync(ask)
-        _note_unanswered(reply)
+        _note_unanswered(reply, rep)
     ticket = _ticket(reply)
     _raise_if_denied(ticket)
     if ticket.wait_s:
