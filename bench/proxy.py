@@ -11,6 +11,7 @@ spent queued behind the in-flight cap counts), TTFT to the first body byte.
 
     .venv/bin/python bench/proxy.py            # full run (about a minute)
     .venv/bin/python bench/proxy.py --quick    # smaller samples
+    .venv/bin/python bench/proxy.py --in-process   # one loop: the proxy's own CPU cost
 """
 
 from __future__ import annotations
@@ -257,6 +258,32 @@ def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
+async def bench_in_process(quick: bool) -> None:
+    """Upstream, proxy and client on one event loop: the difference is the proxy's own CPU time,
+    free of the scheduler delays a loaded machine adds to every extra process hop."""
+    import anyio
+
+    from tokenwatch.config import ProxySettings
+    from tokenwatch.proxy.server import AgentRoute, ProxyServer, RouteTable
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _upstream_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    upstream = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    routes = RouteTable()
+    token = routes.add(AgentRoute(agent="bench"))
+    proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream))
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(proxy.serve)
+            await _measure(upstream, proxy.base_urls(token)["OPENAI_BASE_URL"], quick)
+            tg.cancel_scope.cancel()
+    finally:
+        await runner.cleanup()
+
+
 async def bench(quick: bool) -> None:
     upstream_proc, port = _spawn("--serve-upstream")
     upstream = f"http://127.0.0.1:{port}/v1"
@@ -276,7 +303,11 @@ async def _measure(upstream: str, proxied_base: str, quick: bool) -> None:
         {**BODY, "stream": True, "stream_options": {"include_usage": True}}
     ).encode()
     seq_n, rate_n, blocks = (200, 1000, 3) if quick else (1000, 5000, 5)
-    print(f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} cpus")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
+        f"{os.cpu_count()} cpus, load average {load}"
+    )
     connector = aiohttp.TCPConnector(limit=64)
     async with aiohttp.ClientSession(connector=connector) as http:
         for warm in (direct, proxied):
@@ -306,6 +337,11 @@ async def _measure(upstream: str, proxied_base: str, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="upstream, proxy and client on one loop (the proxy's own CPU cost)",
+    )
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-proxy", metavar="UPSTREAM", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -313,7 +349,11 @@ def main() -> None:
         asyncio.run(run_upstream())
     elif args.serve_proxy:
         asyncio.run(run_proxy(args.serve_proxy))
+    elif args.in_process:
+        print("mode: in-process (one event loop for client, proxy and upstream)")
+        asyncio.run(bench_in_process(args.quick))
     else:
+        print("mode: three processes (client here, proxy and upstream each in their own)")
         asyncio.run(bench(args.quick))
 
 
