@@ -14,7 +14,7 @@ import pytest
 import tokenwatch
 from tests.client_fixtures import event_keys, installed_reporter, running_supervisor
 from tokenwatch.client import tracking
-from tokenwatch.client.reporter import LinkState
+from tokenwatch.client.reporter import Identity, LinkState, script_name
 
 
 @pytest.fixture(autouse=True)
@@ -208,3 +208,23 @@ async def test_store_unavailable_reply_is_retried(short_tmp: Path) -> None:
             await anyio.to_thread.run_sync(rep.wait_flushed, 30.0)
             assert rep.statistics().pending == 0
     assert event_keys(sup.events()) == [event.call_id, event.call_id]
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["/home/me/agents/researcher.py", "--fast"], "researcher"),
+        (["/venv/lib/python3.11/site-packages/swe_agent/__main__.py"], "swe_agent"),
+        (["-c"], "python"),
+        ([], "python"),
+    ],
+)
+def test_default_agent_name_is_recognisable(argv: list[str], name: str) -> None:
+    assert script_name(argv) == name
+
+
+def test_identity_comes_from_the_environment() -> None:
+    ident = Identity.from_env(
+        {"TOKENWATCH_AGENT": "coder", "TOKENWATCH_RUN_ID": "r-9", "TOKENWATCH_TASK": "t-1"}
+    )
+    assert (ident.name, ident.run_id, ident.task) == ("coder", "r-9", "t-1")

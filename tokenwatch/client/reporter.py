@@ -48,9 +48,8 @@ class Identity:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Identity:
         env = os.environ if env is None else env
-        default_name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
         return cls(
-            name=env.get("TOKENWATCH_AGENT") or default_name or "python",
+            name=env.get("TOKENWATCH_AGENT") or script_name(),
             pid=os.getpid(),
             run_id=env.get("TOKENWATCH_RUN_ID", ""),
             task=env.get("TOKENWATCH_TASK", ""),
@@ -68,6 +67,18 @@ class Identity:
             "session": self.session,
             "tags": dict(self.tags),
         }
+
+
+def script_name(argv: list[str] | None = None) -> str:
+    """A recognisable default agent name: the script's basename, a `-m` package's name."""
+    argv = sys.argv if argv is None else argv
+    first = argv[0] if argv else ""
+    if first in ("", "-c", "-"):
+        return "python"
+    path = Path(first)
+    if path.stem == "__main__":
+        return path.parent.name or "python"
+    return path.stem or "python"
 
 
 def socket_path_from_env(env: Mapping[str, str] | None = None) -> str:
