@@ -125,43 +125,51 @@ async def messages(ex: Exchange) -> web.StreamResponse:
     output = count_text(tool.name + tool.arguments if tool else reply.text, ex.model).tokens
     ex.usage = Usage(total, output, read, write, 0)
     stop = "tool_use" if tool else "max_tokens" if reply.truncated else "end_turn"
-    block: dict[str, Any] = {"type": "text", "text": reply.text}
-    if tool:
-        block = {
-            "type": "tool_use",
-            "id": new_id("toolu_01", 22),
-            "name": tool.name,
-            "input": json.loads(tool.arguments),
-        }
     message = {
         "id": new_id("msg_01", 22),
         "type": "message",
         "role": "assistant",
         "model": ex.model,
-        "content": [block],
+        "content": [_block(tool, reply)],
         "stop_reason": stop,
         "stop_sequence": None,
         "usage": _wire_usage(ex.usage),
     }
     if not ex.stream:
         return await ex.json(message, headers(ex))
-    await ex.open_stream(headers(ex))
-    start_usage = {**_wire_usage(ex.usage), "output_tokens": 1}
-    start = {**message, "content": [], "stop_reason": None, "usage": start_usage}
-    await ex.send({"type": "message_start", "message": start}, event="message_start")
-    opening = {**block, "input": {}} if tool else {**block, "text": ""}
-    await _send(ex, "content_block_start", index=0, content_block=opening)
-    await _send(ex, "ping")
     deltas = (
         [{"type": "input_json_delta", "partial_json": p} for p in tool.pieces]
         if tool
         else [{"type": "text_delta", "text": p} for p in reply.pieces]
     )
+    return await _stream(ex, message, deltas)
+
+
+def _block(tool: ToolCall | None, reply: Reply) -> dict[str, Any]:
+    if tool is None:
+        return {"type": "text", "text": reply.text}
+    arguments = json.loads(tool.arguments)
+    return {"type": "tool_use", "id": new_id("toolu_01", 22), "name": tool.name, "input": arguments}
+
+
+async def _stream(
+    ex: Exchange, message: dict[str, Any], deltas: list[dict[str, Any]]
+) -> web.StreamResponse:
+    """The Messages event sequence for a one-block reply, usage split as Anthropic does."""
+    await ex.open_stream(headers(ex))
+    start_usage = {**message["usage"], "output_tokens": 1}
+    start = {**message, "content": [], "stop_reason": None, "usage": start_usage}
+    await _send(ex, "message_start", message=start)
+    block = message["content"][0]
+    opening = {**block, "input": {}} if block["type"] == "tool_use" else {**block, "text": ""}
+    await _send(ex, "content_block_start", index=0, content_block=opening)
+    await _send(ex, "ping")
     for delta in deltas:
         await _send(ex, "content_block_delta", index=0, delta=delta)
     await _send(ex, "content_block_stop", index=0)
-    end = {"stop_reason": stop, "stop_sequence": None}
-    await _send(ex, "message_delta", delta=end, usage={"output_tokens": output})
+    end = {"stop_reason": message["stop_reason"], "stop_sequence": None}
+    usage = {"output_tokens": message["usage"]["output_tokens"]}
+    await _send(ex, "message_delta", delta=end, usage=usage)
     await _send(ex, "message_stop")
     return await ex.close_stream()
 

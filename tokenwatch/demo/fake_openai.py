@@ -169,20 +169,21 @@ async def chat_completions(ex: Exchange) -> web.StreamResponse:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         payload = {"object": "chat.completion", "choices": [choice], "usage": _chat_usage(ex.usage)}
         return await ex.json({**head, **payload}, headers(ex))
-    if tool:
-        first = _chat_tool_call(call_id, tool.name, "")
-        deltas = [
-            {"role": "assistant", "content": None, "tool_calls": [first], "refusal": None},
-            *({"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in tool.pieces),
-        ]
-    else:
-        deltas = [
-            {"role": "assistant", "content": "", "refusal": None},
-            *({"content": piece} for piece in reply.pieces),
-        ]
+    deltas = _chat_deltas(call_id, tool, reply)
     choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
     last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
     return await _stream_chunks(ex, {**head, "object": "chat.completion.chunk"}, [*choices, last])
+
+
+def _chat_deltas(call_id: str, tool: ToolCall | None, reply: Reply) -> list[dict[str, Any]]:
+    """A stream's deltas: the role first, then the text or the tool call's arguments in pieces."""
+    if tool is None:
+        opening: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None}
+        return [opening, *({"content": piece} for piece in reply.pieces)]
+    first = _chat_tool_call(call_id, tool.name, "")
+    opening = {"role": "assistant", "content": None, "tool_calls": [first], "refusal": None}
+    pieces = ({"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in tool.pieces)
+    return [opening, *pieces]
 
 
 def _chat_tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
