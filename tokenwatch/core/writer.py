@@ -269,9 +269,18 @@ class BatchWriter:
         try:
             inserted, rejected = self._commit(events, items)
         except sqlite3.Error as exc:
-            self._fail(batch, StoreUnavailable(describe(exc, self._path)), outcome)
+            self._fail(batch, StoreUnavailable(describe(exc, self._path)), outcome, retry=True)
             self._wake(outcome.wake)
             return False
+        except Exception as exc:
+            # A bug, not the file: fail this batch loudly (never leave its callers hanging)
+            # and do not retry what would fail the same way.
+            error = StoreUnavailable(
+                f"cannot write the ledger {self._path}: internal error {type(exc).__name__}: {exc}"
+            )
+            self._fail(batch, error, outcome, retry=False)
+            self._wake(outcome.wake)
+            return True
         self.stats.batches += 1
         self.stats.committed += inserted
         self.stats.duplicates += len(events) - inserted - len(rejected)
@@ -282,10 +291,6 @@ class BatchWriter:
                 self._settle(item, id(item) in stored, rejected, outcome)
         self._wake(outcome.wake)
         return True
-
-    @staticmethod
-    def _awaited_in(batch: list[UsageEvent | Item]) -> bool:
-        return any(type(x) is Item for x in batch)
 
     def _settle(
         self, item: Item, stored: bool, rejected: dict[int, str], outcome: _Outcome
@@ -307,13 +312,22 @@ class BatchWriter:
             outcome.wake.append(waiter)
 
     def _fail(
-        self, batch: list[UsageEvent | Item], error: StoreUnavailable, outcome: _Outcome
+        self,
+        batch: list[UsageEvent | Item],
+        error: StoreUnavailable,
+        outcome: _Outcome,
+        *,
+        retry: bool,
     ) -> None:
         self.stats.failures += 1
         self.stats.last_error = str(error)
-        self._requeue([x for x in batch if type(x) is not Item])  # type: ignore[misc]
+        queued = [x for x in batch if not isinstance(x, Item)]
+        if retry:
+            self._requeue(queued)
+        else:
+            self.stats.rejected += len(queued)
         for x in batch:
-            if type(x) is Item and x.waiter is not None and x.waiter.fail(error):
+            if isinstance(x, Item) and x.waiter is not None and x.waiter.fail(error):
                 outcome.wake.append(x.waiter)
 
     def _commit(self, events: list[UsageEvent], items: list[Item]) -> tuple[int, dict[int, str]]:
