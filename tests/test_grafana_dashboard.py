@@ -10,7 +10,15 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenwatch.config import PrometheusSettings
-from tokenwatch.core.models import Action, Agent, AgentView, Alert, BudgetStatus, Snapshot, UsageEvent
+from tokenwatch.core.models import (
+    Action,
+    Agent,
+    AgentView,
+    Alert,
+    BudgetStatus,
+    Snapshot,
+    UsageEvent,
+)
 from tokenwatch.export.prometheus import PrometheusExporter
 
 
