@@ -7,6 +7,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from tokenwatch.config import BudgetSettings, Config, ConfigError, parse_config
@@ -18,6 +19,9 @@ from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.server import Session, usage_from_wire
 
 MIN_SUBSCRIBE_INTERVAL = 0.1
+MAX_HISTORY = 1000
+LOG_TAIL_LINES = 200
+LOG_TAIL_BYTES = 64 * 1024
 TASK_STATES = frozenset({"start", "end"})
 
 
@@ -39,9 +43,13 @@ class Commands:
         *,
         on_shutdown: Callable[[], None] = lambda: None,
         info: Callable[[], dict[str, Any]] = dict,
+        store: Any = None,
+        logs_dir: Path | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
+        self._store = store
+        self._logs_dir = logs_dir
         self._on_shutdown = on_shutdown
         self._info = info
         self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
@@ -259,9 +267,58 @@ class Commands:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "ack_alerts: 'ids' must be integers")
         return {"acknowledged": await self.engine.ack_alerts(ids)}
 
+    async def on_history(self, session: Session, msg: dict[str, Any]) -> Any:
+        """An agent's recent calls (newest first), the actions taken on it and its log's tail."""
+        name = msg["agent"]
+        limit = min(max(1, msg.get("limit", 100)), MAX_HISTORY)
+        calls = await self._ledger().history(agent=name, limit=limit)
+        actions = await self._ledger().list_actions(agent=name, limit=limit)
+        return {
+            "calls": [stored.event.to_dict() for stored in calls],
+            "actions": [a.to_dict() for a in actions],
+            "log": _log_tail(self._logs_dir, name),
+        }
+
+    async def on_report(self, session: Session, msg: dict[str, Any]) -> Any:
+        """Totals grouped by agent, task, model, user, provider or day since `since` (default 24 h)."""
+        from tokenwatch.core.report import build_report
+
+        by = msg.get("by", "agent")
+        since = msg.get("since", time.time() - 86400)
+        try:
+            report = await build_report(self._ledger(), by=by, since=since)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+        data = report.to_dict()
+        data["rows"] = data.pop("groups")
+        return data
+
+    def _ledger(self) -> Any:
+        if self._store is None:
+            raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, "this supervisor has no ledger")
+        return self._store
+
     async def on_shutdown(self, session: Session, msg: dict[str, Any]) -> Any:
         self._on_shutdown()
         return {"pid": os.getpid()}
+
+
+def _log_tail(logs_dir: Path | None, name: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+    if logs_dir is None or not check_name_safe(name):
+        return []
+    try:
+        with (logs_dir / f"{name}.log").open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - LOG_TAIL_BYTES))
+            tail = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    return tail[-lines:]
+
+
+def check_name_safe(name: str) -> bool:
+    """A name that cannot step outside the logs dir."""
+    return "/" not in name and name not in ("", ".", "..")
 
 
 def _agent_of(session: Session) -> str:

@@ -606,6 +606,7 @@ class Engine:
         past = {"pause": "paused", "resume": "resumed", "kill": "killed", "throttle": "throttled",
                 "deny": "denied"}.get(kind.value, kind.value)  # fmt: skip
         rec.done.append(f"{past} by {who}")
+        await self._save_agent(rec.agent)  # committed before the caller hears it is done
         try:
             action.id = await self._store.add_action(action)
         except (StoreUnavailable, OSError) as exc:

@@ -119,6 +119,9 @@ class Outbox:
         self._wakeup = anyio.Event()
         self._room = anyio.Event()
         self._closing = False
+        self._writing = False
+        self._dead = False
+        self._flushed = anyio.Event()
         self.dropped = 0
         self.snapshots_coalesced = 0
 
@@ -150,6 +153,16 @@ class Outbox:
             self._room = anyio.Event()
             await self._room.wait()
 
+    def pending(self) -> bool:
+        """Something is queued or being written."""
+        return bool(self._replies or self._pushes or self._snapshot is not None or self._writing)
+
+    async def wait_flushed(self) -> None:
+        """Return once everything queued so far has been written (or the peer is gone)."""
+        while self.pending() and not self._dead:
+            self._flushed = anyio.Event()
+            await self._flushed.wait()
+
     def _take(self) -> bytes:
         parts = self._replies
         self._replies = []
@@ -169,8 +182,17 @@ class Outbox:
             data = self._take()
             self._room.set()
             if data:
-                await stream.send(data)
-            if self._closing and not (self._replies or self._pushes or self._snapshot):
+                self._writing = True
+                try:
+                    await stream.send(data)
+                except BaseException:
+                    self._dead = True
+                    raise
+                finally:
+                    self._writing = False
+            if not self.pending():
+                self._flushed.set()
+            if self._closing and not self.pending():
                 return
 
 
@@ -260,6 +282,11 @@ class SocketServer:
         line = protocol.dumps(protocol.push(kind, data))
         for session in subs:
             session.outbox.push_nowait(line)
+
+    async def wait_flushed(self) -> None:
+        """Until every peer has been sent what was queued for it (replies to a shutdown...)."""
+        for session in list(self._sessions):
+            await session.outbox.wait_flushed()
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenwatch.supervisor")
 
 _EVENT_FIELDS = UsageEvent.field_names()
+SHUTDOWN_FLUSH_TIMEOUT = 2.0
+"""Seconds a stopping supervisor gives peers to receive what was already queued for them."""
 
 
 def wire(obj: Any) -> Any:
@@ -138,7 +140,14 @@ class Supervisor:
 
     async def _serve(self, store: Store, task_status: anyio.abc.TaskStatus[Supervisor]) -> None:
         engine = self.engine = self._build_engine(store)
-        commands = Commands(engine, self.config, on_shutdown=self.request_shutdown, info=self.info)
+        commands = Commands(
+            engine,
+            self.config,
+            on_shutdown=self.request_shutdown,
+            info=self.info,
+            store=store,
+            logs_dir=self.paths.logs_dir,
+        )
         server = self.server = SocketServer(self.paths.socket, commands)
         engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
         async with anyio.create_task_group() as tg:
@@ -158,6 +167,8 @@ class Supervisor:
             log.info("shutting down: resuming paused agents, flushing the ledger")
             with anyio.CancelScope(shield=True):
                 await engine.release_all()
+                with anyio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
+                    await server.wait_flushed()  # e.g. the reply to `shutdown` itself
             tg.cancel_scope.cancel()
 
     def _build_engine(self, store: Store) -> Engine:
@@ -175,6 +186,9 @@ class Supervisor:
             logs_dir=self.paths.logs_dir,
             socket_path=str(self.paths.socket),
         )
+        use_budgets = getattr(engine.rules, "use_budgets", None)
+        if use_budgets is not None:
+            use_budgets(engine.budgets.statuses)  # forecast and spike rules read budget status
         return engine
 
     async def _seed(self, engine: Engine, store: Store) -> None:
@@ -283,11 +297,24 @@ def _notifier(cfg: Config) -> Any:
 async def serve_until_signalled(paths: Paths, config: Config) -> None:
     """Run a supervisor in this process until SIGTERM, SIGINT or SIGHUP (or a shutdown request)."""
     sup = Supervisor(paths, config)
-    async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            tg.start_soon(_stop_on_signal, signals, sup)
-            await sup.run()
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                tg.start_soon(_stop_on_signal, sigs, sup)
+                await sup.run()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _sole(group) from None
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one failure inside nested task groups (AlreadyRunning, a config error...), or the group."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group
 
 
 async def _stop_on_signal(signals: Any, sup: Supervisor) -> None:

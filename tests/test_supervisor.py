@@ -1,0 +1,192 @@
+"""The supervisor's lifetime with real processes: single instance, background start, clean exit,
+and recovery after SIGKILL (no agent is ever left stopped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.supervisor_fixtures import (
+    ServeProcess,
+    descendants,
+    kill_tree,
+    quiet_config,
+    running_supervisor,
+    start_serve,
+    start_tree,
+    state_of,
+    stop_serve,
+    supervisor_process,
+    tokenwatch_env,
+    usage_event,
+    wait_answers,
+    wait_states,
+)
+from tokenwatch.client.control import SupervisorClient, SupervisorError
+from tokenwatch.core.models import Agent
+from tokenwatch.core.store import Store
+from tokenwatch.paths import Paths
+
+pytestmark = pytest.mark.anyio
+
+RUNNING = {"R", "S", "D"}
+
+
+def alive(pid: int) -> bool:
+    return state_of(pid) not in ("gone", "Z")
+
+
+async def wait_gone(pid: int) -> None:
+    with anyio.fail_after(30):
+        while alive(pid):
+            await anyio.sleep(0.02)
+
+
+def wait_first_exit(*procs: ServeProcess) -> ServeProcess:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for sp in procs:
+            if sp.proc.poll() is not None:
+                return sp
+        time.sleep(0.02)
+    raise AssertionError("neither supervisor gave way")
+
+
+@pytest.mark.slow
+def test_two_supervisors_started_at_once_end_with_one() -> None:
+    env = tokenwatch_env()
+    first, second = start_serve(env), start_serve(env)
+    try:
+        loser = wait_first_exit(first, second)
+        winner = second if loser is first else first
+        wait_answers(winner)
+        code = loser.proc.wait(30)
+        survivors = [p for p in (first, second) if p.proc.poll() is None]
+        assert code == 1
+        assert "already running" in loser.output()
+        assert survivors == [winner]
+        assert Paths.discover(env).pidfile.read_text().strip() == str(winner.pid)
+    finally:
+        for sp in (first, second):
+            stop_serve(sp)
+
+
+@pytest.mark.slow
+def test_a_client_starts_the_supervisor_in_the_background(tokenwatch_home: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "status", "--json"],
+        capture_output=True, text=True, timeout=60, check=True, env=tokenwatch_env(),
+    )  # fmt: skip
+    pid = json.loads(out.stdout)["supervisor"]["pid"]
+    try:
+        assert alive(pid)
+        assert os.getsid(pid) == pid, "detached: a session of its own, no terminal"
+        assert (Paths.discover().state_dir / "supervisor.log").exists()
+        again = subprocess.run(
+            [sys.executable, "-m", "tokenwatch", "status", "--json"],
+            capture_output=True, text=True, timeout=60, check=True, env=tokenwatch_env(),
+        )  # fmt: skip
+        assert json.loads(again.stdout)["supervisor"]["pid"] == pid, "the running one is reused"
+        stop = subprocess.run(
+            [sys.executable, "-m", "tokenwatch", "stop"],
+            capture_output=True, text=True, timeout=60, env=tokenwatch_env(),
+        )  # fmt: skip
+        assert stop.returncode == 0
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    anyio.run(wait_gone, pid)
+
+
+async def attach_and_pause(paths: Paths, pid: int, name: str) -> None:
+    async with await SupervisorClient.connect(paths, start=False) as client:
+        await client.request("attach", pid=pid, name=name)
+        await client.request("pause", agent=name)
+
+
+@pytest.mark.slow
+async def test_sigterm_resumes_paused_agents_and_flushes_the_ledger() -> None:
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        with supervisor_process() as sp:
+            await attach_and_pause(sp.paths, tree.pid, "sleepy")
+            stopped = await wait_states(pids, {"T"})
+            async with await SupervisorClient.connect(sp.paths, start=False) as client:
+                await client.request("hello", name="reporter")
+                await client.request("usage", event=usage_event("", "before-exit"))
+            code = stop_serve(sp)
+        after = await wait_states(pids, RUNNING)
+        with sqlite3.connect(sp.paths.db) as db:
+            stored = [r[0] for r in db.execute("SELECT call_id FROM events")]
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert len(pids) == 3
+    assert set(stopped.values()) == {"T"}
+    assert code == 0
+    assert set(after.values()) <= RUNNING
+    assert stored == ["before-exit"]
+
+
+@pytest.mark.slow
+async def test_a_sigkilled_supervisor_leaves_no_agent_stopped() -> None:
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        with supervisor_process() as sp:
+            await attach_and_pause(sp.paths, tree.pid, "victim")
+            await wait_states(pids, {"T"})
+            sp.proc.send_signal(signal.SIGKILL)
+            sp.proc.wait(30)
+            still_stopped = {p: state_of(p) for p in pids}
+        # the next client brings up a new supervisor, which continues the agent at once
+        async with await SupervisorClient.connect(sp.paths, start=True, timeout=30) as client:
+            resumed = await wait_states(pids, RUNNING)
+            status = await client.request("status")
+            adopted = await client.request("adopt", agent="victim", decision="kill")
+            await client.request("shutdown")
+        for pid in pids:
+            await wait_gone(pid)
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert set(still_stopped.values()) == {"T"}, "SIGKILL gave the old supervisor no say"
+    assert set(resumed.values()) <= RUNNING
+    victim = next(a for a in status["agents"] if a["agent"]["name"] == "victim")
+    assert victim["agent"]["state"] == "detached"
+    assert adopted["kind"] == "kill"
+
+
+async def test_a_reused_pid_is_never_taken_for_an_old_agent() -> None:
+    paths = Paths.discover()
+    paths.ensure_state()
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        async with await Store.open(paths.db) as store:
+            # the record says the pid belonged to a process that started at another time
+            await store.save_agent(Agent(name="ghost", pid=tree.pid, start_time=1, state="paused"))
+        os.kill(tree.pid, signal.SIGSTOP)
+        async with running_supervisor(paths, quiet_config(), proxy=False, exporters=False) as sup:
+            assert sup.engine is not None
+            ghost = sup.engine.roster.get("ghost")
+            async with await SupervisorClient.connect(paths, start=False) as client:
+                with pytest.raises(SupervisorError) as refused:
+                    await client.request("kill", agent="ghost")
+        state = state_of(tree.pid)
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert ghost is None or ghost.agent.state == "exited"
+    assert state == "T", "nobody continued (or touched) a process that is not the agent"
+    assert refused.value.code == "unknown_agent"
