@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenwatch.config import BudgetSettings, Config, ConfigError, load_config
 from tokenwatch.core.budget_file import UnknownBudget, remove_budget, set_budget
+from tokenwatch.core.budgets import budget_name
 from tokenwatch.paths import OVERLAY_NAME
 
 USER_TOML = """\
@@ -103,3 +109,34 @@ def test_without_a_project_file_edits_go_to_the_users_overlay(tokenwatch_home: P
     assert names(updated) == ["global:*:day"]
     assert (tokenwatch_home / "config" / OVERLAY_NAME).is_file()
     assert names(load_config(cwd=tokenwatch_home)) == ["global:*:day"]
+
+
+budgets = st.builds(
+    BudgetSettings,
+    name=st.sampled_from(["", "daily", "team cap", "ml/é"]),
+    scope=st.sampled_from(["global", "agent", "task", "model", "user", "tag"]),
+    target=st.sampled_from(["*", "researcher", "gpt-4o*", "team=ml", 'odd "quoted" name']),
+    period=st.sampled_from(["request", "task", "hour", "day", "week", "month", "total"]),
+    limit=st.one_of(
+        st.integers(1, 10**9),
+        st.sampled_from(["200k", "1.5M", "$2", "$0.50", "12,000"]),
+    ),
+    action=st.sampled_from(["alert", "throttle", "pause", "kill", "deny"]),
+    warn=st.lists(st.integers(1, 100), max_size=4),
+    rate=st.sampled_from(["50%", "20k/min", "$1/h"]),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=budgets)
+def test_what_is_saved_reads_back_as_the_same_budget(budget: BudgetSettings) -> None:
+    home = Path(tempfile.mkdtemp(prefix="tw-bf-"))
+    try:
+        project = home / "tokenwatch.toml"
+        project.write_text(USER_TOML)
+        set_budget(load_config(project), budget)
+        name = budget_name(budget)
+        (saved,) = [b for b in load_config(project).budget if budget_name(b) == name]
+        assert saved == dataclasses.replace(budget, name=name)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
