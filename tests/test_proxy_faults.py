@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import openai
 import pytest
@@ -95,12 +96,27 @@ async def test_unreachable_upstream_is_a_provider_shaped_502() -> None:
 
 
 async def test_silent_upstream_times_out_as_504() -> None:
-    async with running_proxy(read_timeout=0.5) as rig, client(rig, **{FAULT: "slow:5000"}) as oai:
-        with pytest.raises(openai.APIStatusError) as caught:
-            await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
-        assert caught.value.status_code == 504
-        (event,) = await rig.gate.wait_settled(1)
-        assert event.http_status == 504
+    async def say_nothing(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            await anyio.sleep_forever()
+
+    async with (
+        await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(listener.serve, say_nothing)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        silent = f"http://127.0.0.1:{port}/v1"
+        async with (
+            running_proxy(openai_upstream=silent, read_timeout=0.5) as rig,
+            client(rig) as oai,
+        ):
+            with pytest.raises(openai.APIStatusError) as caught:
+                await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            assert caught.value.status_code == 504
+            (event,) = await rig.gate.wait_settled(1)
+            assert event.http_status == 504
+        tg.cancel_scope.cancel()
 
 
 @pytest.mark.slow
