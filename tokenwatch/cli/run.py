@@ -156,22 +156,45 @@ def run_run(args: argparse.Namespace) -> int:
         **_upstreams(dict(os.environ)),
     }
     _check_budget(args.budget)
+    registered: list[str] = []
     with ForegroundChild() as child:
         try:
-            return _run(child, command, request, args)
+            return _run(child, command, request, registered, args)
         except Interrupted as exc:
+            if registered and child.pid is None:
+                _forget_nowait(registered[0], exc.code)
             return exc.code
 
 
+def _forget_nowait(name: str, code: int) -> None:
+    """Interrupted between registering and starting: say so, but never hang on it."""
+    import anyio
+
+    from tokenwatch.core.foreground import Interrupted
+
+    async def report() -> None:
+        with anyio.move_on_after(2):
+            await _report_exit(name, code)
+
+    try:
+        anyio.run(report)
+    except Interrupted:
+        pass
+
+
 def _run(
-    child: ForegroundChild, command: list[str], request: dict[str, Any], args: argparse.Namespace
+    child: ForegroundChild,
+    command: list[str],
+    request: dict[str, Any],
+    registered: list[str],
+    args: argparse.Namespace,
 ) -> int:
     import anyio
 
     from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
 
     try:
-        name = anyio.run(_register_and_start, child, command, request)
+        name = anyio.run(_register_and_start, child, command, request, registered)
     except SupervisorUnavailable as exc:
         if not args.unsupervised:
             raise CliError(
@@ -191,19 +214,24 @@ def _run(
 
 
 async def _register_and_start(
-    child: ForegroundChild, command: list[str], request: dict[str, Any]
+    child: ForegroundChild, command: list[str], request: dict[str, Any], registered: list[str]
 ) -> str:
-    """Register, spawn with the env the supervisor gave, tell it the pid; returns the name."""
-    from tokenwatch.client.control import SupervisorClient
+    """Register, spawn with the env the supervisor gave, tell it the pid; returns the name
+    (also put in `registered` at once, for the clean-up after an interruption)."""
+    import contextlib
+
+    from tokenwatch.client.control import SupervisorClient, SupervisorError
 
     async with await SupervisorClient.connect() as client:
         reply = await client.request("register", **request)
         name = str(reply["name"])
+        registered.append(name)
         env = _child_env(client, name, reply)
         try:
             _start(child, command, env)
         except CliError as exc:
-            await client.request("exited", name=name, code=exc.exit_code)
+            with contextlib.suppress(SupervisorError):
+                await client.request("exited", name=name, code=exc.exit_code)
             raise
         await _started(client, child, name)
     return name
