@@ -15,6 +15,7 @@ from tokenwatch.core.models import UsageEvent
 PER_TOKENS = 1_000_000
 """Rates are USD per this many tokens."""
 _MAX_ALIAS_HOPS = 4
+_CACHE_LIMIT = 4096
 
 
 class PriceError(ValueError):
@@ -110,6 +111,7 @@ class PriceTable:
         self._aliases = {k.lower(): v for k, v in aliases.items()}
         self._rules = rules
         self._overridden = overridden
+        self._resolved: dict[str, Resolution | None] = {}
 
     @classmethod
     def load(
@@ -163,11 +165,18 @@ class PriceTable:
 
         A rule only applies when its result resolves too: nothing is guessed.
         """
+        if model in self._resolved:
+            return self._resolved[model]
         found = self._resolve(model.strip().lower(), _MAX_ALIAS_HOPS)
-        if found is None:
-            return None
-        price, via = found
-        return Resolution(model, price, tuple(via), price.model.lower() in self._overridden)
+        resolution = None
+        if found is not None:
+            price, via = found
+            overridden = price.model.lower() in self._overridden
+            resolution = Resolution(model, price, tuple(via), overridden)
+        if len(self._resolved) >= _CACHE_LIMIT:
+            self._resolved.clear()  # model names are few; this only bounds a flood of junk
+        self._resolved[model] = resolution
+        return resolution
 
     def _resolve(self, name: str, hops: int) -> tuple[ModelPrice, list[str]] | None:
         price = self._prices.get(name)
