@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -122,7 +123,8 @@ def _wrap_sync(original: Callable[..., Any], endpoint: str) -> Callable[..., Any
         token = _inside.set(True)
         try:
             if call.gated:
-                call.ticket = _guarded(lambda: gate.admit_sync(call.admit_fields()))
+                with _only_denials_raise():
+                    call.ticket = gate.admit_sync(call.admit_fields())
             call.sent()
             try:
                 result = original(self, *args, **call.kwargs)
@@ -145,12 +147,8 @@ def _wrap_async(original: Callable[..., Any], endpoint: str) -> Callable[..., An
         token = _inside.set(True)
         try:
             if call.gated:
-                try:
+                with _only_denials_raise():
                     call.ticket = await gate.admit_async(call.admit_fields())
-                except gate.BudgetExceeded:
-                    raise
-                except Exception:
-                    log.debug("tokenwatch: admission failed; letting the call go", exc_info=True)
             call.sent()
             try:
                 result = await original(self, *args, **call.kwargs)
@@ -164,15 +162,15 @@ def _wrap_async(original: Callable[..., Any], endpoint: str) -> Callable[..., An
     return wrapper
 
 
-def _guarded(admit: Callable[[], gate.Ticket]) -> gate.Ticket:
-    """Admission, where only a budget's deny may reach the agent."""
+@contextlib.contextmanager
+def _only_denials_raise() -> Iterator[None]:
+    """Admission trouble lets the call go; only a budget's deny reaches the agent."""
     try:
-        return admit()
+        yield
     except gate.BudgetExceeded:
         raise
     except Exception:
         log.debug("tokenwatch: admission failed; letting the call go", exc_info=True)
-        return gate.Ticket()
 
 
 def _base_url(resource: Any) -> str:
