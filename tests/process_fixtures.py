@@ -190,3 +190,13 @@ class Terminal:
         self._events.close()
         os.close(self.master)
         os.close(self._slave)
+
+
+def state_soon(pid: int, want: str, timeout: float = 30.0) -> str | None:
+    """The process's state once it reads `want` (signals land asynchronously), or the last seen."""
+    deadline = time.monotonic() + timeout
+    seen = state(pid)
+    while seen != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+        seen = state(pid)
+    return seen

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.process_fixtures import Terminal, start_as_nobody, state
+from tests.process_fixtures import Terminal, start_as_nobody, state, state_soon
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
@@ -264,7 +264,7 @@ def test_attach_then_pause_and_kill_by_name(supervisor: ServeProcess) -> None:
         assert status_of(supervisor, "napper")["agent"]["pid"] == sleeper.pid
 
         assert tokenwatch(supervisor, "pause", "napper").returncode == 0
-        assert state(sleeper.pid) == "T"
+        assert state_soon(sleeper.pid, "T") == "T"
         assert tokenwatch(supervisor, "kill", "napper").returncode == 0
         assert sleeper.wait(TIMEOUT) == -signal.SIGTERM
     finally:
@@ -361,3 +361,29 @@ def test_on_a_terminal_ctrl_z_and_ctrl_c_behave_as_without_tokenwatch(
         assert term.event() == {"exited": 7}
     finally:
         term.close()
+
+
+def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServeProcess) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwatch", "run", "--name", "looper", "--", *py(
+            "import os, time; print(os.getpid(), flush=True); time.sleep(600)"
+        )],
+        env=supervisor.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        agent_pid = int(proc.stdout.readline())
+        assert status_of(supervisor, "looper")["agent"]["pid"] == agent_pid
+        assert tokenwatch(supervisor, "pause", "looper").returncode == 0
+        assert state_soon(agent_pid, "T") == "T"
+        assert state(proc.pid) != "T", "tokenwatch run itself is not part of the agent's tree"
+        assert tokenwatch(supervisor, "kill", "looper").returncode == 0
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.startswith("tokenwatch: looper exited 143 (SIGTERM) · 0 tokens")
+    assert "paused by cli" in err
