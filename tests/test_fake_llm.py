@@ -702,3 +702,26 @@ async def test_forcing_an_unknown_tool_is_400(
             tools=CHAT_TOOLS,
             tool_choice={"type": "function", "function": {"name": "launch_rockets"}},
         )
+
+
+async def test_stopping_does_not_wait_for_a_slow_request() -> None:
+    body = json.dumps({"model": "gpt-4o", "messages": HELLO}).encode()
+    headers = {"Authorization": f"Bearer {API_KEY}", "x-fake-llm-fault": "slow:600000"}
+    outcome: list[str] = []
+
+    async def ask(url: str) -> None:
+        try:
+            async with aiohttp.ClientSession() as session:
+                await session.post(url, data=body, headers=headers)
+            outcome.append("answered")
+        except aiohttp.ClientError:
+            outcome.append("dropped")
+
+    # a 10-minute request in flight: stopping must drop it, not wait (aiohttp would wait 60 s)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg, running_fake_llm() as fake:
+            tg.start_soon(ask, fake.url + "/v1/chat/completions")
+            while fake.statistics()["requests"] == 0:
+                await anyio.sleep(0.01)
+    assert outcome == ["dropped"]
+    assert fake.calls == []

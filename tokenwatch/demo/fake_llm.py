@@ -47,6 +47,7 @@ __all__ = [
 log = logging.getLogger("tokenwatch.fake_llm")
 READY_LINE = re.compile(r"^fake-llm listening on (http://\S+)$")
 MAX_BODY_BYTES = 32 * 1024 * 1024
+SHUTDOWN_GRACE_S = 0.25
 
 Handler = Callable[[Exchange], Awaitable[web.StreamResponse]]
 
@@ -139,7 +140,10 @@ class FakeLLM:
         """Serve until cancelled; reports the base URL to `task_status` once listening."""
         # load the tokenizer now, in a thread, so the first request does not stall the loop
         await anyio.to_thread.run_sync(count_text, "warm up")
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # stopping cancels in-flight handlers at once: a `slow` request must not hold teardown
+        runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)
