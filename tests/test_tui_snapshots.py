@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import Input
 
 from tests.tui_fixtures import (
     row_names,
@@ -61,6 +62,8 @@ def ready(
         app.main.table.move_cursor(row=row_names(app).index("coder"))
         await pilot.press(*keys)
         await wait_for(pilot, lambda: until(app), "screen complete")
+        for box in app.screen.query(Input):
+            box.cursor_blink = False  # a blinking cursor would make the picture depend on timing
         await pilot.pause()
 
     return run_before

@@ -137,7 +137,7 @@ async def wait_for(pilot: Pilot[Any], check: Callable[[], bool], what: str) -> N
 
 
 def row_names(app: TokenwatchApp) -> list[str]:
-    return [str(row.key.value) for row in app.main.table.ordered_rows]
+    return app.main.table.agent_names()
 
 
 def notifications(app: TokenwatchApp) -> list[str]:

@@ -72,8 +72,8 @@ class TokenwatchApp(App[None]):
         address: str = "",
         launchable: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
-        min_refresh: float = 0.25,
-        max_rows: int = 200,
+        min_refresh: float = 0.5,
+        max_rows: int = 100,
     ) -> None:
         super().__init__()
         self.source = source
@@ -89,11 +89,12 @@ class TokenwatchApp(App[None]):
         self.received = 0
         self._pending: Snapshot | None = None
         self._last_apply = float("-inf")
+        self._main = MainScreen(address=address, max_rows=max_rows, clock=clock)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     def on_mount(self) -> None:
-        self.push_screen(MainScreen(address=self.address, max_rows=self.max_rows, clock=self.clock))
+        self.push_screen(self._main)
         self.run_worker(self._pump(), name="feed", exit_on_error=False)
         self.set_interval(1.0, self._tick)
 
@@ -109,12 +110,8 @@ class TokenwatchApp(App[None]):
 
     @property
     def main(self) -> MainScreen:
-        screen = self.get_screen_stack_bottom()
-        assert isinstance(screen, MainScreen)
-        return screen
-
-    def get_screen_stack_bottom(self) -> Screen[Any]:
-        return self.screen_stack[1] if len(self.screen_stack) > 1 else self.screen
+        """The main screen (kept after exit, so figures can still be read)."""
+        return self._main
 
     # ---- state -------------------------------------------------------------------------
 
@@ -264,8 +261,8 @@ def build_app(
     address: str = "",
     launchable: Sequence[str] = (),
     clock: Callable[[], float] = time.time,
-    min_refresh: float = 0.25,
-    max_rows: int = 200,
+    min_refresh: float = 0.5,
+    max_rows: int = 100,
 ) -> TokenwatchApp:
     """The dashboard over any source; the CLI, the tests and the benchmark all build it here."""
     return TokenwatchApp(

@@ -199,8 +199,9 @@ class MainScreen(Screen[None]):
     @on(DataTable.RowSelected)
     def _row_chosen(self, event: DataTable.RowSelected) -> None:
         event.stop()
-        if event.row_key.value is not None:
-            self.tw.open_detail(str(event.row_key.value))
+        name = self.table.selected_name
+        if name:
+            self.tw.open_detail(name)
 
     @on(DataTable.HeaderSelected)
     def _header_chosen(self, event: DataTable.HeaderSelected) -> None:

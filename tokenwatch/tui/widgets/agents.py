@@ -1,4 +1,4 @@
-"""The agents table: one row per agent, updated cell by cell by row key, sorted and filtered."""
+"""The agents table: the top agents in row slots, updated cell by cell, sorted and filtered."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
-from textual.coordinate import Coordinate
 from textual.widgets import DataTable
 
 from tokenwatch.core.models import AgentView
@@ -87,7 +86,9 @@ class AgentsTable(DataTable[Cell]):
         self.cell_updates = 0
         """Cells rewritten so far: how much work the diffing saved is visible in the benchmark."""
         self._views: dict[str, AgentView] = {}
-        self._plain: dict[str, tuple[str, ...]] = {}
+        self._slots: list[str] = []
+        """Agent shown in each row slot, top to bottom (rows are keyed `slot-N`)."""
+        self._plain: list[tuple[str, ...]] = []
         self._columns: tuple[Column, ...] = ()
         self.hidden_rows = 0
         """Agents that passed the filter but did not fit under `max_rows`."""
@@ -97,10 +98,9 @@ class AgentsTable(DataTable[Cell]):
 
     @property
     def selected_name(self) -> str | None:
-        if self.row_count == 0:
-            return None
-        key = self.coordinate_to_cell_key(Coordinate(self.cursor_row, 0)).row_key
-        return str(key.value)
+        if 0 <= self.cursor_row < len(self._slots):
+            return self._slots[self.cursor_row]
+        return None
 
     def view_of(self, name: str) -> AgentView | None:
         return self._views.get(name)
@@ -114,6 +114,7 @@ class AgentsTable(DataTable[Cell]):
         selected = self.selected_name
         self.clear(columns=True)
         self._plain.clear()
+        self._slots.clear()
         for col in self._columns:
             self.add_column(col.label, key=col.key, width=col.width)
         self._sync(selected)
@@ -157,34 +158,39 @@ class AgentsTable(DataTable[Cell]):
         return chosen[: self.max_rows]
 
     def _sync(self, selected: str | None) -> None:
+        """Write the chosen agents into row slots in order; only cells whose text changed are
+        touched, so re-sorting or a new top-N never removes and re-adds rows."""
         if not self._columns:
             return
         chosen = self._visible()
-        wanted = [v.agent.name for v in chosen]
-        keep = set(wanted)
-        for name in [n for n in self._plain if n not in keep]:
-            self.remove_row(name)
-            del self._plain[name]
-        for view in chosen:
-            self._write_row(view)
-        current = [str(row.key.value) for row in self.ordered_rows]
-        if current != wanted:
-            rank = {name: i for i, name in enumerate(wanted)}
-            self.sort("name", key=lambda name: rank[str(name)])
-        if selected in keep:
-            self.move_cursor(row=self.get_row_index(selected), animate=False)
+        while len(self._slots) < len(chosen):
+            slot = len(self._slots)
+            self.add_row(*([""] * len(self._columns)), key=f"slot-{slot}")
+            self._slots.append("")
+            self._plain.append(("",) * len(self._columns))
+        while len(self._slots) > len(chosen):
+            self.remove_row(f"slot-{len(self._slots) - 1}")
+            self._slots.pop()
+            self._plain.pop()
+        for slot, view in enumerate(chosen):
+            self._write_slot(slot, view)
+        if selected in self._slots and self._slots[self.cursor_row] != selected:
+            self.move_cursor(row=self._slots.index(selected), animate=False)
 
-    def _write_row(self, view: AgentView) -> None:
-        name = view.agent.name
+    def _write_slot(self, slot: int, view: AgentView) -> None:
+        self._slots[slot] = view.agent.name
         cells = [col.cell(view) for col in self._columns]
         plain = tuple(c.plain if isinstance(c, Text) else c for c in cells)
-        old = self._plain.get(name)
-        self._plain[name] = plain
-        if old is None:
-            self.add_row(*cells, key=name)
-            self.cell_updates += len(cells)
+        old = self._plain[slot]
+        if plain == old:
             return
+        self._plain[slot] = plain
+        key = f"slot-{slot}"
         for col, cell, before, after in zip(self._columns, cells, old, plain, strict=True):
             if before != after:
-                self.update_cell(name, col.key, cell)
+                self.update_cell(key, col.key, cell)
                 self.cell_updates += 1
+
+    def agent_names(self) -> list[str]:
+        """The agents shown, top to bottom."""
+        return list(self._slots)
