@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from tokenwatch.paths import Paths
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0
+RUNNING_STATES = frozenset({"R", "S", "D"})
+"""/proc states of a process that is not stopped."""
 
 
 def quiet_config(**fields: Any) -> Config:
@@ -235,7 +237,7 @@ def state_of(pid: int) -> str:
         return "gone"
 
 
-async def wait_states(pids: list[int], want: set[str], timeout: float = TIMEOUT) -> dict[int, str]:
+async def wait_states(pids: list[int], want: Set[str], timeout: float = TIMEOUT) -> dict[int, str]:
     """Poll /proc until every pid is in one of `want` (a signal is delivered asynchronously)."""
     with anyio.fail_after(timeout):
         while True:
@@ -243,6 +245,18 @@ async def wait_states(pids: list[int], want: set[str], timeout: float = TIMEOUT)
             if all(s in want for s in states.values()):
                 return states
             await anyio.sleep(0.01)
+
+
+def wait_for_states(pids: list[int], want: Set[str], timeout: float = TIMEOUT) -> dict[int, str]:
+    """wait_states for synchronous tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {p: state_of(p) for p in pids}
+        if all(s in want for s in states.values()):
+            return states
+        if time.monotonic() > deadline:
+            raise AssertionError(f"states {states}, wanted {sorted(want)}")
+        time.sleep(0.01)
 
 
 def kill_tree(pids: list[int]) -> None:

@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from tests.supervisor_fixtures import (
+    RUNNING_STATES,
     ServeProcess,
     descendants,
     kill_tree,
@@ -37,8 +38,6 @@ from tokenwatch.core.store import Store
 from tokenwatch.paths import Paths
 
 pytestmark = pytest.mark.anyio
-
-RUNNING = {"R", "S", "D"}
 
 
 def alive(pid: int) -> bool:
@@ -125,7 +124,7 @@ async def test_sigterm_resumes_paused_agents_and_flushes_the_ledger() -> None:
                 await client.request("hello", name="reporter")
                 await client.request("usage", event=usage_event("", "before-exit"))
             code = stop_serve(sp)
-        after = await wait_states(pids, RUNNING)
+        after = await wait_states(pids, RUNNING_STATES)
         with sqlite3.connect(sp.paths.db) as db:
             stored = [r[0] for r in db.execute("SELECT call_id FROM events")]
     finally:
@@ -134,7 +133,7 @@ async def test_sigterm_resumes_paused_agents_and_flushes_the_ledger() -> None:
     assert len(pids) == 3
     assert set(stopped.values()) == {"T"}
     assert code == 0
-    assert set(after.values()) <= RUNNING
+    assert set(after.values()) <= RUNNING_STATES
     assert stored == ["before-exit"]
 
 
@@ -151,7 +150,7 @@ async def test_a_sigkilled_supervisor_leaves_no_agent_stopped() -> None:
             still_stopped = {p: state_of(p) for p in pids}
         # the next client brings up a new supervisor, which continues the agent at once
         async with await SupervisorClient.connect(sp.paths, start=True, timeout=30) as client:
-            resumed = await wait_states(pids, RUNNING)
+            resumed = await wait_states(pids, RUNNING_STATES)
             status = await client.request("status")
             adopted = await client.request("adopt", agent="victim", decision="kill")
             await client.request("shutdown")
@@ -161,7 +160,7 @@ async def test_a_sigkilled_supervisor_leaves_no_agent_stopped() -> None:
         kill_tree(pids)
         tree.wait()
     assert set(still_stopped.values()) == {"T"}, "SIGKILL gave the old supervisor no say"
-    assert set(resumed.values()) <= RUNNING
+    assert set(resumed.values()) <= RUNNING_STATES
     victim = next(a for a in status["agents"] if a["agent"]["name"] == "victim")
     assert victim["agent"]["state"] == "detached"
     assert adopted["kind"] == "kill"

@@ -111,10 +111,10 @@ class Outbox:
     """What the server still has to write to one peer: replies (never dropped), pushes (bounded,
     oldest dropped first) and the latest snapshot (coalesced: a newer one replaces it)."""
 
-    def __init__(self, max_pushes: int = MAX_PUSHES) -> None:
+    def __init__(self, max_pushes: int | None = None) -> None:
         self._replies: list[bytes] = []
         self._pushes: deque[bytes] = deque()
-        self._max_pushes = max_pushes
+        self._max_pushes = max_pushes or MAX_PUSHES
         self._snapshot: bytes | None = None
         self._wakeup = anyio.Event()
         self._room = anyio.Event()

@@ -1,0 +1,203 @@
+"""The control commands as a user runs them: real `tokenwatch` processes against a real supervisor
+controlling real process trees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.supervisor_fixtures import (
+    RUNNING_STATES,
+    ServeProcess,
+    descendants,
+    kill_tree,
+    start_tree,
+    state_of,
+    supervisor_process,
+    tokenwatch_env,
+    wait_for_states,
+)
+from tokenwatch.client.control import SupervisorClient
+
+
+@pytest.fixture(scope="module")
+def supervisor() -> Iterator[ServeProcess]:
+    home = Path(tempfile.mkdtemp(prefix="twc-"))
+    try:
+        with supervisor_process(tokenwatch_env(home)) as sp:
+            yield sp
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def tw(sp: ServeProcess | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = sp.env if sp is not None else tokenwatch_env()
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwatch", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def request(sp: ServeProcess, kind: str, **fields: object) -> Any:
+    async def go() -> Any:
+        async with await SupervisorClient.connect(sp.paths, start=False) as client:
+            return await client.request(kind, **fields)
+
+    return anyio.run(go)
+
+
+def attach(sp: ServeProcess, pid: int, name: str) -> None:
+    request(sp, "attach", pid=pid, name=name)
+
+
+def agent_row(sp: ServeProcess, name: str) -> dict[str, object]:
+    status = json.loads(tw(sp, "status", "--json").stdout)
+    row: dict[str, object] = next(
+        a["agent"] for a in status["agents"] if a["agent"]["name"] == name
+    )
+    return row
+
+
+@pytest.mark.slow
+def test_pause_resume_kill_a_real_process_tree(supervisor: ServeProcess) -> None:
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        attach(supervisor, tree.pid, "tree")
+        paused = tw(supervisor, "pause", "tree", "--why", "testing")
+        stopped = wait_for_states(pids, {"T"})
+        state_paused = agent_row(supervisor, "tree")["state"]
+        resumed = tw(supervisor, "resume", "tree")
+        running = wait_for_states(pids, RUNNING_STATES)
+        request(supervisor, "pause", agent="tree")
+        wait_for_states(pids, {"T"})
+        killed = tw(supervisor, "kill", "tree")
+        tree.wait(30)
+        gone = wait_for_states(pids, {"gone", "Z"})
+        state_killed = agent_row(supervisor, "tree")["state"]
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert len(pids) == 3, "the root, its child and a setsid grandchild"
+    assert paused.returncode == 0
+    assert paused.stdout.startswith("tree paused (3 processes)")
+    assert set(stopped.values()) == {"T"}
+    assert state_paused == "paused"
+    assert resumed.returncode == 0
+    assert set(running.values()) <= RUNNING_STATES
+    assert killed.returncode == 0
+    assert killed.stdout.startswith("tree killed")
+    assert set(gone.values()) <= {"gone", "Z"}
+    assert state_killed == "exited"
+
+
+@pytest.mark.slow
+def test_pause_all_spares_critical_agents(supervisor: ServeProcess) -> None:
+    plain, critical = start_tree(), start_tree()
+    plain_pids, critical_pids = descendants(plain.pid), descendants(critical.pid)
+    try:
+        attach(supervisor, plain.pid, "plain")
+        keeper = request(supervisor, "register", name="keeper", critical=True)
+        request(supervisor, "started", name=keeper["name"], pid=critical.pid)
+        done = tw(supervisor, "pause", "--all")
+        wait_for_states(plain_pids, {"T"})
+        critical_states = {p: state_of(p) for p in critical_pids}
+        request(supervisor, "kill", agent="plain")
+        request(supervisor, "kill", agent=keeper["name"])
+    finally:
+        kill_tree(plain_pids + critical_pids)
+        plain.wait()
+        critical.wait()
+    assert done.returncode == 0
+    assert "plain paused" in done.stdout
+    assert "keeper" not in done.stdout
+    assert set(critical_states.values()) <= RUNNING_STATES
+
+
+@pytest.mark.slow
+def test_throttle_by_rate_and_by_duty_cycle(supervisor: ServeProcess) -> None:
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        attach(supervisor, tree.pid, "slowpoke")
+        by_rate = tw(supervisor, "throttle", "slowpoke", "20k/min")
+        rate_row = agent_row(supervisor, "slowpoke")
+        by_share = tw(supervisor, "throttle", "slowpoke", "10%")
+        cycled = wait_for_states(pids, {"T"})  # stopped 90% of each second
+        off = tw(supervisor, "throttle", "slowpoke", "off")
+        after = wait_for_states(pids, RUNNING_STATES)
+        off_row = agent_row(supervisor, "slowpoke")
+        bad = tw(supervisor, "throttle", "slowpoke", "fast please")
+        request(supervisor, "kill", agent="slowpoke")
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert by_rate.returncode == 0
+    assert (rate_row["state"], rate_row["throttle"]) == ("throttled", "20k/min")
+    assert by_share.returncode == 0
+    assert set(cycled.values()) == {"T"}
+    assert off.returncode == 0
+    assert set(after.values()) <= RUNNING_STATES
+    assert (off_row["state"], off_row["throttle"]) == ("running", "")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("tokenwatch: not a rate")
+
+
+@pytest.mark.slow
+def test_env_prints_what_a_process_needs_to_report_and_use_the_proxy(
+    supervisor: ServeProcess,
+) -> None:
+    done = tw(supervisor, "env", "outsider")
+    script = done.stdout + 'echo "$TOKENWATCH_AGENT|$TOKENWATCH_SOCKET|$OPENAI_BASE_URL"\n'
+    seen = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    agent, sock, base = seen.stdout.strip().split("|")
+    assert done.returncode == 0
+    assert agent == "outsider"
+    assert sock == str(supervisor.paths.socket)
+    assert base.startswith("http://127.0.0.1:")
+    assert base.endswith("/v1")
+
+
+@pytest.mark.slow
+def test_status_json_lists_agents_with_state_and_figures(supervisor: ServeProcess) -> None:
+    tw(supervisor, "env", "listed")
+    status = json.loads(tw(supervisor, "status", "--json").stdout)
+    row = next(a for a in status["agents"] if a["agent"]["name"] == "listed")
+    table = tw(supervisor, "status").stdout
+    assert status["supervisor"]["socket"] == str(supervisor.paths.socket)
+    assert row["agent"]["state"] == "running"
+    assert {"tokens_per_min", "usd_per_hour", "burn", "summary"} <= set(row)
+    assert any(line.split()[:2] == ["listed", "running"] for line in table.splitlines())
+
+
+@pytest.mark.slow
+def test_unknown_agent_is_one_clear_line(supervisor: ServeProcess) -> None:
+    for verb in ("pause", "kill"):
+        done = tw(supervisor, verb, "nobody-by-that-name")
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1
+        assert done.stderr.startswith("tokenwatch: no agent named 'nobody-by-that-name'")
+
+
+def test_no_supervisor_is_one_clear_line() -> None:
+    for args in (
+        ("pause", "x"),
+        ("resume", "x"),
+        ("kill", "x"),
+        ("throttle", "x", "50%"),
+        ("stop",),
+    ):
+        done = tw(None, *args)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1
+        assert done.stderr.startswith("tokenwatch: no supervisor is running")
