@@ -285,3 +285,37 @@ async def test_a_spawned_agent_has_its_own_session(short_tmp: Path) -> None:
 def test_spawn_of_a_missing_command_raises_oserror() -> None:
     with pytest.raises(OSError):
         spawn(["/nonexistent/agent"], env=dict(os.environ))
+
+
+async def test_waiting_on_an_attached_process_ends_when_it_exits() -> None:
+    sleeper = start_sleeper()
+    try:
+        with ProcessHandle.attach(sleeper.pid) as handle:
+            sleeper.terminate()
+            with anyio.fail_after(30):
+                assert await handle.wait_exit() is None  # not our child: no exit code to read
+            assert not handle.alive()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+ODD_NAME = "x) S 1 (y"
+
+
+def test_a_process_name_with_parentheses_does_not_confuse_the_parser() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         f"open('/proc/self/comm', 'w').write({ODD_NAME!r}); print(flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == ODD_NAME
+        info = process_info(proc.pid)
+        assert (info.ppid, info.sid, info.uid) == (os.getpid(), proc.pid, os.getuid())
+        assert info.state in ("R", "S")  # the fields after the name are read from the right place
+    finally:
+        proc.kill()
+        proc.wait()

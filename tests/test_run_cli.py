@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.process_fixtures import Terminal, start_as_nobody, state, state_soon
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
@@ -387,3 +390,9 @@ def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServePr
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.startswith("tokenwatch: looper exited 143 (SIGTERM) · 0 tokens")
     assert "paused by cli" in err
+
+
+@settings(max_examples=200)
+@given(st.lists(st.text(min_size=0, max_size=30), min_size=1, max_size=6))
+def test_a_default_name_is_always_a_valid_agent_name(command: list[str]) -> None:
+    assert re.fullmatch(r"[A-Za-z0-9._@:+-]{1,64}", default_name(command))
