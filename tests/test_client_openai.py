@@ -466,3 +466,25 @@ async def test_api_key_and_prompt_never_leave_the_process(
     for text in (wire, logged):
         assert secret not in text
         assert "nightingale" not in text
+
+
+async def test_cut_stream_is_recorded_estimated(
+    aclient: openai.AsyncOpenAI, fake: FakeLLM, sup: FakeSupervisor
+) -> None:
+    stream = await aclient.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-llm-fault": "cut:3"},
+    )
+
+    async def read_all() -> list[Any]:
+        return [chunk async for chunk in stream]
+
+    with pytest.raises(openai.APIError):
+        await read_all()
+    event = await one_event(sup)
+    assert (event["status"], event["estimated"]) == ("error", True)
+    assert event["input_tokens"] > 0
+    assert event["output_tokens"] > 0

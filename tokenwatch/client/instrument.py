@@ -382,6 +382,19 @@ class StreamWatch:
         except Exception:
             log.debug("tokenwatch: unreadable stream item", exc_info=True)
 
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """Around the agent's reading: the call ends ok, in error, or cancelled (closed early)."""
+        status = Status.CANCELLED
+        try:
+            yield
+            status = Status.OK
+        except Exception:
+            status = Status.ERROR
+            raise
+        finally:
+            self.end(status)
+
     def end(self, status: Status) -> None:
         reading = self.reading
         self.call.finish(
@@ -405,17 +418,10 @@ def _watch_sync(stream: Any, watch: StreamWatch) -> None:
     inner: Iterator[Any] = stream._iterator
 
     def watched() -> Iterator[Any]:
-        status = Status.CANCELLED
-        try:
+        with watch.following():
             for item in inner:
                 watch.see(item)
                 yield item
-            status = Status.OK
-        except Exception:
-            status = Status.ERROR
-            raise
-        finally:
-            watch.end(status)
 
     original_close = stream.close
 
@@ -431,17 +437,10 @@ def _watch_async(stream: Any, watch: StreamWatch) -> None:
     inner: AsyncIterator[Any] = stream._iterator
 
     async def watched() -> AsyncIterator[Any]:
-        status = Status.CANCELLED
-        try:
+        with watch.following():
             async for item in inner:
                 watch.see(item)
                 yield item
-            status = Status.OK
-        except Exception:
-            status = Status.ERROR
-            raise
-        finally:
-            watch.end(status)
 
     original_close = stream.close
 
