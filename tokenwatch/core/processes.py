@@ -141,7 +141,7 @@ def process_info(pid: int) -> ProcessInfo:
 def _check_permitted(st: _Stat, uid: int) -> None:
     """Refuse what no one should stop: another user's process, init, kernel threads."""
     pid = st.pid
-    if pid == 1 or st.flags & _PF_KTHREAD or st.ppid == 2:
+    if pid == 1 or st.flags & _PF_KTHREAD:
         raise NotPermitted(f"pid {pid} is init or a kernel thread: tokenwatch leaves it alone")
     if uid != os.getuid():
         raise NotPermitted(f"pid {pid} belongs to another user (uid {uid}), not to you")
@@ -297,7 +297,7 @@ class ProcessHandle:
         while frontier:
             parent = frontier.pop()
             for st in children.get(parent.pid, ()):
-                if st.pid in found or st.pid == me or st.pgid == my_group:
+                if st.pid in found or st.pid == me or st.pgid == my_group or st.state in "ZX":
                     continue
                 member = self._members.get(st.pid)
                 if member is None or member.start_time != st.start_time:
