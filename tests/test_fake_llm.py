@@ -491,6 +491,9 @@ async def test_missing_api_key_is_401_in_each_providers_shape(fake_llm: FakeLLM)
     assert status == 401
     assert anthropic_err["type"] == "error"
     assert anthropic_err["error"]["type"] == "authentication_error"
+    # like the real APIs, the key is checked before the body is even read
+    status, _ = await raw_post(fake_llm, "/v1/chat/completions", b"{not json", {})
+    assert status == 401
 
 
 async def test_bad_requests_are_400_and_say_why(fake_llm: FakeLLM) -> None:
@@ -506,6 +509,7 @@ async def test_bad_requests_are_400_and_say_why(fake_llm: FakeLLM) -> None:
     status, err = await raw_post(fake_llm, "/v1/chat/completions", no_messages, bad_fault)
     assert status == 400
     assert "x-fake-llm-fault" in err["error"]["message"]
+    assert [c.status for c in fake_llm.calls] == [400, 400, 400]
 
 
 async def test_anthropic_requires_max_tokens(fake_llm: FakeLLM) -> None:

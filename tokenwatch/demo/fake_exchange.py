@@ -104,7 +104,11 @@ class Settings:
 
 
 class BadRequest(Exception):
-    """The request is malformed; answered with 400 in the provider's error shape."""
+    """The request is refused: answered with `status` (400 unless said) in the provider's shape."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StreamCut(Exception):
@@ -126,26 +130,27 @@ class Exchange:
     """A request in flight: parsed body, fault plan, and the writers that honour them."""
 
     def __init__(
-        self,
-        request: web.Request,
-        body: dict[str, Any],
-        settings: Settings,
-        fault: Fault,
-        cache: PromptCache,
-        request_id: str,
+        self, request: web.Request, settings: Settings, cache: PromptCache, request_id: str
     ) -> None:
         self.request = request
-        self.body = body
         self.settings = settings
-        self.fault = fault
         self.cache = cache
         self.request_id = request_id
+        self.body: dict[str, Any] = {}
+        self.fault = Fault()
         self.usage = Usage()
-        self.model = str(body.get("model", ""))
-        self.stream = bool(body.get("stream", False))
+        self.model = ""
+        self.stream = False
         self.created = int(time.time())
         self._chunks = 0
         self._response: web.StreamResponse | None = None
+
+    def take(self, body: dict[str, Any], fault: Fault) -> None:
+        """Adopt the parsed request body and the fault planned for it."""
+        self.body = body
+        self.fault = fault
+        self.model = str(body.get("model", ""))
+        self.stream = bool(body.get("stream", False))
 
     def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
         """The body field `key`, which must be present and of `kind`, else a 400."""

@@ -168,47 +168,57 @@ class FakeLLM:
     ) -> web.StreamResponse:
         self._requests += 1
         started = time.monotonic()
-        rid = provider.request_id()
+        ex = Exchange(request, self.settings, self.cache, provider.request_id())
         billed = endpoint != "/v1/messages/count_tokens"
         try:
+            if not _authorised(request):
+                raise BadRequest(_MESSAGES[401], 401)
             body = await self._body(request)
-            fault = self._plan(request, body)
-        except BadRequest as exc:
-            return self._error(provider, rid, 400, str(exc))
-        ex = Exchange(request, body, self.settings, fault, self.cache, rid)
-        if not _authorised(request):
-            return self._fail(ex, provider, endpoint, 401, billed)
-        delay = self.settings.latency_ms + fault.delay_ms
-        if delay:
-            await anyio.sleep(delay / 1000)
-        if fault.status:
-            return self._fail(ex, provider, endpoint, fault.status, billed)
-        try:
+            ex.take(body, self._plan(request, body))
+            delay = self.settings.latency_ms + ex.fault.delay_ms
+            if delay:
+                await anyio.sleep(delay / 1000)
+            if ex.fault.status:
+                raise BadRequest(_MESSAGES.get(ex.fault.status, "error"), ex.fault.status)
             response = await handler(ex)
-        except BadRequest as exc:
-            return self._fail(ex, provider, endpoint, 400, billed, str(exc))
+        except BadRequest as refused:
+            self._record(ex, endpoint, refused.status, billed, started)
+            return self._error(provider, ex.request_id, refused.status, str(refused))
         except StreamCut as cut:
-            if billed:
-                self.calls.append(dataclasses.replace(ex.counted(endpoint, 200), complete=False))
-            why = "client hung up" if isinstance(cut, ClientGone) else "cut on purpose"
-            log.info("%s %s %s (request %s)", request.method, endpoint, why, rid)
+            self._record(ex, endpoint, 200, billed, started, cut)
             raise asyncio_cancelled() from None
+        self._record(ex, endpoint, response.status, billed, started)
+        return response
+
+    def _record(
+        self,
+        ex: Exchange,
+        endpoint: str,
+        status: int,
+        billed: bool,
+        started: float,
+        cut: StreamCut | None = None,
+    ) -> None:
+        """Add the call to `calls` (if billed) and log it, never with its headers."""
+        call = ex.counted(endpoint, status)
+        if cut is not None:
+            call.complete = False
         if billed:
-            self.calls.append(ex.counted(endpoint, response.status))
-        u = ex.usage
+            self.calls.append(call)
+        how = "" if cut is None else " client hung up" if isinstance(cut, ClientGone) else " cut"
         log.info(
-            "%s %s %s model=%s stream=%s in=%d out=%d cached=%d %.0fms",
-            request.method,
+            "%s %s %s%s model=%s stream=%s in=%d out=%d cached=%d %.0fms",
+            ex.request.method,
             endpoint,
-            response.status,
+            status,
+            how,
             ex.model,
             ex.stream,
-            u.input_tokens,
-            u.output_tokens,
-            u.cache_read_tokens,
+            call.input_tokens,
+            call.output_tokens,
+            call.cache_read_tokens,
             (time.monotonic() - started) * 1000,
         )
-        return response
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -235,22 +245,6 @@ class FakeLLM:
             if s.cut_every and self._streams % s.cut_every == 0:
                 return Fault(cut_after=s.cut_after)
         return Fault()
-
-    def _fail(
-        self,
-        ex: Exchange,
-        provider: _Provider,
-        endpoint: str,
-        status: int,
-        billed: bool,
-        message: str = "",
-    ) -> web.Response:
-        if billed:
-            self.calls.append(ex.counted(endpoint, status))
-        log.info("%s %s %s model=%s", ex.request.method, endpoint, status, ex.model)
-        return self._error(
-            provider, ex.request_id, status, message or _MESSAGES.get(status, "error")
-        )
 
     def _error(self, provider: _Provider, rid: str, status: int, message: str) -> web.Response:
         headers = {"x-request-id" if provider is OPENAI else "request-id": rid}
