@@ -396,3 +396,26 @@ def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServePr
 @given(st.lists(st.text(min_size=0, max_size=30), min_size=1, max_size=6))
 def test_a_default_name_is_always_a_valid_agent_name(command: list[str]) -> None:
     assert re.fullmatch(r"[A-Za-z0-9._@:+-]{1,64}", default_name(command))
+
+
+POST_CHAT = """
+import json, os, urllib.error, urllib.request
+body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+request = urllib.request.Request(
+    os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=body.encode(),
+    headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+try:
+    urllib.request.urlopen(request, timeout=30)
+    print("sent")
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def test_a_run_budget_refuses_calls_that_would_exceed_it(supervisor: ServeProcess) -> None:
+    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30", "--",
+                     *py(POST_CHAT))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    status, _, body = out.stdout.partition(" ")
+    assert status == "429"
+    assert "run:frugal" in body
