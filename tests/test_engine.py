@@ -1,0 +1,262 @@
+"""The engine as the proxy and SDK see it: holds, refusals, settling, store outages, signals acted on,
+duplicates, snapshots. Real ledger; budgets and rules scripted behind their protocols."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tokenwatch.config import SupervisorSettings
+from tokenwatch.core.admission import Admission, CallRequest, Refusal, Reservation, Signal
+from tokenwatch.core.engine import Engine
+from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
+from tokenwatch.core.standins import NoBudgets, NoPrices, NoRules
+from tokenwatch.core.store import Store, StoreUnavailable
+
+pytestmark = pytest.mark.anyio
+
+
+class ScriptedRules(NoRules):
+    """Fires `signal_for(event)` for every event it observes."""
+
+    def __init__(self, action: str = "") -> None:
+        self.action = action
+
+    def observe(self, event: UsageEvent) -> list[Signal]:
+        if not self.action:
+            return []
+        alert = Alert(rule="runaway", agent=event.agent, message=f"{event.agent} loops")
+        return [Signal(alert=alert, action=self.action, agent=event.agent)]
+
+
+class CappedBudget(NoBudgets):
+    """One budget of `limit` tokens: reserve refuses past it; settle replaces the reservation."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.reserved = limit, 0, 0
+
+    def reserve(self, call: CallRequest, tokens: int, usd: float | None) -> Reservation | Refusal:
+        if self.used + self.reserved + tokens > self.limit:
+            return Refusal(
+                "day-cap", "day-cap: 1000 tokens a day (raise it: tokenwatch budget set)", 60.0
+            )
+        self.reserved += tokens
+        return Reservation(
+            id=f"r{self.reserved}-{tokens}", tokens=tokens, usd=0.0, budgets=("day-cap",)
+        )
+
+    def settle(self, reservation: Reservation | None, event: UsageEvent) -> list[Signal]:
+        if reservation is not None:
+            self.reserved -= reservation.tokens
+        self.used += event.total_tokens
+        return []
+
+    def release(self, reservation: Reservation) -> None:
+        self.reserved -= reservation.tokens
+
+
+class FlakyStore:
+    """A real Store whose event writes fail while `broken` is set."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.broken = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def append_many(self, events: Sequence[UsageEvent]) -> int:
+        if self.broken:
+            raise StoreUnavailable("disk full (simulated)")
+        return await self._store.append_many(events)
+
+
+@contextlib.asynccontextmanager
+async def running_engine(db: Path, **kwargs: Any) -> AsyncIterator[tuple[Engine, Store]]:
+    async with await Store.open(db) as store:
+        ledger = kwargs.pop("ledger", store)
+        engine = Engine(
+            ledger,
+            NoPrices(),
+            kwargs.pop("budgets", NoBudgets()),
+            kwargs.pop("rules", NoRules()),
+            **kwargs,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            yield engine, store
+            tg.cancel_scope.cancel()
+
+
+def call(agent: str, tokens: int = 100) -> CallRequest:
+    return CallRequest(agent=agent, provider="openai", model="gpt-4o-mini", input_tokens=tokens,
+                       max_output_tokens=tokens)  # fmt: skip
+
+
+def event(agent: str, call_id: str, tokens: int = 100) -> UsageEvent:
+    return UsageEvent(agent=agent, call_id=call_id, model="gpt-4o-mini", input_tokens=tokens,
+                      output_tokens=tokens, source="proxy")  # fmt: skip
+
+
+async def test_a_paused_agent_s_calls_wait_until_it_is_resumed(short_tmp: Path) -> None:
+    async with running_engine(short_tmp / "u.db") as (engine, _):
+        engine.register("held")
+        await engine.pause("held", who="key")
+        answers: list[Admission] = []
+
+        async def ask() -> None:
+            answers.append(await engine.admit(call("held")))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await anyio.wait_all_tasks_blocked()
+            held_while_paused = answers == []
+            await engine.resume("held", who="key")
+    assert held_while_paused
+    assert answers[0].allowed
+
+
+async def test_killing_an_agent_refuses_its_held_calls(short_tmp: Path) -> None:
+    async with running_engine(short_tmp / "u.db") as (engine, _):
+        engine.register("doomed")
+        await engine.pause("doomed", who="key")
+        answers: list[Admission] = []
+
+        async def ask() -> None:
+            answers.append(await engine.admit(call("doomed")))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await anyio.wait_all_tasks_blocked()
+            await engine.kill("doomed", who="cli")
+    assert not answers[0].allowed
+    assert answers[0].status == 429
+    assert "killed by cli" in answers[0].message
+
+
+async def test_a_budget_refusal_names_the_budget_and_when_to_retry(short_tmp: Path) -> None:
+    budget = CappedBudget(limit=1000)
+    async with running_engine(short_tmp / "u.db", budgets=budget) as (engine, store):
+        first = await engine.admit(call("spender", 400))
+        second = await engine.admit(call("spender", 400))
+        await engine.settle(first, event("spender", "c1", 100))
+        third = await engine.admit(call("spender", 400))
+        history = await store.history(agent="spender")
+    assert first.allowed
+    assert not second.allowed
+    assert (second.status, second.budget, second.retry_after) == (429, "day-cap", 60.0)
+    assert "tokenwatch budget set" in second.message
+    assert third.allowed, "settling gave back what the first call did not use"
+    assert [h.event.call_id for h in history] == ["c1"]
+
+
+async def test_store_outage_refuses_calls_but_loses_no_settled_usage(short_tmp: Path) -> None:
+    async with await Store.open(short_tmp / "u.db") as real:
+        flaky = FlakyStore(real)
+        async with running_engine(short_tmp / "other.db", ledger=flaky) as (engine, _):
+            ok = await engine.admit(call("a"))
+            flaky.broken = True
+            await engine.settle(ok, event("a", "kept"))  # returns: the proxy keeps serving
+            refused = await engine.admit(call("a"))
+            engine.settings = SupervisorSettings(fail_open=True)
+            let_through = await engine.admit(call("a"))
+            flaky.broken = False
+            with anyio.fail_after(30):
+                while engine.statistics().pending_store:
+                    await anyio.sleep(0.01)
+            back = await engine.admit(call("a"))
+            stored = [h.event.call_id for h in await real.history()]
+    assert refused.status == 503
+    assert "fail_open" in refused.message
+    assert let_through.allowed
+    assert back.allowed
+    assert stored == ["kept"]
+
+
+async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None:
+    budget = CappedBudget(limit=10_000)
+    async with running_engine(short_tmp / "u.db", budgets=budget) as (engine, store):
+        admission = await engine.admit(call("twice"))
+        await engine.settle(admission, event("twice", "same-id"))
+        await engine.ingest([event("twice", "same-id")])  # the SDK saw it too
+        rec = engine.roster.find("twice")
+        stored = await store.history(agent="twice")
+    assert rec.requests == 1
+    assert budget.used == 200
+    assert budget.reserved == 0
+    assert len(stored) == 1
+
+
+async def test_a_rule_s_pause_is_done_recorded_and_published(short_tmp: Path) -> None:
+    published: list[tuple[str, Any]] = []
+    async with running_engine(short_tmp / "u.db", rules=ScriptedRules("pause")) as (engine, store):
+        engine.add_listener(lambda kind, obj: published.append((kind, obj)))
+        engine.register("looper")
+        await engine.ingest([event("looper", "l1")])
+        with anyio.fail_after(30):
+            while not any(kind == "action" for kind, _ in published):
+                await anyio.sleep(0.01)
+        actions = await store.list_actions(agent="looper")
+        alerts = await store.list_alerts()
+    kinds = [k for k, _ in published]
+    assert [(a.kind, a.who, a.why) for a in actions] == [("pause", "rule:runaway", "looper loops")]
+    assert [a.message for a in alerts] == ["looper loops"]
+    assert kinds.index("usage") < kinds.index("alert") < kinds.index("action")
+    assert any(k == "agent" and isinstance(o, Agent) and o.state == "paused" for k, o in published)
+
+
+async def test_a_critical_agent_is_only_alerted_on(short_tmp: Path) -> None:
+    async with running_engine(short_tmp / "u.db", rules=ScriptedRules("kill")) as (engine, store):
+        engine.register("prod", critical=True)
+        await engine.ingest([event("prod", "p1")])
+        with anyio.fail_after(30):
+            while not (alerts := await store.list_alerts()):
+                await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
+        actions = await store.list_actions(agent="prod")
+        state = engine.roster.find("prod").agent.state
+    assert [a.agent for a in alerts] == ["prod"]
+    assert actions == []
+    assert state == "running"
+
+
+async def test_a_throttled_sdk_agent_is_told_how_long_to_wait(short_tmp: Path) -> None:
+    async with running_engine(short_tmp / "u.db") as (engine, _):
+        engine.register("sdk")
+        action = await engine.throttle("sdk", "600/min", who="cli")  # 10 tokens/s, 600 burst
+        _, first_wait = engine.admit_nowait(call("sdk", 600))
+        await anyio.wait_all_tasks_blocked()
+        _, second_wait = engine.admit_nowait(call("sdk", 300))
+        state = engine.roster.find("sdk").agent
+    assert isinstance(action, Action)
+    assert (state.state, state.throttle) == ("throttled", "600/min")
+    assert first_wait == 0
+    assert second_wait == pytest.approx(30, rel=0.05), "300 tokens at 10 tokens/s"
+
+
+async def test_snapshot_adds_up_what_was_recorded(short_tmp: Path) -> None:
+    async with running_engine(short_tmp / "u.db") as (engine, _):
+        engine.register("a")
+        engine.register("b")
+        await engine.ingest([event("a", "a1", 100), event("a", "a2", 100), event("b", "b1", 50)])
+        snap = engine.snapshot()
+    rows = {v.agent.name: v for v in snap.agents}
+    assert snap.tokens_per_min == 500
+    assert rows["a"].tokens_per_min == 400
+    assert rows["a"].requests_per_min == 2
+    assert rows["b"].period_tokens == 100
+    assert sum(snap.burn) == 500
+
+
+async def test_names_stay_unique_among_live_agents(short_tmp: Path) -> None:
+    async with running_engine(short_tmp / "u.db") as (engine, _):
+        first = engine.register("coder")
+        second = engine.register("coder")
+        engine.exited(first.name, 0)
+        third = engine.register("coder")
+    assert (first.name, second.name, third.name) == ("coder", "coder-2", "coder")
