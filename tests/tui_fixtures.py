@@ -15,7 +15,15 @@ from textual.geometry import Region
 from textual.pilot import Pilot
 from textual.widget import Widget
 
-from tokenwatch.core.models import Agent, AgentView, Alert, BudgetStatus, Snapshot, UsageEvent
+from tokenwatch.core.models import (
+    Action,
+    Agent,
+    AgentView,
+    Alert,
+    BudgetStatus,
+    Snapshot,
+    UsageEvent,
+)
 from tokenwatch.core.processes import ProcessHandle, spawn
 from tokenwatch.tui.app import TokenwatchApp, build_app
 from tokenwatch.tui.source import ScriptedSource
@@ -77,8 +85,9 @@ def sample_snapshot(names: tuple[str, ...] = NAMES, pids: dict[str, int] | None 
     )
 
 
-def sample_history(agent: str, n: int = 6) -> list[dict[str, Any]]:
-    return [
+def sample_history(agent: str, n: int = 6) -> dict[str, Any]:
+    """A `history` reply as the supervisor sends it: calls newest first, actions, log tail."""
+    calls = [
         UsageEvent(
             ts=NOW - 30 * k,
             agent=agent,
@@ -94,31 +103,23 @@ def sample_history(agent: str, n: int = 6) -> list[dict[str, Any]]:
         ).to_dict()
         for k in range(n)
     ]
-
-
-def sample_report() -> list[dict[str, Any]]:
-    return [
-        {
-            "group": "researcher",
-            "requests": 120,
-            "input_tokens": 300_000,
-            "cache_read_tokens": 20_000,
-            "output_tokens": 40_000,
-            "reasoning_tokens": 0,
-            "cost_usd": 0.21,
-            "errors": 1,
-        },
-        {
-            "group": "looper",
-            "requests": 400,
-            "input_tokens": 900_000,
-            "cache_read_tokens": 0,
-            "output_tokens": 12_000,
-            "reasoning_tokens": 0,
-            "cost_usd": 0.55,
-            "errors": 0,
-        },
+    actions = [
+        Action("pause", agent, "rule:runaway", why="same prompt 4 times", ts=NOW - 50).to_dict()
     ]
+    return {"calls": calls, "actions": actions, "log": ["step 1 ok", "call failed: 429"]}
+
+
+def sample_report() -> dict[str, Any]:
+    """A `report` reply as the supervisor sends it (grouped by agent)."""
+    rows = [
+        {"agent": "looper", "requests": 400, "input_tokens": 900_000, "cache_read_tokens": 0,
+         "output_tokens": 12_000, "reasoning_tokens": 0, "cost_usd": 0.55, "tasks": 1},
+        {"agent": "researcher", "requests": 120, "input_tokens": 300_000,
+         "cache_read_tokens": 20_000, "output_tokens": 40_000, "reasoning_tokens": 0,
+         "cost_usd": 0.21, "tasks": 3},
+    ]  # fmt: skip
+    total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "agent"}
+    return {"by": "agent", "rows": rows, "total": total, "unpriced_models": []}
 
 
 def scripted_app(source: ScriptedSource, **kwargs: Any) -> TokenwatchApp:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 WINDOWS: dict[str, float] = {"1h": 3600.0, "24h": 86400.0, "7d": 7 * 86400.0}
 GROUPS = ("agent", "model", "task", "user", "provider", "day")
-_GROUP_KEYS = ("group", "key", "name")
+_GROUP_KEYS = ("key", "group", "name")
 
 # (label, field, is_money)
 FIGURES: tuple[tuple[str, str, bool], ...] = (
@@ -30,12 +30,13 @@ FIGURES: tuple[tuple[str, str, bool], ...] = (
     ("output", "output_tokens", False),
     ("reasoning", "reasoning_tokens", False),
     ("cost", "cost_usd", True),
-    ("errors", "errors", False),
+    ("tasks", "tasks", False),
 )
 
 
-def group_name(row: dict[str, Any]) -> str:
-    for key in _GROUP_KEYS:
+def group_name(row: dict[str, Any], by: str) -> str:
+    """A report row's group: the supervisor keys it by the grouping (`{"agent": "coder", ...}`)."""
+    for key in (by, *_GROUP_KEYS):
         if row.get(key) not in (None, ""):
             return str(row[key])
     return "(none)"
@@ -102,22 +103,24 @@ class ReportScreen(Screen[None]):
         if not message.ok:
             self.query_one("#report-title", Static).update(Text(f"{title} · {message.error}"))
             return
-        rows = (
-            message.result if isinstance(message.result, list) else message.result.get("rows", [])
-        )
+        data = message.result
+        rows = data if isinstance(data, list) else data.get("rows", [])
+        total = None if isinstance(data, list) else data.get("total")
         self.query_one("#report-title", Static).update(Text(title))
-        self.show_rows(rows)
+        self.show_rows(rows, total)
 
-    def show_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+    def show_rows(
+        self, rows: Sequence[dict[str, Any]], total: dict[str, Any] | None = None
+    ) -> None:
+        """One row per group, largest first as the supervisor sent them, and the window's total."""
         table = self.query_one("#report", DataTable)
         table.clear(columns=True)
         table.add_column(self.group, key="group")
         for label, field, _ in FIGURES:
             table.add_column(label, key=field)
-        totals: dict[str, float] = {}
         for row in rows:
-            table.add_row(group_name(row), *(figure(row, f, m) for _, f, m in FIGURES))
-            for _, field, _ in FIGURES:
-                totals[field] = totals.get(field, 0.0) + float(row.get(field) or 0)
+            table.add_row(group_name(row, self.group), *(figure(row, f, m) for _, f, m in FIGURES))
+        if total is None:
+            total = {f: sum(float(r.get(f) or 0) for r in rows) for _, f, _ in FIGURES}
         if rows:
-            table.add_row("total", *(figure(totals, f, m) for _, f, m in FIGURES), key="total")
+            table.add_row("total", *(figure(total, f, m) for _, f, m in FIGURES), key="total")
