@@ -228,3 +228,51 @@ def test_identity_comes_from_the_environment() -> None:
         {"TOKENWATCH_AGENT": "coder", "TOKENWATCH_RUN_ID": "r-9", "TOKENWATCH_TASK": "t-1"}
     )
     assert (ident.name, ident.run_id, ident.task) == ("coder", "r-9", "t-1")
+
+
+async def test_many_threads_reporting_lose_nothing(short_tmp: Path) -> None:
+    path = sock(short_tmp)
+
+    def burst(n: int) -> list[str]:
+        return [
+            tokenwatch.report(model="m", input_tokens=1, output_tokens=1).call_id for _ in range(n)
+        ]
+
+    async with running_supervisor(path) as sup:
+        with installed_reporter(path) as rep:
+            sent: list[list[str]] = []
+
+            async def worker() -> None:
+                sent.append(await anyio.to_thread.run_sync(burst, 300))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(worker)
+            await sup.wait_until(lambda: len(sup.events()) == 2400)
+            await anyio.to_thread.run_sync(rep.wait_flushed, 30.0)
+    assert sorted(event_keys(sup.events())) == sorted(c for ids in sent for c in ids)
+    assert tokenwatch.usage().requests == 2400
+
+
+def report_in_forked_child(path: str) -> None:
+    tokenwatch.report(model="from-child", input_tokens=1, output_tokens=1)
+
+
+async def test_forked_child_reports_on_its_own_connection(short_tmp: Path) -> None:
+    import multiprocessing
+
+    path = sock(short_tmp)
+    async with running_supervisor(path) as sup:
+        with installed_reporter(path):
+            tokenwatch.report(model="from-parent", input_tokens=1, output_tokens=1)
+            await sup.wait_until(lambda: len(sup.events()) == 1)
+            ctx = multiprocessing.get_context("fork")
+            child = ctx.Process(target=report_in_forked_child, args=(str(path),))
+            child.start()
+            await anyio.to_thread.run_sync(child.join, 30)
+            assert child.exitcode == 0
+            await sup.wait_until(lambda: len(sup.events()) == 2)
+    by_model = {e["model"]: e["pid"] for e in sup.events()}
+    assert by_model["from-child"] == child.pid
+    assert by_model["from-parent"] != child.pid
+    assert len(sup.of_type("hello")) == 2

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
+import sys
 import threading
 
 from tokenwatch.client.reporter import Identity, Reporter, socket_path_from_env
@@ -24,14 +26,26 @@ def identity() -> Identity:
     return _identity
 
 
+_inherited_socket: str | None = None
+"""After a fork: the parent's socket path (it may have been installed, not read from the env)."""
+
+
 def reporter() -> Reporter:
     """The process's reporter, started on first use from the TOKENWATCH_* environment."""
     global _reporter
     with _lock:
         if _reporter is None:
-            _reporter = Reporter(socket_path_from_env(), identity())
+            _reporter = Reporter(_inherited_socket or socket_path_from_env(), identity())
             _reporter.start()
+            _flush_in_multiprocessing_children()
         return _reporter
+
+
+def _flush_in_multiprocessing_children() -> None:
+    # multiprocessing children end with os._exit, which skips atexit; its own exit hook runs these.
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None and mp.parent_process() is not None:
+        mp.util.Finalize(None, _flush_at_exit, exitpriority=10)
 
 
 def current_reporter() -> Reporter | None:
@@ -65,10 +79,14 @@ def _flush_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # The reporter thread does not survive fork; the child starts its own on first use.
-    global _reporter, _lock, _identity
+    # The reporter thread does not survive fork; the child starts its own on first use, to the
+    # same socket, under the same name with its own pid.
+    global _reporter, _lock, _identity, _inherited_socket
+    if _reporter is not None:
+        _inherited_socket = _reporter.socket_path
+    if _identity is not None:
+        _identity = dataclasses.replace(_identity, pid=os.getpid())
     _reporter = None
-    _identity = None
     _lock = threading.Lock()
 
 
