@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os.path
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -140,8 +140,6 @@ def _upstreams(env: dict[str, str]) -> dict[str, str]:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    import os
-
     from tokenwatch.core.foreground import ForegroundChild, Interrupted
 
     command = _command(args)
@@ -161,7 +159,7 @@ def run_run(args: argparse.Namespace) -> int:
         try:
             return _run(child, command, request, registered, args)
         except Interrupted as exc:
-            if registered and child.pid is None:
+            if registered and not child.started:
                 _forget_nowait(registered[0], exc.code)
             return exc.code
 
@@ -251,8 +249,6 @@ async def _started(client: SupervisorClient, child: ForegroundChild, name: str) 
 
 
 def _child_env(client: SupervisorClient, name: str, reply: dict[str, Any]) -> dict[str, str]:
-    import os
-
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (reply.get("env") or {}).items()})
     env.setdefault("TOKENWATCH_SOCKET", str(client.socket_path))
@@ -291,8 +287,6 @@ async def _report_exit(name: str, code: int) -> dict[str, Any] | None:
 
 
 def _run_unsupervised(child: ForegroundChild, command: list[str]) -> int:
-    import os
-
     _start(child, command, dict(os.environ))
     return child.wait()
 

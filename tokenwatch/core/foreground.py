@@ -135,6 +135,11 @@ class ForegroundChild:
         self.pid = self._group = self._popen.pid
         return self.pid
 
+    @property
+    def started(self) -> bool:
+        """True once `start` succeeded (and ever after)."""
+        return self._group is not None
+
     def exited_nowait(self) -> bool:
         """True once the child has exited (it stays unreaped until `wait`)."""
         if self.pid is None:
