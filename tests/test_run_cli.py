@@ -419,3 +419,17 @@ def test_a_run_budget_refuses_calls_that_would_exceed_it(supervisor: ServeProces
     status, _, body = out.stdout.partition(" ")
     assert status == "429"
     assert "run:frugal" in body
+
+
+def test_a_signal_the_shell_ignored_stays_ignored_for_the_agent(supervisor: ServeProcess) -> None:
+    # what `nohup` or `cmd &` in a script does: the agent must inherit it, as without tokenwatch
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "run", "-q", "--", *py(
+            "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN,"
+            " signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
+        )],
+        env=supervisor.env, capture_output=True, text=True, timeout=TIMEOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "True True\n"
