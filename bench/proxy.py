@@ -258,6 +258,35 @@ def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
+async def cpu_per_request(upstream: str, proxied: str, n: int) -> None:
+    """Process CPU time per sequential request, direct and proxied: the difference is what the
+    proxy itself costs, and it barely moves with the machine's load (wall-clock figures do)."""
+    direct_url, proxy_url = upstream + "/chat/completions", proxied + "/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
+            spent: dict[str, float] = {}
+            for label, url in (("direct", direct_url), ("proxy", proxy_url)) * 2:
+                await sequential(http, url, body, 50)
+                began = time.process_time()
+                await sequential(http, url, body, n)
+                ms = (time.process_time() - began) / n * 1000
+                spent[label] = min(spent.get(label, ms), ms)
+            added = spent["proxy"] - spent["direct"]
+            print(
+                f"{name:<16} CPU per request: direct {spent['direct']:.3f} ms, "
+                f"proxied {spent['proxy']:.3f} ms, proxy's own {added:.3f} ms "
+                f"(at most {1000 / added:.0f} requests/s per core)"
+            )
+
+
+def _json_body() -> bytes:
+    return json.dumps(BODY).encode()
+
+
+def _stream_body() -> bytes:
+    return json.dumps({**BODY, "stream": True, "stream_options": {"include_usage": True}}).encode()
+
+
 async def bench_in_process(quick: bool) -> None:
     """Upstream, proxy and client on one event loop: the difference is the proxy's own CPU time,
     free of the scheduler delays a loaded machine adds to every extra process hop."""
@@ -278,7 +307,9 @@ async def bench_in_process(quick: bool) -> None:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(proxy.serve)
-            await _measure(upstream, proxy.base_urls(token)["OPENAI_BASE_URL"], quick)
+            proxied = proxy.base_urls(token)["OPENAI_BASE_URL"]
+            await cpu_per_request(upstream, proxied, 300 if quick else 1000)
+            await _measure(upstream, proxied, quick)
             tg.cancel_scope.cancel()
     finally:
         await runner.cleanup()
@@ -298,10 +329,7 @@ async def bench(quick: bool) -> None:
 
 async def _measure(upstream: str, proxied_base: str, quick: bool) -> None:
     direct, proxied = upstream + "/chat/completions", proxied_base + "/chat/completions"
-    json_body = json.dumps(BODY).encode()
-    stream_body = json.dumps(
-        {**BODY, "stream": True, "stream_options": {"include_usage": True}}
-    ).encode()
+    json_body, stream_body = _json_body(), _stream_body()
     seq_n, rate_n, blocks = (200, 1000, 3) if quick else (1000, 5000, 5)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
