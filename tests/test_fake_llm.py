@@ -729,3 +729,48 @@ async def test_stopping_does_not_wait_for_a_slow_request() -> None:
                 await anyio.sleep(0.01)
     assert outcome == ["dropped"]
     assert fake.calls == []
+
+
+async def test_anthropic_extended_thinking(
+    fake_llm: FakeLLM, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
+    thinking: Any = {"type": "enabled", "budget_tokens": 2048}
+    message = await anthropic_client.messages.create(
+        model=CLAUDE, max_tokens=4096, messages=HELLO, thinking=thinking
+    )
+    thought, answer = message.content
+    assert thought.type == "thinking"
+    assert answer.type == "text"
+    assert thought.thinking
+    assert thought.signature
+    async with anthropic_client.messages.stream(
+        model=CLAUDE, max_tokens=4096, messages=HELLO, thinking=thinking
+    ) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == answer.text
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == thought.thinking  # type: ignore[union-attr]
+    first, second = fake_llm.calls
+    # Anthropic bills thinking inside output_tokens; the normalised call also says how much
+    assert message.usage.output_tokens == first.output_tokens > first.reasoning_tokens > 0
+    assert final.usage.output_tokens == second.output_tokens
+
+
+async def test_anthropic_thinking_budget_is_checked(
+    fake_llm: FakeLLM, anthropic_client: anthropic.AsyncAnthropic
+) -> None:
+    with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
+        await anthropic_client.messages.create(
+            model=CLAUDE,
+            max_tokens=4096,
+            messages=HELLO,
+            thinking={"type": "enabled", "budget_tokens": 100},
+        )
+    with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
+        await anthropic_client.messages.create(
+            model=CLAUDE,
+            max_tokens=2000,
+            messages=HELLO,
+            thinking={"type": "enabled", "budget_tokens": 2000},
+        )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -111,6 +114,18 @@ def _forced_tool(ex: Exchange) -> ToolCall | None:
     return compose_tool_call(repr(ex.body.get("messages")), str(name), schemas[name])
 
 
+MIN_THINKING_BUDGET = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """One content block: as it ends up, as a stream opens it, and the deltas between."""
+
+    final: dict[str, Any]
+    opening: dict[str, Any]
+    deltas: list[dict[str, Any]]
+
+
 async def messages(ex: Exchange) -> web.StreamResponse:
     total = _input_tokens(ex)
     limit = ex.limit("max_tokens")
@@ -118,55 +133,89 @@ async def messages(ex: Exchange) -> web.StreamResponse:
         raise BadRequest("max_tokens: Field required")
     read, write = ex.cache.anthropic_cached(_segments(ex))
     read, write = min(read, total), min(write, total - min(read, total))
+    seed = repr(ex.body.get("messages"))
+    blocks, thinking = [], 0
+    budget = _thinking_budget(ex, limit)
+    if budget:
+        thought = compose_reply(seed + "\x00thinking", budget, ex.model)
+        thinking = count_text(thought.text, ex.model).tokens
+        blocks.append(_thinking_block(thought))
     tool = _forced_tool(ex)
-    reply = (
-        Reply((), False) if tool else compose_reply(repr(ex.body.get("messages")), limit, ex.model)
-    )
-    output = count_text(tool.name + tool.arguments if tool else reply.text, ex.model).tokens
-    ex.usage = Usage(total, output, read, write, 0)
-    stop = "tool_use" if tool else "max_tokens" if reply.truncated else "end_turn"
+    reply = Reply((), False) if tool else compose_reply(seed, limit - thinking, ex.model)
+    blocks.append(_tool_block(tool) if tool else _text_block(reply))
+    said = tool.name + tool.arguments if tool else reply.text
+    output = thinking + count_text(said, ex.model).tokens
+    # Anthropic's usage does not split thinking out of output_tokens; the normalised call does
+    ex.usage = Usage(total, output, read, write, thinking)
     message = {
         "id": new_id("msg_01", 22),
         "type": "message",
         "role": "assistant",
         "model": ex.model,
-        "content": [_block(tool, reply)],
-        "stop_reason": stop,
+        "content": [b.final for b in blocks],
+        "stop_reason": "tool_use" if tool else "max_tokens" if reply.truncated else "end_turn",
         "stop_sequence": None,
         "usage": _wire_usage(ex.usage),
     }
     if not ex.stream:
         return await ex.json(message, headers(ex))
-    deltas = (
-        [{"type": "input_json_delta", "partial_json": p} for p in tool.pieces]
-        if tool
-        else [{"type": "text_delta", "text": p} for p in reply.pieces]
-    )
-    return await _stream(ex, message, deltas)
+    return await _stream(ex, message, blocks)
 
 
-def _block(tool: ToolCall | None, reply: Reply) -> dict[str, Any]:
-    if tool is None:
-        return {"type": "text", "text": reply.text}
-    arguments = json.loads(tool.arguments)
-    return {"type": "tool_use", "id": new_id("toolu_01", 22), "name": tool.name, "input": arguments}
+def _thinking_budget(ex: Exchange, limit: int) -> int | None:
+    """The extended-thinking budget the request enables, checked as the real API does."""
+    thinking = ex.body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < MIN_THINKING_BUDGET:
+        raise BadRequest(
+            f"thinking.enabled.budget_tokens: Input should be greater than or equal to {MIN_THINKING_BUDGET}"
+        )
+    if budget >= limit:
+        raise BadRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
+    return budget
+
+
+def _thinking_block(thought: Reply) -> _Block:
+    signature = base64.b64encode(hashlib.sha256(thought.text.encode()).digest()).decode()
+    final = {"type": "thinking", "thinking": thought.text, "signature": signature}
+    deltas = [{"type": "thinking_delta", "thinking": p} for p in thought.pieces]
+    deltas.append({"type": "signature_delta", "signature": signature})
+    return _Block(final, {**final, "thinking": "", "signature": ""}, deltas)
+
+
+def _text_block(reply: Reply) -> _Block:
+    deltas = [{"type": "text_delta", "text": p} for p in reply.pieces]
+    return _Block({"type": "text", "text": reply.text}, {"type": "text", "text": ""}, deltas)
+
+
+def _tool_block(tool: ToolCall) -> _Block:
+    final = {
+        "type": "tool_use",
+        "id": new_id("toolu_01", 22),
+        "name": tool.name,
+        "input": json.loads(tool.arguments),
+    }
+    deltas = [{"type": "input_json_delta", "partial_json": p} for p in tool.pieces]
+    return _Block(final, {**final, "input": {}}, deltas)
 
 
 async def _stream(
-    ex: Exchange, message: dict[str, Any], deltas: list[dict[str, Any]]
+    ex: Exchange, message: dict[str, Any], blocks: list[_Block]
 ) -> web.StreamResponse:
-    """The Messages event sequence for a one-block reply, usage split as Anthropic does."""
+    """The Messages event sequence, usage split as Anthropic does (output only at the end)."""
     await ex.open_stream(headers(ex))
     start_usage = {**message["usage"], "output_tokens": 1}
     start = {**message, "content": [], "stop_reason": None, "usage": start_usage}
     await _send(ex, "message_start", message=start)
-    block = message["content"][0]
-    opening = {**block, "input": {}} if block["type"] == "tool_use" else {**block, "text": ""}
-    await _send(ex, "content_block_start", index=0, content_block=opening)
-    await _send(ex, "ping")
-    for delta in deltas:
-        await _send(ex, "content_block_delta", index=0, delta=delta)
-    await _send(ex, "content_block_stop", index=0)
+    for index, block in enumerate(blocks):
+        await _send(ex, "content_block_start", index=index, content_block=block.opening)
+        if index == 0:
+            await _send(ex, "ping")
+        for delta in block.deltas:
+            await _send(ex, "content_block_delta", index=index, delta=delta)
+        await _send(ex, "content_block_stop", index=index)
     end = {"stop_reason": message["stop_reason"], "stop_sequence": None}
     usage = {"output_tokens": message["usage"]["output_tokens"]}
     await _send(ex, "message_delta", delta=end, usage=usage)
