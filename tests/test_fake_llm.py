@@ -757,20 +757,21 @@ async def test_anthropic_extended_thinking(
     assert final.usage.output_tokens == second.output_tokens
 
 
+@pytest.mark.parametrize(
+    ("budget", "max_tokens", "complaint"),
+    [(100, 4096, "budget_tokens"), (2000, 2000, "max_tokens")],
+)
 async def test_anthropic_thinking_budget_is_checked(
-    fake_llm: FakeLLM, anthropic_client: anthropic.AsyncAnthropic
+    fake_llm: FakeLLM,
+    anthropic_client: anthropic.AsyncAnthropic,
+    budget: int,
+    max_tokens: int,
+    complaint: str,
 ) -> None:
-    with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
+    with pytest.raises(anthropic.BadRequestError, match=complaint):
         await anthropic_client.messages.create(
             model=CLAUDE,
-            max_tokens=4096,
+            max_tokens=max_tokens,
             messages=HELLO,
-            thinking={"type": "enabled", "budget_tokens": 100},
-        )
-    with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
-        await anthropic_client.messages.create(
-            model=CLAUDE,
-            max_tokens=2000,
-            messages=HELLO,
-            thinking={"type": "enabled", "budget_tokens": 2000},
+            thinking={"type": "enabled", "budget_tokens": budget},
         )
