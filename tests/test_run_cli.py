@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.process_fixtures import Terminal, start_as_nobody, state, state_soon
+from tests.process_fixtures import Terminal, dead, start_as_nobody, state, state_soon
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
@@ -433,3 +434,26 @@ def test_a_signal_the_shell_ignored_stays_ignored_for_the_agent(supervisor: Serv
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout == "True True\n"
+
+
+@pytest.mark.slow
+def test_run_starts_a_supervisor_when_none_runs(tokenwatch_home: Path) -> None:
+    env = {**os.environ, "TOKENWATCH_HOME": str(tokenwatch_home)}
+    run = [sys.executable, "-m", "tokenwatch"]
+    try:
+        out = subprocess.run(
+            [*run, "run", "--name", "cold", "--", "sh", "-c", "echo $TOKENWATCH_AGENT; exit 5"],
+            env=env, capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert out.returncode == 5, out.stderr
+        assert out.stdout == "cold\n"
+        assert out.stderr.startswith("tokenwatch: cold exited 5 · 0 tokens")
+    finally:
+        stop = subprocess.run(
+            [*run, "stop"], env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+    assert stop.returncode == 0, "the supervisor `run` started was running"
+    daemon = int(stop.stdout.split()[1])  # "supervisor PID is stopping"
+    deadline = time.monotonic() + TIMEOUT
+    while not dead(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)  # let it finish before the home directory is removed
