@@ -775,3 +775,25 @@ async def test_anthropic_thinking_budget_is_checked(
             messages=HELLO,
             thinking={"type": "enabled", "budget_tokens": budget},
         )
+
+
+async def sse_payloads(fake: FakeLLM, body: dict[str, Any]) -> list[Any]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(fake.url + "/v1/chat/completions", json=body, headers=headers) as resp,
+    ):
+        raw = (await resp.read()).decode()
+    data = [line.removeprefix("data: ") for line in raw.splitlines() if line.startswith("data: ")]
+    return [json.loads(d) for d in data if d != "[DONE]"]
+
+
+async def test_stream_deltas_carry_obfuscation_unless_declined(fake_llm: FakeLLM) -> None:
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": HELLO, "stream": True}
+    padded = await sse_payloads(fake_llm, body)
+    assert all(chunk["obfuscation"] for chunk in padded)
+    declined = await sse_payloads(
+        fake_llm, {**body, "stream_options": {"include_obfuscation": False}}
+    )
+    assert not any("obfuscation" in chunk for chunk in declined)
+    assert [c["choices"] for c in declined] == [c["choices"] for c in padded]

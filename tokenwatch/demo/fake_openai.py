@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from typing import Any
 
@@ -21,6 +22,7 @@ from tokenwatch.demo.fake_reply import (
 )
 
 SYSTEM_FINGERPRINT = "fp_fake0llm01"
+OBFUSCATION_WIDTH = 16
 MODELS = (
     "gpt-4o",
     "gpt-4o-mini",
@@ -204,11 +206,20 @@ async def _stream_chunks(
     tail = {"usage": None} if with_usage else {}
     await ex.open_stream(headers(ex))
     for choice in choices:
-        await ex.send({**head, "choices": [choice], **tail})
+        padding = _obfuscation(ex, json.dumps(choice))
+        await ex.send({**head, "choices": [choice], **tail, **padding})
     if with_usage:
         await ex.send({**head, "choices": [], "usage": _chat_usage(ex.usage)})
     await ex.send("[DONE]")
     return await ex.close_stream()
+
+
+def _obfuscation(ex: Exchange, payload: str) -> dict[str, str]:
+    """OpenAI pads streamed deltas to hide their sizes, unless told `include_obfuscation: false`."""
+    options = ex.body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_obfuscation") is False:
+        return {}
+    return {"obfuscation": "x" * (OBFUSCATION_WIDTH - len(payload) % OBFUSCATION_WIDTH)}
 
 
 def _strings(ex: Exchange, key: str) -> list[str]:
@@ -376,7 +387,13 @@ class _ResponseEvents:
         await self.emit("response.output_item.added", output_index=index, item=opening)
         await self.emit("response.content_part.added", **where, part=empty)
         for piece in reply.pieces:
-            await self.emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+            await self.emit(
+                "response.output_text.delta",
+                **where,
+                delta=piece,
+                logprobs=[],
+                **_obfuscation(self.ex, piece),
+            )
         await self.emit("response.output_text.done", **where, text=reply.text, logprobs=[])
         await self.emit("response.content_part.done", **where, part=item["content"][0])
         await self.emit("response.output_item.done", output_index=index, item=item)
@@ -386,7 +403,10 @@ class _ResponseEvents:
         opening = {**item, "status": "in_progress", "arguments": ""}
         await self.emit("response.output_item.added", output_index=index, item=opening)
         for piece in tool.pieces:
-            await self.emit("response.function_call_arguments.delta", **where, delta=piece)
+            padding = _obfuscation(self.ex, piece)
+            await self.emit(
+                "response.function_call_arguments.delta", **where, delta=piece, **padding
+            )
         await self.emit(
             "response.function_call_arguments.done",
             **where,
