@@ -274,6 +274,11 @@ def test_without_a_bundled_o200k_it_falls_back_to_an_estimate(tmp_path: Path) ->
     assert out == {"result": [6, True, "cl100k_base"], "attempts": 0}
 
 
+def test_with_tiktokens_cache_disabled_it_falls_back_without_downloading() -> None:
+    out = _run_offline(COUNT_GPT4O, {"TIKTOKEN_CACHE_DIR": ""})
+    assert out == {"result": [6, True, "cl100k_base"], "attempts": 0}
+
+
 def test_without_tiktoken_it_estimates_from_characters(tmp_path: Path) -> None:
     hide = "import sys\nsys.modules['tiktoken'] = None\n"
     out = _run_offline(hide + COUNT_GPT4O, {"TIKTOKEN_CACHE_DIR": str(tmp_path)})
