@@ -457,3 +457,31 @@ def test_run_starts_a_supervisor_when_none_runs(tokenwatch_home: Path) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not dead(daemon) and time.monotonic() < deadline:
         time.sleep(0.05)  # let it finish before the home directory is removed
+
+
+@pytest.mark.slow
+def test_a_duty_cycled_run_agent_runs_to_its_end(
+    supervisor: ServeProcess,
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwatch", "run", "--name", "cycled", "--", *py(
+            "import time; print('ready', flush=True)\n"
+            "for _ in range(40): time.sleep(0.05)\n"
+            "print('done')"
+        )],
+        env=supervisor.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        throttle = tokenwatch(supervisor, "throttle", "cycled", "30%")
+        assert throttle.returncode == 0, throttle.stderr
+        # each SIGSTOP of the duty cycle wakes the run process's wait, which must carry on
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out) == (0, "done\n")
+    assert err.startswith("tokenwatch: cycled exited 0")

@@ -156,7 +156,8 @@ class ForegroundChild:
             info = os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOWAIT)
             if info is None or info.si_code != os.CLD_STOPPED:
                 break
-            os.waitid(os.P_PID, pid, os.WSTOPPED)  # consume that stop
+            # consume that stop; WNOHANG because a resume may have withdrawn it meanwhile
+            os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG)
             if info.si_status in JOB_CONTROL_STOPS and self._tty is not None:
                 self._suspend_with_child(pid)
         return self._reap(pid)
