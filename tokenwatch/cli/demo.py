@@ -45,6 +45,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help="keep the demo's ledger, logs and config in DIR (default: a temporary dir, removed)",
     )
+    p.add_argument(
+        "--screenshot",
+        metavar="FILE.svg",
+        help="run the dashboard off-screen for --duration seconds (default 20) and save it as SVG",
+    )
     p.set_defaults(func=run_demo)
 
 
@@ -59,7 +64,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from tokenwatch.demo.stage import DemoError, demo_config, supervisor_process, write_config
 
     duration = _duration(args)
-    if not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
+    screenshot = Path(args.screenshot).resolve() if args.screenshot else None
+    if screenshot is not None:
+        duration = duration or 20.0
+    elif not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CliError("the demo's dashboard needs a terminal; add --headless to run without it")
     home = Path(args.home).expanduser() if args.home else Path(tempfile.mkdtemp(prefix="twdemo-"))
     home.mkdir(parents=True, exist_ok=True)
@@ -67,7 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with fake_llm_process("--quiet", "--latency-ms", "120", "--chunk-ms", "4") as url:
             config_file = write_config(home, demo_config(url, os.getpid()))
             with supervisor_process(home, config_file) as proc:
-                outcome = anyio.run(_staged, home, proc, args.headless, duration)
+                outcome = anyio.run(_staged, home, proc, args.headless, duration, screenshot)
     except DemoError as exc:
         raise CliError(str(exc)) from None
     except RuntimeError as exc:  # fake-llm did not start
@@ -75,7 +83,9 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
-    if outcome is None:
+    if screenshot is not None:
+        print(f"tokenwatch demo: dashboard saved to {screenshot}")
+    elif outcome is None:
         print("tokenwatch demo: stopped the demo agents, the supervisor and the fake LLM")
     elif args.json:
         print(json.dumps(outcome.to_dict(), indent=2))
@@ -96,7 +106,7 @@ def _duration(args: argparse.Namespace) -> float | None:
 
 
 async def _staged(
-    home: Path, proc: Any, headless: bool, duration: float | None
+    home: Path, proc: Any, headless: bool, duration: float | None, screenshot: Path | None
 ) -> DemoOutcome | None:
     import anyio
 
@@ -114,6 +124,11 @@ async def _staged(
             from tokenwatch.cli.dashboard import run_dashboard
             from tokenwatch.tui.source import SupervisorSource
 
+            if screenshot is not None:
+                assert duration is not None
+                await _screenshot(SupervisorSource(client), screenshot, duration)
+                return None
+
             with anyio.move_on_after(duration if duration is not None else float("inf")):
                 await run_dashboard(
                     SupervisorSource(client),
@@ -124,6 +139,24 @@ async def _staged(
         finally:
             with anyio.CancelScope(shield=True):
                 await stop_agents(client, names)
+
+
+async def _screenshot(source: Any, path: Path, duration: float) -> None:
+    """The dashboard as the demo shows it after `duration` seconds, exported by the app itself."""
+    import anyio
+
+    from tokenwatch.tui.app import build_app
+
+    app = build_app(source, address="demo")
+
+    async def shoot() -> None:
+        await anyio.sleep(duration)
+        app.save_screenshot(filename=path.name, path=str(path.parent))
+        app.exit()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shoot)
+        await app.run_async(headless=True, size=(150, 40))
 
 
 def summary_text(outcome: DemoOutcome) -> str:

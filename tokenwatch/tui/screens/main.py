@@ -185,11 +185,11 @@ class MainScreen(Screen[None]):
         self.tw.send("pause_all", who="key", why="P pressed on the dashboard")
 
     def action_ack(self) -> None:
-        ids = [e.key[1] for e in self.feed.unacknowledged if isinstance(e.key[1], int)]
+        ids = [e.alert_id for e in self.feed.unacknowledged if e.alert_id is not None]
         if not self.feed.unacknowledged:
             self.notify("no alerts to acknowledge", markup=False)
             return
-        self.tw.send("ack_alerts", ids=ids)
+        self.tw.send("ack_alerts", ids=ids or None)  # none known by id: all of them
 
     def action_detail(self) -> None:
         view = self._selected()

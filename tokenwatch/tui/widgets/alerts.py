@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -12,11 +13,11 @@ from tokenwatch.core.models import Action, ActionKind, Alert
 from tokenwatch.tui.figures import SEVERITY_STYLES, age
 
 _ACTION_MARKS = {
-    ActionKind.PAUSE.value: "⏸",
+    ActionKind.PAUSE.value: "‖",
     ActionKind.RESUME.value: "▶",
     ActionKind.KILL.value: "✖",
     ActionKind.THROTTLE.value: "◐",
-    ActionKind.DENY.value: "⛔",
+    ActionKind.DENY.value: "⊘",
     ActionKind.ALERT.value: "▲",
 }
 
@@ -28,6 +29,8 @@ class FeedEntry:
     style: str
     text: str
     acknowledged: bool = False
+    alert_id: int | None = None
+    """The supervisor's id for an alert (what `ack_alerts` takes); None for actions."""
 
 
 def alert_entry(alert: Alert) -> FeedEntry:
@@ -43,6 +46,7 @@ def alert_entry(alert: Alert) -> FeedEntry:
         style=SEVERITY_STYLES.get(alert.severity, ""),
         text=f"▲ {alert.rule} {alert.agent}: {alert.message}{done}",
         acknowledged=alert.acknowledged,
+        alert_id=alert.id,
     )
 
 
@@ -50,7 +54,7 @@ def action_entry(action: Action) -> FeedEntry:
     mark = _ACTION_MARKS.get(action.kind, "•")
     why = f" ({action.why})" if action.why else ""
     failed = "" if action.ok else f" FAILED {action.detail}"
-    key = ("action", action.id) if action.id is not None else ("action", action.ts, action.kind)
+    key = ("action", action.ts, action.kind, action.agent)
     return FeedEntry(
         ts=action.ts,
         key=key,
@@ -86,7 +90,10 @@ class AlertFeed(Static):
     def _merge(self, entries: Iterable[FeedEntry]) -> None:
         changed = False
         for entry in entries:
-            if self._entries.get(entry.key) != entry:
+            old = self._entries.get(entry.key)
+            if old is not None and entry.alert_id is None:
+                entry = dataclasses.replace(entry, alert_id=old.alert_id)
+            if old != entry:
                 self._entries[entry.key] = entry
                 changed = True
         if changed:
