@@ -115,8 +115,9 @@ async def _append_each(store: Store, events: list[UsageEvent]) -> None:
         await store.append(event)
 
 
-def bulk_rows(total: int, now: float) -> Iterator[tuple[Any, ...]]:
-    """`total` rows evenly over SPAN_DAYS up to now; each agent changes task every ~10 min."""
+def bulk_rows(total: int, now: float, unique_tasks: bool = False) -> Iterator[tuple[Any, ...]]:
+    """`total` rows evenly over SPAN_DAYS up to now; each agent changes task every ~10 min
+    (or, with `unique_tasks`, every call is its own task: the worst case for rollups)."""
     rnd = random.Random(7)
     start = now - SPAN_DAYS * DAY
     step = SPAN_DAYS * DAY / total
@@ -133,7 +134,7 @@ def bulk_rows(total: int, now: float) -> Iterator[tuple[Any, ...]]:
             run_id="",
             session="",
             user=USERS[agent % len(USERS)],
-            task=f"{AGENTS[agent]}-t{int(ts // 600)}",
+            task=f"t{i}" if unique_tasks else f"{AGENTS[agent]}-t{int(ts // 600)}",
             step="",
             tool="",
             provider=provider,
@@ -161,7 +162,7 @@ async def create_empty(path: Path) -> None:
         pass
 
 
-def fill(path: Path, total: int, now: float) -> float:
+def fill(path: Path, total: int, now: float, unique_tasks: bool = False) -> float:
     """Bulk load: 200k rows per transaction, rollups folded in per chunk as the writer does."""
     anyio.run(create_empty, path)
     db = sqlite3.connect(path, isolation_level=None)
@@ -170,7 +171,7 @@ def fill(path: Path, total: int, now: float) -> float:
     db.execute("PRAGMA cache_size = -262144")
     refresh = [rollup_refresh_sql(table, width) for table, width in ROLLUPS]
     start = time.perf_counter()
-    rows = bulk_rows(total, now)
+    rows = bulk_rows(total, now, unique_tasks)
     chunk = 200_000
     last = 0
     while True:
@@ -222,20 +223,28 @@ def main() -> None:
     parser.add_argument("--stored", type=int, default=10_000_000, help="events in the big ledger")
     parser.add_argument("--dir", type=Path, default=None, help="where to put the files")
     parser.add_argument("--keep", action="store_true", help="keep the big ledger afterwards")
+    parser.add_argument(
+        "--unique-tasks",
+        action="store_true",
+        help="every stored call is its own task (worst case: rollups cannot compress)",
+    )
+    parser.add_argument("--skip-writer", action="store_true", help="only the report part")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tw-bench-", dir=args.dir))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "
           f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}")  # fmt: skip
     try:
         print(f"load average before: {os.getloadavg()[0]:.1f}")
-        nowait, awaited = anyio.run(bench_writer, workdir, args.events)
-        print(nowait.line("append_nowait + flush"))
-        print(awaited.line("64 concurrent append()"))
+        if not args.skip_writer:
+            nowait, awaited = anyio.run(bench_writer, workdir, args.events)
+            print(nowait.line("append_nowait + flush"))
+            print(awaited.line("64 concurrent append()"))
         now = time.time()
         big = workdir / "big.db"
-        fill_s = fill(big, args.stored, now)
+        fill_s = fill(big, args.stored, now, args.unique_tasks)
         size = sum(p.stat().st_size for p in workdir.glob("big.db*")) / 1e9
-        print(f"fill: {args.stored:,} events over {SPAN_DAYS} days in {fill_s:.1f} s "
+        shape = "every call its own task" if args.unique_tasks else "tasks of ~10 min per agent"
+        print(f"fill: {args.stored:,} events over {SPAN_DAYS} days ({shape}) in {fill_s:.1f} s "
               f"(rows and rollups), {size:.2f} GB on disk")  # fmt: skip
         cold, median, counted = anyio.run(time_report, big, now)
         print(f"report: 24 h by agent over {args.stored:,} events ({counted:,} in window): "
