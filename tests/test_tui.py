@@ -351,3 +351,20 @@ async def test_lost_supervisor_is_said_plainly() -> None:
         await wait_for(
             pilot, lambda: any("closed the connection" in n for n in notifications(app)), "said"
         )
+
+
+async def test_an_alert_pushed_and_then_in_a_snapshot_is_shown_once() -> None:
+    source = ScriptedSource(sample_snapshot())
+    app = scripted_app(source)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: len(row_names(app)) == 5, "rows")
+        alert = Alert("runaway", "coder", "same prompt 4 times", "critical", "pause", NOW - 1)
+        source.push_nowait("alert", alert)  # as pushed: no id yet
+        await wait_for(pilot, lambda: "same prompt 4" in widget_text(app.main.feed), "pushed")
+        snap = sample_snapshot()
+        snap.alerts.insert(0, Alert(**{**alert.to_dict(), "id": 9}))  # as stored
+        source.push_nowait("snapshot", snap)
+        await wait_for(
+            pilot, lambda: any(e.alert_id == 9 for e in app.main.feed.unacknowledged), "id"
+        )
+        assert widget_text(app.main.feed).count("same prompt 4") == 1

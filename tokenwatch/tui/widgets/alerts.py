@@ -35,11 +35,8 @@ class FeedEntry:
 
 def alert_entry(alert: Alert) -> FeedEntry:
     done = "" if alert.action == ActionKind.ALERT.value else f" → {alert.action}"
-    key = (
-        ("alert", alert.id)
-        if alert.id is not None
-        else ("alert", alert.ts, alert.rule, alert.agent)
-    )
+    # Keyed by content, not id: the push and the snapshot carry the same alert, one without id.
+    key = ("alert", alert.ts, alert.rule, alert.agent, alert.message)
     return FeedEntry(
         ts=alert.ts,
         key=key,
