@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from tokenwatch.core import schema
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.store import Store, StoreUnavailable, segments
+from tokenwatch.core.rollups import segments
+from tokenwatch.core.store import Store, StoreUnavailable
 
 WRITER = textwrap.dedent(
     """

@@ -19,12 +19,11 @@ import anyio.to_thread
 from anyio.lowlevel import current_token
 
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
-from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start
+from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
+from tokenwatch.core.rollups import day_windows, summary_sql
 from tokenwatch.core.schema import (
     EVENT_COLUMNS,
-    MEASURES,
     ROLLUP_DIMS,
-    ROLLUPS,
     SchemaTooNew,
     migrate,
     quoted,
@@ -59,16 +58,6 @@ CACHE_KIB = 16 * 1024
 """SQLite page cache per connection (writer and reader), in KiB."""
 
 _SELECT_EVENT = f"SELECT id, {', '.join(quoted(c) for c in EVENT_COLUMNS)} FROM events"
-# How a raw event row contributes to each rollup measure (one row, so a count of 1).
-_RAW_MEASURES = {
-    "requests": "1",
-    "cost_usd": "COALESCE(cost_usd, 0)",
-    "unpriced": "cost_usd IS NULL",
-    "errors": "status = 'error'",
-    "denied": "status = 'denied'",
-    "estimated": "estimated != 0",
-}
-_GLOB_CHARS = frozenset("*?[")
 _ALERT_COLUMNS = ("id", "ts", "rule", "agent", "message", "severity", "action", "acknowledged")
 _ACTION_COLUMNS = ("id", "ts", "kind", "agent", "who", "why", "detail", "ok")
 
@@ -348,7 +337,7 @@ class Store:
         hi = _upper(until)
         if by == "day":
             latest = max(self._clock(), await self._latest_ts())
-            windows = _day_windows(since, hi, tz or _local_zone(), latest)
+            windows = day_windows(since, hi, tz or zone("local"), latest)
             rows = await self._grouped("label", windows, filters)
             groups = [_as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: g.key)
@@ -364,7 +353,7 @@ class Store:
         windows: Sequence[tuple[str, float, float]],
         filters: Mapping[str, str],
     ) -> list[tuple[Any, ...]]:
-        sql, params = _summary_sql(key, windows, filters, self._clock())
+        sql, params = summary_sql(key, windows, filters, self._clock())
         async with self._reader.execute(sql, params) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
 
@@ -541,122 +530,11 @@ def _open_writer(path: Path) -> tuple[sqlite3.Connection, int]:
     return conn, migrated_from
 
 
-# -- query building ----------------------------------------------------------------------------
+# -- query helpers -----------------------------------------------------------------------------
 
 
 def _upper(until: float | None) -> float:
     return math.inf if until is None else until
-
-
-def _local_zone() -> datetime.tzinfo:
-    tz = datetime.datetime.now().astimezone().tzinfo
-    assert tz is not None
-    return tz
-
-
-def segments(since: float, until: float, now: float) -> list[tuple[str | None, float, float]]:
-    """Split [since, until) into hour-rollup, minute-rollup and raw-event pieces.
-
-    Whole hours come from `rollup_hour`, whole minutes at the edges from `rollup_minute`, and
-    the remaining seconds from the events themselves (table None).
-    """
-    if until <= since:
-        return []
-    if math.isinf(until):
-        # Rollups up to a bound past now; anything stamped later is read raw.
-        finite = (math.floor(max(now, since) / 3600) + 2) * 3600.0
-        return [*segments(since, finite, now), (None, finite, math.inf)]
-    out: list[tuple[str | None, float, float]] = []
-    _split(since, until, 0, out)
-    return out
-
-
-def _split(lo: float, hi: float, level: int, out: list[tuple[str | None, float, float]]) -> None:
-    if lo >= hi:
-        return
-    if level == len(ROLLUPS):
-        out.append((None, lo, hi))
-        return
-    table, width = ROLLUPS[level]
-    first = math.ceil(lo / width) * width
-    first += width if first < lo else 0  # division can round down (tiny or huge floats)
-    last = math.floor(hi / width) * width
-    last -= width if last > hi else 0
-    if first >= last:
-        _split(lo, hi, level + 1, out)
-        return
-    _split(lo, first, level + 1, out)
-    out.append((table, float(first), float(last)))
-    _split(last, hi, level + 1, out)
-
-
-def _filter_sql(filters: Mapping[str, str]) -> tuple[str, list[str]]:
-    parts: list[str] = []
-    params: list[str] = []
-    for name, value in sorted(filters.items()):
-        if name not in ROLLUP_DIMS:
-            raise ValueError(f"cannot filter on {name!r} (one of: {', '.join(ROLLUP_DIMS)})")
-        op = "GLOB" if _GLOB_CHARS & set(value) else "="
-        parts.append(f" AND {quoted(name)} {op} ?")
-        params.append(str(value))
-    return "".join(parts), params
-
-
-def _summary_sql(
-    key: str | None,
-    windows: Sequence[tuple[str, float, float]],
-    filters: Mapping[str, str],
-    now: float,
-) -> tuple[str, list[Any]]:
-    """One query summing every window's pieces; grouped by `key` when given."""
-    where, filter_params = _filter_sql(filters)
-    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
-    rollup_cols = ", ".join(name for name, _ in MEASURES)
-    raw_cols = ", ".join(f"{_RAW_MEASURES.get(name, name)} AS {name}" for name, _ in MEASURES)
-    parts: list[str] = []
-    params: list[Any] = []
-    for label, lo, hi in windows:
-        for table, a, b in segments(lo, hi, now):
-            if table is None:
-                parts.append(
-                    # The time range is always the selective part: never let a filter on
-                    # agent pick the (agent, id) index and walk all of that agent's history.
-                    f"SELECT ? AS label, {dims}, {raw_cols} FROM events INDEXED BY events_ts "
-                    f"WHERE ts >= ? AND ts < ?{where}"
-                )
-            else:
-                parts.append(
-                    f"SELECT ? AS label, {dims}, {rollup_cols} FROM {table} "
-                    f"WHERE bucket >= ? AND bucket < ?{where}"
-                )
-            params += [label, a, b, *filter_params]
-    if not parts:
-        parts.append(f"SELECT '' AS label, {dims}, {rollup_cols} FROM rollup_hour WHERE 0")
-    sums = ", ".join(f"TOTAL({name})" for name, _ in MEASURES)
-    select_key = key if key is not None else "''"
-    group = f" GROUP BY {key}" if key is not None else ""
-    sql = (
-        f"SELECT {sums}, COUNT(DISTINCT NULLIF(task, '')), {select_key} "
-        f"FROM ({' UNION ALL '.join(parts)}){group}"
-    )
-    return sql, params
-
-
-def _day_windows(
-    since: float, until: float, tz: datetime.tzinfo, now: float
-) -> list[tuple[str, float, float]]:
-    end = min(until, now + 1.0) if math.isinf(until) else until
-    windows: list[tuple[str, float, float]] = []
-    lo = since
-    while lo < end:
-        hi = min(period_end(lo, "day", tz), end)
-        label = datetime.datetime.fromtimestamp(lo, tz).date().isoformat()
-        windows.append((label, lo, hi))
-        lo = hi
-    if math.isinf(until) and windows:
-        label, lo, _ = windows[-1]
-        windows[-1] = (label, lo, math.inf)
-    return windows
 
 
 def _as_totals(cls: type[T], row: tuple[Any, ...] | None) -> T:

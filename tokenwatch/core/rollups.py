@@ -1,0 +1,127 @@
+"""Rollup-aware SQL for ledger sums: a time range cut into hour, minute and raw-event pieces."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenwatch.core.periods import period_end
+from tokenwatch.core.schema import MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
+
+# How a raw event row contributes to each rollup measure (one row, so a count of 1).
+_RAW_MEASURES = {
+    "requests": "1",
+    "cost_usd": "COALESCE(cost_usd, 0)",
+    "unpriced": "cost_usd IS NULL",
+    "errors": "status = 'error'",
+    "denied": "status = 'denied'",
+    "estimated": "estimated != 0",
+}
+_GLOB_CHARS = frozenset("*?[")
+
+
+def segments(since: float, until: float, now: float) -> list[tuple[str | None, float, float]]:
+    """Split [since, until) into hour-rollup, minute-rollup and raw-event pieces.
+
+    Whole hours come from `rollup_hour`, whole minutes at the edges from `rollup_minute`, and
+    the remaining seconds from the events themselves (table None).
+    """
+    if until <= since:
+        return []
+    if math.isinf(until):
+        # Rollups up to a bound past now; anything stamped later is read raw.
+        finite = (math.floor(max(now, since) / 3600) + 2) * 3600.0
+        return [*segments(since, finite, now), (None, finite, math.inf)]
+    out: list[tuple[str | None, float, float]] = []
+    _split(since, until, 0, out)
+    return out
+
+
+def _split(lo: float, hi: float, level: int, out: list[tuple[str | None, float, float]]) -> None:
+    if lo >= hi:
+        return
+    if level == len(ROLLUPS):
+        out.append((None, lo, hi))
+        return
+    table, width = ROLLUPS[level]
+    first = math.ceil(lo / width) * width
+    first += width if first < lo else 0  # division can round down (tiny or huge floats)
+    last = math.floor(hi / width) * width
+    last -= width if last > hi else 0
+    if first >= last:
+        _split(lo, hi, level + 1, out)
+        return
+    _split(lo, first, level + 1, out)
+    out.append((table, float(first), float(last)))
+    _split(last, hi, level + 1, out)
+
+
+def filter_sql(filters: Mapping[str, str]) -> tuple[str, list[str]]:
+    parts: list[str] = []
+    params: list[str] = []
+    for name, value in sorted(filters.items()):
+        if name not in ROLLUP_DIMS:
+            raise ValueError(f"cannot filter on {name!r} (one of: {', '.join(ROLLUP_DIMS)})")
+        op = "GLOB" if _GLOB_CHARS & set(value) else "="
+        parts.append(f" AND {quoted(name)} {op} ?")
+        params.append(str(value))
+    return "".join(parts), params
+
+
+def summary_sql(
+    key: str | None,
+    windows: Sequence[tuple[str, float, float]],
+    filters: Mapping[str, str],
+    now: float,
+) -> tuple[str, list[Any]]:
+    """One query summing every window's pieces; grouped by `key` when given."""
+    where, filter_params = filter_sql(filters)
+    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
+    rollup_cols = ", ".join(name for name, _ in MEASURES)
+    raw_cols = ", ".join(f"{_RAW_MEASURES.get(name, name)} AS {name}" for name, _ in MEASURES)
+    parts: list[str] = []
+    params: list[Any] = []
+    for label, lo, hi in windows:
+        for table, a, b in segments(lo, hi, now):
+            if table is None:
+                parts.append(
+                    # The time range is always the selective part: never let a filter on
+                    # agent pick the (agent, id) index and walk all of that agent's history.
+                    f"SELECT ? AS label, {dims}, {raw_cols} FROM events INDEXED BY events_ts "
+                    f"WHERE ts >= ? AND ts < ?{where}"
+                )
+            else:
+                parts.append(
+                    f"SELECT ? AS label, {dims}, {rollup_cols} FROM {table} "
+                    f"WHERE bucket >= ? AND bucket < ?{where}"
+                )
+            params += [label, a, b, *filter_params]
+    if not parts:
+        parts.append(f"SELECT '' AS label, {dims}, {rollup_cols} FROM rollup_hour WHERE 0")
+    sums = ", ".join(f"TOTAL({name})" for name, _ in MEASURES)
+    select_key = key if key is not None else "''"
+    group = f" GROUP BY {key}" if key is not None else ""
+    sql = (
+        f"SELECT {sums}, COUNT(DISTINCT NULLIF(task, '')), {select_key} "
+        f"FROM ({' UNION ALL '.join(parts)}){group}"
+    )
+    return sql, params
+
+
+def day_windows(
+    since: float, until: float, tz: datetime.tzinfo, now: float
+) -> list[tuple[str, float, float]]:
+    end = min(until, now + 1.0) if math.isinf(until) else until
+    windows: list[tuple[str, float, float]] = []
+    lo = since
+    while lo < end:
+        hi = min(period_end(lo, "day", tz), end)
+        label = datetime.datetime.fromtimestamp(lo, tz).date().isoformat()
+        windows.append((label, lo, hi))
+        lo = hi
+    if math.isinf(until) and windows:
+        label, lo, _ = windows[-1]
+        windows[-1] = (label, lo, math.inf)
+    return windows
