@@ -368,3 +368,15 @@ async def test_an_alert_pushed_and_then_in_a_snapshot_is_shown_once() -> None:
             pilot, lambda: any(e.alert_id == 9 for e in app.main.feed.unacknowledged), "id"
         )
         assert widget_text(app.main.feed).count("same prompt 4") == 1
+
+
+async def test_no_color_renders_in_grey_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = scripted_app(ScriptedSource(sample_snapshot()))  # NO_COLOR is read when the app is built
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: len(row_names(app)) == 5, "rows")
+        svg = app.export_screenshot()
+    window_chrome = {"ff5f57", "febc2e", "28c840", "c5c8c6"}  # the SVG's frame, not the app
+    colours = set(re.findall(r"#([0-9a-f]{6})\b", svg)) - window_chrome
+    assert colours, "the screenshot has colours to check"
+    assert {c for c in colours if not (c[0:2] == c[2:4] == c[4:6])} == set()

@@ -64,7 +64,7 @@ class AlertFeed(Static):
     """Newest first; unacknowledged alerts bold. Holds at most `limit` entries."""
 
     DEFAULT_CSS = """
-    AlertFeed { border: round $primary-darken-2; padding: 0 1; }
+    AlertFeed { border: round $primary-darken-2; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def __init__(self, clock: Callable[[], float], limit: int = 50, **kwargs: object) -> None:
