@@ -16,6 +16,7 @@ Usage: python bench/ledger.py [--events 1000000] [--stored 10000000] [--dir DIR]
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import random
@@ -34,7 +35,7 @@ import anyio
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.schema import EVENT_COLUMNS, ROLLUPS, rollup_refresh_sql
 from tokenwatch.core.store import Store
-from tokenwatch.core.writer import INSERT_EVENT
+from tokenwatch.core.writer import INSERT_EVENT, event_row
 
 DAY = 86400.0
 SPAN_DAYS = 30
@@ -113,6 +114,42 @@ async def bench_writer(workdir: Path, n: int) -> tuple[WriterRun, WriterRun]:
 async def _append_each(store: Store, events: list[UsageEvent]) -> None:
     for event in events:
         await store.append(event)
+
+
+def cost_breakdown(workdir: Path, n: int = 100_000) -> dict[str, float]:
+    """Writer-thread CPU per event for the same statements the writer runs, with parts removed.
+
+    Min of 3 runs each, batches of 2000, live-like rows: where the writer's time goes.
+    """
+    now = time.time()
+    rows = [event_row(sample_event(now - i * 0.001, i)) for i in range(n)]
+    variants = {
+        "insert, no secondary index, no rollups": (False, False),
+        "insert with the 3 indexes, no rollups": (True, False),
+        "insert with indexes and both rollups (the writer)": (True, True),
+    }
+    best: dict[str, float] = {}
+    for run in range(3):
+        for name, (indexes, rollups) in variants.items():
+            path = workdir / f"breakdown-{run}-{len(best)}-{indexes}{rollups}.db"
+            anyio.run(create_empty, path)
+            db = sqlite3.connect(path, isolation_level=None)
+            if not indexes:
+                for index in ("events_ts", "events_agent_id", "events_call_id"):
+                    db.execute(f"DROP INDEX {index}")
+            started = time.thread_time()
+            for k in range(0, n, 2000):
+                db.execute("BEGIN IMMEDIATE")
+                last = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+                db.executemany(INSERT_EVENT, rows[k : k + 2000])
+                if rollups:
+                    for table, width in ROLLUPS:
+                        db.execute(rollup_refresh_sql(table, width), (last,))
+                db.execute("COMMIT")
+            per_event = (time.thread_time() - started) / n * 1e6
+            best[name] = min(best.get(name, math.inf), per_event)
+            db.close()
+    return best
 
 
 def bulk_rows(total: int, now: float, unique_tasks: bool = False) -> Iterator[tuple[Any, ...]]:
@@ -229,6 +266,9 @@ def main() -> None:
         help="every stored call is its own task (worst case: rollups cannot compress)",
     )
     parser.add_argument("--skip-writer", action="store_true", help="only the report part")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also split the writer's CPU per event by part"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tw-bench-", dir=args.dir))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "
@@ -239,6 +279,9 @@ def main() -> None:
             nowait, awaited = anyio.run(bench_writer, workdir, args.events)
             print(nowait.line("append_nowait + flush"))
             print(awaited.line("64 concurrent append()"))
+        if args.breakdown:
+            for name, us in cost_breakdown(workdir).items():
+                print(f"breakdown: {name}: {us:.1f} us CPU/event")
         now = time.time()
         big = workdir / "big.db"
         fill_s = fill(big, args.stored, now, args.unique_tasks)
