@@ -183,15 +183,15 @@ class ImportSummary:
         self.unpriced: dict[str, int] = {}
 
     def line(self) -> str:
-        parts = [f"imported {self.stored} events"]
+        parts = [f"imported {self.stored:,} events"]
         if self.read > self.stored:
-            parts.append(f"{self.read - self.stored} already stored")
+            parts.append(f"{self.read - self.stored:,} already stored")
         if self.errors:
             plural = "s" if len(self.errors) != 1 else ""
-            parts.append(f"skipped {len(self.errors)} bad line{plural}")
+            parts.append(f"skipped {len(self.errors):,} bad line{plural}")
         if self.unpriced:
             names = ", ".join(sorted(self.unpriced))
-            parts.append(f"{sum(self.unpriced.values())} unpriced (model {names})")
+            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names})")
         return "tokenwatch: " + ", ".join(parts)
 
 

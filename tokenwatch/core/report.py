@@ -154,7 +154,7 @@ def render_table(report: Report) -> str:
         models = ", ".join(report.unpriced_models)
         count = report.total.unpriced_requests
         lines.append(
-            f"{UNPRICED_MARK} {count} call{'s' if count != 1 else ''} unpriced (unknown model: "
+            f"{UNPRICED_MARK} {count:,} call{'s' if count != 1 else ''} unpriced (unknown model: "
             f'{models}): not in COST. Price them with [prices."MODEL"] in tokenwatch.toml.'
         )
     return "\n".join(lines) + "\n"
