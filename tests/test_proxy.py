@@ -138,8 +138,18 @@ async def test_responses_api_json_and_stream(rig: ProxyRig, oai: openai.AsyncOpe
     assert_matches_fake(rig)
 
 
-async def test_anthropic_messages_json_and_stream(rig: ProxyRig) -> None:
-    client = anthropic.AsyncAnthropic(base_url=rig.anthropic_url, api_key=API_KEY, max_retries=0)
+@pytest.fixture
+async def ant(rig: ProxyRig) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with anthropic.AsyncAnthropic(
+        base_url=rig.anthropic_url, api_key=API_KEY, max_retries=0
+    ) as client:
+        yield client
+
+
+async def test_anthropic_messages_json_and_stream(
+    rig: ProxyRig, ant: anthropic.AsyncAnthropic
+) -> None:
+    client = ant
     system = "You answer in one line. " * 300  # long enough to be cached on the second call
     msg = [{"role": "user", "content": "What is a token?"}]
     first = await client.messages.create(

@@ -301,7 +301,10 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
-            length = None if call.strip_usage else upstream.content_length
+            length = upstream.content_length
+            if length is not None and length <= MAX_CAPTURE_BYTES and not _is_sse(upstream.headers):
+                return await self._relay_whole(req, call, upstream)
+            length = None if call.strip_usage else length
             await req.start(upstream.status, relayable(upstream.headers), length)
             try:
                 if _is_sse(upstream.headers):
@@ -312,6 +315,17 @@ class ProxyServer:
             except ClientGone:
                 upstream.close()  # an abandoned generation stops costing
                 raise
+
+    async def _relay_whole(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+        """A JSON body of known size: read it, then answer in one write (the agent cannot use
+        half a JSON document anyway, and one write costs the proxy far less than many)."""
+        parts: list[bytes] = []
+        async for chunk in upstream.chunks():
+            self._first_byte(call)
+            parts.append(chunk)
+        body = b"".join(parts)
+        call.reader.read_json(body)
+        await req.respond(upstream.status, relayable(upstream.headers), body)
 
     async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
