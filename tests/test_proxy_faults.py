@@ -270,3 +270,31 @@ async def test_per_model_upstream_is_used() -> None:
     assert [c.model for c in local.calls] == ["llama3"]
     assert [c.model for c in rig.fake.calls] == ["gpt-4o"]
     assert [e.model for e in events] == ["llama3", "gpt-4o"]
+
+
+async def test_anthropic_stream_cut_keeps_the_exact_input_from_message_start(
+    rig: ProxyRig,
+) -> None:
+    import anthropic
+
+    async with anthropic.AsyncAnthropic(
+        base_url=rig.anthropic_url,
+        api_key=API_KEY,
+        max_retries=0,
+        default_headers={FAULT: "cut:5"},
+    ) as ant:
+        with pytest.raises(Exception) as caught:  # the SDK's transport error for a cut body
+            async with ant.messages.stream(
+                model="claude-haiku-4-5",
+                max_tokens=300,
+                messages=MESSAGES,  # type: ignore[arg-type]
+            ) as stream:
+                await stream.get_final_message()
+        assert not isinstance(caught.value, AssertionError)
+    (event,) = await rig.gate.wait_settled(1)
+    (billed,) = rig.fake.calls
+    assert event.estimated is True
+    assert event.status == "error"
+    assert event.input_tokens == billed.input_tokens  # message_start said it exactly
+    assert event.output_tokens > 0
+    assert rig.proxy.statistics().errors == 1

@@ -68,6 +68,8 @@ async def test_bad_host_is_refused_before_the_upstream(rig: ProxyRig, host: str)
     assert "localhost" in body["error"]["message"]
     assert rig.fake.statistics()["requests"] == 0
     assert rig.gate.requests == []
+    stats = rig.proxy.statistics()
+    assert (stats.total, stats.refused, stats.in_flight) == (1, 1, 0)
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
