@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 from textual.widgets import DataTable
 
@@ -13,6 +15,7 @@ from tokenwatch.core.models import AgentView
 from tokenwatch.tui.figures import format_tokens, format_usd, gauge, sparkline, state_label
 
 Cell = str | Text
+SegmentLines = list[list[Segment]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,8 @@ COLUMNS: tuple[Column, ...] = (
 )  # fmt: skip
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 WIDE_MIN_WIDTH = 150
+CELL_CACHE_SIZE = 20_000
+"""Rendered cells kept (a few screens' worth); cleared when exceeded."""
 """Terminal width from which every column fits; narrower terminals show the essential ones."""
 
 
@@ -90,11 +95,52 @@ class AgentsTable(DataTable[Cell]):
         """Agent shown in each row slot, top to bottom (rows are keyed `slot-N`)."""
         self._plain: list[tuple[str, ...]] = []
         self._columns: tuple[Column, ...] = ()
+        self._cell_lines: dict[tuple[object, ...], tuple[object, SegmentLines]] = {}
         self.hidden_rows = 0
         """Agents that passed the filter but did not fit under `max_rows`."""
 
     def on_mount(self) -> None:
         self.set_wide(self.wide, force=True)
+
+    def _render_cell(
+        self,
+        row_index: int,
+        column_index: int,
+        base_style: Style,
+        width: int,
+        cursor: bool = False,
+        hover: bool = False,
+    ) -> SegmentLines:
+        """Reuse a cell's rendering while its value object is the same one.
+
+        DataTable keys its cell cache on a table-wide update counter, so one changed cell makes
+        every visible cell render again through Rich; here only the cells we rewrote do.
+        """
+        if row_index < 0 or column_index < 0:  # header and labels: DataTable's own cache
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        row_key = self._row_locations.get_key(row_index)
+        column_key = self._column_locations.get_key(column_index)
+        if row_key is None or column_key is None:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        value = self._data[row_key][column_key]
+        key = (
+            row_index,
+            column_index,
+            base_style,
+            width,
+            cursor,
+            hover,
+            self._show_hover_cursor,
+            self._pseudo_class_state,
+        )
+        hit = self._cell_lines.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        if len(self._cell_lines) > CELL_CACHE_SIZE:
+            self._cell_lines.clear()
+        self._cell_lines[key] = (value, lines)
+        return lines
 
     @property
     def selected_name(self) -> str | None:
