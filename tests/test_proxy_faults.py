@@ -298,3 +298,22 @@ async def test_anthropic_stream_cut_keeps_the_exact_input_from_message_start(
     assert event.input_tokens == billed.input_tokens  # message_start said it exactly
     assert event.output_tokens > 0
     assert rig.proxy.statistics().errors == 1
+
+
+async def test_stream_in_flight_at_shutdown_is_still_settled_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("tokenwatch.proxy.http.SHUTDOWN_GRACE", 0.2)
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "max_tokens": 2000}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    gate = RecordingGate()
+    async with aiohttp.ClientSession() as http:
+        async with running_proxy(gate, fake_kwargs={"chunk_ms": 300}) as rig:
+            resp = await http.post(rig.openai_url + "/chat/completions", json=body, headers=headers)
+            await resp.content.readany()  # streaming has begun
+        # the proxy has stopped (after its grace period) with the stream unfinished
+        resp.close()
+    (event,) = gate.events
+    assert event.status == "cancelled"
+    assert event.estimated is True
+    assert event.input_tokens > 0

@@ -70,6 +70,9 @@ class UpstreamCut(Exception):
     """The upstream closed the connection before the end of its response."""
 
 
+SHUTDOWN_GRACE = 5.0
+"""Seconds calls in flight may take to finish when the proxy stops."""
+
 Headers = list[tuple[str, str]]
 ErrorPage = Callable[[int, str], tuple[bytes, str]]
 """Status and message to (body, content type): how the server words its own protocol errors."""
@@ -366,7 +369,8 @@ class HttpServer:
             auto_decompress=False,
             access_log=None,
         )
-        runner = web.ServerRunner(server, handle_signals=False)
+        # at shutdown, calls in flight get a moment to finish; a long stream is then cut
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         try:
             first = web.TCPSite(runner, hosts[0], port, reuse_address=True)

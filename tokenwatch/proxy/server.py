@@ -97,6 +97,8 @@ class _Call:
     strip_usage: bool = False
     started: float = 0.0
     first_byte: float | None = None
+    ended: float | None = None
+    """Set when the exchange is over; the event is then finished in the settle task."""
 
 
 class ProxyServer:
@@ -210,9 +212,14 @@ class ProxyServer:
         self._in_flight += 1
         try:
             await self._forward(req, call, body, doc)
+        except BaseException:
+            # stopped from outside (shutdown): recorded as cancelled, estimated like a hang-up
+            call.event.status = Status.CANCELLED.value
+            raise
         finally:
             self._in_flight -= 1
-            self._settle_soon(admission, call.event)
+            call.ended = _now()
+            self._settle_soon(admission, call.event, call)
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -293,7 +300,6 @@ class ProxyServer:
             call.event.status = Status.CANCELLED.value
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
             await self._upstream_failed(req, call, exc)
-        await self._finish_event(call)
 
     async def _exchange(
         self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
@@ -372,9 +378,17 @@ class ProxyServer:
         message = f"tokenwatch could not reach the upstream: {exc}"
         await self._refuse(req, error_reply(call.target.provider, status, message, code="upstream"))
 
+    async def _finish_quietly(self, call: _Call) -> None:
+        """`_finish_event`, but a failure there must not cost the record: settle what is known."""
+        try:
+            await self._finish_event(call)
+        except Exception as exc:
+            call.event.estimated = True
+            log.warning("could not read the usage of a call (%s)", type(exc).__name__)
+
     async def _finish_event(self, call: _Call) -> None:
         """Fill in timing and usage: the upstream's figures, else a local count marked estimated."""
-        event, reader, end = call.event, call.reader, _now()
+        event, reader, end = call.event, call.reader, call.ended or _now()
         event.latency_ms = (end - call.started) * 1000
         if call.first_byte is not None:
             event.ttft_ms = (call.first_byte - call.started) * 1000
@@ -434,14 +448,19 @@ class ProxyServer:
         except ClientGone:
             pass
 
-    def _settle_soon(self, admission: Admission, event: UsageEvent) -> None:
-        """Settle in the server's task group: the agent's connection is not held while it runs."""
+    def _settle_soon(
+        self, admission: Admission, event: UsageEvent, call: _Call | None = None
+    ) -> None:
+        """Finish the event (`call`, when it went upstream) and settle it in the server's task
+        group: the agent's connection is not held while the store writes."""
         assert self._tg is not None
         self._settling += 1
-        self._tg.start_soon(self._settle, admission, event)
+        self._tg.start_soon(self._settle, admission, event, call)
 
-    async def _settle(self, admission: Admission, event: UsageEvent) -> None:
+    async def _settle(self, admission: Admission, event: UsageEvent, call: _Call | None) -> None:
         with anyio.CancelScope(shield=True):
+            if call is not None:
+                await self._finish_quietly(call)
             try:
                 await self._gate.settle(admission, event)
             except Exception as exc:
