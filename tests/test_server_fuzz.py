@@ -73,8 +73,10 @@ def supervisor() -> Iterator[ServeProcess]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def read_replies(sock: socket.socket, mid: str, count: int) -> list[dict[str, Any]]:
-    """The next `count` replies to `mid` (pushes and other replies skipped)."""
+def read_replies(
+    sock: socket.socket, mid: str, count: int, errors: list[str]
+) -> list[dict[str, Any]]:
+    """The next `count` replies to `mid`; error codes of the others go to `errors`."""
     buf, found = b"", []
     while len(found) < count:
         chunk = sock.recv(65536)
@@ -86,6 +88,8 @@ def read_replies(sock: socket.socket, mid: str, count: int) -> list[dict[str, An
             assert msg["v"] == 1
             if msg.get("type") == "reply" and msg.get("re") == mid:
                 found.append(msg)
+            elif msg.get("type") == "reply" and not msg["ok"]:
+                errors.append(msg["error"]["code"])
     return found
 
 
@@ -114,7 +118,9 @@ def test_fuzzed_lines_never_break_the_server(
         sock.settimeout(30)
         sock.connect(str(supervisor.paths.socket))
         sock.sendall(payload)
-        replies = read_replies(sock, "final", repeats)
+        errors: list[str] = []
+        replies = read_replies(sock, "final", repeats, errors)
     assert all(r["ok"] for r in replies)
+    assert "internal" not in errors, "bad input is refused by name, never by a crash"
     assert count_stored(supervisor.paths.db, call_id) == 1
     assert supervisor.proc.poll() is None
