@@ -1,0 +1,87 @@
+"""The dashboard against a real supervisor (in-process) over its socket: launch, budget form
+persisted to the overlay, pause on a real process, detail and report screens with real replies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.process_fixtures import dead
+from tests.process_fixtures import state as proc_state
+from tests.supervisor_fixtures import running_supervisor
+from tests.tui_fixtures import notifications, row_names, wait_for
+from tokenwatch.client.control import SupervisorClient
+from tokenwatch.config import load_config
+from tokenwatch.paths import Paths
+from tokenwatch.tui.app import build_app
+from tokenwatch.tui.screens.detail import AgentDetailScreen
+from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen
+from tokenwatch.tui.screens.report import ReportScreen
+from tokenwatch.tui.source import SupervisorSource
+
+AGENT = [sys.executable, "-c", "import time\nwhile True: time.sleep(0.5)"]
+
+
+@pytest.mark.slow
+async def test_dashboard_drives_a_real_supervisor(short_tmp: Path) -> None:
+    config_file = short_tmp / "tokenwatch.toml"
+    config_file.write_text(f"[agents.alpha]\ncommand = {json.dumps(AGENT)}\n")
+    paths = Paths.discover()
+    config = load_config(config_file, paths)
+    async with (
+        running_supervisor(paths, config, proxy=False, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        app = build_app(
+            SupervisorSource(client, interval=0.2),
+            address=str(client.socket_path),
+            launchable=["alpha"],
+            min_refresh=0.0,
+        )
+        async with app.run_test(size=(120, 36)) as pilot:
+            await pilot.press("l", "enter")
+            await wait_for(pilot, lambda: "alpha" in row_names(app), "launched agent shown")
+            await wait_for(pilot, lambda: bool(app.view_of("alpha").agent.pid), "pid known")
+            pid = app.view_of("alpha").agent.pid
+            assert pid is not None
+
+            await pilot.press("b")
+            await wait_for(pilot, lambda: isinstance(app.screen, BudgetScreen), "form open")
+            await pilot.press(*"$2", "enter")
+            await wait_for(
+                pilot, lambda: any(b.name == "agent:alpha:day" for b in app.budgets), "budget live"
+            )
+            saved = load_config(config_file, paths).budget
+            assert [(b.name, b.limit, b.action) for b in saved] == [
+                ("agent:alpha:day", "$2", "pause")
+            ]
+            mine = await anyio.Path(config_file).read_text()
+            assert mine == f"[agents.alpha]\ncommand = {json.dumps(AGENT)}\n"  # never rewritten
+
+            await pilot.press("p")
+            await wait_for(pilot, lambda: proc_state(pid) == "T", "process stopped")
+            await wait_for(pilot, lambda: app.view_of("alpha").agent.state == "paused", "shown")
+
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, AgentDetailScreen), "detail")
+            screen = app.screen
+            assert isinstance(screen, AgentDetailScreen)
+            await wait_for(
+                pilot, lambda: any(a.kind == "pause" for a in screen.actions), "actions loaded"
+            )
+            await pilot.press("escape", "r")
+            await wait_for(pilot, lambda: isinstance(app.screen, ReportScreen), "report")
+            await wait_for(
+                pilot, lambda: "report failed" not in " ".join(notifications(app)), "no error"
+            )
+            await pilot.press("escape", "k")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: dead(pid), "process gone")
+            await wait_for(
+                pilot, lambda: app.view_of("alpha").agent.state == "exited", "shown as exited"
+            )
