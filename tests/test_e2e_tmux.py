@@ -131,3 +131,36 @@ def test_keys_pause_and_kill_real_agents(terminal: Terminal, project: Path) -> N
             if not dead(pid):
                 os.kill(pid, 18)  # SIGCONT so it can die
                 os.kill(pid, 9)
+
+
+def dashboard_pid(term: Terminal) -> int:
+    """The python process running `tokenwatch` under the tmux pane's shell."""
+    shell = int(term.tmux("list-panes", "-t", "tw", "-F", "#{pane_pid}").split()[0])
+
+    def child() -> int | None:
+        for task in Path(f"/proc/{shell}/task").iterdir():
+            kids = (task / "children").read_text().split()
+            if kids:
+                return int(kids[0])
+        return None
+
+    eventually(lambda: child() is not None, "the dashboard process exists")
+    pid = child()
+    assert pid is not None
+    return pid
+
+
+def test_sigterm_restores_the_terminal(terminal: Terminal) -> None:
+    terminal.wait_for("Pause/resume")
+    os.kill(dashboard_pid(terminal), 15)
+    screen = terminal.wait_for("EXITED 0")
+    assert "agents keep running under the supervisor" in screen
+    assert "Pause/resume" not in screen  # the alternate screen is gone: the terminal is back
+
+
+def test_dashboard_without_a_terminal_says_so(project: Path) -> None:
+    done = tokenwatch("dashboard", cwd=project)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "tokenwatch: the dashboard needs a terminal; `tokenwatch status` prints the same figures"
+    )
