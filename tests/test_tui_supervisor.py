@@ -62,6 +62,13 @@ async def test_dashboard_drives_a_real_supervisor(short_tmp: Path) -> None:
             mine = await anyio.Path(config_file).read_text()
             assert mine == f"[agents.alpha]\ncommand = {json.dumps(AGENT)}\n"  # never rewritten
 
+            await pilot.press("t", *"50%", "enter")
+            await wait_for(
+                pilot, lambda: app.view_of("alpha").agent.state == "throttled", "throttled"
+            )
+            await pilot.press("t")  # again: off
+            await wait_for(pilot, lambda: app.view_of("alpha").agent.state == "running", "off")
+
             await pilot.press("p")
             await wait_for(pilot, lambda: proc_state(pid) == "T", "process stopped")
             await wait_for(pilot, lambda: app.view_of("alpha").agent.state == "paused", "shown")
