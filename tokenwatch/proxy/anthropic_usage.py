@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from tokenwatch.core import tokens
 from tokenwatch.proxy.sse import SseEvent
-from tokenwatch.proxy.usage import CallFacts, TextParts, Usage, int_field, model_of, number
+from tokenwatch.proxy.usage import (
+    CallFacts,
+    TextParts,
+    Usage,
+    int_field,
+    json_object,
+    model_of,
+    number,
+)
 
 MESSAGES = "/v1/messages"
 
@@ -55,33 +61,39 @@ def usage_from(doc: Any, base: Usage | None = None) -> Usage | None:
     )
 
 
-class AnthropicReader:
-    """Usage and generated text of one Messages response (JSON, or SSE events)."""
+_USAGE_EVENTS = frozenset({"message_start", "message_delta", "message_stop"})
 
-    __slots__ = ("_text", "complete", "usage")
+
+class AnthropicReader:
+    """Usage and generated text of one Messages response (JSON, or SSE events).
+
+    Only the events that carry usage are decoded as they pass (Anthropic names each event);
+    text deltas are kept as bytes and decoded only when the usage must be estimated.
+    """
+
+    __slots__ = ("_raw", "complete", "usage")
 
     def __init__(self) -> None:
-        self._text = TextParts()
+        self._raw: list[bytes] = []
         self.usage: Usage | None = None
         self.complete = False
 
     def read_json(self, body: bytes) -> None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(doc, dict) and doc.get("type") == "message":
+        doc = json_object(body)
+        if doc is not None and doc.get("type") == "message":
             self.usage = usage_from(doc.get("usage"))
             self.complete = True
 
     def read_event(self, event: SseEvent) -> bool:
         if not event.data:
             return True
-        try:
-            doc = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
+        if event.name == "content_block_delta":
+            self._raw.append(event.data)
             return True
-        if not isinstance(doc, dict):
+        if event.name and event.name not in _USAGE_EVENTS:
+            return True
+        doc = json_object(event.data)
+        if doc is None:
             return True
         kind = doc.get("type")
         if kind == "message_start":
@@ -91,13 +103,17 @@ class AnthropicReader:
         elif kind == "message_delta":
             self.usage = usage_from(doc.get("usage"), self.usage)
         elif kind == "content_block_delta":
-            delta = doc.get("delta")
-            if isinstance(delta, dict):
-                for key in ("text", "partial_json", "thinking"):
-                    self._text.add(delta.get(key))
+            self._raw.append(event.data)
         elif kind == "message_stop":
             self.complete = True
         return True
 
     def output_text(self) -> str:
-        return self._text.text()
+        text = TextParts()
+        for data in self._raw:
+            doc = json_object(data)
+            delta = doc.get("delta") if doc is not None else None
+            if isinstance(delta, dict):
+                for key in ("text", "partial_json", "thinking"):
+                    text.add(delta.get(key))
+        return text.text()

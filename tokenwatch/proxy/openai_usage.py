@@ -8,7 +8,15 @@ import orjson
 
 from tokenwatch.core import tokens
 from tokenwatch.proxy.sse import SseEvent
-from tokenwatch.proxy.usage import CallFacts, TextParts, Usage, int_field, model_of, number
+from tokenwatch.proxy.usage import (
+    CallFacts,
+    TextParts,
+    Usage,
+    int_field,
+    json_object,
+    model_of,
+    number,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -94,24 +102,30 @@ def usage_from(doc: Any, endpoint: str) -> Usage | None:
     )
 
 
-class OpenAIReader:
-    """Usage and generated text of one OpenAI-shaped response."""
+def _has_usage(data: bytes) -> bool:
+    # bytes search first: only the chunk that carries usage is worth parsing on the hot path
+    return b'"usage":{' in data or b'"usage": {' in data
 
-    __slots__ = ("_endpoint", "_strip", "_text", "complete", "usage")
+
+class OpenAIReader:
+    """Usage and generated text of one OpenAI-shaped response.
+
+    Streams are parsed lazily: only events that may carry usage are decoded as they pass; the
+    others are kept as bytes and decoded only if the usage never comes and must be estimated.
+    """
+
+    __slots__ = ("_endpoint", "_raw", "_strip", "complete", "usage")
 
     def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
         self._endpoint = endpoint
         self._strip = strip_usage
-        self._text = TextParts()
+        self._raw: list[bytes] = []
         self.usage: Usage | None = None
         self.complete = False
 
     def read_json(self, body: bytes) -> None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(doc, dict):
+        doc = json_object(body)
+        if doc is not None:
             self.usage = usage_from(doc.get("usage"), self._endpoint)
             self.complete = True
 
@@ -122,54 +136,63 @@ class OpenAIReader:
         if data == b"[DONE]":
             self.complete = True
             return True
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(doc, dict):
-            return True
         if self._endpoint == RESPONSES:
-            self._read_responses_event(doc)
+            return self._read_responses_event(event.name, data)
+        if not _has_usage(data):
+            self._raw.append(data)
             return True
-        return self._read_chunk(doc)
+        doc = json_object(data)
+        if doc is None:
+            return True
+        usage, choices = doc.get("usage"), doc.get("choices")
+        self.usage = usage_from(usage, self._endpoint)
+        self.complete = True  # the usage chunk is the last before [DONE]
+        if choices:
+            self._raw.append(data)
+        return not (self._strip and not choices)
 
-    def _read_chunk(self, doc: dict[str, Any]) -> bool:
-        usage = doc.get("usage")
-        choices = doc.get("choices")
-        if isinstance(usage, dict):
-            self.usage = usage_from(usage, self._endpoint)
-            if self._strip and not choices:
-                return False
-        if isinstance(choices, list):
-            for choice in choices:
-                self._read_choice(choice)
+    def _read_responses_event(self, name: str, data: bytes) -> bool:
+        if name and name not in _FINAL_RESPONSE:
+            self._raw.append(data)
+            return True
+        doc = json_object(data)
+        if doc is None or doc.get("type") not in _FINAL_RESPONSE:
+            self._raw.append(data)
+            return True
+        response = doc.get("response")
+        if isinstance(response, dict):
+            self.usage = usage_from(response.get("usage"), RESPONSES)
+        self.complete = True
         return True
 
-    def _read_choice(self, choice: Any) -> None:
-        if not isinstance(choice, dict):
-            return
-        self._text.add(choice.get("text"))
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            return
-        for key in ("content", "reasoning_content", "refusal"):
-            self._text.add(delta.get(key))
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                self._text.add(function.get("name"))
-                self._text.add(function.get("arguments"))
-
-    def _read_responses_event(self, doc: dict[str, Any]) -> None:
-        kind = doc.get("type")
-        if isinstance(kind, str) and kind.endswith(".delta"):
-            self._text.add(doc.get("delta"))
-        elif kind in _FINAL_RESPONSE:
-            response = doc.get("response")
-            if isinstance(response, dict):
-                self.usage = usage_from(response.get("usage"), RESPONSES)
-            self.complete = True
-
     def output_text(self) -> str:
-        return self._text.text()
+        text = TextParts()
+        for data in self._raw:
+            doc = json_object(data)
+            if doc is None:
+                continue
+            if self._endpoint == RESPONSES:
+                if str(doc.get("type", "")).endswith(".delta"):
+                    text.add(doc.get("delta"))
+                continue
+            choices = doc.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
+                _choice_text(choice, text)
+        return text.text()
+
+
+def _choice_text(choice: Any, text: TextParts) -> None:
+    if not isinstance(choice, dict):
+        return
+    text.add(choice.get("text"))
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    for key in ("content", "reasoning_content", "refusal"):
+        text.add(delta.get(key))
+    calls = delta.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            text.add(function.get("name"))
+            text.add(function.get("arguments"))

@@ -12,7 +12,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import orjson
 
 from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
@@ -49,7 +48,7 @@ from tokenwatch.proxy.routes import (
     upstream_url,
 )
 from tokenwatch.proxy.sse import SseSplitter
-from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt
+from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt, json_object
 
 __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 
@@ -495,13 +494,7 @@ def _now() -> float:
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
-    if body.lstrip()[:1] != b"{":
-        return None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
+    return json_object(body) if body.lstrip()[:1] == b"{" else None
 
 
 def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:

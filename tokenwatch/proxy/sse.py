@@ -26,6 +26,11 @@ class SseSplitter:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         buffer = self._pending + chunk if self._pending else chunk
+        if b"\r" not in buffer:
+            # the usual case (LF only): one C-level split instead of a scan per separator kind
+            parts = buffer.split(b"\n\n")
+            self._pending = parts.pop()
+            return [parse_event(part + b"\n\n") for part in parts]
         events: list[SseEvent] = []
         start = 0
         while True:
@@ -53,6 +58,8 @@ def _next_boundary(buffer: bytes, start: int) -> tuple[int, int]:
 
 
 def parse_event(raw: bytes) -> SseEvent:
+    if raw.startswith(b"data: ") and raw.count(b"\n") == 2:
+        return SseEvent(raw, "", raw[6:-2])  # one data line: most events of most streams
     name = ""
     data: list[bytes] = []
     for line in raw.splitlines():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio.to_thread
+import orjson
 
 from tokenwatch.core import tokens
 from tokenwatch.core.tokens import TokenCount
@@ -79,6 +80,15 @@ def number(doc: Any, *keys: str) -> int:
             return 0
         doc = doc.get(key)
     return doc if isinstance(doc, int) and not isinstance(doc, bool) else 0
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """A JSON object decoded from bytes; None for anything else (invalid JSON, arrays, scalars)."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def model_of(body: dict[str, Any]) -> str:
