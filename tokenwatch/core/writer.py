@@ -8,6 +8,7 @@ import time
 import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from copy import copy
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -327,7 +328,8 @@ class BatchWriter:
         else:
             self.stats.rejected += len(queued)
         for x in batch:
-            if isinstance(x, Item) and x.waiter is not None and x.waiter.fail(error):
+            # Each caller gets its own exception object (they are raised in different tasks).
+            if isinstance(x, Item) and x.waiter is not None and x.waiter.fail(copy(error)):
                 outcome.wake.append(x.waiter)
 
     def _commit(self, events: list[UsageEvent], items: list[Item]) -> tuple[int, dict[int, str]]:
