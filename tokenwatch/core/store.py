@@ -388,11 +388,13 @@ class Store:
         hi = _upper(until)
         last_ts, last_id = since, -1
         sql = (
-            f"{_SELECT_EVENT} WHERE ts < ? AND (ts > ? OR (ts = ? AND id > ?)) "
+            # `ts >= ?` first so each page starts from the index, not from the oldest row.
+            f"{_SELECT_EVENT} WHERE ts >= ? AND ts < ? AND (ts > ? OR id > ?) "
             "ORDER BY ts, id LIMIT ?"
         )
         while True:
-            async with self._reader.execute(sql, (hi, last_ts, last_ts, last_id, batch)) as cur:
+            params = (last_ts, hi, last_ts, last_id, batch)
+            async with self._reader.execute(sql, params) as cur:
                 rows = list(await cur.fetchall())
             for row in rows:
                 yield _event(row)
