@@ -122,11 +122,14 @@ class Incoming:
         declared = self._request.content_length
         if declared is not None and declared > limits.max_body_bytes:
             raise BodyTooLarge
+        content = self._request.content
+        if declared is not None and content.is_eof():
+            return await content.read()  # all here already: no deadline to watch
         left = limits.request_timeout - (asyncio.get_running_loop().time() - self.started)
         parts: list[bytes] = []
         size = 0
         with anyio.move_on_after(max(0.0, left)) as scope:
-            async for chunk in self._request.content.iter_any():
+            async for chunk in content.iter_any():
                 size += len(chunk)
                 if size > limits.max_body_bytes:
                     raise BodyTooLarge
