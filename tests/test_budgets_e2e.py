@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import openai
 import pytest
+from budget_fixtures import call, event
+from supervisor_fixtures import running_supervisor
 
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import BudgetSettings, Config, ProxySettings, SupervisorSettings
+from tokenwatch.core.admission import Refusal
 from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.demo.fake_llm import running_fake_llm
 from tokenwatch.paths import Paths
@@ -77,3 +82,49 @@ async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> Non
     assert sent <= LIMIT
     assert "budget agent:crowd:day" in refusals[0]
     assert "tokenwatch budget set agent:crowd 16k --period day" in refusals[0]
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        data = fh.read()
+    return chr(data[data.rindex(b")") + 2])
+
+
+async def test_a_pause_budget_stops_a_real_agent_and_it_goes_on_once_raised(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tokenwatch.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no project tokenwatch.toml: the user's overlay is edited
+    config = Config(
+        supervisor=SupervisorSettings(timezone="UTC"),
+        budget=[BudgetSettings(scope="agent", target="looper", limit="5k", action="pause")],
+    )
+    child = await anyio.open_process(["sleep", "600"], start_new_session=True)
+    try:
+        async with running_supervisor(
+            Paths.discover(), config, proxy=False, exporters=False
+        ) as sup:
+            engine = sup.engine
+            assert engine is not None
+            engine.register("looper", pid=child.pid)
+            await engine.ingest([event(time.time(), "looper", tokens=6000)])
+            with anyio.fail_after(30):
+                while process_state(child.pid) != "T":
+                    await anyio.sleep(0.01)
+            # Paused, its calls are held; the budget itself would refuse them too.
+            refusal = engine.budgets.reserve(call("looper"), 200, None)
+            assert isinstance(refusal, Refusal)
+
+            argv = ["budget", "set", "agent:looper", "50k"]
+            assert await anyio.to_thread.run_sync(main, argv) == 0
+            await engine.resume("looper", who="test")
+            assert process_state(child.pid) in "SR"
+            admitted = await engine.admit(call("looper", input_tokens=100, max_output_tokens=100))
+            assert admitted.allowed
+            (alert,) = await sup.store.list_alerts()  # type: ignore[union-attr]
+            assert alert.action == "pause"
+            assert alert.message.startswith("looper reached budget agent:looper:day (6k tokens")
+    finally:
+        child.kill()
+        await child.wait()
