@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,23 +14,10 @@ from supervisor_fixtures import running_supervisor
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import BudgetSettings, Config, ProxySettings, SupervisorSettings
 from tokenwatch.core.admission import Refusal
-from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.demo.fake_llm import running_fake_llm
 from tokenwatch.paths import Paths
 
 LIMIT = 8000
-
-
-@contextlib.asynccontextmanager
-async def supervisor_with_proxy(config: Config) -> AsyncIterator[Supervisor]:
-    sup = Supervisor(Paths.discover(), config, exporters=False)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(30):
-            await tg.start(sup.run)
-        try:
-            yield sup
-        finally:
-            sup.request_shutdown()
 
 
 @pytest.mark.slow
@@ -43,7 +28,7 @@ async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> Non
             proxy=ProxySettings(openai_upstream=fake.url + "/v1"),
             budget=[BudgetSettings(scope="agent", target="crowd", limit=LIMIT, action="deny")],
         )
-        async with supervisor_with_proxy(config) as sup:
+        async with running_supervisor(Paths.discover(), config, exporters=False) as sup:
             async with await SupervisorClient.connect(socket_path=sup.paths.socket) as ctl:
                 registered = await ctl.request("register", name="crowd")
             outcomes: list[str] = []
