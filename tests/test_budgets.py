@@ -430,3 +430,8 @@ def test_a_budget_that_cannot_work_is_refused_with_its_name(
 def test_two_budgets_with_one_name_are_refused() -> None:
     with pytest.raises(ConfigError, match="two budgets are named 'd'"):
         Budgets([BudgetSettings(name="d", limit="1k"), BudgetSettings(name="d", limit="2k")])
+
+
+def test_an_unknown_time_zone_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="timezone: unknown time zone 'Mars/Olympus'"):
+        Budgets([], tz="Mars/Olympus")

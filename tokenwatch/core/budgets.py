@@ -257,7 +257,10 @@ class Budgets:
         tz: str = "local",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._tz = zone(tz)
+        try:
+            self._tz = zone(tz)
+        except QuantityError as exc:
+            raise BudgetError(f"[supervisor] timezone: {exc}") from None
         self._clock = clock
         self._ids = itertools.count(1)
         self._budgets: dict[str, _Budget] = {}
