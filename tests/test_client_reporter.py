@@ -276,3 +276,21 @@ async def test_forked_child_reports_on_its_own_connection(short_tmp: Path) -> No
     assert by_model["from-child"] == child.pid
     assert by_model["from-parent"] != child.pid
     assert len(sup.of_type("hello")) == 2
+
+
+async def test_usage_cost_matches_the_ledgers_pricing(short_tmp: Path) -> None:
+    from tokenwatch.core.pricing import PriceTable
+
+    with installed_reporter(short_tmp / "absent.sock"):
+        event = tokenwatch.report(
+            model="gpt-4o-mini",
+            provider="openai",
+            input_tokens=3000,
+            output_tokens=700,
+            cache_read_tokens=1024,
+            reasoning_tokens=0,
+        )
+    expected = PriceTable.load().cost(event)
+    assert expected is not None
+    assert tokenwatch.usage().cost_usd == pytest.approx(expected)
+    assert tokenwatch.usage().cached_cost_usd > 0

@@ -78,16 +78,26 @@ class Rates:
     output: float
     cache_read: float
     cache_write: float
+    reasoning: float | None = None
+    """Reasoning tokens when billed apart from output; None bills them as output."""
 
 
 @functools.cache
 def _price_table() -> Any | None:
     try:
         from tokenwatch.core.pricing import PriceTable
-
-        return PriceTable.load()
     except Exception:  # pricing is another module's job; without it costs are just unknown
         return None
+    try:
+        from tokenwatch.config import load_config
+
+        # The user's [prices.MODEL] overrides, as the supervisor prices with them.
+        return PriceTable.load(load_config().prices)
+    except Exception:  # an unreadable tokenwatch.toml must not cost the agent its totals
+        try:
+            return PriceTable.load()
+        except Exception:
+            return None
 
 
 def rates_for(model: str) -> Rates | None:
@@ -109,6 +119,7 @@ def rates_for(model: str) -> Rates | None:
         output=rate_out,
         cache_read=_rate(found, "cache_read", rate_in),
         cache_write=_rate(found, "cache_write", rate_in),
+        reasoning=_rate(found, "reasoning"),
     )
 
 
@@ -201,11 +212,15 @@ def _cost_split(event: UsageEvent, rates: Rates | None) -> tuple[float, float, f
     if rates is None:
         return None
     uncached = max(0, event.input_tokens - event.cache_read_tokens - event.cache_write_tokens)
+    output = event.output_tokens * rates.output
+    if rates.reasoning is not None:
+        reasoning = min(event.reasoning_tokens, event.output_tokens)
+        output += reasoning * (rates.reasoning - rates.output)
     per = 1_000_000
     return (
         (uncached * rates.input + event.cache_write_tokens * rates.cache_write) / per,
         event.cache_read_tokens * rates.cache_read / per,
-        event.output_tokens * rates.output / per,
+        output / per,
     )
 
 
