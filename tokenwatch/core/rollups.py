@@ -76,9 +76,14 @@ def summary_sql(
     filters: Mapping[str, str],
     now: float,
 ) -> tuple[str, list[Any]]:
-    """One query summing every window's pieces; grouped by `key` when given."""
+    """One query summing every window's pieces; grouped by `key` when given.
+
+    `key` is a quoted dimension, `label` (the window's label) or None for one total row. Each
+    piece projects only the key and `task` (for the distinct count): fewer columns to carry.
+    """
     where, filter_params = filter_sql(filters)
-    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
+    key_col = key if key not in (None, "label") else "''"
+    cols = f"? AS label, {key_col} AS k, task"
     rollup_cols = ", ".join(name for name, _ in MEASURES)
     raw_cols = ", ".join(f"{_RAW_MEASURES.get(name, name)} AS {name}" for name, _ in MEASURES)
     parts: list[str] = []
@@ -89,20 +94,21 @@ def summary_sql(
                 parts.append(
                     # The time range is always the selective part: never let a filter on
                     # agent pick the (agent, id) index and walk all of that agent's history.
-                    f"SELECT ? AS label, {dims}, {raw_cols} FROM events INDEXED BY events_ts "
+                    f"SELECT {cols}, {raw_cols} FROM events INDEXED BY events_ts "
                     f"WHERE ts >= ? AND ts < ?{where}"
                 )
             else:
                 parts.append(
-                    f"SELECT ? AS label, {dims}, {rollup_cols} FROM {table} "
+                    f"SELECT {cols}, {rollup_cols} FROM {table} "
                     f"WHERE bucket >= ? AND bucket < ?{where}"
                 )
             params += [label, a, b, *filter_params]
     if not parts:
-        parts.append(f"SELECT '' AS label, {dims}, {rollup_cols} FROM rollup_hour WHERE 0")
+        parts.append(f"SELECT '' AS label, '' AS k, task, {rollup_cols} FROM rollup_hour WHERE 0")
     sums = ", ".join(f"TOTAL({name})" for name, _ in MEASURES)
-    select_key = key if key is not None else "''"
-    group = f" GROUP BY {key}" if key is not None else ""
+    group_col = None if key is None else "label" if key == "label" else "k"
+    select_key = group_col or "''"
+    group = f" GROUP BY {group_col}" if group_col else ""
     sql = (
         f"SELECT {sums}, COUNT(DISTINCT NULLIF(task, '')), {select_key} "
         f"FROM ({' UNION ALL '.join(parts)}){group}"
