@@ -150,6 +150,19 @@ def test_a_spike_needs_several_fast_calls_not_one_big_one() -> None:
     assert fired_at == [2]  # the third fast call makes a rate; the cooldown holds after
 
 
+def test_a_spike_that_goes_on_escalates_after_its_cooldown() -> None:
+    clock = Clock(T0)
+    rule = RuleSettings(
+        name="spike", detector="spike", action="throttle", escalate=["pause"], cooldown=120
+    )
+    rules = Rules([rule], clock=clock)
+    feed(rules, clock, [sent(T0 + 60 * i, f"s{i}", 1000) for i in range(30)])
+    burst = [sent(T0 + 1805 + 4 * i, f"b{i}", 4000) for i in range(90)]  # 6 minutes of it
+    signals = feed(rules, clock, burst)
+    assert [s.action for s in signals] == ["throttle", "pause", "pause"]
+    assert signals[1].alert.ts - signals[0].alert.ts >= 120
+
+
 def test_task_tokens_learns_an_agents_usual_task_from_the_tasks_it_finished() -> None:
     clock = Clock(T0)
     rules = Rules([RuleSettings(name="tt", detector="task_tokens", action="pause")], clock=clock)

@@ -120,25 +120,25 @@ def spike(
     *,
     factor: float = SPIKE_FACTOR,
     window: float = SPIKE_WINDOW,
+    since: float = float("-inf"),
 ) -> Finding | None:
-    """The agent's tokens over the last `window` s above `factor` x its usual window.
+    """The agent's tokens over the last `window` s (calls after `since` only) above `factor` x
+    its usual window.
 
-    Its usual window is the median, over its calls in the baseline span, of the tokens in the
-    `window` s up to each call: an agent that always works in bursts has bursty windows as its
-    usual, so only a pace it has not kept before counts."""
+    Its usual window is the median of its busy windows: the baseline span before the current
+    window is cut into windows of the same length and those with calls are compared, so an
+    agent that always works in bursts has bursts as its usual, and idle time does not count."""
     if not events:
         return None
     ok = _ok(events)
-    current = [e for e in ok if now - window < e.ts <= now]
+    current = [e for e in ok if max(now - window, since) < e.ts <= now]
     if len(current) < SPIKE_MIN_CALLS:
         return None
-    before = [e for e in ok if now - window - BASELINE_SPAN < e.ts <= now - window]
-    if (
-        len(before) < SPIKE_MIN_CALLS
-        or now - window - before[0].ts < SPIKE_BASELINE_WINDOWS * window
-    ):
+    edge = now - window
+    before = [e for e in ok if edge - BASELINE_SPAN < e.ts <= edge]
+    if len(before) < SPIKE_MIN_CALLS or edge - before[0].ts < SPIKE_BASELINE_WINDOWS * window:
         return None
-    usual = statistics.median(_window_sums(before, window))
+    usual = statistics.median(_busy_windows(before, edge, window))
     burning = sum(e.total_tokens for e in current)
     if usual <= 0 or burning <= factor * usual:
         return None
@@ -152,17 +152,13 @@ def spike(
     )
 
 
-def _window_sums(events: Sequence[UsageEvent], window: float) -> list[float]:
-    """For each call (oldest first), the tokens of the calls in the `window` s up to it."""
-    sums: list[float] = []
-    total, lo = 0.0, 0
+def _busy_windows(events: Sequence[UsageEvent], edge: float, window: float) -> list[float]:
+    """Tokens per `window`-long slice before `edge`, for the slices that had calls."""
+    slices: dict[int, float] = {}
     for e in events:
-        total += e.total_tokens
-        while events[lo].ts <= e.ts - window:
-            total -= events[lo].total_tokens
-            lo += 1
-        sums.append(total)
-    return sums
+        k = int((edge - e.ts) // window)
+        slices[k] = slices.get(k, 0.0) + e.total_tokens
+    return list(slices.values())
 
 
 def hourly_overspend(

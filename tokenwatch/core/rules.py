@@ -223,7 +223,7 @@ class Rules:
     ) -> Signal | None:
         firing = self._firing(rule, event.agent)
         events = [e for e in mem.events if e.ts > firing.since]
-        finding = self._detect(rule, event, events, mem, now) if events else None
+        finding = self._detect(rule, event, events, mem, now, firing.since) if events else None
         return self._fire(rule, event.agent, finding, now)
 
     def _detect(
@@ -233,6 +233,7 @@ class Rules:
         events: list[UsageEvent],
         mem: _AgentMemory,
         now: float,
+        since: float,
     ) -> Finding | None:
         level, window = rule.threshold, rule.window
         kind = rule.detector
@@ -245,7 +246,14 @@ class Rules:
             )
         if kind == "spike":
             factor = level or detect.SPIKE_FACTOR
-            found = detect.spike(events, now, factor=factor, window=window or detect.SPIKE_WINDOW)
+            # The baseline is the agent's whole recent history; only the burst must be fresh.
+            found = detect.spike(
+                list(mem.events),
+                now,
+                factor=factor,
+                window=window or detect.SPIKE_WINDOW,
+                since=since,
+            )
             if found is None and self._budgets is not None:
                 found = detect.hourly_overspend(events, now, self._budgets(), factor=factor)
             return found
