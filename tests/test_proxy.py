@@ -226,3 +226,19 @@ async def test_curl_gets_the_upstream_bytes(rig: ProxyRig) -> None:
     (event,) = await rig.gate.wait_settled(1)
     assert event.output_tokens == reply["usage"]["completion_tokens"]
     assert_matches_fake(rig)
+
+
+async def test_client_that_did_not_ask_for_usage_sees_no_trace_of_it(rig: ProxyRig) -> None:
+    import aiohttp
+
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(rig.openai_url + "/chat/completions", json=body, headers=headers) as resp,
+    ):
+        text = (await resp.read()).decode()
+    assert "usage" not in text
+    assert text.rstrip().endswith("data: [DONE]")
+    (event,) = await rig.gate.wait_settled(1)
+    assert event.output_tokens == rig.fake.calls[0].output_tokens

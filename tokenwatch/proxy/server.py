@@ -353,7 +353,7 @@ class ProxyServer:
                 # whole events only, so the usage chunk the client did not ask for can be left out
                 out = b"".join(e.raw for e in splitter.feed(chunk) if read(e))
                 if out:
-                    await req.write(out)
+                    await req.write(_without_null_usage(out))
                 continue
             await req.write(chunk)  # relay first: parsing must not delay the agent's tokens
             for event in splitter.feed(chunk):
@@ -504,6 +504,13 @@ def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
     if target.provider == ANTHROPIC:
         return anthropic_usage.read_request(target.endpoint, doc)
     return openai_usage.read_request(target.endpoint, doc)
+
+
+def _without_null_usage(events: bytes) -> bytes:
+    """Chunks as the client would have had them without the usage we asked for: OpenAI adds
+    `"usage":null` to every chunk once asked (inside a JSON string the quotes would be escaped,
+    so this never touches content)."""
+    return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
 
 
 def _is_sse(headers: Headers) -> bool:
