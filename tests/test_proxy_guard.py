@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -200,13 +199,17 @@ async def test_non_loopback_bind_is_refused() -> None:
 
 
 async def test_listens_on_ipv6_loopback_too(rig: ProxyRig) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
     try:
-        conn = await anyio.connect_tcp("::1", port_of(rig))
+        probe = await anyio.connect_tcp("::1", port_of(rig))
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
-    await conn.aclose()
+    await probe.aclose()
+    url = f"http://[::1]:{port_of(rig)}/a/{rig.token}/v1/models"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+        assert resp.status == 200
+        models = await resp.json()
+    assert models["data"]
 
 
 class _NeverGate:
