@@ -1,0 +1,102 @@
+"""The proxy inside the real supervisor: usage stored as fake-llm billed it, the key nowhere."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import openai
+import pytest
+
+from tests.proxy_fixtures import API_KEY
+from tokenwatch.client.control import SupervisorClient
+from tokenwatch.config import Config, ProxySettings
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.supervisor import Supervisor
+from tokenwatch.demo.fake_llm import running_fake_llm
+from tokenwatch.paths import Paths
+
+MESSAGES = [{"role": "user", "content": "Explain what a reverse proxy does, briefly."}]
+
+
+@asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Supervisor]:
+    sup = Supervisor(Paths.discover(), config, proxy=True, exporters=False)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(30):
+            await tg.start(sup.run)
+        try:
+            yield sup
+        finally:
+            sup.request_shutdown()
+
+
+async def stored(sup: Supervisor, agent: str, count: int) -> list[UsageEvent]:
+    assert sup.store is not None
+    with anyio.fail_after(30):
+        while len(rows := await sup.store.history(agent=agent)) < count:
+            await anyio.sleep(0.02)
+    return [row.event for row in reversed(rows)]
+
+
+async def calls_through(base_url: str) -> None:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as oai:
+        await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+        stream = await oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        async for _ in stream:
+            pass
+        with pytest.raises(openai.InternalServerError):
+            await oai.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                extra_headers={"x-fake-llm-fault": "500"},
+            )
+
+
+@dataclass
+class Scan:
+    scanned: list[str]
+    leaks: list[str]
+
+
+def files_with(home: Path, needle: bytes) -> Scan:
+    """Every file under `home` (ledger, WAL, logs, sockets skipped) that contains `needle`."""
+    files = [p for p in home.rglob("*") if p.is_file()]
+    ledger = [p.name for p in files if "-wal" in p.name or p.suffix in {".db", ".sqlite"}]
+    return Scan(ledger, [str(p) for p in files if needle in p.read_bytes()])
+
+
+@pytest.mark.slow
+async def test_canary_key_is_nowhere_on_disk_and_usage_is_exact(
+    tokenwatch_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="tokenwatch")
+    async with running_fake_llm() as fake:
+        config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+        async with serving(config) as sup:
+            async with await SupervisorClient.connect(
+                socket_path=Path(sup.paths.socket), start=False
+            ) as ctl:
+                registered = await ctl.request("register", name="canary")
+            await calls_through(registered["env"]["OPENAI_BASE_URL"])
+            events = await stored(sup, registered["name"], 3)
+            live = files_with(tokenwatch_home, API_KEY.encode())  # the WAL is there now
+        billed = list(fake.calls)
+    assert [e.source for e in events] == ["proxy"] * 3
+    assert [(e.input_tokens, e.output_tokens) for e in events[:2]] == [
+        (c.input_tokens, c.output_tokens) for c in billed[:2]
+    ]
+    assert (events[2].status, events[2].http_status, events[2].total_tokens) == ("error", 500, 0)
+    assert any("-wal" in name for name in live.scanned), live.scanned
+    assert live.leaks == []
+    after = files_with(tokenwatch_home, API_KEY.encode())
+    assert after.leaks == []
+    assert API_KEY not in caplog.text
