@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -315,11 +316,32 @@ async def bench_in_process(quick: bool) -> None:
         await runner.cleanup()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU of a process, from /proc (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def proxy_cpu(pid: int, proxied: str, n: int) -> None:
+    """CPU the proxy's own process spends per call, kernel time included: the cost that decides
+    how many calls a core can carry, whatever else the machine is doing."""
+    url = proxied + "/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
+            await sequential(http, url, body, 50)
+            began = _cpu_seconds(pid)
+            await sequential(http, url, body, n)
+            ms = (_cpu_seconds(pid) - began) / n * 1000
+            print(f"{name:<16} proxy process CPU per call: {ms:.3f} ms")
+
+
 async def bench(quick: bool) -> None:
     upstream_proc, port = _spawn("--serve-upstream")
     upstream = f"http://127.0.0.1:{port}/v1"
     proxy_proc, proxied_base = _spawn("--serve-proxy", upstream)
     try:
+        await proxy_cpu(proxy_proc.pid, proxied_base, 300 if quick else 1000)
         await _measure(upstream, proxied_base, quick)
     finally:
         for proc in (proxy_proc, upstream_proc):
