@@ -298,7 +298,9 @@ class ProxyServer:
         except ClientGone:
             call.event.status = Status.CANCELLED.value
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
-            await self._upstream_failed(req, call, exc)
+            call.event.status = Status.ERROR.value
+            status = await self._upstream_failed(req, call.target.provider, exc)
+            call.event.http_status = status or call.event.http_status
 
     async def _exchange(
         self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
@@ -366,16 +368,16 @@ class ProxyServer:
         if call.first_byte is None:
             call.first_byte = _now()
 
-    async def _upstream_failed(self, req: Incoming, call: _Call, exc: Exception) -> None:
+    async def _upstream_failed(self, req: Incoming, provider: str, exc: Exception) -> int | None:
+        """Tell the agent the upstream failed; returns the status sent (None: the stream was cut)."""
         self._errors += 1
-        call.event.status = Status.ERROR.value
         if req.started_response:
             req.abort()  # the client must see a cut stream, not a clean end
-            return
+            return None
         status = 504 if isinstance(exc, UpstreamTimeout) else 502
-        call.event.http_status = status
         message = f"tokenwatch could not reach the upstream: {exc}"
-        await self._refuse(req, error_reply(call.target.provider, status, message, code="upstream"))
+        await self._refuse(req, error_reply(provider, status, message, code="upstream"))
+        return status
 
     async def _finish_quietly(self, call: _Call) -> None:
         """`_finish_event`, but a failure there must not cost the record: settle what is known."""
@@ -433,8 +435,7 @@ class ProxyServer:
         except ClientGone:
             pass
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
-            call = _Call(target, route, CallFacts(), TokenCount(0, True, ""), UsageEvent(), _Null())
-            await self._upstream_failed(req, call, exc)
+            await self._upstream_failed(req, target.provider, exc)
         finally:
             self._in_flight -= 1
 
@@ -471,22 +472,6 @@ class ProxyServer:
                 )
             finally:
                 self._settling -= 1
-
-
-class _Null:
-    """A reader for calls whose response is not read (pass-through)."""
-
-    usage: Usage | None = None
-    complete = False
-
-    def read_json(self, body: bytes) -> None:
-        return None
-
-    def read_event(self, event: Any) -> bool:
-        return True
-
-    def output_text(self) -> str:
-        return ""
 
 
 def _now() -> float:
