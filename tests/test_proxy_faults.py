@@ -317,3 +317,20 @@ async def test_stream_in_flight_at_shutdown_is_still_settled_once(
     assert event.status == "cancelled"
     assert event.estimated is True
     assert event.input_tokens > 0
+
+
+async def test_responses_stream_cut_is_estimated_from_the_deltas_received(rig: ProxyRig) -> None:
+    async with client(rig, **{FAULT: "cut:8"}) as oai:
+        stream = await oai.responses.create(
+            model="gpt-4o-mini", input="Tell me a long story.", stream=True
+        )
+        with pytest.raises(Exception) as caught:  # the SDK's transport error for a cut body
+            async for _ in stream:
+                pass
+        assert not isinstance(caught.value, AssertionError)
+    (event,) = await rig.gate.wait_settled(1)
+    (billed,) = rig.fake.calls
+    assert event.estimated is True
+    assert event.endpoint == "/v1/responses"
+    assert event.input_tokens == billed.input_tokens
+    assert 0 < event.output_tokens <= billed.output_tokens
