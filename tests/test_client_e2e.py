@@ -130,3 +130,32 @@ async def test_call_through_the_proxy_is_counted_once(
         fake.calls[0].output_tokens,
     )
     assert tokenwatch.usage().requests == 2, "usage() counts the proxied call too"
+
+
+@pytest.mark.slow
+async def test_throttled_agent_is_told_to_wait(
+    fake: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenwatch.client import gate
+
+    waits: list[float] = []
+
+    async def record_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(gate, "sleep_async", record_wait)
+    async with serving(Config()) as sup:
+        socket = Path(sup.paths.socket)
+        with installed_reporter(socket, name="slowpoke") as rep:
+            async with openai.AsyncOpenAI(
+                base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
+            ) as client:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                async with await SupervisorClient.connect(socket_path=socket, start=False) as ctl:
+                    await ctl.request("throttle", agent="slowpoke", rate="60/min", who="test")
+                for _ in range(3):
+                    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            await anyio.to_thread.run_sync(rep.wait_flushed, 30.0)
+    assert waits, "the supervisor's throttle reached the SDK as a wait before a call"
+    assert all(w > 0 for w in waits)
+    assert len(fake.calls) == 4, "throttled, not refused"
