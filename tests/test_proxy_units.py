@@ -130,3 +130,70 @@ def test_ask_for_usage_only_when_the_client_did_not() -> None:
     assert openai_usage.ask_for_usage("/v1/chat/completions", already) is None
     assert openai_usage.ask_for_usage("/v1/chat/completions", {**body, "stream": False}) is None
     assert openai_usage.ask_for_usage("/v1/embeddings", body) is None
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+PIECES = st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=8)
+
+
+@given(PIECES, st.integers(0, 10_000), st.integers(0, 5000), st.lists(st.integers(0, 10**6)))
+def test_chat_stream_usage_and_text_survive_any_chunking(
+    pieces: list[str], prompt: int, cached: int, cuts: list[int]
+) -> None:
+    usage = {
+        "prompt_tokens": prompt + cached,
+        "completion_tokens": len(pieces),
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+    chunks = [{"choices": [{"index": 0, "delta": {"content": p}}], "usage": None} for p in pieces]
+    docs = [*chunks, {"choices": [], "usage": usage}]
+    stream = b"".join(b"data: " + orjson.dumps(d) + b"\n\n" for d in docs) + b"data: [DONE]\n\n"
+    reader = openai_usage.OpenAIReader("/v1/chat/completions", strip_usage=True)
+    splitter = SseSplitter()
+    kept = b"".join(
+        e.raw
+        for part in split_at(stream, cuts)
+        for e in splitter.feed(part)
+        if reader.read_event(e)
+    )
+    assert reader.complete
+    assert reader.usage == openai_usage.usage_from(usage, "/v1/chat/completions")
+    assert reader.usage is not None
+    assert reader.usage.cache_read_tokens == cached
+    assert reader.output_text() == "".join(pieces)
+    assert b'"usage":{' not in kept  # the asked-for usage chunk is cut out, nothing else
+    assert kept.count(b"\n\n") == len(pieces) + 1
+
+
+@given(PIECES, st.integers(0, 10_000), st.integers(0, 5000), st.lists(st.integers(0, 10**6)))
+def test_anthropic_stream_usage_survives_any_chunking(
+    pieces: list[str], fresh: int, reads: int, cuts: list[int]
+) -> None:
+    start_usage = {"input_tokens": fresh, "cache_read_input_tokens": reads, "output_tokens": 1}
+    events = [
+        ("message_start", {"type": "message_start", "message": {"usage": start_usage}}),
+        *[
+            ("content_block_delta", {"type": "content_block_delta", "delta": {"text": p}})
+            for p in pieces
+        ],
+        ("message_delta", {"type": "message_delta", "usage": {"output_tokens": len(pieces)}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    stream = b"".join(
+        b"event: " + name.encode() + b"\ndata: " + orjson.dumps(doc) + b"\n\n"
+        for name, doc in events
+    )
+    reader = anthropic_usage.AnthropicReader()
+    splitter = SseSplitter()
+    for part in split_at(stream, cuts):
+        for event in splitter.feed(part):
+            reader.read_event(event)
+    assert reader.complete
+    assert reader.usage is not None
+    assert (reader.usage.input_tokens, reader.usage.cache_read_tokens) == (fresh + reads, reads)
+    assert reader.usage.output_tokens == len(pieces)
+    assert reader.output_text() == "".join(pieces)
