@@ -242,11 +242,17 @@ async def time_report(path: Path, now: float) -> tuple[float, float, int]:
 
 
 def time_raw_report(path: Path, now: float) -> float:
+    """The same figures (every sum and the distinct tasks) straight from the window's rows."""
+    measures = (
+        "COUNT(*), SUM(input_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens), "
+        "SUM(output_tokens), SUM(reasoning_tokens), TOTAL(cost_usd), SUM(cost_usd IS NULL), "
+        "SUM(status = 'error'), SUM(status = 'denied'), SUM(estimated != 0), "
+        "COUNT(DISTINCT NULLIF(task, ''))"
+    )
     db = sqlite3.connect(path)
     start = time.perf_counter()
     db.execute(
-        "SELECT agent, COUNT(*), SUM(input_tokens), SUM(output_tokens), TOTAL(cost_usd), "
-        "COUNT(DISTINCT task) FROM events INDEXED BY events_ts WHERE ts >= ? GROUP BY agent",
+        f"SELECT agent, {measures} FROM events INDEXED BY events_ts WHERE ts >= ? GROUP BY agent",
         (now - DAY,),
     ).fetchall()
     elapsed = time.perf_counter() - start
