@@ -109,7 +109,7 @@ def _forced_tool(ex: Exchange) -> ToolCall | None:
     if not schemas or not isinstance(choice, dict) or choice.get("type") not in ("any", "tool"):
         return None
     name = choice.get("name") if choice.get("type") == "tool" else next(iter(schemas))
-    if name not in schemas:
+    if not isinstance(name, str) or name not in schemas:
         raise BadRequest(f"tool_choice.name: tool '{name}' not found in tools")
     return compose_tool_call(repr(ex.body.get("messages")), str(name), schemas[name])
 

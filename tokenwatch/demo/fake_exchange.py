@@ -147,6 +147,8 @@ class Exchange:
 
     def take(self, body: dict[str, Any], fault: Fault) -> None:
         """Adopt the parsed request body and the fault planned for it."""
+        if body.get("tools") is not None and not isinstance(body["tools"], list):
+            raise BadRequest("'tools' must be a list of tools")
         self.body = body
         self.fault = fault
         self.model = str(body.get("model", ""))

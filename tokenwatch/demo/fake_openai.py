@@ -115,7 +115,7 @@ def _forced_tool(ex: Exchange, *, nested: bool) -> ToolCall | None:
     if isinstance(choice, dict):
         named = choice.get("function") if nested else choice
         name = named.get("name", name) if isinstance(named, dict) else name
-    if name not in schemas:
+    if not isinstance(name, str) or name not in schemas:
         raise BadRequest(f"tool_choice names '{name}', which is not in 'tools'")
     return compose_tool_call(
         repr(ex.body.get("messages") or ex.body.get("input")), name, schemas[name]
