@@ -103,6 +103,7 @@ class Supervisor:
         self.server: SocketServer | None = None
         self.store: Store | None = None
         self.proxy_url = ""
+        self.metrics_url = ""
         self.recovered: list[str] = []
 
     def request_shutdown(self) -> None:
@@ -116,6 +117,7 @@ class Supervisor:
             "version": __version__,
             "socket": str(self.paths.socket),
             "proxy_url": self.proxy_url,
+            "metrics_url": self.metrics_url,
             "db": str(self.paths.db),
             "config": self.config.source,
             "started_at": self.started_at,
@@ -226,7 +228,10 @@ class Supervisor:
 
             prom = PrometheusExporter(settings.prometheus, engine.snapshot)
             engine.add_listener(prom.observe)
-            await tg.start(prom.serve)
+            port = await tg.start(prom.serve)
+            host = settings.prometheus.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+            self.metrics_url = f"http://{host}:{port}/metrics"
+            log.info("metrics on %s", self.metrics_url)
         if settings.otlp.endpoint:
             from tokenwatch.export.otlp import OtlpExporter
 
