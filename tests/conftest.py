@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.otlp_fixtures"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -1,4 +1,4 @@
-"""A running supervisor's /metrics, parsed by Prometheus' own parser, equals its ledger."""
+"""A running supervisor exports what its ledger holds: /metrics (Prometheus' own parser) and OTLP."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.otlp_fixtures import Collector, histogram_sums
 from tests.supervisor_fixtures import quiet_config, raw_client, running_supervisor, usage_event
-from tokenwatch.config import ExportSettings, PrometheusSettings
+from tokenwatch.config import ExportSettings, OtlpSettings, PrometheusSettings
 from tokenwatch.core.store import Store
 from tokenwatch.paths import Paths
 
@@ -83,3 +84,31 @@ async def test_scraped_metrics_equal_the_ledger() -> None:
         )
     assert metric_sum(text, "tokenwatch_unpriced_requests_total", model="unheard-of-model") == 1
     assert totals.unpriced_requests == 1
+
+
+async def test_supervisor_ships_spans_and_metrics_to_an_otlp_collector(
+    collector: Collector,
+) -> None:
+    paths = Paths.discover()
+    otlp = OtlpSettings(endpoint=collector.url, spans=True, interval=3600)
+    config = quiet_config(export=ExportSettings(otlp=otlp))
+    async with running_supervisor(paths, config, proxy=False), raw_client(paths.socket) as client:
+        await client.call("hello", name="researcher", pid=0)
+        for i, (_, model, fields) in enumerate(CALLS):
+            assert (
+                await client.call(
+                    "usage", event=usage_event("researcher", f"o{i}", model=model, **fields)
+                )
+            )["ok"]
+    # Stopping the supervisor flushes the exporter: everything recorded has reached the collector.
+    spans = [
+        s
+        for r in collector.traces
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    assert sorted(s.name for s in spans) == sorted(f"chat {model}" for _, model, _ in CALLS)
+    sums = histogram_sums(collector.metrics, "gen_ai.client.token.usage")
+    assert sums[("gpt-4o", "input")] == 1200
+    assert sums[("o3-mini", "output")] == 900
