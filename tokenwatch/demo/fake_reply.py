@@ -130,7 +130,7 @@ def compose_tool_call(seed: str, name: str, schema: Any) -> ToolCall:
     """Arguments filling each property of the tool's JSON schema with a value of its type."""
     properties = schema.get("properties") if isinstance(schema, dict) else None
     arguments: dict[str, Any] = {}
-    for i, (key, spec) in enumerate((properties or {}).items()):
+    for i, (key, spec) in enumerate(properties.items() if isinstance(properties, dict) else []):
         kind = spec.get("type", "string") if isinstance(spec, dict) else "string"
         enum = spec.get("enum") if isinstance(spec, dict) else None
         if isinstance(enum, list) and enum:
