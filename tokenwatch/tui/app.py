@@ -13,6 +13,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message_pump import MessagePump
 from textual.screen import Screen
+from textual.timer import Timer
 
 from tokenwatch.core.models import Action, Agent, AgentView, BudgetStatus, Snapshot
 from tokenwatch.tui.messages import (
@@ -89,6 +90,7 @@ class TokenwatchApp(App[None]):
         self.received = 0
         self._pending: Snapshot | None = None
         self._last_apply = float("-inf")
+        self._refresh_timer: Timer | None = None
         self._main = MainScreen(address=address, max_rows=max_rows, clock=clock)
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -126,13 +128,16 @@ class TokenwatchApp(App[None]):
     def _snapshot(self, message: SnapshotArrived) -> None:
         self.received += 1
         self._pending = message.snapshot
+        if self._refresh_timer is not None:
+            return  # the timer already set applies the newest snapshot
         wait = self._last_apply + self.min_refresh - time.monotonic()
         if wait <= 0:
             self._apply_pending()
-        elif self._pending is message.snapshot:
-            self.set_timer(wait, self._apply_pending, name="refresh")
+        else:
+            self._refresh_timer = self.set_timer(wait, self._apply_pending, name="refresh")
 
     def _apply_pending(self) -> None:
+        self._refresh_timer = None
         snap, self._pending = self._pending, None
         if snap is None:
             return
