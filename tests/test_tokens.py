@@ -329,3 +329,27 @@ def test_count_cli_missing_file_is_one_line_and_nonzero(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "no such file" in err
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON, JSON)
+def test_any_json_counts_or_raises_type_error(messages: object, system: object) -> None:
+    for count in (
+        lambda: count_messages(messages, "gpt-4o"),  # type: ignore[arg-type]
+        lambda: count_anthropic(system, messages, "claude-haiku-4-5"),  # type: ignore[arg-type]
+        lambda: count_responses_input(messages, None, "gpt-4.1"),  # type: ignore[arg-type]
+    ):
+        try:
+            result = count()
+        except TypeError:
+            continue
+        assert result.tokens >= 0
