@@ -110,6 +110,7 @@ def start(*args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_exits_cleanly_and_never_logs_keys(sig: signal.Signals) -> None:
     proc = start("--port", "0")
