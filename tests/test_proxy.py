@@ -242,3 +242,23 @@ async def test_client_that_did_not_ask_for_usage_sees_no_trace_of_it(rig: ProxyR
     assert text.rstrip().endswith("data: [DONE]")
     (event,) = await rig.gate.wait_settled(1)
     assert event.output_tokens == rig.fake.calls[0].output_tokens
+
+
+async def test_near_duplicate_prompts_share_a_shape_but_not_a_hash(
+    rig: ProxyRig, oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic
+) -> None:
+    # A loop that only bumps a counter or a timestamp must look the same to the runaway detector.
+    for attempt in (1, 2):
+        prompt = f"Attempt {attempt} at 2026-11-23T10:0{attempt}:00Z: fix the failing test"
+        await oai.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+        await ant.messages.create(
+            model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": prompt}]
+        )
+    events = await rig.gate.wait_settled(4)
+    openai_calls = [e for e in events if e.provider == "openai"]
+    claude_calls = [e for e in events if e.provider == "anthropic"]
+    for first, second in (openai_calls, claude_calls):
+        assert first.prompt_hash != second.prompt_hash
+        assert first.prompt_shape == second.prompt_shape != ""

@@ -10,6 +10,7 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     TextParts,
     Usage,
+    fingerprint,
     int_field,
     json_object,
     model_of,
@@ -28,7 +29,7 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
         return facts
     system, messages = body.get("system"), body.get("messages")
     facts.max_output_tokens = int_field(body, "max_tokens")
-    facts.prompt_hash = tokens.prompt_hash([system, messages] if system else messages)
+    fingerprint(facts, [system, messages] if system else messages)
     facts.prompt = lambda: tokens.count_anthropic(system, messages, model)  # type: ignore[arg-type]
     return facts
 

@@ -12,6 +12,7 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     TextParts,
     Usage,
+    fingerprint,
     int_field,
     json_object,
     model_of,
@@ -38,17 +39,17 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
     if endpoint == CHAT:
         messages = body.get("messages")
         facts.max_output_tokens = int_field(body, "max_completion_tokens", "max_tokens")
-        facts.prompt_hash = tokens.prompt_hash(messages)
+        fingerprint(facts, messages)
         facts.prompt = lambda: tokens.count_messages(messages, model)  # type: ignore[arg-type]
     elif endpoint == RESPONSES:
         given, instructions = body.get("input", ""), body.get("instructions")
         facts.max_output_tokens = int_field(body, "max_output_tokens")
-        facts.prompt_hash = tokens.prompt_hash([instructions, given] if instructions else given)
+        fingerprint(facts, [instructions, given] if instructions else given)
         facts.prompt = lambda: tokens.count_responses_input(given, instructions, model)
     else:
         text = body.get("prompt" if endpoint == COMPLETIONS else "input")
         facts.max_output_tokens = int_field(body, "max_tokens") if endpoint == COMPLETIONS else 0
-        facts.prompt_hash = tokens.prompt_hash(text)
+        fingerprint(facts, text)
         facts.prompt = lambda: _count_texts(text, model)
     return facts
 

@@ -268,6 +268,7 @@ class ProxyServer:
             endpoint=target.endpoint,
             wait_ms=admission.waited_ms,
             prompt_hash=facts.prompt_hash,
+            prompt_shape=facts.prompt_shape,
             source=Source.PROXY.value,
             call_id=req.headers.get(CALL_ID_HEADER) or uuid.uuid4().hex,
         )

@@ -37,10 +37,18 @@ class CallFacts:
     max_output_tokens: int = 0
     """The request's own output limit; 0 when it sets none."""
     prompt_hash: str = ""
+    prompt_shape: str = ""
+    """Hash with numbers, ids and times blanked, so near-duplicate prompts (a loop) collide."""
     metered: bool = True
     """False for calls that cost nothing and are only relayed (count_tokens, models, files)."""
     prompt: Callable[[], TokenCount] | None = None
     """Counts the prompt locally (tiktoken); None when there is nothing to count."""
+
+
+def fingerprint(facts: CallFacts, prompt: Any) -> None:
+    """Set the exact and the near-duplicate hash of a request's prompt (the prompt is not kept)."""
+    facts.prompt_hash = tokens.prompt_hash(prompt)
+    facts.prompt_shape = tokens.prompt_shape_hash(prompt)
 
 
 class Reader(Protocol):
