@@ -349,3 +349,17 @@ async def test_concurrent_appenders_share_commits(store: Store) -> None:
     assert results.count(False) == 25 * 10
     assert (await store.totals(0)).requests == 250
     assert store.statistics().batches < 250  # callers were grouped into shared commits
+
+
+def test_store_can_be_used_from_a_later_event_loop(tokenwatch_home: Path) -> None:
+    # A command may open the ledger in one anyio.run and use or close it in another.
+    store = anyio.run(Store.open, tokenwatch_home / "loops.db")
+
+    async def use() -> bool:
+        with anyio.fail_after(30):
+            return await store.append(ev(NOW, call_id="later"))
+
+    assert anyio.run(use) is True
+    anyio.run(store.aclose)
+    with sqlite3.connect(tokenwatch_home / "loops.db") as db:
+        assert db.execute("SELECT call_id FROM events").fetchall() == [("later",)]

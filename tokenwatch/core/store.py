@@ -16,7 +16,6 @@ from typing import Any, Self, TypeVar
 import aiosqlite
 import anyio
 import anyio.to_thread
-from anyio.lowlevel import current_token
 
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
@@ -196,7 +195,6 @@ class Store:
             path,
             batch_size=batch_size,
             flush_interval=flush_interval,
-            token=current_token(),
         )
         try:
             reader = await aiosqlite.connect(path, isolation_level=None)

@@ -16,7 +16,8 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
-from anyio.lowlevel import EventLoopToken
+import anyio.to_thread
+from anyio.lowlevel import EventLoopToken, current_token
 
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.schema import EVENT_COLUMNS, ROLLUPS, quoted, rollup_refresh_sql
@@ -40,10 +41,12 @@ class StoreUnavailable(Exception):
 class Waiter:
     """What an awaiting caller holds: settled by the writer thread, woken on the event loop."""
 
-    __slots__ = ("done", "error", "remaining", "stored", "value")
+    __slots__ = ("done", "error", "remaining", "stored", "token", "value")
 
     def __init__(self, count: int = 1) -> None:
         self.done = anyio.Event()
+        self.token = current_token()
+        """The event loop to wake this waiter on (whichever loop the caller runs in)."""
         self.remaining = count
         self.stored = 0
         self.value: object = None
@@ -158,13 +161,11 @@ class BatchWriter:
         *,
         batch_size: int,
         flush_interval: float,
-        token: EventLoopToken,
     ) -> None:
         self._conn = conn
         self._path = path
         self._batch_size = max(1, batch_size)
         self._flush_interval = max(0.001, flush_interval)
-        self._token = token
         self._cond = threading.Condition()
         # Plain events (queued without a waiter) or Items; deque appends are thread-safe.
         self._queue: deque[UsageEvent | Item] = deque()
@@ -173,7 +174,6 @@ class BatchWriter:
         self._closing = False
         self._last_id = 0
         """Largest event id before the current batch (its rows are the ones above it)."""
-        self._closed = Waiter()
         self.stats = WriterStatistics()
         self._thread = threading.Thread(target=self._run, name="tokenwatch-ledger", daemon=True)
 
@@ -208,8 +208,8 @@ class BatchWriter:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        await self._closed.done.wait()
-        self._thread.join()
+        # Joined from a worker thread: works whichever event loop opened the store.
+        await anyio.to_thread.run_sync(self._thread.join)
 
     # -- the thread ---------------------------------------------------------------------
 
@@ -228,8 +228,6 @@ class BatchWriter:
                     self._give_up()
         finally:
             self._conn.close()
-            self._closed.settle()
-            self._wake([self._closed])
 
     def _take(self, retry: float) -> list[UsageEvent | Item] | None:
         with self._cond:
@@ -402,21 +400,27 @@ class BatchWriter:
         return stored
 
     def _wake(self, waiters: list[Waiter]) -> None:
-        if not waiters:
-            return
-        native = self._token.native_token
-        # asyncio's loop and trio's token can take a callback without making this thread wait
-        # for the event loop (which may be busy); anything else goes through anyio, blocking.
-        run_soon = getattr(native, "call_soon_threadsafe", None) or getattr(
-            native, "run_sync_soon", None
-        )
-        try:
-            if run_soon is not None:
-                run_soon(_set_all, waiters)
-            else:
-                anyio.from_thread.run_sync(_set_all, waiters, token=self._token)
-        except Exception:
-            pass  # the event loop is gone: nobody is left to wake
+        loops: dict[int, tuple[EventLoopToken, list[Waiter]]] = {}
+        for waiter in waiters:
+            loops.setdefault(id(waiter.token.native_token), (waiter.token, []))[1].append(waiter)
+        for token, group in loops.values():
+            _wake_on(token, group)
+
+
+def _wake_on(token: EventLoopToken, waiters: list[Waiter]) -> None:
+    native = token.native_token
+    # asyncio's loop and trio's token take a callback without making this thread wait for
+    # the event loop (which may be busy); anything else goes through anyio, blocking.
+    run_soon = getattr(native, "call_soon_threadsafe", None) or getattr(
+        native, "run_sync_soon", None
+    )
+    try:
+        if run_soon is not None:
+            run_soon(_set_all, waiters)
+        else:
+            anyio.from_thread.run_sync(_set_all, waiters, token=token)
+    except Exception:
+        pass  # that event loop is gone: nobody is left to wake
 
 
 def _events_of(batch: list[UsageEvent | Item]) -> list[UsageEvent]:
