@@ -49,6 +49,7 @@ def test_headless_demo_pauses_the_looper_and_leaves_the_rest(tokenwatch_home: Pa
         assert agents[name]["state"] == "running", name
         assert agents[name]["tokens"] > 0, f"{name} made no call through the proxy"
         assert not [a for a in state["actions"] if a["agent"] == name and a["kind"] == "pause"]
+        assert not [a for a in state["alerts"] if a["agent"] == name and a["rule"] == "runaway"]
     assert agents["claude-writer"]["models"] == ["claude-haiku-4-5"]
     assert state["usage"]["tokens"] == sum(a["tokens"] for a in agents.values())
 

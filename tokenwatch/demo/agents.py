@@ -18,6 +18,38 @@ PARENT_ENV: Final = "TOKENWATCH_DEMO_PARENT"
 DUMMY_KEY: Final = "sk-tokenwatch-demo-not-a-real-key"
 KINDS: Final = ("researcher", "coder", "summariser", "claude-writer", "looper")
 
+# Healthy agents vary their prompts in words, not only numbers: the runaway rule compares prompt
+# shapes with digits and ids blanked out, and a combination repeats only after the rule's window.
+ASPECTS = (
+    "in 80 words",
+    "with one worked example",
+    "for a new team member",
+    "and its failure modes",
+    "against the usual alternatives",
+    "and where it came from",
+    "and what it costs to run",
+)
+SOURCES = ("nginx", "postgres", "kafka", "redis", "the scheduler", "auth", "billing", "cdn", "dns")
+LEVELS = ("errors", "warnings", "slow requests", "restarts")
+FEATURES = (
+    "retry budget",
+    "dark mode",
+    "CSV export",
+    "SSO login",
+    "rate limits",
+    "audit log",
+    "webhooks",
+)
+PLAN = (
+    "list the tables",
+    "diff the schemas",
+    "write the backfill",
+    "dry-run it on staging",
+    "check the row counts",
+    "switch the reads over",
+)
+MODULES = ("api", "cli", "web", "worker", "storage")
+
 TOPICS = (
     "vector clocks",
     "B-tree page splits",
@@ -77,13 +109,13 @@ def researcher() -> Iterator[float]:
     """Steady: one modest question a second, each on a new topic."""
     client = _openai()
     for n in range(1_000_000):
-        topic = TOPICS[n % len(TOPICS)]
+        topic = f"{TOPICS[n % len(TOPICS)]} {ASPECTS[n % len(ASPECTS)]}"
         _guarded(
             client.chat.completions.create,
             model="gpt-4o-mini",
             messages=[
                 {"role": "system", "content": "You are a careful research assistant."},
-                {"role": "user", "content": f"Question {n}: explain {topic} in 80 words."},
+                {"role": "user", "content": f"Explain {topic}."},
             ],
             max_tokens=120,
         )
@@ -124,7 +156,12 @@ def summariser() -> Iterator[float]:
         _guarded(
             client.chat.completions.create,
             model="gpt-4.1-nano",
-            messages=[{"role": "user", "content": f"Summarise log chunk {n} in one line."}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": f"Summarise the {LEVELS[n % len(LEVELS)]} in the {SOURCES[n % len(SOURCES)]} logs.",
+                }
+            ],
             max_tokens=40,
         )
         yield 2.0
@@ -134,7 +171,11 @@ def claude_writer() -> Iterator[float]:
     """An Anthropic model, streamed through the Messages API."""
     client = _anthropic()
     for n in range(1_000_000):
-        _guarded(_write_note, client, f"Draft note {n} for a small bug fix.")
+        _guarded(
+            _write_note,
+            client,
+            f"Draft a release note on the {FEATURES[n % len(FEATURES)]} fix in {MODULES[n % len(MODULES)]}.",
+        )
         yield 1.5
 
 
@@ -160,7 +201,7 @@ def looper() -> Iterator[float]:
         prompt = (
             "The tool returned an error. Try the same fix again."
             if stuck
-            else f"Plan step {n} of the migration."
+            else f"Plan the next migration step: {PLAN[n % len(PLAN)]}."
         )
         _guarded(
             client.chat.completions.create,
