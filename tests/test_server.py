@@ -206,7 +206,7 @@ async def test_subscriber_gets_a_snapshot_then_usage_pushes() -> None:
     assert reply["data"]["interval"] == 5
     assert (first["type"], first["kind"]) == ("push", "snapshot")
     assert kinds["usage"]["call_id"] == "p1"
-    assert kinds["usage"]["total_tokens"] == 120
+    assert (kinds["usage"]["input_tokens"], kinds["usage"]["output_tokens"]) == (100, 20)
     assert kinds["agent"]["name"] == "pushy"
 
 

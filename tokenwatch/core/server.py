@@ -59,21 +59,17 @@ def peer_credentials(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-_EVENT_TYPES: Final[dict[str, tuple[type, ...]]] = {
-    f.name: (
-        (int,)
-        if f.type in ("int", "int | None")
-        else (int, float)
-        if f.type in ("float", "float | None")
-        else (bool,)
-        if f.type == "bool"
-        else (str,)
-    )
-    for f in dataclasses.fields(UsageEvent)
+_EXACT_TYPES: Final[dict[str, frozenset[type]]] = {
+    "int": frozenset({int}),
+    "int | None": frozenset({int, type(None)}),
+    "float": frozenset({int, float}),
+    "float | None": frozenset({int, float, type(None)}),
+    "bool": frozenset({bool}),
+    "str": frozenset({str}),
 }
-_OPTIONAL_EVENT_FIELDS: Final = frozenset(
-    f.name for f in dataclasses.fields(UsageEvent) if "None" in str(f.type)
-)
+_EVENT_TYPES: Final[dict[str, frozenset[type]]] = {
+    f.name: _EXACT_TYPES[str(f.type)] for f in dataclasses.fields(UsageEvent)
+}
 _COUNT_FIELDS: Final = (
     "input_tokens",
     "output_tokens",
@@ -81,28 +77,30 @@ _COUNT_FIELDS: Final = (
     "cache_write_tokens",
     "reasoning_tokens",
 )
+MAX_WIRE_INT: Final = 2**62
+"""Largest integer a usage field may carry (SQLite stores 64-bit integers)."""
 
 
 def usage_from_wire(data: dict[str, Any]) -> UsageEvent:
-    """A usage event from a message's `event` object, type-checked field by field."""
+    """A usage event from a message's `event` object, type-checked field by field (exact types:
+    a bool is not a count, a string is not a number); unknown keys are ignored."""
     fields: dict[str, Any] = {}
+    types = _EVENT_TYPES
     for name, value in data.items():
-        types_ = _EVENT_TYPES.get(name)
-        if types_ is None:
+        accepted = types.get(name)
+        if accepted is None:
             continue  # derived or future fields (total_tokens) are not ours to keep
-        if value is None and name in _OPTIONAL_EVENT_FIELDS:
-            fields[name] = None
-            continue
-        if isinstance(value, bool) and bool not in types_:
+        kind = type(value)
+        if kind not in accepted:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' has the wrong type")
-        if not isinstance(value, types_):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' has the wrong type")
+        if kind is int and not -MAX_WIRE_INT <= value <= MAX_WIRE_INT:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' is out of range")
         fields[name] = value
     for name in _COUNT_FIELDS:
         if fields.get(name, 0) < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' cannot be negative")
     event = UsageEvent(**fields)
-    if not isinstance(event.ts, int | float) or event.ts != event.ts or event.ts <= 0:
+    if event.ts <= 0 or event.ts != event.ts:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "usage: 'ts' must be positive Unix seconds")
     return event
 

@@ -127,18 +127,20 @@ class LiveFigures:
         self._windows: dict[str, RollingWindow] = {}
         self._total = RollingWindow(clock)
         self._models: dict[str, dict[str, None]] = defaultdict(dict)
-        self._day_end = 0.0
+        self._day_start = self._day_end = 0.0
         self.today = DayTotals()
         self.alerts: deque[Alert] = deque(maxlen=MAX_ALERTS)
         self._roll_day()
 
     @property
     def day_start(self) -> float:
-        return period_start(self._clock(), "day", self._tz)
+        self._roll_day()
+        return self._day_start
 
     def _roll_day(self) -> None:
         now = self._clock()
         if now >= self._day_end:
+            self._day_start = period_start(now, "day", self._tz)
             self._day_end = period_end(now, "day", self._tz)
             self.today = DayTotals()
 
@@ -154,7 +156,7 @@ class LiveFigures:
             models = self._models[event.agent]
             models.pop(event.model, None)
             models[event.model] = None  # most recent last
-        if event.ts >= self.day_start:
+        if event.ts >= self._day_start:
             self.today.add(event)
 
     def seed_today(self, events: Iterable[UsageEvent]) -> None:

@@ -31,17 +31,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenwatch.supervisor")
 
-_EVENT_FIELDS = UsageEvent.field_names()
 SHUTDOWN_FLUSH_TIMEOUT = 2.0
 """Seconds a stopping supervisor gives peers to receive what was already queued for them."""
 
 
 def wire(obj: Any) -> Any:
-    """A published object as push data (events the fast way: there can be many)."""
+    """A published object as push data. Usage events go as they are (orjson encodes dataclasses
+    natively, several times faster than building a dict; there can be 50,000 a second)."""
     if isinstance(obj, UsageEvent):
-        d = {name: getattr(obj, name) for name in _EVENT_FIELDS}
-        d["total_tokens"] = obj.input_tokens + obj.output_tokens
-        return d
+        return obj
     to_dict = getattr(obj, "to_dict", None)
     return to_dict() if to_dict is not None else obj
 
