@@ -38,9 +38,9 @@ def add_dashboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-rows",
         type=int,
-        default=200,
+        default=100,
         metavar="N",
-        help="agents shown in the table at most; filter with / to find the rest (default 200)",
+        help="agents shown in the table at most; filter with / to find the rest (default 100)",
     )
 
 
@@ -53,7 +53,7 @@ def open_dashboard(args: argparse.Namespace) -> int:
             "the dashboard needs a terminal; `tokenwatch status` prints the same figures"
         )
     interval = float(getattr(args, "interval", 1.0))
-    max_rows = int(getattr(args, "max_rows", 200))
+    max_rows = int(getattr(args, "max_rows", 100))
     if interval <= 0 or max_rows <= 0:
         raise CliError("--interval and --max-rows must be above zero")
     code = anyio.run(_dashboard, interval, max_rows)
@@ -90,7 +90,7 @@ async def run_dashboard(
     *,
     address: str,
     launchable: list[str],
-    max_rows: int = 200,
+    max_rows: int = 100,
 ) -> int:
     """Run the app until quit; SIGTERM and SIGHUP also end it cleanly, restoring the terminal."""
     import signal
