@@ -33,6 +33,7 @@ from tests.supervisor_fixtures import (
     wait_states,
 )
 from tokenwatch.client.control import SupervisorClient, SupervisorError
+from tokenwatch.config import AgentSettings
 from tokenwatch.core.models import Agent
 from tokenwatch.core.store import Store
 from tokenwatch.paths import Paths
@@ -189,3 +190,50 @@ async def test_a_reused_pid_is_never_taken_for_an_old_agent() -> None:
     assert ghost is None or ghost.agent.state == "exited"
     assert state == "T", "nobody continued (or touched) a process that is not the agent"
     assert refused.value.code == "unknown_agent"
+
+
+LAUNCHED = "import os, time; print('hello from', os.environ['TOKENWATCH_AGENT'], flush=True); time.sleep(60)"
+
+
+async def test_launch_starts_a_configured_agent_with_its_log() -> None:
+    paths = Paths.discover()
+    agents = {"echoer": AgentSettings(command=[sys.executable, "-c", LAUNCHED], task="chores")}
+    config = quiet_config(agents=agents)
+    async with (
+        running_supervisor(paths, config, proxy=False, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        launched = await client.request("launch", name="echoer")
+        log = paths.logs_dir / "echoer.log"
+        with anyio.fail_after(30):
+            while b"hello from echoer" not in (log.read_bytes() if log.exists() else b""):
+                await anyio.sleep(0.02)
+        row = next(a for a in await client.request("list") if a["name"] == "echoer")
+        history = await client.request("history", agent="echoer")
+        with pytest.raises(SupervisorError) as unknown:
+            await client.request("launch", name="nope")
+        await client.request("kill", agent="echoer")
+        await wait_gone(launched["pid"])
+    assert (row["state"], row["task"], row["launched"]) == ("running", "chores", True)
+    assert history["log"] == ["hello from echoer"]
+    assert unknown.value.code == "unknown_agent"
+
+
+async def test_history_and_report_come_from_the_ledger() -> None:
+    paths = Paths.discover()
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        await client.request("hello", name="reporter")
+        for n in range(3):
+            await client.request("usage", event=usage_event("", f"h{n}", input_tokens=10 * (n + 1)))
+        history = await client.request("history", agent="reporter", limit=2)
+        report = await client.request("report", by="agent", since=0)
+        with pytest.raises(SupervisorError) as bad:
+            await client.request("report", by="colour")
+    assert [c["call_id"] for c in history["calls"]] == ["h2", "h1"]
+    assert report["rows"][0]["agent"] == "reporter"
+    assert report["rows"][0]["requests"] == 3
+    assert report["rows"][0]["input_tokens"] == 60
+    assert bad.value.code == "bad_message"

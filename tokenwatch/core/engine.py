@@ -743,6 +743,7 @@ class Engine:
         try:
             self._take_hold_of(rec, pid)
         except ProtocolError:
+            self._exited(rec, None)  # gives back its proxy route
             self.roster.remove(rec.name)
             raise
         self._agent_changed(rec)
