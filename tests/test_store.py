@@ -363,3 +363,26 @@ def test_store_can_be_used_from_a_later_event_loop(tokenwatch_home: Path) -> Non
     anyio.run(store.aclose)
     with sqlite3.connect(tokenwatch_home / "loops.db") as db:
         assert db.execute("SELECT call_id FROM events").fetchall() == [("later",)]
+
+
+async def test_two_writers_on_one_file_both_land(tokenwatch_home: Path) -> None:
+    # Like `tokenwatch import` running while the supervisor writes: two write connections.
+    path = tokenwatch_home / "shared.db"
+    async with await Store.open(path) as first, await Store.open(path) as second:
+
+        async def fill(store: Store, name: str) -> None:
+            for i in range(100):
+                await store.append(ev(NOW - i, agent=name, call_id=f"{name}-{i % 50}"))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fill, first, "one")
+                tg.start_soon(fill, second, "two")
+        groups = await first.aggregate("agent", 0)
+        assert [(g.key, g.requests) for g in sorted(groups, key=lambda g: g.key)] == [
+            ("one", 50),
+            ("two", 50),
+        ]
+        # Each sees the other's rows, and the rollups agree with the raw rows.
+        assert (await second.totals(0)).requests == 100
+        assert (await second.totals(NOW - 30, NOW + 1)).requests == 62
