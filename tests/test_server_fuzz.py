@@ -3,6 +3,7 @@ and valid usage sent after the garbage is stored exactly once."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -19,6 +20,9 @@ from hypothesis import strategies as st
 
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.core import protocol
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.protocol import ProtocolError
+from tokenwatch.core.server import usage_from_wire
 
 # Messages that would act on real processes or stop the supervisor are left out of the fuzz.
 UNSAFE = {"shutdown", "attach", "started", "kill", "pause", "pause_all", "resume", "throttle",
@@ -124,3 +128,46 @@ def test_fuzzed_lines_never_break_the_server(
     assert "internal" not in errors, "bad input is refused by name, never by a crash"
     assert count_stored(supervisor.paths.db, call_id) == 1
     assert supervisor.proc.poll() is None
+
+
+@given(data=st.dictionaries(st.sampled_from(UsageEvent.field_names()), json_values, max_size=10))
+def test_usage_objects_are_taken_whole_or_refused(data: dict[str, Any]) -> None:
+    code = ""
+    try:
+        event = usage_from_wire(data)
+    except ProtocolError as exc:
+        code = exc.code
+    else:
+        check_types(event)
+        assert {k: getattr(event, k) for k in data} == data
+        assert min(event.input_tokens, event.output_tokens, event.cache_read_tokens) >= 0
+    assert code in ("", "bad_message")
+
+
+def check_types(event: UsageEvent) -> None:
+    """Every field holds what its annotation says (ints never bools, floats may be ints)."""
+    for f in dataclasses.fields(UsageEvent):
+        value, declared = getattr(event, f.name), str(f.type)
+        if value is None:
+            assert "None" in declared
+        elif declared.startswith("int"):
+            assert type(value) is int
+        elif declared.startswith("float"):
+            assert type(value) in (int, float)
+        else:
+            assert type(value).__name__ == declared
+
+
+@given(
+    tokens=st.integers(0, 2**62),
+    model=st.text(max_size=30),
+    cost=st.none() | st.floats(0, 1e6),
+)
+def test_a_valid_usage_object_keeps_every_value(
+    tokens: int, model: str, cost: float | None
+) -> None:
+    data = {"input_tokens": tokens, "output_tokens": tokens // 3, "model": model, "cost_usd": cost,
+            "call_id": "x", "estimated": True}  # fmt: skip
+    event = usage_from_wire(data)
+    assert (event.input_tokens, event.output_tokens, event.model) == (tokens, tokens // 3, model)
+    assert (event.cost_usd, event.call_id, event.estimated) == (cost, "x", True)
