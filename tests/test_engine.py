@@ -4,7 +4,7 @@ duplicates, snapshots. Real ledger; budgets and rules scripted behind their prot
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,40 +103,43 @@ def event(agent: str, call_id: str, tokens: int = 100) -> UsageEvent:
                       output_tokens=tokens, source="proxy")  # fmt: skip
 
 
+async def call_while_paused(
+    engine: Engine, name: str, then: Callable[[], Awaitable[object]]
+) -> tuple[bool, Admission]:
+    """Pause `name`, send a call, run `then()` once the call is held; (was it held, its answer)."""
+    engine.register(name)
+    await engine.pause(name, who="key")
+    answers: list[Admission] = []
+
+    async def ask() -> None:
+        answers.append(await engine.admit(call(name)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        await anyio.wait_all_tasks_blocked()
+        held = answers == []
+        await then()
+    return held, answers[0]
+
+
 async def test_a_paused_agent_s_calls_wait_until_it_is_resumed(short_tmp: Path) -> None:
     async with running_engine(short_tmp / "u.db") as (engine, _):
-        engine.register("held")
-        await engine.pause("held", who="key")
-        answers: list[Admission] = []
-
-        async def ask() -> None:
-            answers.append(await engine.admit(call("held")))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ask)
-            await anyio.wait_all_tasks_blocked()
-            held_while_paused = answers == []
-            await engine.resume("held", who="key")
-    assert held_while_paused
-    assert answers[0].allowed
+        held, answer = await call_while_paused(
+            engine, "held", lambda: engine.resume("held", who="key")
+        )
+    assert held
+    assert answer.allowed
 
 
 async def test_killing_an_agent_refuses_its_held_calls(short_tmp: Path) -> None:
     async with running_engine(short_tmp / "u.db") as (engine, _):
-        engine.register("doomed")
-        await engine.pause("doomed", who="key")
-        answers: list[Admission] = []
-
-        async def ask() -> None:
-            answers.append(await engine.admit(call("doomed")))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ask)
-            await anyio.wait_all_tasks_blocked()
-            await engine.kill("doomed", who="cli")
-    assert not answers[0].allowed
-    assert answers[0].status == 429
-    assert "killed by cli" in answers[0].message
+        held, answer = await call_while_paused(
+            engine, "doomed", lambda: engine.kill("doomed", who="cli")
+        )
+    assert held
+    assert not answer.allowed
+    assert answer.status == 429
+    assert "killed by cli" in answer.message
 
 
 async def test_a_budget_refusal_names_the_budget_and_when_to_retry(short_tmp: Path) -> None:
