@@ -105,3 +105,30 @@ def test_events_before_since_warm_up_but_are_not_reported() -> None:
     assert [f for f in full.fired if f.ts >= cut] == later.fired
     assert later.first_ts is not None
     assert later.first_ts >= cut
+
+
+async def test_near_duplicate_loops_are_caught_when_replayed_from_the_ledger() -> None:
+    from tokenwatch.core.store import Store
+    from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
+
+    # Only a counter changes between calls: exact hashes differ, shapes collide.
+    prompts = [f"retry #{i}: fix test_parser (attempt id 9f{i}3a)" for i in range(6)]
+    events = [
+        UsageEvent(
+            ts=T0 + 5 * i,
+            agent="looper",
+            model="gpt-4o",
+            input_tokens=900,
+            output_tokens=50,
+            prompt_hash=prompt_hash(p),
+            prompt_shape=prompt_shape_hash(p),
+            call_id=f"n{i}",
+        )
+        for i, p in enumerate(prompts)
+    ]
+    assert len({e.prompt_hash for e in events}) == len(events)
+    rule = RuleSettings(name="loop", detector="runaway", threshold=3, window=60, action="pause")
+    async with await Store.open(Paths.discover().db) as store:
+        await store.append_many(events)
+        result = await Replay([], [rule], since=T0, tz="UTC").feed_store(store)
+    assert [(f.signal.agent, f.signal.action) for f in result.fired][:1] == [("looper", "pause")]

@@ -60,7 +60,11 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         source="proxy",
         estimated=True,
         call_id="call-1",
+        prompt_shape="shape",
     )
+    defaults = UsageEvent(ts=original.ts)
+    unset = [f for f in UsageEvent.field_names() if getattr(original, f) == getattr(defaults, f)]
+    assert unset == ["ts"], f"give these fields a value so the round trip covers them: {unset}"
     assert await store.append(original) is True
     [stored] = await store.history()
     assert stored.event == original

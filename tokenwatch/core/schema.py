@@ -35,6 +35,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "source",
     "estimated",
     "call_id",
+    "prompt_shape",
 )
 
 # The dimensions a rollup row is keyed by (besides its time bucket); every filter must be one.
@@ -179,9 +180,15 @@ def _v2_dedup_rollups_and_supervision(db: sqlite3.Connection) -> None:
         db.execute(rollup_refresh_sql(table, width), (0,))
 
 
+def _v3_prompt_shape(db: sqlite3.Connection) -> None:
+    """The near-duplicate prompt hash, so replayed history catches the loops live detection does."""
+    db.execute("ALTER TABLE events ADD COLUMN prompt_shape TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_events,
     _v2_dedup_rollups_and_supervision,
+    _v3_prompt_shape,
 )
 """MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
 
