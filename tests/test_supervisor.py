@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -237,3 +238,32 @@ async def test_history_and_report_come_from_the_ledger() -> None:
     assert report["rows"][0]["requests"] == 3
     assert report["rows"][0]["input_tokens"] == 60
     assert bad.value.code == "bad_message"
+
+
+async def test_one_client_can_subscribe_and_send_commands_at_once() -> None:
+    paths = Paths.discover()
+    seen: list[tuple[str, Any]] = []
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+
+        async def watch() -> None:
+            async for kind, data in client.subscribe(interval=0.2):
+                seen.append((kind, data))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                registered = await client.request("register", name="busy")
+                action = await client.request("throttle", agent="busy", rate="1k/min")
+                while not any(k == "action" for k, _ in seen):
+                    await anyio.sleep(0.01)
+                while sum(k == "snapshot" for k, _ in seen) < 2:
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+    snapshots = [d for k, d in seen if k == "snapshot"]
+    assert registered["name"] == "busy"
+    assert action["kind"] == "throttle"
+    assert any(d["name"] == "busy" and d["throttle"] == "1k/min" for k, d in seen if k == "agent")
+    assert any(a["agent"]["name"] == "busy" for a in snapshots[-1]["agents"])
