@@ -263,3 +263,27 @@ async def test_names_stay_unique_among_live_agents(short_tmp: Path) -> None:
         engine.exited(first.name, 0)
         third = engine.register("coder")
     assert (first.name, second.name, third.name) == ("coder", "coder-2", "coder")
+
+
+async def test_a_pause_budget_pauses_the_agent_it_refuses_at_once(short_tmp: Path) -> None:
+    from tokenwatch.config import BudgetSettings
+    from tokenwatch.core.budgets import Budgets
+
+    cap = BudgetSettings(name="cap", scope="agent", target="spender", period="total",
+                         limit="1k", action="pause")  # fmt: skip
+    published: list[tuple[str, Any]] = []
+    async with running_engine(short_tmp / "u.db", budgets=Budgets([cap], tz="UTC")) as (
+        engine,
+        store,
+    ):
+        engine.add_listener(lambda kind, obj: published.append((kind, obj)))
+        engine.register("spender")
+        refused = await engine.admit(call("spender", 800))  # worst case 1,600 > 1,000
+        # No call settles after this one: the refusal alone must stop the agent.
+        with anyio.fail_after(30):
+            while not any(kind == "action" for kind, _ in published):
+                await anyio.sleep(0.01)
+        actions = await store.list_actions(agent="spender")
+    assert not refused.allowed
+    assert refused.budget == "cap"
+    assert [(a.kind, a.who) for a in actions] == [("pause", "budget:cap")]

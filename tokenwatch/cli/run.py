@@ -254,10 +254,8 @@ def _child_env(client: SupervisorClient, name: str, reply: dict[str, Any]) -> di
     env.setdefault("TOKENWATCH_SOCKET", str(client.socket_path))
     env["TOKENWATCH_AGENT"] = name
     env["TOKENWATCH_RUN_ID"] = str(reply.get("run_id") or "")
-    try:
-        from tokenwatch.client.autoinstrument import child_env
-    except ImportError:
-        return env
+    from tokenwatch.client.autoinstrument import child_env
+
     return child_env(env)
 
 

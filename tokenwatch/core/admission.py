@@ -105,6 +105,10 @@ class BudgetBook(Protocol):
         """Usage that was not reserved (SDK report without admit, import): count it."""
         ...
 
+    def signals_nowait(self) -> list[Signal]:
+        """Actions that became due outside settle/record (a refusal that makes a limit's action due)."""
+        ...
+
     def statuses(self) -> list[BudgetStatus]: ...
 
 

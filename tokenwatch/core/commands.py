@@ -10,9 +10,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tokenwatch.config import BudgetSettings, Config, ConfigError, parse_config
+from tokenwatch.config import Config, ConfigError, parse_config
 from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.agents import AgentRecord
+from tokenwatch.core.budget_file import overlay_file, remove_budget, set_budget
+from tokenwatch.core.budgets import budget_name
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
@@ -240,17 +242,17 @@ class Commands:
     async def on_set_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         try:
             budget = parse_config({"budget": [msg["budget"]]}, "set_budget").budget[0]
+            self._apply_budgets(_saved(set_budget, self.config, budget))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
-        self._apply_budgets(_persist_budget(self.config, budget))
-        return {"name": budget.name or _budget_name(budget)}
+        return {"name": budget_name(budget)}
 
     async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         name = msg["name"]
-        known = {b.name or _budget_name(b) for b in self.config.budget}
-        if name not in known:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no budget named {name!r}")
-        self._apply_budgets(_forget_budget(self.config, name))
+        try:
+            self._apply_budgets(_saved(remove_budget, self.config, name))
+        except ConfigError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
         return {"name": name}
 
     def _apply_budgets(self, config: Config) -> None:
@@ -342,29 +344,11 @@ def _default_name(command: list[str]) -> str:
     return name[:40] or "agent"
 
 
-def _budget_name(b: BudgetSettings) -> str:
-    return f"{b.scope}:{b.target}:{b.period}"
-
-
-def _persist_budget(config: Config, budget: BudgetSettings) -> Config:
+def _saved(edit: Callable[[Config, Any], Config], config: Config, what: Any) -> Config:
+    """Apply a budget edit to the overlay file; a file that cannot be written is a clear error."""
     try:
-        from tokenwatch.core.budget_file import set_budget
-    except ImportError:
-        kept = [
-            b
-            for b in config.budget
-            if (b.name or _budget_name(b)) != (budget.name or _budget_name(budget))
-        ]
-        return dataclasses.replace(config, budget=[*kept, budget])
-    updated: Config = set_budget(config, budget)
-    return updated
-
-
-def _forget_budget(config: Config, name: str) -> Config:
-    try:
-        from tokenwatch.core.budget_file import remove_budget
-    except ImportError:
-        kept = [b for b in config.budget if (b.name or _budget_name(b)) != name]
-        return dataclasses.replace(config, budget=kept)
-    updated: Config = remove_budget(config, name)
-    return updated
+        return edit(config, what)
+    except OSError as exc:
+        raise ProtocolError(
+            ErrorCode.INTERNAL, f"cannot save budgets to {overlay_file(config)}: {exc.strerror}"
+        ) from None

@@ -42,19 +42,13 @@ from tokenwatch.core.processes import NotPermitted, ProcessGone, ProcessHandle, 
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.quantities import QuantityError, RateKind, parse_rate
 from tokenwatch.core.snapshots import LiveFigures
+from tokenwatch.core.store import StoreUnavailable
 from tokenwatch.core.throttle import TokenBucket
 
 if TYPE_CHECKING:
     from tokenwatch.core.alerting import Notifier
 
 log = logging.getLogger("tokenwatch.engine")
-
-try:
-    from tokenwatch.core.store import StoreUnavailable
-except ImportError:  # pragma: no cover - the ledger lands separately
-
-    class StoreUnavailable(Exception):  # type: ignore[no-redef]
-        """Stand-in until tokenwatch.core.store exists."""
 
 
 RECENT_CALL_IDS: Final = 200_000
@@ -308,6 +302,9 @@ class Engine:
         usd = self._prices.worst_case(call.model, call.input_tokens, call.max_output_tokens)
         got = self.budgets.reserve(call, call.input_tokens + call.max_output_tokens, usd)
         if isinstance(got, Refusal):
+            # A refusal can make a budget's action due (pause the agent it stopped) at once.
+            for signal in self.budgets.signals_nowait():
+                self._act_nowait(signal)
             return Admission(
                 False,
                 status=429,
@@ -935,8 +932,6 @@ def _process_name(pid: int) -> str:
 
 
 def _with_autoinstrument(env: dict[str, str]) -> dict[str, str]:
-    try:
-        from tokenwatch.client.autoinstrument import child_env
-    except ImportError:
-        return env
+    from tokenwatch.client.autoinstrument import child_env
+
     return dict(child_env(env))

@@ -28,6 +28,9 @@ class NoBudgets:
     def record(self, event: UsageEvent) -> list[Signal]:
         return []
 
+    def signals_nowait(self) -> list[Signal]:
+        return []
+
     def statuses(self) -> list[BudgetStatus]:
         return []
 

@@ -3,7 +3,6 @@ exporters and the socket server, and owns their lifetime (signals, clean exit, c
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -17,11 +16,15 @@ import anyio.abc
 import anyio.to_thread
 
 from tokenwatch.config import Config
+from tokenwatch.core.alerting import Notifier
+from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.commands import Commands
 from tokenwatch.core.daemon import instance_lock, remove_pid, write_pid
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import Agent, UsageEvent
+from tokenwatch.core.pricing import PriceTable
 from tokenwatch.core.processes import Spawner, spawn
+from tokenwatch.core.rules import DEFAULT_RULES, Rules
 from tokenwatch.core.server import SocketServer
 from tokenwatch.core.snapshots import GROUPS
 from tokenwatch.paths import Paths
@@ -173,22 +176,27 @@ class Supervisor:
 
     def _build_engine(self, store: Store) -> Engine:
         cfg = self.config
+        budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=self._clock)
+        rules = Rules(
+            cfg.rule or DEFAULT_RULES,
+            clock=self._clock,
+            is_critical=lambda name: _is_critical(engine, name),
+            budgets=budgets.statuses,  # forecast and spike rules read budget status
+        )
+        notify = cfg.alerts.webhook or cfg.alerts.desktop
         engine = Engine(
             store,
-            _prices(cfg),
-            _budgets(cfg, self._clock),
-            _rules(cfg, self._clock, lambda name: _is_critical(engine, name)),
+            PriceTable.load(cfg.prices),
+            budgets,
+            rules,
             settings=cfg.supervisor,
             clock=self._clock,
             spawner=self._spawner,
-            notifier=_notifier(cfg),
+            notifier=Notifier(cfg.alerts) if notify else None,
             agents=cfg.agents,
             logs_dir=self.paths.logs_dir,
             socket_path=str(self.paths.socket),
         )
-        use_budgets = getattr(engine.rules, "use_budgets", None)
-        if use_budgets is not None:
-            use_budgets(engine.budgets.statuses)  # forecast and spike rules read budget status
         return engine
 
     async def _seed(self, engine: Engine, store: Store) -> None:
@@ -207,11 +215,8 @@ class Supervisor:
             await tg.start(notifier.run)
 
     async def _start_proxy(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
-        try:
-            from tokenwatch.proxy.server import ProxyServer, RouteTable
-        except ImportError as exc:
-            log.warning("proxy unavailable (%s): agents report through the SDK only", exc)
-            return
+        from tokenwatch.proxy.server import ProxyServer, RouteTable
+
         table = RouteTable()
         proxy = ProxyServer(engine, table, self.config.proxy, clock=self._clock)
         port = await tg.start(proxy.serve)
@@ -250,51 +255,6 @@ async def _shut_down_at_exit(exporter: Any) -> None:
 def _is_critical(engine: Engine | None, name: str) -> bool:
     rec = engine.roster.get(name) if engine is not None else None
     return rec is not None and rec.agent.critical
-
-
-def _prices(cfg: Config) -> Any:
-    try:
-        from tokenwatch.core.pricing import PriceTable
-    except ImportError:
-        from tokenwatch.core.standins import NoPrices
-
-        log.warning("pricing unavailable: usage is recorded unpriced")
-        return NoPrices()
-    return PriceTable.load(cfg.prices)
-
-
-def _budgets(cfg: Config, clock: Callable[[], float]) -> Any:
-    try:
-        from tokenwatch.core.budgets import Budgets
-    except ImportError:
-        from tokenwatch.core.standins import NoBudgets
-
-        log.warning("budgets unavailable: nothing is enforced")
-        return NoBudgets()
-    return Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=clock)
-
-
-def _rules(cfg: Config, clock: Callable[[], float], is_critical: Callable[[str], bool]) -> Any:
-    try:
-        rules = importlib.import_module("tokenwatch.core.rules")
-    except ImportError:
-        from tokenwatch.core.standins import NoRules
-
-        log.warning("rules unavailable: no detectors run")
-        return NoRules()
-    settings = cfg.rule or list(getattr(rules, "DEFAULT_RULES", []))
-    return rules.Rules(settings, clock=clock, is_critical=is_critical)
-
-
-def _notifier(cfg: Config) -> Any:
-    if not (cfg.alerts.webhook or cfg.alerts.desktop):
-        return None
-    try:
-        from tokenwatch.core.alerting import Notifier
-    except ImportError:
-        log.warning("alert delivery unavailable: alerts are stored and shown only")
-        return None
-    return Notifier(cfg.alerts)
 
 
 async def serve_until_signalled(paths: Paths, config: Config) -> None:
