@@ -267,3 +267,23 @@ async def test_one_client_can_subscribe_and_send_commands_at_once() -> None:
     assert action["kind"] == "throttle"
     assert any(d["name"] == "busy" and d["throttle"] == "1k/min" for k, d in seen if k == "agent")
     assert any(a["agent"]["name"] == "busy" for a in snapshots[-1]["agents"])
+
+
+async def test_a_bad_budget_sent_over_the_socket_is_a_clear_error() -> None:
+    from tokenwatch.client.control import SupervisorClient, SupervisorError
+
+    paths = Paths.discover()
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        with pytest.raises(SupervisorError) as bad_scope:
+            await client.request("set_budget", budget={"scope": "planet", "limit": "1k"})
+        with pytest.raises(SupervisorError) as unknown:
+            await client.request("remove_budget", name="never-set")
+        saved = await client.request("set_budget", budget={"name": "ok", "limit": "$3"})
+    assert bad_scope.value.code == "bad_message"
+    assert "unknown scope 'planet'" in bad_scope.value.message
+    assert unknown.value.code == "bad_message"
+    assert "never-set" in unknown.value.message
+    assert saved == {"name": "ok"}
