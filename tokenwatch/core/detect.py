@@ -68,19 +68,19 @@ def runaway(
     same = [e for e in recent if last.prompt_hash and e.prompt_hash == last.prompt_hash]
     what = "the same prompt"
     if len(same) < repeats and last.prompt_shape:
-        same = [e for e in recent if _near_duplicate(e, last)]
+        same = [e for e in recent if near_duplicate(e, last)]
         what = "nearly the same prompt"
     if len(same) < repeats:
         return None
-    span = same[-1].ts - same[0].ts
-    return Finding(
-        "runaway",
-        last.agent,
-        f"{last.agent} repeated {what} {len(same)} times in {span:.0f} s",
-    )
+    return runaway_finding(last.agent, what, len(same), same[-1].ts - same[0].ts)
 
 
-def _near_duplicate(e: UsageEvent, last: UsageEvent) -> bool:
+def runaway_finding(agent: str, what: str, times: int, span: float) -> Finding:
+    return Finding("runaway", agent, f"{agent} repeated {what} {times} times in {span:.0f} s")
+
+
+def near_duplicate(e: UsageEvent, last: UsageEvent) -> bool:
+    """Same shape and within NEAR_DUPLICATE_SPREAD in size."""
     if e.prompt_shape != last.prompt_shape:
         return False
     big = max(e.input_tokens, last.input_tokens, 1)
@@ -97,10 +97,28 @@ def task_tokens(
     limit: float | None = None,
 ) -> Finding | None:
     """A task's tokens so far over `factor` x its limit, or x the agent's usual (median) task."""
+    return task_over(agent, task, tokens, usual_task(finished), factor=factor, limit=limit)
+
+
+def usual_task(finished: Sequence[int]) -> float | None:
+    """The agent's usual (median) tokens per task, once there is enough history to trust."""
+    return statistics.median(finished) if len(finished) >= TASK_HISTORY_MIN else None
+
+
+def task_over(
+    agent: str,
+    task: str,
+    tokens: int,
+    usual: float | None,
+    *,
+    factor: float = TASK_FACTOR,
+    limit: float | None = None,
+) -> Finding | None:
+    """`task_tokens` against an already known usual figure."""
     if limit:
         baseline, what = limit, f"its limit of {format_tokens(limit)}"
-    elif len(finished) >= TASK_HISTORY_MIN:
-        baseline = statistics.median(finished)
+    elif usual is not None:
+        baseline = usual
         what = f"its usual {format_tokens(baseline)} per task"
     else:
         return None
@@ -140,9 +158,15 @@ def spike(
         return None
     usual = statistics.median(_busy_windows(before, edge, window))
     burning = sum(e.total_tokens for e in current)
+    return spike_finding(events[-1].agent, burning, usual, factor=factor, window=window)
+
+
+def spike_finding(
+    agent: str, burning: float, usual: float, *, factor: float, window: float
+) -> Finding | None:
+    """`burning` tokens in the window against the `usual` busy window."""
     if usual <= 0 or burning <= factor * usual:
         return None
-    agent = events[-1].agent
     per_min = 60.0 / window
     return Finding(
         "spike",
@@ -156,9 +180,14 @@ def _busy_windows(events: Sequence[UsageEvent], edge: float, window: float) -> l
     """Tokens per `window`-long slice before `edge`, for the slices that had calls."""
     slices: dict[int, float] = {}
     for e in events:
-        k = int((edge - e.ts) // window)
+        k = busy_slice(edge, e.ts, window)
         slices[k] = slices.get(k, 0.0) + e.total_tokens
     return list(slices.values())
+
+
+def busy_slice(edge: float, ts: float, window: float) -> int:
+    """Which `window`-long slice before `edge` a call at `ts` falls in (0: the nearest)."""
+    return int((edge - ts) // window)
 
 
 def hourly_overspend(
@@ -172,10 +201,23 @@ def hourly_overspend(
     if not events:
         return None
     agent = events[-1].agent
+    daily = daily_usd(budgets, agent)
+    if not daily:
+        return None
     spent = sum(e.cost_usd or 0.0 for e in _ok(events) if e.ts > now - 3600.0)
-    for b in budgets:
-        if b.unit != "usd" or b.period != "day" or not _covers(b, agent):
-            continue
+    return overspend(agent, spent, daily, factor=factor)
+
+
+def daily_usd(budgets: Sequence[BudgetStatus], agent: str) -> list[BudgetStatus]:
+    """The daily dollar budgets covering the agent."""
+    return [b for b in budgets if b.unit == "usd" and b.period == "day" and _covers(b, agent)]
+
+
+def overspend(
+    agent: str, spent: float, daily: Sequence[BudgetStatus], *, factor: float
+) -> Finding | None:
+    """`spent` in the last hour against the hourly pace of the first `daily` budget it beats."""
+    for b in daily:
         pace = b.limit / 24.0
         if pace > 0 and spent > factor * pace:
             return Finding(

@@ -15,6 +15,7 @@ from tokenwatch.core import detect
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.detect import Finding
 from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
+from tokenwatch.core.recent import Recent, busy_median, repeats
 
 DETECTORS: Final = (
     "runaway",
@@ -37,6 +38,8 @@ HISTORY_SECONDS: Final = 2 * 3600.0
 HISTORY_CALLS: Final = 2000
 TASKS_KEPT: Final = 500
 DEFAULT_RATE: Final = "50%"
+_READING: Final = frozenset({"runaway", "spike", "context_growth"})
+"""Detectors that read the agent's recent calls (from the index when they arrived in order)."""
 
 DEFAULT_RULES: list[RuleSettings] = [
     RuleSettings(
@@ -122,7 +125,20 @@ class _AgentMemory:
     task: _Task | None = None
     finished: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=TASKS_KEPT))
     """(end time, tokens) of the agent's finished tasks."""
+    usual: float | None = None
+    """Median of `finished`, kept so a task is not re-sorted on every call."""
     context_from: float = float("-inf")
+    recent: Recent = field(default_factory=Recent)
+    """`events`' successful calls, indexed so the detectors need not re-read them."""
+
+    def ordered(self) -> bool:
+        return self.recent.ordered(len(self.events))
+
+    def fresh(self, since: float) -> bool:
+        """Whether any remembered call is later than `since`."""
+        if self.ordered():
+            return self.events[-1].ts > since
+        return any(e.ts > since for e in self.events)
 
 
 class Rules:
@@ -180,6 +196,8 @@ class Rules:
             mem.task.tokens += event.total_tokens
         mem.events.append(event)
         _forget_old(mem.events, now)
+        mem.recent.add(event)
+        mem.recent.trim(len(mem.events))
         for rule in self._rules:
             if rule.detector == "drift" or not fnmatch.fnmatchcase(event.agent, rule.agents):
                 continue
@@ -199,6 +217,7 @@ class Rules:
         assert mem.task is not None
         if mem.task.tokens > 0:
             mem.finished.append((now, mem.task.tokens))
+            mem.usual = detect.usual_task([t for _, t in mem.finished])
         mem.task = None
         mem.context_from = now
         signals: list[Signal] = []
@@ -222,19 +241,45 @@ class Rules:
         self, rule: RuleSettings, event: UsageEvent, mem: _AgentMemory, now: float
     ) -> Signal | None:
         firing = self._firing(rule, event.agent)
-        events = [e for e in mem.events if e.ts > firing.since]
-        finding = self._detect(rule, event, events, mem, now, firing.since) if events else None
+        if _cooling(rule, firing, now):
+            return None
+        finding = None
+        if mem.fresh(firing.since):
+            finding = self._detect(rule, event, mem, now, firing.since)
         return self._fire(rule, event.agent, finding, now)
 
     def _detect(
-        self,
-        rule: RuleSettings,
-        event: UsageEvent,
-        events: list[UsageEvent],
-        mem: _AgentMemory,
-        now: float,
-        since: float,
+        self, rule: RuleSettings, event: UsageEvent, mem: _AgentMemory, now: float, since: float
     ) -> Finding | None:
+        kind = rule.detector
+        if kind == "huge_request":
+            return detect.huge_request(event, limit=rule.threshold or detect.HUGE_REQUEST_TOKENS)
+        if kind == "task_tokens":
+            return self._task_tokens(rule, mem)
+        if kind == "forecast" and self._budgets is not None:
+            return detect.forecast(event.agent, self._budgets(), now)
+        if not _indexable(rule, mem):
+            return self._scan(rule, mem, now, since)
+        if kind == "runaway":
+            return _runaway(rule, mem, now, since)
+        if kind == "spike":
+            return self._spike(rule, mem, now, since)
+        return _context_growth(rule, mem, since)
+
+    def _spike(
+        self, rule: RuleSettings, mem: _AgentMemory, now: float, since: float
+    ) -> Finding | None:
+        factor = rule.threshold or detect.SPIKE_FACTOR
+        found = _spike(mem, now, factor, rule.window or detect.SPIKE_WINDOW, since)
+        if found is None and self._budgets is not None:
+            found = _overspend(mem, now, since, self._budgets(), factor)
+        return found
+
+    def _scan(
+        self, rule: RuleSettings, mem: _AgentMemory, now: float, since: float
+    ) -> Finding | None:
+        """The detectors over the whole history: exact when calls arrived out of time order."""
+        events = [e for e in mem.events if e.ts > since]
         level, window = rule.threshold, rule.window
         kind = rule.detector
         if kind == "runaway":
@@ -257,15 +302,9 @@ class Rules:
             if found is None and self._budgets is not None:
                 found = detect.hourly_overspend(events, now, self._budgets(), factor=factor)
             return found
-        if kind == "huge_request":
-            return detect.huge_request(event, limit=level or detect.HUGE_REQUEST_TOKENS)
         if kind == "context_growth":
             recent = [e for e in events if e.ts > mem.context_from]
             return detect.context_growth(recent, calls=int(level or detect.CONTEXT_CALLS))
-        if kind == "task_tokens":
-            return self._task_tokens(rule, mem)
-        if kind == "forecast" and self._budgets is not None:
-            return detect.forecast(event.agent, self._budgets(), now)
         return None
 
     def _task_tokens(self, rule: RuleSettings, mem: _AgentMemory) -> Finding | None:
@@ -281,11 +320,11 @@ class Rules:
             ]
             limit = min(limits) if limits else None
         agent = mem.events[-1].agent
-        return detect.task_tokens(
+        return detect.task_over(
             agent,
             task.name,
             task.tokens,
-            [t for _, t in mem.finished],
+            mem.usual,
             factor=rule.threshold or detect.TASK_FACTOR,
             limit=limit,
         )
@@ -348,6 +387,83 @@ def _severity(action: str, finding: Finding) -> str:
     if action == ActionKind.THROTTLE:
         return Severity.WARNING.value
     return finding.severity
+
+
+def _indexable(rule: RuleSettings, mem: _AgentMemory) -> bool:
+    """The index answers for calls in time order and for a count of one or more calls."""
+    if rule.detector not in _READING or not mem.ordered():
+        return False
+    return rule.detector == "spike" or not 0 < rule.threshold < 1
+
+
+def _cooling(rule: RuleSettings, firing: _Firing, now: float) -> bool:
+    """In its cooldown a rule cannot fire; unless it needs confirming, it need not look."""
+    if CONFIRM.get(rule.detector, 1) > 1 or firing.last is None:
+        return False
+    return now - firing.last < rule.cooldown
+
+
+def _runaway(rule: RuleSettings, mem: _AgentMemory, now: float, since: float) -> Finding | None:
+    """`detect.runaway` from the index: the newest call is the agent's last (calls are ordered)."""
+    last = mem.events[-1]
+    times = int(rule.threshold or detect.RUNAWAY_REPEATS)
+    cutoff = max(since, now - (rule.window or detect.RUNAWAY_WINDOW))
+    lo = mem.recent.seen - len(mem.events)
+    found = (0, 0.0)
+    if last.prompt_hash:
+        found = repeats(mem.recent.by_hash.get(last.prompt_hash), lo, cutoff)
+    what = "the same prompt"
+    if found[0] < times and last.prompt_shape:
+        shape = mem.recent.by_shape.get(last.prompt_shape)
+        found = repeats(shape, lo, cutoff, lambda e: detect.near_duplicate(e, last))
+        what = "nearly the same prompt"
+    if found[0] < times:
+        return None
+    return detect.runaway_finding(last.agent, what, *found)
+
+
+def _spike(
+    mem: _AgentMemory, now: float, factor: float, window: float, since: float
+) -> Finding | None:
+    """`detect.spike` from the index: bisect the ordered calls, sum tokens by differences."""
+    ok = mem.recent.ok
+    i, j = ok.after(max(now - window, since)), ok.upto(now)
+    if j - i < detect.SPIKE_MIN_CALLS:
+        return None
+    edge = now - window
+    b0, b1 = ok.after(edge - detect.BASELINE_SPAN), ok.upto(edge)
+    if (
+        b1 - b0 < detect.SPIKE_MIN_CALLS
+        or edge - ok.ts[b0] < detect.SPIKE_BASELINE_WINDOWS * window
+    ):
+        return None
+    usual = busy_median(ok, b0, b1, edge, window)
+    agent = mem.events[-1].agent
+    return detect.spike_finding(agent, ok.tokens(i, j), usual, factor=factor, window=window)
+
+
+def _overspend(
+    mem: _AgentMemory, now: float, since: float, budgets: Sequence[BudgetStatus], factor: float
+) -> Finding | None:
+    """`detect.hourly_overspend` from the index: only the last hour's calls are summed."""
+    agent = mem.events[-1].agent
+    daily = detect.daily_usd(budgets, agent)
+    if not daily:
+        return None
+    ok = mem.recent.ok
+    hour = ok.events[ok.after(max(since, now - 3600.0)) :]
+    spent = sum(e.cost_usd or 0.0 for e in hour)
+    return detect.overspend(agent, spent, daily, factor=factor)
+
+
+def _context_growth(rule: RuleSettings, mem: _AgentMemory, since: float) -> Finding | None:
+    """`detect.context_growth` from the index: only its last `calls` calls are read."""
+    calls = int(rule.threshold or detect.CONTEXT_CALLS)
+    ok = mem.recent.ok
+    i = ok.after(max(since, mem.context_from))
+    if len(ok.events) - i < calls:
+        return None
+    return detect.context_growth(ok.events[len(ok.events) - calls :], calls=calls)
 
 
 def _forget_old(events: deque[UsageEvent], now: float) -> None:

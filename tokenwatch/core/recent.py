@@ -1,0 +1,145 @@
+"""An agent's recent successful calls indexed by time, prompt hash and prompt shape, so the
+detectors answer each new call in O(log n) instead of re-reading the agent's whole history."""
+
+from __future__ import annotations
+
+import statistics
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from tokenwatch.core.detect import busy_slice
+from tokenwatch.core.models import Status, UsageEvent
+
+COMPACT_AT: Final = 1024
+"""Dropped entries kept before a list is compacted: amortises the copy over many calls."""
+
+
+@dataclass(slots=True)
+class Track:
+    """Calls in arrival order from `start` on, with their running token total.
+
+    Bisecting on `ts` assumes timestamps that never go down; `Recent.ordered` says when."""
+
+    seqs: list[int] = field(default_factory=list)
+    ts: list[float] = field(default_factory=list)
+    events: list[UsageEvent] = field(default_factory=list)
+    before: list[int] = field(default_factory=list)
+    """Tokens of every call added before this one (differences give any slice's tokens)."""
+    total: int = 0
+    start: int = 0
+
+    def add(self, seq: int, event: UsageEvent) -> None:
+        self.seqs.append(seq)
+        self.ts.append(event.ts)
+        self.events.append(event)
+        self.before.append(self.total)
+        self.total += event.total_tokens
+
+    def trim(self, lo: int) -> None:
+        """Forget calls older than arrival `lo` (those the agent's history no longer holds)."""
+        while self.start < len(self.seqs) and self.seqs[self.start] < lo:
+            self.start += 1
+        if self.start > COMPACT_AT and 2 * self.start > len(self.seqs):
+            for column in (self.seqs, self.ts, self.events, self.before):
+                del column[: self.start]
+            self.start = 0
+
+    def after(self, cutoff: float) -> int:
+        """Index of the first call later than `cutoff`."""
+        return bisect_right(self.ts, cutoff, self.start)
+
+    def upto(self, edge: float) -> int:
+        """Index past the last call at or before `edge`."""
+        return bisect_right(self.ts, edge, self.start)
+
+    def tokens(self, i: int, j: int) -> int:
+        end = self.total if j == len(self.ts) else self.before[j]
+        return end - self.before[i] if i < j else 0
+
+    def stale(self, lo: int) -> bool:
+        return not self.seqs or self.seqs[-1] < lo
+
+
+@dataclass(slots=True)
+class Recent:
+    """One agent's successful calls, by time and by prompt; arrival numbers match its history."""
+
+    ok: Track = field(default_factory=Track)
+    by_hash: dict[str, Track] = field(default_factory=dict)
+    by_shape: dict[str, Track] = field(default_factory=dict)
+    seen: int = 0
+    """Calls added so far: the next call's arrival number."""
+    disorder: int = -1
+    """Arrival number of the latest call older than the one before it."""
+    last_ts: float = float("-inf")
+
+    def add(self, event: UsageEvent) -> None:
+        seq, self.seen = self.seen, self.seen + 1
+        if event.ts < self.last_ts:
+            self.disorder = seq
+        self.last_ts = event.ts
+        if event.status != Status.OK:
+            return
+        self.ok.add(seq, event)
+        if event.prompt_hash:
+            self.by_hash.setdefault(event.prompt_hash, Track()).add(seq, event)
+        if event.prompt_shape:
+            self.by_shape.setdefault(event.prompt_shape, Track()).add(seq, event)
+
+    def trim(self, kept: int) -> None:
+        """Keep what the agent's history keeps: its last `kept` calls."""
+        lo = self.seen - kept
+        self.ok.trim(lo)
+        if self.seen % COMPACT_AT == 0:
+            _sweep(self.by_hash, lo)
+            _sweep(self.by_shape, lo)
+
+    def ordered(self, kept: int) -> bool:
+        """True when the last `kept` calls arrived in time order, so bisecting is exact."""
+        return self.disorder <= self.seen - kept
+
+
+def _sweep(tracks: dict[str, Track], lo: int) -> None:
+    for key in [k for k, t in tracks.items() if t.stale(lo)]:
+        del tracks[key]
+    for track in tracks.values():
+        track.trim(lo)
+
+
+def repeats(
+    track: Track | None, lo: int, cutoff: float, alike: Callable[[UsageEvent], bool] | None = None
+) -> tuple[int, float]:
+    """Calls of `track` after `cutoff` (and `alike`, if given): how many, and their time span."""
+    if track is None:
+        return 0, 0.0
+    track.trim(lo)
+    i = track.after(cutoff)
+    if alike is None:
+        n = len(track.ts) - i
+        return n, (track.ts[-1] - track.ts[i] if n else 0.0)
+    ts = [t for t, e in zip(track.ts[i:], track.events[i:], strict=True) if alike(e)]
+    return len(ts), (ts[-1] - ts[0] if ts else 0.0)
+
+
+def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> float:
+    """Median tokens of the `window`-long slices before `edge` that had calls, over ok[i:j]."""
+    sums: list[float] = []
+    while i < j:
+        k = busy_slice(edge, ok.ts[i], window)
+        end = _slice_end(ok, i, j, edge, window, k)
+        sums.append(float(ok.tokens(i, end)))
+        i = end
+    return statistics.median(sums)
+
+
+def _slice_end(ok: Track, i: int, j: int, edge: float, window: float, k: int) -> int:
+    # Bisect on the slice's float edge, then step over rounding so the slice is exactly the
+    # calls whose `_slice` is k (exactly as the scanning detector cuts them).
+    end = max(i + 1, min(j, bisect_right(ok.ts, edge - k * window, i, j)))
+    while end < j and busy_slice(edge, ok.ts[end], window) == k:
+        end += 1
+    while busy_slice(edge, ok.ts[end - 1], window) != k:
+        end -= 1
+    return end
