@@ -142,6 +142,10 @@ def decode(line: bytes | str) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message is a JSON object")
     validate(msg)
+    # A null optional field means "not given", so handlers' defaults apply.
+    for name in SCHEMAS[msg["type"]]:
+        if name in msg and msg[name] is None:
+            del msg[name]
     return msg
 
 
