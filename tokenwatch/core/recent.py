@@ -74,6 +74,8 @@ class Recent:
     disorder: int = -1
     """Arrival number of the latest call older than the one before it."""
     last_ts: float = float("-inf")
+    sweep_at: int = COMPACT_AT
+    """When to next drop prompts the history no longer holds (every history-length calls)."""
 
     def add(self, event: UsageEvent) -> None:
         seq, self.seen = self.seen, self.seen + 1
@@ -92,7 +94,8 @@ class Recent:
         """Keep what the agent's history keeps: its last `kept` calls."""
         lo = self.seen - kept
         self.ok.trim(lo)
-        if self.seen % COMPACT_AT == 0:
+        if self.seen >= self.sweep_at:
+            self.sweep_at = self.seen + max(COMPACT_AT, kept)
             _sweep(self.by_hash, lo)
             _sweep(self.by_shape, lo)
 
@@ -126,20 +129,25 @@ def repeats(
 def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> float:
     """Median tokens of the `window`-long slices before `edge` that had calls, over ok[i:j]."""
     sums: list[float] = []
+    k = busy_slice(edge, ok.ts[i], window) if i < j else 0
     while i < j:
-        k = busy_slice(edge, ok.ts[i], window)
-        end = _slice_end(ok, i, j, edge, window, k)
+        end, after = _slice_end(ok.ts, i, j, edge, window, k)
         sums.append(float(ok.tokens(i, end)))
-        i = end
+        i, k = end, after
     return statistics.median(sums)
 
 
-def _slice_end(ok: Track, i: int, j: int, edge: float, window: float, k: int) -> int:
-    # Bisect on the slice's float edge, then step over rounding so the slice is exactly the
-    # calls whose `_slice` is k (exactly as the scanning detector cuts them).
-    end = max(i + 1, min(j, bisect_right(ok.ts, edge - k * window, i, j)))
-    while end < j and busy_slice(edge, ok.ts[end], window) == k:
-        end += 1
-    while busy_slice(edge, ok.ts[end - 1], window) != k:
+def _slice_end(
+    ts: list[float], i: int, j: int, edge: float, window: float, k: int
+) -> tuple[int, int]:
+    """Where slice k (starting at ts[i]) ends, and the slice of the call there."""
+    # Bisect on the slice's float edge, then step over any rounding so the slice holds exactly
+    # the calls `busy_slice` puts in k, as the scanning detector cuts them.
+    end = max(i + 1, bisect_right(ts, edge - k * window, i, j))
+    while busy_slice(edge, ts[end - 1], window) != k:
         end -= 1
-    return end
+    after = busy_slice(edge, ts[end], window) if end < j else k
+    while after == k and end < j:
+        end += 1
+        after = busy_slice(edge, ts[end], window) if end < j else k
+    return end, after

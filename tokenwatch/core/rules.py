@@ -38,8 +38,6 @@ HISTORY_SECONDS: Final = 2 * 3600.0
 HISTORY_CALLS: Final = 2000
 TASKS_KEPT: Final = 500
 DEFAULT_RATE: Final = "50%"
-_READING: Final = frozenset({"runaway", "spike", "context_growth"})
-"""Detectors that read the agent's recent calls (from the index when they arrived in order)."""
 
 DEFAULT_RULES: list[RuleSettings] = [
     RuleSettings(
@@ -256,8 +254,9 @@ class Rules:
             return detect.huge_request(event, limit=rule.threshold or detect.HUGE_REQUEST_TOKENS)
         if kind == "task_tokens":
             return self._task_tokens(rule, mem)
-        if kind == "forecast" and self._budgets is not None:
-            return detect.forecast(event.agent, self._budgets(), now)
+        if kind == "forecast":
+            budgets = self._budgets
+            return None if budgets is None else detect.forecast(event.agent, budgets(), now)
         if not _indexable(rule, mem):
             return self._scan(rule, mem, now, since)
         if kind == "runaway":
@@ -391,7 +390,7 @@ def _severity(action: str, finding: Finding) -> str:
 
 def _indexable(rule: RuleSettings, mem: _AgentMemory) -> bool:
     """The index answers for calls in time order and for a count of one or more calls."""
-    if rule.detector not in _READING or not mem.ordered():
+    if not mem.ordered():
         return False
     return rule.detector == "spike" or not 0 < rule.threshold < 1
 
