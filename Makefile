@@ -29,8 +29,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Every benchmark, in a form that finishes in a few minutes; see docs/benchmarks.md for full runs.
 bench: $(STAMP)
-	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/ledger.py --events 200000 --stored 1000000
+	$(BIN)/python bench/ingest.py --events 20000
+	$(BIN)/python bench/proxy.py --quick
+	$(BIN)/python bench/client.py --calls 100
+	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/rules.py
+	$(BIN)/python bench/processes.py
+	$(BIN)/python bench/tui.py --seconds 10
+	$(BIN)/python bench/bench_tokens.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,11 +1,12 @@
 """What the client SDK costs an agent: per-call overhead and report() throughput.
 
 fake-llm runs in a thread of this process, the supervisor as a `tokenwatch serve` process, with
-TOKENWATCH_HOME in a temporary directory. Usage: python bench/client.py [CALLS]
+TOKENWATCH_HOME in a temporary directory. Usage: python bench/client.py [--calls N]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -92,7 +93,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200, help="calls per figure (default 200)")
+    calls = parser.parse_args().calls
     os.environ["TOKENWATCH_HOME"] = tempfile.mkdtemp(prefix="tw-bench-")
     paths = Paths.discover()
     rows: list[tuple[str, str]] = []
