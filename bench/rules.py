@@ -46,10 +46,11 @@ def calls(agents: int, rate: float, seed: int = 7) -> Iterator[UsageEvent]:
     while True:
         n += 1
         ts += step
-        yield _call(rng, f"agent-{n % agents}", ts, n)
+        yield _call(rng, f"agent-{n % agents}", ts, n, n // agents)
 
 
-def _call(rng: random.Random, agent: str, ts: float, n: int) -> UsageEvent:
+def _call(rng: random.Random, agent: str, ts: float, n: int, own: int) -> UsageEvent:
+    """The agent's `own`th call, the `n`th of all."""
     pick = rng.random()
     size = rng.randint(300, 6000)
     if pick < 0.75:
@@ -64,7 +65,7 @@ def _call(rng: random.Random, agent: str, ts: float, n: int) -> UsageEvent:
     return UsageEvent(
         ts=ts,
         agent=agent,
-        task=f"task-{n // 50}",
+        task=f"task-{own // 50}",
         input_tokens=size,
         output_tokens=rng.randint(50, 600),
         cost_usd=size * 3e-6,

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenwatch.config import RuleSettings
-from tokenwatch.core import recent, rules
+from tokenwatch.core import detect, recent, rules
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.models import BudgetStatus, UsageEvent
 from tokenwatch.core.recent import Recent
@@ -129,3 +129,12 @@ def test_the_differential_test_sees_signals() -> None:
     loop = [Step(1.0, 0.0, "a", 0, 1000, True, "t1", False)] * 4
     fired = {s.alert.rule for s in run(loop, scan=False)}
     assert {"loop2", "runaway"} <= fired
+
+
+@given(st.lists(st.integers(1, 50), max_size=40))
+def test_the_usual_task_is_the_median_of_the_tasks_still_remembered(tokens: list[int]) -> None:
+    with mock.patch.object(rules, "TASKS_KEPT", 5):
+        mem = rules._AgentMemory()
+    for i, t in enumerate(tokens):
+        mem.finish(float(i), t)
+        assert mem.usual == detect.usual_task([t for _, t in mem.finished])

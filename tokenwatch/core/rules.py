@@ -3,6 +3,7 @@ and critical agents; DEFAULT_RULES when the config has none."""
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import time
 from collections import deque
@@ -123,11 +124,19 @@ class _AgentMemory:
     task: _Task | None = None
     finished: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=TASKS_KEPT))
     """(end time, tokens) of the agent's finished tasks."""
+    sizes: list[int] = field(default_factory=list)
+    """The tokens of `finished`, sorted: its median is the agent's usual task."""
     usual: float | None = None
-    """Median of `finished`, kept so a task is not re-sorted on every call."""
     context_from: float = float("-inf")
     recent: Recent = field(default_factory=Recent)
     """`events`' successful calls, indexed so the detectors need not re-read them."""
+
+    def finish(self, now: float, tokens: int) -> None:
+        if len(self.finished) == self.finished.maxlen:
+            del self.sizes[bisect.bisect_left(self.sizes, self.finished[0][1])]
+        self.finished.append((now, tokens))
+        bisect.insort(self.sizes, tokens)
+        self.usual = detect.usual_task(self.sizes)
 
     def ordered(self) -> bool:
         return self.recent.ordered(len(self.events))
@@ -214,8 +223,7 @@ class Rules:
     def _end_task(self, agent: str, mem: _AgentMemory, now: float) -> list[Signal]:
         assert mem.task is not None
         if mem.task.tokens > 0:
-            mem.finished.append((now, mem.task.tokens))
-            mem.usual = detect.usual_task([t for _, t in mem.finished])
+            mem.finish(now, mem.task.tokens)
         mem.task = None
         mem.context_from = now
         signals: list[Signal] = []
