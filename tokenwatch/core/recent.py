@@ -14,6 +14,8 @@ from tokenwatch.core.models import Status, UsageEvent
 
 COMPACT_AT: Final = 1024
 """Dropped entries kept before a list is compacted: amortises the copy over many calls."""
+_DOLLAR: Final = 1 << 1074
+"""Costs are summed exactly as integers in units of the smallest float (2**-1074 dollars)."""
 
 
 @dataclass(slots=True)
@@ -28,21 +30,26 @@ class Track:
     before: list[int] = field(default_factory=list)
     """Tokens of every call added before this one (differences give any slice's tokens)."""
     total: int = 0
+    cost_before: list[int] = field(default_factory=list)
+    """Exact cost of every call added before this one (see `exact_cost`)."""
+    cost_total: int = 0
     start: int = 0
 
-    def add(self, seq: int, event: UsageEvent) -> None:
+    def add(self, seq: int, event: UsageEvent, cost: int = 0) -> None:
         self.seqs.append(seq)
         self.ts.append(event.ts)
         self.events.append(event)
         self.before.append(self.total)
         self.total += event.total_tokens
+        self.cost_before.append(self.cost_total)
+        self.cost_total += cost
 
     def trim(self, lo: int) -> None:
         """Forget calls older than arrival `lo` (those the agent's history no longer holds)."""
         while self.start < len(self.seqs) and self.seqs[self.start] < lo:
             self.start += 1
         if self.start > COMPACT_AT and 2 * self.start > len(self.seqs):
-            for column in (self.seqs, self.ts, self.events, self.before):
+            for column in (self.seqs, self.ts, self.events, self.before, self.cost_before):
                 del column[: self.start]
             self.start = 0
 
@@ -57,6 +64,12 @@ class Track:
     def tokens(self, i: int, j: int) -> int:
         end = self.total if j == len(self.ts) else self.before[j]
         return end - self.before[i] if i < j else 0
+
+    def cost_since(self, i: int) -> float:
+        """The exact cost of the calls from index i on, rounded once to a float."""
+        if i >= len(self.ts):
+            return 0.0
+        return (self.cost_total - self.cost_before[i]) / _DOLLAR
 
     def stale(self, lo: int) -> bool:
         return not self.seqs or self.seqs[-1] < lo
@@ -74,6 +87,8 @@ class Recent:
     disorder: int = -1
     """Arrival number of the latest call older than the one before it."""
     last_ts: float = float("-inf")
+    costs_exact: bool = True
+    """Every cost so far finite and not negative, so `Track.cost_since` bounds a float sum."""
     sweep_at: int = COMPACT_AT
     """When to next drop prompts the history no longer holds (every history-length calls)."""
 
@@ -84,11 +99,18 @@ class Recent:
         self.last_ts = event.ts
         if event.status != Status.OK:
             return
-        self.ok.add(seq, event)
+        self.ok.add(seq, event, self._exact_cost(event.cost_usd or 0.0))
         if event.prompt_hash:
             self.by_hash.setdefault(event.prompt_hash, Track()).add(seq, event)
         if event.prompt_shape:
             self.by_shape.setdefault(event.prompt_shape, Track()).add(seq, event)
+
+    def _exact_cost(self, usd: float) -> int:
+        if not 0.0 <= usd < float("inf"):
+            self.costs_exact = False
+            return 0
+        num, den = usd.as_integer_ratio()
+        return num * (_DOLLAR // den)
 
     def trim(self, kept: int) -> None:
         """Keep what the agent's history keeps: its last `kept` calls."""

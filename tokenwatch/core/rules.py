@@ -16,7 +16,7 @@ from tokenwatch.core import detect
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.detect import Finding
 from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
-from tokenwatch.core.recent import Recent, busy_median, repeats
+from tokenwatch.core.recent import Recent, Track, busy_median, repeats
 
 DETECTORS: Final = (
     "runaway",
@@ -452,15 +452,25 @@ def _spike(
 def _overspend(
     mem: _AgentMemory, now: float, since: float, budgets: Sequence[BudgetStatus], factor: float
 ) -> Finding | None:
-    """`detect.hourly_overspend` from the index: only the last hour's calls are summed."""
+    """`detect.hourly_overspend` from the index: the hour's exact cost rules most calls out; the
+    float sum the detector compares is only added up when it may be over a budget's pace."""
     agent = mem.events[-1].agent
     daily = detect.daily_usd(budgets, agent)
     if not daily:
         return None
     ok = mem.recent.ok
-    hour = ok.events[ok.after(max(since, now - 3600.0)) :]
-    spent = sum(e.cost_usd or 0.0 for e in hour)
+    i = ok.after(max(since, now - 3600.0))
+    at_most = _most(ok, i) if mem.recent.costs_exact else float("inf")
+    if detect.overspend(agent, at_most, daily, factor=factor) is None:
+        return None
+    spent = sum(e.cost_usd or 0.0 for e in ok.events[i:])
     return detect.overspend(agent, spent, daily, factor=factor)
+
+
+def _most(ok: Track, i: int) -> float:
+    """At least what adding the costs of ok[i:] up one by one in floats can come to."""
+    # Summing n non-negative floats errs by under n * 2**-53 of the exact sum; keep 4x that.
+    return ok.cost_since(i) * (1.0 + (len(ok.ts) - i + 2) * 2.0**-51)
 
 
 def _context_growth(rule: RuleSettings, mem: _AgentMemory, since: float) -> Finding | None:
