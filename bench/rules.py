@@ -6,7 +6,8 @@ Synthetic calls on a replay clock (the clock reads each call's own time): 75% di
 15% drawn again from a pool of 3000 common prompts (an exact repeat now and then), 10% from 1000
 templates with a number changed (same shape, size within 5%: near-duplicates); a new task every
 50 calls; prompt sizes 300-6000 tokens. Two loads: one busy agent (5 calls/s) and `--agents`
-agents interleaved (1 call/s each).
+agents interleaved (1 call/s each); and the busy agent again under a $5000/day budget (the spike
+rule then also compares its last hour's spend with the budget's hourly pace).
 
 For each agent-history size (HISTORY_CALLS; 2000 is the default), a fresh `Rules` is first
 filled past that size (untimed, indexed), then `--events` more calls are timed with
@@ -27,8 +28,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tokenwatch.core import rules as rules_mod
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import BudgetStatus, UsageEvent
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
+
+DAILY = BudgetStatus("daily", "global", "", "day", 5000.0, "usd", 0.0, "alert")
+"""A budget the spike rule compares the last hour's spend with (its hourly pace x 5)."""
+
+
+@dataclass(frozen=True)
+class Load:
+    title: str
+    agents: int
+    rate: float
+    """Calls per second per agent."""
+    budget: bool = False
 
 
 @dataclass
@@ -74,11 +87,13 @@ def _call(rng: random.Random, agent: str, ts: float, n: int, own: int) -> UsageE
     )
 
 
-def run(agents: int, rate: float, history: int, timed: int, scan: bool) -> tuple[float, int]:
+def run(load: Load, history: int, timed: int, scan: bool) -> tuple[float, int]:
     """Seconds for `timed` calls after `history` calls per agent, and the signals they raised."""
     setattr(rules_mod, "HISTORY_CALLS", history)  # noqa: B010 (a Final, patched for the bench)
     clock = Clock()
-    rules = Rules(DEFAULT_RULES, clock=clock)
+    budgets = [DAILY] if load.budget else []
+    rules = Rules(DEFAULT_RULES, clock=clock, budgets=lambda: budgets)
+    agents, rate = load.agents, load.rate
     feed = calls(agents, rate)
     for _ in range(agents * history + 100):
         _observe(rules, clock, next(feed))
@@ -101,13 +116,14 @@ def _scan_everything(rules: Rules) -> None:
         mem.recent.disorder = 1 << 62
 
 
-def table(title: str, agents: int, rate: float, histories: list[int], timed: int) -> None:
-    print(f"\n{title} ({agents} agent(s), {rate * agents:g} calls/s), {timed} timed calls\n")
+def table(load: Load, histories: list[int], timed: int) -> None:
+    calls_s = load.rate * load.agents
+    print(f"\n{load.title} ({load.agents} agent(s), {calls_s:g} calls/s), {timed} timed calls\n")
     print("| history (calls) | index events/s | index µs/event | scan µs/event | scan/index |")
     print("| --- | --- | --- | --- | --- |")
     for history in histories:
-        fast, fast_signals = run(agents, rate, history, timed, scan=False)
-        slow, slow_signals = run(agents, rate, history, timed, scan=True)
+        fast, fast_signals = run(load, history, timed, scan=False)
+        slow, slow_signals = run(load, history, timed, scan=True)
         same = "" if fast_signals == slow_signals else f" SIGNALS DIFFER {fast_signals}"
         print(
             f"| {history} | {timed / fast:,.0f} | {fast / timed * 1e6:.1f} | "
@@ -124,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     histories = [int(h) for h in args.histories.split(",")]
     print(f"# tokenwatch rules throughput ({platform.python_version()}, {os.cpu_count()} cores)")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    loads: list[tuple[str, int, float]] = [
-        ("one busy agent", 1, 5.0),
-        ("many agents", args.agents, 1.0),
+    loads = [
+        Load("one busy agent", 1, 5.0),
+        Load("many agents", args.agents, 1.0),
+        Load("one busy agent under a $5000/day budget", 1, 5.0, budget=True),
     ]
-    for title, agents, rate in loads:
-        table(title, agents, rate, histories, args.events)
+    for load in loads:
+        table(load, histories, args.events)
 
 
 if __name__ == "__main__":
