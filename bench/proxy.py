@@ -316,6 +316,14 @@ async def bench_in_process(quick: bool) -> None:
         await runner.cleanup()
 
 
+def _runqueue_ms(pid: int | None) -> float:
+    """Milliseconds a process has spent runnable but waiting for a CPU (Linux schedstat); 0 when
+    there is no separate process. A tail that follows this figure is the scheduler's, not the code's."""
+    if pid is None:
+        return 0.0
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e6
+
+
 def _cpu_seconds(pid: int) -> float:
     """User plus system CPU of a process, from /proc (Linux)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -336,20 +344,25 @@ async def proxy_cpu(pid: int, proxied: str, n: int) -> None:
             print(f"{name:<16} proxy process CPU per call: {ms:.3f} ms")
 
 
-async def bench(quick: bool) -> None:
+async def bench(quick: bool, nice: int | None = None) -> None:
     upstream_proc, port = _spawn("--serve-upstream")
     upstream = f"http://127.0.0.1:{port}/v1"
     proxy_proc, proxied_base = _spawn("--serve-proxy", upstream)
+    if nice is not None:
+        os.setpriority(os.PRIO_PROCESS, proxy_proc.pid, nice)
+        print(f"proxy process at nice {nice}")
     try:
         await proxy_cpu(proxy_proc.pid, proxied_base, 300 if quick else 1000)
-        await _measure(upstream, proxied_base, quick)
+        await _measure(upstream, proxied_base, quick, proxy_proc.pid)
     finally:
         for proc in (proxy_proc, upstream_proc):
             proc.terminate()
             proc.wait(10)
 
 
-async def _measure(upstream: str, proxied_base: str, quick: bool) -> None:
+async def _measure(
+    upstream: str, proxied_base: str, quick: bool, proxy_pid: int | None = None
+) -> None:
     direct, proxied = upstream + "/chat/completions", proxied_base + "/chat/completions"
     json_body, stream_body = _json_body(), _stream_body()
     seq_n, rate_n, blocks = (200, 1000, 3) if quick else (1000, 5000, 5)
@@ -374,17 +387,25 @@ async def _measure(upstream: str, proxied_base: str, quick: bool) -> None:
                 return await open_loop(http, url, body, 500, rate_n // blocks)
 
             report(f"{name}, concurrency 1", *await paired(direct, proxied, seq, blocks), ttft)
+            waited = _runqueue_ms(proxy_pid)
             report(
                 f"{name}, 500/s open loop, <=32",
                 *await paired(direct, proxied, rate500, blocks),
                 ttft,
             )
+            if proxy_pid is not None:
+                waited = _runqueue_ms(proxy_pid) - waited
+                print(f"  proxy process waited {waited:.0f} ms for a CPU during these runs")
         seconds = 1.0 if quick else 2.0
         # the same ramp direct: how much of the ceiling is the load generator and the upstream
         print("highest sustained rate direct (JSON, p99 < 50 ms):")
         ceiling = await max_rate(http, direct, json_body, seconds)
         print("highest sustained rate through the proxy (JSON, p99 < 50 ms):")
+        waited = _runqueue_ms(proxy_pid)
         best = await max_rate(http, proxied, json_body, seconds)
+        if proxy_pid is not None:
+            waited = _runqueue_ms(proxy_pid) - waited
+            print(f"  proxy process waited {waited:.0f} ms for a CPU during the ramp")
         print(f"sustained: {best:.0f} requests/s through the proxy, {ceiling:.0f} direct")
 
 
@@ -395,6 +416,13 @@ def main() -> None:
         "--in-process",
         action="store_true",
         help="upstream, proxy and client on one loop (the proxy's own CPU cost)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        metavar="N",
+        help="run the proxy process at this nice value (negative needs root): how much of the "
+        "tail is the proxy waiting for a CPU",
     )
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-proxy", metavar="UPSTREAM", help=argparse.SUPPRESS)
@@ -408,7 +436,7 @@ def main() -> None:
         asyncio.run(bench_in_process(args.quick))
     else:
         print("mode: three processes (client here, proxy and upstream each in their own)")
-        asyncio.run(bench(args.quick))
+        asyncio.run(bench(args.quick, args.nice))
 
 
 if __name__ == "__main__":
