@@ -20,6 +20,7 @@ import anyio.abc
 from tokenwatch.config import Config, RuleSettings
 from tokenwatch.core import protocol
 from tokenwatch.core.daemon import socket_answers
+from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.paths import Paths
 
@@ -51,6 +52,15 @@ async def running_supervisor(
             yield sup
         finally:
             sup.request_shutdown()
+
+
+async def stored(sup: Supervisor, agent: str, count: int) -> list[UsageEvent]:
+    """The agent's stored events, oldest first, once at least `count` are in the ledger."""
+    assert sup.store is not None
+    with anyio.fail_after(TIMEOUT):
+        while len(rows := await sup.store.history(agent=agent)) < count:
+            await anyio.sleep(0.02)
+    return [row.event for row in reversed(rows)]
 
 
 @dataclass

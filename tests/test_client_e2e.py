@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,10 @@ import pytest
 
 import tokenwatch
 from tests.client_fixtures import installed_reporter
+from tests.supervisor_fixtures import running_supervisor, stored
 from tokenwatch.client import tracking
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import BudgetSettings, Config, ProxySettings
-from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.demo.fake_llm import FakeLLM, running_fake_llm
 from tokenwatch.paths import Paths
 
@@ -39,29 +37,9 @@ def sdk() -> Iterator[None]:
     tokenwatch.uninstrument()
 
 
-@asynccontextmanager
-async def serving(config: Config, *, proxy: bool = False) -> AsyncIterator[Supervisor]:
-    sup = Supervisor(Paths.discover(), config, proxy=proxy, exporters=False)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(30):
-            await tg.start(sup.run)
-        try:
-            yield sup
-        finally:
-            sup.request_shutdown()
-
-
-async def stored(sup: Supervisor, agent: str, count: int) -> list[UsageEvent]:
-    assert sup.store is not None
-    with anyio.fail_after(30):
-        while len(rows := await sup.store.history(agent=agent)) < count:
-            await anyio.sleep(0.02)
-    return [row.event for row in reversed(rows)]
-
-
 @pytest.mark.slow
 async def test_usage_reaches_the_ledger_once_with_its_task(fake: FakeLLM) -> None:
-    async with serving(Config()) as sup:
+    async with running_supervisor(Paths.discover(), Config(), proxy=False, exporters=False) as sup:
         with installed_reporter(Path(sup.paths.socket), name="e2e-agent") as rep:
             async with openai.AsyncOpenAI(
                 base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
@@ -83,7 +61,9 @@ async def test_deny_budget_raises_budget_exceeded(fake: FakeLLM) -> None:
     budget = BudgetSettings(
         name="tiny", scope="agent", target="e2e-deny", period="day", limit=5, action="deny"
     )
-    async with serving(Config(budget=[budget])) as sup:
+    async with running_supervisor(
+        Paths.discover(), Config(budget=[budget]), proxy=False, exporters=False
+    ) as sup:
         with installed_reporter(Path(sup.paths.socket), name="e2e-deny"):
             async with openai.AsyncOpenAI(
                 base_url=fake.url + "/v1", api_key="sk-test", max_retries=0
@@ -104,7 +84,7 @@ async def test_call_through_the_proxy_is_counted_once(
         seen.append(request.headers["x-tokenwatch-call-id"])
 
     config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
-    async with serving(config, proxy=True) as sup:
+    async with running_supervisor(Paths.discover(), config, proxy=True, exporters=False) as sup:
         socket = Path(sup.paths.socket)
         async with await SupervisorClient.connect(socket_path=socket, start=False) as ctl:
             registered = await ctl.request("register", name="proxied")
@@ -144,7 +124,7 @@ async def test_throttled_agent_is_told_to_wait(
         waits.append(seconds)
 
     monkeypatch.setattr(gate, "sleep_async", record_wait)
-    async with serving(Config()) as sup:
+    async with running_supervisor(Paths.discover(), Config(), proxy=False, exporters=False) as sup:
         socket = Path(sup.paths.socket)
         with installed_reporter(socket, name="slowpoke") as rep:
             async with openai.AsyncOpenAI(

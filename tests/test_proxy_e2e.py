@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import openai
 import pytest
 
 from tests.proxy_fixtures import API_KEY
+from tests.supervisor_fixtures import running_supervisor, stored
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import Config, ProxySettings
-from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.demo.fake_llm import running_fake_llm
 from tokenwatch.paths import Paths
 
 MESSAGES = [{"role": "user", "content": "Explain what a reverse proxy does, briefly."}]
-
-
-@asynccontextmanager
-async def serving(config: Config) -> AsyncIterator[Supervisor]:
-    sup = Supervisor(Paths.discover(), config, proxy=True, exporters=False)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(30):
-            await tg.start(sup.run)
-        try:
-            yield sup
-        finally:
-            sup.request_shutdown()
-
-
-async def stored(sup: Supervisor, agent: str, count: int) -> list[UsageEvent]:
-    assert sup.store is not None
-    with anyio.fail_after(30):
-        while len(rows := await sup.store.history(agent=agent)) < count:
-            await anyio.sleep(0.02)
-    return [row.event for row in reversed(rows)]
 
 
 async def calls_through(base_url: str) -> None:
@@ -81,7 +57,7 @@ async def test_canary_key_is_nowhere_on_disk_and_usage_is_exact(
     caplog.set_level(logging.DEBUG, logger="tokenwatch")
     async with running_fake_llm() as fake:
         config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
-        async with serving(config) as sup:
+        async with running_supervisor(Paths.discover(), config, proxy=True, exporters=False) as sup:
             async with await SupervisorClient.connect(
                 socket_path=Path(sup.paths.socket), start=False
             ) as ctl:
