@@ -11,6 +11,25 @@ from typing import Any, Self
 FIELD_ALIASES = {"ts": ("timestamp", "time")}
 
 
+class Plain:
+    """`to_dict` and a `from_dict` that ignores unknown keys, for the plain dataclasses below."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**known_fields(cls, data))
+
+
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `data` that are fields of the dataclass `cls` (derived keys dropped)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 class Status(enum.StrEnum):
     """How an LLM call ended."""
 
@@ -30,7 +49,7 @@ class Source(enum.StrEnum):
 
 
 @dataclass(slots=True)
-class UsageEvent:
+class UsageEvent(Plain):
     """One LLM call, normalised the OpenTelemetry way (see docs/architecture.md).
 
     `input_tokens` counts every prompt token, cache reads and writes included;
@@ -86,12 +105,6 @@ class UsageEvent:
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Build from a mapping, ignoring derived keys like `total_tokens`; types are not coerced."""
-        names = set(cls.field_names())
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 class AgentState(enum.StrEnum):
     """What an agent is doing, as the supervisor sees it."""
@@ -123,7 +136,7 @@ class Severity(enum.StrEnum):
 
 
 @dataclass(slots=True)
-class Agent:
+class Agent(Plain):
     """An agent under supervision (launched, attached, or only reporting)."""
 
     name: str
@@ -146,17 +159,9 @@ class Agent:
     """The process's start time (clock ticks after boot): a restarted supervisor re-adopts the
     pid only if it still names that process, never one that reused the pid."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 @dataclass(slots=True)
-class Alert:
+class Alert(Plain):
     """Something a person should know, with what was done about it."""
 
     rule: str
@@ -168,17 +173,9 @@ class Alert:
     id: int | None = None
     acknowledged: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 @dataclass(slots=True)
-class Action:
+class Action(Plain):
     """An action taken on an agent: who (key, cli, rule:NAME), what, why."""
 
     kind: str
@@ -190,17 +187,9 @@ class Action:
     ts: float = field(default_factory=time.time)
     id: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 @dataclass(slots=True)
-class BudgetStatus:
+class BudgetStatus(Plain):
     """Where one budget stands in its current period."""
 
     name: str
@@ -228,14 +217,9 @@ class BudgetStatus:
         d["remaining"] = self.remaining
         return d
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 @dataclass(slots=True)
-class AgentView:
+class AgentView(Plain):
     """One agents-table row of a snapshot: an agent plus its live figures."""
 
     agent: Agent
@@ -250,19 +234,13 @@ class AgentView:
     """Tokens per interval over the recent past, oldest first, for a sparkline."""
     last_alert: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        d = dict(data)
-        d["agent"] = Agent.from_dict(d["agent"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, {**data, "agent": Agent.from_dict(data["agent"])}))
 
 
 @dataclass(slots=True)
-class Snapshot:
+class Snapshot(Plain):
     """Everything the dashboard shows, aggregated by the engine at a bounded rate."""
 
     ts: float
@@ -280,9 +258,6 @@ class Snapshot:
     """Total tokens per interval, oldest first."""
     supervisor: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
         d = dict(data)
@@ -292,5 +267,4 @@ class Snapshot:
         d["top"] = {
             k: [(str(n), float(v)) for n, v in rows] for k, rows in d.get("top", {}).items()
         }
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))

@@ -227,12 +227,12 @@ class Supervisor:
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         settings = self.config.export
         if settings.prometheus.listen:
-            from tokenwatch.export.prometheus import PrometheusExporter
+            from tokenwatch.export.prometheus import PrometheusExporter, parse_listen
 
             prom = PrometheusExporter(settings.prometheus, engine.snapshot)
             engine.add_listener(prom.observe)
             port = await tg.start(prom.serve)
-            host = settings.prometheus.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+            host, _ = parse_listen(settings.prometheus.listen)
             self.metrics_url = f"http://{host}:{port}/metrics"
             log.info("metrics on %s", self.metrics_url)
         if settings.otlp.endpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -314,4 +315,4 @@ class OtlpExporter:
 
     def statistics(self) -> OtlpStatistics:
         with self._lock:
-            return OtlpStatistics(**{f: getattr(self.stats, f) for f in self.stats.__slots__})
+            return dataclasses.replace(self.stats)
