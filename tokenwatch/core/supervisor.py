@@ -162,8 +162,8 @@ class Supervisor:
                 await self._start_proxy(tg, engine)
             if self._with_exporters:
                 await self._start_exporters(tg, engine)
+            write_pid(self.paths)  # before the socket answers: whoever connects can read it
             await tg.start(server.serve)
-            write_pid(self.paths)
             log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
             task_status.started(self)
             await self._stop.wait()
