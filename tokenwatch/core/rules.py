@@ -193,7 +193,9 @@ class Rules:
     def observe(self, event: UsageEvent) -> list[Signal]:
         """Remember the event and run every rule watching its agent."""
         now = self._clock()
-        mem = self._agents.setdefault(event.agent, _AgentMemory())
+        mem = self._agents.get(event.agent)
+        if mem is None:
+            mem = self._agents[event.agent] = _AgentMemory()
         signals: list[Signal] = []
         if event.task and mem.task is not None and mem.task.name != event.task:
             signals += self._end_task(event.agent, mem, now)
