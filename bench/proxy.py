@@ -2,14 +2,20 @@
 same trivial upstream directly, at concurrency 1, at a fixed offered rate, and at the highest rate
 it sustains with p99 under 50 ms.
 
-Method: the upstream (a minimal aiohttp server answering a fixed chat completion, or 50 SSE chunks
-plus a usage chunk) and the proxy (ProxyServer with a gate that admits everything, so the figure is
-the proxy's own cost) each run in their own process, like the supervisor does; the load generator
-(one aiohttp client) runs here. Direct and proxied runs are interleaved in blocks so machine noise
-hits both alike. Latency is from the scheduled send time to the last body byte (open loop: time
-spent queued behind the in-flight cap counts), TTFT to the first body byte.
+Method: the upstream (bench/trivial_upstream.py: a raw asyncio protocol answering a fixed chat
+completion, or 50 SSE chunks plus a usage chunk, for a few microseconds of CPU each) and the proxy
+(ProxyServer with a gate that admits everything, so the figure is the proxy's own cost) each run in
+their own process, like the supervisor does. `--pin` puts the proxy on a CPU of its own (the last)
+and the rest on CPU 0; on the 2-core VM this was measured slower at every load (each hop becomes
+a cross-CPU wake-up), so by default the scheduler places them. Latency, p50/p99 and TTFT come from a Python
+aiohttp client (open loop, here): direct and proxied runs interleaved in blocks so machine noise
+hits both alike; latency from the scheduled send time to the last body byte (time queued behind
+the in-flight cap counts), TTFT to the first body byte. The sustained rate is a closed-loop ramp
+with Debian's `wrk` (`apt-get install wrk`; C, costs microseconds per request) at 1 to 32
+connections, p99 from `wrk --latency`; without wrk it falls back, saying so, to the Python open-loop
+ramp, whose own CPU caps the figure at a few thousand requests/s.
 
-    .venv/bin/python bench/proxy.py            # full run (about a minute)
+    .venv/bin/python bench/proxy.py            # full run (about two minutes)
     .venv/bin/python bench/proxy.py --quick    # smaller samples
     .venv/bin/python bench/proxy.py --in-process   # one loop: the proxy's own CPU cost
 """
@@ -23,66 +29,20 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+import trivial_upstream
+import wrk
 
-CHUNKS = 50
 BODY = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
     "max_tokens": 64,
 }
-USAGE = {"prompt_tokens": 14, "completion_tokens": 50, "total_tokens": 64}
-
-
-# -- the trivial upstream (own process) -------------------------------------------------------
-
-
-def _completion() -> bytes:
-    message = {"role": "assistant", "content": "hello " * 50}
-    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-    doc = {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [choice]}
-    return json.dumps({**doc, "usage": USAGE}).encode()
-
-
-def _chunk(i: int) -> bytes:
-    delta = {"index": 0, "delta": {"content": "hello "}, "finish_reason": None}
-    doc = {"id": "c1", "object": "chat.completion.chunk", "choices": [delta], "usage": None}
-    return b"data: " + json.dumps({**doc, "n": i}).encode() + b"\n\n"
-
-
-async def _upstream_handler(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    if not body.get("stream"):
-        return web.Response(body=COMPLETION, content_type="application/json")
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for chunk in STREAM_CHUNKS:
-        await response.write(chunk)
-    await response.write(b"data: " + json.dumps({"choices": [], "usage": USAGE}).encode() + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
-
-
-COMPLETION = _completion()
-STREAM_CHUNKS = [_chunk(i) for i in range(CHUNKS)]
-
-
-async def run_upstream() -> None:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _upstream_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    print(runner.addresses[0][1], flush=True)
-    await asyncio.Event().wait()
 
 
 # -- the proxy (own process) ------------------------------------------------------------------
@@ -246,16 +206,18 @@ async def max_rate(http: aiohttp.ClientSession, url: str, payload: bytes, second
     return best
 
 
-def _spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
+def _spawn(script: str, *args: str, cpu: int | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start a helper process and read the one line it prints once it listens."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env
-    )
+    command = [sys.executable, str(Path(__file__).with_name(script)), *args]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if not line:
         proc.kill()
-        raise SystemExit(f"{args[0]} did not start")
+        raise SystemExit(f"{script} {' '.join(args)} did not start")
     return proc, line
 
 
@@ -296,12 +258,8 @@ async def bench_in_process(quick: bool) -> None:
     from tokenwatch.config import ProxySettings
     from tokenwatch.proxy.server import AgentRoute, ProxyServer, RouteTable
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _upstream_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    upstream = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    server = await trivial_upstream.serve()
+    upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
     routes = RouteTable()
     token = routes.add(AgentRoute(agent="bench"))
     proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream))
@@ -311,9 +269,10 @@ async def bench_in_process(quick: bool) -> None:
             proxied = proxy.base_urls(token)["OPENAI_BASE_URL"]
             await cpu_per_request(upstream, proxied, 300 if quick else 1000)
             await _measure(upstream, proxied, quick)
+            await _ramps(upstream, proxied, quick, None, None)
             tg.cancel_scope.cancel()
     finally:
-        await runner.cleanup()
+        server.close()
 
 
 def _runqueue_ms(pid: int | None) -> float:
@@ -344,16 +303,32 @@ async def proxy_cpu(pid: int, proxied: str, n: int) -> None:
             print(f"{name:<16} proxy process CPU per call: {ms:.3f} ms")
 
 
-async def bench(quick: bool, nice: int | None = None) -> None:
-    upstream_proc, port = _spawn("--serve-upstream")
+def _cpus(pin: bool) -> tuple[int | None, int | None]:
+    """(the proxy's CPU, everyone else's): the last CPU for the proxy, CPU 0 for the rest."""
+    count = os.cpu_count() or 1
+    if not pin or count < 2:
+        return None, None
+    return count - 1, 0
+
+
+async def bench(quick: bool, nice: int | None, pin: bool, loop: str) -> None:
+    proxy_cpu_no, others = _cpus(pin)
+    if others is not None:
+        os.sched_setaffinity(0, {others})
+        print(f"pinned: proxy on CPU {proxy_cpu_no}; upstream, client and wrk on CPU {others}")
+    upstream_proc, port = _spawn("trivial_upstream.py", cpu=others)
     upstream = f"http://127.0.0.1:{port}/v1"
-    proxy_proc, proxied_base = _spawn("--serve-proxy", upstream)
+    proxy_proc, proxied_base = _spawn(
+        "proxy.py", "--serve-proxy", upstream, "--loop", loop, cpu=proxy_cpu_no
+    )
+    print(f"proxy process on the {loop} event loop")
     if nice is not None:
         os.setpriority(os.PRIO_PROCESS, proxy_proc.pid, nice)
         print(f"proxy process at nice {nice}")
     try:
         await proxy_cpu(proxy_proc.pid, proxied_base, 300 if quick else 1000)
         await _measure(upstream, proxied_base, quick, proxy_proc.pid)
+        await _ramps(upstream, proxied_base, quick, proxy_proc.pid, others)
     finally:
         for proc in (proxy_proc, upstream_proc):
             proc.terminate()
@@ -396,7 +371,52 @@ async def _measure(
             if proxy_pid is not None:
                 waited = _runqueue_ms(proxy_pid) - waited
                 print(f"  proxy process waited {waited:.0f} ms for a CPU during these runs")
-        seconds = 1.0 if quick else 2.0
+
+
+async def _ramps(
+    upstream: str, proxied_base: str, quick: bool, proxy_pid: int | None, cpu: int | None
+) -> None:
+    """The highest rate with p99 under 50 ms, direct and through the proxy: wrk if it is there."""
+    direct, proxied = upstream + "/chat/completions", proxied_base + "/chat/completions"
+    if not wrk.available():
+        print("wrk not found (apt-get install wrk): falling back to the Python open-loop ramp,")
+        print("whose own CPU caps the figure (direct and proxied alike)")
+        return await _python_ramps(direct, proxied, quick, proxy_pid)
+    seconds = 1 if quick else 3
+    for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
+        print(f"highest sustained rate, {name}, closed loop with wrk (p99 < 50 ms):")
+        ceiling = await _wrk_ramp("direct", direct, body, seconds, cpu, None)
+        best = await _wrk_ramp("proxy", proxied, body, seconds, cpu, proxy_pid)
+        print(f"sustained {name}: {best:.0f} requests/s through the proxy, {ceiling:.0f} direct")
+
+
+async def _wrk_ramp(
+    label: str, url: str, body: bytes, seconds: int, cpu: int | None, pid: int | None
+) -> float:
+    best = 0.0
+    for connections in (1, 2, 4, 8, 16, 32):
+        spent, waited = (_cpu_seconds(pid) if pid else 0.0), _runqueue_ms(pid)
+        run = await wrk.run(url, body, connections, seconds, "" if cpu is None else str(cpu))
+        ok = run.p99_ms < 50 and not run.errors
+        line = (
+            f"  {label:<6} {connections:2d} connections: {run.rate:7.0f}/s "
+            f"p50 {run.p50_ms:6.2f} p99 {run.p99_ms:6.2f} ms {'ok' if ok else 'X'}"
+        )
+        if pid is not None:
+            cpu_ms = (_cpu_seconds(pid) - spent) / max(1, run.requests) * 1000
+            line += f" | proxy CPU {cpu_ms:.3f} ms/call, waited {_runqueue_ms(pid) - waited:.0f} ms"
+        if run.errors:
+            line += f" | errors {run.errors}"
+        print(line, flush=True)
+        if ok:
+            best = max(best, run.rate)
+    return best
+
+
+async def _python_ramps(direct: str, proxied: str, quick: bool, proxy_pid: int | None) -> None:
+    seconds = 1.0 if quick else 2.0
+    json_body = _json_body()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
         # the same ramp direct: how much of the ceiling is the load generator and the upstream
         print("highest sustained rate direct (JSON, p99 < 50 ms):")
         ceiling = await max_rate(http, direct, json_body, seconds)
@@ -407,6 +427,15 @@ async def _measure(
             waited = _runqueue_ms(proxy_pid) - waited
             print(f"  proxy process waited {waited:.0f} ms for a CPU during the ramp")
         print(f"sustained: {best:.0f} requests/s through the proxy, {ceiling:.0f} direct")
+
+
+def _run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def main() -> None:
@@ -424,19 +453,27 @@ def main() -> None:
         help="run the proxy process at this nice value (negative needs root): how much of the "
         "tail is the proxy waiting for a CPU",
     )
-    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the proxy to a CPU of its own, the upstream and load generators to CPU 0",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the proxy process's event loop (uvloop must be installed)",
+    )
     parser.add_argument("--serve-proxy", metavar="UPSTREAM", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_upstream:
-        asyncio.run(run_upstream())
-    elif args.serve_proxy:
-        asyncio.run(run_proxy(args.serve_proxy))
+    if args.serve_proxy:
+        _run_loop(run_proxy(args.serve_proxy), args.loop)
     elif args.in_process:
         print("mode: in-process (one event loop for client, proxy and upstream)")
         asyncio.run(bench_in_process(args.quick))
     else:
         print("mode: three processes (client here, proxy and upstream each in their own)")
-        asyncio.run(bench(args.quick, args.nice))
+        asyncio.run(bench(args.quick, args.nice, args.pin, args.loop))
 
 
 if __name__ == "__main__":
