@@ -33,9 +33,9 @@ from typing import Any
 import anyio
 
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.schema import EVENT_COLUMNS, ROLLUPS, rollup_refresh_sql
+from tokenwatch.core.schema import EVENT_COLUMNS
 from tokenwatch.core.store import Store
-from tokenwatch.core.writer import INSERT_EVENT, event_row
+from tokenwatch.core.writer import INSERT_EVENT, event_row, fold_rollups, prepare_rollups
 
 DAY = 86400.0
 SPAN_DAYS = 30
@@ -134,6 +134,7 @@ def cost_breakdown(workdir: Path, n: int = 100_000) -> dict[str, float]:
             path = workdir / f"breakdown-{run}-{len(best)}-{indexes}{rollups}.db"
             anyio.run(create_empty, path)
             db = sqlite3.connect(path, isolation_level=None)
+            prepare_rollups(db)
             if not indexes:
                 for index in ("events_ts", "events_agent_id", "events_call_id"):
                     db.execute(f"DROP INDEX {index}")
@@ -143,8 +144,7 @@ def cost_breakdown(workdir: Path, n: int = 100_000) -> dict[str, float]:
                 last = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
                 db.executemany(INSERT_EVENT, rows[k : k + 2000])
                 if rollups:
-                    for table, width in ROLLUPS:
-                        db.execute(rollup_refresh_sql(table, width), (last,))
+                    fold_rollups(db, last)
                 db.execute("COMMIT")
             per_event = (time.thread_time() - started) / n * 1e6
             best[name] = min(best.get(name, math.inf), per_event)
@@ -206,7 +206,7 @@ def fill(path: Path, total: int, now: float, unique_tasks: bool = False) -> floa
     db.execute("PRAGMA synchronous = OFF")  # a bulk load, not the writer under test
     db.execute("PRAGMA temp_store = MEMORY")
     db.execute("PRAGMA cache_size = -262144")
-    refresh = [rollup_refresh_sql(table, width) for table, width in ROLLUPS]
+    prepare_rollups(db)
     start = time.perf_counter()
     rows = bulk_rows(total, now, unique_tasks)
     chunk = 200_000
@@ -217,8 +217,7 @@ def fill(path: Path, total: int, now: float, unique_tasks: bool = False) -> floa
             break
         db.execute("BEGIN")
         db.executemany(INSERT_EVENT, batch)
-        for sql in refresh:
-            db.execute(sql, (last,))
+        fold_rollups(db, last)
         db.execute("COMMIT")
         last += len(batch)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -125,6 +125,35 @@ def rollup_refresh_sql(table: str, width: int) -> str:
     )
 
 
+BATCH_ROLLUP_TABLE = "temp.batch_rollup"
+"""A batch's events summed per finest bucket: each rollup table is folded from it, so the new
+rows are grouped once per batch rather than once per rollup table."""
+
+
+def batch_rollup_sql() -> tuple[str, str, str, list[str]]:
+    """(create, clear, fill with events `id > ?`, fold into each rollup table) for the writer."""
+    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
+    names = ", ".join(name for name, _ in MEASURES)
+    exprs = ", ".join(expr for _, expr in MEASURES)
+    sums = ", ".join(f"TOTAL({n})" if n == "cost_usd" else f"SUM({n})" for n, _ in MEASURES)
+    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in MEASURES)
+    finest = min(width for _, width in ROLLUPS)
+    if any(width % finest for _, width in ROLLUPS):
+        raise ValueError("every rollup width must be a multiple of the finest")
+    create = f"CREATE TEMP TABLE IF NOT EXISTS batch_rollup (bucket INTEGER, {dims}, {names})"
+    fill = (
+        f"INSERT INTO {BATCH_ROLLUP_TABLE} SELECT CAST(ts / {finest} AS INTEGER) * {finest}, "
+        f"{dims}, {exprs} FROM events WHERE id > ? GROUP BY 1, {dims}"
+    )
+    folds = [
+        f"INSERT INTO {table} (bucket, {dims}, {names}) "
+        f"SELECT bucket / {width} * {width}, {dims}, {sums} FROM {BATCH_ROLLUP_TABLE} "
+        f"GROUP BY 1, {dims} ON CONFLICT (bucket, {dims}) DO UPDATE SET {updates}"
+        for table, width in ROLLUPS
+    ]
+    return create, f"DELETE FROM {BATCH_ROLLUP_TABLE}", fill, folds
+
+
 def _create_rollup(db: sqlite3.Connection, table: str) -> None:
     dims = ", ".join(f"{quoted(d)} TEXT NOT NULL" for d in ROLLUP_DIMS)
     measures = ", ".join(

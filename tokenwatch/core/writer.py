@@ -20,7 +20,7 @@ import anyio.to_thread
 from anyio.lowlevel import EventLoopToken, current_token
 
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.schema import EVENT_COLUMNS, ROLLUPS, quoted, rollup_refresh_sql
+from tokenwatch.core.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 
 # UsageEvent -> row tuple in EVENT_COLUMNS order, done in C (the writer's hot path).
 event_row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*EVENT_COLUMNS)
@@ -29,7 +29,7 @@ INSERT_EVENT = (
     f"INSERT OR IGNORE INTO events ({', '.join(quoted(c) for c in EVENT_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in EVENT_COLUMNS)})"
 )
-_REFRESH = [rollup_refresh_sql(table, width) for table, width in ROLLUPS]
+_CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
 _INT64 = 2**63
 _RETRY_MAX = 2.0
 
@@ -174,6 +174,8 @@ class BatchWriter:
         self._closing = False
         self._last_id = 0
         """Largest event id before the current batch (its rows are the ones above it)."""
+        self._batch_table = False
+        """Whether this connection has its temporary per-batch rollup table yet."""
         self.stats = WriterStatistics()
         self._thread = threading.Thread(target=self._run, name="tokenwatch-ledger", daemon=True)
 
@@ -361,8 +363,10 @@ class BatchWriter:
         conn = self._conn
         self._last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
         inserted = conn.executemany(INSERT_EVENT, rows).rowcount
-        for sql in _REFRESH:
-            conn.execute(sql, (self._last_id,))
+        if not self._batch_table:
+            prepare_rollups(conn)
+            self._batch_table = True
+        fold_rollups(conn, self._last_id)
         return int(inserted)
 
     def _stored_items(
@@ -405,6 +409,19 @@ class BatchWriter:
             loops.setdefault(id(waiter.token.native_token), (waiter.token, []))[1].append(waiter)
         for token, group in loops.values():
             _wake_on(token, group)
+
+
+def prepare_rollups(conn: sqlite3.Connection) -> None:
+    """Give a write connection the temporary table `fold_rollups` sums a batch in."""
+    conn.execute(_CREATE_BATCH)
+
+
+def fold_rollups(conn: sqlite3.Connection, after_id: int) -> None:
+    """Add the events with `id > after_id` to every rollup table (inside the caller's transaction)."""
+    conn.execute(_CLEAR_BATCH)
+    conn.execute(_FILL_BATCH, (after_id,))
+    for sql in _FOLDS:
+        conn.execute(sql)
 
 
 def _wake_on(token: EventLoopToken, waiters: list[Waiter]) -> None:
