@@ -1,7 +1,7 @@
 """Detection benchmark: precision, recall and calls-to-detection per detector over scripted traces,
 and the time from the triggering call to a real agent process being stopped.
 
-Usage: python bench/detect.py [--variants 10] [--stops 20]
+Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10]
 
 1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 6 healthy
    and 5 runaway kinds) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from traces.corpus import Trace, corpus
 
-from tokenwatch.config import Config, SupervisorSettings
+from tokenwatch.config import Config, RuleSettings, SupervisorSettings
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.rules import DEFAULT_RULES, Rules, rule_name
 from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
@@ -50,6 +50,18 @@ MEANT_FOR = {
     "task_tokens": ("overrun",),
 }
 ENFORCING = ("throttle", "pause", "kill")
+STOPPING = ("pause", "kill")
+"""A throttled agent keeps running (at half speed by default): only these stop it."""
+EAGER = {
+    "snowball": RuleSettings(
+        name="context-growth", detector="context_growth", threshold=3, action="pause"
+    ),
+    "overrun": RuleSettings(
+        name="task-tokens", detector="task_tokens", threshold=1.5, action="pause"
+    ),
+}
+"""What stopping the slow kinds within 3 calls would take: the default rule made eager (3 growing
+calls instead of 4; 1.5x the usual task instead of 3x)."""
 INFORMATIONAL = ("huge_request", "drift", "forecast")
 """Alert-only detectors about size or pace, not runaways: their firings are listed apart."""
 
@@ -74,10 +86,10 @@ class _Clock:
         return self.now
 
 
-def run_trace(trace: Trace) -> Outcome:
+def run_trace(trace: Trace, settings: list[RuleSettings] = DEFAULT_RULES) -> Outcome:
     clock = _Clock()
-    rules = Rules(DEFAULT_RULES, clock=clock)
-    detector_of = {rule_name(r): r.detector for r in DEFAULT_RULES}
+    rules = Rules(settings, clock=clock)
+    detector_of = {rule_name(r): r.detector for r in settings}
     outcome = Outcome(trace)
     for i, event in enumerate(trace.events):
         clock.now = event.ts
@@ -119,26 +131,80 @@ def detection_table(outcomes: list[Outcome]) -> list[str]:
 
 def action_table(outcomes: list[Outcome]) -> list[str]:
     lines = [
-        "| runaway kind | traces | first action | calls to action (median / max) | within 3 calls |",
-        "| --- | --- | --- | --- | --- |",
+        "| runaway kind | traces | first action | calls to it (median / max) "
+        "| calls to stopped (median / max) | stopped within 3 calls |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     by_kind: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
         if o.trace.runaway:
             by_kind[o.trace.kind].append(o)
     for kind, group in by_kind.items():
-        calls, actions = [], set()
-        for o in group:
-            acted = [f for f in o.firings if f.action in ENFORCING and right(o, f)]
-            if acted:
-                calls.append(acted[0].index - (o.trace.start or 0) + 1)
-                actions.add(acted[0].action)
-        within = sum(1 for c in calls if c <= 3)
+        acted = [_acted(o, ENFORCING) for o in group]
+        stopped = [c for c in (_acted(o, STOPPING) for o in group) if c is not None]
+        actions = {_what(o) for c, o in zip(acted, group, strict=True) if c is not None}
+        within = sum(1 for c in stopped if c <= 3)
         lines.append(
             f"| {kind} | {len(group)} | {', '.join(sorted(actions)) or 'alert only'} | "
-            f"{_spread(calls)} | {within}/{len(group)} |"
+            f"{_spread([c for c in acted if c is not None])} | {_spread(stopped)} | "
+            f"{within}/{len(group)} |"
         )
     return lines
+
+
+def eager_table(traces: list[Trace]) -> list[str]:
+    """The slow kinds under an eager rule: how many it stops within 3 calls, whom else it stops."""
+    lines = [
+        "| runaway kind | eager rule | stopped within 3 calls | healthy traces stopped |",
+        "| --- | --- | --- | --- |",
+    ]
+    for kind, eager in EAGER.items():
+        settings = [eager if rule_name(r) == rule_name(eager) else r for r in DEFAULT_RULES]
+        outcomes = [run_trace(t, settings) for t in traces if t.kind in (kind, "healthy")]
+        runaways = [o for o in outcomes if o.trace.runaway]
+        within = sum(1 for o in runaways if (_acted(o, STOPPING) or 99) <= 3)
+        healthy = [o.trace.name for o in outcomes if not o.trace.runaway and _stopped(o)]
+        lines.append(
+            f"| {kind} | {eager.detector} threshold {eager.threshold:g} | "
+            f"{within}/{len(runaways)} | {len(healthy)}: {', '.join(healthy[:8])} |"
+        )
+    return lines
+
+
+def seeds_table(seeds: int, variants: int) -> list[str]:
+    """The default rules on other draws of the corpus: healthy traces acted on, runaways stopped."""
+    acted: dict[str, list[str]] = defaultdict(list)
+    stopped: dict[str, list[int | None]] = defaultdict(list)
+    for seed in range(1, seeds + 1):
+        for o in (run_trace(t) for t in corpus(variants, seed=seed)):
+            if o.trace.runaway:
+                stopped[o.trace.kind].append(_acted(o, STOPPING))
+            else:
+                detectors = {f.detector for f in o.firings if f.action in ENFORCING}
+                acted[o.trace.name.rsplit("-", 1)[0]] += sorted(detectors)
+    lines = ["| trace kind | traces | acted on (by detector) | stopped within 3 calls |"]
+    lines.append("| --- | --- | --- | --- |")
+    for kind, calls in stopped.items():
+        within = sum(1 for c in calls if c is not None and c <= 3)
+        lines.append(f"| {kind} (runaway) | {len(calls)} | - | {within}/{len(calls)} |")
+    for kind, names in acted.items():
+        by = ", ".join(f"{d} {names.count(d)}" for d in sorted(set(names))) or "none"
+        lines.append(f"| {kind} (healthy) | {seeds * variants} | {by} | - |")
+    return lines
+
+
+def _acted(o: Outcome, actions: tuple[str, ...]) -> int | None:
+    """Calls from the runaway's start to its first action among `actions`."""
+    hits = [f.index for f in o.firings if f.action in actions and right(o, f)]
+    return hits[0] - (o.trace.start or 0) + 1 if hits else None
+
+
+def _what(o: Outcome) -> str:
+    return next(f.action for f in o.firings if f.action in ENFORCING and right(o, f))
+
+
+def _stopped(o: Outcome) -> bool:
+    return any(f.action in STOPPING for f in o.firings)
 
 
 def _first(o: Outcome, detector: str) -> int | None:
@@ -221,6 +287,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--variants", type=int, default=10, help="seeded variants per trace kind")
     parser.add_argument("--stops", type=int, default=20, help="stop-latency repetitions")
+    parser.add_argument(
+        "--seeds", type=int, default=0, help="also run the corpus with seeds 1..N (other draws)"
+    )
     args = parser.parse_args()
 
     traces = corpus(args.variants)
@@ -237,6 +306,8 @@ def main() -> None:
     print("\n".join(detection_table(outcomes)))
     print()
     print("\n".join(action_table(outcomes)))
+    print("\nwhat stopping the slow kinds within 3 calls would take:\n")
+    print("\n".join(eager_table(traces)))
     for label, wanted in (("a runaway detector", False), ("an informational alert", True)):
         names = [
             o.trace.name
@@ -245,6 +316,10 @@ def main() -> None:
             and any((f.detector in INFORMATIONAL) == wanted for f in o.firings)
         ]
         print(f"\nhealthy traces flagged by {label}: {len(names)}/{healthy} {names[:6]}")
+
+    if args.seeds:
+        print(f"\nover {args.seeds} other seeds ({args.variants} variants each):\n")
+        print("\n".join(seeds_table(args.seeds, args.variants)))
 
     if args.stops:
         latencies = anyio.run(stop_latencies, args.stops)

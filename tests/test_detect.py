@@ -151,6 +151,16 @@ def test_spike_fires_when_an_agent_burns_far_above_its_own_baseline() -> None:
     assert "x its usual 1.2" in finding.message  # ~1.2k tokens/min before the burst
 
 
+def test_a_pasted_file_at_the_usual_pace_is_not_a_spike() -> None:
+    # A coding agent calling every 10 s pastes a 12k-token file: 7x the tokens a minute, but
+    # calls come no faster than before.
+    before = steady(180, 10, 2000)
+    pasted = [sent(before[-1].ts + 10 * (i + 1), f"with file {i}", 14_000) for i in range(12)]
+    assert first_firing(before + pasted, detect.spike) is None
+    fanned_out = [sent(before[-1].ts + 2 * (i + 1), f"subtask {i}", 14_000) for i in range(12)]
+    assert first_firing(before + fanned_out, detect.spike) is not None
+
+
 def test_spike_needs_a_baseline_and_more_than_one_big_call() -> None:
     fast_from_the_start = [sent(T0 + i, f"doc {i}", 3000) for i in range(60)]
     assert first_firing(fast_from_the_start, detect.spike) is None
@@ -178,22 +188,45 @@ def test_task_tokens_compares_a_task_with_the_agents_usual_or_its_limit() -> Non
     finding = detect.task_tokens("a", "t", 31_000, usual)
     assert finding is not None
     assert finding.message == "a's task t has used 31k tokens, 3.1x its usual 10k per task"
+    # With its calls known, the task must also have run on: 3x the usual calls.
+    assert detect.task_tokens("a", "t", 31_000, usual, calls=6, finished_calls=[5, 6, 4]) is None
+    long = detect.task_tokens("a", "t", 31_000, usual, calls=16, finished_calls=[5, 6, 4])
+    assert long is not None
+    assert long.message == (
+        "a's task t has used 31k tokens in 16 calls, 3.1x its usual 10k per task in 5 calls"
+    )
     by_limit = detect.task_tokens("a", "t", 16_000, [], limit=5000)
     assert by_limit is not None
     assert "3.2x its limit of 5k" in by_limit.message
 
 
-def test_context_growth_fires_when_the_prompt_keeps_growing_within_a_task() -> None:
-    growing = [sent(T0 + 10 * i, f"step {i}", 10_000 + 2_500 * i, task="t") for i in range(10)]
-    finding = detect.context_growth(growing)
+def test_context_growth_fires_when_the_prompt_snowballs_within_a_task() -> None:
+    sizes = [int(12_000 * 1.2**i) for i in range(5)]  # tool output appended, never trimmed
+    growing = [sent(T0 + 10 * i, f"step {i}", size, task="t") for i, size in enumerate(sizes)]
+    assert detect.context_growth(growing[:3]) is None
+    finding = detect.context_growth(growing[:4])
     assert finding is not None
-    assert "grew on each of its last 10 calls, from 10k to 32.5k tokens" in finding.message
-    one_dip = [*growing[:5], sent(T0 + 51, "x", 9000, task="t"), *growing[5:]]
-    assert detect.context_growth(one_dip[:10]) is None
+    assert finding.message == (
+        "researcher's prompt grew by 10% or more call after call over its last 4 calls, "
+        "from 12k to 20.7k tokens, without the task ending"
+    )
     two_tasks = [
-        sent(e.ts, "s", e.input_tokens, task="t" if i < 5 else "u") for i, e in enumerate(growing)
+        sent(e.ts, "s", e.input_tokens, task="t" if i < 2 else "u") for i, e in enumerate(growing)
     ]
     assert detect.context_growth(two_tasks) is None
+
+
+def test_context_growth_leaves_a_coder_and_a_pasted_file_alone() -> None:
+    def calls(sizes: list[int]) -> list[UsageEvent]:
+        return [sent(T0 + 10 * i, f"step {i}", n, task="t") for i, n in enumerate(sizes)]
+
+    def fires(events: list[UsageEvent]) -> bool:
+        return first_firing(events, lambda some, now: detect.context_growth(some)) is not None
+
+    assert not fires(calls([12_000 + 900 * i for i in range(20)]))  # a coder's steps
+    assert not fires(calls([3000, 3500, 15_500, 16_000, 16_600, 17_000, 17_800]))  # a file pasted
+    # Early steps grow a small context by a tenth each; then the paste.
+    assert not fires(calls([4900, 5500, 6100, 6800, 19_300, 19_900]))
 
 
 def test_drift_compares_tokens_per_task_with_the_period_before() -> None:

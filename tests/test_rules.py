@@ -179,7 +179,8 @@ def test_task_tokens_learns_an_agents_usual_task_from_the_tasks_it_finished() ->
         signals += feed(rules, clock, [sent(ts, f"t3-{ts}", 1800, task="t3")])
     (signal,) = signals
     assert signal.alert.message == (
-        "researcher's task t3 has used 32k tokens, 3.2x its usual 10k per task; paused"
+        "researcher's task t3 has used 32k tokens in 16 calls, 3.2x its usual 10k per task in "
+        "5 calls; paused"
     )
 
 

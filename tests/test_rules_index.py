@@ -136,5 +136,6 @@ def test_the_usual_task_is_the_median_of_the_tasks_still_remembered(tokens: list
     with mock.patch.object(rules, "TASKS_KEPT", 5):
         mem = rules._AgentMemory()
     for i, t in enumerate(tokens):
-        mem.finish(float(i), t)
+        mem.finish(float(i), t, 100 - t)
         assert mem.usual == detect.usual_task([t for _, t in mem.finished])
+        assert mem.usual_calls == detect.usual_task(list(mem.lengths))

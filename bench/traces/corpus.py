@@ -10,6 +10,7 @@ Prompts are made up and hashed the way the SDK and the proxy hash them
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from collections.abc import Callable
@@ -148,12 +149,70 @@ def coder(rng: random.Random) -> Trace:
     ends: dict[int, str] = {}
     for t in range(rng.randint(5, 10)):
         context = rng.randint(1500, 3000)
-        for _ in range(rng.randint(6, 14)):
-            context += rng.randint(200, 900)
-            w.call(f"step {w.sentence(10)}", context, after=rng.uniform(3, 15), task=f"issue-{t}")
-        ends[len(w.events) - 1] = f"issue-{t}"
-        w.now += rng.uniform(30, 120)
+        _coding_task(w, ends, f"issue-{t}", context, [0] * rng.randint(6, 14))
     return Trace("coder", "healthy", w.events, task_ends=ends)
+
+
+def paster(rng: random.Random) -> Trace:
+    """A coding agent that, once, pastes a big file (6-12k tokens) into a task's context."""
+    w = _Writer("paster", rng, T0 + rng.uniform(0, 3600))
+    ends: dict[int, str] = {}
+    tasks = rng.randint(4, 8)
+    pasted_in = rng.randrange(tasks)
+    for t in range(tasks):
+        context = rng.randint(1500, 3000)
+        steps = rng.randint(6, 14)
+        paste_at = rng.randrange(1, steps) if t == pasted_in else -1
+        paste = rng.randint(6000, 12000)
+        extra = [paste if s == paste_at else 0 for s in range(steps)]
+        _coding_task(w, ends, f"issue-{t}", context, extra)
+    return Trace("paster", "healthy", w.events, task_ends=ends)
+
+
+def reader(rng: random.Random) -> Trace:
+    """A coding agent that starts each task by reading two to four files (1.5-5k tokens each)."""
+    w = _Writer("reader", rng, T0 + rng.uniform(0, 3600))
+    ends: dict[int, str] = {}
+    for t in range(rng.randint(4, 8)):
+        context = rng.randint(1500, 3000)
+        files = [rng.randint(1300, 4100) for _ in range(rng.randint(2, 4))]
+        _coding_task(w, ends, f"issue-{t}", context, files + [0] * rng.randint(4, 10))
+    return Trace("reader", "healthy", w.events, task_ends=ends)
+
+
+def _coding_task(
+    w: _Writer, ends: dict[int, str], task: str, context: int, extra: list[int]
+) -> None:
+    """A coding agent's task, a step per item of `extra`: each adds 200-900 tokens and its item."""
+    for added in extra:
+        context += w.rng.randint(200, 900) + added
+        w.call(f"step {w.sentence(10)}", context, after=w.rng.uniform(3, 15), task=task)
+    ends[len(w.events) - 1] = task
+    w.now += w.rng.uniform(30, 120)
+
+
+def _job(w: _Writer, ends: dict[int, str], name: str, calls: int) -> None:
+    """One task of `calls` calls of 1.5-2k tokens, ended."""
+    for _ in range(calls):
+        w.call(
+            f"work {w.sentence(12)}",
+            w.rng.randint(1500, 2000),
+            after=w.rng.uniform(5, 20),
+            task=name,
+        )
+    ends[len(w.events) - 1] = name
+
+
+def longer_once(rng: random.Random) -> Trace:
+    """The overrun's worker on a good day: usual tasks, one twice as long as usual, usual again."""
+    w = _Writer("worker", rng, T0 + rng.uniform(0, 3600))
+    ends: dict[int, str] = {}
+    for t in range(4):
+        _job(w, ends, f"job-{t}", rng.randint(4, 6))
+    _job(w, ends, "job-4", rng.randint(8, 12))
+    for t in range(5, 7):
+        _job(w, ends, f"job-{t}", rng.randint(4, 6))
+    return Trace("longer-once", "healthy", w.events, task_ends=ends)
 
 
 def retrier(rng: random.Random) -> Trace:
@@ -238,19 +297,16 @@ def snowball(rng: random.Random) -> Trace:
 
 
 def overrun(rng: random.Random) -> Trace:
-    """Usual tasks of ~10k tokens, then one that goes on and on."""
+    """Usual tasks of ~10k tokens, then one that goes on and on.
+
+    Its start is the first call at which the long task has used more tokens than any task the
+    agent finished before: until then it is a task like the agent's others."""
     w = _Writer("worker", rng, T0 + rng.uniform(0, 3600))
     ends: dict[int, str] = {}
     for t in range(4):
-        for _ in range(rng.randint(4, 6)):
-            w.call(
-                f"work {w.sentence(12)}",
-                rng.randint(1500, 2000),
-                after=rng.uniform(5, 20),
-                task=f"job-{t}",
-            )
-        ends[len(w.events) - 1] = f"job-{t}"
-    start = len(w.events)
+        _job(w, ends, f"job-{t}", rng.randint(4, 6))
+    largest = max(_task_sizes(w.events).values())
+    first = len(w.events)
     for _ in range(60):
         w.call(
             f"work {w.sentence(12)}",
@@ -258,7 +314,16 @@ def overrun(rng: random.Random) -> Trace:
             after=rng.uniform(5, 20),
             task="job-4",
         )
+    used = itertools.accumulate(e.total_tokens for e in w.events[first:])
+    start = first + next(i for i, tokens in enumerate(used) if tokens > largest)
     return Trace("overrun", "overrun", w.events, start, task_ends=ends)
+
+
+def _task_sizes(events: list[UsageEvent]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for e in events:
+        sizes[e.task] = sizes.get(e.task, 0) + e.total_tokens
+    return sizes
 
 
 HEALTHY: tuple[Callable[[random.Random], Trace], ...] = (
@@ -268,6 +333,9 @@ HEALTHY: tuple[Callable[[random.Random], Trace], ...] = (
     coder,
     retrier,
     bursty,
+    paster,
+    reader,
+    longer_once,
 )
 RUNAWAY: tuple[Callable[[random.Random], Trace], ...] = (loop, near_loop, spike, snowball, overrun)
 

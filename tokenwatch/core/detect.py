@@ -24,15 +24,22 @@ SPIKE_FACTOR: Final = 5.0
 SPIKE_WINDOW: Final = 60.0
 SPIKE_MIN_CALLS: Final = 3
 """Calls in the window before a rate counts: one big call is not a spike."""
+SPIKE_PACE: Final = 2.0
+"""The window's calls must also come this many times as fast as the agent's usual pace: a spike
+is an agent calling faster than usual. One that pasted a big file into its context keeps its
+pace with bigger prompts; context_growth and huge_request speak for that."""
 SPIKE_BASELINE_WINDOWS: Final = 5
 """The baseline must span at least this many windows of the agent's own history."""
 BASELINE_SPAN: Final = 1800.0
 """Seconds of history, before the window, that make an agent's baseline."""
 HUGE_REQUEST_TOKENS: Final = 8000
-CONTEXT_CALLS: Final = 10
-CONTEXT_MIN_TOKENS: Final = 16_000
-"""Prompt size below which a rising context is not worth an alert (a chat growing turn by turn)."""
-CONTEXT_GROWTH: Final = 2.0
+CONTEXT_CALLS: Final = 4
+CONTEXT_MIN_TOKENS: Final = 8000
+"""Prompt size from which growth counts: a small context grows by a tenth with one tool result."""
+CONTEXT_RISE: Final = 0.1
+"""Growth per call, as a fraction of the prompt, that makes a snowball: tool output appended and
+never trimmed grows the prompt in proportion to itself; a coding agent's steps add a few hundred
+tokens, a smaller and smaller fraction as its context grows."""
 DRIFT_RISE: Final = 0.3
 DRIFT_WINDOW: Final = 86400.0
 
@@ -95,13 +102,25 @@ def task_tokens(
     *,
     factor: float = TASK_FACTOR,
     limit: float | None = None,
+    calls: int = 0,
+    finished_calls: Sequence[int] = (),
 ) -> Finding | None:
-    """A task's tokens so far over `factor` x its limit, or x the agent's usual (median) task."""
-    return task_over(agent, task, tokens, usual_task(finished), factor=factor, limit=limit)
+    """A task's tokens so far over `factor` x its limit, or over `factor` x the agent's usual
+    (median) task in tokens and, when `finished_calls` are given, in calls too."""
+    return task_over(
+        agent,
+        task,
+        tokens,
+        usual_task(finished),
+        factor=factor,
+        limit=limit,
+        calls=calls,
+        usual_calls=usual_task(finished_calls),
+    )
 
 
 def usual_task(finished: Sequence[int]) -> float | None:
-    """The agent's usual (median) tokens per task, once there is enough history to trust."""
+    """The agent's usual (median) tokens or calls per task, once there is enough history."""
     return statistics.median(finished) if len(finished) >= TASK_HISTORY_MIN else None
 
 
@@ -113,21 +132,32 @@ def task_over(
     *,
     factor: float = TASK_FACTOR,
     limit: float | None = None,
+    calls: int = 0,
+    usual_calls: float | None = None,
 ) -> Finding | None:
-    """`task_tokens` against an already known usual figure."""
+    """`task_tokens` against already known usual figures.
+
+    Against the usual, the task must also have gone on for `factor` x the usual calls: a task
+    that ran on is what this watches for, and one file pasted into an otherwise usual task makes
+    it bigger, not longer."""
     if limit:
         baseline, what = limit, f"its limit of {format_tokens(limit)}"
     elif usual is not None:
+        if usual_calls is not None and calls <= factor * usual_calls:
+            return None
         baseline = usual
         what = f"its usual {format_tokens(baseline)} per task"
+        if usual_calls is not None:
+            what += f" in {usual_calls:g} calls"
     else:
         return None
     if baseline <= 0 or tokens <= factor * baseline:
         return None
+    length = f" in {calls} calls" if usual_calls is not None and not limit else ""
     return Finding(
         "task_tokens",
         agent,
-        f"{agent}'s task {task or '(unnamed)'} has used {format_tokens(tokens)} tokens, "
+        f"{agent}'s task {task or '(unnamed)'} has used {format_tokens(tokens)} tokens{length}, "
         f"{tokens / baseline:.1f}x {what}",
     )
 
@@ -156,9 +186,13 @@ def spike(
     before = [e for e in ok if edge - BASELINE_SPAN < e.ts <= edge]
     if len(before) < SPIKE_MIN_CALLS or edge - before[0].ts < SPIKE_BASELINE_WINDOWS * window:
         return None
-    usual = statistics.median(_busy_windows(before, edge, window))
+    tokens, gaps = _busy_windows(before, edge, window)
+    usual = statistics.median(tokens)
     burning = sum(e.total_tokens for e in current)
-    return spike_finding(events[-1].agent, burning, usual, factor=factor, window=window)
+    found = spike_finding(events[-1].agent, burning, usual, factor=factor, window=window)
+    if found is None or not faster(len(current), window, gaps):
+        return None
+    return found
 
 
 def spike_finding(
@@ -176,13 +210,26 @@ def spike_finding(
     )
 
 
-def _busy_windows(events: Sequence[UsageEvent], edge: float, window: float) -> list[float]:
-    """Tokens per `window`-long slice before `edge`, for the slices that had calls."""
-    slices: dict[int, float] = {}
-    for e in events:
+def faster(calls: int, window: float, gaps: Sequence[float], *, pace: float = SPIKE_PACE) -> bool:
+    """Whether `calls` in `window` s come `pace` times as fast as the agent's usual pace: one call
+    per median of `gaps`, one gap per busy window (see `_busy_windows`)."""
+    return bool(gaps) and calls * statistics.median(gaps) >= pace * window
+
+
+def _busy_windows(
+    events: Sequence[UsageEvent], edge: float, window: float
+) -> tuple[list[float], list[float]]:
+    """Tokens per `window`-long slice before `edge`, for the slices that had calls; and for each,
+    the gap before its last call (one per slice, like the tokens: a long burst does not become
+    the usual pace in a few minutes, and idle spells between tasks do not slow it down)."""
+    tokens: dict[int, float] = {}
+    gaps: dict[int, float] = {}
+    for prev, e in zip([None, *events], events, strict=False):
         k = busy_slice(edge, e.ts, window)
-        slices[k] = slices.get(k, 0.0) + e.total_tokens
-    return list(slices.values())
+        tokens[k] = tokens.get(k, 0.0) + e.total_tokens
+        if prev is not None:
+            gaps[k] = e.ts - prev.ts
+    return list(tokens.values()), list(gaps.values())
 
 
 def busy_slice(edge: float, ts: float, window: float) -> int:
@@ -247,9 +294,10 @@ def context_growth(
     *,
     calls: int = CONTEXT_CALLS,
     min_tokens: int = CONTEXT_MIN_TOKENS,
+    rise: float = CONTEXT_RISE,
 ) -> Finding | None:
-    """The prompt grew on each of the last `calls` calls of one task, to `min_tokens` or more and
-    to at least twice its size."""
+    """The last `calls` calls of one task each sent at least `min_tokens`, each prompt bigger
+    than the one before by `rise` of it or more."""
     ok = _ok(events)
     if len(ok) < calls:
         return None
@@ -257,15 +305,15 @@ def context_growth(
     if len({e.task for e in tail}) != 1:
         return None
     sizes = [e.input_tokens for e in tail]
-    rising = all(b > a for a, b in itertools.pairwise(sizes))
-    if not rising or sizes[-1] < min_tokens or sizes[-1] < CONTEXT_GROWTH * sizes[0]:
+    if sizes[0] < min_tokens or any(b < (1 + rise) * a for a, b in itertools.pairwise(sizes)):
         return None
     agent = tail[-1].agent
     return Finding(
         "context_growth",
         agent,
-        f"{agent}'s prompt grew on each of its last {calls} calls, from "
-        f"{format_tokens(sizes[0])} to {format_tokens(sizes[-1])} tokens, without the task ending",
+        f"{agent}'s prompt grew by {rise:.0%} or more call after call over its last {calls} calls, "
+        f"from {format_tokens(sizes[0])} to {format_tokens(sizes[-1])} tokens, without the task "
+        "ending",
     )
 
 

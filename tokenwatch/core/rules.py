@@ -51,21 +51,24 @@ DEFAULT_RULES: list[RuleSettings] = [
         cooldown=60,
     ),
     RuleSettings(
-        name="spike",
-        detector="spike",
-        threshold=5,
-        window=60,
-        action="throttle",
-        escalate=["pause"],
-        cooldown=300,
+        name="spike", detector="spike", threshold=5, window=60, action="pause", cooldown=300
     ),
-    RuleSettings(name="task-tokens", detector="task_tokens", threshold=3, cooldown=600),
+    RuleSettings(
+        name="task-tokens", detector="task_tokens", threshold=3, action="pause", cooldown=600
+    ),
     RuleSettings(name="huge-request", detector="huge_request", threshold=8000, cooldown=300),
-    RuleSettings(name="context-growth", detector="context_growth", threshold=10, cooldown=600),
+    RuleSettings(
+        name="context-growth",
+        detector="context_growth",
+        threshold=4,
+        action="pause",
+        cooldown=600,
+    ),
     RuleSettings(name="drift", detector="drift", threshold=0.3, window=86400, cooldown=86400),
     RuleSettings(name="forecast", detector="forecast", cooldown=3600),
 ]
-"""Used when tokenwatch.toml has no [[rule]]: stop loops, slow spikes, tell about the rest."""
+"""Used when tokenwatch.toml has no [[rule]]: pause loops, spikes and snowballing prompts (a
+throttle leaves the process running at half speed), tell about the rest."""
 
 _DONE: Final = {
     "alert": "",
@@ -116,6 +119,7 @@ class _Task:
     name: str
     started: float
     tokens: int = 0
+    calls: int = 0
 
 
 @dataclass(slots=True)
@@ -127,16 +131,24 @@ class _AgentMemory:
     sizes: list[int] = field(default_factory=list)
     """The tokens of `finished`, sorted: its median is the agent's usual task."""
     usual: float | None = None
+    lengths: deque[int] = field(default_factory=lambda: deque(maxlen=TASKS_KEPT))
+    """Calls of each task in `finished`."""
+    sorted_lengths: list[int] = field(default_factory=list)
+    usual_calls: float | None = None
     context_from: float = float("-inf")
     recent: Recent = field(default_factory=Recent)
     """`events`' successful calls, indexed so the detectors need not re-read them."""
 
-    def finish(self, now: float, tokens: int) -> None:
+    def finish(self, now: float, tokens: int, calls: int) -> None:
         if len(self.finished) == self.finished.maxlen:
             del self.sizes[bisect.bisect_left(self.sizes, self.finished[0][1])]
+            del self.sorted_lengths[bisect.bisect_left(self.sorted_lengths, self.lengths[0])]
         self.finished.append((now, tokens))
+        self.lengths.append(calls)
         bisect.insort(self.sizes, tokens)
+        bisect.insort(self.sorted_lengths, calls)
         self.usual = detect.usual_task(self.sizes)
+        self.usual_calls = detect.usual_task(self.sorted_lengths)
 
     def ordered(self) -> bool:
         return self.recent.ordered(len(self.events))
@@ -203,6 +215,7 @@ class Rules:
             mem.task = _Task(event.task, event.ts)
         if mem.task is not None and event.task == mem.task.name:
             mem.task.tokens += event.total_tokens
+            mem.task.calls += 1
         mem.events.append(event)
         _forget_old(mem.events, now)
         mem.recent.add(event)
@@ -225,7 +238,7 @@ class Rules:
     def _end_task(self, agent: str, mem: _AgentMemory, now: float) -> list[Signal]:
         assert mem.task is not None
         if mem.task.tokens > 0:
-            mem.finish(now, mem.task.tokens)
+            mem.finish(now, mem.task.tokens, mem.task.calls)
         mem.task = None
         mem.context_from = now
         signals: list[Signal] = []
@@ -336,6 +349,8 @@ class Rules:
             mem.usual,
             factor=rule.threshold or detect.TASK_FACTOR,
             limit=limit,
+            calls=task.calls,
+            usual_calls=mem.usual_calls,
         )
 
     def _firing(self, rule: RuleSettings, agent: str) -> _Firing:
@@ -446,9 +461,12 @@ def _spike(
         or edge - ok.ts[b0] < detect.SPIKE_BASELINE_WINDOWS * window
     ):
         return None
-    usual = busy_median(ok, b0, b1, edge, window)
+    usual, gaps = busy_median(ok, b0, b1, edge, window)
     agent = mem.events[-1].agent
-    return detect.spike_finding(agent, ok.tokens(i, j), usual, factor=factor, window=window)
+    found = detect.spike_finding(agent, ok.tokens(i, j), usual, factor=factor, window=window)
+    if found is None or not detect.faster(j - i, window, gaps):
+        return None
+    return found
 
 
 def _overspend(
