@@ -148,15 +148,20 @@ def repeats(
     return len(ts), (ts[-1] - ts[0] if ts else 0.0)
 
 
-def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> float:
-    """Median tokens of the `window`-long slices before `edge` that had calls, over ok[i:j]."""
+def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> tuple[float, list[float]]:
+    """Median tokens of the `window`-long slices before `edge` that had calls, over ok[i:j], and
+    the gap before each slice's last call (as `detect._busy_windows` gives them)."""
     sums: list[float] = []
+    gaps: list[float] = []
+    first = i
     k = busy_slice(edge, ok.ts[i], window) if i < j else 0
     while i < j:
         end, after = _slice_end(ok.ts, i, j, edge, window, k)
         sums.append(float(ok.tokens(i, end)))
+        if end - 1 > first:
+            gaps.append(ok.ts[end - 1] - ok.ts[end - 2])
         i, k = end, after
-    return statistics.median(sums)
+    return statistics.median(sums), gaps
 
 
 def _slice_end(
