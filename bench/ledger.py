@@ -190,6 +190,7 @@ def bulk_rows(total: int, now: float, unique_tasks: bool = False) -> Iterator[tu
             source="proxy",
             estimated=0,
             call_id="",
+            prompt_shape="",
         )
         yield tuple(row[c] for c in columns)
 
@@ -216,7 +217,10 @@ def fill(path: Path, total: int, now: float, unique_tasks: bool = False) -> floa
         if not batch:
             break
         db.execute("BEGIN")
-        db.executemany(INSERT_EVENT, batch)
+        # INSERT OR IGNORE skips a row that breaks a constraint: a bulk row missing a column
+        # would vanish silently, so count them.
+        if db.executemany(INSERT_EVENT, batch).rowcount != len(batch):
+            raise SystemExit("fill: some rows were not inserted (a NOT NULL column left None?)")
         fold_rollups(db, last)
         db.execute("COMMIT")
         last += len(batch)
