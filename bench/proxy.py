@@ -384,10 +384,35 @@ async def _ramps(
         return await _python_ramps(direct, proxied, quick, proxy_pid)
     seconds = 1 if quick else 3
     for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
+        await _wrk_concurrency_1(name, direct, proxied, body, seconds)
+    for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
         print(f"highest sustained rate, {name}, closed loop with wrk (p99 < 50 ms):")
         ceiling = await _wrk_ramp("direct", direct, body, seconds, cpu, None)
         best = await _wrk_ramp("proxy", proxied, body, seconds, cpu, proxy_pid)
         print(f"sustained {name}: {best:.0f} requests/s through the proxy, {ceiling:.0f} direct")
+
+
+async def _wrk_concurrency_1(
+    name: str, direct: str, proxied: str, body: bytes, seconds: int
+) -> None:
+    """Added latency at concurrency 1 with a load generator that costs almost nothing: one wrk
+    connection, direct and proxied runs interleaved, the median of each percentile over runs."""
+    runs: dict[str, list[wrk.WrkResult]] = {"direct": [], "proxy": []}
+    for _ in range(3):
+        for label, url in (("direct", direct), ("proxy", proxied)):
+            runs[label].append(await wrk.run(url, body, 1, seconds))
+
+    def median(label: str, field: str) -> float:
+        values: list[float] = sorted(getattr(r, field) for r in runs[label])
+        return values[len(values) // 2]
+
+    d50, d99 = median("direct", "p50_ms"), median("direct", "p99_ms")
+    p50, p99 = median("proxy", "p50_ms"), median("proxy", "p99_ms")
+    print(
+        f"{name + ', concurrency 1 (wrk)':<38} direct p50 {d50:7.3f} p99 {d99:7.3f} | proxy p50 "
+        f"{p50:7.3f} p99 {p99:7.3f} | added p50 {p50 - d50:+7.3f} p99 {p99 - d99:+7.3f} ms",
+        flush=True,
+    )
 
 
 async def _wrk_ramp(

@@ -25,6 +25,7 @@ from tokenwatch.core.tokens import (
     count_text,
     count_text_async,
     prompt_hash,
+    prompt_hashes,
     prompt_shape_hash,
 )
 
@@ -198,6 +199,12 @@ def test_shape_hash_collides_for_near_duplicates() -> None:
     assert prompt_shape_hash([{"role": "user", "content": first}]) == prompt_shape_hash(
         [{"role": "user", "content": second}]
     )
+
+
+def test_both_hashes_at_once_are_the_two_hashes() -> None:
+    messages = [{"role": "user", "content": "Retry 3 at 10:00:01, job deadbeef42"}]
+    for prompt in (messages, "plain text 12", ["a", 1]):
+        assert prompt_hashes(prompt) == (prompt_hash(prompt), prompt_shape_hash(prompt))
 
 
 async def test_async_counting_keeps_the_loop_ticking() -> None:

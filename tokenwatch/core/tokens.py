@@ -173,6 +173,7 @@ def _seed_cache(name: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
 def _encoding_name(model: str) -> tuple[str, bool]:
     """(encoding name, known) for a model; unknown models get the fallback encoding."""
     if not model:
@@ -412,3 +413,9 @@ def normalise_prompt(text: str) -> str:
 def prompt_shape_hash(messages_or_text: Any) -> str:
     """Like `prompt_hash`, but near-duplicates (differing only in numbers, ids, times) collide."""
     return prompt_hash(normalise_prompt(_canonical(messages_or_text)))
+
+
+def prompt_hashes(messages_or_text: Any) -> tuple[str, str]:
+    """`prompt_hash` and `prompt_shape_hash` of one prompt, serialising it once."""
+    text = _canonical(messages_or_text)
+    return prompt_hash(text), prompt_hash(normalise_prompt(text))

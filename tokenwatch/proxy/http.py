@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,17 +231,35 @@ class UpstreamResponse:
         return int(value) if value is not None else None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        try:
+        with _reading():
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except ServerTimeoutError:
-            raise UpstreamTimeout("the upstream went silent mid-response") from None
-        except (ClientPayloadError, ClientError, ConnectionError) as exc:
-            raise UpstreamCut(type(exc).__name__) from None
+
+    async def read(self, first_byte: Callable[[], None]) -> bytes:
+        """The whole body (for one of known, bounded size); `first_byte` is called as it starts."""
+        content = self._response.content
+        with _reading():
+            first: bytes = await content.readany()
+            if not first:
+                return b""
+            first_byte()
+            rest: bytes = b"" if content.is_eof() else await content.read()
+        return first + rest if rest else first
 
     def close(self) -> None:
         """Stop reading and drop the upstream connection (an abandoned stream stops costing)."""
         self._response.close()
+
+
+@contextmanager
+def _reading() -> Iterator[None]:
+    """An upstream's failures while its body is read, in the proxy's terms."""
+    try:
+        yield
+    except ServerTimeoutError:
+        raise UpstreamTimeout("the upstream went silent mid-response") from None
+    except (ClientPayloadError, ClientError, ConnectionError) as exc:
+        raise UpstreamCut(type(exc).__name__) from None
 
 
 class UpstreamClient:

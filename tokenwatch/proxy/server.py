@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -118,7 +118,7 @@ class ProxyServer:
         self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
         self._http = HttpServer(self._handle, self._limits, _protocol_error_page)
         self._client: UpstreamClient | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._settles: set[asyncio.Task[None]] = set()
         self._host = settings.host
         self.port = 0
         self._in_flight = self._held = self._total = self._errors = self._refused = 0
@@ -132,10 +132,15 @@ class ProxyServer:
         # load the tokenizer now, in a thread, so the first call does not stall the loop
         await anyio.to_thread.run_sync(tokens.count_text, "warm up")
         timeouts = (self._settings.connect_timeout, self._settings.read_timeout)
-        async with UpstreamClient(*timeouts) as client, anyio.create_task_group() as tg:
-            self._client, self._tg = client, tg
-            self.port = await tg.start(self._http.serve, hosts, self._settings.port)
-            task_status.started(self.port)
+        try:
+            async with UpstreamClient(*timeouts) as client, anyio.create_task_group() as tg:
+                self._client = client
+                self.port = await tg.start(self._http.serve, hosts, self._settings.port)
+                task_status.started(self.port)
+        finally:
+            with anyio.CancelScope(shield=True):
+                while self._settles:  # every call taken in is settled before the proxy stops
+                    await asyncio.wait(set(self._settles))
 
     def base_urls(self, token: str) -> dict[str, str]:
         """The environment that points an agent's SDKs at its route."""
@@ -158,11 +163,11 @@ class ProxyServer:
 
     async def _handle(self, req: Incoming) -> None:
         self._total += 1
-        provider = provider_of(req.path, req.headers)
+        target = split_path(req.path, req.headers)
+        provider = target.provider if target is not None else provider_of(req.path, req.headers)
         if not loopback_host(req.headers.get("Host"), self.port):
             message = "tokenwatch's proxy only answers requests addressed to localhost"
             return await self._guard(req, provider, 403, message, "bad_host")
-        target = split_path(req.path, req.headers)
         route = self._routes.get(target.token) if target is not None else None
         if target is None or route is None:
             message = "unknown tokenwatch route: use the base URL `tokenwatch env` or `run` gave"
@@ -270,7 +275,7 @@ class ProxyServer:
             prompt_hash=facts.prompt_hash,
             prompt_shape=facts.prompt_shape,
             source=Source.PROXY.value,
-            call_id=req.headers.get(CALL_ID_HEADER) or uuid.uuid4().hex,
+            call_id=req.headers.get(CALL_ID_HEADER) or os.urandom(16).hex(),
         )
         reader: Reader
         if target.provider == ANTHROPIC:
@@ -309,13 +314,15 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
+            answer = relayable(upstream.headers)
             length = upstream.content_length
-            if length is not None and length <= MAX_CAPTURE_BYTES and not _is_sse(upstream.headers):
-                return await self._relay_whole(req, call, upstream)
+            sse = _is_sse(answer)
+            if length is not None and length <= MAX_CAPTURE_BYTES and not sse:
+                return await self._relay_whole(req, call, upstream, answer)
             length = None if call.strip_usage else length
-            await req.start(upstream.status, relayable(upstream.headers), length)
+            await req.start(upstream.status, answer, length)
             try:
-                if _is_sse(upstream.headers):
+                if sse:
                     await self._relay_stream(req, call, upstream)
                 else:
                     await self._relay_body(req, call, upstream)
@@ -324,16 +331,17 @@ class ProxyServer:
                 upstream.close()  # an abandoned generation stops costing
                 raise
 
-    async def _relay_whole(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+    async def _relay_whole(
+        self, req: Incoming, call: _Call, upstream: UpstreamResponse, headers: Headers
+    ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
-        parts: list[bytes] = []
-        async for chunk in upstream.chunks():
-            self._first_byte(call)
-            parts.append(chunk)
-        body = b"".join(parts)
-        call.reader.read_json(body)
-        await req.respond(upstream.status, relayable(upstream.headers), body)
+        body = await upstream.read(lambda: self._first_byte(call))
+        try:
+            await req.respond(upstream.status, headers, body)
+        finally:
+            # usage is read after the answer is sent: parsing must not delay the agent
+            call.reader.read_json(body)
 
     async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
@@ -452,27 +460,29 @@ class ProxyServer:
     def _settle_soon(
         self, admission: Admission, event: UsageEvent, call: _Call | None = None
     ) -> None:
-        """Finish the event (`call`, when it went upstream) and settle it in the server's task
-        group: the agent's connection is not held while the store writes."""
-        assert self._tg is not None
+        """Finish the event (`call`, when it went upstream) and settle it in a task of its own:
+        the agent's connection is not held while the store writes. A bare asyncio task, not the
+        task group's: stopping the proxy must not cancel a settlement (`serve` waits for them),
+        and a task group's spawn costs several times as much per call."""
         self._settling += 1
-        self._tg.start_soon(self._settle, admission, event, call)
+        task = asyncio.get_running_loop().create_task(self._settle(admission, event, call))
+        self._settles.add(task)
+        task.add_done_callback(self._settles.discard)
 
     async def _settle(self, admission: Admission, event: UsageEvent, call: _Call | None) -> None:
-        with anyio.CancelScope(shield=True):
-            if call is not None:
-                await self._finish_quietly(call)
-            try:
-                await self._gate.settle(admission, event)
-            except Exception as exc:
-                self._settle_failures += 1
-                log.warning(
-                    "could not settle a call of agent %s (%s): the engine keeps and retries it",
-                    event.agent,
-                    type(exc).__name__,
-                )
-            finally:
-                self._settling -= 1
+        if call is not None:
+            await self._finish_quietly(call)
+        try:
+            await self._gate.settle(admission, event)
+        except Exception as exc:
+            self._settle_failures += 1
+            log.warning(
+                "could not settle a call of agent %s (%s): the engine keeps and retries it",
+                event.agent,
+                type(exc).__name__,
+            )
+        finally:
+            self._settling -= 1
 
 
 def _now() -> float:

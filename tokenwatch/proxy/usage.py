@@ -49,7 +49,7 @@ class CallFacts:
 
 def fingerprint(facts: CallFacts, prompt: Any) -> None:
     """Hash the prompt when it is measured (`count_prompt`): off the loop when it is big."""
-    facts.hashes = lambda: (tokens.prompt_hash(prompt), tokens.prompt_shape_hash(prompt))
+    facts.hashes = lambda: tokens.prompt_hashes(prompt)
 
 
 class Reader(Protocol):
