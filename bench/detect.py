@@ -182,14 +182,20 @@ def seeds_table(seeds: int, variants: int) -> list[str]:
             else:
                 detectors = {f.detector for f in o.firings if f.action in ENFORCING}
                 acted[o.trace.name.rsplit("-", 1)[0]] += sorted(detectors)
-    lines = ["| trace kind | traces | acted on (by detector) | stopped within 3 calls |"]
-    lines.append("| --- | --- | --- | --- |")
+    lines = [
+        "| trace kind | traces | acted on (by detector) | calls to stopped (median / max) "
+        "| stopped within 3 calls |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for kind, calls in stopped.items():
-        within = sum(1 for c in calls if c is not None and c <= 3)
-        lines.append(f"| {kind} (runaway) | {len(calls)} | - | {within}/{len(calls)} |")
+        done = [c for c in calls if c is not None]
+        within = sum(1 for c in done if c <= 3)
+        lines.append(
+            f"| {kind} (runaway) | {len(calls)} | - | {_spread(done)} | {within}/{len(calls)} |"
+        )
     for kind, names in acted.items():
         by = ", ".join(f"{d} {names.count(d)}" for d in sorted(set(names))) or "none"
-        lines.append(f"| {kind} (healthy) | {seeds * variants} | {by} | - |")
+        lines.append(f"| {kind} (healthy) | {seeds * variants} | {by} | - | - |")
     return lines
 
 
