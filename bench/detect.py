@@ -3,14 +3,18 @@ and the time from the triggering call to a real agent process being stopped.
 
 Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10]
 
-1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 6 healthy
+1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 9 healthy
    and 5 runaway kinds) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
    task ends where the trace has them, exactly as the engine feeds it. A detector's firing is
    right when it is on a runaway trace at or after the call where the runaway started.
    Precision = right firings / all trace firings of the detector; recall = runaway traces of
    the kinds the detector is meant for that it caught; calls to detection = index of the first
    firing - start + 1 (3 means on the third runaway call); calls to action = the same for the
-   first throttle, pause or kill.
+   first throttle, pause or kill; calls to stopped = the same for the first pause or kill (a
+   throttled process keeps running). The eager table runs the slow kinds and the healthy
+   traces again with one default rule made eager enough to stop them within 3 calls, and
+   lists the healthy traces it would stop. `--seeds N` runs the whole corpus again with seeds
+   1..N (other random draws of the same kinds), so a rule that only fits one draw shows.
 2. Stop latency: an in-process supervisor (store, engine, default rules; no proxy) takes hold of
    a real `sleep` process started in its own session. Two looping calls are ingested, then the
    clock starts, the third (triggering) one is ingested through `Engine.ingest` (stored,
