@@ -3,6 +3,7 @@ exporters and the socket server, and owns their lifetime (signals, clean exit, c
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenwatch.supervisor")
 
 SHUTDOWN_FLUSH_TIMEOUT = 2.0
+GC_THRESHOLD: tuple[int, int, int] = (10_000, 50, 50)
+"""The daemon's collector thresholds. It keeps a large, steady heap (every agent's recent calls)
+and allocates a few objects per usage event; at Python's default (700, 10, 10) the collector
+walked that heap so often that ingest ran about 30 % slower (docs/benchmarks.md, Ingest)."""
 """Seconds a stopping supervisor gives peers to receive what was already queued for them."""
 
 
@@ -260,11 +265,16 @@ def _is_critical(engine: Engine | None, name: str) -> bool:
 async def serve_until_signalled(paths: Paths, config: Config) -> None:
     """Run a supervisor in this process until SIGTERM, SIGINT or SIGHUP (or a shutdown request)."""
     sup = Supervisor(paths, config)
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 tg.start_soon(_stop_on_signal, sigs, sup)
-                await sup.run()
+                async with anyio.create_task_group() as serving:
+                    await serving.start(sup.run)
+                    # What start-up built (modules, config, the seeded engine) lives as long as
+                    # the process: keep it out of every later collection.
+                    gc.freeze()
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _sole(group) from None
