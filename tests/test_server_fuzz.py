@@ -22,7 +22,7 @@ from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwat
 from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ProtocolError
-from tokenwatch.core.server import usage_from_wire
+from tokenwatch.core.usage_wire import usage_from_wire
 
 # Messages that would act on real processes or stop the supervisor are left out of the fuzz.
 UNSAFE = {"shutdown", "attach", "started", "kill", "pause", "pause_all", "resume", "throttle",

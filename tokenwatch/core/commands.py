@@ -18,7 +18,8 @@ from tokenwatch.core.budgets import budget_name
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
-from tokenwatch.core.server import Session, usage_from_wire
+from tokenwatch.core.server import Session
+from tokenwatch.core.usage_wire import usage_from_wire
 
 MIN_SUBSCRIBE_INTERVAL = 0.1
 MAX_HISTORY = 1000

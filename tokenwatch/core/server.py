@@ -25,6 +25,7 @@ from tokenwatch.core import protocol
 from tokenwatch.core.daemon import socket_answers
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
+from tokenwatch.core.usage_wire import decode_usage_line, usage_from_wire
 
 log = logging.getLogger("tokenwatch.server")
 
@@ -57,52 +58,6 @@ def peer_credentials(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Peer(pid, uid, gid)
-
-
-_EXACT_TYPES: Final[dict[str, frozenset[type]]] = {
-    "int": frozenset({int}),
-    "int | None": frozenset({int, type(None)}),
-    "float": frozenset({int, float}),
-    "float | None": frozenset({int, float, type(None)}),
-    "bool": frozenset({bool}),
-    "str": frozenset({str}),
-}
-_EVENT_TYPES: Final[dict[str, frozenset[type]]] = {
-    f.name: _EXACT_TYPES[str(f.type)] for f in dataclasses.fields(UsageEvent)
-}
-_COUNT_FIELDS: Final = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-)
-MAX_WIRE_INT: Final = 2**62
-"""Largest integer a usage field may carry (SQLite stores 64-bit integers)."""
-
-
-def usage_from_wire(data: dict[str, Any]) -> UsageEvent:
-    """A usage event from a message's `event` object, type-checked field by field (exact types:
-    a bool is not a count, a string is not a number); unknown keys are ignored."""
-    fields: dict[str, Any] = {}
-    types = _EVENT_TYPES
-    for name, value in data.items():
-        accepted = types.get(name)
-        if accepted is None:
-            continue  # derived or future fields (total_tokens) are not ours to keep
-        kind = type(value)
-        if kind not in accepted:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' has the wrong type")
-        if kind is int and not -MAX_WIRE_INT <= value <= MAX_WIRE_INT:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' is out of range")
-        fields[name] = value
-    for name in _COUNT_FIELDS:
-        if fields.get(name, 0) < 0:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' cannot be negative")
-    event = UsageEvent(**fields)
-    if event.ts <= 0 or event.ts != event.ts:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "usage: 'ts' must be positive Unix seconds")
-    return event
 
 
 class Outbox:
@@ -414,6 +369,10 @@ class SocketServer:
             if not line.strip():
                 continue
             self._messages += 1
+            usage = decode_usage_line(line)
+            if usage is not None:
+                batch.append(usage)
+                continue
             msg = self._decode(session, line)
             if msg is None:
                 continue

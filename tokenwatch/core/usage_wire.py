@@ -1,0 +1,126 @@
+"""Usage events from the wire: a typed fast path for whole usage lines, and the field-by-field
+check that words every refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.protocol import VERSION, ErrorCode, ProtocolError
+
+MAX_WIRE_INT: Final = 2**62
+"""Largest integer a usage field may carry (SQLite stores 64-bit integers)."""
+COUNT_FIELDS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+_EXACT_TYPES: Final[dict[str, frozenset[type]]] = {
+    "int": frozenset({int}),
+    "int | None": frozenset({int, type(None)}),
+    "float": frozenset({int, float}),
+    "float | None": frozenset({int, float, type(None)}),
+    "bool": frozenset({bool}),
+    "str": frozenset({str}),
+}
+_EVENT_TYPES: Final[dict[str, frozenset[type]]] = {
+    f.name: _EXACT_TYPES[str(f.type)] for f in dataclasses.fields(UsageEvent)
+}
+
+
+def usage_from_wire(data: dict[str, Any]) -> UsageEvent:
+    """A usage event from a message's `event` object, type-checked field by field (exact types:
+    a bool is not a count, a string is not a number); unknown keys are ignored."""
+    fields: dict[str, Any] = {}
+    types = _EVENT_TYPES
+    for name, value in data.items():
+        accepted = types.get(name)
+        if accepted is None:
+            continue  # derived or future fields (total_tokens) are not ours to keep
+        kind = type(value)
+        if kind not in accepted:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' has the wrong type")
+        if kind is int and not -MAX_WIRE_INT <= value <= MAX_WIRE_INT:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' is out of range")
+        fields[name] = value
+    for name in COUNT_FIELDS:
+        if fields.get(name, 0) < 0:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' cannot be negative")
+    event = UsageEvent(**fields)
+    if event.ts <= 0 or event.ts != event.ts:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "usage: 'ts' must be positive Unix seconds")
+    return event
+
+
+# -- the fast path --------------------------------------------------------------------------------
+
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_WIRE_INT)]
+_Int = Annotated[int, msgspec.Meta(ge=-MAX_WIRE_INT, le=MAX_WIRE_INT)]
+# A float field given as a huge integer is left to the slow path, which refuses it.
+_Float = Annotated[float, msgspec.Meta(ge=-MAX_WIRE_INT, le=MAX_WIRE_INT)]
+_TS = "ts"
+
+
+def _wire_type(name: str, hint: Any) -> Any:
+    if name in COUNT_FIELDS:
+        return _Count
+    if name == _TS:
+        return _Float | msgspec.UnsetType  # absent means now; null is refused
+    base = {int: _Int, float: _Float}
+    args = typing.get_args(hint)
+    if type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return base.get(inner, inner) | None
+    return base.get(hint, hint)
+
+
+def _wire_event() -> type[msgspec.Struct]:
+    """UsageEvent's fields, in order, as a msgspec Struct (so it can never drift from the model)."""
+    hints = typing.get_type_hints(UsageEvent)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(UsageEvent):
+        default = msgspec.UNSET if f.name == _TS else f.default
+        fields.append((f.name, _wire_type(f.name, hints[f.name]), default))
+    return msgspec.defstruct("WireUsageEvent", fields)
+
+
+_WireEvent = _wire_event()
+
+
+class _UsageLine(msgspec.Struct):
+    v: int
+    type: Literal["usage"]
+    event: _WireEvent  # type: ignore[valid-type]
+    id: int | str | None = None
+
+
+_decoder: Final = msgspec.json.Decoder(_UsageLine)
+_MARK: Final = b'"usage"'
+
+
+def decode_usage_line(line: bytes) -> tuple[int | str | None, UsageEvent] | None:
+    """(id, event) of a well-formed usage line, decoded and type-checked in C; None for anything
+    else (another message, or a usage line with a fault), which the generic path then handles
+    and words. Accepts exactly what `protocol.decode` and `usage_from_wire` accept, or less."""
+    if _MARK not in line:
+        return None
+    try:
+        msg = _decoder.decode(line)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if msg.v != VERSION:
+        return None
+    values = msgspec.structs.astuple(msg.event)
+    if values[0] is msgspec.UNSET:
+        values = (time.time(), *values[1:])
+    elif not values[0] > 0:
+        return None
+    return msg.id, UsageEvent(*values)
