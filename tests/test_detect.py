@@ -157,7 +157,7 @@ def test_a_pasted_file_at_the_usual_pace_is_not_a_spike() -> None:
     before = steady(180, 10, 2000)
     pasted = [sent(before[-1].ts + 10 * (i + 1), f"with file {i}", 14_000) for i in range(12)]
     assert first_firing(before + pasted, detect.spike) is None
-    fanned_out = [sent(before[-1].ts + 2 * (i + 1), f"subtask {i}", 14_000) for i in range(12)]
+    fanned_out = [sent(before[-1].ts + i + 1, f"subtask {i}", 14_000) for i in range(30)]
     assert first_firing(before + fanned_out, detect.spike) is not None
 
 

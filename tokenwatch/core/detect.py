@@ -24,10 +24,11 @@ SPIKE_FACTOR: Final = 5.0
 SPIKE_WINDOW: Final = 60.0
 SPIKE_MIN_CALLS: Final = 3
 """Calls in the window before a rate counts: one big call is not a spike."""
-SPIKE_PACE: Final = 2.0
-"""The window's calls must also come this many times as fast as the agent's usual pace: a spike
-is an agent calling faster than usual. One that pasted a big file into its context keeps its
-pace with bigger prompts; context_growth and huge_request speak for that."""
+SPIKE_PACE: Final = 3.0
+"""The window's calls must also come this many times as fast as the agent's usual pace (3 calls
+where its usual pace sends one, as a spike needs 3 calls): a spike is an agent calling faster
+than usual. One that pasted a big file into its context, or whose conversation grew, sends
+bigger prompts at its usual pace; context_growth and huge_request speak for that."""
 SPIKE_BASELINE_WINDOWS: Final = 5
 """The baseline must span at least this many windows of the agent's own history."""
 BASELINE_SPAN: Final = 1800.0
