@@ -49,6 +49,23 @@ def test_the_default_rules_leave_healthy_look_alikes_alone() -> None:
         assert acted == [], f"{kind}: {[s.alert.message for s in acted]}"
 
 
+def test_the_default_rules_pause_a_snowballing_prompt_on_its_fourth_growing_call() -> None:
+    clock = Clock(T0)
+    sizes = [3000, 3400, *(int(12_000 * 1.2**i) for i in range(6))]
+    calls = [sent(T0 + 10 * i, f"step {i}", n, task="fix") for i, n in enumerate(sizes)]
+    rules = Rules(DEFAULT_RULES, clock=clock)
+    signals = [(i, s) for i, e in enumerate(calls) for s in feed(rules, clock, [e])]
+    acted = [(i, s.action, s.alert.message) for i, s in signals if s.alert.rule != "huge-request"]
+    assert acted == [
+        (
+            5,
+            "pause",
+            "researcher's prompt grew by 10% or more call after call over its last 4 calls, "
+            "from 12k to 20.7k tokens, without the task ending; paused",
+        )
+    ]
+
+
 def test_a_rule_keeps_quiet_during_its_cooldown() -> None:
     clock = Clock(T0)
     rule = RuleSettings(name="loop", detector="runaway", action="alert", cooldown=120)
