@@ -382,7 +382,7 @@ async def _ramps(
         print("wrk not found (apt-get install wrk): falling back to the Python open-loop ramp,")
         print("whose own CPU caps the figure (direct and proxied alike)")
         return await _python_ramps(direct, proxied, quick, proxy_pid)
-    seconds = 1 if quick else 3
+    seconds = 1 if quick else 2
     for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
         await _wrk_concurrency_1(name, direct, proxied, body, seconds)
     for name, body in (("JSON", _json_body()), ("50-chunk stream", _stream_body())):
