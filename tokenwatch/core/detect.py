@@ -172,7 +172,7 @@ def spike(
     since: float = float("-inf"),
 ) -> Finding | None:
     """The agent's tokens over the last `window` s (calls after `since` only) above `factor` x
-    its usual window.
+    its usual window, with its calls coming SPIKE_PACE x as fast as usual (see `faster`).
 
     Its usual window is the median of its busy windows: the baseline span before the current
     window is cut into windows of the same length and those with calls are compared, so an
