@@ -186,6 +186,26 @@ async def test_proxy_keeps_serving_while_settle_is_slow(rig: ProxyRig) -> None:
     assert rig.proxy.statistics().settling == 0
 
 
+async def test_stopping_the_proxy_waits_for_a_settlement_in_progress() -> None:
+    gate = RecordingGate()
+    gate.settle_gate = anyio.Event()  # the store hangs until the proxy is being stopped
+
+    async def release_while_stopping(store: anyio.Event) -> None:
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        store.set()
+
+    async with anyio.create_task_group() as outer:
+        async with running_proxy(gate) as rig:
+            async with client(rig) as oai:
+                await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+            assert rig.proxy.statistics().settling == 1
+            outer.start_soon(release_while_stopping, gate.settle_gate)
+        # the proxy has stopped: the call it had answered is recorded, not dropped
+        assert len(gate.settled) == 1
+        assert rig.proxy.statistics().settling == 0
+
+
 async def test_failing_settle_does_not_break_the_proxy(rig: ProxyRig) -> None:
     rig.gate.settle_error = RuntimeError("database is locked")
     async with client(rig) as oai:
