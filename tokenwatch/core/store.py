@@ -245,8 +245,8 @@ class Store:
         """Store events (committed on return); the number newly stored (duplicates excluded)."""
         if not events:
             return 0
-        waiter = Waiter(len(events))
-        self._writer.submit(Item(event=e, waiter=waiter) for e in events)
+        waiter = Waiter()
+        self._writer.submit((Item(events=events, waiter=waiter),))
         return (await waiter.wait()).stored
 
     def append_nowait(self, event: UsageEvent) -> None:

@@ -58,8 +58,9 @@ class Waiter:
             raise self.error
         return self
 
-    def settle(self, stored: bool = False, value: object = None) -> bool:
-        """Account one item; True once every item this waiter covers is settled."""
+    def settle(self, stored: int = 0, value: object = None) -> bool:
+        """Account one item (and how many of its events were stored); True once every item this
+        waiter covers is settled."""
         self.stored += stored
         if value is not None:
             self.value = value
@@ -85,9 +86,10 @@ class Operation:
 
 @dataclass(slots=True)
 class Item:
-    """One queued unit: an event, an operation run in the batch's transaction, or a flush marker."""
+    """One queued unit: events someone awaits, an operation run in the batch's transaction, or a
+    flush marker."""
 
-    event: UsageEvent | None = None
+    events: Sequence[UsageEvent] = ()
     op: Operation | None = None
     waiter: Waiter | None = None
 
@@ -287,20 +289,19 @@ class BatchWriter:
         self.stats.duplicates += len(events) - inserted - len(rejected)
         self.stats.rejected += len(rejected)
         if items:
-            stored = self._stored_items(batch, inserted, len(events) - len(rejected), rejected)
+            stored = self._stored_counts(batch, inserted, len(events) - len(rejected), rejected)
             for item in items:
-                self._settle(item, id(item) in stored, rejected, outcome)
+                self._settle(item, stored.get(id(item), 0), rejected, outcome)
         self._wake(outcome.wake)
         return True
 
-    def _settle(
-        self, item: Item, stored: bool, rejected: dict[int, str], outcome: _Outcome
-    ) -> None:
+    def _settle(self, item: Item, stored: int, rejected: dict[int, str], outcome: _Outcome) -> None:
         waiter = item.waiter
         if waiter is None:
             return
-        if item.event is not None and id(item.event) in rejected:
-            done = waiter.fail(ValueError(rejected[id(item.event)]))
+        refusal = _refusal(item, rejected) if rejected else None
+        if refusal is not None:
+            done = waiter.fail(ValueError(refusal))
         elif item.op is not None:
             done = (
                 waiter.fail(item.op.error)
@@ -369,39 +370,41 @@ class BatchWriter:
         fold_rollups(conn, self._last_id)
         return int(inserted)
 
-    def _stored_items(
+    def _stored_counts(
         self,
         batch: list[UsageEvent | Item],
         inserted: int,
         attempted: int,
         rejected: dict[int, str],
-    ) -> set[int]:
-        """Which awaited items' events were stored (the rest repeated a stored call_id)."""
-        candidates = [
-            x
-            for x in batch
-            if type(x) is Item and x.event is not None and id(x.event) not in rejected
-        ]
+    ) -> dict[int, int]:
+        """How many of each awaited item's events were stored (the rest repeated a stored
+        call_id, or were rejected), by the item's id."""
         if inserted == attempted:
-            return {id(x) for x in candidates}
+            return {
+                id(x): sum(id(e) not in rejected for e in x.events) if rejected else len(x.events)
+                for x in batch
+                if type(x) is Item and x.events
+            }
         new_ids = {
             row[0]
             for row in self._conn.execute(
                 "SELECT call_id FROM events WHERE id > ? AND call_id != ''", (self._last_id,)
             )
         }
-        stored: set[int] = set()
+        counts: dict[int, int] = {}
         for x in batch:
-            event = x.event if isinstance(x, Item) else x
-            if event is None or id(event) in rejected:
-                continue
-            if event.call_id:
-                if event.call_id not in new_ids:
+            stored = 0
+            for event in x.events if isinstance(x, Item) else (x,):
+                if id(event) in rejected:
                     continue
-                new_ids.discard(event.call_id)  # the first in the batch took it
+                if event.call_id:
+                    if event.call_id not in new_ids:
+                        continue
+                    new_ids.discard(event.call_id)  # the first in the batch took it
+                stored += 1
             if type(x) is Item:
-                stored.add(id(x))
-        return stored
+                counts[id(x)] = stored
+        return counts
 
     def _wake(self, waiters: list[Waiter]) -> None:
         loops: dict[int, tuple[EventLoopToken, list[Waiter]]] = {}
@@ -445,9 +448,14 @@ def _events_of(batch: list[UsageEvent | Item]) -> list[UsageEvent]:
     for x in batch:
         if not isinstance(x, Item):
             out.append(x)
-        elif x.event is not None:
-            out.append(x.event)
+        else:
+            out.extend(x.events)
     return out
+
+
+def _refusal(item: Item, rejected: dict[int, str]) -> str | None:
+    """Why one of the item's events could not be stored, if one could not."""
+    return next((rejected[id(e)] for e in item.events if id(e) in rejected), None)
 
 
 def _set_all(waiters: list[Waiter]) -> None:
