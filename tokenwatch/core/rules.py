@@ -204,6 +204,10 @@ class Rules:
 
     def observe(self, event: UsageEvent) -> list[Signal]:
         """Remember the event and run every rule watching its agent."""
+        if not self._rules:
+            # Nothing reads the memory without a rule (a later `replace` learns from then on);
+            # keeping it cost a supervisor with rules turned off a fifth of its ingest CPU.
+            return []
         now = self._clock()
         mem = self._agents.get(event.agent)
         if mem is None:
