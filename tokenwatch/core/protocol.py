@@ -1,6 +1,6 @@
 """The supervisor's wire format: versioned, size-limited, validated newline-delimited JSON.
 
-Standard library only (orjson when present), so the agent-side client can use it.
+Standard library only (msgspec and orjson when present), so the agent-side client can use it.
 See docs/protocol.md for the messages and their replies.
 """
 
@@ -15,6 +15,14 @@ try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - the client may run without it
     _orjson = None  # type: ignore[assignment]
+try:
+    import msgspec.json as _msgspec_json
+
+    # Not orjson for writing: its 3.13 bytes each keep about 4 KB allocated, so a backlog of
+    # small replies and pushes held hundreds of MB (docs/benchmarks.md, Ingest).
+    _encode: Any = _msgspec_json.Encoder().encode
+except ImportError:  # pragma: no cover - the client may run without it
+    _encode = None
 
 VERSION: Final = 1
 MAX_LINE_BYTES: Final = 1024 * 1024
@@ -120,8 +128,8 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
 
 def dumps(obj: Any) -> bytes:
     """One message as a line of UTF-8 JSON ending in a newline."""
-    if _orjson is not None:
-        return _orjson.dumps(obj, option=_orjson.OPT_APPEND_NEWLINE | _orjson.OPT_NON_STR_KEYS)
+    if _encode is not None:
+        return _encode(obj) + b"\n"  # type: ignore[no-any-return]
     return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode()
 
 

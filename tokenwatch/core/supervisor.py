@@ -44,7 +44,7 @@ walked that heap so often that ingest ran about 30 % slower (docs/benchmarks.md,
 
 
 def wire(obj: Any) -> Any:
-    """A published object as push data. Usage events go as they are (orjson encodes dataclasses
+    """A published object as push data. Usage events go as they are (the encoder writes dataclasses
     natively, several times faster than building a dict; there can be 50,000 a second)."""
     if isinstance(obj, UsageEvent):
         return obj
