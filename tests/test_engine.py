@@ -195,6 +195,21 @@ async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None
     assert len(stored) == 1
 
 
+async def test_the_oldest_call_ids_are_forgotten_first_and_the_ledger_still_stores_once(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tokenwatch.core.engine.RECENT_CALL_IDS", 3)
+    async with running_engine(short_tmp / "w.db") as (engine, store):
+        await engine.ingest([event("a", f"c{i}") for i in range(1, 5)])
+        await engine.ingest([event("a", "c2"), event("a", "c3"), event("a", "c4")])
+        remembered = engine.statistics().duplicates
+        await engine.ingest([event("a", "c1")])  # out of the window: the engine counts it again
+        stored = await store.history(agent="a")
+    assert remembered == 3
+    assert engine.statistics().duplicates == 3
+    assert sorted(s.event.call_id for s in stored) == ["c1", "c2", "c3", "c4"]
+
+
 async def test_a_rule_s_pause_is_done_recorded_and_published(short_tmp: Path) -> None:
     published: list[tuple[str, Any]] = []
     async with running_engine(short_tmp / "u.db", rules=ScriptedRules("pause")) as (engine, store):

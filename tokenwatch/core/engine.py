@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +164,9 @@ class Engine:
         self.live = LiveFigures(tz=self.settings.timezone, clock=clock)
         self.routes: Routes | None = None
         self._listeners: list[Listener] = []
-        self._recent: dict[str, None] = {}
+        # An OrderedDict, not a dict: dropping a dict's oldest key with next(iter(...)) walks
+        # every key deleted before it, 16 us per call once full (200k ids).
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._reservations: dict[str, Reservation] = {}
         self._pending: deque[UsageEvent] = deque()
         self._pending_wakeup = anyio.Event()
@@ -374,7 +376,7 @@ class Engine:
         recent = self._recent
         recent[event.call_id] = None
         if len(recent) > RECENT_CALL_IDS:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
         return True
 
     def _count(self, event: UsageEvent, signals: list[Signal]) -> None:
