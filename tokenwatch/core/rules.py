@@ -138,6 +138,10 @@ class _AgentMemory:
     context_from: float = float("-inf")
     recent: Recent = field(default_factory=Recent)
     """`events`' successful calls, indexed so the detectors need not re-read them."""
+    watch: list[tuple[RuleSettings, _Firing]] = field(default_factory=list)
+    """The rules watching this agent's calls, each with its memory of the agent."""
+    watch_of: int = -1
+    """Which set of rules `watch` was worked out for (`Rules.replace` starts a new one)."""
 
     def finish(self, now: float, tokens: int, calls: int) -> None:
         if len(self.finished) == self.finished.maxlen:
@@ -181,6 +185,7 @@ class Rules:
         self._rules: list[RuleSettings] = []
         self._agents: dict[str, _AgentMemory] = {}
         self._firings: dict[tuple[str, str], _Firing] = {}
+        self._generation = 0
         self.replace(settings)
 
     def replace(self, settings: Sequence[RuleSettings]) -> None:
@@ -192,6 +197,7 @@ class Rules:
         if dupes:
             raise RuleError(f"two rules are named {sorted(dupes)[0]!r}; name them apart")
         self._rules = [s for s in settings if s.enabled]
+        self._generation += 1
 
     def names(self) -> Sequence[str]:
         return [rule_name(s) for s in self._rules]
@@ -224,13 +230,23 @@ class Rules:
         _forget_old(mem.events, now)
         mem.recent.add(event)
         mem.recent.trim(len(mem.events))
-        for rule in self._rules:
-            if rule.detector == "drift" or not fnmatch.fnmatchcase(event.agent, rule.agents):
-                continue
-            signal = self._run(rule, event, mem, now)
+        if mem.watch_of != self._generation:
+            self._watch(event.agent, mem)
+        for rule, firing in mem.watch:
+            signal = self._run(rule, firing, event, mem, now)
             if signal is not None:
                 signals.append(signal)
         return signals
+
+    def _watch(self, agent: str, mem: _AgentMemory) -> None:
+        # Worked out once per agent, not per call: the glob and the firing lookup were a fifth
+        # of the rules' cost per event.
+        mem.watch = [
+            (rule, self._firing(rule, agent))
+            for rule in self._rules
+            if rule.detector != "drift" and fnmatch.fnmatchcase(agent, rule.agents)
+        ]
+        mem.watch_of = self._generation
 
     def task_ended(self, agent: str, task: str) -> list[Signal]:
         """The agent said its task is over: its figure joins the agent's usual, drift is checked."""
@@ -263,15 +279,19 @@ class Rules:
     # -- one rule -------------------------------------------------------------------------------
 
     def _run(
-        self, rule: RuleSettings, event: UsageEvent, mem: _AgentMemory, now: float
+        self,
+        rule: RuleSettings,
+        firing: _Firing,
+        event: UsageEvent,
+        mem: _AgentMemory,
+        now: float,
     ) -> Signal | None:
-        firing = self._firing(rule, event.agent)
         if _cooling(rule, firing, now):
             return None
         finding = None
         if mem.fresh(firing.since):
             finding = self._detect(rule, event, mem, now, firing.since)
-        return self._fire(rule, event.agent, finding, now)
+        return self._fire(rule, event.agent, finding, now, firing)
 
     def _detect(
         self, rule: RuleSettings, event: UsageEvent, mem: _AgentMemory, now: float, since: float
@@ -365,10 +385,16 @@ class Rules:
         return firing
 
     def _fire(
-        self, rule: RuleSettings, agent: str, finding: Finding | None, now: float
+        self,
+        rule: RuleSettings,
+        agent: str,
+        finding: Finding | None,
+        now: float,
+        firing: _Firing | None = None,
     ) -> Signal | None:
         """Apply confirmation, cooldown and escalation to what a detector found."""
-        firing = self._firing(rule, agent)
+        if firing is None:
+            firing = self._firing(rule, agent)
         if finding is None:
             firing.holding = 0
             return None
