@@ -92,3 +92,8 @@ def test_faulty_usage_lines_are_left_to_the_generic_path() -> None:
         line = protocol.dumps(protocol.request("usage", 1, event=event))
         assert decode_usage_line(line) is None
         assert isinstance(generic(line), str)
+
+
+@given(mids=st.lists(st.integers(-(2**63), 2**63) | st.text(max_size=6) | st.none(), max_size=5))
+def test_usage_acks_are_the_ordinary_replies(mids: list[int | str | None]) -> None:
+    assert protocol.acks(mids) == [protocol.dumps(protocol.reply_ok(mid)) for mid in mids]

@@ -82,6 +82,10 @@ class Outbox:
         self._replies.append(line)
         self._wakeup.set()
 
+    def replies_nowait(self, lines: list[bytes]) -> None:
+        self._replies.extend(lines)
+        self._wakeup.set()
+
     def push_nowait(self, line: bytes) -> None:
         if len(self._pushes) >= self._max_pushes:
             self._pushes.popleft()
@@ -412,8 +416,7 @@ class SocketServer:
             for mid, _ in batch:
                 session.error_nowait(mid, exc.code, exc.message)
             return
-        for mid, _ in batch:
-            session.reply_nowait(mid)
+        session.outbox.replies_nowait(protocol.acks(mid for mid, _ in batch))
 
     async def _dispatch(self, session: Session, msg: dict[str, Any]) -> None:
         mid = msg.get("id")
