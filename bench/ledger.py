@@ -6,7 +6,7 @@ Usage: python bench/ledger.py [--events 1000000] [--stored 10000000] [--dir DIR]
    64 concurrent `Store.append` callers), timed from the first call to the end of `flush()`,
    i.e. until every event is committed. Fresh file, WAL, synchronous=NORMAL.
 2. Report: a ledger of `--stored` events spread evenly over 30 days is filled in bulk (plain
-   sqlite3 `executemany` of pre-built rows into `events`, 200k rows per transaction, each
+   sqlite3 inserts of pre-built rows into `events` (the writer's `insert_rows`), 200k rows per transaction, each
    followed by the store's own rollup SQL for those rows), then `aggregate("agent", now - 24h)` is
    timed through the public Store API: first (cold cache) run, then the median of 20 runs.
    The workload has 20 agents, each on one task at a time (new task every ~10 min), 4 models,
@@ -35,7 +35,7 @@ import anyio
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.schema import EVENT_COLUMNS
 from tokenwatch.core.store import Store
-from tokenwatch.core.writer import INSERT_EVENT, event_row, fold_rollups, prepare_rollups
+from tokenwatch.core.writer import event_row, fold_rollups, insert_rows, prepare_rollups
 
 DAY = 86400.0
 SPAN_DAYS = 30
@@ -142,7 +142,7 @@ def cost_breakdown(workdir: Path, n: int = 100_000) -> dict[str, float]:
             for k in range(0, n, 2000):
                 db.execute("BEGIN IMMEDIATE")
                 last = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-                db.executemany(INSERT_EVENT, rows[k : k + 2000])
+                insert_rows(db, rows[k : k + 2000])
                 if rollups:
                     fold_rollups(db, last)
                 db.execute("COMMIT")
@@ -219,7 +219,7 @@ def fill(path: Path, total: int, now: float, unique_tasks: bool = False) -> floa
         db.execute("BEGIN")
         # INSERT OR IGNORE skips a row that breaks a constraint: a bulk row missing a column
         # would vanish silently, so count them.
-        if db.executemany(INSERT_EVENT, batch).rowcount != len(batch):
+        if insert_rows(db, batch) != len(batch):
             raise SystemExit("fill: some rows were not inserted (a NOT NULL column left None?)")
         fold_rollups(db, last)
         db.execute("COMMIT")

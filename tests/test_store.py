@@ -86,6 +86,16 @@ async def test_same_call_id_is_stored_once(store: Store) -> None:
     assert store.statistics().duplicates == 3
 
 
+async def test_a_batch_of_any_size_is_stored_whole_and_in_order(store: Store) -> None:
+    # 300 rows go in as statements of 256, 32, 8 and 4 rows; two repeat a call id of the batch.
+    events = [ev(NOW - 300 + i, call_id=f"k{i}", input_tokens=i) for i in range(298)]
+    events += [ev(NOW, call_id="k7"), ev(NOW, call_id="k200")]
+    assert await store.append_many(events) == 298
+    stored = await store.history(limit=1000)
+    assert [s.event.input_tokens for s in reversed(stored)] == list(range(298))
+    assert (await store.totals(0)).input_tokens == sum(range(298))
+
+
 async def test_queued_events_are_committed_by_flush_and_by_close(tokenwatch_home: Path) -> None:
     path = tokenwatch_home / "l.db"
     store = await Store.open(path, flush_interval=30.0, batch_size=10_000)

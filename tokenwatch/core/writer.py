@@ -10,9 +10,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from copy import copy
 from dataclasses import dataclass, field
+from functools import cache
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.from_thread
@@ -29,6 +30,8 @@ INSERT_EVENT = (
     f"INSERT OR IGNORE INTO events ({', '.join(quoted(c) for c in EVENT_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in EVENT_COLUMNS)})"
 )
+ROWS_PER_INSERT: Final = 256
+"""Rows one INSERT statement carries (fewer where SQLite allows fewer bound values)."""
 _CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
 _INT64 = 2**63
 _RETRY_MAX = 2.0
@@ -363,7 +366,7 @@ class BatchWriter:
             return 0
         conn = self._conn
         self._last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-        inserted = conn.executemany(INSERT_EVENT, rows).rowcount
+        inserted = insert_rows(conn, rows)
         if not self._batch_table:
             prepare_rollups(conn)
             self._batch_table = True
@@ -412,6 +415,35 @@ class BatchWriter:
             loops.setdefault(id(waiter.token.native_token), (waiter.token, []))[1].append(waiter)
         for token, group in loops.values():
             _wake_on(token, group)
+
+
+def insert_rows(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+    """Insert event rows (duplicates of a stored call_id ignored); returns how many went in.
+
+    Many rows per statement, in chunks of power-of-two sizes so each statement is prepared once:
+    sqlite3 lets go of the GIL around every statement it runs, and getting it back waits out a
+    busy event loop's switch interval (5 ms), so one statement per row made a batch crawl
+    whenever the loop was busy (docs/benchmarks.md, Ingest)."""
+    per = _rows_per_insert(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+    inserted, i = 0, 0
+    while i < len(rows):
+        size = min(per, 1 << ((len(rows) - i).bit_length() - 1))
+        chunk = rows[i : i + size]
+        inserted += conn.execute(_insert_sql(size), [v for row in chunk for v in row]).rowcount
+        i += size
+    return inserted
+
+
+@cache
+def _rows_per_insert(variable_limit: int) -> int:
+    fits = max(1, variable_limit // len(EVENT_COLUMNS))
+    return 1 << (min(ROWS_PER_INSERT, fits).bit_length() - 1)
+
+
+@cache
+def _insert_sql(rows: int) -> str:
+    values = f"({', '.join('?' for _ in EVENT_COLUMNS)})"
+    return INSERT_EVENT.rsplit(" VALUES ", 1)[0] + " VALUES " + ", ".join([values] * rows)
 
 
 def prepare_rollups(conn: sqlite3.Connection) -> None:
