@@ -220,6 +220,9 @@ class SocketServer:
         self._uid = os.getuid() if uid is None else uid
         self._clock = clock
         self._sessions: set[Session] = set()
+        self._subscribers: list[Session] | None = None
+        """Sessions that subscribed, worked out again only when one subscribes or leaves
+        (every usage event is published: scanning all connections each time added up)."""
         self._messages = 0
         self._errors = 0
         self._refused = 0
@@ -229,7 +232,9 @@ class SocketServer:
     # -- publishing -------------------------------------------------------------------------
 
     def subscribers(self) -> list[Session]:
-        return [s for s in self._sessions if s.subscribed]
+        if self._subscribers is None:
+            self._subscribers = [s for s in self._sessions if s.subscribed]
+        return self._subscribers
 
     def publish_nowait(self, kind: str, data: Any) -> None:
         """Send a push to every subscriber (encoded once)."""
@@ -314,6 +319,7 @@ class SocketServer:
                     outbox.close_nowait()
             finally:
                 self._sessions.discard(session)
+                self._subscribers = None
                 self._dropped_closed += outbox.dropped
                 self._handler.session_closed(session)
 
@@ -433,6 +439,7 @@ class SocketServer:
             return
         session.reply_nowait(mid, data)
         if msg["type"] == "subscribe":
+            self._subscribers = None
             self._send_snapshot([session], self._clock())
 
 
