@@ -391,6 +391,7 @@ def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServePr
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.startswith("tokenwatch: looper exited 143 (SIGTERM) · 0 tokens")
     assert "paused by cli" in err
+    assert "killed by cli" in err
 
 
 @settings(max_examples=200)

@@ -502,6 +502,10 @@ class Engine:
         rec.denied = f"{name} was killed by {who}"
         self._stop_duty(rec)
         rec.release()
+        # Noted before the signals: `tokenwatch run` sees its agent die and asks for the
+        # summary while this is still waiting out the grace period.
+        note = f"killed by {who}"
+        rec.done.append(note)
         ok, detail = True, "no process known: its calls are refused"
         if rec.handle is not None:
             try:
@@ -511,11 +515,12 @@ class Engine:
                 detail = "it had already exited"
             except NotPermitted as exc:
                 ok, detail = False, str(exc)
+                rec.done.remove(note)
         if rec.handle is not None:
             self._exited(rec, rec.handle.wait_exit_nowait())
         else:
             self._set_state(rec, AgentState.EXITED)
-        return await self._record(ActionKind.KILL, rec, who, why, detail, ok)
+        return await self._record(ActionKind.KILL, rec, who, why, detail, ok, noted=True)
 
     async def deny(self, name: str, *, who: str, why: str = "") -> Action:
         rec = self.roster.find(name)
@@ -591,7 +596,15 @@ class Engine:
         return True, f"{len(pids)} process{'es' if len(pids) != 1 else ''}"
 
     async def _record(
-        self, kind: ActionKind, rec: AgentRecord, who: str, why: str, detail: str, ok: bool
+        self,
+        kind: ActionKind,
+        rec: AgentRecord,
+        who: str,
+        why: str,
+        detail: str,
+        ok: bool,
+        *,
+        noted: bool = False,
     ) -> Action:
         action = Action(
             kind=kind.value,
@@ -604,7 +617,8 @@ class Engine:
         )
         past = {"pause": "paused", "resume": "resumed", "kill": "killed", "throttle": "throttled",
                 "deny": "denied"}.get(kind.value, kind.value)  # fmt: skip
-        rec.done.append(f"{past} by {who}")
+        if not noted:
+            rec.done.append(f"{past} by {who}")
         await self._save_agent(rec.agent)  # committed before the caller hears it is done
         try:
             action.id = await self._store.add_action(action)
