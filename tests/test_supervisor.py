@@ -240,6 +240,24 @@ async def test_history_and_report_come_from_the_ledger() -> None:
     assert bad.value.code == "bad_message"
 
 
+async def test_reports_an_sdk_had_to_drop_raise_an_alert() -> None:
+    paths = Paths.discover()
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        await client.request("hello", name="flooded")
+        await client.request("heartbeat")
+        await client.request("heartbeat", dropped=12)
+        with anyio.fail_after(30):
+            while not (alerts := await client.request("alerts")):
+                await anyio.sleep(0.05)
+    [alert] = alerts
+    assert alert["agent"] == "flooded"
+    assert alert["rule"] == "reports-dropped"
+    assert "dropped 12 usage reports" in alert["message"]
+
+
 async def test_one_client_can_subscribe_and_send_commands_at_once() -> None:
     paths = Paths.discover()
     seen: list[tuple[str, Any]] = []

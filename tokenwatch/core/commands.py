@@ -104,6 +104,15 @@ class Commands:
         return {"name": rec.name, "throttle": rec.agent.throttle, "state": rec.agent.state}
 
     async def on_heartbeat(self, session: Session, msg: dict[str, Any]) -> Any:
+        dropped = msg.get("dropped", 0)
+        if dropped > 0:
+            agent = session.agent or f"pid {session.peer.pid}"
+            self.engine.raise_alert(
+                agent,
+                f"{agent} dropped {dropped} usage report{'s' if dropped != 1 else ''}: its buffer "
+                "was full while the supervisor was slow or away; those calls are not in the ledger",
+                rule="reports-dropped",
+            )
         return {"ts": time.time()}
 
     async def on_task(self, session: Session, msg: dict[str, Any]) -> Any:

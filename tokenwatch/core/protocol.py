@@ -74,7 +74,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     },
     "usage": {"event": (_DICT, True)},
     "task": {"name": (_STR, True), "state": (_STR, True)},
-    "heartbeat": {},
+    "heartbeat": {"dropped": (_INT, False)},
     "admit": {
         "model": (_STR, False),
         "provider": (_STR, False),
