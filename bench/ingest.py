@@ -2,12 +2,14 @@
 ledger (acknowledged only once stored), with a dashboard-like subscriber attached.
 
 How it measures: a real `tokenwatch serve` process with a fresh TOKENWATCH_HOME; one client
-process (this one) opens one connection per agent plus one subscriber, sends pre-encoded usage
+process (this one) opens one connection per agent plus one subscriber (asking for the pushes
+the dashboard asks for; `--subscriber all` adds one push per call), sends pre-encoded usage
 lines (unique call ids) pipelined in 64 KiB writes, and counts acks as they come back. The rate is
 events acknowledged / seconds from the first write to the last ack; the ledger's row count is
 checked afterwards, and the supervisor's resident memory (VmRSS) is read before and after.
 
     .venv/bin/python bench/ingest.py [--events 100000] [--agents 1,8,64] [--rules default|off]
+                                     [--subscriber dashboard|all]
 """
 
 from __future__ import annotations
@@ -136,21 +138,28 @@ async def agent_connection(path: Path, data: bytes, expected: int) -> None:
                 acked += (await stream.receive(1 << 20)).count(b"\n")  # one reply per line
 
 
-async def subscriber(path: Path, seen: list[int], ready: anyio.Event) -> None:
+# What the dashboard subscribes to (tokenwatch.tui.source); "all" adds a push per call.
+SUBSCRIPTIONS = {"dashboard": ["snapshot", "alert", "action", "agent"], "all": None}
+
+
+async def subscriber(path: Path, seen: list[int], ready: anyio.Event, kinds: str) -> None:
     async with await anyio.connect_unix(path) as stream:
-        await stream.send(protocol.dumps(protocol.request("subscribe", 1, interval=1.0)))
+        wanted = SUBSCRIPTIONS[kinds]
+        await stream.send(
+            protocol.dumps(protocol.request("subscribe", 1, interval=1.0, kinds=wanted))
+        )
         ready.set()
         while True:
             seen[0] += (await stream.receive(1 << 20)).count(b"\n")
 
 
-async def one_run(path: Path, agents: int, events: int, run: int) -> tuple[float, int]:
+async def one_run(path: Path, agents: int, events: int, run: int, kinds: str) -> tuple[float, int]:
     per_agent = events // agents
     datas = [payload(a, per_agent, run) for a in range(agents)]
     seen = [0]
     async with anyio.create_task_group() as tg:
         ready = anyio.Event()
-        tg.start_soon(subscriber, path, seen, ready)
+        tg.start_soon(subscriber, path, seen, ready, kinds)
         await ready.wait()
         start = time.perf_counter()
         async with anyio.create_task_group() as agents_tg:
@@ -172,6 +181,9 @@ def main() -> None:
     parser.add_argument("--agents", default="1,8,64", help="comma-separated agent counts")
     parser.add_argument("--rules", choices=("default", "off"), default="default",
                         help="run the default detector rules, or none")  # fmt: skip
+    parser.add_argument("--subscriber", choices=tuple(SUBSCRIPTIONS), default="dashboard",
+                        help="the subscriber asks for what the dashboard does, or for every "
+                             "push including one per call")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = []
@@ -180,7 +192,7 @@ def main() -> None:
         for run, agents in enumerate(int(a) for a in args.agents.split(",")):
             before, cpu = rss_kb(proc.pid), cpu_seconds(proc.pid)
             events = args.events // agents * agents
-            seconds, pushes = anyio.run(one_run, paths.socket, agents, events, run)
+            seconds, pushes = anyio.run(one_run, paths.socket, agents, events, run, args.subscriber)
             cpu = cpu_seconds(proc.pid) - cpu
             total += events
             stored = stored_events(paths.db) - (total - events)
@@ -193,7 +205,8 @@ def main() -> None:
         ]
         print(json.dumps(rows, indent=2))
         return
-    print(f"ingest over the Unix socket, rules={args.rules}, {platform.machine()} "
+    print(f"ingest over the Unix socket, rules={args.rules}, subscriber={args.subscriber}, "
+          f"{platform.machine()} "
           f"{os.cpu_count()} CPUs, python {platform.python_version()}")  # fmt: skip
     print(f"{'agents':>6} {'events':>8} {'seconds':>8} {'events/s':>10} {'stored':>8} "
           f"{'pushes':>8} {'CPU us/event':>12} {'RSS MiB before/after':>22}")  # fmt: skip

@@ -210,6 +210,32 @@ async def test_subscriber_gets_a_snapshot_then_usage_pushes() -> None:
     assert kinds["agent"]["name"] == "pushy"
 
 
+async def test_a_subscriber_gets_only_the_kinds_it_asked_for() -> None:
+    paths = Paths.discover()
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+        raw_client(paths.socket) as picky,
+        raw_client(paths.socket) as everything,
+        raw_client(paths.socket) as agent,
+    ):
+        refused = await picky.call("subscribe", kinds=["snapshot", "gossip"])
+        await picky.call("subscribe", interval=0.1, kinds=["agent", "alert"])
+        await everything.call("subscribe", interval=0.1)
+        await agent.call("hello", name="quiet")
+        await agent.call("usage", event=usage_event("", "q1"))
+        await agent.call("hello", name="second")  # a second agent: one more "agent" push
+        seen: dict[str, list[str]] = {"picky": [], "everything": []}
+        with anyio.fail_after(30):
+            while seen["picky"].count("agent") < 2 or "usage" not in seen["everything"]:
+                for name, client in (("picky", picky), ("everything", everything)):
+                    with anyio.move_on_after(0.05):
+                        seen[name].append((await client.receive())["kind"])
+    assert refused["ok"] is False
+    assert "gossip" in refused["error"]["message"]
+    assert set(seen["picky"]) == {"agent"}
+    assert {"snapshot", "usage", "agent"} <= set(seen["everything"])
+
+
 async def test_a_second_server_never_takes_over_a_live_socket() -> None:
     paths = Paths.discover()
     async with running_supervisor(paths, quiet_config(), proxy=False, exporters=False) as sup:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -122,10 +122,13 @@ class SupervisorClient:
             raise SupervisorError(str(error.get("code", "error")), str(error.get("message", "")))
         return reply.get("data")
 
-    async def subscribe(self, interval: float = 1.0) -> AsyncIterator[tuple[str, Any]]:
+    async def subscribe(
+        self, interval: float = 1.0, kinds: Sequence[str] | None = None
+    ) -> AsyncIterator[tuple[str, Any]]:
         """Pushes as (kind, data): "snapshot" (Snapshot dict, every `interval` s), "usage",
-        "alert", "action", "agent" (models' to_dict shapes). Ends when the supervisor goes away."""
-        await self.request("subscribe", interval=interval)
+        "alert", "action", "agent" (models' to_dict shapes), or only the `kinds` named.
+        Ends when the supervisor goes away."""
+        await self.request("subscribe", interval=interval, kinds=list(kinds) if kinds else None)
         while True:
             while self._pushes:
                 yield self._pushes.popleft()

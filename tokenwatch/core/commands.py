@@ -17,7 +17,7 @@ from tokenwatch.core.budget_file import overlay_file, remove_budget, set_budget
 from tokenwatch.core.budgets import budget_name
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.protocol import ErrorCode, ProtocolError
+from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
 from tokenwatch.core.server import Session
 from tokenwatch.core.usage_wire import usage_from_wire
 
@@ -220,9 +220,17 @@ class Commands:
 
     async def on_subscribe(self, session: Session, msg: dict[str, Any]) -> Any:
         wanted = msg.get("interval") or self.engine.settings.snapshot_interval
+        kinds = msg.get("kinds", PUSH_KINDS)
+        unknown = [k for k in kinds if k not in PUSH_KINDS]
+        if unknown:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"subscribe: unknown push kind {unknown[0]!r} (known: {', '.join(PUSH_KINDS)})",
+            )
         session.snapshot_interval = max(MIN_SUBSCRIBE_INTERVAL, float(wanted))
+        session.kinds = frozenset(kinds)
         session.subscribed = True
-        return {"interval": session.snapshot_interval}
+        return {"interval": session.snapshot_interval, "kinds": sorted(session.kinds)}
 
     async def on_pause(self, session: Session, msg: dict[str, Any]) -> Any:
         action = await self.engine.pause(msg["agent"], who=_who(msg), why=msg.get("why", ""))

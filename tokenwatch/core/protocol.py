@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover - the client may run without it
     _encode = None
 
 VERSION: Final = 1
+PUSH_KINDS: Final = ("snapshot", "usage", "alert", "action", "agent")
+"""What a subscriber can be sent; `subscribe` takes a list of them (default: all)."""
 MAX_LINE_BYTES: Final = 1024 * 1024
 """A longer line closes the connection: it cannot be a legitimate message."""
 
@@ -86,7 +88,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     # from clients
     "list": {},
     "status": {},
-    "subscribe": {"interval": (_NUM, False)},
+    "subscribe": {"interval": (_NUM, False), "kinds": (_LIST, False)},
     "register": {
         "name": (_STR, False),
         "pid": (_INT, False),

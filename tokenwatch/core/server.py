@@ -166,6 +166,8 @@ class Session:
     agent: str = ""
     """Set by `hello`: the agent this connection reports for."""
     subscribed: bool = False
+    kinds: frozenset[str] = frozenset(protocol.PUSH_KINDS)
+    """The push kinds this subscriber asked for."""
     snapshot_interval: float = 1.0
     last_snapshot: float = 0.0
 
@@ -221,7 +223,8 @@ class SocketServer:
         self._clock = clock
         self._sessions: set[Session] = set()
         self._subscribers: list[Session] | None = None
-        """Sessions that subscribed, worked out again only when one subscribes or leaves
+        self._wanting: dict[str, list[Session]] = {}
+        """Subscribers by push kind, worked out again only when one subscribes or leaves
         (every usage event is published: scanning all connections each time added up)."""
         self._messages = 0
         self._errors = 0
@@ -231,14 +234,21 @@ class SocketServer:
 
     # -- publishing -------------------------------------------------------------------------
 
-    def subscribers(self) -> list[Session]:
+    def subscribers(self, kind: str = "") -> list[Session]:
+        """Every subscriber, or those that asked for pushes of `kind`."""
         if self._subscribers is None:
             self._subscribers = [s for s in self._sessions if s.subscribed]
-        return self._subscribers
+            self._wanting = {
+                k: [s for s in self._subscribers if k in s.kinds] for k in protocol.PUSH_KINDS
+            }
+        return self._wanting.get(kind, []) if kind else self._subscribers
+
+    def _subscriptions_changed(self) -> None:
+        self._subscribers = None
 
     def publish_nowait(self, kind: str, data: Any) -> None:
-        """Send a push to every subscriber (encoded once)."""
-        subs = self.subscribers()
+        """Send a push to every subscriber that wants its kind (encoded once, if anyone does)."""
+        subs = self.subscribers(kind)
         if not subs:
             return
         line = protocol.dumps(protocol.push(kind, data))
@@ -286,7 +296,11 @@ class SocketServer:
         while True:
             await anyio.sleep(MIN_SNAPSHOT_INTERVAL)
             now = self._clock()
-            due = [s for s in self.subscribers() if now - s.last_snapshot >= s.snapshot_interval]
+            due = [
+                s
+                for s in self.subscribers("snapshot")
+                if now - s.last_snapshot >= s.snapshot_interval
+            ]
             if due:
                 self._send_snapshot(due, now)
 
@@ -319,7 +333,7 @@ class SocketServer:
                     outbox.close_nowait()
             finally:
                 self._sessions.discard(session)
-                self._subscribers = None
+                self._subscriptions_changed()
                 self._dropped_closed += outbox.dropped
                 self._handler.session_closed(session)
 
@@ -439,8 +453,9 @@ class SocketServer:
             return
         session.reply_nowait(mid, data)
         if msg["type"] == "subscribe":
-            self._subscribers = None
-            self._send_snapshot([session], self._clock())
+            self._subscriptions_changed()
+            if "snapshot" in session.kinds:
+                self._send_snapshot([session], self._clock())
 
 
 class _Ingestor:

@@ -159,7 +159,7 @@ async def watch(client: SupervisorClient, duration: float) -> DemoOutcome:
     """Follow the supervisor's pushes for `duration` seconds and keep what the summary needs."""
     outcome = DemoOutcome(duration=duration)
     with anyio.move_on_after(duration):
-        async for kind, data in client.subscribe(1.0):
+        async for kind, data in client.subscribe(1.0, kinds=("snapshot", "action", "alert")):
             if kind == "snapshot":
                 outcome.snapshot = Snapshot.from_dict(data)
             elif kind == "action":

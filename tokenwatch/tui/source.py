@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -42,7 +42,9 @@ class DashboardSource(Protocol):
 class ControlClient(Protocol):
     """The part of `tokenwatch.client.control.SupervisorClient` the dashboard uses."""
 
-    def subscribe(self, interval: float = ...) -> AsyncIterator[tuple[str, dict[str, Any]]]: ...
+    def subscribe(
+        self, interval: float = ..., kinds: Sequence[str] | None = ...
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]: ...
 
     async def request(self, kind: str, **fields: Any) -> Any: ...
 
@@ -71,9 +73,9 @@ class SupervisorSource:
         self._interval = interval
 
     async def updates(self) -> AsyncIterator[Update]:
-        # Per-call usage pushes are skipped undecoded: at thousands of calls/s decoding them
-        # would cost more than the whole dashboard, and snapshots already aggregate them.
-        async for kind, data in self._client.subscribe(self._interval):
+        # No per-call usage pushes: at thousands of calls/s they would cost the supervisor and
+        # the dashboard more than everything else, and snapshots already aggregate them.
+        async for kind, data in self._client.subscribe(self._interval, kinds=tuple(_DECODERS)):
             update = decode_update(kind, data)
             if update is not None:
                 yield update
