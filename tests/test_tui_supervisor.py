@@ -3,16 +3,18 @@ persisted to the overlay, pause on a real process, detail and report screens wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from tests.process_fixtures import dead
 from tests.process_fixtures import state as proc_state
-from tests.supervisor_fixtures import running_supervisor
+from tests.supervisor_fixtures import quiet_config, running_supervisor
 from tests.tui_fixtures import notifications, row_names, wait_for
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import load_config
@@ -92,3 +94,43 @@ async def test_dashboard_drives_a_real_supervisor(short_tmp: Path) -> None:
             await wait_for(
                 pilot, lambda: app.view_of("alpha").agent.state == "exited", "shown as exited"
             )
+
+
+async def test_the_dashboard_waits_for_a_restarted_supervisor_and_goes_on() -> None:
+    paths = Paths.discover()
+
+    def connect() -> Any:
+        return SupervisorClient.connect(paths, start=False)
+
+    first = contextlib.AsyncExitStack()
+    await first.enter_async_context(
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False)
+    )
+    client = await connect()
+    source = SupervisorSource(client, interval=0.2, reconnect=connect)
+    try:
+        app = build_app(source, address=str(client.socket_path), min_refresh=0.0)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await wait_for(pilot, lambda: app.received > 0, "a first snapshot")
+            await first.aclose()
+            await wait_for(
+                pilot, lambda: "waiting for a supervisor" in app.main.summary.connection, "lost"
+            )
+            async with (
+                running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+                await connect() as agent,
+            ):
+                await agent.request("hello", name="after-restart")
+                await wait_for(pilot, lambda: "after-restart" in row_names(app), "feed goes on")
+                await app.source.command("pause", agent="after-restart")
+                await wait_for(
+                    pilot,
+                    lambda: app.view_of("after-restart").agent.state == "paused",
+                    "commands reach the new supervisor",
+                )
+                assert app.main.summary.connection == ""
+                assert "connected again" in notifications(app)
+    finally:
+        await source.aclose()
+        await client.aclose()
+        await first.aclose()

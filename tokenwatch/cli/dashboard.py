@@ -76,13 +76,20 @@ async def _dashboard(interval: float, max_rows: int) -> int:
     except SupervisorError as exc:
         raise CliError(exc.message) from None
     async with client:
-        source = SupervisorSource(client, interval=interval)
-        return await run_dashboard(
-            source,
-            address=str(client.socket_path),
-            launchable=sorted(config.agents),
-            max_rows=max_rows,
+        source = SupervisorSource(
+            client,
+            interval=interval,
+            reconnect=lambda: SupervisorClient.connect(paths, start=False),
         )
+        try:
+            return await run_dashboard(
+                source,
+                address=str(client.socket_path),
+                launchable=sorted(config.agents),
+                max_rows=max_rows,
+            )
+        finally:
+            await source.aclose()
 
 
 async def run_dashboard(

@@ -21,6 +21,7 @@ from tokenwatch.tui.messages import (
     AgentChanged,
     AlertArrived,
     CommandDone,
+    ConnectionChanged,
     FeedEnded,
     SnapshotArrived,
 )
@@ -175,6 +176,14 @@ class TokenwatchApp(App[None]):
         self.main.show_agent(view)
         self._refresh_detail()
 
+    @on(ConnectionChanged)
+    def _connection_changed(self, message: ConnectionChanged) -> None:
+        if message.status:
+            self.main.show_disconnected(message.status)
+            self.notify(message.status, title="supervisor", severity="warning", markup=False)
+        else:
+            self.notify("connected again", title="supervisor", markup=False)
+
     @on(FeedEnded)
     def _feed_ended(self, message: FeedEnded) -> None:
         self.main.show_disconnected(message.error)
@@ -248,7 +257,9 @@ def _runner(screen: Screen[Any], action: str) -> Callable[[], Any]:
 
 def _as_message(
     kind: str, item: Any
-) -> SnapshotArrived | AlertArrived | ActionArrived | AgentChanged:
+) -> SnapshotArrived | AlertArrived | ActionArrived | AgentChanged | ConnectionChanged:
+    if kind == "connection":
+        return ConnectionChanged(str(item))
     if kind == "snapshot":
         return SnapshotArrived(item)
     if kind == "alert":

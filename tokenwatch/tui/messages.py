@@ -20,6 +20,15 @@ class SnapshotArrived(Message):
         return isinstance(message, SnapshotArrived)
 
 
+class ConnectionChanged(Message):
+    """The feed lost the supervisor and waits for one to answer again (`status` says so), or
+    has one again (`status` empty)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__()
+        self.status = status
+
+
 class AlertArrived(Message):
     def __init__(self, alert: Alert) -> None:
         super().__init__()

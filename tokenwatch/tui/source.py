@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from tokenwatch.client.control import SupervisorUnavailable
 from tokenwatch.core.models import (
     Action,
     Agent,
@@ -22,7 +25,13 @@ from tokenwatch.core.models import (
 from tokenwatch.core.quantities import parse_amount
 
 Update = tuple[str, Any]
-"""`("snapshot", Snapshot)`, `("alert", Alert)`, `("action", Action)` or `("agent", Agent)`."""
+"""`("snapshot", Snapshot)`, `("alert", Alert)`, `("action", Action)`, `("agent", Agent)`, or
+`("connection", status)`: the supervisor went away and is waited for (`status` says so), or is
+back (empty)."""
+
+RECONNECT_DELAYS: Final = (0.1, 0.2, 0.5, 1.0, 2.0)
+"""Seconds between attempts to reach a supervisor again; the last repeats."""
+WAITING: Final = "connection lost; waiting for a supervisor (start one: tokenwatch serve)"
 
 
 class CommandError(Exception):
@@ -48,6 +57,8 @@ class ControlClient(Protocol):
 
     async def request(self, kind: str, **fields: Any) -> Any: ...
 
+    async def aclose(self) -> None: ...
+
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "snapshot": Snapshot.from_dict,
@@ -66,19 +77,62 @@ def decode_update(kind: str, data: dict[str, Any]) -> Update | None:
 
 
 class SupervisorSource:
-    """Adapts a connected SupervisorClient: pushes become models, refusals become CommandError."""
+    """Adapts a connected SupervisorClient: pushes become models, refusals become CommandError.
 
-    def __init__(self, client: ControlClient, interval: float = 1.0) -> None:
+    With `reconnect` (opens a new client), a lost supervisor is waited for and the feed goes on
+    with the next one; the clients it opened are closed by `aclose`.
+    """
+
+    def __init__(
+        self,
+        client: ControlClient,
+        interval: float = 1.0,
+        *,
+        reconnect: Callable[[], Awaitable[ControlClient]] | None = None,
+    ) -> None:
         self._client = client
         self._interval = interval
+        self._reconnect = reconnect
+        self._opened: list[ControlClient] = []
 
     async def updates(self) -> AsyncIterator[Update]:
+        while True:
+            try:
+                async for update in self._feed():
+                    yield update
+            except (SupervisorUnavailable, OSError):
+                pass  # the same as the feed ending: the supervisor is gone
+            if self._reconnect is None:
+                return
+            yield "connection", WAITING
+            self._client = await self._next_client(self._reconnect)
+            yield "connection", ""
+
+    async def _feed(self) -> AsyncIterator[Update]:
         # No per-call usage pushes: at thousands of calls/s they would cost the supervisor and
         # the dashboard more than everything else, and snapshots already aggregate them.
         async for kind, data in self._client.subscribe(self._interval, kinds=tuple(_DECODERS)):
             update = decode_update(kind, data)
             if update is not None:
                 yield update
+
+    async def _next_client(self, connect: Callable[[], Awaitable[ControlClient]]) -> ControlClient:
+        for attempt in itertools.count():
+            try:
+                client = await connect()
+            except Exception:
+                await anyio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+                continue
+            self._opened.append(client)
+            return client
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        """Close the clients this source opened (not the one it was given)."""
+        for client in self._opened:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._opened.clear()
 
     async def command(self, kind: str, **fields: Any) -> Any:
         try:
