@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from tokenwatch.core import protocol  # noqa: E402
 from tokenwatch.core.daemon import socket_answers  # noqa: E402
 from tokenwatch.paths import Paths  # noqa: E402
+from tokenwatch.tui.source import DASHBOARD_KINDS  # noqa: E402
 
 WRITE_BYTES = 64 * 1024
 QUIET_RULES = '[[rule]]\nname = "off"\ndetector = "runaway"\nenabled = false\n'
@@ -138,8 +139,8 @@ async def agent_connection(path: Path, data: bytes, expected: int) -> None:
                 acked += (await stream.receive(1 << 20)).count(b"\n")  # one reply per line
 
 
-# What the dashboard subscribes to (tokenwatch.tui.source); "all" adds a push per call.
-SUBSCRIPTIONS = {"dashboard": ["snapshot", "alert", "action", "agent"], "all": None}
+# What the dashboard subscribes to; "all" adds a push per call.
+SUBSCRIPTIONS = {"dashboard": list(DASHBOARD_KINDS), "all": None}
 
 
 async def subscriber(path: Path, seen: list[int], ready: anyio.Event, kinds: str) -> None:

@@ -111,12 +111,20 @@ def _v1_events(db: sqlite3.Connection) -> None:
     )
 
 
+def _rollup_parts() -> tuple[str, str, str, str]:
+    """(dimension columns, measure columns, measures from raw rows, upsert SET clause)."""
+    return (
+        ", ".join(quoted(d) for d in ROLLUP_DIMS),
+        ", ".join(name for name, _ in MEASURES),
+        ", ".join(expr for _, expr in MEASURES),
+        ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in MEASURES),
+    )
+
+
 def rollup_refresh_sql(table: str, width: int) -> str:
-    """Fold event rows with `id > ?` into a rollup table (used per batch and for backfills)."""
-    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
-    names = ", ".join(name for name, _ in MEASURES)
-    exprs = ", ".join(expr for _, expr in MEASURES)
-    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in MEASURES)
+    """Fold event rows with `id > ?` into a rollup table straight from the raw rows (backfills;
+    the writer folds its batches through `batch_rollup_sql`)."""
+    dims, names, exprs, updates = _rollup_parts()
     return (
         f"INSERT INTO {table} (bucket, {dims}, {names}) "
         f"SELECT CAST(ts / {width} AS INTEGER) * {width}, {dims}, {exprs} "
@@ -132,11 +140,8 @@ rows are grouped once per batch rather than once per rollup table."""
 
 def batch_rollup_sql() -> tuple[str, str, str, list[str]]:
     """(create, clear, fill with events `id > ?`, fold into each rollup table) for the writer."""
-    dims = ", ".join(quoted(d) for d in ROLLUP_DIMS)
-    names = ", ".join(name for name, _ in MEASURES)
-    exprs = ", ".join(expr for _, expr in MEASURES)
+    dims, names, exprs, updates = _rollup_parts()
     sums = ", ".join(f"TOTAL({n})" if n == "cost_usd" else f"SUM({n})" for n, _ in MEASURES)
-    updates = ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in MEASURES)
     finest = min(width for _, width in ROLLUPS)
     if any(width % finest for _, width in ROLLUPS):
         raise ValueError("every rollup width must be a multiple of the finest")

@@ -222,8 +222,7 @@ class SocketServer:
         self._uid = os.getuid() if uid is None else uid
         self._clock = clock
         self._sessions: set[Session] = set()
-        self._subscribers: list[Session] | None = None
-        self._wanting: dict[str, list[Session]] = {}
+        self._wanting: dict[str, list[Session]] | None = None
         """Subscribers by push kind, worked out again only when one subscribes or leaves
         (every usage event is published: scanning all connections each time added up)."""
         self._messages = 0
@@ -236,15 +235,15 @@ class SocketServer:
 
     def subscribers(self, kind: str = "") -> list[Session]:
         """Every subscriber, or those that asked for pushes of `kind`."""
-        if self._subscribers is None:
-            self._subscribers = [s for s in self._sessions if s.subscribed]
-            self._wanting = {
-                k: [s for s in self._subscribers if k in s.kinds] for k in protocol.PUSH_KINDS
-            }
-        return self._wanting.get(kind, []) if kind else self._subscribers
+        if not kind:
+            return [s for s in self._sessions if s.subscribed]
+        if self._wanting is None:
+            subs = self.subscribers()
+            self._wanting = {k: [s for s in subs if k in s.kinds] for k in protocol.PUSH_KINDS}
+        return self._wanting.get(kind, [])
 
     def _subscriptions_changed(self) -> None:
-        self._subscribers = None
+        self._wanting = None
 
     def publish_nowait(self, kind: str, data: Any) -> None:
         """Send a push to every subscriber that wants its kind (encoded once, if anyone does)."""

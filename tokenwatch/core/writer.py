@@ -26,10 +26,8 @@ from tokenwatch.core.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 # UsageEvent -> row tuple in EVENT_COLUMNS order, done in C (the writer's hot path).
 event_row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*EVENT_COLUMNS)
 
-INSERT_EVENT = (
-    f"INSERT OR IGNORE INTO events ({', '.join(quoted(c) for c in EVENT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in EVENT_COLUMNS)})"
-)
+_INSERT_INTO = f"INSERT OR IGNORE INTO events ({', '.join(quoted(c) for c in EVENT_COLUMNS)})"
+_ROW_PLACES = f"({', '.join('?' for _ in EVENT_COLUMNS)})"
 ROWS_PER_INSERT: Final = 256
 """Rows one INSERT statement carries (fewer where SQLite allows fewer bound values)."""
 _CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
@@ -442,8 +440,7 @@ def _rows_per_insert(variable_limit: int) -> int:
 
 @cache
 def _insert_sql(rows: int) -> str:
-    values = f"({', '.join('?' for _ in EVENT_COLUMNS)})"
-    return INSERT_EVENT.rsplit(" VALUES ", 1)[0] + " VALUES " + ", ".join([values] * rows)
+    return f"{_INSERT_INTO} VALUES {', '.join([_ROW_PLACES] * rows)}"
 
 
 def prepare_rollups(conn: sqlite3.Connection) -> None:

@@ -68,6 +68,10 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+DASHBOARD_KINDS: Final = tuple(_DECODERS)
+"""The pushes the dashboard subscribes to: all but the per-call `usage`."""
+
+
 def decode_update(kind: str, data: dict[str, Any]) -> Update | None:
     """A supervisor push as model objects; None for kinds the dashboard does not show (usage)."""
     decoder = _DECODERS.get(kind)
@@ -111,21 +115,21 @@ class SupervisorSource:
     async def _feed(self) -> AsyncIterator[Update]:
         # No per-call usage pushes: at thousands of calls/s they would cost the supervisor and
         # the dashboard more than everything else, and snapshots already aggregate them.
-        async for kind, data in self._client.subscribe(self._interval, kinds=tuple(_DECODERS)):
+        async for kind, data in self._client.subscribe(self._interval, kinds=DASHBOARD_KINDS):
             update = decode_update(kind, data)
             if update is not None:
                 yield update
 
     async def _next_client(self, connect: Callable[[], Awaitable[ControlClient]]) -> ControlClient:
-        for attempt in itertools.count():
+        delays = itertools.chain(RECONNECT_DELAYS, itertools.repeat(RECONNECT_DELAYS[-1]))
+        while True:
             try:
                 client = await connect()
             except Exception:
-                await anyio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+                await anyio.sleep(next(delays))
                 continue
             self._opened.append(client)
             return client
-        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         """Close the clients this source opened (not the one it was given)."""
