@@ -6,7 +6,8 @@ process (this one) opens one connection per agent plus one subscriber (asking fo
 the dashboard asks for; `--subscriber all` adds one push per call), sends pre-encoded usage
 lines (unique call ids) pipelined in 64 KiB writes, and counts acks as they come back. The rate is
 events acknowledged / seconds from the first write to the last ack; the ledger's row count is
-checked afterwards, and the supervisor's resident memory (VmRSS) is read before and after.
+checked afterwards, and the resident memory (VmRSS) of the supervisor and its ledger writer
+process is read before and after; CPU is theirs together.
 
     .venv/bin/python bench/ingest.py [--events 100000] [--agents 1,8,64] [--rules default|off]
                                      [--subscriber dashboard|all]
@@ -65,9 +66,23 @@ class Result:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads so far."""
+    """User + system CPU time so far of a process, its threads and its live children (the
+    ledger's writer process)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def rss_tree_kb(pid: int) -> int:
+    return rss_kb(pid) + sum(rss_tree_kb(child) for child in children(pid))
 
 
 def rss_kb(pid: int) -> int:
@@ -191,14 +206,14 @@ def main() -> None:
     with supervisor(args.rules) as (proc, paths):
         total = 0
         for run, agents in enumerate(int(a) for a in args.agents.split(",")):
-            before, cpu = rss_kb(proc.pid), cpu_seconds(proc.pid)
+            before, cpu = rss_tree_kb(proc.pid), cpu_seconds(proc.pid)
             events = args.events // agents * agents
             seconds, pushes = anyio.run(one_run, paths.socket, agents, events, run, args.subscriber)
             cpu = cpu_seconds(proc.pid) - cpu
             total += events
             stored = stored_events(paths.db) - (total - events)
             results.append(
-                Result(agents, events, seconds, stored, pushes, before, rss_kb(proc.pid), cpu)
+                Result(agents, events, seconds, stored, pushes, before, rss_tree_kb(proc.pid), cpu)
             )
     if args.json:
         rows = [

@@ -35,7 +35,8 @@ import anyio
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.schema import EVENT_COLUMNS
 from tokenwatch.core.store import Store
-from tokenwatch.core.writer import event_row, fold_rollups, insert_rows, prepare_rollups
+from tokenwatch.core.transaction import fold_rollups, insert_rows, prepare_rollups
+from tokenwatch.core.writer import event_row
 
 DAY = 86400.0
 SPAN_DAYS = 30

@@ -107,6 +107,32 @@ async def test_usage_is_acknowledged_once_stored_and_counted_once() -> None:
     assert row["summary"]["tokens"] == 120
 
 
+async def test_a_long_pipelined_stream_is_acked_in_order_each_line_once_after_storing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Small batches, so the stream crosses many of them with two in flight at a time.
+    monkeypatch.setattr(server._Ingestor, "BATCH", 7)
+    paths = Paths.discover()
+    count = 500
+    lines = b"".join(
+        protocol.dumps(protocol.request("usage", n, event=usage_event("piped", f"p{n}")))
+        for n in range(count)
+    )
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+        raw_client(paths.socket) as c,
+    ):
+        await c.send(lines)
+        replies = [await c.receive() for _ in range(count)]
+        at_last_ack = stored_call_ids(paths.db)
+        with anyio.move_on_after(0.2):
+            extra = await c.receive()
+            pytest.fail(f"a reply beyond one per line: {extra}")
+    assert [r["re"] for r in replies] == list(range(count))
+    assert all(r["ok"] for r in replies)
+    assert at_last_ack == [f"p{n}" for n in range(count)]
+
+
 async def test_bad_usage_fields_are_refused_and_nothing_is_stored() -> None:
     paths = Paths.discover()
     async with (

@@ -23,9 +23,12 @@ def ev(ts: float, **kw: object) -> UsageEvent:
     return UsageEvent(ts=ts, **base)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def store(tokenwatch_home: Path) -> Store:
-    s = await Store.open(tokenwatch_home / "ledger.db", clock=lambda: NOW)
+@pytest.fixture(params=[False, True], ids=["thread", "process"])
+async def store(tokenwatch_home: Path, request: pytest.FixtureRequest) -> Store:
+    """The ledger, written by its thread or by its writer process (what the supervisor uses)."""
+    s = await Store.open(
+        tokenwatch_home / "ledger.db", clock=lambda: NOW, writer_process=request.param
+    )
     yield s  # type: ignore[misc]
     await s.aclose()
 

@@ -20,6 +20,7 @@ from tokenwatch.core import schema
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.rollups import segments
 from tokenwatch.core.store import Store, StoreUnavailable
+from tokenwatch.core.transaction import Statement
 
 WRITER = textwrap.dedent(
     """
@@ -142,14 +143,18 @@ async def test_ledger_from_a_newer_tokenwatch_is_refused(tokenwatch_home: Path) 
         await Store.open(path)
 
 
-async def test_full_disk_fails_loudly_and_loses_nothing_queued(tokenwatch_home: Path) -> None:
+@pytest.mark.parametrize("writer_process", [False, True], ids=["thread", "process"])
+async def test_full_disk_fails_loudly_and_loses_nothing_queued(
+    tokenwatch_home: Path, writer_process: bool
+) -> None:
     path = tokenwatch_home / "full.db"
-    async with await Store.open(path) as store:
+    async with await Store.open(path, writer_process=writer_process) as store:
         await store.append(UsageEvent(ts=10.0, input_tokens=1))
         # Cap the file at its current size: SQLite then reports "database or disk is full",
         # exactly as on a full disk. (A test-only reach into the writer's connection.)
-        pages = await store._write(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
-        await store._write(lambda db: db.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0])
+        with sqlite3.connect(path) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+        await store._write(Statement(f"PRAGMA max_page_count = {pages}"))
         big = [UsageEvent(ts=20.0, prompt_hash="x" * 2000, call_id=f"b{i}") for i in range(50)]
         with pytest.raises(StoreUnavailable, match=f"{path}.*disk is full"):
             await store.append_many(big)
@@ -160,7 +165,7 @@ async def test_full_disk_fails_loudly_and_loses_nothing_queued(tokenwatch_home: 
         assert "disk is full" in store.statistics().last_error
         assert (await store.totals(0)).requests == 1
         # Space comes back: the queued events were kept and are now written.
-        await store._write(lambda db: db.execute("PRAGMA max_page_count = 1000000").fetchone()[0])
+        await store._write(Statement("PRAGMA max_page_count = 1000000"))
         await store.flush()
         assert (await store.totals(25, 35)).requests == 30
         assert store.statistics().lost == 0

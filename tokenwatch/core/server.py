@@ -458,8 +458,14 @@ class SocketServer:
 
 
 class _Ingestor:
-    """A connection's usage on its way to the store: one commit in flight at a time, and whatever
+    """A connection's usage on its way to the store: up to `IN_FLIGHT` batches of up to `BATCH`
+    events at a time (so the next is priced and counted while the last one commits), whatever
     arrives meanwhile gathered into the next (group commit), up to a bound that stops reading."""
+
+    IN_FLIGHT: Final = 2
+    BATCH: Final = 4096
+    """Events taken at a time: small enough that the loop prices the next batch while the store
+    commits the last, big enough that a commit's fixed costs stay small (docs/benchmarks.md)."""
 
     def __init__(
         self,
@@ -469,7 +475,7 @@ class _Ingestor:
         self._ingest = ingest
         self._limit = limit
         self._queued: list[tuple[Any, UsageEvent]] = []
-        self._busy = False
+        self._running = 0
         self._idle = anyio.Event()
         self._idle.set()
         self._room = anyio.Event()
@@ -479,20 +485,24 @@ class _Ingestor:
             self._room = anyio.Event()
             await self._room.wait()
         self._queued.extend(items)
-        if not self._busy:
-            self._busy = True
-            self._idle = anyio.Event()
+        if self._running < self.IN_FLIGHT:
+            if not self._running:
+                self._idle = anyio.Event()
+            self._running += 1
             tg.start_soon(self._drain)
 
     async def _drain(self) -> None:
+        # The store commits in the order batches reach it, so acks keep the order of the lines.
         try:
             while self._queued:
-                batch, self._queued = self._queued, []
+                batch = self._queued[: self.BATCH]
+                del self._queued[: self.BATCH]
                 self._room.set()
                 await self._ingest(batch)
         finally:
-            self._busy = False
-            self._idle.set()
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

@@ -27,14 +27,17 @@ from tokenwatch.core.schema import (
     migrate,
     quoted,
 )
-from tokenwatch.core.writer import (
-    BatchWriter,
-    Item,
-    Operation,
+from tokenwatch.core.transaction import (
+    BUSY_TIMEOUT,
+    CACHE_KIB,
+    Committer,
+    Statement,
     StoreUnavailable,
-    Waiter,
+    connect_writer,
     describe,
 )
+from tokenwatch.core.writer import BatchWriter, Item, Waiter
+from tokenwatch.core.writer_process import ChildCommitter
 
 __all__ = [
     "GROUPINGS",
@@ -49,12 +52,6 @@ __all__ = [
 
 GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day")
 """What `aggregate(by=...)` accepts."""
-
-BUSY_TIMEOUT = 10.0
-"""Seconds a write waits for another process's write transaction before StoreUnavailable."""
-
-CACHE_KIB = 16 * 1024
-"""SQLite page cache per connection (writer and reader), in KiB."""
 
 _SELECT_EVENT = f"SELECT id, {', '.join(quoted(c) for c in EVENT_COLUMNS)} FROM events"
 _ALERT_COLUMNS = ("id", "ts", "rule", "agent", "message", "severity", "action", "acknowledged")
@@ -186,12 +183,19 @@ class Store:
         batch_size: int = 2000,
         flush_interval: float = 0.05,
         clock: Callable[[], float] = time.time,
+        writer_process: bool = False,
     ) -> Store:
-        """Open (creating and migrating as needed) the ledger at `path`."""
+        """Open (creating and migrating as needed) the ledger at `path`. With `writer_process`,
+        batches are committed by a child process (a long-lived daemon's choice: the SQLite work
+        leaves this process's GIL); otherwise by a thread here."""
         path = Path(path)
         conn, migrated_from = await anyio.to_thread.run_sync(_open_writer, path)
+        committer: Committer | ChildCommitter = Committer(conn)
+        if writer_process:
+            conn.close()
+            committer = await anyio.to_thread.run_sync(_start_child, path)
         writer = BatchWriter(
-            conn,
+            committer,
             path,
             batch_size=batch_size,
             flush_interval=flush_interval,
@@ -202,7 +206,7 @@ class Store:
             await reader.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
             await reader.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as exc:
-            conn.close()
+            committer.close()
             raise StoreUnavailable(describe(exc, path)) from None
         writer.start()
         return cls(path, writer, reader, clock, migrated_from)
@@ -259,10 +263,10 @@ class Store:
         self._writer.submit((Item(waiter=waiter),))
         await waiter.wait()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], int | None]) -> int:
-        """Run `fn` inside the writer's next transaction; its integer result (0 for None)."""
+    async def _write(self, statement: Statement) -> int:
+        """Run `statement` inside the writer's next transaction; its row count or new row id."""
         waiter = Waiter()
-        self._writer.submit((Item(op=Operation(fn), waiter=waiter),))
+        self._writer.submit((Item(statement=statement, waiter=waiter),))
         value = (await waiter.wait()).value
         return int(value) if isinstance(value, int) else 0
 
@@ -411,12 +415,10 @@ class Store:
         data = json.dumps(agent.to_dict(), sort_keys=True)
         now = self._clock()
         await self._write(
-            lambda db: (
-                db.execute(
-                    "INSERT INTO agents (name, data, updated) VALUES (?, ?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated = excluded.updated",
-                    (agent.name, data, now),
-                ).rowcount
+            Statement(
+                "INSERT INTO agents (name, data, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+                (agent.name, data, now),
             )
         )
 
@@ -425,9 +427,7 @@ class Store:
             return [Agent.from_dict(json.loads(row[0])) async for row in cursor]
 
     async def forget_agent(self, name: str) -> None:
-        await self._write(
-            lambda db: db.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount
-        )
+        await self._write(Statement("DELETE FROM agents WHERE name = ?", (name,)))
 
     async def add_alert(self, alert: Alert) -> int:
         """Store an alert; returns (and sets on `alert`) its id."""
@@ -461,17 +461,15 @@ class Store:
         return [Action(**{**row, "ok": bool(row["ok"])}) for row in rows]
 
     async def _changes(self, sql: str, many: Iterable[tuple[Any, ...]] | None = None) -> int:
-        def run(db: sqlite3.Connection) -> int:
-            cursor = db.executemany(sql, many) if many is not None else db.execute(sql)
-            return max(0, cursor.rowcount)
-
-        return await self._write(run)
+        if many is None:
+            return await self._write(Statement(sql))
+        return await self._write(Statement(sql, list(many), many=True))
 
     async def _insert_row(self, table: str, row: Mapping[str, Any]) -> int:
         values = {k: v for k, v in row.items() if k != "id"}
         sql = f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' for _ in values)})"
         params = tuple(int(v) if isinstance(v, bool) else v for v in values.values())
-        return await self._write(lambda db: db.execute(sql, params).lastrowid)
+        return await self._write(Statement(sql, params, lastrowid=True))
 
     async def _recent_rows(
         self,
@@ -500,34 +498,34 @@ def _open_writer(path: Path) -> tuple[sqlite3.Connection, int]:
     except OSError as exc:
         raise StoreUnavailable(f"cannot create {path.parent}: {exc.strerror}") from None
     try:
-        conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
-        )
-    except sqlite3.Error as exc:
-        raise StoreUnavailable(describe(exc, path)) from None
+        conn = connect_writer(path)
+    except sqlite3.DatabaseError as exc:
+        raise StoreUnavailable(_open_failure(exc, path)) from None
     try:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreUnavailable(f"cannot use the ledger {path}: WAL mode refused ({mode})")
-        # NORMAL survives a killed process (the WAL is in the OS's hands); see docs/ledger.md.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        # Index pages of a big ledger stay cached, and checkpoints (which fsync) come every
-        # ~16 MB of WAL rather than every 4 MB.
-        conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
-        conn.execute("PRAGMA wal_autocheckpoint = 4000")
         migrated_from = migrate(conn)
     except SchemaTooNew as exc:
         conn.close()
         raise StoreUnavailable(f"cannot use the ledger {path}: {exc}") from None
     except sqlite3.DatabaseError as exc:
         conn.close()
-        if "not a database" in str(exc):
-            raise StoreUnavailable(f"{path} is not a tokenwatch ledger (not SQLite)") from None
-        raise StoreUnavailable(describe(exc, path)) from None
+        raise StoreUnavailable(_open_failure(exc, path)) from None
     except BaseException:
         conn.close()
         raise
     return conn, migrated_from
+
+
+def _open_failure(error: sqlite3.DatabaseError, path: Path) -> str:
+    if "not a database" in str(error):
+        return f"{path} is not a tokenwatch ledger (not SQLite)"
+    return describe(error, path)
+
+
+def _start_child(path: Path) -> ChildCommitter:
+    try:
+        return ChildCommitter(path)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(describe(exc, path)) from None
 
 
 # -- query helpers -----------------------------------------------------------------------------

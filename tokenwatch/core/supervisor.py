@@ -142,7 +142,7 @@ class Supervisor:
 
         with instance_lock(self.paths):
             self.paths.ensure_state()
-            store = self.store = await Store.open(self.paths.db)
+            store = self.store = await Store.open(self.paths.db, writer_process=True)
             try:
                 await self._serve(store, task_status)
             finally:

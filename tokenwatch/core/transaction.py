@@ -1,0 +1,264 @@
+"""The transaction one batch of ledger writes runs in (event rows, statements, rollups), on a
+write connection; light enough to load in the ledger's writer process."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Final
+
+from tokenwatch.core.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
+
+BUSY_TIMEOUT: Final = 10.0
+"""Seconds a connection waits for another process's lock before giving up."""
+CACHE_KIB: Final = 16 * 1024
+"""SQLite page cache per connection."""
+ROWS_PER_INSERT: Final = 256
+"""Rows one INSERT statement carries (fewer where SQLite allows fewer bound values)."""
+
+Row = tuple[Any, ...]
+"""An event row: values in EVENT_COLUMNS order."""
+
+_INSERT_INTO = f"INSERT OR IGNORE INTO events ({', '.join(quoted(c) for c in EVENT_COLUMNS)})"
+_ROW_PLACES = f"({', '.join('?' for _ in EVENT_COLUMNS)})"
+_CALL_ID = EVENT_COLUMNS.index("call_id")
+_CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
+_INT64 = 2**63
+# What sqlite3 raises when a value cannot be bound (wrong type, int too large).
+BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, TypeError)
+
+
+class StoreUnavailable(Exception):
+    """The ledger file cannot be written (disk full, read-only, locked too long); names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A write run in a batch's transaction, in its own savepoint: SQL with its parameters (a
+    list of parameter tuples when `many`); its result is the row count, or the new row's id."""
+
+    sql: str
+    params: Sequence[Any] = ()
+    many: bool = False
+    lastrowid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one statement came to: its result, or the error it raised (its type's name and
+    message; the transaction went on without it)."""
+
+    value: int = 0
+    error_type: str = ""
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Committed:
+    """What one committed batch came to."""
+
+    inserted: int = 0
+    duplicates: list[int] = field(default_factory=list)
+    """Rows (by index) not stored: their call_id was stored already, or earlier in the batch."""
+    rejected: dict[int, str] = field(default_factory=dict)
+    """Rows (by index) that could not be stored as given (a field of the wrong type), and why."""
+    outcomes: list[Outcome] = field(default_factory=list)
+    """One per statement, in order."""
+    cpu_seconds: float = 0.0
+    """CPU spent in another process on this batch (0 when committed in this one)."""
+
+
+def connect_writer(path: Path) -> sqlite3.Connection:
+    """A write connection to the ledger at `path`: WAL, tuned for batches."""
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
+    )
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreUnavailable(f"cannot use the ledger {path}: WAL mode refused ({mode})")
+        # NORMAL survives a killed process (the WAL is in the OS's hands); see docs/ledger.md.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # Index pages of a big ledger stay cached, and checkpoints (which fsync) come every
+        # ~16 MB of WAL rather than every 4 MB.
+        conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
+        conn.execute("PRAGMA wal_autocheckpoint = 4000")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def describe(error: BaseException, path: Path) -> str:
+    """One line a person can act on, naming the file."""
+    text = str(error)
+    lowered = text.lower()
+    if "full" in lowered:
+        reason = "the disk is full"
+    elif "readonly" in lowered or "read-only" in lowered:
+        reason = "the file or its directory is read-only"
+    elif "locked" in lowered or "busy" in lowered:
+        reason = "another process held the database locked for too long"
+    elif "unable to open" in lowered:
+        reason = "the file cannot be opened (check the directory exists and is writable)"
+    else:
+        reason = text
+    return f"cannot write the ledger {path}: {reason}"
+
+
+class Committer:
+    """Writes batches on one connection: each batch one transaction (statements first, then
+    event rows, then the rollups they add to). sqlite3.Error means the file is in trouble."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._batch_table = False
+
+    def commit(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
+        try:
+            return self._transaction(rows, statements)
+        except BIND_ERRORS:
+            pass  # some row has a field of the wrong type: set those aside, write the rest
+        kept, rejected = split_unbindable(rows)
+        return widen(self._transaction([rows[i] for i in kept], statements), kept, rejected)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _transaction(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = [_run(conn, s) for s in statements]
+            done = self._insert(rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        done.outcomes = outcomes
+        return done
+
+    def _insert(self, rows: Sequence[Row]) -> Committed:
+        if not rows:
+            return Committed()
+        conn = self._conn
+        last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        inserted = insert_rows(conn, rows)
+        if not self._batch_table:
+            prepare_rollups(conn)
+            self._batch_table = True
+        fold_rollups(conn, last_id)
+        duplicates = [] if inserted == len(rows) else self._duplicates(rows, last_id)
+        return Committed(inserted=inserted, duplicates=duplicates)
+
+    def _duplicates(self, rows: Sequence[Row], last_id: int) -> list[int]:
+        new_ids = {
+            row[0]
+            for row in self._conn.execute(
+                "SELECT call_id FROM events WHERE id > ? AND call_id != ''", (last_id,)
+            )
+        }
+        duplicates: list[int] = []
+        for i, row in enumerate(rows):
+            call_id = row[_CALL_ID]
+            if not call_id:
+                continue
+            if call_id in new_ids:
+                new_ids.discard(call_id)  # the first in the batch took it
+            else:
+                duplicates.append(i)
+        return duplicates
+
+
+def _run(conn: sqlite3.Connection, statement: Statement) -> Outcome:
+    conn.execute("SAVEPOINT op")
+    try:
+        if statement.many:
+            cursor = conn.executemany(statement.sql, statement.params)
+        else:
+            cursor = conn.execute(statement.sql, statement.params)
+        value = cursor.lastrowid if statement.lastrowid else max(0, cursor.rowcount)
+        outcome = Outcome(value=int(value or 0))
+    except sqlite3.OperationalError:
+        raise  # the file itself is in trouble: fail the whole batch
+    except Exception as exc:
+        conn.execute("ROLLBACK TO op")
+        outcome = Outcome(error_type=type(exc).__name__, error=str(exc))
+    conn.execute("RELEASE op")
+    return outcome
+
+
+def insert_rows(conn: sqlite3.Connection, rows: Sequence[Row]) -> int:
+    """Insert event rows (duplicates of a stored call_id ignored); returns how many went in.
+
+    Many rows per statement, in chunks of power-of-two sizes so each statement is prepared once:
+    sqlite3 lets go of the GIL around every statement it runs, and getting it back waits out a
+    busy event loop's switch interval, so one statement per row made a batch crawl whenever the
+    loop was busy (docs/benchmarks.md, Ingest)."""
+    per = _rows_per_insert(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+    inserted, i = 0, 0
+    while i < len(rows):
+        size = min(per, 1 << ((len(rows) - i).bit_length() - 1))
+        chunk = rows[i : i + size]
+        inserted += conn.execute(_insert_sql(size), [v for row in chunk for v in row]).rowcount
+        i += size
+    return inserted
+
+
+@cache
+def _rows_per_insert(variable_limit: int) -> int:
+    fits = max(1, variable_limit // len(EVENT_COLUMNS))
+    return 1 << (min(ROWS_PER_INSERT, fits).bit_length() - 1)
+
+
+@cache
+def _insert_sql(rows: int) -> str:
+    return f"{_INSERT_INTO} VALUES {', '.join([_ROW_PLACES] * rows)}"
+
+
+def prepare_rollups(conn: sqlite3.Connection) -> None:
+    """Give a write connection the temporary table `fold_rollups` sums a batch in."""
+    conn.execute(_CREATE_BATCH)
+
+
+def fold_rollups(conn: sqlite3.Connection, after_id: int) -> None:
+    """Add the events with `id > after_id` to every rollup table (inside the caller's transaction)."""
+    conn.execute(_CLEAR_BATCH)
+    conn.execute(_FILL_BATCH, (after_id,))
+    for sql in _FOLDS:
+        conn.execute(sql)
+
+
+def bindable(value: object) -> bool:
+    """Whether SQLite can store `value` in an event column as given."""
+    if value is None or isinstance(value, str | float):
+        return True
+    return isinstance(value, int) and -_INT64 <= value < _INT64
+
+
+def split_unbindable(rows: Sequence[Row]) -> tuple[list[int], dict[int, str]]:
+    """(indices of the rows that can be stored, why each other row cannot, by index)."""
+    kept: list[int] = []
+    rejected: dict[int, str] = {}
+    for i, row in enumerate(rows):
+        bad = [
+            f"{name}={value!r}"
+            for name, value in zip(EVENT_COLUMNS, row, strict=True)
+            if not bindable(value)
+        ]
+        if bad:
+            rejected[i] = f"usage event has fields of the wrong type: {', '.join(bad)}"
+        else:
+            kept.append(i)
+    return kept, rejected
+
+
+def widen(done: Committed, kept: list[int], rejected: dict[int, str]) -> Committed:
+    """`done`, committed for the kept rows only, in terms of the whole batch's row indices."""
+    done.duplicates = [kept[i] for i in done.duplicates]
+    done.rejected = {**rejected, **{kept[i]: why for i, why in done.rejected.items()}}
+    return done
