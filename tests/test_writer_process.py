@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.supervisor_fixtures import stop_serve, supervisor_process
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.store import Store
 from tokenwatch.core.transaction import Statement
@@ -112,3 +113,22 @@ def test_a_writer_that_cannot_open_the_file_says_why(tokenwatch_home: Path) -> N
     blocker.write_text("not a directory")
     with pytest.raises(sqlite3.OperationalError, match="unable to open"):
         ChildCommitter(blocker / "l.db")
+
+
+def writer_children(pid: int) -> list[int]:
+    """The ledger writer processes among `pid`'s children."""
+    children = [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+    return [c for c in children if b"writer_process" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+async def test_the_supervisors_writer_never_outlives_it(sig: int) -> None:
+    with supervisor_process() as sp:
+        writers = writer_children(sp.pid)
+        assert len(writers) == 1, "the supervisor runs one ledger writer"
+        stop_serve(sp, sig)
+        await wait_dead(writers[0])
