@@ -1,10 +1,13 @@
 """Ledger benchmark: events/s through the batched writer, and a 24 h report over a big ledger.
 
 Usage: python bench/ledger.py [--events 1000000] [--stored 10000000] [--dir DIR] [--keep]
+                              [--writer thread|process]
 
 1. Writer: `--events` usage events go through `Store.append_nowait` (and, separately, through
    64 concurrent `Store.append` callers), timed from the first call to the end of `flush()`,
-   i.e. until every event is committed. Fresh file, WAL, synchronous=NORMAL.
+   i.e. until every event is committed. Fresh file, WAL, synchronous=NORMAL. `--writer` picks
+   the writer the commands use (a thread, the default) or the supervisor's (a child process);
+   the writer's CPU is the thread's `thread_time` plus, for the process, the child's.
 2. Report: a ledger of `--stored` events spread evenly over 30 days is filled in bulk (plain
    sqlite3 inserts of pre-built rows into `events` (the writer's `insert_rows`), 200k rows per transaction, each
    followed by the store's own rollup SQL for those rows), then `aggregate("agent", now - 24h)` is
@@ -78,16 +81,16 @@ class WriterRun:
     def line(self, how: str) -> str:
         return (
             f"writer: {self.events:,} events via {how}: {self.events / self.wall:,.0f} events/s "
-            f"wall; writer thread {self.writer_cpu / self.events * 1e6:.1f} us CPU/event "
+            f"wall; writer {self.writer_cpu / self.events * 1e6:.1f} us CPU/event "
             f"(= {self.events / self.writer_cpu:,.0f} events per CPU-second); whole process "
             f"{self.process_cpu / self.events * 1e6:.1f} us CPU/event"
         )
 
 
-async def bench_writer(workdir: Path, n: int) -> tuple[WriterRun, WriterRun]:
+async def bench_writer(workdir: Path, n: int, process: bool) -> tuple[WriterRun, WriterRun]:
     now = time.time()
     events = [sample_event(now - i * 0.001, i) for i in range(n)]
-    async with await Store.open(workdir / "nowait.db") as store:
+    async with await Store.open(workdir / "nowait.db", writer_process=process) as store:
         wall, cpu = time.perf_counter(), time.process_time()
         for event in events:
             store.append_nowait(event)
@@ -99,7 +102,7 @@ async def bench_writer(workdir: Path, n: int) -> tuple[WriterRun, WriterRun]:
         assert stats.committed == n
     m = min(n, 200_000)
     events = [sample_event(now - i * 0.001, i) for i in range(m)]
-    async with await Store.open(workdir / "awaited.db") as store:
+    async with await Store.open(workdir / "awaited.db", writer_process=process) as store:
         wall, cpu = time.perf_counter(), time.process_time()
         async with anyio.create_task_group() as tg:
             for k in range(64):
@@ -277,6 +280,12 @@ def main() -> None:
     )
     parser.add_argument("--skip-writer", action="store_true", help="only the report part")
     parser.add_argument(
+        "--writer",
+        choices=("thread", "process"),
+        default="thread",
+        help="the commands' writer thread, or the supervisor's writer process",
+    )
+    parser.add_argument(
         "--breakdown", action="store_true", help="also split the writer's CPU per event by part"
     )
     args = parser.parse_args()
@@ -286,9 +295,10 @@ def main() -> None:
     try:
         print(f"load average before: {os.getloadavg()[0]:.1f}")
         if not args.skip_writer:
-            nowait, awaited = anyio.run(bench_writer, workdir, args.events)
-            print(nowait.line("append_nowait + flush"))
-            print(awaited.line("64 concurrent append()"))
+            process = args.writer == "process"
+            nowait, awaited = anyio.run(bench_writer, workdir, args.events, process)
+            print(nowait.line(f"append_nowait + flush ({args.writer})"))
+            print(awaited.line(f"64 concurrent append() ({args.writer})"))
         if args.breakdown:
             for name, us in cost_breakdown(workdir).items():
                 print(f"breakdown: {name}: {us:.1f} us CPU/event")

@@ -19,8 +19,8 @@ CACHE_KIB: Final = 16 * 1024
 ROWS_PER_INSERT: Final = 256
 """Rows one INSERT statement carries (fewer where SQLite allows fewer bound values)."""
 
-Row = tuple[Any, ...]
-"""An event row: values in EVENT_COLUMNS order."""
+Row = Sequence[Any]
+"""An event row: values in EVENT_COLUMNS order (a tuple, or a list as msgpack decodes it)."""
 
 _INSERT_INTO = f"INSERT OR IGNORE INTO events ({', '.join(quoted(c) for c in EVENT_COLUMNS)})"
 _ROW_PLACES = f"({', '.join('?' for _ in EVENT_COLUMNS)})"

@@ -204,7 +204,7 @@ def _answer(committer: Committer, body: bytes) -> tuple[Any, ...]:
     started = time.process_time()
     try:
         rows, statements = _decode(body)
-        done = committer.commit([tuple(row) for row in rows], [Statement(*s) for s in statements])
+        done = committer.commit(rows, [Statement(*s) for s in statements])
     except sqlite3.Error as exc:
         return (_STORE, str(exc))
     except Exception as exc:
