@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import sys
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,7 @@ import pytest
 
 from tests.supervisor_fixtures import stop_serve, supervisor_process
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.store import Store
+from tokenwatch.core.store import Store, StoreUnavailable
 from tokenwatch.core.transaction import Statement
 from tokenwatch.core.writer_process import ChildCommitter
 
@@ -106,6 +107,33 @@ async def test_a_failing_statement_raises_what_sqlite_raised(tokenwatch_home: Pa
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
             await store._write(insert)
         assert await store._write(Statement("DELETE FROM agents")) == 1, "the batch went on"
+
+
+async def test_a_writer_that_cannot_be_started_is_one_clear_error(
+    tokenwatch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tokenwatch_home / "no-python"))
+    with pytest.raises(StoreUnavailable, match="cannot start the ledger's writer process"):
+        await Store.open(tokenwatch_home / "l.db", writer_process=True)
+
+
+async def test_queued_events_wait_while_no_writer_can_start(
+    tokenwatch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = sys.executable
+    async with await Store.open(tokenwatch_home / "l.db", writer_process=True) as store:
+        writer = writer_pid(store)
+        monkeypatch.setattr(sys, "executable", str(tokenwatch_home / "no-python"))
+        os.kill(writer, signal.SIGKILL)
+        await wait_dead(writer)
+        for n in range(1, 11):
+            store.append_nowait(ev(n))
+        with pytest.raises(StoreUnavailable, match="cannot start the ledger's writer process"):
+            await store.flush()
+        monkeypatch.setattr(sys, "executable", python)
+        await store.flush()
+        assert (await store.totals(0)).requests == 10, "the queued events were kept, then written"
+        assert store.statistics().lost == 0
 
 
 def test_a_writer_that_cannot_open_the_file_says_why(tokenwatch_home: Path) -> None:

@@ -89,13 +89,19 @@ class ChildCommitter:
             proc.stdout.close()
 
     def _start(self) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(self._path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            close_fds=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(self._path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                close_fds=True,
+            )
+        except OSError as exc:
+            # Like a file that cannot be written for now: the batch is kept and retried.
+            raise sqlite3.OperationalError(
+                f"cannot start the ledger's writer process: {exc.strerror or exc}"
+            ) from None
         self._proc = proc
         self._pipes = (_fileno(proc.stdin), _fileno(proc.stdout))
         try:
@@ -115,7 +121,10 @@ class ChildCommitter:
         except BrokenPipeError:
             # It died before reading this batch (nothing of it written): a new one takes it.
             self._restart()
-            write_frame(self._pipes[0], body)
+            try:
+                write_frame(self._pipes[0], body)
+            except BrokenPipeError:
+                self._lost()
         reply = self._receive()
         if reply[0] == _OK:
             inserted, duplicates, rejected, outcomes, cpu = reply[1:]
