@@ -250,7 +250,7 @@ class Store:
         if not events:
             return 0
         waiter = Waiter()
-        self._writer.submit((Item(events=events, waiter=waiter),))
+        self._writer.submit(Item(events=events, waiter=waiter))
         return (await waiter.wait()).stored
 
     def append_nowait(self, event: UsageEvent) -> None:
@@ -260,15 +260,15 @@ class Store:
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         waiter = Waiter()
-        self._writer.submit((Item(waiter=waiter),))
+        self._writer.submit(Item(waiter=waiter))
         await waiter.wait()
 
     async def _write(self, statement: Statement) -> int:
         """Run `statement` inside the writer's next transaction; its row count or new row id."""
         waiter = Waiter()
-        self._writer.submit((Item(statement=statement, waiter=waiter),))
+        self._writer.submit(Item(statement=statement, waiter=waiter))
         value = (await waiter.wait()).value
-        return int(value) if isinstance(value, int) else 0
+        return value if isinstance(value, int) else 0
 
     def statistics(self) -> StoreStatistics:
         s = self._writer.stats

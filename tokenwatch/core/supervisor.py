@@ -7,7 +7,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,15 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenwatch.supervisor")
 
 SHUTDOWN_FLUSH_TIMEOUT = 2.0
-GC_THRESHOLD: tuple[int, int, int] = (10_000, 50, 50)
+"""Seconds a stopping supervisor gives peers to receive what was already queued for them."""
+GC_THRESHOLD: Final[tuple[int, int, int]] = (10_000, 50, 50)
 """The daemon's collector thresholds. It keeps a large, steady heap (every agent's recent calls)
 and allocates a few objects per usage event; at Python's default (700, 10, 10) the collector
 walked that heap so often that ingest ran about 30 % slower (docs/benchmarks.md, Ingest)."""
-SWITCH_INTERVAL: Final = 0.001
-"""Seconds a thread may keep the GIL while another waits for it (Python's default is 0.005).
-The ledger's writer thread waits for it after every SQLite statement, and a busy event loop made
-each of those waits last the whole interval: ingest averaged about 11 % more with 1 ms."""
-"""Seconds a stopping supervisor gives peers to receive what was already queued for them."""
 
 
 def wire(obj: Any) -> Any:
@@ -271,7 +266,6 @@ async def serve_until_signalled(paths: Paths, config: Config) -> None:
     """Run a supervisor in this process until SIGTERM, SIGINT or SIGHUP (or a shutdown request)."""
     sup = Supervisor(paths, config)
     gc.set_threshold(*GC_THRESHOLD)
-    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -1,4 +1,5 @@
-"""The ledger's batched writer: one thread, one SQLite connection, many events per transaction."""
+"""The ledger's batched writer: one queue and one thread feeding a committer (a connection here,
+or the writer process), many events per transaction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import time
 import typing
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from copy import copy
 from dataclasses import dataclass
 from operator import attrgetter
@@ -37,7 +38,7 @@ event_row: Callable[[UsageEvent], tuple[Any, ...]] = attrgetter(*EVENT_COLUMNS)
 _RETRY_MAX = 2.0
 
 
-class Committer(Protocol):
+class BatchCommitter(Protocol):
     """Where batches are written: on this thread's connection, or in the writer process."""
 
     def commit(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed: ...
@@ -48,14 +49,14 @@ class Committer(Protocol):
 class Waiter:
     """What an awaiting caller holds: settled by the writer thread, woken on the event loop."""
 
-    __slots__ = ("done", "error", "remaining", "stored", "token", "value")
+    __slots__ = ("done", "error", "stored", "token", "value")
 
-    def __init__(self, count: int = 1) -> None:
+    def __init__(self) -> None:
         self.done = anyio.Event()
         self.token = current_token()
         """The event loop to wake this waiter on (whichever loop the caller runs in)."""
-        self.remaining = count
         self.stored = 0
+        """How many of the item's events were stored."""
         self.value: object = None
         self.error: BaseException | None = None
 
@@ -64,20 +65,6 @@ class Waiter:
         if self.error is not None:
             raise self.error
         return self
-
-    def settle(self, stored: int = 0, value: object = None) -> bool:
-        """Account one item (and how many of its events were stored); True once every item this
-        waiter covers is settled."""
-        self.stored += stored
-        if value is not None:
-            self.value = value
-        self.remaining -= 1
-        return self.remaining <= 0
-
-    def fail(self, error: BaseException) -> bool:
-        if self.error is None:
-            self.error = error
-        return self.settle()
 
 
 @dataclass(slots=True)
@@ -118,7 +105,7 @@ class BatchWriter:
 
     def __init__(
         self,
-        committer: Committer,
+        committer: BatchCommitter,
         path: Path,
         *,
         batch_size: int,
@@ -149,14 +136,13 @@ class BatchWriter:
             with self._cond:
                 self._cond.notify()
 
-    def submit(self, items: Iterable[Item]) -> None:
-        """Queue items someone awaits; the thread starts writing at once."""
+    def submit(self, item: Item) -> None:
+        """Queue an item someone awaits; the thread starts writing at once."""
         with self._cond:
             if self._closing:
                 raise StoreUnavailable(f"the ledger {self._path} is closed")
-            for item in items:
-                self._queue.append(item)
-                self._awaited += 1
+            self._queue.append(item)
+            self._awaited += 1
             self._cond.notify()
 
     @property
@@ -274,14 +260,12 @@ class BatchWriter:
                 continue
             refusal = next((done.rejected[i] for i in indices if i in done.rejected), None)
             if refusal is not None:
-                settled = waiter.fail(ValueError(refusal))
+                waiter.error = ValueError(refusal)
             elif outcome is not None:
-                settled = _settle_statement(waiter, outcome)
+                _settle_statement(waiter, outcome)
             else:
-                lost = sum(i in missing for i in indices) if missing else 0
-                settled = waiter.settle(stored=count - lost)
-            if settled:
-                wake.append(waiter)
+                waiter.stored = count - (sum(i in missing for i in indices) if missing else 0)
+            wake.append(waiter)
 
     def _fail(
         self,
@@ -300,7 +284,8 @@ class BatchWriter:
             self.stats.rejected += len(queued)
         for x in batch:
             # Each caller gets its own exception object (they are raised in different tasks).
-            if isinstance(x, Item) and x.waiter is not None and x.waiter.fail(copy(error)):
+            if isinstance(x, Item) and x.waiter is not None:
+                x.waiter.error = copy(error)
                 wake.append(x.waiter)
 
     def _wake(self, waiters: list[Waiter]) -> None:
@@ -342,11 +327,13 @@ def _set_all(waiters: list[Waiter]) -> None:
         waiter.done.set()
 
 
-def _settle_statement(waiter: Waiter, outcome: Outcome) -> bool:
+def _settle_statement(waiter: Waiter, outcome: Outcome) -> None:
     if not outcome.error_type:
-        return waiter.settle(value=outcome.value)
+        waiter.value = outcome.value
+        return
     # The caller sees the sqlite3 error it would have seen running the statement itself.
     kind = getattr(sqlite3, outcome.error_type, None)
     if isinstance(kind, type) and issubclass(kind, Exception):
-        return waiter.fail(kind(outcome.error))
-    return waiter.fail(RuntimeError(f"{outcome.error_type}: {outcome.error}"))
+        waiter.error = kind(outcome.error)
+    else:
+        waiter.error = RuntimeError(f"{outcome.error_type}: {outcome.error}")
