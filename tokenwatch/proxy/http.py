@@ -1,27 +1,16 @@
-"""The proxy's HTTP server and upstream client: the one module that knows the library (aiohttp)."""
+"""The proxy's HTTP server: the one module that knows the library (aiohttp)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
-from aiohttp import (
-    ClientConnectorError,
-    ClientError,
-    ClientPayloadError,
-    ClientSession,
-    ClientTimeout,
-    DummyCookieJar,
-    ServerTimeoutError,
-    TCPConnector,
-    web,
-)
+from aiohttp import ClientError, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -43,7 +32,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Headers that describe one connection, not the message: never relayed as they are."""
-_CLIENT_SKIPS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 class BodyTooLarge(Exception):
@@ -56,18 +44,6 @@ class RequestTooSlow(Exception):
 
 class ClientGone(Exception):
     """The client hung up while the response was being written."""
-
-
-class UpstreamUnreachable(Exception):
-    """The upstream refused or failed the connection (answered with 502)."""
-
-
-class UpstreamTimeout(Exception):
-    """The upstream did not connect or answer in time (answered with 504)."""
-
-
-class UpstreamCut(Exception):
-    """The upstream closed the connection before the end of its response."""
 
 
 SHUTDOWN_GRACE = 5.0
@@ -207,113 +183,6 @@ def _set_headers(response: web.StreamResponse, headers: Headers) -> None:
 def relayable(headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> Headers:
     """The end-to-end headers of a message, without the connection ones and `drop` (lower case)."""
     return [(k, v) for k, v in headers if (low := k.lower()) not in HOP_BY_HOP and low not in drop]
-
-
-class UpstreamResponse:
-    """An upstream's answer: status and headers now, the body chunk by chunk as it arrives."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-
-    @property
-    def status(self) -> int:
-        return int(self._response.status)
-
-    @property
-    def headers(self) -> Headers:
-        return list(self._response.headers.items())
-
-    @property
-    def content_length(self) -> int | None:
-        value = self._response.content_length
-        return int(value) if value is not None else None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        with _reading():
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-
-    async def read(self, first_byte: Callable[[], None]) -> bytes:
-        """The whole body (for one of known, bounded size); `first_byte` is called as it starts."""
-        content = self._response.content
-        with _reading():
-            first: bytes = await content.readany()
-            if not first:
-                return b""
-            first_byte()
-            rest: bytes = b"" if content.is_eof() else await content.read()
-        return first + rest if rest else first
-
-    def close(self) -> None:
-        """Stop reading and drop the upstream connection (an abandoned stream stops costing)."""
-        self._response.close()
-
-
-@contextmanager
-def _reading() -> Iterator[None]:
-    """An upstream's failures while its body is read, in the proxy's terms."""
-    try:
-        yield
-    except ServerTimeoutError:
-        raise UpstreamTimeout("the upstream went silent mid-response") from None
-    except (ClientPayloadError, ClientError, ConnectionError) as exc:
-        raise UpstreamCut(type(exc).__name__) from None
-
-
-class UpstreamClient:
-    """A pooled HTTP client for upstream calls; create and close it on the serving loop."""
-
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
-        self._timeout = ClientTimeout(
-            total=None,
-            connect=connect_timeout,
-            sock_connect=connect_timeout,
-            sock_read=read_timeout,
-        )
-        self._session: ClientSession | None = None
-
-    async def __aenter__(self) -> UpstreamClient:
-        connector = TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=_CLIENT_SKIPS,
-            cookie_jar=DummyCookieJar(),  # upstream cookies must not leak between agents
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @asynccontextmanager
-    async def open(
-        self, method: str, url: str, headers: Headers, body: bytes
-    ) -> AsyncIterator[UpstreamResponse]:
-        """Send a request; yields once the response head is in, closes it on exit."""
-        assert self._session is not None, "use the client inside `async with`"
-        try:
-            response = await self._session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
-            )
-        except ClientConnectorError as exc:
-            raise UpstreamUnreachable(_reason(exc)) from None
-        except (TimeoutError, ServerTimeoutError):
-            raise UpstreamTimeout("the upstream did not answer in time") from None
-        except (ClientError, ConnectionError) as exc:
-            raise UpstreamUnreachable(type(exc).__name__) from None
-        try:
-            yield UpstreamResponse(response)
-        finally:
-            response.release()
-
-
-def _reason(exc: ClientConnectorError) -> str:
-    # the host and port only: never the whole URL or request
-    return f"cannot connect to {exc.host}:{exc.port} ({exc.strerror or type(exc).__name__})"
 
 
 Handler = Callable[[Incoming], Awaitable[None]]

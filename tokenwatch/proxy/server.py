@@ -28,11 +28,6 @@ from tokenwatch.proxy.http import (
     Incoming,
     Limits,
     RequestTooSlow,
-    UpstreamClient,
-    UpstreamCut,
-    UpstreamResponse,
-    UpstreamTimeout,
-    UpstreamUnreachable,
     relayable,
 )
 from tokenwatch.proxy.routes import (
@@ -48,6 +43,13 @@ from tokenwatch.proxy.routes import (
     upstream_url,
 )
 from tokenwatch.proxy.sse import SseSplitter
+from tokenwatch.proxy.upstream import (
+    UpstreamClient,
+    UpstreamCut,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt, json_object
 
 __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]

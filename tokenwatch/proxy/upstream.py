@@ -1,0 +1,421 @@
+"""The proxy's upstream client: HTTP/1.1 over pooled asyncio connections, parsed by httptools."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import httptools
+
+log = logging.getLogger("tokenwatch.proxy")
+
+Headers = list[tuple[str, str]]
+
+KEEPALIVE_IDLE = 30.0
+"""Seconds an idle upstream connection is kept for reuse."""
+MAX_IDLE_PER_ORIGIN = 64
+"""Idle connections kept per upstream origin; more are closed as they come back."""
+MAX_RESPONSE_HEAD_BYTES = 65_536
+"""Largest response head accepted from an upstream (a bigger one is a malformed answer)."""
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+_NO_BODY = frozenset({"HEAD"})
+# connection-specific or recomputed here: never copied from the agent's request
+_REQUEST_DROP = frozenset({"expect", "host", "content-length", "transfer-encoding", "connection"})
+
+
+class UpstreamUnreachable(Exception):
+    """The upstream refused or failed the connection, or did not answer (answered with 502)."""
+
+
+class UpstreamTimeout(Exception):
+    """The upstream did not connect or answer in time (answered with 504)."""
+
+
+class UpstreamCut(Exception):
+    """The upstream closed the connection before the end of its response."""
+
+
+class _Origin(NamedTuple):
+    """Where a URL's request goes, and how it is addressed there."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+    target: str
+
+
+@lru_cache(maxsize=1024)
+def _origin(url: str) -> _Origin:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamUnreachable(f"not an http(s) upstream URL: {parts.scheme}://{parts.netloc}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target = f"{target}?{parts.query}"
+    return _Origin(parts.scheme, parts.hostname, port, parts.netloc.rpartition("@")[2], target)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream; a single exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self._reset(head_only=False)
+
+    def _reset(self, *, head_only: bool) -> None:
+        self.status = 0
+        self.headers: Headers = []
+        self.content_length: int | None = None
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = 0
+        self._head_size = 0
+        self.error: Exception | None = None
+        self._head_only = head_only
+        self._interim = False
+        self._body: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._until_close = True
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- the exchange ------------------------------------------------------------------------
+
+    def send(self, data: bytes, *, head_only: bool) -> None:
+        assert self.transport is not None
+        self._reset(head_only=head_only)
+        self.transport.write(data)
+
+    async def wait_head(self) -> None:
+        while not self.head_done:
+            await self._wait("the upstream did not answer in time")
+
+    async def next_chunk(self) -> bytes:
+        """Body bytes received so far and not yet taken, waiting for some; b"" at the end."""
+        while not self._body:
+            if self.complete:
+                return b""
+            await self._wait("the upstream went silent mid-response")
+        chunk = b"".join(self._body) if len(self._body) > 1 else self._body[0]
+        self._body.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    @property
+    def reusable(self) -> bool:
+        transport = self.transport
+        return (
+            self.complete
+            and self.keep_alive
+            and not self._head_only
+            and transport is not None
+            and not transport.is_closing()
+        )
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _wait(self, silent: str) -> None:
+        if self.error is not None:
+            raise self.error
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        timer = self._loop.call_later(self._read_timeout, _time_out, waiter, silent)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self.error)
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.complete:
+            return self.close()  # nothing is owed once the answer is complete
+        self.received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self.complete:
+                gone = UpstreamCut if self.head_done else UpstreamUnreachable
+                self._fail(gone("the upstream sent a malformed HTTP response"))
+            return self.close()
+        if not self.head_done and self.received > MAX_RESPONSE_HEAD_BYTES:
+            self._fail(UpstreamUnreachable("the upstream's response head is too large"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.head_done and not self.complete and self._until_close and self.error is None:
+            self.complete = True  # a body delimited by the end of the connection
+            return self._wake()
+        if not self.head_done:
+            self._fail(UpstreamUnreachable("the upstream closed the connection without answering"))
+        elif not self.complete:
+            self._fail(UpstreamCut("the upstream closed the connection mid-response"))
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise UpstreamCut("a second response to one request")  # ends feed_data
+        self._head_size = 0
+        self.headers = []
+        self.content_length = None
+        self._until_close = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_RESPONSE_HEAD_BYTES:
+            self._fail(UpstreamUnreachable("the upstream's response head is too large"))
+            raise OverflowError  # ends feed_data
+        low = name.lower()
+        if low == b"content-length":
+            self._until_close = False
+            self.content_length = int(value) if value.strip().isdigit() else None
+        elif low == b"transfer-encoding":
+            self._until_close = False
+        self.headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True  # e.g. 100 Continue: the real answer follows
+            return
+        self.status = status
+        self.keep_alive = self._parser.should_keep_alive()
+        if status in (204, 304):
+            self._until_close = False
+        self.head_done = True
+        if self._head_only:
+            self.complete = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True  # the agent reads slower than the upstream sends
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.complete = True
+        self._wake()
+
+
+def _time_out(waiter: asyncio.Future[None], message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(message))
+
+
+class UpstreamResponse:
+    """An upstream's answer: status and headers now, the body chunk by chunk as it arrives."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    @property
+    def status(self) -> int:
+        return self._conn.status
+
+    @property
+    def headers(self) -> Headers:
+        return self._conn.headers
+
+    @property
+    def content_length(self) -> int | None:
+        return self._conn.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await self._conn.next_chunk():
+            yield chunk
+
+    async def read(self, first_byte: Callable[[], None]) -> bytes:
+        """The whole body (for one of known, bounded size); `first_byte` is called as it starts."""
+        first = await self._conn.next_chunk()
+        if not first:
+            return b""
+        first_byte()
+        parts = [first]
+        while chunk := await self._conn.next_chunk():
+            parts.append(chunk)
+        return b"".join(parts) if len(parts) > 1 else first
+
+    def close(self) -> None:
+        """Stop reading and drop the upstream connection (an abandoned stream stops costing)."""
+        self._conn.close()
+
+
+class UpstreamClient:
+    """A pooled HTTP/1.1 client for upstream calls; create and close it on the serving loop."""
+
+    def __init__(
+        self,
+        connect_timeout: float,
+        read_timeout: float,
+        *,
+        tls: ssl.SSLContext | None = None,
+        idle_timeout: float = KEEPALIVE_IDLE,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._tls = tls
+        self._idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._open = False
+
+    async def __aenter__(self) -> UpstreamClient:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        self._open = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._open = False
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    def idle_connections(self) -> int:
+        """Connections waiting in the pool for their next exchange."""
+        return sum(len(idle) for idle in self._idle.values())
+
+    @asynccontextmanager
+    async def open(
+        self, method: str, url: str, headers: Headers, body: bytes
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send a request; yields once the response head is in, closes it on exit."""
+        assert self._open, "use the client inside `async with`"
+        origin = _origin(url)
+        request = _request_bytes(method, origin, headers, body)
+        conn = await self._exchange(origin, request, head_only=method in _NO_BODY)
+        try:
+            yield UpstreamResponse(conn)
+        finally:
+            self._release(origin, conn)
+
+    async def _exchange(self, origin: _Origin, request: bytes, *, head_only: bool) -> _Connection:
+        conn = self._checkout(origin)
+        if conn is not None:
+            try:
+                return await _send(conn, request, head_only=head_only)
+            except UpstreamUnreachable:
+                if conn.received:
+                    raise
+                # an idle connection the upstream closed as it was reused: once more, anew
+        conn = await self._connect(origin)
+        return await _send(conn, request, head_only=head_only)
+
+    def _checkout(self, origin: _Origin) -> _Connection | None:
+        idle = self._idle.get((origin.scheme, origin.host, origin.port))
+        oldest = asyncio.get_running_loop().time() - self._idle_timeout
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if transport is not None and not transport.is_closing() and conn.idle_since >= oldest:
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, origin: _Origin, conn: _Connection) -> None:
+        if not (self._open and conn.reusable):
+            return conn.close()
+        idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), [])
+        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+            return conn.close()
+        conn.idle_since = asyncio.get_running_loop().time()
+        idle.append(conn)
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = self._tls if origin.scheme == "https" else None
+        conn = _Connection(loop, self._read_timeout)
+        where = f"{origin.host}:{origin.port}"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await loop.create_connection(
+                    lambda: conn,
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls is not None else None,
+                )
+        except TimeoutError:
+            conn.close()
+            raise UpstreamTimeout(f"could not connect to {where} in time") from None
+        except ssl.SSLError as exc:
+            conn.close()
+            raise UpstreamUnreachable(f"cannot connect to {where} (TLS: {exc.reason})") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise UpstreamUnreachable(f"cannot connect to {where} ({reason})") from None
+        return conn
+
+
+async def _send(conn: _Connection, request: bytes, *, head_only: bool) -> _Connection:
+    conn.send(request, head_only=head_only)
+    try:
+        await conn.wait_head()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _request_bytes(method: str, origin: _Origin, headers: Headers, body: bytes) -> bytes:
+    lines = [f"{method} {origin.target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+    for name, value in headers:
+        if name.lower() in _REQUEST_DROP:
+            continue
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise UpstreamUnreachable(f"refused to send a malformed header field ({name!r})")
+        lines.append(f"{name}: {value}\r\n")
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    head = "".join(lines).encode("utf-8", "surrogateescape")
+    return head + body if body else head
