@@ -283,6 +283,15 @@ def _runqueue_ms(pid: int | None) -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e6
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _cpu_seconds(pid: int) -> float:
     """User plus system CPU of a process, from /proc (Linux)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -343,7 +352,8 @@ async def _measure(
     seq_n, rate_n, blocks = (200, 1000, 3) if quick else (1000, 5000, 5)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, "
+        f"python {sys.version.split()[0]}, aiohttp {aiohttp.__version__} (proxy's server, "
+        f"load generator), httptools {_version('httptools')} (proxy's upstream client), "
         f"{os.cpu_count()} cpus, load average {load}"
     )
     connector = aiohttp.TCPConnector(limit=64)
