@@ -161,6 +161,25 @@ def test_a_pasted_file_at_the_usual_pace_is_not_a_spike() -> None:
     assert first_firing(before + fanned_out, detect.spike) is not None
 
 
+def test_idle_spells_between_tasks_do_not_set_the_usual_pace() -> None:
+    # Six short tasks (4 calls 10 s apart, 90 s of idle before each), then a task that reads
+    # three big files at that same pace: 10x the tokens a minute, but no faster than the agent
+    # always works inside a task. The idle spells before its tasks are not its pace.
+    events: list[UsageEvent] = []
+    ts = T0
+    for task in range(6):
+        ts += 80
+        for step in range(4):
+            ts += 10
+            events.append(sent(ts, f"t{task} s{step}", 2000, task=f"issue-{task}"))
+    for step, tokens in enumerate([9000, 16_000, 22_000, 22_500, 23_000, 23_400, 24_000]):
+        ts += 10
+        events.append(sent(ts, f"big s{step}", tokens, task="issue-6"))
+    assert first_firing(events, detect.spike) is None
+    fanned_out = [sent(ts + 1 + i, f"subtask {i}", 9000, task="issue-6") for i in range(30)]
+    assert first_firing(events + fanned_out, detect.spike) is not None
+
+
 def test_spike_needs_a_baseline_and_more_than_one_big_call() -> None:
     fast_from_the_start = [sent(T0 + i, f"doc {i}", 3000) for i in range(60)]
     assert first_firing(fast_from_the_start, detect.spike) is None

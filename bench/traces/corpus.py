@@ -180,6 +180,22 @@ def reader(rng: random.Random) -> Trace:
     return Trace("reader", "healthy", w.events, task_ends=ends)
 
 
+def big_reader(rng: random.Random) -> Trace:
+    """A coding agent of small tasks that, once, opens a task by reading three big files (4-8k
+    tokens each): three prompts in a row, each 10 % or more above the last and far above its
+    usual, as a snowball's first three are."""
+    w = _Writer("big-reader", rng, T0 + rng.uniform(0, 3600))
+    ends: dict[int, str] = {}
+    tasks = rng.randint(4, 8)
+    once = rng.randrange(1, tasks)
+    for t in range(tasks):
+        files = [rng.randint(4000, 8000) for _ in range(3)] if t == once else []
+        _coding_task(
+            w, ends, f"issue-{t}", rng.randint(1500, 3000), files + [0] * rng.randint(4, 10)
+        )
+    return Trace("big-reader", "healthy", w.events, task_ends=ends)
+
+
 def _coding_task(
     w: _Writer, ends: dict[int, str], task: str, context: int, extra: list[int]
 ) -> None:
@@ -335,6 +351,7 @@ HEALTHY: tuple[Callable[[random.Random], Trace], ...] = (
     bursty,
     paster,
     reader,
+    big_reader,
     longer_once,
 )
 RUNAWAY: tuple[Callable[[random.Random], Trace], ...] = (loop, near_loop, spike, snowball, overrun)

@@ -222,14 +222,18 @@ def _busy_windows(
 ) -> tuple[list[float], list[float]]:
     """Tokens per `window`-long slice before `edge`, for the slices that had calls; and for each,
     the gap before its last call (one per slice, like the tokens: a long burst does not become
-    the usual pace in a few minutes, and idle spells between tasks do not slow it down)."""
+    the usual pace in a few minutes, and idle spells between tasks do not slow it down), unless
+    that call began another task: the idle spell before a task is not the agent's pace, and
+    counting it made an agent at its usual pace look several times faster than usual."""
     tokens: dict[int, float] = {}
     gaps: dict[int, float] = {}
     for prev, e in zip([None, *events], events, strict=False):
         k = busy_slice(edge, e.ts, window)
         tokens[k] = tokens.get(k, 0.0) + e.total_tokens
-        if prev is not None:
+        if prev is not None and prev.task == e.task:
             gaps[k] = e.ts - prev.ts
+        else:
+            gaps.pop(k, None)
     return list(tokens.values()), list(gaps.values())
 
 

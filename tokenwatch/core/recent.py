@@ -150,7 +150,8 @@ def repeats(
 
 def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> tuple[float, list[float]]:
     """Median tokens of the `window`-long slices before `edge` that had calls, over ok[i:j], and
-    the gap before each slice's last call (as `detect._busy_windows` gives them)."""
+    the gap before each slice's last call unless it began another task (as
+    `detect._busy_windows` gives them)."""
     sums: list[float] = []
     gaps: list[float] = []
     first = i
@@ -158,7 +159,7 @@ def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> tuple[
     while i < j:
         end, after = _slice_end(ok.ts, i, j, edge, window, k)
         sums.append(float(ok.tokens(i, end)))
-        if end - 1 > first:
+        if end - 1 > first and ok.events[end - 1].task == ok.events[end - 2].task:
             gaps.append(ok.ts[end - 1] - ok.ts[end - 2])
         i, k = end, after
     return statistics.median(sums), gaps
