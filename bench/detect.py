@@ -3,7 +3,7 @@ and the time from the triggering call to a real agent process being stopped.
 
 Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10]
 
-1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 9 healthy
+1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 10 healthy
    and 5 runaway kinds) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
    task ends where the trace has them, exactly as the engine feeds it. A detector's firing is
    right when it is on a runaway trace at or after the call where the runaway started.
