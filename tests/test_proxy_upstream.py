@@ -228,6 +228,13 @@ async def test_refused_connection_names_host_and_port_only() -> None:
     assert "sk-x" not in str(caught.value)
 
 
+async def test_a_url_that_is_not_http_is_refused_without_its_password() -> None:
+    async with client() as c:
+        with pytest.raises(UpstreamUnreachable) as caught:
+            await fetch(c, "ftp://user:sk-secret@example.com/v1")
+    assert str(caught.value) == "not an http(s) upstream URL: ftp://example.com"
+
+
 @pytest.mark.parametrize(
     "wire",
     [b"HTTP/1.1 2x0 OK\r\n\r\n", b"SMTP ready\r\n\r\n", b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n"],

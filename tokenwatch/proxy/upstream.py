@@ -56,13 +56,14 @@ class _Origin(NamedTuple):
 @lru_cache(maxsize=1024)
 def _origin(url: str) -> _Origin:
     parts = urlsplit(url)
+    where = parts.netloc.rpartition("@")[2]  # never a password written into the URL
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UpstreamUnreachable(f"not an http(s) upstream URL: {parts.scheme}://{parts.netloc}")
+        raise UpstreamUnreachable(f"not an http(s) upstream URL: {parts.scheme}://{where}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = parts.path or "/"
     if parts.query:
         target = f"{target}?{parts.query}"
-    return _Origin(parts.scheme, parts.hostname, port, parts.netloc.rpartition("@")[2], target)
+    return _Origin(parts.scheme, parts.hostname, port, where, target)
 
 
 class _Connection(asyncio.Protocol):
