@@ -22,6 +22,8 @@ KEEPALIVE_IDLE = 30.0
 """Seconds an idle upstream connection is kept for reuse."""
 MAX_IDLE_PER_ORIGIN = 64
 """Idle connections kept per upstream origin; more are closed as they come back."""
+HAPPY_EYEBALLS_DELAY = 0.25
+"""Seconds before a connection attempt to the next address starts alongside (RFC 8305)."""
 MAX_RESPONSE_HEAD_BYTES = 65_536
 """Largest response head accepted from an upstream (a bigger one is a malformed answer)."""
 _HIGH_WATER = 256 * 1024
@@ -384,6 +386,8 @@ class UpstreamClient:
                     origin.port,
                     ssl=tls,
                     server_hostname=origin.host if tls is not None else None,
+                    # an address family that is routed nowhere must not eat the connect timeout
+                    happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
                 )
         except TimeoutError:
             conn.close()
