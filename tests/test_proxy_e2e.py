@@ -9,6 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.process_fixtures import start_sleeper
 from tests.proxy_fixtures import API_KEY
 from tests.supervisor_fixtures import running_supervisor, stored
 from tokenwatch.client.control import SupervisorClient
@@ -76,3 +77,34 @@ async def test_canary_key_is_nowhere_on_disk_and_usage_is_exact(
     after = files_with(tokenwatch_home, API_KEY.encode())
     assert after.leaks == []
     assert API_KEY not in caplog.text
+
+
+@pytest.mark.slow
+async def test_an_agent_that_outlives_its_supervisor_keeps_its_base_url() -> None:
+    sleeper = start_sleeper()
+    try:
+        async with running_fake_llm() as fake:
+            config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+            async with running_supervisor(Paths.discover(), config, proxy=True) as first:
+                async with await SupervisorClient.connect(
+                    socket_path=Path(first.paths.socket), start=False
+                ) as ctl:
+                    agent = await ctl.request("register", name="survivor", pid=sleeper.pid)
+                first_url = first.proxy_url
+            base_url = agent["env"]["OPENAI_BASE_URL"]
+            # the agent still runs: the next supervisor recovers it and serves its old route
+            async with running_supervisor(Paths.discover(), config, proxy=True) as second:
+                await calls_through_once(base_url)
+                (event,) = await stored(second, "survivor", 1)
+                second_url = second.proxy_url
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert second_url == first_url
+    assert (event.agent, event.run_id, event.source) == ("survivor", agent["run_id"], "proxy")
+    assert event.total_tokens > 0
+
+
+async def calls_through_once(base_url: str) -> None:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as oai:
+        await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import stat
+from pathlib import Path
+
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwatch.config import ProxySettings
 from tokenwatch.proxy import anthropic_usage, openai_usage
-from tokenwatch.proxy.routes import AgentRoute, RouteTable, loopback_host, split_path, upstream_url
+from tokenwatch.proxy.routes import (
+    AgentRoute,
+    RouteTable,
+    load_routes,
+    loopback_host,
+    save_routes,
+    split_path,
+    upstream_url,
+)
 from tokenwatch.proxy.sse import SseSplitter, parse_event
 
 EVENT_TEXT = st.text(
@@ -197,3 +210,29 @@ def test_anthropic_stream_usage_survives_any_chunking(
     assert (reader.usage.input_tokens, reader.usage.cache_read_tokens) == (fresh + reads, reads)
     assert reader.usage.output_tokens == len(pieces)
     assert reader.output_text() == "".join(pieces)
+
+
+def test_saved_routes_come_back_private_and_without_credentials(short_tmp: Path) -> None:
+    table = RouteTable()
+    kept = table.add(
+        AgentRoute("coder", run_id="r1", tags={"team": "a"}, openai_upstream="http://h/v1")
+    )
+    table.add(AgentRoute("keyed", openai_upstream="https://sk-secret@gateway.example/v1"))
+    path = short_tmp / "proxy-routes.json"
+    save_routes(path, 4321, table)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert b"sk-secret" not in path.read_bytes()
+    saved = load_routes(path)
+    assert saved.port == 4321
+    assert saved.routes == {kept: table.get(kept)}
+
+
+def test_unreadable_saved_routes_are_ignored_with_a_warning(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = short_tmp / "proxy-routes.json"
+    assert load_routes(path).routes == {}  # none yet: nothing to say
+    path.write_text('{"format": 1, "port": "x", "routes": [')
+    with caplog.at_level(logging.WARNING, logger="tokenwatch.proxy"):
+        assert load_routes(path).port == 0
+    assert f"ignoring the saved proxy routes in {path}" in caplog.text

@@ -51,6 +51,12 @@ class Paths:
         return self.runtime_dir / SOCKET_NAME
 
     @property
+    def proxy_routes(self) -> Path:
+        """The proxy's port and agent routes, for a restarted supervisor (gone with a reboot,
+        like the agents they serve)."""
+        return self.runtime_dir / "proxy-routes.json"
+
+    @property
     def pidfile(self) -> Path:
         return self.runtime_dir / "supervisor.pid"
 

@@ -106,7 +106,9 @@ class Budgeting(BudgetBook, Protocol):
 class Routes(Protocol):
     """The proxy's route table and URLs, as far as the engine needs them."""
 
-    def add_route(self, rec: Agent, openai_upstream: str, anthropic_upstream: str) -> str: ...
+    def add_route(
+        self, rec: Agent, openai_upstream: str, anthropic_upstream: str, token: str = ""
+    ) -> str: ...
 
     def remove_route(self, token: str) -> None: ...
 
@@ -218,6 +220,19 @@ class Engine:
 
     def use_routes(self, routes: Routes) -> None:
         self.routes = routes
+
+    def restore_route(
+        self, token: str, agent: str, run_id: str, openai_upstream: str, anthropic_upstream: str
+    ) -> bool:
+        """Give an agent that outlived its supervisor the proxy route it had (its base URL names
+        the token); only the same run of a recovered agent, only once."""
+        rec = self.roster.get(agent)
+        if self.routes is None or rec is None or rec.route or rec.agent.run_id != run_id:
+            return False
+        if rec.agent.state != AgentState.DETACHED:
+            return False
+        rec.route = self.routes.add_route(rec.agent, openai_upstream, anthropic_upstream, token)
+        return True
 
     def add_listener(self, fn: Listener) -> None:
         """Call `fn(kind, obj)` synchronously for every usage, alert, action and agent change."""

@@ -9,7 +9,8 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -54,13 +55,17 @@ def wire(obj: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class ProxyRoutes:
-    """The engine's view of the proxy: routes per agent and the URLs agents are given."""
+    """The engine's view of the proxy: routes per agent and the URLs agents are given. Every
+    change is saved (`save_to`), so a supervisor that restarts serves the same routes."""
 
     table: Any
     proxy: Any
     url: str
+    save_to: Path | None = None
 
-    def add_route(self, agent: Agent, openai_upstream: str, anthropic_upstream: str) -> str:
+    def add_route(
+        self, agent: Agent, openai_upstream: str, anthropic_upstream: str, token: str = ""
+    ) -> str:
         from tokenwatch.proxy.server import AgentRoute
 
         route = AgentRoute(
@@ -72,16 +77,31 @@ class ProxyRoutes:
             openai_upstream=openai_upstream,
             anthropic_upstream=anthropic_upstream,
         )
-        return str(self.table.add(route))
+        token = str(self.table.add(route, token))
+        self.save()
+        return token
 
     def remove_route(self, token: str) -> None:
         self.table.remove(token)
+        self.save()
 
     def set_task(self, agent: str, task: str) -> None:
         self.table.set_task(agent, task)
+        self.save()
 
     def base_urls(self, token: str) -> dict[str, str]:
         return dict(self.proxy.base_urls(token))
+
+    def save(self) -> None:
+        if self.save_to is None:
+            return
+        from tokenwatch.proxy.routes import save_routes
+
+        try:
+            save_routes(self.save_to, self.proxy.port, self.table)
+        except OSError as exc:
+            # the routes still serve; only a restarted supervisor would not know them
+            log.warning("could not save the proxy routes to %s: %s", self.save_to, exc.strerror)
 
 
 class Supervisor:
@@ -220,14 +240,42 @@ class Supervisor:
             await tg.start(notifier.run)
 
     async def _start_proxy(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
-        from tokenwatch.proxy.server import ProxyServer, RouteTable
+        from tokenwatch.proxy.routes import load_routes
+        from tokenwatch.proxy.server import RouteTable
 
+        saved = load_routes(self.paths.proxy_routes)
         table = RouteTable()
-        proxy = ProxyServer(engine, table, self.config.proxy, clock=self._clock)
-        port = await tg.start(proxy.serve)
+        proxy, port = await self._listen(tg, engine, table, saved.port)
         self.proxy_url = f"http://{self.config.proxy.host}:{port}"
-        engine.use_routes(ProxyRoutes(table, proxy, self.proxy_url))
+        routes = ProxyRoutes(table, proxy, self.proxy_url, self.paths.proxy_routes)
+        engine.use_routes(routes)
+        if port == saved.port:
+            for token, r in saved.routes.items():
+                if engine.restore_route(
+                    token, r.agent, r.run_id, r.openai_upstream, r.anthropic_upstream
+                ):
+                    log.info("%s's proxy route restored", r.agent)
+        routes.save()
         log.info("proxy listening on %s", self.proxy_url)
+
+    async def _listen(
+        self, tg: anyio.abc.TaskGroup, engine: Engine, table: Any, saved_port: int
+    ) -> tuple[Any, int]:
+        """The proxy serving on the configured port; unless one is configured, on the port the
+        previous supervisor had (its agents' base URLs name it) when that port is free."""
+        from tokenwatch.proxy.server import ProxyServer
+
+        settings = self.config.proxy
+        if not settings.port and saved_port:
+            again = ProxyServer(
+                engine, table, replace(settings, port=saved_port), clock=self._clock
+            )
+            try:
+                return again, await tg.start(again.serve)
+            except OSError as exc:
+                log.info("the previous proxy port %d is taken (%s)", saved_port, exc.strerror)
+        proxy = ProxyServer(engine, table, settings, clock=self._clock)
+        return proxy, await tg.start(proxy.serve)
 
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         settings = self.config.export

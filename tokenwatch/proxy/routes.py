@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import logging
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from tokenwatch.config import ProxySettings
 
@@ -18,6 +23,10 @@ PREFIX = "/a/"
 """Every agent's base URL starts `/a/TOKEN`; anything else is not an agent's call."""
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOOPBACK_BINDS = frozenset({"127.0.0.1", "::1", "localhost"})
+SAVED_FORMAT = 1
+"""Version of the saved routes file (`save_routes`)."""
+
+log = logging.getLogger("tokenwatch.proxy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +50,9 @@ class RouteTable:
     def __init__(self) -> None:
         self._routes: dict[str, AgentRoute] = {}
 
-    def add(self, route: AgentRoute) -> str:
-        """Register a route; returns its new token."""
-        token = secrets.token_urlsafe(18)
+    def add(self, route: AgentRoute, token: str = "") -> str:
+        """Register a route under a new token (or `token`, one a previous proxy gave out)."""
+        token = token or secrets.token_urlsafe(18)
         self._routes[token] = route
         return token
 
@@ -61,6 +70,51 @@ class RouteTable:
 
     def __len__(self) -> int:
         return len(self._routes)
+
+    def items(self) -> list[tuple[str, AgentRoute]]:
+        return list(self._routes.items())
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRoutes:
+    """What a previous proxy left: its port and its routes, so agents that outlived it go on."""
+
+    port: int = 0
+    routes: dict[str, AgentRoute] = field(default_factory=dict)
+
+
+def save_routes(path: Path, port: int, table: RouteTable) -> None:
+    """Write the port and routes (0600, replaced atomically). A route whose upstream URL holds
+    credentials is left out: nothing secret is written to disk."""
+    routes = {token: dataclasses.asdict(r) for token, r in table.items() if _writable(r)}
+    data = json.dumps({"format": SAVED_FORMAT, "port": port, "routes": routes}, sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_routes(path: Path) -> SavedRoutes:
+    """What `save_routes` wrote; nothing when there is no file or it cannot be read."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("format") != SAVED_FORMAT:
+            return SavedRoutes()
+        routes = {str(t): AgentRoute(**r) for t, r in doc["routes"].items()}
+        return SavedRoutes(int(doc["port"]), routes)
+    except FileNotFoundError:
+        return SavedRoutes()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("ignoring the saved proxy routes in %s (%s)", path, type(exc).__name__)
+        return SavedRoutes()
+
+
+def _writable(route: AgentRoute) -> bool:
+    for url in (route.openai_upstream, route.anthropic_upstream):
+        if urlsplit(url).username is not None:  # `https://KEY@host` or `user:password@`
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
