@@ -55,8 +55,8 @@ def wire(obj: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class ProxyRoutes:
-    """The engine's view of the proxy: routes per agent and the URLs agents are given. Every
-    change is saved (`save_to`), so a supervisor that restarts serves the same routes."""
+    """The engine's view of the proxy: routes per agent and the URLs agents are given. Routes
+    added and removed are saved (`save_to`), so a supervisor that restarts serves the same ones."""
 
     table: Any
     proxy: Any
@@ -86,8 +86,9 @@ class ProxyRoutes:
         self.save()
 
     def set_task(self, agent: str, task: str) -> None:
+        # not saved: a restored route takes its task from the agent's record, and task changes
+        # can come many times a second
         self.table.set_task(agent, task)
-        self.save()
 
     def base_urls(self, token: str) -> dict[str, str]:
         return dict(self.proxy.base_urls(token))
