@@ -238,6 +238,59 @@ async def test_raw_response_is_reported(fake: FakeLLM, sup: FakeSupervisor) -> N
     assert_billed(await one_event(sup), fake)
 
 
+async def test_streaming_response_json_is_reported_when_read(
+    fake: FakeLLM, sup: FakeSupervisor
+) -> None:
+    client = sync_client(fake)
+
+    def call() -> int:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=MESSAGES
+        ) as response:
+            return int(response.parse().usage.total_tokens)
+
+    total = await run_sync(call)
+    event = await one_event(sup)
+    assert_billed(event, fake)
+    assert event["input_tokens"] + event["output_tokens"] == total
+    assert event["http_status"] == 200
+
+
+async def test_streaming_response_of_a_stream_is_read_line_by_line(
+    aclient: openai.AsyncOpenAI, fake: FakeLLM, sup: FakeSupervisor
+) -> None:
+    async with aclient.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        lines = [line async for line in response.iter_lines()]
+    event = await one_event(sup)
+    assert any(line.startswith("data: ") and '"usage"' in line for line in lines)
+    assert_billed(event, fake)
+    assert event["ttft_ms"] is not None
+    async with aclient.responses.with_streaming_response.create(
+        model="gpt-4o-mini", input="Write a haiku about tokens.", stream=True
+    ) as response:
+        async for _ in response.iter_bytes():
+            pass
+    assert_billed(await one_event(sup, 2), fake)
+
+
+async def test_streaming_response_left_unread_is_recorded_cancelled(
+    aclient: openai.AsyncOpenAI, fake: FakeLLM, sup: FakeSupervisor
+) -> None:
+    async with aclient.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, max_tokens=200
+    ) as response:
+        assert response.status_code == 200
+    event = await one_event(sup)
+    assert event["status"] == "cancelled"
+    assert event["estimated"] is True
+    assert event["input_tokens"] == fake.calls[-1].input_tokens
+
+
 async def test_error_call_reported_and_raised(
     aclient: openai.AsyncOpenAI, fake: FakeLLM, sup: FakeSupervisor
 ) -> None:

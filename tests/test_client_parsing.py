@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokenwatch.client.body import JsonBody, SseEvents
 from tokenwatch.client.openai_usage import Counted, StreamReading, counted
 from tokenwatch.client.reporter import Identity, Reporter
 from tokenwatch.core import protocol
@@ -130,3 +133,34 @@ def test_reporter_survives_any_message_shape(msg: dict[str, Any]) -> None:
     assert stats.pending in (0, 1)
     if msg.get("type") == "reply" and msg.get("re") == mid and msg.get("ok"):
         assert stats.pending == 0
+
+
+@given(
+    docs=st.lists(st.dictionaries(st.text(max_size=6), json_values, max_size=4), max_size=6),
+    crlf=st.booleans(),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+)
+def test_sse_events_are_the_same_however_the_body_is_cut(
+    docs: list[dict[str, Any]], crlf: bool, cuts: list[int]
+) -> None:
+    eol = b"\r\n" if crlf else b"\n"
+    wire = (
+        b"".join(b"event: x" + eol + b"data: " + json.dumps(d).encode() + eol + eol for d in docs)
+        + b"data: [DONE]"
+        + eol
+        + eol
+    )
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    events = SseEvents()
+    got = [doc for a, b in itertools.pairwise(points) for doc in events.feed(wire[a:b])]
+    assert got == docs
+
+
+def test_a_json_body_over_the_limit_is_not_kept(monkeypatch: Any) -> None:
+    monkeypatch.setattr("tokenwatch.client.body.MAX_JSON_BYTES", 10)
+    small, big = JsonBody(), JsonBody()
+    small.feed(b'{"a":')
+    small.feed(b"1}")
+    big.feed(b'{"usage": {"prompt_tokens": 5}}')
+    assert small.document() == {"a": 1}
+    assert big.document() is None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwatch.client import gate, prompt, tracking
+from tokenwatch.client.body import JsonBody, SseEvents
 from tokenwatch.client.openai_usage import Counted, StreamReading, counted, field
 from tokenwatch.client.reporter import LinkState
 from tokenwatch.client.session import current_reporter
@@ -27,6 +28,8 @@ CALL_ID_HEADER = "x-tokenwatch-call-id"
 PROXY_URL_ENV = "TOKENWATCH_PROXY_URL"
 PROVIDER = "openai"
 RESPONSES = "/v1/responses"
+_STREAMED = frozenset({"APIResponse", "AsyncAPIResponse"})
+"""What `with_streaming_response` returns: the body is read later, by the agent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,8 @@ TARGETS: tuple[Target, ...] = (
     Target(_LEGACY, "Completions", "create", "/v1/completions"),
     Target(_LEGACY, "AsyncCompletions", "create", "/v1/completions"),
 )
-"""`.stream()` helpers and `with_raw_response` go through these `create` methods too."""
+"""`.stream()` helpers, `with_raw_response` and `with_streaming_response` go through these
+`create` methods too."""
 
 _MAX_OUTPUT_PARAMS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _ORIGINAL = "__tokenwatch_original__"
@@ -280,6 +284,8 @@ class Call:
         return result
 
     def _observe(self, result: Any) -> None:
+        if _is_streamed_response(result):
+            return _follow_body(result, self)
         http_status = 200
         parsed = result
         if _is_raw_response(result):
@@ -404,6 +410,102 @@ class StreamWatch:
             status=status if reading.usage is None else Status.OK,
             output_text=reading.text,
         )
+
+
+class BodyWatch(StreamWatch):
+    """Follows a body the agent reads itself (`with_streaming_response`): server-sent events as
+    a stream's items, or a JSON document read at its end."""
+
+    def __init__(self, call: Call, http_status: int, sse: bool) -> None:
+        super().__init__(call, http_status)
+        self.events = SseEvents() if sse else None
+        self.body = JsonBody()
+        self._reading = False
+
+    @contextlib.contextmanager
+    def being_read(self) -> Iterator[None]:
+        """Around the agent's reading of the body; the call ends with it (see `following`)."""
+        self._reading = True
+        try:
+            with self.following():
+                yield
+        finally:
+            self._reading = False
+
+    def closed(self) -> None:
+        """The response was closed: unread, the call was cancelled. While it is being read (the
+        HTTP library closes it as the last bytes come), the reading decides how it ended."""
+        if not self._reading:
+            self.end(Status.CANCELLED)
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            if self.events is None:
+                self.body.feed(chunk)
+                return
+            for doc in self.events.feed(chunk):
+                self.see(doc)
+        except Exception:
+            log.debug("tokenwatch: unreadable response body", exc_info=True)
+
+    def end(self, status: Status) -> None:
+        if self.events is not None:
+            return super().end(status)
+        doc = self.body.document() if status is Status.OK else None
+        usage = counted(field(doc, "usage"))
+        self.call.finish(
+            usage,
+            field(doc, "model"),
+            self.http_status,
+            status=status if usage is None else Status.OK,
+        )
+
+
+def _is_streamed_response(result: Any) -> bool:
+    return type(result).__name__ in _STREAMED and hasattr(result, "http_response")
+
+
+def _follow_body(response: Any, call: Call) -> None:
+    """Read along as the agent reads the body: its HTTP response's decoded bytes are teed."""
+    http = response.http_response
+    sse = str(http.headers.get("content-type", "")).startswith("text/event-stream")
+    watch = BodyWatch(call, int(getattr(response, "status_code", 200)), sse)
+    if type(response).__name__ == "AsyncAPIResponse":
+        _tee_async(http, watch)
+    else:
+        _tee_sync(http, watch)
+
+
+def _tee_sync(http: Any, watch: BodyWatch) -> None:
+    original_iter, original_close = http.iter_bytes, http.close
+
+    def iter_bytes(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        with watch.being_read():
+            for chunk in original_iter(*args, **kwargs):
+                watch.feed(chunk)
+                yield chunk
+
+    def close() -> None:
+        watch.closed()
+        original_close()
+
+    http.iter_bytes, http.close = iter_bytes, close
+
+
+def _tee_async(http: Any, watch: BodyWatch) -> None:
+    original_iter, original_close = http.aiter_bytes, http.aclose
+
+    async def aiter_bytes(*args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        with watch.being_read():
+            async for chunk in original_iter(*args, **kwargs):
+                watch.feed(chunk)
+                yield chunk
+
+    async def aclose() -> None:
+        watch.closed()
+        await original_close()
+
+    http.aiter_bytes, http.aclose = aiter_bytes, aclose
 
 
 def _is_raw_response(result: Any) -> bool:
