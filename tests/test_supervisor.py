@@ -108,6 +108,23 @@ def test_a_client_starts_the_supervisor_in_the_background(tokenwatch_home: Path)
     anyio.run(wait_gone, pid)
 
 
+@pytest.mark.slow
+def test_a_supervisor_that_cannot_start_says_why_in_one_line(tokenwatch_home: Path) -> None:
+    config = Paths.discover().user_config
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[proxy]\nport = 'abc'\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "status"],
+        capture_output=True, text=True, timeout=60, env=tokenwatch_env(), cwd=tokenwatch_home,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert out.stderr.count("\n") == 1
+    assert out.stderr.startswith(
+        f"tokenwatch: could not start the supervisor: {config}: proxy.port: expected an "
+        "integer, got 'abc' (exited with 2; log "
+    )
+
+
 async def attach_and_pause(paths: Paths, pid: int, name: str) -> None:
     async with await SupervisorClient.connect(paths, start=False) as client:
         await client.request("attach", pid=pid, name=name)

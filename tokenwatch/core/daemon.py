@@ -20,6 +20,8 @@ LOCK_NAME: Final = "supervisor.lock"
 LOG_NAME: Final = "supervisor.log"
 START_TIMEOUT: Final = 20.0
 """Seconds a client waits for a supervisor it started to answer (imports + opening the ledger)."""
+LAST_WORDS_BYTES: Final = 4096
+"""How much of the end of the log a failed start is explained from."""
 
 
 class AlreadyRunning(Exception):
@@ -106,9 +108,13 @@ def start_background(paths: Paths, *, env: dict[str, str] | None = None) -> subp
 
 
 def wait_until_answers(
-    paths: Paths, timeout: float = START_TIMEOUT, proc: subprocess.Popen[bytes] | None = None
+    paths: Paths,
+    timeout: float = START_TIMEOUT,
+    proc: subprocess.Popen[bytes] | None = None,
+    log_from: int = 0,
 ) -> None:
-    """Poll the socket until a supervisor answers; raises StartFailed after `timeout`."""
+    """Poll the socket until a supervisor answers; raises StartFailed after `timeout`, or when
+    `proc` exits in error (saying what it wrote to its log after offset `log_from`)."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     while not socket_answers(paths.socket):
@@ -119,9 +125,9 @@ def wait_until_answers(
             )
         # A background supervisor that lost the start race exits at once; the winner answers.
         if proc is not None and proc.poll() not in (None, 0):
-            raise StartFailed(
-                f"the supervisor exited with {proc.returncode} (see {log_path(paths)})"
-            )
+            said = _last_words(log_path(paths), log_from)
+            where = f"exited with {proc.returncode}; log {log_path(paths)}"
+            raise StartFailed(f"{said} ({where})" if said else f"the supervisor {where}")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
 
@@ -130,6 +136,24 @@ def ensure_running(paths: Paths, timeout: float = START_TIMEOUT) -> bool:
     """Start a background supervisor unless one answers; True when this call started it."""
     if socket_answers(paths.socket):
         return False
+    try:
+        offset = log_path(paths).stat().st_size
+    except FileNotFoundError:
+        offset = 0
     proc = start_background(paths)
-    wait_until_answers(paths, timeout, proc)
+    wait_until_answers(paths, timeout, proc, offset)
     return True
+
+
+def _last_words(log: Path, offset: int) -> str:
+    """The last line a failed supervisor wrote (its one-line error), without the program name."""
+    try:
+        with log.open("rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, end - LAST_WORDS_BYTES))
+            tail = f.read()
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.decode("utf-8", "replace").splitlines()]
+    last = next((line for line in reversed(lines) if line), "")
+    return last.removeprefix("tokenwatch: ")
