@@ -18,6 +18,13 @@ T = TypeVar("T")
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file, the key and the problem."""
 
+    def in_file(self, source: str) -> ConfigError:
+        """This error, its message led by the file it is about (once)."""
+        text = str(self)
+        if not source or text.startswith(f"{source}: "):
+            return self
+        return ConfigError(f"{source}: {text}")
+
 
 @dataclass(frozen=True, slots=True)
 class SupervisorSettings:

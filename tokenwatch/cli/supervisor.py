@@ -1,5 +1,5 @@
-"""Commands that run or talk to the supervisor: serve, stop, status, pause, resume, kill, throttle,
-env, launch, adopt."""
+"""Commands that run or talk to the supervisor: serve, stop, reload, status, pause, resume, kill,
+throttle, env, launch, adopt."""
 
 from __future__ import annotations
 
@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("stop", help="stop the running supervisor (agents keep running)")
     p.set_defaults(func=run_stop)
+
+    p = sub.add_parser(
+        "reload",
+        help="apply an edited tokenwatch.toml to the running supervisor",
+        description=(
+            "Read tokenwatch.toml (and tokenwatch.local.toml) again. Budgets, rules, prices and "
+            "agent settings apply at once; [supervisor], [proxy], [alerts] and [export] at the "
+            "next start. A broken file changes nothing and is named with the key at fault. The "
+            "supervisor also notices an edit by itself within a few seconds."
+        ),
+    )
+    p.set_defaults(func=run_reload)
 
     p = sub.add_parser(
         "status",
@@ -146,6 +158,12 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_stop(args: argparse.Namespace) -> int:
     data = _call(lambda c: c.request("shutdown"), start=False)
     print(f"supervisor {data['pid']} is stopping")
+    return 0
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    data = _call(lambda c: c.request("reload"), start=False)
+    print(data["summary"])
     return 0
 
 

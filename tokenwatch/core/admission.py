@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tokenwatch.core.models import Alert, BudgetStatus, UsageEvent
+
+if TYPE_CHECKING:
+    from tokenwatch.config import RuleSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,3 +123,5 @@ class RuleBook(Protocol):
     def task_ended(self, agent: str, task: str) -> list[Signal]: ...
 
     def names(self) -> Sequence[str]: ...
+
+    def replace(self, settings: Sequence[RuleSettings]) -> None: ...

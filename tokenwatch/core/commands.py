@@ -45,6 +45,7 @@ class Commands:
         config: Config,
         *,
         on_shutdown: Callable[[], None] = lambda: None,
+        on_reload: Callable[[], Awaitable[str]] | None = None,
         info: Callable[[], dict[str, Any]] = dict,
         store: Any = None,
         logs_dir: Path | None = None,
@@ -54,6 +55,7 @@ class Commands:
         self._store = store
         self._logs_dir = logs_dir
         self._on_shutdown = on_shutdown
+        self._on_reload = on_reload
         self._info = info
         self._handlers: dict[str, Callable[[Session, dict[str, Any]], Awaitable[Any]]] = {
             name.removeprefix("on_"): getattr(self, name)
@@ -321,6 +323,14 @@ class Commands:
     async def on_shutdown(self, session: Session, msg: dict[str, Any]) -> Any:
         self._on_shutdown()
         return {"pid": os.getpid()}
+
+    async def on_reload(self, session: Session, msg: dict[str, Any]) -> Any:
+        if self._on_reload is None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this supervisor cannot reload its config")
+        try:
+            return {"summary": await self._on_reload()}
+        except ConfigError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{exc}; the settings in use stay") from None
 
 
 def _log_tail(logs_dir: Path | None, name: str, lines: int = LOG_TAIL_LINES) -> list[str]:

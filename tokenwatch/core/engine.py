@@ -221,6 +221,14 @@ class Engine:
     def use_routes(self, routes: Routes) -> None:
         self.routes = routes
 
+    def use_prices(self, prices: Pricer) -> None:
+        """Price calls recorded from now on with `prices` (an edited price table)."""
+        self._prices = prices
+
+    def alert_nowait(self, alert: Alert) -> None:
+        """Tell about something that is not an agent's doing (stored, published, notified)."""
+        self._act_nowait(Signal(alert=alert, action=ActionKind.ALERT.value, agent=alert.agent))
+
     def restore_route(
         self, token: str, agent: str, run_id: str, openai_upstream: str, anthropic_upstream: str
     ) -> bool:

@@ -125,6 +125,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "history": {"agent": (_STR, True), "limit": (_INT, False)},
     "report": {"since": (_NUM, False), "by": (_STR, False)},
     "shutdown": {},
+    "reload": {},
 }
 
 

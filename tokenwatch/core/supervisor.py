@@ -17,13 +17,14 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from tokenwatch.config import Config
+from tokenwatch.config import Config, ConfigError, load_config
 from tokenwatch.core.alerting import Notifier
 from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.commands import Commands
+from tokenwatch.core.config_reload import ConfigWatch, apply
 from tokenwatch.core.daemon import instance_lock, remove_pid, write_pid
 from tokenwatch.core.engine import Engine
-from tokenwatch.core.models import Agent, UsageEvent
+from tokenwatch.core.models import Agent, Alert, UsageEvent
 from tokenwatch.core.pricing import PriceTable
 from tokenwatch.core.processes import Spawner, spawn
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
@@ -128,6 +129,7 @@ class Supervisor:
         self.started_at = clock()
         self.engine: Engine | None = None
         self.server: SocketServer | None = None
+        self.commands: Commands | None = None
         self.store: Store | None = None
         self.proxy_url = ""
         self.metrics_url = ""
@@ -169,10 +171,11 @@ class Supervisor:
 
     async def _serve(self, store: Store, task_status: anyio.abc.TaskStatus[Supervisor]) -> None:
         engine = self.engine = self._build_engine(store)
-        commands = Commands(
+        commands = self.commands = Commands(
             engine,
             self.config,
             on_shutdown=self.request_shutdown,
+            on_reload=self.reload_config,
             info=self.info,
             store=store,
             logs_dir=self.paths.logs_dir,
@@ -188,6 +191,9 @@ class Supervisor:
                 await self._start_proxy(tg, engine)
             if self._with_exporters:
                 await self._start_exporters(tg, engine)
+            if self.config.overlay:  # read from files (not built in code): watch them
+                watch = ConfigWatch(self._config_files, self._config_edited)
+                await tg.start(watch.run)
             write_pid(self.paths)  # before the socket answers: whoever connects can read it
             await tg.start(server.serve)
             log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
@@ -200,15 +206,50 @@ class Supervisor:
                     await server.wait_flushed()  # e.g. the reply to `shutdown` itself
             tg.cancel_scope.cancel()
 
+    async def reload_config(self) -> str:
+        """Read the config files again and apply what can change while running; raises
+        ConfigError (changing nothing) when they cannot be read or are refused."""
+        assert self.engine is not None
+        assert self.commands is not None
+        old = self.commands.config
+        new = await anyio.to_thread.run_sync(self._read_config, old)
+        reloaded = apply(self.engine, old, new)
+        self.commands.config = new
+        log.info("config reloaded: %s", reloaded.summary())
+        return reloaded.summary()
+
+    def _read_config(self, old: Config) -> Config:
+        """The config again, from the file in use (or, with none, wherever one is found now)."""
+        return load_config(Path(old.source) if Path(old.source).is_file() else None, self.paths)
+
+    def _config_files(self) -> list[Path]:
+        """The files an edit of the config lands in: the one in use (or, with none, where one
+        would be found) and its overlay."""
+        config = self.commands.config if self.commands is not None else self.config
+        files = [Path(config.source)] if Path(config.source).is_file() else []
+        return [*(files or self.paths.config_candidates()), Path(config.overlay)]
+
+    async def _config_edited(self) -> None:
+        try:
+            await self.reload_config()
+        except ConfigError as exc:
+            log.warning("config not reloaded: %s", exc)
+            if self.engine is not None:
+                message = f"config not reloaded: {exc}; the settings in use stay"
+                self.engine.alert_nowait(Alert(rule="config", agent="", message=message))
+
     def _build_engine(self, store: Store) -> Engine:
         cfg = self.config
-        budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=self._clock)
-        rules = Rules(
-            cfg.rule or DEFAULT_RULES,
-            clock=self._clock,
-            is_critical=lambda name: _is_critical(engine, name),
-            budgets=budgets.statuses,  # forecast and spike rules read budget status
-        )
+        try:
+            budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=self._clock)
+            rules = Rules(
+                cfg.rule or DEFAULT_RULES,
+                clock=self._clock,
+                is_critical=lambda name: _is_critical(engine, name),
+                budgets=budgets.statuses,  # forecast and spike rules read budget status
+            )
+        except ConfigError as exc:
+            raise exc.in_file(cfg.source) from None
         notify = cfg.alerts.webhook or cfg.alerts.desktop
         engine = Engine(
             store,

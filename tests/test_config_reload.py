@@ -1,0 +1,97 @@
+"""An edited tokenwatch.toml reaches the running supervisor: on `reload`, or by itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.supervisor_fixtures import running_supervisor
+from tokenwatch.client.control import SupervisorClient, SupervisorError
+from tokenwatch.config import load_config
+from tokenwatch.core import config_reload
+from tokenwatch.core.supervisor import Supervisor
+from tokenwatch.paths import Paths
+
+FIRST = """
+[[budget]]
+name = "daily"
+limit = "$5"
+
+[[rule]]
+name = "loops"
+detector = "runaway"
+threshold = 3
+action = "pause"
+"""
+
+
+@asynccontextmanager
+async def supervised(config_file: Path) -> AsyncIterator[tuple[Supervisor, SupervisorClient]]:
+    paths = Paths.discover()
+    config = load_config(config_file, paths)
+    async with (
+        running_supervisor(paths, config, proxy=False, exporters=False) as sup,
+        await SupervisorClient.connect(socket_path=Path(sup.paths.socket), start=False) as client,
+    ):
+        yield sup, client
+
+
+async def limits(client: SupervisorClient) -> dict[str, Any]:
+    return {b["name"]: b["limit"] for b in await client.request("budgets")}
+
+
+async def test_reload_applies_budgets_and_rules_and_says_what_waits(short_tmp: Path) -> None:
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (sup, client):
+        assert await limits(client) == {"daily": 5.0}
+        config.write_text(
+            FIRST.replace("$5", "$7").replace('"loops"', '"loops-4"').replace("= 3", "= 4")
+            + '\n[proxy]\nhost = "::1"\n'
+        )
+        reply = await client.request("reload")
+        assert await limits(client) == {"daily": 7.0}
+        assert sup.engine is not None
+        assert list(sup.engine.rules.names()) == ["loops-4"]
+    assert reply["summary"] == f"{config}: applied budget, rule; proxy at the next supervisor start"
+
+
+async def test_a_broken_edit_is_refused_whole_and_named(short_tmp: Path) -> None:
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (_, client):
+        config.write_text(FIRST.replace("$5", "$9").replace('"runaway"', '"psychic"'))
+        with pytest.raises(SupervisorError) as caught:
+            await client.request("reload")
+        assert await limits(client) == {"daily": 5.0}, "nothing of a refused edit applies"
+    assert str(caught.value.message).startswith(f"{config}: rule loops: ")
+    assert caught.value.message.endswith("; the settings in use stay")
+
+
+async def test_an_edit_is_noticed_without_asking(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config_reload, "POLL_INTERVAL", 0.05)
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (_, client):
+        config.write_text(FIRST.replace("$5", "$6"))
+        with anyio.fail_after(10):
+            while await limits(client) != {"daily": 6.0}:
+                await anyio.sleep(0.05)
+        config.write_text(FIRST.replace("$5", "lots"))
+        with anyio.fail_after(10):
+            while not (alerts := await client.request("alerts")):
+                await anyio.sleep(0.05)
+        assert await limits(client) == {"daily": 6.0}
+    (alert,) = alerts
+    assert alert["rule"] == "config"
+    assert alert["message"] == (
+        f"config not reloaded: {config}: budget daily: not a limit: 'lots' (tokens like 200k, "
+        "or dollars like $2); the settings in use stay"
+    )

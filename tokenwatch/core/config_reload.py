@@ -1,0 +1,107 @@
+"""An edited tokenwatch.toml applied to a running supervisor: what changes at once, what waits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+
+from tokenwatch.config import Config, ConfigError
+from tokenwatch.core.engine import Engine
+from tokenwatch.core.pricing import PriceTable
+from tokenwatch.core.rules import DEFAULT_RULES, Rules
+
+log = logging.getLogger("tokenwatch.supervisor")
+
+LIVE: Final = ("budget", "rule", "prices", "agents")
+"""Sections a running supervisor applies at once (agents: for launches after the edit)."""
+AT_RESTART: Final = ("supervisor", "proxy", "alerts", "export")
+"""Sections that take effect when the supervisor is next started."""
+POLL_INTERVAL: Final = 2.0
+"""Seconds between looks at the config files for an edit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """What a reload did."""
+
+    source: str
+    applied: list[str]
+    """Sections that changed and now apply."""
+    at_restart: list[str]
+    """Sections that changed and apply when the supervisor is next started."""
+
+    def summary(self) -> str:
+        if not self.applied and not self.at_restart:
+            return f"{self.source}: no change"
+        parts = []
+        if self.applied:
+            parts.append(f"applied {', '.join(self.applied)}")
+        if self.at_restart:
+            parts.append(f"{', '.join(self.at_restart)} at the next supervisor start")
+        return f"{self.source}: {'; '.join(parts)}"
+
+
+def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
+    """Put `new`'s live sections into effect, all or none (raises ConfigError, changing nothing,
+    when one of them is refused)."""
+    changed = [name for name in (*LIVE, *AT_RESTART) if getattr(old, name) != getattr(new, name)]
+    rules = new.rule or DEFAULT_RULES
+    try:
+        prices = PriceTable.load(new.prices)
+        Rules(rules)  # refused here, before anything changes
+        engine.budgets.replace(new.budget)
+    except ConfigError as exc:
+        raise exc.in_file(new.source) from None
+    engine.rules.replace(rules)
+    engine.use_prices(prices)
+    engine.agent_settings = dict(new.agents)
+    return Reloaded(
+        new.source,
+        [name for name in changed if name in LIVE],
+        [name for name in changed if name in AT_RESTART],
+    )
+
+
+Stamp = tuple[tuple[int, int] | None, ...]
+
+
+class ConfigWatch:
+    """Calls `on_edit` when the config file or its overlay changes on disk (polled)."""
+
+    def __init__(
+        self, files: Callable[[], list[Path]], on_edit: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._files = files
+        self._on_edit = on_edit
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        seen = _stamp(self._files())
+        task_status.started()
+        while True:
+            await anyio.sleep(POLL_INTERVAL)
+            now = _stamp(self._files())
+            if now != seen:
+                seen = now
+                await self._on_edit()
+
+
+def _stamp(files: list[Path]) -> Stamp:
+    """Modification time and size of each file (None when absent)."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
