@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from tokenwatch.proxy.egress import Egress, ProxyRefused, Via, open_tunnel
+
 log = logging.getLogger("tokenwatch.proxy")
 
 Headers = list[tuple[str, str]]
@@ -30,7 +32,9 @@ _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 _NO_BODY = frozenset({"HEAD"})
 # connection-specific or recomputed here: never copied from the agent's request
-_REQUEST_DROP = frozenset({"expect", "host", "content-length", "transfer-encoding", "connection"})
+_REQUEST_DROP = frozenset(
+    {"expect", "host", "content-length", "transfer-encoding", "connection", "proxy-authorization"}
+)
 
 
 class UpstreamUnreachable(Exception):
@@ -302,11 +306,13 @@ class UpstreamClient:
         *,
         tls: ssl.SSLContext | None = None,
         idle_timeout: float = KEEPALIVE_IDLE,
+        egress: Egress | None = None,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._tls = tls
         self._idle_timeout = idle_timeout
+        self._egress = egress if egress is not None else Egress.from_environment()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open = False
 
@@ -334,7 +340,8 @@ class UpstreamClient:
         """Send a request; yields once the response head is in, closes it on exit."""
         assert self._open, "use the client inside `async with`"
         origin = _origin(url)
-        request = _request_bytes(method, origin, headers, body)
+        forward = self._via(origin) if origin.scheme == "http" else None
+        request = _request_bytes(method, origin, headers, body, forward)
         conn = await self._exchange(origin, request, head_only=method in _NO_BODY)
         try:
             yield UpstreamResponse(conn)
@@ -373,32 +380,57 @@ class UpstreamClient:
         conn.idle_since = asyncio.get_running_loop().time()
         idle.append(conn)
 
+    def _via(self, origin: _Origin) -> Via | None:
+        try:
+            return self._egress.via(origin.scheme, origin.host)
+        except ProxyRefused as exc:
+            raise UpstreamUnreachable(str(exc)) from None
+
     async def _connect(self, origin: _Origin) -> _Connection:
-        loop = asyncio.get_running_loop()
-        tls = self._tls if origin.scheme == "https" else None
-        conn = _Connection(loop, self._read_timeout)
+        conn = _Connection(asyncio.get_running_loop(), self._read_timeout)
         where = f"{origin.host}:{origin.port}"
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(
-                    lambda: conn,
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls is not None else None,
-                    # an address family that is routed nowhere must not eat the connect timeout
-                    happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
-                )
+                await self._open_transport(conn, origin)
         except TimeoutError:
             conn.close()
             raise UpstreamTimeout(f"could not connect to {where} in time") from None
         except ssl.SSLError as exc:
             conn.close()
             raise UpstreamUnreachable(f"cannot connect to {where} (TLS: {exc.reason})") from None
+        except ProxyRefused as exc:
+            raise UpstreamUnreachable(str(exc)) from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise UpstreamUnreachable(f"cannot connect to {where} ({reason})") from None
         return conn
+
+    async def _open_transport(self, conn: _Connection, origin: _Origin) -> None:
+        """Connect `conn`: straight to the origin, to a forward proxy (http), or through its
+        CONNECT tunnel (https, TLS end to end with the origin)."""
+        loop = asyncio.get_running_loop()
+        tls = self._tls if origin.scheme == "https" else None
+        via = self._via(origin)
+        host, port = (origin.host, origin.port) if via is None else (via.host, via.port)
+        if via is None or tls is None:
+            await loop.create_connection(
+                lambda: conn,
+                host,
+                port,
+                ssl=tls,
+                server_hostname=origin.host if tls is not None else None,
+                # an address family that is routed nowhere must not eat the connect timeout
+                happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+            )
+            return
+        tunnel = await open_tunnel(via, origin.host, origin.port)
+        try:
+            await loop.create_connection(
+                lambda: conn, sock=tunnel, ssl=tls, server_hostname=origin.host
+            )
+        except BaseException:
+            tunnel.close()
+            raise
 
 
 async def _send(conn: _Connection, request: bytes, *, head_only: bool) -> _Connection:
@@ -411,8 +443,15 @@ async def _send(conn: _Connection, request: bytes, *, head_only: bool) -> _Conne
     return conn
 
 
-def _request_bytes(method: str, origin: _Origin, headers: Headers, body: bytes) -> bytes:
-    lines = [f"{method} {origin.target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+def _request_bytes(
+    method: str, origin: _Origin, headers: Headers, body: bytes, forward: Via | None = None
+) -> bytes:
+    target = origin.target
+    if forward is not None:  # to a forward proxy: the whole URL, and our login to the proxy
+        target = f"http://{origin.host_header}{origin.target}"
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+    if forward is not None and forward.authorization:
+        lines.append(f"Proxy-Authorization: {forward.authorization}\r\n")
     for name, value in headers:
         if name.lower() in _REQUEST_DROP:
             continue
