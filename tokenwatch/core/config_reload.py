@@ -25,6 +25,8 @@ AT_RESTART: Final = ("supervisor", "proxy", "alerts", "export")
 """Sections that take effect when the supervisor is next started."""
 POLL_INTERVAL: Final = 2.0
 """Seconds between looks at the config files for an edit."""
+SETTLE: Final = 0.2
+"""Seconds the files must stay unchanged before they are read (not half-written)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +86,17 @@ class ConfigWatch:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        seen = _stamp(self._files())
+        seen = last = _stamp(self._files())
         task_status.started()
         while True:
             await anyio.sleep(POLL_INTERVAL)
             now = _stamp(self._files())
-            if now != seen:
+            while now != seen:  # read it once the editor has stopped writing
                 seen = now
+                await anyio.sleep(SETTLE)
+                now = _stamp(self._files())
+            if seen != last:
+                last = seen
                 await self._on_edit()
 
 
