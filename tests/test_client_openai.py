@@ -291,6 +291,34 @@ async def test_streaming_response_left_unread_is_recorded_cancelled(
     assert event["input_tokens"] == fake.calls[-1].input_tokens
 
 
+async def test_streaming_response_abandoned_mid_read_is_recorded_at_close(
+    aclient: openai.AsyncOpenAI, fake: FakeLLM, sup: FakeSupervisor
+) -> None:
+    client = sync_client(fake)
+    kept: list[Any] = []
+
+    def call() -> None:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, max_tokens=200
+        ) as response:
+            stream = response.parse()
+            for _ in stream:
+                break
+        kept.append(stream)  # the agent still holds the half-read stream
+
+    await run_sync(call)
+    async with aclient.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, max_tokens=200
+    ) as response:
+        lines = response.iter_lines()
+        async for _ in lines:
+            break
+    await sup.wait_until(lambda: len(sup.events()) >= 2)
+    assert [e["status"] for e in sup.events()] == ["cancelled", "cancelled"]
+    assert all(e["input_tokens"] > 0 for e in sup.events())
+    assert kept
+
+
 async def test_error_call_reported_and_raised(
     aclient: openai.AsyncOpenAI, fake: FakeLLM, sup: FakeSupervisor
 ) -> None:

@@ -95,3 +95,45 @@ async def test_an_edit_is_noticed_without_asking(
         f"config not reloaded: {config}: budget daily: not a limit: 'lots' (tokens like 200k, "
         "or dollars like $2); the settings in use stay"
     )
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (FIRST.encode() + b'\n[prices."local"]\ninput = 1.0\n', "prices: "),
+        (FIRST.encode() + b"\n# caf\xe9\n", "not UTF-8 text"),
+    ],
+)
+async def test_an_edit_that_fails_late_is_refused_and_the_supervisor_serves_on(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, edit: bytes, why: str
+) -> None:
+    monkeypatch.setattr(config_reload, "POLL_INTERVAL", 0.05)
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (_, client):
+        config.write_bytes(edit.replace(b"$5", b"$8"))
+        with pytest.raises(SupervisorError) as caught:
+            await client.request("reload")
+        with anyio.fail_after(10):
+            while not (alerts := await client.request("alerts")):
+                await anyio.sleep(0.05)
+        assert await limits(client) == {"daily": 5.0}
+    assert why in caught.value.message
+    assert why in alerts[0]["message"]
+
+
+async def test_a_config_file_that_is_gone_keeps_the_settings_in_use(short_tmp: Path) -> None:
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (_, client):
+        config.unlink()
+        with pytest.raises(SupervisorError) as caught:
+            await client.request("reload")
+        assert await limits(client) == {"daily": 5.0}
+        config.write_text(FIRST.replace("$5", "$3"))  # put back: followed again
+        await client.request("reload")
+        assert await limits(client) == {"daily": 3.0}
+    assert caught.value.message == (
+        f"{config}: the file in use is gone; put it back to change settings; "
+        "the settings in use stay"
+    )

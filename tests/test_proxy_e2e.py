@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +110,17 @@ async def test_an_agent_that_outlives_its_supervisor_keeps_its_base_url() -> Non
 async def calls_through_once(base_url: str) -> None:
     async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as oai:
         await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+
+
+async def test_a_saved_port_now_taken_is_left_for_another() -> None:
+    paths = Paths.discover()
+    paths.ensure_private_runtime()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        paths.proxy_routes.write_text(json.dumps({"format": 1, "port": taken, "routes": {}}))
+        async with running_supervisor(paths, Config(), proxy=True, exporters=False) as sup:
+            url = sup.proxy_url
+    assert url.startswith("http://127.0.0.1:")
+    assert not url.endswith(f":{taken}")

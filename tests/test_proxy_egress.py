@@ -25,6 +25,7 @@ class ForwardProxy:
 
     tunnel_to: int = 0
     refuse: bytes = b""
+    established: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n"
     port: int = 0
     heads: list[bytes] = field(default_factory=list)
 
@@ -44,7 +45,7 @@ class ForwardProxy:
             writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.tunnel_to)
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        writer.write(self.established)
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
@@ -151,3 +152,21 @@ def test_which_hosts_go_through_the_proxy() -> None:
         assert egress.via("https", host) is None, host
     assert bypassed("anything.example", "*")
     assert not bypassed("notinternal.corp", ".internal.corp")
+    assert bypassed("2001:db8::5", "[2001:db8::]/32")  # curl's way of writing an IPv6 network
+
+
+async def test_any_2xx_opens_the_tunnel_and_a_bad_proxy_port_is_named() -> None:
+    ca = trustme.CA()
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with tls_origin(ca) as port, serving(ForwardProxy(tunnel_to=port)) as proxy:
+        proxy.established = b"HTTP/1.0 204 Tunnel open\r\n\r\n"
+        egress = Egress({"https": f"http://127.0.0.1:{proxy.port}"})
+        async with UpstreamClient(2, 5, tls=trusting, egress=egress) as client:
+            assert await fetch(client, f"https://{ORIGIN}:{port}/v1/x") == (200, b"secure")
+    egress = Egress({"https": "http://me:secret@proxy.corp:31x8"})
+    async with UpstreamClient(2, 5, egress=egress) as client:
+        with pytest.raises(UpstreamUnreachable) as caught:
+            await fetch(client, "https://api.openai.com/v1/x")
+    assert "secret" not in str(caught.value)
+    assert "not valid" in str(caught.value)

@@ -218,6 +218,8 @@ def test_saved_routes_come_back_private_and_without_credentials(short_tmp: Path)
         AgentRoute("coder", run_id="r1", tags={"team": "a"}, openai_upstream="http://h/v1")
     )
     table.add(AgentRoute("keyed", openai_upstream="https://sk-secret@gateway.example/v1"))
+    table.add(AgentRoute("queried", anthropic_upstream="https://gw.example/?key=sk-secret2"))
+    table.add(AgentRoute("broken", openai_upstream="http://[::1/v1"))
     path = short_tmp / "proxy-routes.json"
     save_routes(path, 4321, table)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenwatch.proxy.upstream import (
+    STALE_WINDOW,
     UpstreamClient,
     UpstreamCut,
     UpstreamTimeout,
@@ -346,3 +349,52 @@ def test_any_framing_split_anywhere_reads_the_same_body(
     got, keep_alive = asyncio.run(read_back())
     assert got == body
     assert keep_alive
+
+
+async def test_an_answer_left_unread_is_never_pooled() -> None:
+    big = b"x" * 300_000  # all of it in before anyone reads: buffered past the high-water mark
+    async with upstream(answer(big)) as up, client(read_timeout=2) as c:
+        async with c.open("GET", up.url, [], b"") as r:
+            await asyncio.sleep(0.2)  # the agent hung up without reading
+            assert r.status == 200
+        assert c.idle_connections() == 0
+        assert await fetch(c, up.url) == (200, big)
+    assert up.connections == 2
+
+
+async def test_a_reset_in_a_body_ended_by_close_is_a_cut_not_an_end() -> None:
+    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"partial": ')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+        return False
+
+    async with upstream(reply) as up, client() as c:
+        with pytest.raises(UpstreamCut):
+            await fetch(c, up.url)
+
+
+async def test_a_request_the_upstream_held_then_dropped_is_not_sent_again() -> None:
+    async def first_fine_then_slow_drop(
+        request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if len(up.requests) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            return True
+        await asyncio.sleep(STALE_WINDOW + 0.2)  # read it, worked on it, then went away
+        return False
+
+    async with upstream(first_fine_then_slow_drop) as up, client() as c:
+        assert await fetch(c, up.url) == (200, b"ok")
+        with pytest.raises(UpstreamUnreachable, match="without answering"):
+            await fetch(c, up.url)
+    assert len(up.requests) == 2, "the dropped request was not sent a second time"
+
+
+async def test_a_bad_port_in_the_upstream_url_is_an_upstream_error() -> None:
+    async with client() as c:
+        with pytest.raises(UpstreamUnreachable, match="not a valid port"):
+            await fetch(c, "http://127.0.0.1:99999/v1")

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from tokenwatch.client import gate, prompt, tracking
 from tokenwatch.client.body import JsonBody, SseEvents
@@ -420,23 +420,21 @@ class BodyWatch(StreamWatch):
         super().__init__(call, http_status)
         self.events = SseEvents() if sse else None
         self.body = JsonBody()
-        self._reading = False
+        self.reader: Any = None
+        """The generator the agent reads the body through, once it has started."""
 
-    @contextlib.contextmanager
-    def being_read(self) -> Iterator[None]:
-        """Around the agent's reading of the body; the call ends with it (see `following`)."""
-        self._reading = True
-        try:
-            with self.following():
-                yield
-        finally:
-            self._reading = False
-
-    def closed(self) -> None:
-        """The response was closed: unread, the call was cancelled. While it is being read (the
-        HTTP library closes it as the last bytes come), the reading decides how it ended."""
-        if not self._reading:
+    def closed(self) -> bool:
+        """The response is being closed. True when the HTTP library closes it itself as the last
+        bytes come in (from inside the read: the read then says how the call ended). Otherwise
+        the agent closed it: the call ends now, cancelled unless its usage was seen, and the
+        caller must close `reader` too (a read left half-way would end only when collected)."""
+        reader = self.reader
+        running = reader is not None and bool(
+            getattr(reader, "gi_running", False) or getattr(reader, "ag_running", False)
+        )
+        if not running:
             self.end(Status.CANCELLED)
+        return running
 
     def feed(self, chunk: bytes) -> None:
         try:
@@ -479,14 +477,19 @@ def _follow_body(response: Any, call: Call) -> None:
 def _tee_sync(http: Any, watch: BodyWatch) -> None:
     original_iter, original_close = http.iter_bytes, http.close
 
-    def iter_bytes(*args: Any, **kwargs: Any) -> Iterator[bytes]:
-        with watch.being_read():
+    def read(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        with watch.following():
             for chunk in original_iter(*args, **kwargs):
                 watch.feed(chunk)
                 yield chunk
 
+    def iter_bytes(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        watch.reader = read(*args, **kwargs)
+        return cast(Iterator[bytes], watch.reader)
+
     def close() -> None:
-        watch.closed()
+        if not watch.closed() and watch.reader is not None:
+            watch.reader.close()
         original_close()
 
     http.iter_bytes, http.close = iter_bytes, close
@@ -495,14 +498,19 @@ def _tee_sync(http: Any, watch: BodyWatch) -> None:
 def _tee_async(http: Any, watch: BodyWatch) -> None:
     original_iter, original_close = http.aiter_bytes, http.aclose
 
-    async def aiter_bytes(*args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
-        with watch.being_read():
+    async def read(*args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        with watch.following():
             async for chunk in original_iter(*args, **kwargs):
                 watch.feed(chunk)
                 yield chunk
 
+    def aiter_bytes(*args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        watch.reader = read(*args, **kwargs)
+        return cast(AsyncIterator[bytes], watch.reader)
+
     async def aclose() -> None:
-        watch.closed()
+        if not watch.closed() and watch.reader is not None:
+            await watch.reader.aclose()
         await original_close()
 
     http.aiter_bytes, http.aclose = aiter_bytes, aclose

@@ -14,7 +14,7 @@ import anyio.abc
 
 from tokenwatch.config import Config, ConfigError
 from tokenwatch.core.engine import Engine
-from tokenwatch.core.pricing import PriceTable
+from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
 
 log = logging.getLogger("tokenwatch.supervisor")
@@ -59,6 +59,8 @@ def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
         prices = PriceTable.load(new.prices)
         Rules(rules)  # refused here, before anything changes
         engine.budgets.replace(new.budget)
+    except PriceError as exc:
+        raise ConfigError(f"{new.source}: prices: {exc}") from None
     except ConfigError as exc:
         raise exc.in_file(new.source) from None
     engine.rules.replace(rules)

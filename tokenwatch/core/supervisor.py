@@ -219,24 +219,38 @@ class Supervisor:
         return reloaded.summary()
 
     def _read_config(self, old: Config) -> Config:
-        """The config again, from the file in use (or, with none, wherever one is found now)."""
-        return load_config(Path(old.source) if Path(old.source).is_file() else None, self.paths)
+        """The config again, from the file in use (or, started without one, wherever one is
+        found now). A file in use that is gone is refused: its settings stay."""
+        if old.source in ("", "<defaults>"):
+            return load_config(None, self.paths)
+        source = Path(old.source)
+        if not source.is_file():
+            raise ConfigError(f"{source}: the file in use is gone; put it back to change settings")
+        return load_config(source, self.paths)
 
     def _config_files(self) -> list[Path]:
-        """The files an edit of the config lands in: the one in use (or, with none, where one
-        would be found) and its overlay."""
+        """The files an edit of the config lands in: the one in use (or, started without one,
+        where one would be found) and its overlay."""
         config = self.commands.config if self.commands is not None else self.config
-        files = [Path(config.source)] if Path(config.source).is_file() else []
-        return [*(files or self.paths.config_candidates()), Path(config.overlay)]
+        if config.source in ("", "<defaults>"):
+            return [*self.paths.config_candidates(), Path(config.overlay)]
+        return [Path(config.source), Path(config.overlay)]
 
     async def _config_edited(self) -> None:
         try:
             await self.reload_config()
         except ConfigError as exc:
-            log.warning("config not reloaded: %s", exc)
-            if self.engine is not None:
-                message = f"config not reloaded: {exc}; the settings in use stay"
-                self.engine.alert_nowait(Alert(rule="config", agent="", message=message))
+            self._config_refused(str(exc))
+        except Exception as exc:
+            # whatever an edit holds, it must not stop the supervisor
+            log.exception("config not reloaded")
+            self._config_refused(f"could not apply the edit ({type(exc).__name__}: {exc})")
+
+    def _config_refused(self, why: str) -> None:
+        log.warning("config not reloaded: %s", why)
+        if self.engine is not None:
+            message = f"config not reloaded: {why}; the settings in use stay"
+            self.engine.alert_nowait(Alert(rule="config", agent="", message=message))
 
     def _build_engine(self, store: Store) -> Engine:
         cfg = self.config
@@ -313,9 +327,13 @@ class Supervisor:
                 engine, table, replace(settings, port=saved_port), clock=self._clock
             )
             try:
-                return again, await tg.start(again.serve)
-            except OSError as exc:
-                log.info("the previous proxy port %d is taken (%s)", saved_port, exc.strerror)
+                port = await tg.start(again.serve)
+            except* OSError as group:  # the bind fails inside the proxy's own task group
+                log.info(
+                    "the previous proxy port %d is taken (%s)", saved_port, group.exceptions[0]
+                )
+            else:
+                return again, port
         proxy = ProxyServer(engine, table, settings, clock=self._clock)
         return proxy, await tg.start(proxy.serve)
 

@@ -77,15 +77,20 @@ def bypassed(host: str, no_proxy: str) -> bool:
 
 
 def _in_network(host: str, entry: str) -> bool:
+    network = entry.replace("[", "").replace("]", "")  # `[2001:db8::]/32` as curl writes it
     try:
-        return ipaddress.ip_address(host) in ipaddress.ip_network(entry.strip("[]"), strict=False)
+        return ipaddress.ip_address(host) in ipaddress.ip_network(network, strict=False)
     except ValueError:
         return False
 
 
 def parse_proxy(url: str) -> Via:
     """`http://user:password@proxy:3128` (a bare `proxy:3128` too) as a Via."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        port = parts.port or 80
+    except ValueError:
+        raise ProxyRefused("the forward proxy's URL is not valid (its port?)") from None
     if parts.scheme != "http" or not parts.hostname:
         shown = f"{parts.scheme}://{parts.hostname or ''}"
         raise ProxyRefused(f"unsupported forward proxy {shown} (an http:// proxy is needed)")
@@ -93,7 +98,7 @@ def parse_proxy(url: str) -> Via:
     if parts.username is not None:
         login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(login).decode()
-    return Via(parts.hostname, parts.port or 80, authorization)
+    return Via(parts.hostname, port, authorization)
 
 
 def _loopback(host: str) -> bool:
@@ -117,12 +122,18 @@ async def open_tunnel(via: Via, host: str, port: int) -> socket.socket:
     try:
         await loop.sock_sendall(sock, f"{head}\r\n".encode())
         reply = await _reply_head(loop, sock)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or type(exc).__name__
+        raise ProxyRefused(
+            f"the proxy {via.where} dropped the tunnel to {target} ({reason})"
+        ) from None
     except BaseException:
         sock.close()
         raise
     words = reply.split(b"\r\n", 1)[0].split(b" ", 2)
     status = words[1] if len(words) > 1 else b"?"
-    if status != b"200":
+    if not (len(status) == 3 and status.startswith(b"2") and status.isdigit()):
         sock.close()
         code = status.decode("ascii", "replace")
         raise ProxyRefused(f"the proxy {via.where} refused a tunnel to {target} ({code})")

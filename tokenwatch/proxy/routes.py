@@ -111,8 +111,14 @@ def load_routes(path: Path) -> SavedRoutes:
 
 
 def _writable(route: AgentRoute) -> bool:
+    """Without credentials in its upstream URLs: none in a login (`https://KEY@host`) or a query
+    (`?key=...`), and none that cannot be told apart in a URL that does not parse."""
     for url in (route.openai_upstream, route.anthropic_upstream):
-        if urlsplit(url).username is not None:  # `https://KEY@host` or `user:password@`
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return False
+        if parts.username is not None or parts.query:
             return False
     return True
 

@@ -22,6 +22,8 @@ Headers = list[tuple[str, str]]
 
 KEEPALIVE_IDLE = 30.0
 """Seconds an idle upstream connection is kept for reuse."""
+STALE_WINDOW = 0.5
+"""Seconds after sending within which an unanswered close means the idle connection was stale."""
 MAX_IDLE_PER_ORIGIN = 64
 """Idle connections kept per upstream origin; more are closed as they come back."""
 HAPPY_EYEBALLS_DELAY = 0.25
@@ -61,11 +63,17 @@ class _Origin(NamedTuple):
 
 @lru_cache(maxsize=1024)
 def _origin(url: str) -> _Origin:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise UpstreamUnreachable("not a valid upstream URL") from None
     where = parts.netloc.rpartition("@")[2]  # never a password written into the URL
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UpstreamUnreachable(f"not an http(s) upstream URL: {parts.scheme}://{where}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UpstreamUnreachable(f"not a valid port in the upstream URL {where}") from None
     target = parts.path or "/"
     if parts.query:
         target = f"{target}?{parts.query}"
@@ -78,12 +86,15 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
         self._loop = loop
         self._read_timeout = read_timeout
+        self.sent_at = self.lost_at = -1.0
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self._reset(head_only=False)
 
     def _reset(self, *, head_only: bool) -> None:
+        if getattr(self, "_paused", False) and self.transport is not None:
+            self.transport.resume_reading()
         self.status = 0
         self.headers: Headers = []
         self.content_length: int | None = None
@@ -106,7 +117,15 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes, *, head_only: bool) -> None:
         assert self.transport is not None
         self._reset(head_only=head_only)
+        self.sent_at = self._loop.time()
         self.transport.write(data)
+
+    @property
+    def found_stale(self) -> bool:
+        """Closed unanswered right after the request went out: the upstream had closed this idle
+        connection as it was reused, so the request was never read (and may go again)."""
+        lost = self.lost_at - self.sent_at
+        return self.received == 0 and self.transport is None and 0 <= lost < STALE_WINDOW
 
     async def wait_head(self) -> None:
         while not self.head_done:
@@ -133,6 +152,8 @@ class _Connection(asyncio.Protocol):
             self.complete
             and self.keep_alive
             and not self._head_only
+            and not self._body  # every byte taken: nothing of this answer can leak into the next
+            and not self._paused
             and transport is not None
             and not transport.is_closing()
         )
@@ -188,7 +209,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.head_done and not self.complete and self._until_close and self.error is None:
+        self.lost_at = self._loop.time()
+        ended = exc is None and self.error is None
+        if self.head_done and not self.complete and self._until_close and ended:
             self.complete = True  # a body delimited by the end of the connection
             return self._wake()
         if not self.head_done:
@@ -354,8 +377,8 @@ class UpstreamClient:
             try:
                 return await _send(conn, request, head_only=head_only)
             except UpstreamUnreachable:
-                if conn.received:
-                    raise
+                if not conn.found_stale:
+                    raise  # it may have been read: sending it again could run it twice
                 # an idle connection the upstream closed as it was reused: once more, anew
         conn = await self._connect(origin)
         return await _send(conn, request, head_only=head_only)
@@ -363,6 +386,8 @@ class UpstreamClient:
     def _checkout(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get((origin.scheme, origin.host, origin.port))
         oldest = asyncio.get_running_loop().time() - self._idle_timeout
+        while idle and idle[0].idle_since < oldest:
+            idle.pop(0).close()  # the longest idle, unused since: not kept open any longer
         while idle:
             conn = idle.pop()
             transport = conn.transport
