@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+
 import pytest
 from budget_fixtures import Clock, at, call, event
 
 from tokenwatch.config import BudgetSettings, ConfigError
 from tokenwatch.core.admission import Refusal, Reservation
 from tokenwatch.core.budgets import Budgets
-from tokenwatch.core.models import BudgetStatus
+from tokenwatch.core.models import BudgetStatus, UsageEvent
 
 
 def used(budgets: Budgets, name: str, target: str | None = None) -> float:
@@ -348,6 +350,41 @@ def test_reload_keeps_usage_and_rearms_warnings_above_a_raised_limit() -> None:
     assert status(budgets, "d").used == 8500
     (warning,) = budgets.record(event(clock.now, tokens=8000))
     assert "82% of budget d" in warning.alert.message
+
+
+class _Ledger:
+    """Stored events, read back as `Store.iter_events` does; `meanwhile` runs mid-read."""
+
+    def __init__(self, events: list[UsageEvent], meanwhile: Callable[[], object]) -> None:
+        self.events, self.meanwhile = events, meanwhile
+
+    async def iter_events(self, since: float = 0) -> AsyncIterator[UsageEvent]:
+        for i, e in enumerate(self.events):
+            if i == 2:
+                self.meanwhile()  # a call settles while the past is being read
+            if e.ts >= since:
+                yield e
+
+
+async def test_a_budget_added_by_an_edit_counts_todays_usage_so_far() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([BudgetSettings(name="d", limit="100k")], tz="UTC", clock=clock)
+    yesterday = event(at("2026-11-22 23:00"), tokens=9000, call_id="y")
+    early = event(at("2026-11-23 09:00"), tokens=500, call_id="z")
+    seen = [event(clock.now, tokens=1000, call_id="a"), event(clock.now, tokens=2000, call_id="b")]
+    for e in seen:
+        budgets.record(e)
+    fresh = budgets.replace(
+        [BudgetSettings(name="d", limit="100k"), BudgetSettings(name="g", limit="50k")]
+    )
+    late = event(clock.now + 1, tokens=4000, call_id="c")
+    ledger = _Ledger([yesterday, early, *seen, late], lambda: budgets.record(late))
+    await budgets.seed(ledger, only=fresh)
+    assert fresh == ["g"]
+    assert used(budgets, "g") == 500 + 1000 + 2000 + 4000  # `late` counted once
+    assert used(budgets, "d") == 1000 + 2000 + 4000  # kept as it was, nothing counted again
+    budgets.record(event(clock.now + 2, tokens=100, call_id="d"))
+    assert used(budgets, "g") == 7600
 
 
 def test_an_ephemeral_budget_counts_from_its_start_and_can_be_removed() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from tests.supervisor_fixtures import running_supervisor
 from tokenwatch.client.control import SupervisorClient, SupervisorError
 from tokenwatch.config import load_config
 from tokenwatch.core import config_reload
+from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.paths import Paths
 
@@ -137,3 +139,17 @@ async def test_a_config_file_that_is_gone_keeps_the_settings_in_use(short_tmp: P
         f"{config}: the file in use is gone; put it back to change settings; "
         "the settings in use stay"
     )
+
+
+async def test_a_budget_added_while_running_counts_todays_usage_so_far(short_tmp: Path) -> None:
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (sup, client):
+        assert sup.store is not None
+        await sup.store.append(UsageEvent(ts=time.time(), agent="a", model="m", input_tokens=700))
+        await sup.store.flush()
+        config.write_text(FIRST + '\n[[budget]]\nname = "tokens"\nlimit = "10k"\n')
+        await client.request("reload")
+        await client.request("set_budget", budget={"name": "cli", "limit": "20k"})
+        used = {b["name"]: b["used"] for b in await client.request("budgets")}
+    assert used == {"daily": 0.0, "tokens": 700, "cli": 700}

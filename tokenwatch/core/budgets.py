@@ -9,7 +9,7 @@ import logging
 import shlex
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -104,6 +104,8 @@ class _Budget:
         """Usage before this time never counts (ephemeral `run --budget` budgets)."""
         self.warn = sorted({int(w) for w in settings.warn})
         self.counters: dict[str, _Counter] = {}
+        self.counted_live: set[str] | None = None
+        """While its past is being counted in (`Budgets.seed`): the calls it counted meanwhile."""
 
     @property
     def scope(self) -> str:
@@ -272,9 +274,12 @@ class Budgets:
 
     # -- configuration --------------------------------------------------------------------------
 
-    def replace(self, settings: Sequence[BudgetSettings]) -> None:
-        """Hot reload: new limits apply at once; usage and reservations of unchanged budgets stay."""
+    def replace(self, settings: Sequence[BudgetSettings]) -> list[str]:
+        """Hot reload: new limits apply at once; usage and reservations of unchanged budgets stay.
+        Returns the budgets that start empty (new, or now measuring something else): `seed` them
+        so they count what the ledger already holds for their period."""
         fresh: dict[str, _Budget] = {}
+        empty: list[str] = []
         for s in settings:
             budget = _Budget(s, self._tz)
             if budget.name in fresh:
@@ -283,8 +288,11 @@ class Budgets:
             if old is not None and old.same_measure(budget):
                 budget.counters = old.counters
                 _forget_passed_thresholds(budget)
+            elif budget.period != "request":
+                empty.append(budget.name)
             fresh[budget.name] = budget
         self._budgets = fresh
+        return empty
 
     def add_ephemeral(self, settings: BudgetSettings, *, start: float) -> None:
         """A budget for one run (`tokenwatch run --budget`): counts usage from `start` on."""
@@ -400,11 +408,18 @@ class Budgets:
         self._count(event, signals)
         return signals
 
-    def _count(self, event: UsageEvent, signals: list[Signal] | None) -> None:
+    def _count(
+        self, event: UsageEvent, signals: list[Signal] | None, into: Collection[str] | None = None
+    ) -> None:
         tags = self._tags.get(event.agent, {})
         for budget in self._all():
-            if event.ts < budget.origin:
+            if event.ts < budget.origin or (into is not None and budget.name not in into):
                 continue
+            if budget.counted_live is not None:
+                if into is not None and event.call_id in budget.counted_live:
+                    continue  # counted live while its past was being read
+                if into is None and event.call_id:
+                    budget.counted_live.add(event.call_id)
             key = budget.key_for(event.agent, event.task, event.model, event.user, tags)
             if key is None:
                 continue
@@ -426,22 +441,34 @@ class Budgets:
             if signals is not None and due and c.used > before:
                 signals.append(self._threshold(budget, key, c, event.agent, max(due)))
 
-    async def seed(self, store: Any) -> None:
-        """Count usage already in the ledger for the current periods (no warnings re-fired)."""
-        since = self.counting_since(self._clock())
+    async def seed(self, store: Any, only: Collection[str] | None = None) -> None:
+        """Count usage already in the ledger for the current periods (no warnings re-fired): into
+        every budget at start, into `only` (the ones `replace` left empty) after an edit. Calls
+        counted live meanwhile are not counted twice."""
+        budgets = [b for b in self._all() if only is None or b.name in only]
+        since = self.counting_since(self._clock(), budgets)
         if since is None:
             return
-        async for event in store.iter_events(since=since):
-            self._count(event, None)
+        into = None if only is None else frozenset(only)
+        for budget in budgets:
+            budget.counted_live = None if into is None else set()
+        try:
+            async for event in store.iter_events(since=since):
+                self._count(event, None, into=into)
+        finally:
+            for budget in budgets:
+                budget.counted_live = None
 
     def warm_up(self, event: UsageEvent) -> None:
         """Count usage from before the time of interest, silently (seeding, replay warm-up)."""
         self._count(event, None)
 
-    def counting_since(self, now: float) -> float | None:
+    def counting_since(
+        self, now: float, budgets: Collection[_Budget] | None = None
+    ) -> float | None:
         """The earliest time whose usage counts toward some budget at `now` (None: no budget)."""
         starts: list[float] = []
-        for budget in self._all():
+        for budget in self._all() if budgets is None else budgets:
             if budget.period == "request":
                 continue
             if budget.settings.rolling:

@@ -262,7 +262,7 @@ class Commands:
     async def on_set_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         try:
             budget = parse_config({"budget": [msg["budget"]]}, "set_budget").budget[0]
-            self._apply_budgets(_saved(set_budget, self.config, budget))
+            await self._apply_budgets(_saved(set_budget, self.config, budget))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
         return {"name": budget_name(budget)}
@@ -270,14 +270,17 @@ class Commands:
     async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         name = msg["name"]
         try:
-            self._apply_budgets(_saved(remove_budget, self.config, name))
+            await self._apply_budgets(_saved(remove_budget, self.config, name))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
         return {"name": name}
 
-    def _apply_budgets(self, config: Config) -> None:
+    async def _apply_budgets(self, config: Config) -> None:
         self.config = config
-        self.engine.budgets.replace(config.budget)
+        fresh = self.engine.budgets.replace(config.budget)
+        if fresh and self._store is not None:
+            # a budget added today counts today's usage so far, not from zero
+            await self.engine.budgets.seed(self._store, only=fresh)
 
     async def on_alerts(self, session: Session, msg: dict[str, Any]) -> Any:
         alerts = await self.engine.alerts(since=msg.get("since", 0), limit=msg.get("limit", 200))

@@ -38,6 +38,8 @@ class Reloaded:
     """Sections that changed and now apply."""
     at_restart: list[str]
     """Sections that changed and apply when the supervisor is next started."""
+    fresh_budgets: list[str]
+    """Budgets that start empty: to be counted in from the ledger (`Budgets.seed`)."""
 
     def summary(self) -> str:
         if not self.applied and not self.at_restart:
@@ -58,7 +60,7 @@ def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
     try:
         prices = PriceTable.load(new.prices)
         Rules(rules)  # refused here, before anything changes
-        engine.budgets.replace(new.budget)
+        fresh = engine.budgets.replace(new.budget)
     except PriceError as exc:
         raise ConfigError(f"{new.source}: prices: {exc}") from None
     except ConfigError as exc:
@@ -70,6 +72,7 @@ def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
         new.source,
         [name for name in changed if name in LIVE],
         [name for name in changed if name in AT_RESTART],
+        fresh,
     )
 
 

@@ -8,7 +8,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -96,7 +96,9 @@ class Pricer(Protocol):
 class Budgeting(BudgetBook, Protocol):
     """tokenwatch.core.budgets.Budgets: a BudgetBook that can be edited live."""
 
-    def replace(self, settings: Sequence[BudgetSettings]) -> None: ...
+    def replace(self, settings: Sequence[BudgetSettings]) -> list[str]: ...
+
+    async def seed(self, store: Any, only: Collection[str] | None = None) -> None: ...
 
     def add_ephemeral(self, settings: BudgetSettings, *, start: float) -> None: ...
 

@@ -215,6 +215,8 @@ class Supervisor:
         new = await anyio.to_thread.run_sync(self._read_config, old)
         reloaded = apply(self.engine, old, new)
         self.commands.config = new
+        if reloaded.fresh_budgets and self.store is not None:
+            await self.engine.budgets.seed(self.store, only=reloaded.fresh_budgets)
         log.info("config reloaded: %s", reloaded.summary())
         return reloaded.summary()
 
