@@ -176,9 +176,13 @@ class Terminal:
             self.screen += os.read(self.master, 4096).decode(errors="replace")
         return self.screen
 
-    def event(self) -> dict[str, int]:
+    def event(self, timeout: float | None = None) -> dict[str, int]:
+        """The mini shell's next report (a job stopped or exited); {} if none within `timeout`."""
         import json
+        import select
 
+        if timeout is not None and not select.select([self._events], [], [], timeout)[0]:
+            return {}
         line = self._events.readline()
         assert line, "the mini shell ended without a report"
         return json.loads(line)  # type: ignore[no-any-return]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from tests.process_fixtures import (
@@ -240,6 +241,74 @@ async def test_duty_cycle_alternates_and_leaves_the_tree_running(short_tmp: Path
     await wait_until(lambda: none_stopped(pids), "the tree runs after the cycle ends")
     await handle.kill(grace=30)
     handle.close()
+
+
+class UserAtTheTerminal:
+    """A scripted sleep for DutyCycle: at given phases the user presses Ctrl-Z or types `fg`."""
+
+    def __init__(self, pid: int, script: dict[int, str], phases: int) -> None:
+        self.pid, self.script, self.phases = pid, script, phases
+        self.states: list[str] = []
+        self.scope = anyio.CancelScope()
+
+    async def sleep(self, seconds: float) -> None:
+        self.states.append("stopped" if state(self.pid) == "T" else "runs")  # as the cycle left it
+        action = self.script.get(len(self.states))
+        if action == "ctrl-z":
+            os.kill(self.pid, signal.SIGTSTP)
+            await wait_until(lambda: state(self.pid) == "T", "stopped by its user")
+        elif action == "fg":
+            os.kill(self.pid, signal.SIGCONT)
+            await wait_until(lambda: state(self.pid) != "T", "continued by its user")
+        if len(self.states) == self.phases:
+            self.scope.cancel()
+        await anyio.lowlevel.checkpoint()
+
+
+def stopped_by(pid: int) -> int | None:
+    """The signal that last stopped our child `pid`, if it is stopped now (left to be waited)."""
+    info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    return info.si_status if info is not None and info.si_code == os.CLD_STOPPED else None
+
+
+def job() -> tuple[subprocess.Popen[bytes], ProcessHandle]:
+    """A job as a shell starts one: a process group of its own in our session (in a session of
+    its own, an orphaned group, the kernel would drop its Ctrl-Z)."""
+    proc = subprocess.Popen(["sleep", "600"], process_group=0)
+    return proc, ProcessHandle.attach(proc.pid)
+
+
+async def test_a_ctrl_z_while_the_cycle_lets_it_run_is_left_to_its_user() -> None:
+    proc, handle = job()
+    user = UserAtTheTerminal(handle.pid, {1: "ctrl-z", 3: "fg"}, phases=5)
+    with user.scope:
+        await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=user.sleep).run()
+    try:
+        # phase 1 runs (Ctrl-Z in it); 2 and 3 are held, stopped, untouched; `fg` at the end of
+        # 3 hands it back to the cycle, which stops it for phase 4 and lets it run in phase 5
+        assert user.states == ["runs", "stopped", "stopped", "stopped", "runs"]
+        await wait_until(lambda: state(handle.pid) != "T", "running after the cycle ends")
+    finally:
+        await handle.kill(grace=30)
+        handle.close()
+        proc.wait()
+
+
+async def test_a_ctrl_z_while_the_cycle_holds_it_stopped_is_not_lost() -> None:
+    proc, handle = job()
+    user = UserAtTheTerminal(handle.pid, {2: "ctrl-z"}, phases=4)
+    with user.scope:
+        await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=user.sleep).run()
+    try:
+        # phase 2 is the cycle's stop; the Ctrl-Z pressed then is handed on when it would have
+        # continued the agent: stopped by SIGTSTP, as the shell expects, and held from then on
+        assert user.states == ["runs", "stopped", "stopped", "stopped"]
+        assert state(handle.pid) == "T", "the user's stop outlives the cycle"
+        assert stopped_by(handle.pid) == signal.SIGTSTP
+    finally:
+        await handle.kill(grace=30)
+        handle.close()
+        proc.wait()
 
 
 async def test_duty_cycle_ends_when_the_agent_exits() -> None:

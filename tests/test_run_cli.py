@@ -367,6 +367,25 @@ def test_on_a_terminal_ctrl_z_and_ctrl_c_behave_as_without_tokenwatch(
         term.close()
 
 
+@pytest.mark.slow
+def test_no_ctrl_z_is_lost_while_the_agent_is_duty_cycled(
+    supervisor: ServeProcess, short_tmp: Path
+) -> None:
+    argv = [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", "cycled", "--"]
+    term = Terminal(short_tmp, [*argv, *py(ON_A_TERMINAL)], supervisor.env)
+    try:
+        term.read_until("ready foreground=True")
+        assert tokenwatch(supervisor, "throttle", "cycled", "50%").returncode == 0
+        stops = []
+        for _ in range(6):  # 0.37 s apart: some land while the cycle has the agent stopped
+            time.sleep(0.37)
+            term.type(b"\x1a")
+            stops.append(term.event(timeout=10))  # the mini shell then does `fg`
+    finally:
+        term.close()
+    assert stops == [{"stopped": signal.SIGTSTP}] * 6
+
+
 def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServeProcess) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenwatch", "run", "--name", "looper", "--", *py(

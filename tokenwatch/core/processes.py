@@ -115,6 +115,20 @@ def _read_uid(pid: int) -> int:
     raise ProcessGone(f"pid {pid} has no uid (exiting)")
 
 
+_JOB_CONTROL_BITS: Final = sum(1 << (sig - 1) for sig in (20, 21, 22))
+"""SIGTSTP, SIGTTIN and SIGTTOU in /proc's pending-signal masks (bit n - 1 for signal n)."""
+
+
+def _stop_pending(pid: int) -> bool:
+    """A job-control stop (Ctrl-Z) sent to a process that was already stopped waits, pending,
+    until the next SIGCONT throws it away; /proc shows it meanwhile."""
+    status = _read_proc(pid, "status").decode(errors="replace")
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & _JOB_CONTROL_BITS:
+            return True
+    return False
+
+
 def _read_argv(pid: int) -> list[str]:
     try:
         raw = _read_proc(pid, "cmdline")
@@ -351,6 +365,19 @@ class ProcessHandle:
         """SIGCONT the whole tree; returns the pids continued. Raises ProcessGone if none is left."""
         return [m.pid for m in self._live_or_gone() if m.send(signal.SIGCONT)]
 
+    def suspend(self) -> list[int]:
+        """SIGTSTP the whole tree, as the terminal's Ctrl-Z does (its parent, a shell or
+        `tokenwatch run`, sees a job stopped by its user). Raises ProcessGone if none is left."""
+        return [m.pid for m in self._live_or_gone() if m.send(signal.SIGTSTP)]
+
+    def stopped(self) -> bool:
+        """The root process is stopped, by whoever. Raises ProcessGone once it has exited."""
+        return _read_stat(self.pid).state in "Tt"
+
+    def stop_pending(self) -> bool:
+        """A job-control stop waits on the (stopped) root: its user pressed Ctrl-Z meanwhile."""
+        return _stop_pending(self.pid)
+
     async def kill(self, grace: float = KILL_GRACE_PERIOD) -> KillReport:
         """SIGTERM (and SIGCONT, so a paused tree can act on it) every process, SIGKILL who is
         left after `grace` seconds, reap our own child. Never raises ProcessGone."""
@@ -483,6 +510,7 @@ class DutyCycle:
         self._handle = handle
         self._sleep = sleep
         self._cycles = 0
+        self._user_stopped = False
         self.run_fraction = run_fraction
         self.period = period
         self.set_fraction(run_fraction)
@@ -499,11 +527,17 @@ class DutyCycle:
         return DutyCycleStatistics(self._cycles, self.run_fraction, self.period)
 
     async def run(self) -> None:
-        """Cycle until cancelled or the tree is gone; always leaves the tree continued."""
+        """Cycle until cancelled or the tree is gone; leaves the tree continued, unless its user
+        stopped it (Ctrl-Z): a job stopped by its user is theirs to continue, so while the root
+        is stopped by someone else the cycle leaves it alone, and takes up again once it runs."""
         try:
             while True:
-                self._handle.resume()
+                self._continue()
                 await self._sleep(self.run_fraction * self.period)
+                while self._handle.stopped():  # stopped meanwhile, and not by us
+                    self._user_stopped = True
+                    await self._sleep(self.period)
+                self._user_stopped = False
                 if self.run_fraction < 1:
                     self._handle.pause()
                     await self._sleep((1 - self.run_fraction) * self.period)
@@ -511,7 +545,17 @@ class DutyCycle:
         except ProcessGone:
             return
         finally:
-            try:
-                self._handle.resume()
-            except ProcessGone:
-                pass
+            if not self._user_stopped:
+                try:
+                    self._continue()
+                except ProcessGone:
+                    pass
+
+    def _continue(self) -> None:
+        """SIGCONT after our stop; a Ctrl-Z that came meanwhile (SIGCONT would throw it away) is
+        handed on as the terminal would have, so the user's job ends up stopped, by them."""
+        ctrl_z = self._handle.stopped() and self._handle.stop_pending()
+        self._handle.resume()
+        if ctrl_z:
+            self._handle.suspend()
+            self._user_stopped = True
