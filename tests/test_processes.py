@@ -311,6 +311,30 @@ async def test_a_ctrl_z_while_the_cycle_holds_it_stopped_is_not_lost() -> None:
         proc.wait()
 
 
+async def test_resuming_a_paused_job_hands_on_its_users_ctrl_z() -> None:
+    proc, handle = job()
+    try:
+        handle.pause()
+        await wait_until(lambda: state(handle.pid) == "T", "paused")
+        os.kill(handle.pid, signal.SIGTSTP)  # Ctrl-Z while tokenwatch holds it
+        await wait_until(handle.stop_pending, "the Ctrl-Z waits, pending")
+        handle.resume()
+        await wait_until(lambda: stopped_by(handle.pid) == signal.SIGTSTP, "stopped by its user")
+        assert state(handle.pid) == "T"
+        plain, other = job()
+        other.pause()
+        await wait_until(lambda: state(plain.pid) == "T", "paused")
+        other.resume()  # nothing pending: simply continued
+        await wait_until(lambda: state(plain.pid) != "T", "running again")
+        await other.kill(grace=30)
+        other.close()
+        plain.wait()
+    finally:
+        await handle.kill(grace=30)
+        handle.close()
+        proc.wait()
+
+
 async def test_duty_cycle_ends_when_the_agent_exits() -> None:
     handle = spawn(["true"], env=dict(os.environ))
     await handle.wait_exit()

@@ -200,12 +200,10 @@ class Engine:
     async def release_all(self) -> None:
         """On the way out: no agent stays stopped, held calls go, pending usage is stored."""
         for rec in self.roster:
+            # a duty cycle, cancelled, continues its agent itself (unless its user stopped it)
             self._stop_duty(rec)
             rec.release()
-            if rec.handle is not None and rec.agent.state in (
-                AgentState.PAUSED,
-                AgentState.THROTTLED,
-            ):
+            if rec.handle is not None and rec.agent.state == AgentState.PAUSED:
                 try:
                     rec.handle.resume()
                 except (ProcessGone, NotPermitted):

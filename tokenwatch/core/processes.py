@@ -362,8 +362,20 @@ class ProcessHandle:
         return list(stopped)
 
     def resume(self) -> list[int]:
-        """SIGCONT the whole tree; returns the pids continued. Raises ProcessGone if none is left."""
-        return [m.pid for m in self._live_or_gone() if m.send(signal.SIGCONT)]
+        """SIGCONT the whole tree; returns the pids continued. Raises ProcessGone if none is left.
+        A Ctrl-Z its user pressed while it was stopped is handed on (see `continue_tree`)."""
+        return self.continue_tree()[0]
+
+    def continue_tree(self) -> tuple[list[int], bool]:
+        """SIGCONT the whole tree. A Ctrl-Z pressed while the root was stopped waits, pending,
+        and SIGCONT would throw it away: it is handed on as a SIGTSTP, so the job ends up stopped
+        by its user, as the shell expects. Returns the pids continued, and whether that
+        happened. Raises ProcessGone if none is left."""
+        ctrl_z = self.stopped() and self.stop_pending()
+        pids = [m.pid for m in self._live_or_gone() if m.send(signal.SIGCONT)]
+        if ctrl_z:
+            self.suspend()
+        return pids, ctrl_z
 
     def suspend(self) -> list[int]:
         """SIGTSTP the whole tree, as the terminal's Ctrl-Z does (its parent, a shell or
@@ -552,10 +564,7 @@ class DutyCycle:
                     pass
 
     def _continue(self) -> None:
-        """SIGCONT after our stop; a Ctrl-Z that came meanwhile (SIGCONT would throw it away) is
-        handed on as the terminal would have, so the user's job ends up stopped, by them."""
-        ctrl_z = self._handle.stopped() and self._handle.stop_pending()
-        self._handle.resume()
-        if ctrl_z:
-            self._handle.suspend()
-            self._user_stopped = True
+        """SIGCONT after our stop; a Ctrl-Z that came meanwhile is handed on (the job is then
+        its user's: the cycle holds off)."""
+        _, handed_on = self._handle.continue_tree()
+        self._user_stopped = self._user_stopped or handed_on
