@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from tokenwatch.config import Config, ConfigError
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
-
-log = logging.getLogger("tokenwatch.supervisor")
 
 LIVE: Final = ("budget", "rule", "prices", "agents")
 """Sections a running supervisor applies at once (agents: for launches after the edit)."""

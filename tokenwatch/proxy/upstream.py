@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -15,8 +14,6 @@ from urllib.parse import urlsplit
 import httptools
 
 from tokenwatch.proxy.egress import Egress, ProxyRefused, Via, open_tunnel
-
-log = logging.getLogger("tokenwatch.proxy")
 
 Headers = list[tuple[str, str]]
 
@@ -31,7 +28,7 @@ HAPPY_EYEBALLS_DELAY = 0.25
 MAX_RESPONSE_HEAD_BYTES = 65_536
 """Largest response head accepted from an upstream (a bigger one is a malformed answer)."""
 _HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+"""Body bytes buffered before reading from the upstream pauses (the agent reads slower)."""
 _NO_BODY = frozenset({"HEAD"})
 # connection-specific or recomputed here: never copied from the agent's request
 _REQUEST_DROP = frozenset(
