@@ -398,3 +398,19 @@ async def test_a_bad_port_in_the_upstream_url_is_an_upstream_error() -> None:
     async with client() as c:
         with pytest.raises(UpstreamUnreachable, match="not a valid port"):
             await fetch(c, "http://127.0.0.1:99999/v1")
+
+
+async def test_a_request_on_a_connection_closed_as_it_was_reused_goes_again_once() -> None:
+    async def closes_on_reuse(
+        request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if up.connections == 1 and len(up.requests) == 2:
+            return False  # closed at once, unanswered: as if its idle timer had just fired
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    async with upstream(closes_on_reuse) as up, client() as c:
+        assert await fetch(c, up.url) == (200, b"ok")
+        assert await fetch(c, up.url) == (200, b"ok")  # sent again, on a new connection
+    assert (up.connections, len(up.requests)) == (2, 3)
