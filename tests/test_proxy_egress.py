@@ -153,6 +153,9 @@ def test_which_hosts_go_through_the_proxy() -> None:
     assert bypassed("anything.example", "*")
     assert not bypassed("notinternal.corp", ".internal.corp")
     assert bypassed("2001:db8::5", "[2001:db8::]/32")  # curl's way of writing an IPv6 network
+    fallback = Egress({"all": "http://gw.corp:8080", "https": "http://tls.corp:3128"})
+    assert fallback.via("http", "example.com") == Via("gw.corp", 8080)
+    assert fallback.via("https", "example.com") == Via("tls.corp", 3128)
 
 
 async def test_any_2xx_opens_the_tunnel_and_a_bad_proxy_port_is_named() -> None:

@@ -36,7 +36,8 @@ class Via:
 
 class Egress:
     """Which forward proxy, if any, a call to a host goes through (`http_proxy`, `https_proxy`,
-    `no_proxy` as curl and the SDKs read them; a loopback host never goes through one)."""
+    else `all_proxy`, and `no_proxy`, as curl and the SDKs read them; a loopback host never goes
+    through one)."""
 
     def __init__(self, proxies: Mapping[str, str]) -> None:
         self._proxies = dict(proxies)
@@ -53,7 +54,7 @@ class Egress:
         return self._cache[key]
 
     def _choose(self, scheme: str, host: str) -> Via | None:
-        url = self._proxies.get(scheme)
+        url = self._proxies.get(scheme) or self._proxies.get("all")
         if not url or _loopback(host) or bypassed(host, self._proxies.get("no", "")):
             return None
         return parse_proxy(url)
