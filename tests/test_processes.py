@@ -335,6 +335,34 @@ async def test_resuming_a_paused_job_hands_on_its_users_ctrl_z() -> None:
         proc.wait()
 
 
+async def test_a_tree_whose_root_dies_while_stopped_is_continued(short_tmp: Path) -> None:
+    handle, (root, *rest) = await spawn_tree(short_tmp)
+    seen: list[bool] = []
+    scope = anyio.CancelScope()
+
+    async def sleep(seconds: float) -> None:
+        expected = all_stopped if len(seen) % 2 else none_stopped  # run, stop, run, stop
+        with anyio.move_on_after(5):
+            while not expected(rest):
+                await anyio.sleep(0.01)
+        seen.append(all_stopped(rest))
+        if len(seen) == 2:  # the cycle holds the tree stopped: its root dies and is reaped
+            os.kill(root, signal.SIGKILL)
+            await handle.wait_exit()
+        if len(seen) == 4:
+            scope.cancel()
+        await anyio.lowlevel.checkpoint()
+
+    with scope:
+        await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=sleep).run()
+    try:
+        assert seen == [False, True, False, True]  # the rest of the tree goes on being cycled
+        await wait_until(lambda: none_stopped(rest), "the rest of the tree runs at the end")
+    finally:
+        await handle.kill(grace=30)
+        handle.close()
+
+
 async def test_duty_cycle_ends_when_the_agent_exits() -> None:
     handle = spawn(["true"], env=dict(os.environ))
     await handle.wait_exit()

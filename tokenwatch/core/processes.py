@@ -383,12 +383,19 @@ class ProcessHandle:
         return [m.pid for m in self._live_or_gone() if m.send(signal.SIGTSTP)]
 
     def stopped(self) -> bool:
-        """The root process is stopped, by whoever. Raises ProcessGone once it has exited."""
-        return _read_stat(self.pid).state in "Tt"
+        """The root process is stopped, by whoever (False once it has exited: the rest of the
+        tree may live on, and is then ours to continue)."""
+        try:
+            return _read_stat(self.pid).state in "Tt"
+        except ProcessGone:
+            return False
 
     def stop_pending(self) -> bool:
         """A job-control stop waits on the (stopped) root: its user pressed Ctrl-Z meanwhile."""
-        return _stop_pending(self.pid)
+        try:
+            return _stop_pending(self.pid)
+        except ProcessGone:
+            return False
 
     async def kill(self, grace: float = KILL_GRACE_PERIOD) -> KillReport:
         """SIGTERM (and SIGCONT, so a paused tree can act on it) every process, SIGKILL who is
