@@ -353,10 +353,19 @@ def test_reload_keeps_usage_and_rearms_warnings_above_a_raised_limit() -> None:
 
 
 class _Ledger:
-    """Stored events, read back as `Store.iter_events` does; `meanwhile` runs mid-read."""
+    """Stored events, read back as `Store.iter_events` does; `meanwhile` runs mid-read, and
+    `flush` commits what the writer still held."""
 
-    def __init__(self, events: list[UsageEvent], meanwhile: Callable[[], object]) -> None:
-        self.events, self.meanwhile = events, meanwhile
+    def __init__(
+        self,
+        events: list[UsageEvent],
+        meanwhile: Callable[[], object],
+        unflushed: list[UsageEvent] | None = None,
+    ) -> None:
+        self.events, self.meanwhile, self.unflushed = events, meanwhile, unflushed or []
+
+    async def flush(self) -> None:
+        self.events += self.unflushed
 
     async def iter_events(self, since: float = 0) -> AsyncIterator[UsageEvent]:
         for i, e in enumerate(self.events):
@@ -385,6 +394,60 @@ async def test_a_budget_added_by_an_edit_counts_todays_usage_so_far() -> None:
     assert used(budgets, "d") == 1000 + 2000 + 4000  # kept as it was, nothing counted again
     budgets.record(event(clock.now + 2, tokens=100, call_id="d"))
     assert used(budgets, "g") == 7600
+
+
+async def test_a_seed_survives_an_edit_midway_and_reads_what_the_writer_held() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    both = [BudgetSettings(name="g", limit="50k"), BudgetSettings(name="h", limit="50k")]
+    held = event(clock.now - 5, tokens=300, call_id="w")  # counted before the edit, not stored
+    budgets.record(held)
+    fresh = budgets.replace(both)
+    late = event(clock.now + 1, tokens=4000, call_id="c")
+
+    def edit_then_call() -> None:
+        budgets.replace(both)  # the config watch re-reads the file the edit just wrote
+        budgets.record(late)  # a call settles: counted, then stored
+        ledger.events.append(late)
+
+    stored = [event(at("2026-11-23 09:00"), tokens=500, call_id="z"), event(0, tokens=1)]
+    ledger = _Ledger(stored, edit_then_call, unflushed=[held])
+    await budgets.seed(ledger, only=fresh)
+    assert used(budgets, "g") == used(budgets, "h") == 300 + 500 + 4000
+    budgets.record(event(clock.now + 2, tokens=100, call_id="d"))
+    assert used(budgets, "g") == 4900  # the seed is over: nothing counted twice from now on
+
+
+async def test_a_budget_added_past_its_limit_acts_on_the_next_call() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    budgets.add_ephemeral(BudgetSettings(name="run:x", limit="1M", period="total"), start=0)
+    fresh = budgets.replace(
+        [
+            BudgetSettings(name="tight", limit="10k", action="pause"),
+            BudgetSettings(name="run:x", limit="1M", period="total"),
+        ]
+    )
+    spent = [event(clock.now - 60 * i, tokens=5000, call_id=f"e{i}") for i in range(3)]
+    await budgets.seed(_Ledger(spent, lambda: None), only=fresh)
+    assert used(budgets, "tight") == 15_000
+    assert used(budgets, "run:x") == 15_000  # the configured one; the run's own is not seeded
+    signals = budgets.record(event(clock.now, tokens=10, call_id="next"))
+    assert [s.action for s in signals] == ["pause"]
+
+
+async def test_a_rolling_budget_forgets_seeded_usage_in_time() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    hourly = BudgetSettings(name="r", limit="50k", period="hour", rolling=True)
+    fresh = budgets.replace([hourly])
+    live = event(clock.now, tokens=100, call_id="live")
+    old = event(clock.now - 3000, tokens=4000, call_id="old")  # read in after `live` counted
+    before = [event(0, tokens=1), event(0, tokens=1)]  # outside the hour: read past first
+    await budgets.seed(_Ledger([*before, old, live], lambda: budgets.record(live)), only=fresh)
+    assert used(budgets, "r") == 4100
+    clock.advance(700)  # `old` is now more than an hour ago
+    assert used(budgets, "r") == 100
 
 
 def test_an_ephemeral_budget_counts_from_its_start_and_can_be_removed() -> None:

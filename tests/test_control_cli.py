@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,40 @@ def test_throttle_by_rate_and_by_duty_cycle(supervisor: ServeProcess) -> None:
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("tokenwatch: not a rate")
+
+
+def states_over(pids: list[int], seconds: float) -> set[str]:
+    """Every state the processes were seen in over `seconds` (sampled every 10 ms)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.update(s for p in pids if (s := state_of(p)) is not None)
+        time.sleep(0.01)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_duty_cycled_agent_paused_stays_paused_and_resumed_runs_one_cycle(
+    supervisor: ServeProcess,
+) -> None:
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        attach(supervisor, tree.pid, "cycled")
+        tw(supervisor, "throttle", "cycled", "50%")
+        wait_for_states(pids, {"T"})  # the cycle runs
+        tw(supervisor, "pause", "cycled")
+        while_paused = states_over(pids, 2.5)  # more than two periods of the cycle
+        tw(supervisor, "resume", "cycled")
+        tw(supervisor, "resume", "cycled")  # twice: still one cycle
+        tw(supervisor, "throttle", "cycled", "off")
+        wait_for_states(pids, RUNNING_STATES)
+        after_off = states_over(pids, 2.5)
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert while_paused == {"T"}, "the cancelled cycle must not continue a paused agent"
+    assert after_off <= RUNNING_STATES, "no second cycle left running after `throttle off`"
 
 
 @pytest.mark.slow

@@ -252,7 +252,9 @@ class UserAtTheTerminal:
         self.scope = anyio.CancelScope()
 
     async def sleep(self, seconds: float) -> None:
-        self.states.append("stopped" if state(self.pid) == "T" else "runs")  # as the cycle left it
+        # as the cycle left it, once a stop it handed on (if any) has been delivered
+        await wait_until(lambda: not processes._pending_quietly(self.pid), "signals delivered")
+        self.states.append("stopped" if state(self.pid) == "T" else "runs")
         action = self.script.get(len(self.states))
         if action == "ctrl-z":
             os.kill(self.pid, signal.SIGTSTP)

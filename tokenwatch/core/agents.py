@@ -15,7 +15,7 @@ from tokenwatch.core.models import Agent, AgentState
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
-    from tokenwatch.core.processes import ProcessHandle
+    from tokenwatch.core.processes import DutyCycle, ProcessHandle
     from tokenwatch.core.throttle import TokenBucket
 
 MAX_EXITED: Final = 200
@@ -38,6 +38,8 @@ class AgentRecord:
     bucket_usd: bool = False
     """True when the bucket counts dollars (`$1/h`), else tokens."""
     duty: anyio.CancelScope | None = None
+    cycle: DutyCycle | None = None
+    """The duty cycle `duty` runs, once it has started."""
     denied: str = ""
     """Why its calls are refused (a deny action); empty when they may go."""
     route: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import fnmatch
 import itertools
@@ -198,10 +199,12 @@ class _Budget:
     def add(self, c: _Counter, amount: float, ts: float) -> None:
         c.used += amount
         c.last_ts = max(c.last_ts, ts)
-        if c.first_ts is None:
-            c.first_ts = ts
+        c.first_ts = ts if c.first_ts is None else min(c.first_ts, ts)
         if self.settings.rolling:
-            c.recent.append((ts, amount))
+            if c.recent and ts < c.recent[-1][0]:
+                bisect.insort(c.recent, (ts, amount))  # older usage read in after live calls
+            else:
+                c.recent.append((ts, amount))
         if c.exhausted_at is None and c.used >= self.limit:
             c.exhausted_at = ts
 
@@ -287,6 +290,7 @@ class Budgets:
             old = self._budgets.get(budget.name)
             if old is not None and old.same_measure(budget):
                 budget.counters = old.counters
+                budget.counted_live = old.counted_live  # a seed under way goes on for it
                 _forget_passed_thresholds(budget)
             elif budget.period != "request":
                 empty.append(budget.name)
@@ -409,16 +413,19 @@ class Budgets:
         return signals
 
     def _count(
-        self, event: UsageEvent, signals: list[Signal] | None, into: Collection[str] | None = None
+        self,
+        event: UsageEvent,
+        signals: list[Signal] | None,
+        seeding: Collection[_Budget] | None = None,
     ) -> None:
         tags = self._tags.get(event.agent, {})
-        for budget in self._all():
-            if event.ts < budget.origin or (into is not None and budget.name not in into):
+        for budget in self._all() if seeding is None else seeding:
+            if event.ts < budget.origin:
                 continue
             if budget.counted_live is not None:
-                if into is not None and event.call_id in budget.counted_live:
+                if seeding is not None and event.call_id in budget.counted_live:
                     continue  # counted live while its past was being read
-                if into is None and event.call_id:
+                if seeding is None and event.call_id:
                     budget.counted_live.add(event.call_id)
             key = budget.key_for(event.agent, event.task, event.model, event.user, tags)
             if key is None:
@@ -442,22 +449,33 @@ class Budgets:
                 signals.append(self._threshold(budget, key, c, event.agent, max(due)))
 
     async def seed(self, store: Any, only: Collection[str] | None = None) -> None:
-        """Count usage already in the ledger for the current periods (no warnings re-fired): into
-        every budget at start, into `only` (the ones `replace` left empty) after an edit. Calls
-        counted live meanwhile are not counted twice."""
-        budgets = [b for b in self._all() if only is None or b.name in only]
+        """Count usage already in the ledger for the current periods: into every budget at start
+        (no warnings re-fired), or into `only`, configured budgets that `replace` left empty,
+        after an edit. Those then warn and act on their next call if they are past a threshold
+        already; calls counted live while the ledger is read are not counted twice."""
+        if only is None:
+            budgets = list(self._all())
+        else:
+            budgets = [b for b in self._budgets.values() if b.name in only]
         since = self.counting_since(self._clock(), budgets)
         if since is None:
             return
-        into = None if only is None else frozenset(only)
+        tracking: set[str] | None = None if only is None else set()
         for budget in budgets:
-            budget.counted_live = None if into is None else set()
+            budget.counted_live = tracking
         try:
+            if tracking is not None and hasattr(store, "flush"):
+                await store.flush()  # calls counted before the edit are in the ledger
             async for event in store.iter_events(since=since):
-                self._count(event, None, into=into)
+                self._count(event, None, seeding=budgets)
         finally:
+            for budget in [*budgets, *self._all()]:
+                if budget.counted_live is tracking:
+                    budget.counted_live = None
+        if only is not None:
             for budget in budgets:
-                budget.counted_live = None
+                for counter in budget.counters.values():
+                    counter.fired.clear()
 
     def warm_up(self, event: UsageEvent) -> None:
         """Count usage from before the time of interest, silently (seeding, replay warm-up)."""

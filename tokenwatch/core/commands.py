@@ -15,6 +15,7 @@ from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.agents import AgentRecord
 from tokenwatch.core.budget_file import overlay_file, remove_budget, set_budget
 from tokenwatch.core.budgets import budget_name
+from tokenwatch.core.config_reload import seed_quietly
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
@@ -280,7 +281,7 @@ class Commands:
         fresh = self.engine.budgets.replace(config.budget)
         if fresh and self._store is not None:
             # a budget added today counts today's usage so far, not from zero
-            await self.engine.budgets.seed(self._store, only=fresh)
+            await seed_quietly(self.engine, self._store, fresh)
 
     async def on_alerts(self, session: Session, msg: dict[str, Any]) -> Any:
         alerts = await self.engine.alerts(since=msg.get("since", 0), limit=msg.get("limit", 200))

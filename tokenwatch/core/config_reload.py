@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -13,8 +14,11 @@ import anyio.abc
 
 from tokenwatch.config import Config, ConfigError
 from tokenwatch.core.engine import Engine
+from tokenwatch.core.models import Alert
 from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
+
+log = logging.getLogger("tokenwatch.supervisor")
 
 LIVE: Final = ("budget", "rule", "prices", "agents")
 """Sections a running supervisor applies at once (agents: for launches after the edit)."""
@@ -71,6 +75,19 @@ def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
         [name for name in changed if name in AT_RESTART],
         fresh,
     )
+
+
+async def seed_quietly(engine: Engine, store: object, fresh: Sequence[str]) -> None:
+    """Count the ledger's usage into budgets an edit left empty; one that cannot be read leaves
+    them counting from now (said in the log and an alert), and the edit stands."""
+    try:
+        await engine.budgets.seed(store, only=fresh)
+    except Exception as exc:
+        names = ", ".join(fresh)
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning("budgets %s count from now: the ledger could not be read (%s)", names, why)
+        message = f"budgets {names} count usage from now on: the ledger could not be read ({why})"
+        engine.alert_nowait(Alert(rule="config", agent="", message=message))
 
 
 Stamp = tuple[tuple[int, int] | None, ...]

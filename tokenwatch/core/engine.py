@@ -3,6 +3,7 @@ actions, publish); it implements the Gate that the proxy and the SDK call around
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -495,7 +496,7 @@ class Engine:
 
     async def pause(self, name: str, *, who: str, why: str = "") -> Action:
         rec = self.roster.find(name)
-        self._stop_duty(rec)
+        self._stop_duty(rec, continue_tree=False)
         rec.hold()
         ok, detail = self._signal_tree(rec, "pause")
         self._set_state(rec, AgentState.PAUSED)
@@ -523,7 +524,7 @@ class Engine:
     async def kill(self, name: str, *, who: str, why: str = "") -> Action:
         rec = self.roster.find(name)
         rec.denied = f"{name} was killed by {who}"
-        self._stop_duty(rec)
+        self._stop_duty(rec, continue_tree=False)
         rec.release()
         # Noted before the signals: `tokenwatch run` sees its agent die and asks for the
         # summary while this is still waiting out the grace period.
@@ -586,26 +587,35 @@ class Engine:
         return await self._record(ActionKind.THROTTLE, rec, who, why, detail, True)
 
     def _start_duty(self, rec: AgentRecord) -> None:
+        self._stop_duty(rec)  # one cycle per agent, ever
         if rec.handle is None or not rec.agent.throttle.endswith("%"):
             return
         fraction = parse_rate(rec.agent.throttle).value
-        self._start_soon(self._run_duty, rec, fraction)
+        # the scope exists from now: stopping the duty before its task has run stops it too
+        rec.duty = anyio.CancelScope()
+        self._start_soon(self._run_duty, rec, rec.duty, fraction)
 
-    async def _run_duty(self, rec: AgentRecord, fraction: float) -> None:
+    async def _run_duty(self, rec: AgentRecord, scope: anyio.CancelScope, fraction: float) -> None:
         from tokenwatch.core.processes import DutyCycle
 
         if rec.handle is None:
             return
-        with anyio.CancelScope() as scope:
-            rec.duty = scope
-            await DutyCycle(rec.handle, fraction).run()
+        cycle = DutyCycle(rec.handle, fraction)
+        with scope:
+            if rec.duty is scope:
+                rec.cycle = cycle
+                await cycle.run()
         if rec.duty is scope:
-            rec.duty = None
+            rec.duty = rec.cycle = None
 
-    def _stop_duty(self, rec: AgentRecord) -> None:
+    def _stop_duty(self, rec: AgentRecord, *, continue_tree: bool = True) -> None:
+        """End the agent's duty cycle; `continue_tree=False` when the caller is about to stop or
+        kill it (a cycle that continued it on its way out would undo a pause)."""
+        if rec.cycle is not None:
+            rec.cycle.continue_at_end = continue_tree
         if rec.duty is not None:
             rec.duty.cancel()
-            rec.duty = None
+        rec.duty = rec.cycle = None
 
     def _signal_tree(self, rec: AgentRecord, how: str) -> tuple[bool, str]:
         if rec.handle is None:
@@ -753,11 +763,16 @@ class Engine:
     def _exited(self, rec: AgentRecord, code: int | None) -> None:
         if not rec.live and rec.agent.exit_code is not None:
             return
+        cycling = rec.duty is not None
         self._stop_duty(rec)
         rec.release()
         if code is not None:
             rec.agent.exit_code = code
         if rec.handle is not None:
+            if cycling:
+                # the cycle can no longer continue what is left of the tree once this closes
+                with contextlib.suppress(ProcessGone, NotPermitted):
+                    rec.handle.resume()
             rec.handle.close()
             rec.handle = None
         if rec.route and self.routes is not None:

@@ -129,6 +129,13 @@ def _stop_pending(pid: int) -> bool:
     return False
 
 
+def _pending_quietly(pid: int) -> bool:
+    try:
+        return _stop_pending(pid)
+    except ProcessGone:
+        return False
+
+
 def _read_argv(pid: int) -> list[str]:
     try:
         raw = _read_proc(pid, "cmdline")
@@ -367,15 +374,17 @@ class ProcessHandle:
         return self.continue_tree()[0]
 
     def continue_tree(self) -> tuple[list[int], bool]:
-        """SIGCONT the whole tree. A Ctrl-Z pressed while the root was stopped waits, pending,
-        and SIGCONT would throw it away: it is handed on as a SIGTSTP, so the job ends up stopped
-        by its user, as the shell expects. Returns the pids continued, and whether that
-        happened. Raises ProcessGone if none is left."""
-        ctrl_z = self.stopped() and self.stop_pending()
-        pids = [m.pid for m in self._live_or_gone() if m.send(signal.SIGCONT)]
-        if ctrl_z:
-            self.suspend()
-        return pids, ctrl_z
+        """SIGCONT the whole tree. A Ctrl-Z pressed while it was stopped waits, pending, on the
+        processes of the terminal's job, and SIGCONT would throw it away: it is handed on as a
+        SIGTSTP to those processes (not to others of the tree, which `fg` would not continue), so
+        the job ends up stopped by its user, as the shell expects. Returns the pids continued,
+        and whether a Ctrl-Z was handed on. Raises ProcessGone if none is left."""
+        members = self._live_or_gone()
+        waiting = [m for m in members if _pending_quietly(m.pid)]
+        pids = [m.pid for m in members if m.send(signal.SIGCONT)]
+        for member in waiting:
+            member.send(signal.SIGTSTP)
+        return pids, bool(waiting)
 
     def suspend(self) -> list[int]:
         """SIGTSTP the whole tree, as the terminal's Ctrl-Z does (its parent, a shell or
@@ -392,10 +401,7 @@ class ProcessHandle:
 
     def stop_pending(self) -> bool:
         """A job-control stop waits on the (stopped) root: its user pressed Ctrl-Z meanwhile."""
-        try:
-            return _stop_pending(self.pid)
-        except ProcessGone:
-            return False
+        return _pending_quietly(self.pid)
 
     async def kill(self, grace: float = KILL_GRACE_PERIOD) -> KillReport:
         """SIGTERM (and SIGCONT, so a paused tree can act on it) every process, SIGKILL who is
@@ -530,6 +536,8 @@ class DutyCycle:
         self._sleep = sleep
         self._cycles = 0
         self._user_stopped = False
+        self.continue_at_end = True
+        """Leave the tree continued when cancelled; False when it is being paused or killed."""
         self.run_fraction = run_fraction
         self.period = period
         self.set_fraction(run_fraction)
@@ -564,7 +572,7 @@ class DutyCycle:
         except ProcessGone:
             return
         finally:
-            if not self._user_stopped:
+            if self.continue_at_end and not self._user_stopped:
                 try:
                     self._continue()
                 except ProcessGone:

@@ -21,7 +21,7 @@ from tokenwatch.config import Config, ConfigError, load_config
 from tokenwatch.core.alerting import Notifier
 from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.commands import Commands
-from tokenwatch.core.config_reload import ConfigWatch, apply
+from tokenwatch.core.config_reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.core.daemon import instance_lock, remove_pid, write_pid
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import Agent, Alert, UsageEvent
@@ -216,7 +216,7 @@ class Supervisor:
         reloaded = apply(self.engine, old, new)
         self.commands.config = new
         if reloaded.fresh_budgets and self.store is not None:
-            await self.engine.budgets.seed(self.store, only=reloaded.fresh_budgets)
+            await seed_quietly(self.engine, self.store, reloaded.fresh_budgets)
         log.info("config reloaded: %s", reloaded.summary())
         return reloaded.summary()
 
