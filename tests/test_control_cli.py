@@ -189,6 +189,24 @@ def test_a_duty_cycled_agent_paused_stays_paused_and_resumed_runs_one_cycle(
 
 
 @pytest.mark.slow
+def test_when_a_cycled_agents_root_dies_the_rest_of_its_tree_is_continued(
+    supervisor: ServeProcess,
+) -> None:
+    tree = start_tree()
+    root, *rest = descendants(tree.pid)
+    try:
+        attach(supervisor, tree.pid, "orphaning")
+        tw(supervisor, "throttle", "orphaning", "10%")
+        wait_for_states([root, *rest], {"T"})  # held stopped 90% of each second
+        tree.kill()  # the root dies while the cycle holds its tree stopped
+        tree.wait()
+        after = wait_for_states(rest, RUNNING_STATES)
+    finally:
+        kill_tree(rest)
+    assert set(after.values()) <= RUNNING_STATES
+
+
+@pytest.mark.slow
 def test_env_prints_what_a_process_needs_to_report_and_use_the_proxy(
     supervisor: ServeProcess,
 ) -> None:
