@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -13,9 +14,11 @@ import pytest
 
 from tests.supervisor_fixtures import running_supervisor
 from tokenwatch.client.control import SupervisorClient, SupervisorError
-from tokenwatch.config import load_config
+from tokenwatch.config import BudgetSettings, load_config
 from tokenwatch.core import config_reload
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.budgets import Budgets
+from tokenwatch.core.config_reload import seed_quietly
+from tokenwatch.core.models import Alert, UsageEvent
 from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.paths import Paths
 
@@ -153,3 +156,22 @@ async def test_a_budget_added_while_running_counts_todays_usage_so_far(short_tmp
         await client.request("set_budget", budget={"name": "cli", "limit": "20k"})
         used = {b["name"]: b["used"] for b in await client.request("budgets")}
     assert used == {"daily": 0.0, "tokens": 700, "cli": 700}
+
+
+async def test_a_catch_up_that_cannot_read_the_ledger_keeps_the_edit_and_says_so() -> None:
+    class Unreadable:
+        async def flush(self) -> None:
+            raise OSError(5, "Input/output error")
+
+    budgets = Budgets([], tz="UTC")
+    fresh = budgets.replace([BudgetSettings(name="g", limit="1k")])
+    alerts: list[Alert] = []
+    engine = SimpleNamespace(budgets=budgets, alert_nowait=alerts.append)
+    await seed_quietly(engine, Unreadable(), fresh)  # type: ignore[arg-type]
+    budgets.record(UsageEvent(ts=time.time(), agent="a", input_tokens=300, call_id="x"))
+    assert {s.name: s.used for s in budgets.statuses()} == {"g": 300}
+    (alert,) = alerts
+    assert alert.message == (
+        "budgets g count usage from now on: the ledger could not be read "
+        "(OSError: [Errno 5] Input/output error)"
+    )

@@ -273,10 +273,10 @@ def stopped_by(pid: int) -> int | None:
     return info.si_status if info is not None and info.si_code == os.CLD_STOPPED else None
 
 
-def job() -> tuple[subprocess.Popen[bytes], ProcessHandle]:
+def job(argv: tuple[str, ...] = ("sleep", "600")) -> tuple[subprocess.Popen[bytes], ProcessHandle]:
     """A job as a shell starts one: a process group of its own in our session (in a session of
     its own, an orphaned group, the kernel would drop its Ctrl-Z)."""
-    proc = subprocess.Popen(["sleep", "600"], process_group=0)
+    proc = subprocess.Popen(list(argv), process_group=0)
     return proc, ProcessHandle.attach(proc.pid)
 
 
@@ -363,6 +363,26 @@ async def test_a_tree_whose_root_dies_while_stopped_is_continued(short_tmp: Path
     finally:
         await handle.kill(grace=30)
         handle.close()
+
+
+async def test_a_handed_on_ctrl_z_reaches_only_the_terminals_job() -> None:
+    # the job's own process, and a helper it started as a process group of its own
+    helper = "import subprocess, time; subprocess.Popen(['sleep', '600'], process_group=0); "
+    proc, handle = job((sys.executable, "-c", helper + "time.sleep(600)"))
+    try:
+        await wait_until(lambda: len(handle.tree()) == 2, "the helper is seen")
+        helper_pid = handle.tree()[1].pid
+        handle.pause()
+        await wait_until(lambda: all_stopped([proc.pid, helper_pid]), "paused")
+        os.killpg(proc.pid, signal.SIGTSTP)  # Ctrl-Z: the terminal stops its job's group only
+        await wait_until(handle.stop_pending, "pending on the job")
+        handle.resume()
+        await wait_until(lambda: stopped_by(proc.pid) == signal.SIGTSTP, "the job stopped")
+        await wait_until(lambda: state(helper_pid) != "T", "the helper, outside the job, runs")
+    finally:
+        await handle.kill(grace=30)
+        handle.close()
+        proc.wait()
 
 
 async def test_duty_cycle_ends_when_the_agent_exits() -> None:
