@@ -8,7 +8,7 @@ import pytest
 from budget_fixtures import Clock, at, call, event
 
 from tokenwatch.config import BudgetSettings, ConfigError
-from tokenwatch.core.admission import Refusal, Reservation
+from tokenwatch.core.admission import Refusal, Reservation, Signal
 from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.models import BudgetStatus, UsageEvent
 
@@ -434,6 +434,47 @@ async def test_a_budget_added_past_its_limit_acts_on_the_next_call() -> None:
     assert used(budgets, "run:x") == 15_000  # the configured one; the run's own is not seeded
     signals = budgets.record(event(clock.now, tokens=10, call_id="next"))
     assert [s.action for s in signals] == ["pause"]
+
+
+async def test_thresholds_passed_in_a_catch_up_warn_once_on_the_next_call() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    fresh = budgets.replace([BudgetSettings(name="w", limit="10k", warn=[50, 80])])
+    live = event(clock.now, tokens=8500, call_id="live")  # passes 80 % as it settles
+    warned: list[Signal] = []
+    past = [event(0, tokens=1), event(0, tokens=1), event(clock.now - 60, tokens=500)]
+    await budgets.seed(_Ledger(past, lambda: warned.extend(budgets.record(live))), only=fresh)
+    assert [s.alert.message[:30] for s in warned] == ["researcher has used 85% of bud"]
+    assert budgets.record(event(clock.now, tokens=100, call_id="next")) == []  # not again
+
+
+async def test_a_catch_up_that_fails_midway_leaves_warnings_to_come() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    fresh = budgets.replace([BudgetSettings(name="w", limit="10k")])
+
+    class Breaks(_Ledger):
+        async def iter_events(self, since: float = 0) -> AsyncIterator[UsageEvent]:
+            yield event(clock.now - 60, tokens=6000)
+            raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        await budgets.seed(Breaks([], lambda: None), only=fresh)
+    (signal,) = budgets.record(event(clock.now, tokens=100, call_id="next"))
+    assert "61% of budget w" in signal.alert.message
+
+
+async def test_a_limit_raised_during_a_catch_up_is_the_one_that_counts() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    fresh = budgets.replace([BudgetSettings(name="l", limit="1k")])
+    raise_it = lambda: budgets.replace([BudgetSettings(name="l", limit="5k")])  # noqa: E731
+    past = [event(0, tokens=1), event(0, tokens=1), event(clock.now - 3600, tokens=2000)]
+    await budgets.seed(_Ledger(past, raise_it), only=fresh)
+    assert (status(budgets, "l").limit, status(budgets, "l").used) == (5000, 2000)
+    assert budgets.record(event(clock.now, tokens=100, call_id="n")) == []  # 42 %: no warning
+    budgets.record(event(clock.now, tokens=3000, call_id="over"))
+    assert status(budgets, "l").forecast_exhausted_at == clock.now  # ran out now, not an hour ago
 
 
 async def test_a_rolling_budget_forgets_seeded_usage_in_time() -> None:

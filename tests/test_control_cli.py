@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from tests.supervisor_fixtures import (
     ServeProcess,
     descendants,
     kill_tree,
+    quiet_config,
+    running_supervisor,
     start_tree,
     state_of,
     supervisor_process,
@@ -28,6 +31,7 @@ from tests.supervisor_fixtures import (
     wait_for_states,
 )
 from tokenwatch.client.control import SupervisorClient
+from tokenwatch.paths import Paths
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +190,26 @@ def test_a_duty_cycled_agent_paused_stays_paused_and_resumed_runs_one_cycle(
         tree.wait()
     assert while_paused == {"T"}, "the cancelled cycle must not continue a paused agent"
     assert after_off <= RUNNING_STATES, "no second cycle left running after `throttle off`"
+
+
+async def test_a_pause_that_comes_with_the_end_of_a_cycle_holds() -> None:
+    tree = start_tree()
+    pids = descendants(tree.pid)
+    try:
+        async with running_supervisor(Paths.discover(), quiet_config(), proxy=False) as sup:
+            engine = sup.engine
+            assert engine is not None
+            engine.attach(tree.pid, "racing")
+            await engine.throttle("racing", "30%", who="cli")
+            await anyio.to_thread.run_sync(wait_for_states, pids, {"T"})  # the cycle runs
+            async with anyio.create_task_group() as tg:  # two rules act in the same moment
+                tg.start_soon(partial(engine.throttle, "racing", "off", who="rule:a"))
+                tg.start_soon(partial(engine.pause, "racing", who="rule:b"))
+            held = await anyio.to_thread.run_sync(states_over, pids, 2.5)
+    finally:
+        kill_tree(pids)
+        tree.wait()
+    assert held == {"T"}, "the ended cycle must not continue the agent after the pause"
 
 
 @pytest.mark.slow

@@ -440,6 +440,8 @@ class Budgets:
                 continue
             before = c.used
             budget.add(c, amount, event.ts)
+            if seeding is not None and budget.counted_live is not None:
+                continue  # an edit's catch-up: thresholds it passes warn on the next live call
             due = [w for w in budget.warn if w not in c.fired and c.used >= budget.limit * w / 100]
             c.fired.update(due)
             if c.used >= budget.limit and 100 not in c.fired:
@@ -467,15 +469,22 @@ class Budgets:
             if tracking is not None and hasattr(store, "flush"):
                 await store.flush()  # calls counted before the edit are in the ledger
             async for event in store.iter_events(since=since):
-                self._count(event, None, seeding=budgets)
+                self._count(event, None, seeding=self._current(budgets))
         finally:
             for budget in [*budgets, *self._all()]:
                 if budget.counted_live is tracking:
                     budget.counted_live = None
-        if only is not None:
-            for budget in budgets:
-                for counter in budget.counters.values():
-                    counter.fired.clear()
+
+    def _current(self, budgets: list[_Budget]) -> list[_Budget]:
+        """The budgets being seeded as they are now: an edit midway replaces the objects (with
+        the same counters when it kept their measure); its limits are the ones that count."""
+        now = []
+        for budget in budgets:
+            current = self._budgets.get(budget.name)
+            now.append(
+                current if current is not None and current.counters is budget.counters else budget
+            )
+        return now
 
     def warm_up(self, event: UsageEvent) -> None:
         """Count usage from before the time of interest, silently (seeding, replay warm-up)."""

@@ -85,8 +85,11 @@ async def seed_quietly(engine: Engine, store: object, fresh: Sequence[str]) -> N
     except Exception as exc:
         names = ", ".join(fresh)
         why = f"{type(exc).__name__}: {exc}"
-        log.warning("budgets %s count from now: the ledger could not be read (%s)", names, why)
-        message = f"budgets {names} count usage from now on: the ledger could not be read ({why})"
+        log.warning("budgets %s may show less than was spent: ledger unreadable (%s)", names, why)
+        message = (
+            f"budgets {names} may show less than was spent this period: the ledger could not be "
+            f"read ({why}); they count every call from now on"
+        )
         engine.alert_nowait(Alert(rule="config", agent="", message=message))
 
 

@@ -3,7 +3,6 @@ actions, publish); it implements the Gate that the proxy and the SDK call around
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -609,10 +608,14 @@ class Engine:
             rec.duty = rec.cycle = None
 
     def _stop_duty(self, rec: AgentRecord, *, continue_tree: bool = True) -> None:
-        """End the agent's duty cycle; `continue_tree=False` when the caller is about to stop or
-        kill it (a cycle that continued it on its way out would undo a pause)."""
-        if rec.cycle is not None:
-            rec.cycle.continue_at_end = continue_tree
+        """End the agent's duty cycle, continuing its tree now (not when the cancelled cycle
+        next runs, which could come after a pause); `continue_tree=False` when the caller is
+        about to stop or kill it."""
+        cycle = rec.cycle
+        if cycle is not None:
+            if continue_tree:
+                cycle.continue_now()
+            cycle.continue_at_end = False
         if rec.duty is not None:
             rec.duty.cancel()
         rec.duty = rec.cycle = None
@@ -763,16 +766,11 @@ class Engine:
     def _exited(self, rec: AgentRecord, code: int | None) -> None:
         if not rec.live and rec.agent.exit_code is not None:
             return
-        cycling = rec.duty is not None
-        self._stop_duty(rec)
+        self._stop_duty(rec)  # continues what is left of the tree while the handle is open
         rec.release()
         if code is not None:
             rec.agent.exit_code = code
         if rec.handle is not None:
-            if cycling:
-                # the cycle can no longer continue what is left of the tree once this closes
-                with contextlib.suppress(ProcessGone, NotPermitted):
-                    rec.handle.resume()
             rec.handle.close()
             rec.handle = None
         if rec.route and self.routes is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -577,6 +578,14 @@ class DutyCycle:
                     self._continue()
                 except ProcessGone:
                     pass
+
+    def continue_now(self) -> None:
+        """Continue the tree at once, as the cycle's end would (unless its user stopped it), for
+        a caller that is about to act on it and must not have the end come after."""
+        self.continue_at_end = False
+        if not self._user_stopped:
+            with contextlib.suppress(ProcessGone):
+                self._continue()
 
     def _continue(self) -> None:
         """SIGCONT after our stop; a Ctrl-Z that came meanwhile is handed on (the job is then
