@@ -477,6 +477,18 @@ async def test_a_limit_raised_during_a_catch_up_is_the_one_that_counts() -> None
     assert status(budgets, "l").forecast_exhausted_at == clock.now  # ran out now, not an hour ago
 
 
+async def test_a_limit_reached_by_a_live_call_during_a_catch_up_is_dated_by_it() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    fresh = budgets.replace([BudgetSettings(name="x", limit="10k")])
+    live = event(clock.now, tokens=2000, call_id="live")
+    past = [event(0, tokens=1), event(0, tokens=1)]
+    past += [event(clock.now - 1800, tokens=6000), event(clock.now - 1700, tokens=3000)]
+    await budgets.seed(_Ledger(past, lambda: budgets.record(live)), only=fresh)
+    assert status(budgets, "x").used == 11_000
+    assert status(budgets, "x").forecast_exhausted_at == clock.now  # 9k before, 11k with it
+
+
 async def test_a_rolling_budget_forgets_seeded_usage_in_time() -> None:
     clock = Clock(at("2026-11-23 10:00"))
     budgets = Budgets([], tz="UTC", clock=clock)

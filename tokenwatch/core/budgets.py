@@ -197,6 +197,7 @@ class _Budget:
             c.fired.clear()
 
     def add(self, c: _Counter, amount: float, ts: float) -> None:
+        latest = c.last_ts  # usage read in from the ledger can be older than live calls
         c.used += amount
         c.last_ts = max(c.last_ts, ts)
         c.first_ts = ts if c.first_ts is None else min(c.first_ts, ts)
@@ -206,7 +207,7 @@ class _Budget:
             else:
                 c.recent.append((ts, amount))
         if c.exhausted_at is None and c.used >= self.limit:
-            c.exhausted_at = ts
+            c.exhausted_at = max(ts, latest)  # the limit is reached by the latest call, in time
 
     # -- words --------------------------------------------------------------------------------
 
