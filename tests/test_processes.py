@@ -385,6 +385,34 @@ async def test_a_handed_on_ctrl_z_reaches_only_the_terminals_job() -> None:
         proc.wait()
 
 
+async def test_a_ctrl_z_handed_on_to_a_job_below_the_root_is_held_for_its_user() -> None:
+    # the root (a launcher) starts the job the terminal controls, in a group of its own
+    job_code = "import subprocess, time; subprocess.Popen(['sleep', '600'], process_group=0); "
+    proc, handle = job((sys.executable, "-c", job_code + "time.sleep(600)"))
+    try:
+        await wait_until(lambda: len(handle.tree()) == 2, "the job is seen")
+        user = UserAtTheTerminal(handle.tree()[1].pid, {}, phases=5)
+        pressed = False
+
+        async def sleep(seconds: float) -> None:
+            nonlocal pressed
+            await user.sleep(seconds)
+            if len(user.states) == 2 and not pressed:  # the cycle holds everything stopped
+                pressed = True
+                os.killpg(user.pid, signal.SIGTSTP)  # Ctrl-Z: the terminal's job only
+                await wait_until(lambda: processes._pending_quietly(user.pid), "pending")
+
+        with user.scope:
+            await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=sleep).run()
+        # phase 1 runs, 2 is the cycle's stop (Ctrl-Z in it), then the job stays its user's
+        assert user.states == ["runs", "stopped", "stopped", "stopped", "stopped"]
+        assert state(user.pid) == "T", "still the user's when the cycle ends"
+    finally:
+        await handle.kill(grace=30)
+        handle.close()
+        proc.wait()
+
+
 async def test_duty_cycle_ends_when_the_agent_exits() -> None:
     handle = spawn(["true"], env=dict(os.environ))
     await handle.wait_exit()

@@ -130,6 +130,13 @@ def _stop_pending(pid: int) -> bool:
     return False
 
 
+def _stopped_quietly(pid: int) -> bool:
+    try:
+        return _read_stat(pid).state in "Tt"
+    except ProcessGone:
+        return False
+
+
 def _pending_quietly(pid: int) -> bool:
     try:
         return _stop_pending(pid)
@@ -374,18 +381,18 @@ class ProcessHandle:
         A Ctrl-Z its user pressed while it was stopped is handed on (see `continue_tree`)."""
         return self.continue_tree()[0]
 
-    def continue_tree(self) -> tuple[list[int], bool]:
+    def continue_tree(self) -> tuple[list[int], list[int]]:
         """SIGCONT the whole tree. A Ctrl-Z pressed while it was stopped waits, pending, on the
         processes of the terminal's job, and SIGCONT would throw it away: it is handed on as a
         SIGTSTP to those processes (not to others of the tree, which `fg` would not continue), so
         the job ends up stopped by its user, as the shell expects. Returns the pids continued,
-        and whether a Ctrl-Z was handed on. Raises ProcessGone if none is left."""
+        and those the Ctrl-Z was handed on to. Raises ProcessGone if none is left."""
         members = self._live_or_gone()
         waiting = [m for m in members if _pending_quietly(m.pid)]
         pids = [m.pid for m in members if m.send(signal.SIGCONT)]
         for member in waiting:
             member.send(signal.SIGTSTP)
-        return pids, bool(waiting)
+        return pids, [m.pid for m in waiting]
 
     def suspend(self) -> list[int]:
         """SIGTSTP the whole tree, as the terminal's Ctrl-Z does (its parent, a shell or
@@ -537,6 +544,8 @@ class DutyCycle:
         self._sleep = sleep
         self._cycles = 0
         self._user_stopped = False
+        self._users_job: set[int] = set()
+        """Processes a Ctrl-Z was handed on to, held for their user until they run again."""
         self.continue_at_end = True
         """Leave the tree continued when cancelled; False when it is being paused or killed."""
         self.run_fraction = run_fraction
@@ -562,10 +571,11 @@ class DutyCycle:
             while True:
                 self._continue()
                 await self._sleep(self.run_fraction * self.period)
-                while self._handle.stopped():  # stopped meanwhile, and not by us
+                while self._held_by_user():  # stopped meanwhile, and not by us
                     self._user_stopped = True
                     await self._sleep(self.period)
                 self._user_stopped = False
+                self._users_job.clear()
                 if self.run_fraction < 1:
                     self._handle.pause()
                     await self._sleep((1 - self.run_fraction) * self.period)
@@ -591,4 +601,12 @@ class DutyCycle:
         """SIGCONT after our stop; a Ctrl-Z that came meanwhile is handed on (the job is then
         its user's: the cycle holds off)."""
         _, handed_on = self._handle.continue_tree()
-        self._user_stopped = self._user_stopped or handed_on
+        if handed_on:
+            self._users_job.update(handed_on)
+            self._user_stopped = True
+
+    def _held_by_user(self) -> bool:
+        """The root, or a job its user stopped (the Ctrl-Z handed on), is stopped: not by us."""
+        if self._handle.stopped():
+            return True
+        return any(_stopped_quietly(pid) for pid in self._users_job)
