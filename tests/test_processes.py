@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -273,49 +275,59 @@ def stopped_by(pid: int) -> int | None:
     return info.si_status if info is not None and info.si_code == os.CLD_STOPPED else None
 
 
-def job(argv: tuple[str, ...] = ("sleep", "600")) -> tuple[subprocess.Popen[bytes], ProcessHandle]:
+def _start_job(argv: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(list(argv), process_group=0)
+
+
+@asynccontextmanager
+async def job(
+    argv: tuple[str, ...] = ("sleep", "600"),
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], ProcessHandle]]:
     """A job as a shell starts one: a process group of its own in our session (in a session of
-    its own, an orphaned group, the kernel would drop its Ctrl-Z)."""
-    proc = subprocess.Popen(list(argv), process_group=0)
-    return proc, ProcessHandle.attach(proc.pid)
-
-
-async def test_a_ctrl_z_while_the_cycle_lets_it_run_is_left_to_its_user() -> None:
-    proc, handle = job()
-    user = UserAtTheTerminal(handle.pid, {1: "ctrl-z", 3: "fg"}, phases=5)
-    with user.scope:
-        await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=user.sleep).run()
+    its own, an orphaned group, the kernel would drop its Ctrl-Z); killed at the end."""
+    proc = _start_job(argv)
+    handle = ProcessHandle.attach(proc.pid)
     try:
-        # phase 1 runs (Ctrl-Z in it); 2 and 3 are held, stopped, untouched; `fg` at the end of
-        # 3 hands it back to the cycle, which stops it for phase 4 and lets it run in phase 5
-        assert user.states == ["runs", "stopped", "stopped", "stopped", "runs"]
-        await wait_until(lambda: state(handle.pid) != "T", "running after the cycle ends")
+        yield proc, handle
     finally:
         await handle.kill(grace=30)
         handle.close()
         proc.wait()
 
 
+LAUNCHER = (
+    sys.executable,
+    "-c",
+    "import subprocess, time; subprocess.Popen(['sleep', '600'], process_group=0); time.sleep(600)",
+)
+"""A root that starts a job of its own: a sleep in a process group of its own."""
+
+
+async def test_a_ctrl_z_while_the_cycle_lets_it_run_is_left_to_its_user() -> None:
+    async with job() as (_, handle):
+        user = UserAtTheTerminal(handle.pid, {1: "ctrl-z", 3: "fg"}, phases=5)
+        with user.scope:
+            await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=user.sleep).run()
+        # phase 1 runs (Ctrl-Z in it); 2 and 3 are held, stopped, untouched; `fg` at the end of
+        # 3 hands it back to the cycle, which stops it for phase 4 and lets it run in phase 5
+        assert user.states == ["runs", "stopped", "stopped", "stopped", "runs"]
+        await wait_until(lambda: state(handle.pid) != "T", "running after the cycle ends")
+
+
 async def test_a_ctrl_z_while_the_cycle_holds_it_stopped_is_not_lost() -> None:
-    proc, handle = job()
-    user = UserAtTheTerminal(handle.pid, {2: "ctrl-z"}, phases=4)
-    with user.scope:
-        await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=user.sleep).run()
-    try:
+    async with job() as (_, handle):
+        user = UserAtTheTerminal(handle.pid, {2: "ctrl-z"}, phases=4)
+        with user.scope:
+            await DutyCycle(handle, run_fraction=0.5, period=2.0, sleep=user.sleep).run()
         # phase 2 is the cycle's stop; the Ctrl-Z pressed then is handed on when it would have
         # continued the agent: stopped by SIGTSTP, as the shell expects, and held from then on
         assert user.states == ["runs", "stopped", "stopped", "stopped"]
         assert state(handle.pid) == "T", "the user's stop outlives the cycle"
         assert stopped_by(handle.pid) == signal.SIGTSTP
-    finally:
-        await handle.kill(grace=30)
-        handle.close()
-        proc.wait()
 
 
 async def test_resuming_a_paused_job_hands_on_its_users_ctrl_z() -> None:
-    proc, handle = job()
-    try:
+    async with job() as (_, handle), job() as (plain, other):
         handle.pause()
         await wait_until(lambda: state(handle.pid) == "T", "paused")
         os.kill(handle.pid, signal.SIGTSTP)  # Ctrl-Z while tokenwatch holds it
@@ -323,18 +335,10 @@ async def test_resuming_a_paused_job_hands_on_its_users_ctrl_z() -> None:
         handle.resume()
         await wait_until(lambda: stopped_by(handle.pid) == signal.SIGTSTP, "stopped by its user")
         assert state(handle.pid) == "T"
-        plain, other = job()
         other.pause()
         await wait_until(lambda: state(plain.pid) == "T", "paused")
         other.resume()  # nothing pending: simply continued
         await wait_until(lambda: state(plain.pid) != "T", "running again")
-        await other.kill(grace=30)
-        other.close()
-        plain.wait()
-    finally:
-        await handle.kill(grace=30)
-        handle.close()
-        proc.wait()
 
 
 async def test_a_tree_whose_root_dies_while_stopped_is_continued(short_tmp: Path) -> None:
@@ -367,9 +371,7 @@ async def test_a_tree_whose_root_dies_while_stopped_is_continued(short_tmp: Path
 
 async def test_a_handed_on_ctrl_z_reaches_only_the_terminals_job() -> None:
     # the job's own process, and a helper it started as a process group of its own
-    helper = "import subprocess, time; subprocess.Popen(['sleep', '600'], process_group=0); "
-    proc, handle = job((sys.executable, "-c", helper + "time.sleep(600)"))
-    try:
+    async with job(LAUNCHER) as (proc, handle):
         await wait_until(lambda: len(handle.tree()) == 2, "the helper is seen")
         helper_pid = handle.tree()[1].pid
         handle.pause()
@@ -379,17 +381,11 @@ async def test_a_handed_on_ctrl_z_reaches_only_the_terminals_job() -> None:
         handle.resume()
         await wait_until(lambda: stopped_by(proc.pid) == signal.SIGTSTP, "the job stopped")
         await wait_until(lambda: state(helper_pid) != "T", "the helper, outside the job, runs")
-    finally:
-        await handle.kill(grace=30)
-        handle.close()
-        proc.wait()
 
 
 async def test_a_ctrl_z_handed_on_to_a_job_below_the_root_is_held_for_its_user() -> None:
     # the root (a launcher) starts the job the terminal controls, in a group of its own
-    job_code = "import subprocess, time; subprocess.Popen(['sleep', '600'], process_group=0); "
-    proc, handle = job((sys.executable, "-c", job_code + "time.sleep(600)"))
-    try:
+    async with job(LAUNCHER) as (_, handle):
         await wait_until(lambda: len(handle.tree()) == 2, "the job is seen")
         user = UserAtTheTerminal(handle.tree()[1].pid, {}, phases=5)
         pressed = False
@@ -407,10 +403,6 @@ async def test_a_ctrl_z_handed_on_to_a_job_below_the_root_is_held_for_its_user()
         # phase 1 runs, 2 is the cycle's stop (Ctrl-Z in it), then the job stays its user's
         assert user.states == ["runs", "stopped", "stopped", "stopped", "stopped"]
         assert state(user.pid) == "T", "still the user's when the cycle ends"
-    finally:
-        await handle.kill(grace=30)
-        handle.close()
-        proc.wait()
 
 
 async def test_duty_cycle_ends_when_the_agent_exits() -> None:

@@ -75,15 +75,21 @@ async def upstream(reply: Reply, tls: ssl.SSLContext | None = None) -> AsyncIter
         yield up
 
 
-def answer(body: bytes, *, extra: bytes = b"") -> Reply:
+def sends(wire: bytes, *, keep: bool = True, hold: float = 0.0) -> Reply:
+    """Answers every request with `wire`, then keeps the connection (or holds it `hold`
+    seconds and closes it)."""
+
     async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
-        )
+        writer.write(wire)
         await writer.drain()
-        return True
+        await asyncio.sleep(hold)
+        return keep
 
     return reply
+
+
+def answer(body: bytes, *, extra: bytes = b"") -> Reply:
+    return sends(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
 
 
 def client(read_timeout: float = 5.0, **kwargs: object) -> UpstreamClient:
@@ -134,9 +140,7 @@ async def test_chunked_body_arrives_piece_by_piece_before_its_end() -> None:
 
 
 async def test_body_ended_by_closing_the_connection_is_whole_and_not_reused() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
-        return False
+    reply = sends(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", keep=False)
 
     async with upstream(reply) as up, client() as c:
         assert await fetch(c, up.url) == (200, b"until the end")
@@ -146,10 +150,8 @@ async def test_body_ended_by_closing_the_connection_is_whole_and_not_reused() ->
 
 
 async def test_idle_connection_closed_by_the_upstream_is_replaced_once() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        return False  # closes after answering, though the answer says keep-alive
+    # closes after answering, though the answer says keep-alive
+    reply = sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", keep=False)
 
     async with upstream(reply) as up, client() as c:
         assert await fetch(c, up.url) == (200, b"ok")
@@ -159,9 +161,7 @@ async def test_idle_connection_closed_by_the_upstream_is_replaced_once() -> None
 
 
 async def test_bytes_beyond_the_answer_retire_the_connection() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n")
-        return True
+    reply = sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n")
 
     async with upstream(reply) as up, client() as c:
         assert await fetch(c, up.url) == (200, b"ok")
@@ -170,20 +170,16 @@ async def test_bytes_beyond_the_answer_retire_the_connection() -> None:
 
 
 async def test_interim_100_continue_is_skipped() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"
-        )
-        return True
+    reply = sends(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"
+    )
 
     async with upstream(reply) as up, client() as c:
         assert await fetch(c, up.url) == (201, b"x")
 
 
 async def test_head_request_ends_at_the_head() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
-        return True
+    reply = sends(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
 
     async with upstream(reply) as up, client() as c, c.open("HEAD", up.url, [], b"") as r:
         assert (r.status, r.content_length) == (200, 1234)
@@ -191,10 +187,7 @@ async def test_head_request_ends_at_the_head() -> None:
 
 
 async def test_cut_mid_body_is_upstream_cut() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-        return False
+    reply = sends(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", keep=False)
 
     async with upstream(reply) as up, client() as c:
         with pytest.raises(UpstreamCut, match="mid-response"):
@@ -243,25 +236,14 @@ async def test_a_url_that_is_not_http_is_refused_without_its_password() -> None:
     [b"HTTP/1.1 2x0 OK\r\n\r\n", b"SMTP ready\r\n\r\n", b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n"],
 )
 async def test_malformed_answer_is_unreachable(wire: bytes) -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(wire)
-        await writer.drain()
-        await asyncio.sleep(1)
-        return False
-
-    async with upstream(reply) as up, client() as c:
+    async with upstream(sends(wire, keep=False, hold=1)) as up, client() as c:
         with pytest.raises(UpstreamUnreachable, match="malformed"):
             await fetch(c, up.url)
 
 
 async def test_oversized_response_head_is_refused() -> None:
-    async def reply(_: bytes, __: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-        return False
-
-    async with upstream(reply) as up, client() as c:
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
+    async with upstream(sends(head, keep=False, hold=1)) as up, client() as c:
         with pytest.raises(UpstreamUnreachable, match="too large"):
             await fetch(c, up.url)
 

@@ -612,9 +612,9 @@ class Engine:
         next runs, which could come after a pause); `continue_tree=False` when the caller is
         about to stop or kill it."""
         cycle = rec.cycle
-        if cycle is not None:
-            if continue_tree:
-                cycle.continue_now()
+        if cycle is not None and continue_tree:
+            cycle.continue_now()
+        elif cycle is not None:
             cycle.continue_at_end = False
         if rec.duty is not None:
             rec.duty.cancel()

@@ -394,18 +394,10 @@ class ProcessHandle:
             member.send(signal.SIGTSTP)
         return pids, [m.pid for m in waiting]
 
-    def suspend(self) -> list[int]:
-        """SIGTSTP the whole tree, as the terminal's Ctrl-Z does (its parent, a shell or
-        `tokenwatch run`, sees a job stopped by its user). Raises ProcessGone if none is left."""
-        return [m.pid for m in self._live_or_gone() if m.send(signal.SIGTSTP)]
-
     def stopped(self) -> bool:
         """The root process is stopped, by whoever (False once it has exited: the rest of the
         tree may live on, and is then ours to continue)."""
-        try:
-            return _read_stat(self.pid).state in "Tt"
-        except ProcessGone:
-            return False
+        return _stopped_quietly(self.pid)
 
     def stop_pending(self) -> bool:
         """A job-control stop waits on the (stopped) root: its user pressed Ctrl-Z meanwhile."""

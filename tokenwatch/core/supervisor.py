@@ -223,9 +223,9 @@ class Supervisor:
     def _read_config(self, old: Config) -> Config:
         """The config again, from the file in use (or, started without one, wherever one is
         found now). A file in use that is gone is refused: its settings stay."""
-        if old.source in ("", "<defaults>"):
+        source = _config_file(old)
+        if source is None:
             return load_config(None, self.paths)
-        source = Path(old.source)
         if not source.is_file():
             raise ConfigError(f"{source}: the file in use is gone; put it back to change settings")
         return load_config(source, self.paths)
@@ -234,9 +234,9 @@ class Supervisor:
         """The files an edit of the config lands in: the one in use (or, started without one,
         where one would be found) and its overlay."""
         config = self.commands.config if self.commands is not None else self.config
-        if config.source in ("", "<defaults>"):
-            return [*self.paths.config_candidates(), Path(config.overlay)]
-        return [Path(config.source), Path(config.overlay)]
+        source = _config_file(config)
+        found = self.paths.config_candidates() if source is None else [source]
+        return [*found, Path(config.overlay)]
 
     async def _config_edited(self) -> None:
         try:
@@ -365,6 +365,11 @@ async def _shut_down_at_exit(exporter: Any) -> None:
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(exporter.shutdown)
+
+
+def _config_file(config: Config) -> Path | None:
+    """The file a config was read from; None for one built on defaults or in code."""
+    return None if config.source in ("", "<defaults>") else Path(config.source)
 
 
 def _is_critical(engine: Engine | None, name: str) -> bool:

@@ -87,10 +87,11 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
+        self._paused = False
         self._reset(head_only=False)
 
     def _reset(self, *, head_only: bool) -> None:
-        if getattr(self, "_paused", False) and self.transport is not None:
+        if self._paused and self.transport is not None:
             self.transport.resume_reading()
         self.status = 0
         self.headers: Headers = []
