@@ -254,8 +254,8 @@ class UserAtTheTerminal:
         self.scope = anyio.CancelScope()
 
     async def sleep(self, seconds: float) -> None:
-        # as the cycle left it, once a stop it handed on (if any) has been delivered
-        await wait_until(lambda: not processes._pending_quietly(self.pid), "signals delivered")
+        # as the cycle left it, once its stop and a stop it handed on (if any) have landed
+        await wait_until(lambda: not stop_signal_pending(self.pid), "signals delivered")
         self.states.append("stopped" if state(self.pid) == "T" else "runs")
         action = self.script.get(len(self.states))
         if action == "ctrl-z":
@@ -267,6 +267,22 @@ class UserAtTheTerminal:
         if len(self.states) == self.phases:
             self.scope.cancel()
         await anyio.lowlevel.checkpoint()
+
+
+def stop_signal_pending(pid: int) -> bool:
+    """A SIGSTOP or job-control stop sent to `pid` has not landed yet: on a busy machine the
+    process reads as running until it is next scheduled."""
+    mask = sum(
+        1 << (sig - 1) for sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+    )
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    pending = (
+        line.split()[1] for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))
+    )
+    return any(int(bits, 16) & mask for bits in pending)
 
 
 def stopped_by(pid: int) -> int | None:
