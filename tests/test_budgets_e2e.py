@@ -22,7 +22,9 @@ LIMIT = 8000
 
 @pytest.mark.slow
 async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> None:
-    async with running_fake_llm() as fake:
+    # The provider takes a second to answer, so the fifty calls are in flight together even on
+    # a loaded machine (answered one by one, their spend can fit the limit and none is refused).
+    async with running_fake_llm(latency_ms=1000) as fake:
         # Rules off: fifty near-identical prompts would rightly look like a loop and be paused,
         # holding the remaining calls; this test is about the budget alone.
         config = quiet_config(
