@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -177,6 +178,26 @@ async def test_budget_form_sends_good_input_and_prefills_the_current_budget() ->
             lambda: any(b.name == "agent:coder:day" and b.unit == "usd" for b in app.budgets),
             "new budget shown",
         )
+
+
+async def test_a_long_last_alert_reads_whole_on_a_wide_terminal() -> None:
+    why = "looper repeated the same prompt 4 times in 1 s; paused"
+    snap = sample_snapshot()
+    snap.agents = [
+        dataclasses.replace(v, last_alert=why) if v.agent.name == "looper" else v
+        for v in snap.agents
+    ]
+    app = scripted_app(ScriptedSource(snap))
+    async with app.run_test(size=(200, 40)) as pilot:
+        await wait_for(pilot, lambda: len(row_names(app)) == 5, "rows")
+        table = app.main.table
+        await wait_for(pilot, lambda: why in widget_text(table), "the whole alert shown")
+        await pilot.resize_terminal(160, 40)  # the column narrows with the screen
+        await wait_for(pilot, lambda: why[:30] in widget_text(table), "the alert's start shown")
+        assert why not in widget_text(table)
+        assert table.virtual_size.width <= table.size.width, "no sideways scrolling"
+        await pilot.resize_terminal(200, 40)
+        await wait_for(pilot, lambda: why in widget_text(table), "whole again")
 
 
 async def test_filter_and_sort() -> None:

@@ -28,6 +28,8 @@ class Column:
     """Sort key; larger-is-more-interesting columns sort descending first."""
     wide_only: bool = False
     descending: bool = True
+    stretch: bool = False
+    """Takes the width the other columns leave, when it is the last one shown."""
 
 
 def _state(v: AgentView) -> Text:
@@ -58,7 +60,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("cost", "cost", 8, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd),
     Column("budget", "budget", 11, _budget, lambda v: v.budget_fraction or 0.0),
     Column("burn", "burn", 8, lambda v: sparkline(v.burn), lambda v: sum(v.burn[-8:]), True),
-    Column("alert", "last alert", 18, _alert, lambda v: v.last_alert, True),
+    Column("alert", "last alert", 18, _alert, lambda v: v.last_alert, True, stretch=True),
 )  # fmt: skip
 COLUMN_KEYS = tuple(c.key for c in COLUMNS)
 WIDE_MIN_WIDTH = 150
@@ -96,6 +98,7 @@ class AgentsTable(DataTable[Cell]):
         self._plain: list[tuple[str, ...]] = []
         self._columns: tuple[Column, ...] = ()
         self._cell_lines: dict[tuple[object, ...], tuple[object, SegmentLines]] = {}
+        self._laid_out_last_width = 0
         self.hidden_rows = 0
         """Agents that passed the filter but did not fit under `max_rows`."""
 
@@ -157,12 +160,34 @@ class AgentsTable(DataTable[Cell]):
             return
         self.wide = wide
         self._columns = tuple(c for c in COLUMNS if wide or not c.wide_only)
+        self._lay_out(self._last_width())
+
+    def on_resize(self) -> None:
+        last = self._last_width()
+        if self._columns and last != self._laid_out_last_width:
+            self._lay_out(last)
+
+    def _last_width(self) -> int:
+        """A stretching last column takes the width the others leave (a long alert reads whole);
+        the vertical scrollbar's room is kept so many agents never push the table sideways."""
+        if not self._columns:
+            return 0
+        *others, last = self._columns
+        if not last.stretch:
+            return last.width
+        used = sum(c.width + 2 * self.cell_padding for c in others) + 2 * self.cell_padding
+        room = self.size.width - self.styles.scrollbar_size_vertical - used
+        return max(last.width, room)
+
+    def _lay_out(self, last_width: int) -> None:
+        self._laid_out_last_width = last_width
         selected = self.selected_name
         self.clear(columns=True)
         self._plain.clear()
         self._slots.clear()
         for col in self._columns:
-            self.add_column(col.label, key=col.key, width=col.width)
+            width = last_width if col is self._columns[-1] else col.width
+            self.add_column(col.label, key=col.key, width=width)
         self._sync(selected)
 
     def show(self, views: Iterable[AgentView]) -> None:
