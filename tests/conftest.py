@@ -9,8 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["tests.otlp_fixtures"]
+
+# No timing limits in tests (the machines are shared and noisy): a slow example on a loaded CI
+# machine is not a failure.
+settings.register_profile("tokenwatch", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tokenwatch")
 
 
 @pytest.fixture

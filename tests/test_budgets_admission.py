@@ -59,7 +59,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(steps)
 def test_used_plus_in_flight_never_exceeds_a_hard_limit(ops: list[tuple]) -> None:  # type: ignore[type-arg]
     clock = Clock(at("2026-11-23 10:00"))

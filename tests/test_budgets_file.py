@@ -127,7 +127,7 @@ budgets = st.builds(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(budget=budgets)
 def test_what_is_saved_reads_back_as_the_same_budget(budget: BudgetSettings) -> None:
     home = Path(tempfile.mkdtemp(prefix="tw-bf-"))

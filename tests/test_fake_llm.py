@@ -546,7 +546,7 @@ def test_fault_header_forms() -> None:
             parse_fault(bad)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.text(max_size=20))
 def test_any_fault_header_parses_or_is_refused_clearly(value: str) -> None:
     try:

@@ -89,7 +89,11 @@ def post(url: str, body: Any) -> tuple[int, bytes]:
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200,
+    suppress_health_check=[
+        *settings.default.suppress_health_check,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 @given(path=st.sampled_from(OPENAI_PATHS + ANTHROPIC_PATHS), body=bodies)
 def test_any_body_gets_a_reply_or_a_clear_400(

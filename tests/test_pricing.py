@@ -7,7 +7,7 @@ import tomllib
 from importlib import resources
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwatch.config import PriceSettings, parse_config
@@ -204,7 +204,6 @@ def test_bundled_table_covers_the_families_people_use() -> None:
     assert {p.provider for p in TABLE.models()} >= {"deepseek", "meta", "mistral", "qwen"}
 
 
-@settings(deadline=None)  # a loaded CI machine must not turn slowness into failures
 @given(
     model=st.sampled_from([p.model for p in TABLE.models()]),
     uncached=st.integers(0, 10**7),

@@ -304,7 +304,7 @@ def _splits(wire: bytes, cuts: list[int]) -> list[bytes]:
     return [wire[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     body=st.binary(max_size=3000),
     sizes=st.lists(st.integers(0, 700), max_size=12),

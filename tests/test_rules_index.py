@@ -115,7 +115,7 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(st.lists(steps, min_size=1, max_size=80), st.booleans(), st.sampled_from([4, 9, 2000]))
 def test_the_index_gives_the_same_signals_as_reading_the_whole_history(
     history: list[Step], budget: bool, kept: int

@@ -105,7 +105,11 @@ def count_stored(db: Path, call_id: str) -> int:
 
 @pytest.mark.slow
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    suppress_health_check=[
+        *settings.default.suppress_health_check,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 @given(garbage=st.lists(lines, max_size=12), repeats=st.integers(1, 3))
 def test_fuzzed_lines_never_break_the_server(

@@ -99,7 +99,7 @@ def test_bad_rates_are_refused(rate: float, burst: float) -> None:
         TokenBucket(rate, burst)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     rate=st.floats(0.5, 1000),
     burst=st.floats(1, 1000),

@@ -132,7 +132,7 @@ def test_responses_input_counts_like_chat_messages() -> None:
         count_responses_input(5, None)  # type: ignore[arg-type]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.text(max_size=200))
 def test_count_is_bounded_by_bytes(text: str) -> None:
     count = count_text(text, "gpt-4o")
@@ -148,7 +148,7 @@ MESSAGES = st.lists(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(MESSAGES, MESSAGES)
 def test_messages_are_counted_independently(
     first: list[dict[str, str]], second: list[dict[str, str]]
@@ -160,7 +160,7 @@ def test_messages_are_counted_independently(
     assert whole == parts - 3
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(
     st.lists(
         st.fixed_dictionaries(
@@ -347,7 +347,7 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(JSON, JSON)
 def test_any_json_counts_or_raises_type_error(messages: object, system: object) -> None:
     for count in (
