@@ -66,6 +66,9 @@ class FlakyStore:
     def __init__(self, store: Store) -> None:
         self._store = store
         self.broken = False
+        self.slow: anyio.Event | None = None
+        """When set, writes wait for it (a disk that answers late)."""
+        self.writing = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -73,7 +76,13 @@ class FlakyStore:
     async def append_many(self, events: Sequence[UsageEvent]) -> int:
         if self.broken:
             raise StoreUnavailable("disk full (simulated)")
-        return await self._store.append_many(events)
+        self.writing += 1
+        try:
+            if self.slow is not None:
+                await self.slow.wait()
+            return await self._store.append_many(events)
+        finally:
+            self.writing -= 1
 
 
 @contextlib.asynccontextmanager
@@ -179,6 +188,32 @@ async def test_store_outage_refuses_calls_but_loses_no_settled_usage(short_tmp: 
     assert let_through.allowed
     assert back.allowed
     assert stored == ["kept"]
+
+
+async def test_usage_being_written_back_after_an_outage_is_still_pending(short_tmp: Path) -> None:
+    async with await Store.open(short_tmp / "u.db") as real:
+        flaky = FlakyStore(real)
+        async with running_engine(short_tmp / "other.db", ledger=flaky) as (engine, _):
+            ok = await engine.admit(call("a"))
+            flaky.broken = True
+            await engine.settle(ok, event("a", "kept"))
+            flaky.slow = anyio.Event()
+            flaky.broken = False  # the store is back, but slow to take the usage kept meanwhile
+            with anyio.fail_after(30):
+                while not flaky.writing:
+                    await anyio.sleep(0.01)
+            during = engine.statistics()
+            refused = await engine.admit(call("a"))
+            flaky.slow.set()
+            with anyio.fail_after(30):
+                while engine.statistics().pending_store:
+                    await anyio.sleep(0.01)
+            after = engine.statistics()
+            back = await engine.admit(call("a"))
+    assert during.pending_store == 1
+    assert refused.status == 503  # fail closed until what was kept is stored
+    assert (after.pending_store, after.store_error) == (0, "")
+    assert back.allowed
 
 
 async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None:

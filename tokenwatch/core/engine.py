@@ -173,6 +173,8 @@ class Engine:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._reservations: dict[str, Reservation] = {}
         self._pending: deque[UsageEvent] = deque()
+        self._writing = 0
+        """Events taken from `_pending` whose write is under way (still not stored)."""
         self._pending_wakeup = anyio.Event()
         self._store_error = ""
         self._events = 0
@@ -262,7 +264,7 @@ class Engine:
             live_agents=sum(1 for r in self.roster if r.live),
             events=self._events,
             duplicates=self._duplicates,
-            pending_store=len(self._pending),
+            pending_store=len(self._pending) + self._writing,
             store_error=self._store_error,
             reservations=len(self._reservations),
         )
@@ -453,7 +455,11 @@ class Engine:
         while self._pending:
             batch = list(self._pending)
             self._pending.clear()
-            await self._persist(batch, wait=True)
+            self._writing = len(batch)
+            try:
+                await self._persist(batch, wait=True)
+            finally:
+                self._writing = 0
 
     # -- signals and actions --------------------------------------------------------------------
 
