@@ -163,10 +163,19 @@ def caught(sig, frame):
     sys.exit(7)
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, caught)
-print("ready", flush=True)
+print("ready", os.getpid(), flush=True)
 while True:
     time.sleep(0.05)
 """
+
+
+def kill_if_running(pid: int, marker: str) -> None:
+    """SIGKILL `pid` if it is still the process whose command line holds `marker`."""
+    try:
+        if marker in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+            os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
@@ -180,16 +189,24 @@ def test_signals_to_tokenwatch_run_reach_the_agent(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as a shell starts a job: a signal the test runner ignores (SIGINT when run in the
+        # background) would rightly stay ignored by tokenwatch run, and not be forwarded
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
+    child = 0
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
+        ready, child_pid = proc.stdout.readline().split()
+        assert ready == "ready"
+        child = int(child_pid)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if child:
+            kill_if_running(child, "def caught")  # never left behind, whatever failed
     assert out == f"child got {sig.name}\n"
     assert proc.returncode == 7, err
 
