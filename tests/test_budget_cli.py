@@ -104,6 +104,12 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
         (["budget", "set", "agent:x", "lots"], "not a limit: 'lots'"),
         (["budget", "set", "global", "5k", "--warn", "half"], "--warn takes percentages"),
         (["budget", "rm", "nope"], "no budget named 'nope'"),
+        (["budget", "set", "agent:x", "2k", "--name", "run:x"], "no supervisor is running, so no"),
+        (["budget", "rm", "run:x"], "no supervisor is running, so no run has the budget run:x"),
+        (
+            ["budget", "set", "agent:x", "2k", "--name", "run:x", "--action", "alert"],
+            "run:x is a run's budget: only its limit can change (--action stays",
+        ),
         (["alerts", "--since", "yesterday-ish"], "--since: not a time"),
     ],
 )
@@ -200,6 +206,24 @@ async def test_edits_reach_a_running_supervisor_and_list_reads_from_it(
         assert await anyio.to_thread.run_sync(main, ["budget", "rm", "agent:researcher:day"]) == 0
         assert "saved and applied" in capsys.readouterr().out
         assert sup.engine.budgets.statuses() == []
+
+
+async def test_a_runs_budget_can_be_removed_for_the_rest_of_the_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tokenwatch.client.control import SupervisorClient
+
+    async with running_supervisor(Paths.discover(), Config(), proxy=False, exporters=False) as sup:
+        assert sup.engine is not None
+        async with await SupervisorClient.connect(socket_path=sup.paths.socket) as ctl:
+            await ctl.request("register", name="worker", budget="1k")
+        assert [s.name for s in sup.engine.budgets.statuses()] == ["run:worker"]
+        assert await anyio.to_thread.run_sync(main, ["budget", "rm", "run:worker"]) == 0
+        assert "removed for the rest of the run" in capsys.readouterr().out
+        assert sup.engine.budgets.statuses() == []
+        assert await anyio.to_thread.run_sync(main, ["budget", "rm", "run:worker"]) == 1
+        assert "no agent running now has a run budget named run:worker" in capsys.readouterr().err
+    assert not Paths.discover().overlay.exists(), "a run's budget is never saved"
 
 
 def test_rules_test_with_a_rule_that_cannot_work_names_it(

@@ -302,6 +302,44 @@ def test_a_refusal_says_which_budget_how_full_and_when_it_resets() -> None:
     assert "tokenwatch budget set global 200k --period day --name daily" in refusal.message
 
 
+def test_a_refused_call_bigger_than_the_limit_is_offered_a_limit_that_lets_it_go() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets(
+        [BudgetSettings(name="small", limit="1k", action="deny")], tz="UTC", clock=clock
+    )
+    budgets.record(event(clock.now, tokens=300))
+    refusal = budgets.reserve(call(), 4130, None)  # doubling to 2k would refuse it again
+    assert isinstance(refusal, Refusal)
+    assert refusal.message.endswith("`tokenwatch budget set global 4.5k --period day --name small`")
+    budgets.replace([BudgetSettings(name="small", limit="4.5k", action="deny")])
+    assert isinstance(budgets.reserve(call(), 4130, None), Reservation)
+
+
+def test_a_runs_budget_is_raised_in_place_and_keeps_its_usage() -> None:
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([], tz="UTC", clock=clock)
+    run = BudgetSettings(
+        name="run:researcher", scope="agent", target="researcher", period="total", limit="1k",
+        action="deny",
+    )  # fmt: skip
+    budgets.add_ephemeral(run, start=clock.now - 60)
+    budgets.record(event(clock.now, tokens=900))
+    assert isinstance(budgets.reserve(call(), 500, None), Refusal)
+    raised = budgets.set_run_limit("run:researcher", "2k")
+    assert (raised.limit, raised.used, raised.action) == (2000, 900, "deny")
+    assert isinstance(budgets.reserve(call(), 500, None), Reservation)
+    with pytest.raises(ConfigError, match="counts tokens: give a limit in tokens"):
+        budgets.set_run_limit("run:researcher", "$5")
+    with pytest.raises(ConfigError, match="no agent running now has a run budget named run:nobody"):
+        budgets.set_run_limit("run:nobody", "2k")
+
+
+def test_budget_names_starting_with_run_are_kept_for_runs() -> None:
+    budgets = Budgets([], tz="UTC", clock=Clock(at("2026-11-23 10:00")))
+    with pytest.raises(ConfigError, match="budget run:mine: names starting with run: are kept"):
+        budgets.replace([BudgetSettings(name="run:mine", limit="1k")])
+
+
 # -- reservations ----------------------------------------------------------------------------------
 
 
@@ -425,13 +463,14 @@ async def test_a_budget_added_past_its_limit_acts_on_the_next_call() -> None:
     fresh = budgets.replace(
         [
             BudgetSettings(name="tight", limit="10k", action="pause"),
-            BudgetSettings(name="run:x", limit="1M", period="total"),
+            BudgetSettings(name="x-total", limit="1M", period="total"),
         ]
     )
     spent = [event(clock.now - 60 * i, tokens=5000, call_id=f"e{i}") for i in range(3)]
     await budgets.seed(_Ledger(spent, lambda: None), only=fresh)
     assert used(budgets, "tight") == 15_000
-    assert used(budgets, "run:x") == 15_000  # the configured one; the run's own is not seeded
+    assert used(budgets, "x-total") == 15_000
+    assert used(budgets, "run:x") == 0  # a run's own budget counts from its start, not seeded
     signals = budgets.record(event(clock.now, tokens=10, call_id="next"))
     assert [s.action for s in signals] == ["pause"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,8 @@ from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwat
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.core.processes import process_info
+from tokenwatch.core.quantities import parse_amount
+from tokenwatch.demo.fake_llm import fake_llm_in_thread
 
 TIMEOUT = 60
 
@@ -457,6 +460,69 @@ def test_a_run_budget_refuses_calls_that_would_exceed_it(supervisor: ServeProces
     status, _, body = out.stdout.partition(" ")
     assert status == "429"
     assert "run:frugal" in body
+
+
+CALL_PER_LINE = """
+import json, os, urllib.error, urllib.request
+body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+request = urllib.request.Request(
+    os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=body.encode(),
+    headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+for line in iter(input, "done"):
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        print("sent", flush=True)
+    except urllib.error.HTTPError as exc:
+        print(exc.code, exc.read().decode(), flush=True)
+"""
+"""POST_CHAT once per line read, until `done`."""
+
+
+def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
+    supervisor: ServeProcess, tmp_path: Path
+) -> None:
+    with fake_llm_in_thread() as fake:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", "thrifty", "--budget",
+             "30", "--", *py(CALL_PER_LINE)],
+            env={**supervisor.env, "OPENAI_BASE_URL": fake.url + "/v1"}, cwd=tmp_path,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert agent.stdin is not None
+        assert agent.stdout is not None
+        try:
+            agent.stdin.write("call\n")
+            agent.stdin.flush()
+            refused = agent.stdout.readline()
+            assert refused.startswith("429 "), refused
+            hint = re.search(r"Raise it with `([^`]+)`", refused)
+            assert hint is not None, refused
+            command = shlex.split(hint.group(1))
+            raised = subprocess.run(
+                [sys.executable, "-m", *command],
+                env=supervisor.env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            agent.stdin.write("call\n")
+            agent.stdin.flush()
+            second = agent.stdout.readline()
+            listed = tokenwatch(supervisor, "budget", "list", "--json")
+            agent.stdin.write("done\n")
+            agent.stdin.flush()
+            assert agent.wait(timeout=TIMEOUT) == 0
+        finally:
+            agent.kill()
+    assert raised.returncode == 0, raised.stderr
+    assert "for this run of thrifty" in raised.stdout
+    assert "not saved" in raised.stdout
+    assert second == "sent\n"
+    (budget,) = [b for b in json.loads(listed.stdout) if b["name"] == "run:thrifty"]
+    # one budget, raised in place to what the refusal suggested
+    assert command[:4] == ["tokenwatch", "budget", "set", "agent:thrifty"]
+    assert (budget["limit"], budget["action"]) == (parse_amount(command[4]).value, "deny")
+    assert not list(tmp_path.iterdir()), "nothing written to the project"
+    assert not list(supervisor.paths.config_dir.glob("*.toml")), "nothing written to the config"
+    after = tokenwatch(supervisor, "budget", "list", "--json")
+    assert "run:thrifty" not in after.stdout  # it ended with the run
 
 
 def test_a_signal_the_shell_ignored_stays_ignored_for_the_agent(supervisor: ServeProcess) -> None:

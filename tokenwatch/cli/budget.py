@@ -107,11 +107,14 @@ def _config_option(p: argparse.ArgumentParser, text: str = "tokenwatch.toml to e
 
 def run_set(args: argparse.Namespace) -> int:
     from tokenwatch.core.budget_file import budget_entry, set_budget
+    from tokenwatch.core.budgets import is_run_budget
 
     config = _load(args.config)
     budget = _budget_from_args(args, config)
-    set_budget(config, budget)
     entry = budget_entry(budget)
+    if is_run_budget(entry["name"]):
+        return _set_run_limit(args, entry)
+    set_budget(config, budget)
     told = _tell_supervisor(lambda c: c.request("set_budget", budget=entry))
     period = "" if budget.period == "total" else f" per {budget.period}"
     print(
@@ -121,9 +124,36 @@ def run_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_run_limit(args: argparse.Namespace, entry: dict[str, Any]) -> int:
+    """A run's budget (`tokenwatch run --budget`) lives in the supervisor and ends with its run:
+    only its limit changes, and nothing is saved."""
+    kept = [f"--{o}" for o in ("action", "warn", "rolling", "rate") if getattr(args, o)]
+    if kept:
+        raise CliError(
+            f"{entry['name']} is a run's budget: only its limit can change ({', '.join(kept)} "
+            "stays as `tokenwatch run --budget` set it)"
+        )
+    answer = _from_supervisor(lambda c: c.request("set_budget", budget=entry))
+    if answer is None:
+        raise CliError(f"no supervisor is running, so no run has the budget {entry['name']}")
+    status = answer["status"]
+    print(
+        f"budget {entry['name']}: {_amount(status['limit'], status['unit'])} for this run of "
+        f"{status['target']}, {_amount(status['used'], status['unit'])} used so far "
+        "(applied; not saved: it ends with the run)"
+    )
+    return 0
+
+
 def run_rm(args: argparse.Namespace) -> int:
     from tokenwatch.core.budget_file import UnknownBudget, remove_budget
+    from tokenwatch.core.budgets import is_run_budget
 
+    if is_run_budget(args.name):
+        if _from_supervisor(lambda c: c.request("remove_budget", name=args.name)) is None:
+            raise CliError(f"no supervisor is running, so no run has the budget {args.name}")
+        print(f"budget {args.name} removed for the rest of the run")
+        return 0
     config = _load(args.config)
     try:
         remove_budget(config, args.name)

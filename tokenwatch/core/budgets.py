@@ -7,11 +7,12 @@ import datetime as dt
 import fnmatch
 import itertools
 import logging
+import math
 import shlex
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from tokenwatch.config import BudgetSettings, ConfigError
@@ -39,6 +40,8 @@ MAX_KEYS_SHOWN: Final = 20
 MIN_FORECAST_SPAN: Final = 60.0
 """Seconds of history below which a burn rate is not trusted for a forecast."""
 DEFAULT_THROTTLE_RATE: Final = "50%"
+RUN_BUDGET_PREFIX: Final = "run:"
+"""Names kept for the budgets of `tokenwatch run --budget` (they live and end with their run)."""
 
 
 class BudgetError(ConfigError):
@@ -48,6 +51,15 @@ class BudgetError(ConfigError):
 def budget_name(settings: BudgetSettings) -> str:
     """The budget's name: its own, or `SCOPE:TARGET:PERIOD`."""
     return settings.name or f"{settings.scope}:{settings.target}:{settings.period}"
+
+
+def run_budget_name(agent: str) -> str:
+    """The name of the budget an agent's `tokenwatch run --budget` gave it."""
+    return f"{RUN_BUDGET_PREFIX}{agent}"
+
+
+def is_run_budget(name: str) -> bool:
+    return name.startswith(RUN_BUDGET_PREFIX)
 
 
 def check_budget(settings: BudgetSettings) -> Amount:
@@ -223,12 +235,13 @@ class _Budget:
             return f"per rolling {self.period}"
         return f"per {self.period}"
 
-    def raise_hint(self, key: str) -> str:
-        """The command that raises this budget (to double its limit)."""
+    def raise_hint(self, key: str, needed: float = 0.0) -> str:
+        """The command that raises this budget: to double its limit, or more when the call
+        refused `needed` more than that (so the suggestion lets it go)."""
         s = self.settings
         scope = s.scope if s.scope == "global" else f"{s.scope}:{s.target}"
-        doubled = Amount(self.limit * 2, self.unit)
-        words = ["tokenwatch", "budget", "set", scope, str(doubled), "--period", s.period]
+        raised = Amount(max(self.limit * 2, _round_up(needed, self.unit)), self.unit)
+        words = ["tokenwatch", "budget", "set", scope, str(raised), "--period", s.period]
         if self.name != f"{s.scope}:{s.target}:{s.period}":
             words += ["--name", self.name]
         return shlex.join(words)
@@ -286,6 +299,11 @@ class Budgets:
         empty: list[str] = []
         for s in settings:
             budget = _Budget(s, self._tz)
+            if is_run_budget(budget.name):
+                raise BudgetError(
+                    f"budget {budget.name}: names starting with {RUN_BUDGET_PREFIX} are kept for "
+                    "the budgets of `tokenwatch run --budget`"
+                )
             if budget.name in fresh:
                 raise BudgetError(f"two budgets are named {budget.name!r}; give one a --name")
             old = self._budgets.get(budget.name)
@@ -306,6 +324,21 @@ class Budgets:
 
     def remove_ephemeral(self, name: str) -> None:
         self._ephemeral.pop(name, None)
+
+    def set_run_limit(self, name: str, limit: str) -> BudgetStatus:
+        """Change the limit of a run's budget in place (its usage so far stays counted); raises
+        BudgetError when no running agent has a budget of that name."""
+        old = self._ephemeral.get(name)
+        if old is None:
+            raise BudgetError(f"no agent running now has a run budget named {name}")
+        changed = _Budget(replace(old.settings, limit=limit), self._tz, start=old.origin)
+        if changed.unit is not old.unit:
+            raise BudgetError(f"budget {name} counts {old.unit}: give a limit in {old.unit}")
+        changed.counters = old.counters
+        changed.counted_live = old.counted_live
+        _forget_passed_thresholds(changed)
+        self._ephemeral[name] = changed
+        return next(s for s in self.statuses() if s.name == name)
 
     def note_tags(self, agent: str, tags: Mapping[str, str]) -> None:
         """Remember an agent's tags so tag budgets cover its usage reported without a call."""
@@ -369,7 +402,7 @@ class Budgets:
         why += f"this call may use {budget.show(amount)}"
         message = (
             f"budget {budget.name} ({budget.show(budget.limit)} {budget.per()}{whose}) would be "
-            f"exceeded: {why}. Raise it with `{budget.raise_hint(key)}`"
+            f"exceeded: {why}. Raise it with `{budget.raise_hint(key, used + reserved + amount)}`"
         )
         if c is not None and used + amount > budget.limit:
             # Even with nothing in flight the call would not fit: the budget is spent for this
@@ -601,6 +634,16 @@ class Budgets:
             resets_at=resets,
             forecast_exhausted_at=_forecast(budget, c, now, resets),
         )
+
+
+def _round_up(value: float, unit: Unit) -> float:
+    """`value` rounded up to two significant digits (whole tokens): a limit that reads well."""
+    if value <= 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    if unit is Unit.TOKENS:
+        step = max(step, 1.0)
+    return math.ceil(value / step - 1e-9) * step
 
 
 def _forget_passed_thresholds(budget: _Budget) -> None:

@@ -14,7 +14,7 @@ from tokenwatch.config import Config, ConfigError, parse_config
 from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.agents import AgentRecord
 from tokenwatch.core.budget_file import overlay_file, remove_budget, set_budget
-from tokenwatch.core.budgets import budget_name
+from tokenwatch.core.budgets import budget_name, is_run_budget
 from tokenwatch.core.config_reload import seed_quietly
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
@@ -263,13 +263,24 @@ class Commands:
     async def on_set_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         try:
             budget = parse_config({"budget": [msg["budget"]]}, "set_budget").budget[0]
+            name = budget_name(budget)
+            if is_run_budget(name):  # lives and ends with its run: changed, never saved
+                status = self.engine.budgets.set_run_limit(name, str(budget.limit))
+                return {"name": name, "run": True, "status": status.to_dict()}
             await self._apply_budgets(_saved(set_budget, self.config, budget))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
-        return {"name": budget_name(budget)}
+        return {"name": name}
 
     async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         name = msg["name"]
+        if is_run_budget(name):
+            if not any(s.name == name for s in self.engine.budgets.statuses()):
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE, f"no agent running now has a run budget named {name}"
+                )
+            self.engine.budgets.remove_ephemeral(name)
+            return {"name": name, "run": True}
         try:
             await self._apply_budgets(_saved(remove_budget, self.config, name))
         except ConfigError as exc:

@@ -27,6 +27,7 @@ from tokenwatch.core.admission import (
     Signal,
 )
 from tokenwatch.core.agents import AgentRecord, Roster, check_name
+from tokenwatch.core.budgets import run_budget_name
 from tokenwatch.core.models import (
     Action,
     ActionKind,
@@ -34,6 +35,7 @@ from tokenwatch.core.models import (
     AgentState,
     AgentView,
     Alert,
+    BudgetStatus,
     Severity,
     Snapshot,
     UsageEvent,
@@ -103,6 +105,8 @@ class Budgeting(BudgetBook, Protocol):
     def add_ephemeral(self, settings: BudgetSettings, *, start: float) -> None: ...
 
     def remove_ephemeral(self, name: str) -> None: ...
+
+    def set_run_limit(self, name: str, limit: str) -> BudgetStatus: ...
 
 
 class Routes(Protocol):
@@ -734,7 +738,7 @@ class Engine:
         except QuantityError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
         settings = BudgetSettings(
-            name=f"run:{rec.name}",
+            name=run_budget_name(rec.name),
             scope="agent",
             target=rec.name,
             period="total",
@@ -782,7 +786,7 @@ class Engine:
         if rec.route and self.routes is not None:
             self.routes.remove_route(rec.route)
             rec.route = ""
-        self.budgets.remove_ephemeral(f"run:{rec.name}")
+        self.budgets.remove_ephemeral(run_budget_name(rec.name))
         self._set_state(rec, AgentState.EXITED)
 
     def attach(self, pid: int, name: str = "") -> AgentRecord:

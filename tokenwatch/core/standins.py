@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tokenwatch.config import BudgetSettings, RuleSettings
 from tokenwatch.core.admission import CallRequest, Refusal, Reservation, Signal
+from tokenwatch.core.budgets import BudgetError
 from tokenwatch.core.models import BudgetStatus, UsageEvent
 
 _ids = itertools.count(1)
@@ -42,6 +43,9 @@ class NoBudgets:
 
     def remove_ephemeral(self, name: str) -> None:
         return None
+
+    def set_run_limit(self, name: str, limit: str) -> BudgetStatus:
+        raise BudgetError(f"no agent running now has a run budget named {name}")
 
 
 class NoRules:
