@@ -111,6 +111,8 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
             "run:x is a run's budget: only its limit can change (--action stays",
         ),
         (["alerts", "--since", "yesterday-ish"], "--since: not a time"),
+        (["budget", "set", "agent:x"], "required: LIMIT (see `tokenwatch budget set --help`)"),
+        (["budgte"], "invalid choice: 'budgte'"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_failing_exit(argv: list[str], message: str) -> None:

@@ -3,6 +3,7 @@ controlling real process trees."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -278,3 +279,24 @@ def test_no_supervisor_is_one_clear_line() -> None:
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1
         assert done.stderr.startswith("tokenwatch: no supervisor is running")
+
+
+def _commands(
+    parser: argparse.ArgumentParser, prefix: str = "tokenwatch"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                yield f"{prefix} {name}", command
+                yield from _commands(command, f"{prefix} {name}")
+
+
+def test_every_commands_help_says_what_it_does() -> None:
+    from tokenwatch.cli import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert {"tokenwatch stop", "tokenwatch budget rm", "tokenwatch rules test"} <= set(commands)
+    for name, command in commands.items():
+        text = command.format_help()
+        assert command.description, f"`{name} --help` does not say what it does"
+        assert "%%" not in text, f"`{name} --help` shows a doubled %"

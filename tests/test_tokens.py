@@ -338,6 +338,21 @@ def test_count_cli_missing_file_is_one_line_and_nonzero(
     assert "no such file" in err
 
 
+@pytest.mark.parametrize("messages", ["hi", {"role": "user"}, 3, None])
+def test_count_cli_refuses_a_request_whose_messages_are_not_a_list(
+    messages: object, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = json.dumps({"model": "gpt-4o", "messages": messages})
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(request.encode())))
+    assert cli_main(["count"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == "tokenwatch: not a valid chat request: `messages` must be a list of message objects\n"
+    )
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: (

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tokenwatch.cli.errors import CliError
 
@@ -24,8 +25,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the house's errors: one line on stderr (not usage and error), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tokenwatch: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tokenwatch",
         description=(
             "Watch, price and control the token spending of LLM agents. "
@@ -42,7 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command still being built is simply absent
             raise
         module.register(sub)
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """A command's `--help` opens with its one-line summary when it has no longer description."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        summaries = {a.dest: a.help for a in action._choices_actions}
+        for name, command in action.choices.items():
+            summary = summaries.get(name)
+            if command.description is None and summary:
+                command.description = summary[0].upper() + summary[1:] + "."
+            _describe(command)
 
 
 def _version() -> str:

@@ -37,10 +37,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_set(actions)
     q = actions.add_parser("list", help="limit, used, remaining, reset time and forecast")
     q.add_argument("--json", action="store_true", help="print the statuses as JSON")
-    _config_option(q)
+    _config_option(q, "tokenwatch.toml whose budgets to show when no supervisor runs")
     q.set_defaults(func=run_list)
     q = actions.add_parser("rm", help="remove a budget by name (see `budget list`)")
-    q.add_argument("name", metavar="NAME")
+    q.add_argument("name", metavar="NAME", help="the budget's name, as `budget list` shows it")
     _config_option(q)
     q.set_defaults(func=run_rm)
 
@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="what budgets and rules fired, and what was done",
         description="List alerts (newest last), from the supervisor or else from the ledger.",
     )
-    p.add_argument("--since", default="24h", help="how far back: 1h, 7d, today, 2026-11-01")
+    p.add_argument(
+        "--since", default="24h", help="how far back: 1h, 7d, today, 2026-11-01 (default 24h)"
+    )
     p.add_argument("--limit", type=int, default=200, help="at most this many (default 200)")
     p.add_argument("--json", action="store_true", help="print the alerts as JSON")
     p.set_defaults(func=run_alerts)
@@ -65,7 +67,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "and when. Nothing is paused, stored or sent: tune a rule before turning it on."
         ),
     )
-    q.add_argument("--since", default="7d", help="how far back: 1h, 7d, today, 2026-11-01")
+    q.add_argument(
+        "--since", default="7d", help="how far back: 1h, 7d, today, 2026-11-01 (default 7d)"
+    )
     q.add_argument("--json", action="store_true", help="print what fired as JSON")
     _config_option(q, "tokenwatch.toml whose budgets and rules to try")
     q.set_defaults(func=run_rules_test)

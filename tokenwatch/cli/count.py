@@ -107,7 +107,9 @@ def _as_request(text: str) -> dict[str, Any] | None:
         and all(isinstance(m, dict) and "role" in m for m in value)
     ):
         return {"messages": value}
-    if isinstance(value, dict) and (isinstance(value.get("messages"), list) or "input" in value):
+    if isinstance(value, dict) and "messages" in value and not isinstance(value["messages"], list):
+        raise CliError("not a valid chat request: `messages` must be a list of message objects")
+    if isinstance(value, dict) and ("messages" in value or "input" in value):
         return value
     return None
 

@@ -44,7 +44,8 @@ def _register_import(subparsers: Any) -> None:
             "events without cost_usd are priced with the current price table. Each bad line is "
             "reported with its number and skipped; the good ones are stored. A line already "
             "imported (same call_id, or same content) is stored once. Exit status: 0 when every "
-            "line was good, 1 when some were skipped (the rest is stored), 2 on usage errors."
+            "line was good, 1 when some were skipped (the rest is stored), 2 for a bad config or a "
+            "command-line mistake."
         ),
     )
     p.add_argument("file", metavar="FILE", help="JSON-lines file; '-' reads stdin")
@@ -76,7 +77,10 @@ def _register_report(subparsers: Any) -> None:
     p.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
     p.add_argument("--by", choices=GROUPS, default="agent", help="grouping (default agent)")
     p.add_argument(
-        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="output format (default table)",
     )
     p.add_argument("--top", type=_positive_int, default=None, metavar="N", help="largest N groups")
     for name in FILTERS:

@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="slow an agent down without failing it",
         description=(
             "Slow an agent: RATE is tokens per minute (20k/min), dollars per hour ($1/h), a share "
-            "of the time it may run (50%%, by SIGSTOP/SIGCONT duty cycle), or `off`."
+            "of the time it may run (50%, by SIGSTOP/SIGCONT duty cycle), or `off`."
         ),
     )
     p.add_argument("name", help="agent name")
