@@ -421,6 +421,8 @@ def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServePr
         assert tokenwatch(supervisor, "pause", "looper").returncode == 0
         assert state_soon(agent_pid, "T") == "T"
         assert state(proc.pid) != "T", "tokenwatch run itself is not part of the agent's tree"
+        assert proc.stderr is not None
+        told = proc.stderr.readline()  # on the terminal while the agent is held
         assert tokenwatch(supervisor, "kill", "looper").returncode == 0
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -428,9 +430,11 @@ def test_the_supervisor_pauses_and_kills_a_run_agent_by_name(supervisor: ServePr
             proc.kill()
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM
-    assert err.startswith("tokenwatch: looper exited 143 (SIGTERM) · 0 tokens")
-    assert "paused by cli" in err
-    assert "killed by cli" in err
+    summary = err.splitlines()[-1]
+    assert told == "tokenwatch: looper paused by cli (`tokenwatch resume looper` to go on)\n"
+    assert summary.startswith("tokenwatch: looper exited 143 (SIGTERM) · 0 tokens")
+    assert "paused by cli" in summary
+    assert "killed by cli" in summary
 
 
 @settings(max_examples=200)
@@ -525,6 +529,40 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     assert "run:thrifty" not in after.stdout  # it ended with the run
 
 
+def test_the_terminal_is_told_when_its_agent_is_paused_and_resumed(
+    supervisor: ServeProcess,
+) -> None:
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "tokenwatch", "run", "--name", "told", "--", *py(
+            "print('ready', flush=True); input()"
+        )],
+        env=supervisor.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert agent.stdin is not None
+    assert agent.stdout is not None
+    assert agent.stderr is not None
+    try:
+        assert agent.stdout.readline() == "ready\n"
+        paused = tokenwatch(supervisor, "pause", "told", "--why", "looks stuck")
+        told_paused = agent.stderr.readline()
+        resumed = tokenwatch(supervisor, "resume", "told")
+        told_resumed = agent.stderr.readline()
+        agent.stdin.write("\n")
+        agent.stdin.flush()
+        assert agent.wait(timeout=TIMEOUT) == 0
+        summary = agent.stderr.read()
+    finally:
+        agent.kill()
+    assert paused.returncode == 0, paused.stderr
+    assert resumed.returncode == 0, resumed.stderr
+    assert told_paused == (
+        "tokenwatch: told paused by cli: looks stuck (`tokenwatch resume told` to go on)\n"
+    )
+    assert told_resumed == "tokenwatch: told resumed by cli\n"
+    assert summary.startswith("tokenwatch: told exited 0 · ")
+
+
 def test_a_signal_the_shell_ignored_stays_ignored_for_the_agent(supervisor: ServeProcess) -> None:
     # what `nohup` or `cmd &` in a script does: the agent must inherit it, as without tokenwatch
     out = subprocess.run(
@@ -587,4 +625,5 @@ def test_a_duty_cycled_run_agent_runs_to_its_end(
             proc.kill()
             proc.wait()
     assert (proc.returncode, out) == (0, "done\n")
-    assert err.startswith("tokenwatch: cycled exited 0")
+    assert err.splitlines()[0].startswith("tokenwatch: cycled throttled by cli (runs 30% of the")
+    assert err.splitlines()[-1].startswith("tokenwatch: cycled exited 0")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwatch.cli.errors import CliError
 
 if TYPE_CHECKING:
+    from tokenwatch.cli.notices import ActionNotices
     from tokenwatch.client.control import SupervisorClient
     from tokenwatch.core.foreground import ForegroundChild
 
@@ -57,7 +58,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="if no supervisor can be reached, run CMD anyway (with a warning) instead of failing",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary line at exit")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no notices when the agent is paused, throttled or killed, no summary line at exit",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the agent")
     p.set_defaults(func=run_run)
 
@@ -191,8 +197,16 @@ def _run(
 
     from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
 
+    notices: list[ActionNotices] = []
     try:
-        name = anyio.run(_register_and_start, child, command, request, registered)
+        name = anyio.run(
+            _register_and_start,
+            child,
+            command,
+            request,
+            registered,
+            None if args.quiet else notices,
+        )
     except SupervisorUnavailable as exc:
         if not args.unsupervised:
             raise CliError(
@@ -204,7 +218,11 @@ def _run(
     except SupervisorError as exc:
         raise CliError(exc.message, exit_code=SUPERVISOR_FAILED) from None
     else:
-        code = child.wait()
+        try:
+            code = child.wait()
+        finally:
+            for watcher in notices:
+                watcher.stop()
         summary = anyio.run(_report_exit, name, code)
     if not args.quiet:
         _warn(summary_line(name, code, summary))
@@ -212,12 +230,21 @@ def _run(
 
 
 async def _register_and_start(
-    child: ForegroundChild, command: list[str], request: dict[str, Any], registered: list[str]
+    child: ForegroundChild,
+    command: list[str],
+    request: dict[str, Any],
+    registered: list[str],
+    notices: list[ActionNotices] | None,
 ) -> str:
     """Register, spawn with the env the supervisor gave, tell it the pid; returns the name
-    (also put in `registered` at once, for the clean-up after an interruption)."""
+    (also put in `registered` at once, for the clean-up after an interruption). Unless
+    `notices` is None, a watcher that tells the terminal of actions on the agent is started
+    first (so a pause at its first call is told) and put in it."""
     import contextlib
 
+    import anyio.to_thread
+
+    from tokenwatch.cli.notices import ActionNotices
     from tokenwatch.client.control import SupervisorClient, SupervisorError
 
     async with await SupervisorClient.connect() as client:
@@ -225,6 +252,10 @@ async def _register_and_start(
         name = str(reply["name"])
         registered.append(name)
         env = _child_env(client, name, reply)
+        if notices is not None:
+            watcher = ActionNotices(name)
+            notices.append(watcher)
+            await anyio.to_thread.run_sync(watcher.start)
         try:
             _start(child, command, env)
         except CliError as exc:

@@ -129,6 +129,12 @@ class SupervisorClient:
         "alert", "action", "agent" (models' to_dict shapes), or only the `kinds` named.
         Ends when the supervisor goes away."""
         await self.request("subscribe", interval=interval, kinds=list(kinds) if kinds else None)
+        async for push in self.pushes():
+            yield push
+
+    async def pushes(self) -> AsyncIterator[tuple[str, Any]]:
+        """The pushes of a `subscribe` request already answered, as (kind, data), for a caller
+        that must know it is subscribed before it goes on. Ends when the supervisor goes away."""
         while True:
             while self._pushes:
                 yield self._pushes.popleft()
