@@ -627,3 +627,14 @@ def test_two_budgets_with_one_name_are_refused() -> None:
 def test_an_unknown_time_zone_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="timezone: unknown time zone 'Mars/Olympus'"):
         Budgets([], tz="Mars/Olympus")
+
+
+async def test_a_call_dated_in_the_far_future_counts_nowhere_and_breaks_nothing() -> None:
+    # ledgers written before such times were refused may hold one: year 33658
+    clock = Clock(at("2026-11-23 10:00"))
+    budgets = Budgets([BudgetSettings(name="d", limit="10k")], tz="UTC", clock=clock)
+    far = event(1e12, tokens=5000, call_id="far")
+    await budgets.seed(_Ledger([far], lambda: None))
+    assert budgets.record(event(1e12, tokens=5000, call_id="far-live")) == []
+    budgets.record(event(clock.now, tokens=100, call_id="now"))
+    assert used(budgets, "d") == 100

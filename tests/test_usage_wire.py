@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -64,7 +65,7 @@ def test_the_fast_path_agrees_with_the_generic_one(msg: dict[str, Any]) -> None:
     tokens=st.integers(0, 2**62),
     cost=st.none() | st.floats(0, 1e6),
     mid=st.integers(0, 2**40) | st.text(max_size=8),
-    ts=st.floats(1.0, 4e9),
+    ts=st.floats(1.0, 1.7e9),  # up to 2023: any time already past
 )
 def test_well_formed_usage_lines_take_the_fast_path(
     tokens: int, cost: float | None, mid: int | str, ts: float
@@ -75,6 +76,14 @@ def test_well_formed_usage_lines_take_the_fast_path(
     decoded = decode_usage_line(line.rstrip(b"\n"))
     assert decoded is not None
     assert decoded == (mid, event)
+
+
+def test_a_call_time_in_the_future_is_refused_in_words() -> None:
+    ahead = time.time() + 2 * 86_400  # a day of clock skew is allowed, not more
+    for ts in (ahead, 1e12, 1e18):  # 1e12: milliseconds sent as seconds
+        with pytest.raises(ProtocolError, match="'ts' is in the future"):
+            usage_from_wire({"ts": ts, "input_tokens": 1})
+    assert usage_from_wire({"ts": time.time() + 60, "input_tokens": 1}).input_tokens == 1
 
 
 def test_a_usage_line_without_ts_is_stamped_now() -> None:
@@ -88,7 +97,7 @@ def test_a_usage_line_without_ts_is_stamped_now() -> None:
 
 def test_faulty_usage_lines_are_left_to_the_generic_path() -> None:
     for event in ({"input_tokens": -1}, {"input_tokens": True}, {"ts": 0}, {"agent": None},
-                  {"input_tokens": 2**63}):  # fmt: skip
+                  {"input_tokens": 2**63}, {"ts": 1e12}):  # fmt: skip
         line = protocol.dumps(protocol.request("usage", 1, event=event))
         assert decode_usage_line(line) is None
         assert isinstance(generic(line), str)

@@ -17,7 +17,14 @@ from typing import Any, Final
 
 from tokenwatch.config import BudgetSettings, ConfigError
 from tokenwatch.core.admission import CallRequest, Refusal, Reservation, Signal
-from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
+from tokenwatch.core.models import (
+    MAX_CLOCK_SKEW,
+    ActionKind,
+    Alert,
+    BudgetStatus,
+    Severity,
+    UsageEvent,
+)
 from tokenwatch.core.periods import ALL_PERIODS, CALENDAR_PERIODS, ROLLING_SECONDS, period_end, zone
 from tokenwatch.core.periods import period_start as calendar_start
 from tokenwatch.core.quantities import (
@@ -452,6 +459,8 @@ class Budgets:
         signals: list[Signal] | None,
         seeding: Collection[_Budget] | None = None,
     ) -> None:
+        if event.ts > self._clock() + MAX_CLOCK_SKEW:
+            return  # from a ledger written before such times were refused: no period has it
         tags = self._tags.get(event.agent, {})
         for budget in self._all() if seeding is None else seeding:
             if event.ts < budget.origin:

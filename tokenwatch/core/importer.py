@@ -7,12 +7,13 @@ import datetime
 import hashlib
 import json
 import math
+import time
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwatch.core.models import FIELD_ALIASES, Source, Status, UsageEvent
+from tokenwatch.core.models import FIELD_ALIASES, MAX_CLOCK_SKEW, Source, Status, UsageEvent
 
 _HINTS = typing.get_type_hints(UsageEvent)
 _FIELDS = {f.name for f in dataclasses.fields(UsageEvent)}
@@ -37,7 +38,14 @@ class LineError:
 
 
 def parse_ts(value: object, tz: datetime.tzinfo) -> float:
-    """Unix seconds, or ISO 8601 (a time without offset is in `tz`)."""
+    """Unix seconds, or ISO 8601 (a time without offset is in `tz`); never in the future."""
+    ts = _parse_ts(value, tz)
+    if ts > time.time() + MAX_CLOCK_SKEW:
+        raise BadLine(f"ts: {value!r} is in the future")
+    return ts
+
+
+def _parse_ts(value: object, tz: datetime.tzinfo) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         ts = float(value)
         if not math.isfinite(ts) or ts < 0:

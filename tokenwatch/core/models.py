@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Final, Self
 
 FIELD_ALIASES = {"ts": ("timestamp", "time")}
 
@@ -46,6 +46,11 @@ class Source(enum.StrEnum):
     SDK = "sdk"
     LOG = "log"
     IMPORT = "import"
+
+
+MAX_CLOCK_SKEW: Final = 86_400.0
+"""Seconds a call's time may lie ahead of ours (clocks disagree); later than that, it cannot have
+happened yet, and is refused rather than counted in a period that has not begun."""
 
 
 @dataclass(slots=True)

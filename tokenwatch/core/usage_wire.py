@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CLOCK_SKEW, UsageEvent
 from tokenwatch.core.protocol import VERSION, ErrorCode, ProtocolError
 
 MAX_WIRE_INT: Final = 2**62
@@ -57,6 +57,8 @@ def usage_from_wire(data: dict[str, Any]) -> UsageEvent:
     event = UsageEvent(**fields)
     if event.ts <= 0 or event.ts != event.ts:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "usage: 'ts' must be positive Unix seconds")
+    if event.ts > time.time() + MAX_CLOCK_SKEW:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "usage: 'ts' is in the future (milliseconds?)")
     return event
 
 
@@ -121,6 +123,6 @@ def decode_usage_line(line: bytes) -> tuple[int | str | None, UsageEvent] | None
     values = msgspec.structs.astuple(msg.event)
     if values[0] is msgspec.UNSET:
         values = (time.time(), *values[1:])
-    elif not values[0] > 0:
-        return None
+    elif not 0 < values[0] <= time.time() + MAX_CLOCK_SKEW:
+        return None  # the generic path words the problem
     return msg.id, UsageEvent(*values)
