@@ -108,3 +108,31 @@ async def test_usage_the_proxy_asked_for_is_cut_out_exactly(rig: ProxyRig) -> No
     assert body == ODD_SSE[0] + ODD_SSE[1] + ODD_SSE[2] + b"data: [DONE]\r\n\r\n"
     (event,) = await rig.gate.wait_settled(1)
     assert (event.input_tokens, event.output_tokens) == (9, 2)
+
+
+@pytest.mark.parametrize("figure", [b"-100", b"99999999999999999999999999", b"1.5e300", b'"lots"'])
+async def test_usage_figures_that_are_not_counts_are_estimated_instead(figure: bytes) -> None:
+    async def broken_upstream(request: web.Request) -> web.Response:
+        return web.Response(
+            body=ODD_JSON.replace(b'"prompt_tokens": 11', b'"prompt_tokens": ' + figure),
+            content_type="application/json",
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", broken_upstream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        upstream = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        async with running_proxy(openai_upstream=upstream) as rig:
+            prompt = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count me"}]}
+            body, _ = await post(rig, prompt)
+            (event,) = await rig.gate.wait_settled(1)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await runner.cleanup()
+    assert figure in body  # the agent gets the upstream's answer as it was
+    assert event.estimated
+    assert event.input_tokens > 0  # the prompt, counted here: never negative, never zero
+    assert event.output_tokens > 0  # "café", counted here

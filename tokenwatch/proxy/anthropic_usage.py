@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tokenwatch.core import tokens
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
+    BadCount,
     CallFacts,
     TextParts,
     Usage,
@@ -16,6 +18,8 @@ from tokenwatch.proxy.usage import (
     model_of,
     number,
 )
+
+log = logging.getLogger(__name__)
 
 MESSAGES = "/v1/messages"
 
@@ -41,7 +45,14 @@ def usage_from(doc: Any, base: Usage | None = None) -> Usage | None:
     """
     if not isinstance(doc, dict):
         return base
-    known = base or Usage()
+    try:
+        return _usage(doc, base or Usage())
+    except BadCount as exc:
+        log.warning("/v1/messages: the upstream's %s; the call is estimated", exc)
+        return None
+
+
+def _usage(doc: dict[str, Any], known: Usage) -> Usage:
     fresh = input_tokens = number(doc, "input_tokens")
     reads = number(doc, "cache_read_input_tokens")
     writes = number(doc, "cache_creation_input_tokens")

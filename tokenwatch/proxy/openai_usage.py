@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -9,6 +10,7 @@ import orjson
 from tokenwatch.core import tokens
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
+    BadCount,
     CallFacts,
     TextParts,
     Usage,
@@ -18,6 +20,8 @@ from tokenwatch.proxy.usage import (
     model_of,
     number,
 )
+
+log = logging.getLogger(__name__)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -85,9 +89,18 @@ def ask_for_usage(endpoint: str, body: dict[str, Any]) -> bytes | None:
 
 
 def usage_from(doc: Any, endpoint: str) -> Usage | None:
-    """Normalised usage from a response's `usage` object (chat, completions, responses, embeddings)."""
+    """Normalised usage from a response's `usage` object (chat, completions, responses,
+    embeddings); None when there is none or its figures are not counts (the call is estimated)."""
     if not isinstance(doc, dict):
         return None
+    try:
+        return _usage(doc, endpoint)
+    except BadCount as exc:
+        log.warning("%s: the upstream's %s; the call is estimated", endpoint, exc)
+        return None
+
+
+def _usage(doc: dict[str, Any], endpoint: str) -> Usage:
     if endpoint == RESPONSES:
         return Usage(
             input_tokens=number(doc, "input_tokens"),
@@ -129,6 +142,8 @@ class OpenAIReader:
         if doc is not None:
             self.usage = usage_from(doc.get("usage"), self._endpoint)
             self.complete = True
+            if self.usage is None:
+                self._raw.append(body)  # its text is then what the estimate counts
 
     def read_event(self, event: SseEvent) -> bool:
         data = event.data
@@ -186,7 +201,7 @@ def _choice_text(choice: Any, text: TextParts) -> None:
     if not isinstance(choice, dict):
         return
     text.add(choice.get("text"))
-    delta = choice.get("delta")
+    delta = choice.get("delta") or choice.get("message")  # a stream's chunk, or a whole answer
     if not isinstance(delta, dict):
         return
     for key in ("content", "reasoning_content", "refusal"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio.to_thread
 import orjson
@@ -82,13 +82,28 @@ class TextParts:
         return "".join(self.parts)
 
 
+MAX_COUNT: Final = 10**12
+"""No call uses a trillion tokens: a bigger figure from an upstream is garbage, not usage."""
+
+
+class BadCount(ValueError):
+    """A usage figure that is there but is not a count of tokens: the call is estimated instead."""
+
+
 def number(doc: Any, *keys: str) -> int:
-    """An integer found by walking `keys` into nested objects; 0 when absent or not a number."""
+    """The count found by walking `keys` into nested objects; 0 when absent (or null). Raises
+    BadCount for a figure that is present but negative, fractional, not a number or absurd."""
     for key in keys:
         if not isinstance(doc, dict):
             return 0
         doc = doc.get(key)
-    return doc if isinstance(doc, int) and not isinstance(doc, bool) else 0
+    if doc is None:
+        return 0
+    if isinstance(doc, float) and doc.is_integer():
+        doc = int(doc)
+    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_COUNT:
+        return doc
+    raise BadCount(f"usage {'.'.join(keys)} is {doc!r}")
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:
