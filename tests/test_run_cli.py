@@ -182,11 +182,13 @@ def kill_if_running(pid: int, marker: str) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
 def test_signals_to_tokenwatch_run_reach_the_agent(
-    supervisor: ServeProcess, sig: signal.Signals
+    supervisor: ServeProcess, sig: signal.Signals, paused: bool
 ) -> None:
+    name = f"catch-{sig.name.lower()}-{paused}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenwatch", "run", "-q", "--", *py(CATCH)],
+        [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", name, "--", *py(CATCH)],
         env=supervisor.env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -202,6 +204,9 @@ def test_signals_to_tokenwatch_run_reach_the_agent(
         ready, child_pid = proc.stdout.readline().split()
         assert ready == "ready"
         child = int(child_pid)
+        if paused:  # held by tokenwatch: a CI timeout or a closed terminal must still end it
+            assert tokenwatch(supervisor, "pause", name).returncode == 0
+            assert state_soon(child, "T") == "T"
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:

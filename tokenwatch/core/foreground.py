@@ -81,7 +81,8 @@ class ForegroundChild:
     """Use as a context manager around `start` and `wait`; signal handlers live for the block.
 
     While the child runs, SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to this process go to the
-    child's process group (one the shell ignored stays ignored, for the child too). When this
+    child's process group, followed by SIGCONT so a paused child acts on them (one the shell
+    ignored stays ignored, for the child too). When this
     process is the terminal's foreground job, the child's group becomes the foreground, so
     Ctrl-C and terminal reads reach it directly; Ctrl-Z stops the child, then this process, so
     the shell sees the job stopped, and `fg` gives the terminal back to the child.
@@ -126,6 +127,9 @@ class ForegroundChild:
         # an unreaped child keeps its pid, and so its group id: this cannot hit a stranger
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
+            # a stopped child (paused by tokenwatch) would leave it pending until resumed: a CI
+            # timeout or a closed terminal must end it now, as a shell's `kill %job` does
+            os.killpg(self.pid, signal.SIGCONT)
 
     def start(self, argv: list[str], *, env: dict[str, str], cwd: str | None = None) -> int:
         """Start the child with our stdin, stdout and stderr; returns its pid. Raises OSError."""
