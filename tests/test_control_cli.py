@@ -281,6 +281,22 @@ def test_no_supervisor_is_one_clear_line() -> None:
         assert done.stderr.startswith("tokenwatch: no supervisor is running")
 
 
+@pytest.mark.parametrize(
+    "argv", [["pause"], ["resume"], ["kill"], ["throttle", "20k/min"]], ids=lambda a: a[0]
+)
+def test_acting_on_an_agent_that_has_exited_says_so(
+    supervisor: ServeProcess, argv: list[str]
+) -> None:
+    name = f"gone-{argv[0]}"
+    request(supervisor, "register", name=name)
+    request(supervisor, "exited", name=name, code=0)
+    done = tw(supervisor, argv[0], name, *argv[1:])
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert done.stderr == f"tokenwatch: {name} has exited: there is nothing to {argv[0]}\n"
+    assert agent_row(supervisor, name)["state"] == "exited"  # and it stays so
+
+
 def _commands(
     parser: argparse.ArgumentParser, prefix: str = "tokenwatch"
 ) -> Iterator[tuple[str, argparse.ArgumentParser]]:

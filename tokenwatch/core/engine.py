@@ -504,7 +504,7 @@ class Engine:
             log.warning("%s on %s by %s failed: %s", kind, name, who, exc.message)
 
     async def pause(self, name: str, *, who: str, why: str = "") -> Action:
-        rec = self.roster.find(name)
+        rec = self._acting_on(name, "pause")
         self._stop_duty(rec, continue_tree=False)
         rec.hold()
         ok, detail = self._signal_tree(rec, "pause")
@@ -512,7 +512,7 @@ class Engine:
         return await self._record(ActionKind.PAUSE, rec, who, why, detail, ok)
 
     async def resume(self, name: str, *, who: str, why: str = "") -> Action:
-        rec = self.roster.find(name)
+        rec = self._acting_on(name, "resume")
         rec.denied = ""
         ok, detail = self._signal_tree(rec, "resume")
         rec.release()
@@ -521,6 +521,15 @@ class Engine:
             self._start_duty(rec)
         self._set_state(rec, AgentState.THROTTLED if throttled else AgentState.RUNNING)
         return await self._record(ActionKind.RESUME, rec, who, why, detail, ok)
+
+    def _acting_on(self, name: str, verb: str) -> AgentRecord:
+        """The agent an action is for; one that has exited is an error, not a success."""
+        rec = self.roster.find(name)
+        if rec.agent.state == AgentState.EXITED:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"{name} has exited: there is nothing to {verb}"
+            )
+        return rec
 
     async def pause_all(self, *, who: str, why: str = "") -> list[Action]:
         """Pause every live agent that is not critical."""
@@ -531,7 +540,7 @@ class Engine:
         ]
 
     async def kill(self, name: str, *, who: str, why: str = "") -> Action:
-        rec = self.roster.find(name)
+        rec = self._acting_on(name, "kill")
         rec.denied = f"{name} was killed by {who}"
         self._stop_duty(rec, continue_tree=False)
         rec.release()
@@ -556,7 +565,7 @@ class Engine:
         return await self._record(ActionKind.KILL, rec, who, why, detail, ok, noted=True)
 
     async def deny(self, name: str, *, who: str, why: str = "") -> Action:
-        rec = self.roster.find(name)
+        rec = self._acting_on(name, "deny")
         rec.denied = (
             f"{name}'s calls are refused by {who}: {why} (`tokenwatch resume {name}` lifts it)"
         )
@@ -564,7 +573,7 @@ class Engine:
         return await self._record(ActionKind.DENY, rec, who, why, "further calls refused", True)
 
     async def throttle(self, name: str, rate_text: str, *, who: str, why: str = "") -> Action:
-        rec = self.roster.find(name)
+        rec = self._acting_on(name, "throttle")
         try:
             rate = parse_rate(rate_text)
         except QuantityError as exc:
