@@ -316,3 +316,17 @@ def test_every_commands_help_says_what_it_does() -> None:
         text = command.format_help()
         assert command.description, f"`{name} --help` does not say what it does"
         assert "%%" not in text, f"`{name} --help` shows a doubled %"
+
+
+@pytest.mark.parametrize("argv", [["status"], ["serve"], ["pause", "a"], ["run", "--", "true"]])
+def test_a_home_too_long_for_a_socket_is_one_clear_line(argv: list[str], tmp_path: Path) -> None:
+    home = tmp_path / ("h" * 120)  # the socket would be DIR/run/tokenwatch.sock
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", *argv],
+        env=tokenwatch_env(home), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"tokenwatch: the socket path {home}/run/tokenwatch.sock is too long")
+    assert line.endswith("use a shorter TOKENWATCH_HOME, XDG_RUNTIME_DIR or TOKENWATCH_SOCKET")
+    assert not (home / "run").exists(), "no supervisor was started"

@@ -11,6 +11,19 @@ CONFIG_NAME = "tokenwatch.toml"
 OVERLAY_NAME = "tokenwatch.local.toml"
 DB_NAME = "usage.db"
 SOCKET_NAME = "tokenwatch.sock"
+MAX_SOCKET_PATH = 107
+"""Bytes a Unix socket path may have on Linux (sun_path is 108, with its terminating NUL)."""
+
+
+def socket_path_problem(path: Path) -> str | None:
+    """Why `path` cannot be a Unix socket, or None when it can."""
+    size = len(os.fsencode(path))
+    if size <= MAX_SOCKET_PATH:
+        return None
+    return (
+        f"the socket path {path} is too long for a Unix socket ({size} bytes, at most "
+        f"{MAX_SOCKET_PATH}): use a shorter {HOME_ENV}, XDG_RUNTIME_DIR or TOKENWATCH_SOCKET"
+    )
 
 
 @dataclass(frozen=True, slots=True)

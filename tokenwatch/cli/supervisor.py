@@ -130,9 +130,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from tokenwatch.config import load_config
     from tokenwatch.core.daemon import AlreadyRunning, StartFailed, ensure_running
     from tokenwatch.core.supervisor import serve_until_signalled
-    from tokenwatch.paths import Paths
+    from tokenwatch.paths import Paths, socket_path_problem
 
     paths = Paths.discover()
+    problem = socket_path_problem(paths.socket)
+    if problem is not None:
+        raise CliError(problem)
     if args.detach:
         try:
             started = ensure_running(paths)

@@ -16,7 +16,7 @@ import anyio.abc
 import anyio.to_thread
 
 from tokenwatch.core import protocol
-from tokenwatch.paths import Paths
+from tokenwatch.paths import Paths, socket_path_problem
 
 MAX_BUFFERED_PUSHES: Final = 10_000
 """Pushes kept while nobody iterates `subscribe()`; the oldest go first."""
@@ -69,6 +69,9 @@ class SupervisorClient:
         """Connect, starting a background supervisor first when none runs and `start` is true."""
         paths = paths or Paths.discover()
         path = socket_path or Path(os.environ.get("TOKENWATCH_SOCKET") or paths.socket)
+        problem = socket_path_problem(path)
+        if problem is not None:  # no supervisor could listen there either: never start one
+            raise SupervisorError("bad_socket", problem)
         try:
             return await cls._open(path)
         except SupervisorUnavailable:
@@ -87,7 +90,7 @@ class SupervisorClient:
             ) from None
         except OSError as exc:
             raise SupervisorUnavailable(
-                f"cannot reach the supervisor at {path}: {exc.strerror}"
+                f"cannot reach the supervisor at {path}: {exc.strerror or exc}"
             ) from None
         return cls(stream, path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from tokenwatch.core.daemon import socket_answers
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.usage_wire import decode_usage_line, usage_from_wire
+from tokenwatch.paths import socket_path_problem
 
 log = logging.getLogger("tokenwatch.server")
 
@@ -523,6 +525,9 @@ def _guess_id(line: bytes) -> Any:
 
 def bind_private_socket(path: Path) -> socket.socket:
     """A listening socket at `path`, mode 0600 from the start; replaces only a stale socket."""
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise OSError(errno.ENAMETOOLONG, problem)
     if path.exists() or path.is_symlink():
         if socket_answers(path):
             raise AddressInUse(f"a supervisor already answers on {path}")
