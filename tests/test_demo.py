@@ -65,6 +65,10 @@ def test_headless_demo_pauses_the_looper_and_leaves_the_rest(tokenwatch_home: Pa
     [
         (["--json"], "--json goes with --headless"),
         (["--headless", "--duration", "0"], "--duration must be above zero"),
+        (["--headless", "--duration", "nan"], "--duration must be above zero and under a day"),
+        (["--screenshot", "/tmp"], "--screenshot /tmp: a directory; give a file name"),
+        (["--screenshot", "/no/such/dir/x.svg"], "no directory /no/such/dir"),
+        (["--headless", "--home", "/etc/passwd"], "--home /etc/passwd: not a directory"),
         ([], "needs a terminal"),
     ],
 )

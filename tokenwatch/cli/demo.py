@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenwatch.cli.errors import CliError
+
+MAX_DURATION = 86_400.0
+"""Seconds: a demo longer than a day is a typo."""
 
 if TYPE_CHECKING:
     from tokenwatch.demo.stage import DemoOutcome
@@ -54,9 +58,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import os
     import shutil
-    import tempfile
 
     import anyio
 
@@ -64,13 +66,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from tokenwatch.demo.stage import DemoError, demo_config, supervisor_process, write_config
 
     duration = _duration(args)
-    screenshot = Path(args.screenshot).resolve() if args.screenshot else None
+    screenshot = _screenshot_file(args.screenshot)
     if screenshot is not None:
         duration = duration or 20.0
     elif not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CliError("the demo's dashboard needs a terminal; add --headless to run without it")
-    home = Path(args.home).expanduser() if args.home else Path(tempfile.mkdtemp(prefix="twdemo-"))
-    home.mkdir(parents=True, exist_ok=True)
+    home = _home(args.home)
     try:
         with fake_llm_process("--quiet", "--latency-ms", "120", "--chunk-ms", "4") as url:
             config_file = write_config(home, demo_config(url, os.getpid()))
@@ -100,9 +101,37 @@ def _duration(args: argparse.Namespace) -> float | None:
     duration = args.duration
     if duration is None:
         return 30.0 if args.headless else None
-    if duration <= 0:
-        raise CliError(f"--duration must be above zero, not {duration:g}")
+    if not 0 < duration < MAX_DURATION:  # NaN fails this too
+        raise CliError(f"--duration must be above zero and under a day, not {duration:g}")
     return float(duration)
+
+
+def _screenshot_file(text: str | None) -> Path | None:
+    if text is None:
+        return None
+    path = Path(text).resolve()
+    if path.is_dir():
+        raise CliError(f"--screenshot {text}: a directory; give a file name like dashboard.svg")
+    if not path.parent.is_dir():
+        raise CliError(f"--screenshot {text}: no directory {path.parent}")
+    return path
+
+
+def _home(text: str | None) -> Path:
+    import tempfile
+
+    if text is None:
+        return Path(tempfile.mkdtemp(prefix="twdemo-"))
+    home = Path(text).expanduser()
+    if home.exists() and not home.is_dir():
+        raise CliError(f"--home {text}: not a directory")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--home {text}: {exc.strerror or exc}") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise CliError(f"--home {text}: not writable")
+    return home
 
 
 async def _staged(
