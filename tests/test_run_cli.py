@@ -249,6 +249,7 @@ def test_a_missing_command_is_one_line_and_exit_127(supervisor: ServeProcess) ->
         (["--tag", "oops", "--", "true"], "--tag 'oops': expected KEY=VALUE"),
         (["--budget", "lots", "--", "true"], "--budget: not a limit"),
         ([], "nothing to run"),
+        (["--", ""], "nothing to run"),
     ],
 )
 def test_bad_options_are_one_line_and_run_nothing(

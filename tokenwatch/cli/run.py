@@ -106,7 +106,7 @@ def _command(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
-    if not command:
+    if not command or not command[0]:
         raise CliError("nothing to run: tokenwatch run [OPTIONS] -- CMD [ARGS...]", exit_code=2)
     return command
 
