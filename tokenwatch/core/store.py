@@ -19,7 +19,7 @@ import anyio.to_thread
 
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
-from tokenwatch.core.rollups import day_windows, summary_sql
+from tokenwatch.core.rollups import day_windows, summary_sql, window_batches
 from tokenwatch.core.schema import (
     EVENT_COLUMNS,
     ROLLUP_DIMS,
@@ -338,9 +338,10 @@ class Store:
             raise ValueError(f"cannot group by {by!r} (one of: {', '.join(GROUPINGS)})")
         hi = _upper(until)
         if by == "day":
-            latest = max(self._clock(), await self._latest_ts())
-            windows = day_windows(since, hi, tz or zone("local"), latest)
-            rows = await self._grouped("label", windows, filters)
+            now = self._clock()
+            rows = []
+            for batch in window_batches(day_windows(since, hi, tz or zone("local"), now), now):
+                rows += await self._grouped("label", batch, filters)
             groups = [_as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: g.key)
         else:
@@ -358,11 +359,6 @@ class Store:
         sql, params = summary_sql(key, windows, filters, self._clock())
         async with self._reader.execute(sql, params) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
-
-    async def _latest_ts(self) -> float:
-        async with self._reader.execute("SELECT MAX(ts) FROM events") as cursor:
-            row = await cursor.fetchone()
-        return float(row[0]) if row and row[0] is not None else 0.0
 
     # -- events -------------------------------------------------------------------------
 
