@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from tokenwatch.core.models import Alert, BudgetStatus
     from tokenwatch.core.store import Store
 
+MAX_LIMIT = 2**63 - 1
+"""The largest row count SQLite binds (a signed 64-bit integer)."""
 SCOPES = ("global", "agent", "task", "model", "user", "tag")
 PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
 ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
@@ -52,7 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--since", default="24h", help="how far back: 1h, 7d, today, 2026-11-01 (default 24h)"
     )
-    p.add_argument("--limit", type=int, default=200, help="at most this many (default 200)")
+    p.add_argument(
+        "--limit", type=_limit, default=200, metavar="N", help="at most this many (default 200)"
+    )
     p.add_argument("--json", action="store_true", help="print the alerts as JSON")
     p.set_defaults(func=run_alerts)
 
@@ -412,12 +416,23 @@ def _load(path: str | None) -> Config:
     return load_config(Path(path) if path else None)
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    # Beyond what SQLite can bind, a bound is no bound: same answer as the largest one.
+    return min(value, MAX_LIMIT)
+
+
 def _since(text: str) -> float:
-    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.periods import parse_start
     from tokenwatch.core.quantities import QuantityError
 
     try:
-        return parse_since(text)
+        return parse_start(text)
     except QuantityError as exc:
         raise CliError(f"--since: {exc}") from None
 

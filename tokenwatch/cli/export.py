@@ -34,11 +34,11 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.periods import parse_since, parse_start
     from tokenwatch.core.quantities import QuantityError
 
     try:
-        since = parse_since(args.since) if args.since else 0.0
+        since = parse_start(args.since) if args.since else 0.0
         until = parse_since(args.until) if args.until else None
     except QuantityError as exc:
         raise CliError(str(exc), 2) from None

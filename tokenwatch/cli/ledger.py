@@ -272,14 +272,14 @@ async def _store_batch(store: Store, batch: list[UsageEvent], summary: ImportSum
 def run_report(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.periods import parse_since, parse_start
     from tokenwatch.core.quantities import QuantityError
     from tokenwatch.core.report import render
 
     cfg = _config()
     tz = _zone(cfg)
     try:
-        since = parse_since(args.since, tz=tz)
+        since = parse_start(args.since, tz=tz)
         until = parse_since(args.until, tz=tz) if args.until else None
     except QuantityError as exc:
         raise CliError(str(exc), 2) from None
