@@ -440,14 +440,19 @@ def _since(text: str) -> float:
 def _run(coro: Awaitable[Any]) -> Any:
     import anyio
 
+    from tokenwatch.core.store import StoreUnavailable
+
     async def go() -> Any:
         return await coro
 
-    return anyio.run(go)
+    try:
+        return anyio.run(go)
+    except StoreUnavailable as exc:  # a damaged ledger can open and fail at the first read
+        raise CliError(str(exc)) from None
 
 
 async def _open_ledger() -> Store | None:
-    """The ledger, if anything was ever recorded (reading never creates one)."""
+    """The ledger for reading, if anything was ever recorded (reading never creates one)."""
     from tokenwatch.core.store import Store, StoreUnavailable
     from tokenwatch.paths import Paths
 
@@ -455,9 +460,9 @@ async def _open_ledger() -> Store | None:
     if not path.is_file():
         return None
     try:
-        return await Store.open(path)
+        return await Store.open_read_only(path)
     except StoreUnavailable as exc:
-        raise CliError(f"cannot read the ledger: {exc}") from None
+        raise CliError(str(exc)) from None
 
 
 def _from_supervisor(fn: Callable[[SupervisorClient], Awaitable[Any]]) -> Any:

@@ -59,7 +59,7 @@ async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> i
 
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.protocol import dumps
-    from tokenwatch.core.store import Store
+    from tokenwatch.core.store import Store, StoreUnavailable
     from tokenwatch.paths import Paths
 
     db = Paths.discover().db
@@ -71,14 +71,21 @@ async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> i
     )
     if writer is not None:
         writer.writeheader()
+    try:
+        store = await Store.open_read_only(db)
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
     count = 0
-    async with await Store.open(db) as store:
-        async for event in store.iter_events(since=since, until=until):
-            row = event.to_dict()
-            if writer is not None:
-                writer.writerow(row)
-            else:
-                out.write(dumps(row).decode())
-            count += 1
+    try:
+        async with store:
+            async for event in store.iter_events(since=since, until=until):
+                row = event.to_dict()
+                if writer is not None:
+                    writer.writerow(row)
+                else:
+                    out.write(dumps(row).decode())
+                count += 1
+    except StoreUnavailable as exc:  # a damaged ledger can open and fail at any page
+        raise CliError(f"{exc}; exported {count} events before that") from None
     out.flush()
     return count

@@ -158,6 +158,21 @@ async def _open_store(path: Path) -> Store:
         raise CliError(str(exc)) from None
 
 
+async def _open_for_reading(path: Path) -> Store:
+    """The ledger read-only (a read-only file or directory will do); a missing one is created
+    empty, as any command does."""
+    import anyio
+
+    from tokenwatch.core.store import Store, StoreUnavailable
+
+    if not await anyio.Path(path).exists():
+        return await _open_store(path)
+    try:
+        return await Store.open_read_only(path)
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
+
+
 # -- import ----------------------------------------------------------------------------------
 
 
@@ -300,10 +315,13 @@ async def _report(
     filters: dict[str, str],
 ) -> Report:
     from tokenwatch.core.report import build_report
+    from tokenwatch.core.store import StoreUnavailable
 
-    store = await _open_store(_db_path())
+    store = await _open_for_reading(_db_path())
     try:
         return await build_report(store, by=by, since=since, until=until, top=top, tz=tz, **filters)
+    except StoreUnavailable as exc:  # a damaged ledger can open and fail at the first read
+        raise CliError(str(exc)) from None
     finally:
         await store.aclose()
 
