@@ -240,3 +240,21 @@ def test_rules_test_with_a_rule_that_cannot_work_names_it(
         "tokenwatch: rule x: unknown detector 'psychic' (runaway, task_tokens, spike, "
         "huge_request, context_growth, drift, forecast)"
     )
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_alerts_limit_below_one_is_refused(capsys: pytest.CaptureFixture[str], limit: str) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's exit, as the process would
+        main(["alerts", "--limit", limit])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith("tokenwatch: ")
+    assert f"must be at least 1, got {limit}" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_alerts_limit_beyond_sqlite_means_no_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    anyio.run(fill_ledger, [], [Alert("spike", "a", "too fast")])
+    code, out, err = run(capsys, "alerts", "--limit", "99999999999999999999999")
+    assert (code, err) == (0, "")
+    assert "too fast" in out

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import signal
+import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -169,3 +174,43 @@ def test_any_valid_event_line_parses_back(ts: float, tokens: int, agent: str) ->
 def test_arbitrary_text_never_crashes_the_parser(text: str) -> None:
     for _, item in parse_lines(text.splitlines(), UTC):
         assert isinstance(item, UsageEvent) or str(item).startswith("line ")
+
+
+def stored_count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # the tables are still being made
+    finally:
+        conn.close()
+
+
+def test_ctrl_c_on_stdin_import_says_what_was_stored() -> None:
+    db = Paths.discover().db
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenwatch", "import", "-"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    lines = [json.dumps({"ts": 1e9 + i, "agent": "a", "call_id": f"c{i}"}) for i in range(5003)]
+    proc.stdin.write("\n".join(lines) + "\n")
+    proc.stdin.flush()  # stdin stays open: the import waits for more, as from a slow producer
+    deadline = time.monotonic() + 60
+    while stored_count(db) < 5000:  # the first batch is in; the other 3 lines wait in memory
+        assert time.monotonic() < deadline, "the first batch was never stored"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip(), "exited 130 without saying what was stored"
+    last = err.splitlines()[-1]
+    match = re.fullmatch(r"tokenwatch: interrupted, imported ([\d,]+) events.*", last)
+    assert match, err
+    stored = int(match.group(1).replace(",", ""))
+    assert stored == stored_count(db)
+    assert stored >= 5000

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from tokenwatch.core.periods import parse_since, period_end, period_start, zone
+from tokenwatch.core.periods import parse_since, parse_start, period_end, period_start, zone
 from tokenwatch.core.quantities import QuantityError
 
 PARIS = zone("Europe/Paris")
@@ -63,3 +63,19 @@ def test_unknown_zone_and_bad_since_are_clear_errors() -> None:
         zone("Mars/Olympus")
     with pytest.raises(QuantityError, match="not a time"):
         parse_since("yesterday-ish")
+
+
+@pytest.mark.parametrize(
+    "text", ["9999999999999999999999h", "1000000000000000000000s", "99999999999d", "0001-01-01"]
+)
+def test_since_before_1970_is_out_of_range(text: str) -> None:
+    with pytest.raises(QuantityError, match=r"out of range: .* \(a time from 1970-01-01"):
+        parse_since(text, at(2026, 11, 23, 12), PARIS)
+
+
+def test_a_start_in_the_future_is_refused() -> None:
+    now = at(2026, 11, 23, 12)
+    assert parse_since("9999-12-31", now, PARIS) > now  # an end may be in the future
+    with pytest.raises(QuantityError, match="'9999-12-31' is in the future"):
+        parse_start("9999-12-31", now, PARIS)
+    assert parse_start("1h", now, PARIS) == now - 3600

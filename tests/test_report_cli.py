@@ -205,3 +205,35 @@ def test_bad_price_override_names_file_and_model(
     assert code == 2
     assert str(tmp_path / "tokenwatch.toml") in err
     assert 'prices."mine"' in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--since", "9999999999999999999999h"], "out of range: '9999999999999999999999h'"),
+        (["--since", "1000000000000000000000s"], "out of range: '1000000000000000000000s'"),
+        (["--by", "day", "--since", "99999999999d"], "out of range: '99999999999d'"),
+        (["--since", "9999-12-31"], "'9999-12-31' is in the future"),
+        (["--since", "1h", "--until", "2d"], "--until must be later than --since"),
+    ],
+)
+def test_out_of_range_times_are_one_line_errors(
+    ledger: float, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, "report", *argv)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("tokenwatch: ")
+    assert message in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("since", ["499d", "2000-01-01"])
+def test_by_day_over_years_lists_each_day(
+    ledger: float, capsys: pytest.CaptureFixture[str], since: str
+) -> None:
+    code, out, err = run(capsys, "report", "--by", "day", "--since", since, "--format", "json")
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert data["total"]["requests"] == 4
+    assert sum(g["requests"] for g in data["groups"]) == 4

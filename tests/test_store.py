@@ -252,11 +252,31 @@ async def test_aggregate_by_day_uses_local_dates(store: Store) -> None:
         ]
     )
     days = await store.aggregate("day", NOW - 2 * 86400, tz=tokyo)
+    # Days stop at now: an event stamped later (a skewed clock) counts in today's row.
     assert [(d.key, d.input_tokens) for d in days] == [
         ("2026-03-09", 4),
-        ("2026-03-10", 1),
-        ("2026-03-11", 2),
+        ("2026-03-10", 3),
     ]
+
+
+async def test_by_day_over_years_sums_every_day(store: Store) -> None:
+    # More days than SQLite unions in one query (500) each get their row.
+    await store.append_many([ev(NOW - d * 86400 - 60, input_tokens=d) for d in range(800)])
+    days = await store.aggregate("day", NOW - 800 * 86400, tz=dt.UTC)
+    assert len(days) == 800
+    assert [d.input_tokens for d in days] == list(range(799, -1, -1))
+    total = await store.totals(NOW - 800 * 86400)
+    assert sum(d.input_tokens for d in days) == total.input_tokens
+
+
+async def test_far_future_event_counts_today_without_a_window_per_day(store: Store) -> None:
+    year_9999 = dt.datetime(9999, 6, 1, tzinfo=dt.UTC).timestamp()
+    await store.append_many([ev(NOW - 60, input_tokens=1), ev(year_9999, input_tokens=2)])
+    with anyio.fail_after(5):  # a window per day up to 9999 takes minutes
+        days = await store.aggregate("day", NOW - 3600, tz=dt.UTC)
+    assert [(d.key, d.input_tokens) for d in days] == [("2026-03-10", 3)]
+    bounded = await store.aggregate("day", NOW - 3600, NOW, tz=dt.UTC)
+    assert [(d.key, d.input_tokens) for d in bounded] == [("2026-03-10", 1)]
 
 
 async def test_history_pages_newest_first(store: Store) -> None:

@@ -322,3 +322,30 @@ async def test_a_bad_budget_sent_over_the_socket_is_a_clear_error() -> None:
     assert unknown.value.code == "bad_message"
     assert "never-set" in unknown.value.message
     assert saved == {"name": "ok"}
+
+
+async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
+    paths = Paths.discover()
+    bad = [
+        ("report", {"since": -1e300}),
+        ("report", {"since": 99999999999999999999999}),
+        ("report", {"since": "yesterday"}),
+        ("alerts", {"since": 99999999999999999999999}),
+        ("alerts", {"limit": 0}),
+        ("alerts", {"limit": 1.5}),
+        ("history", {"agent": "a", "limit": "all"}),
+    ]
+    async with (
+        running_supervisor(paths, quiet_config(), proxy=False, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        codes = []
+        for kind, fields in bad:
+            with pytest.raises(SupervisorError) as refused:
+                await client.request(kind, **fields)
+            codes.append((kind, refused.value.code, str(refused.value)))
+        alerts = await client.request("alerts", limit=2**63 - 1)  # what `alerts --limit` sends
+    assert [c for _, c, _ in codes] == ["bad_message"] * len(bad)
+    assert "'since' must be Unix seconds" in codes[0][2]
+    assert "'limit' must be a whole number" in codes[4][2]
+    assert alerts == []

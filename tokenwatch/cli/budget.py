@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from tokenwatch.core.models import Alert, BudgetStatus
     from tokenwatch.core.store import Store
 
+MAX_LIMIT = 2**63 - 1
+"""The largest row count SQLite binds (a signed 64-bit integer)."""
 SCOPES = ("global", "agent", "task", "model", "user", "tag")
 PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
 ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
@@ -52,7 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--since", default="24h", help="how far back: 1h, 7d, today, 2026-11-01 (default 24h)"
     )
-    p.add_argument("--limit", type=int, default=200, help="at most this many (default 200)")
+    p.add_argument(
+        "--limit", type=_limit, default=200, metavar="N", help="at most this many (default 200)"
+    )
     p.add_argument("--json", action="store_true", help="print the alerts as JSON")
     p.set_defaults(func=run_alerts)
 
@@ -412,12 +416,23 @@ def _load(path: str | None) -> Config:
     return load_config(Path(path) if path else None)
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    # Beyond what SQLite can bind, a bound is no bound: same answer as the largest one.
+    return min(value, MAX_LIMIT)
+
+
 def _since(text: str) -> float:
-    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.periods import parse_start
     from tokenwatch.core.quantities import QuantityError
 
     try:
-        return parse_since(text)
+        return parse_start(text)
     except QuantityError as exc:
         raise CliError(f"--since: {exc}") from None
 
@@ -425,14 +440,19 @@ def _since(text: str) -> float:
 def _run(coro: Awaitable[Any]) -> Any:
     import anyio
 
+    from tokenwatch.core.store import StoreUnavailable
+
     async def go() -> Any:
         return await coro
 
-    return anyio.run(go)
+    try:
+        return anyio.run(go)
+    except StoreUnavailable as exc:  # a damaged ledger can open and fail at the first read
+        raise CliError(str(exc)) from None
 
 
 async def _open_ledger() -> Store | None:
-    """The ledger, if anything was ever recorded (reading never creates one)."""
+    """The ledger for reading, if anything was ever recorded (reading never creates one)."""
     from tokenwatch.core.store import Store, StoreUnavailable
     from tokenwatch.paths import Paths
 
@@ -440,9 +460,9 @@ async def _open_ledger() -> Store | None:
     if not path.is_file():
         return None
     try:
-        return await Store.open(path)
+        return await Store.open_read_only(path)
     except StoreUnavailable as exc:
-        raise CliError(f"cannot read the ledger: {exc}") from None
+        raise CliError(str(exc)) from None
 
 
 def _from_supervisor(fn: Callable[[SupervisorClient], Awaitable[Any]]) -> Any:

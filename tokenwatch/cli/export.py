@@ -34,11 +34,11 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.periods import parse_since, parse_start
     from tokenwatch.core.quantities import QuantityError
 
     try:
-        since = parse_since(args.since) if args.since else 0.0
+        since = parse_start(args.since) if args.since else 0.0
         until = parse_since(args.until) if args.until else None
     except QuantityError as exc:
         raise CliError(str(exc), 2) from None
@@ -59,7 +59,7 @@ async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> i
 
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.protocol import dumps
-    from tokenwatch.core.store import Store
+    from tokenwatch.core.store import Store, StoreUnavailable
     from tokenwatch.paths import Paths
 
     db = Paths.discover().db
@@ -71,14 +71,21 @@ async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> i
     )
     if writer is not None:
         writer.writeheader()
+    try:
+        store = await Store.open_read_only(db)
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
     count = 0
-    async with await Store.open(db) as store:
-        async for event in store.iter_events(since=since, until=until):
-            row = event.to_dict()
-            if writer is not None:
-                writer.writerow(row)
-            else:
-                out.write(dumps(row).decode())
-            count += 1
+    try:
+        async with store:
+            async for event in store.iter_events(since=since, until=until):
+                row = event.to_dict()
+                if writer is not None:
+                    writer.writerow(row)
+                else:
+                    out.write(dumps(row).decode())
+                count += 1
+    except StoreUnavailable as exc:  # a damaged ledger can open and fail at any page
+        raise CliError(f"{exc}; exported {count} events before that") from None
     out.flush()
     return count

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -158,6 +160,21 @@ async def _open_store(path: Path) -> Store:
         raise CliError(str(exc)) from None
 
 
+async def _open_for_reading(path: Path) -> Store:
+    """The ledger read-only (a read-only file or directory will do); a missing one is created
+    empty, as any command does."""
+    import anyio
+
+    from tokenwatch.core.store import Store, StoreUnavailable
+
+    if not await anyio.Path(path).exists():
+        return await _open_store(path)
+    try:
+        return await Store.open_read_only(path)
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
+
+
 # -- import ----------------------------------------------------------------------------------
 
 
@@ -168,13 +185,42 @@ def run_import(args: argparse.Namespace) -> int:
     tz = _zone(cfg)
     table = None if args.no_price else _price_table(cfg)
     source = _open_input(args.file)
+    interrupt = Interrupt()
+    previous = interrupt.install()
     try:
-        summary = anyio.run(_import, source, tz, table, _db_path())
+        summary = anyio.run(_import, source, tz, table, _db_path(), interrupt)
     finally:
+        interrupt.uninstall(previous)
         if source is not sys.stdin:
             source.close()
     print(summary.line(), file=sys.stderr)
+    if interrupt.hit:
+        return 130
     return 1 if summary.errors else 0
+
+
+class Interrupt:
+    """Ctrl-C during an import: it stops the reading at once, but never cuts a write short (the
+    import stops after it), so what was read is stored and the closing line can count it."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.hit = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.hit = True
+        if self.reading:
+            raise KeyboardInterrupt
+
+    def install(self) -> Any:
+        # Only the main thread may set handlers; elsewhere Ctrl-C is not ours to see anyway.
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGINT, self)
+
+    def uninstall(self, previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class ImportSummary:
@@ -185,9 +231,12 @@ class ImportSummary:
         self.stored = 0
         self.errors: list[LineError] = []
         self.unpriced: dict[str, int] = {}
+        self.interrupted = False
 
     def line(self) -> str:
         parts = [f"imported {self.stored:,} events"]
+        if self.interrupted:
+            parts.insert(0, "interrupted")
         if self.read > self.stored:
             parts.append(f"{self.read - self.stored:,} already stored")
         if self.errors:
@@ -216,25 +265,37 @@ def _lines(source: TextIO, name: str) -> Iterator[str]:
 
 
 async def _import(
-    source: TextIO, tz: datetime.tzinfo, table: PriceTable | None, db: Path
+    source: TextIO,
+    tz: datetime.tzinfo,
+    table: PriceTable | None,
+    db: Path,
+    interrupt: Interrupt | None = None,
 ) -> ImportSummary:
     from tokenwatch.core.importer import LineError, parse_lines
     from tokenwatch.core.store import StoreUnavailable
 
+    interrupt = interrupt or Interrupt()
     summary = ImportSummary()
     batch: list[UsageEvent] = []
     store = await _open_store(db)
     try:
         try:
-            for _, item in parse_lines(_lines(source, getattr(source, "name", "stdin")), tz):
-                if isinstance(item, LineError):
-                    _report_bad_line(item, summary)
-                    continue
-                _price(item, table, summary)
-                batch.append(item)
-                if len(batch) >= IMPORT_BATCH:
-                    await _store_batch(store, batch, summary)
-            await _store_batch(store, batch, summary)
+            try:
+                for _, item in parse_lines(_lines(source, getattr(source, "name", "stdin")), tz):
+                    if isinstance(item, LineError):
+                        _report_bad_line(item, summary)
+                        continue
+                    _price(item, table, summary)
+                    batch.append(item)
+                    if len(batch) >= IMPORT_BATCH:
+                        await _store_batch(store, batch, summary, interrupt)
+                    if interrupt.hit:
+                        break
+            except KeyboardInterrupt:
+                pass  # the reading stops; what was read is still stored below
+            interrupt.reading = False
+            summary.interrupted = interrupt.hit
+            await _store_batch(store, batch, summary, interrupt)
         finally:
             await store.aclose()
     except StoreUnavailable as exc:
@@ -259,11 +320,18 @@ def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) 
         summary.unpriced[name] = summary.unpriced.get(name, 0) + 1
 
 
-async def _store_batch(store: Store, batch: list[UsageEvent], summary: ImportSummary) -> None:
-    if batch:
+async def _store_batch(
+    store: Store, batch: list[UsageEvent], summary: ImportSummary, interrupt: Interrupt
+) -> None:
+    if not batch:
+        return
+    reading, interrupt.reading = interrupt.reading, False
+    try:
         summary.read += len(batch)
         summary.stored += await store.append_many(batch)
         batch.clear()
+    finally:
+        interrupt.reading = reading
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -272,14 +340,14 @@ async def _store_batch(store: Store, batch: list[UsageEvent], summary: ImportSum
 def run_report(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since
+    from tokenwatch.core.periods import parse_since, parse_start
     from tokenwatch.core.quantities import QuantityError
     from tokenwatch.core.report import render
 
     cfg = _config()
     tz = _zone(cfg)
     try:
-        since = parse_since(args.since, tz=tz)
+        since = parse_start(args.since, tz=tz)
         until = parse_since(args.until, tz=tz) if args.until else None
     except QuantityError as exc:
         raise CliError(str(exc), 2) from None
@@ -300,10 +368,13 @@ async def _report(
     filters: dict[str, str],
 ) -> Report:
     from tokenwatch.core.report import build_report
+    from tokenwatch.core.store import StoreUnavailable
 
-    store = await _open_store(_db_path())
+    store = await _open_for_reading(_db_path())
     try:
         return await build_report(store, by=by, since=since, until=until, top=top, tz=tz, **filters)
+    except StoreUnavailable as exc:  # a damaged ledger can open and fail at the first read
+        raise CliError(str(exc)) from None
     finally:
         await store.aclose()
 

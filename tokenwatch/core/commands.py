@@ -18,12 +18,15 @@ from tokenwatch.core.budgets import budget_name, is_run_budget
 from tokenwatch.core.config_reload import seed_quietly
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
 from tokenwatch.core.server import Session
 from tokenwatch.core.usage_wire import usage_from_wire
 
 MIN_SUBSCRIBE_INTERVAL = 0.1
 MAX_HISTORY = 1000
+MAX_ROWS = 2**63 - 1
+"""The largest row count SQLite binds: a larger `limit` means the same."""
 LOG_TAIL_LINES = 200
 LOG_TAIL_BYTES = 64 * 1024
 TASK_STATES = frozenset({"start", "end"})
@@ -295,7 +298,9 @@ class Commands:
             await seed_quietly(self.engine, self._store, fresh)
 
     async def on_alerts(self, session: Session, msg: dict[str, Any]) -> Any:
-        alerts = await self.engine.alerts(since=msg.get("since", 0), limit=msg.get("limit", 200))
+        since = _timestamp(msg, "since", 0.0)
+        limit = _count(msg, "limit", 200, MAX_ROWS)
+        alerts = await self.engine.alerts(since=since, limit=limit)
         return [a.to_dict() for a in alerts]
 
     async def on_ack_alerts(self, session: Session, msg: dict[str, Any]) -> Any:
@@ -307,7 +312,7 @@ class Commands:
     async def on_history(self, session: Session, msg: dict[str, Any]) -> Any:
         """An agent's recent calls (newest first), the actions taken on it and its log's tail."""
         name = msg["agent"]
-        limit = min(max(1, msg.get("limit", 100)), MAX_HISTORY)
+        limit = _count(msg, "limit", 100, MAX_HISTORY)
         calls = await self._ledger().history(agent=name, limit=limit)
         actions = await self._ledger().list_actions(agent=name, limit=limit)
         return {
@@ -321,7 +326,7 @@ class Commands:
         from tokenwatch.core.report import build_report
 
         by = msg.get("by", "agent")
-        since = msg.get("since", time.time() - 86400)
+        since = _timestamp(msg, "since", time.time() - 86400)
         try:
             report = await build_report(self._ledger(), by=by, since=since)
         except ValueError as exc:
@@ -346,6 +351,32 @@ class Commands:
             return {"summary": await self._on_reload()}
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{exc}; the settings in use stay") from None
+
+
+def _timestamp(msg: dict[str, Any], field: str, default: float) -> float:
+    """A Unix-seconds field, absent or null meaning `default`; refused out of the ledger's range
+    (a huge one cannot be bound to SQLite, a negative one cannot be a date)."""
+    value = msg.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_TS:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"{msg.get('type')}: {field!r} must be Unix seconds from 0 to {MAX_TS:.0f}",
+        )
+    return float(value)
+
+
+def _count(msg: dict[str, Any], field: str, default: int, most: int) -> int:
+    """A row-count field, absent or null meaning `default`; at least 1, at most `most`."""
+    value = msg.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"{msg.get('type')}: {field!r} must be a whole number from 1"
+        )
+    return min(value, most)
 
 
 def _log_tail(logs_dir: Path | None, name: str, lines: int = LOG_TAIL_LINES) -> list[str]:

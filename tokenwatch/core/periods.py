@@ -11,6 +11,8 @@ from tokenwatch.core.quantities import QuantityError, parse_duration
 CALENDAR_PERIODS = ("hour", "day", "week", "month")
 ALL_PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
 ROLLING_SECONDS = {"hour": 3600.0, "day": 86400.0, "week": 604800.0, "month": 30 * 86400.0}
+MAX_TS = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp()
+"""The last second a date can show: later (or before 1970) is not a time the ledger can mean."""
 
 
 def zone(name: str) -> dt.tzinfo:
@@ -66,9 +68,25 @@ def _aware(naive_or_aware: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
 
 
 def parse_since(text: str, now: float | None = None, tz: dt.tzinfo | None = None) -> float:
-    """`1h`, `24h`, `7d` (ago), `today`, or a date / ISO timestamp -> Unix seconds."""
+    """`1h`, `24h`, `7d` (ago), `today`, or a date / ISO timestamp -> Unix seconds, from 1970 to
+    the end of year 9999."""
     now = time.time() if now is None else now
-    tz = tz or zone("local")
+    ts = _parse_time(text, now, tz or zone("local"))
+    if not 0 <= ts <= MAX_TS:
+        raise QuantityError(f"out of range: {text!r} (a time from 1970-01-01 to 9999-12-31)")
+    return ts
+
+
+def parse_start(text: str, now: float | None = None, tz: dt.tzinfo | None = None) -> float:
+    """`parse_since` for the start of a window ending now or earlier: a future time is refused."""
+    now = time.time() if now is None else now
+    ts = parse_since(text, now, tz)
+    if ts > now:
+        raise QuantityError(f"{text!r} is in the future (a start must be now or earlier)")
+    return ts
+
+
+def _parse_time(text: str, now: float, tz: dt.tzinfo) -> float:
     raw = text.strip()
     if raw == "today":
         return period_start(now, "day", tz)

@@ -20,6 +20,8 @@ _RAW_MEASURES = {
     "estimated": "estimated != 0",
 }
 _GLOB_CHARS = frozenset("*?[")
+MAX_TERMS = 400
+"""SELECTs one summary query unions: SQLite refuses more than 500 (SQLITE_MAX_COMPOUND_SELECT)."""
 
 
 def segments(since: float, until: float, now: float) -> list[tuple[str | None, float, float]]:
@@ -116,18 +118,41 @@ def summary_sql(
     return sql, params
 
 
+def window_batches(
+    windows: Sequence[tuple[str, float, float]], now: float
+) -> list[list[tuple[str, float, float]]]:
+    """`windows` cut into runs whose pieces fit one query (a window is never split, so each
+    label's sums come from one query)."""
+    batches: list[list[tuple[str, float, float]]] = [[]]
+    terms = 0
+    for window in windows:
+        n = len(segments(window[1], window[2], now))
+        if batches[-1] and terms + n > MAX_TERMS:
+            batches.append([])
+            terms = 0
+        batches[-1].append(window)
+        terms += n
+    return batches
+
+
 def day_windows(
     since: float, until: float, tz: datetime.tzinfo, now: float
 ) -> list[tuple[str, float, float]]:
-    end = min(until, now + 1.0) if math.isinf(until) else until
+    """One window per local day of [since, until), none past `now`: the window holding `now`
+    (or the last one) runs to `until`, so events stamped later still add up to the total
+    without a ledger's far-future event making a window for every day up to it."""
+    end = min(until, now)
     windows: list[tuple[str, float, float]] = []
     lo = since
     while lo < end:
         hi = min(period_end(lo, "day", tz), end)
-        label = datetime.datetime.fromtimestamp(lo, tz).date().isoformat()
-        windows.append((label, lo, hi))
+        windows.append((_date(lo, tz), lo, hi))
         lo = hi
-    if math.isinf(until) and windows:
-        label, lo, _ = windows[-1]
-        windows[-1] = (label, lo, math.inf)
+    if until > end:
+        label, lo = (windows[-1][0], windows[-1][1]) if windows else (_date(since, tz), since)
+        windows[-1:] = [(label, lo, until)]
     return windows
+
+
+def _date(ts: float, tz: datetime.tzinfo) -> str:
+    return datetime.datetime.fromtimestamp(ts, tz).date().isoformat()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -19,10 +20,11 @@ import anyio.to_thread
 
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
-from tokenwatch.core.rollups import day_windows, summary_sql
+from tokenwatch.core.rollups import day_windows, summary_sql, window_batches
 from tokenwatch.core.schema import (
     EVENT_COLUMNS,
     ROLLUP_DIMS,
+    VERSION,
     SchemaTooNew,
     migrate,
     quoted,
@@ -155,12 +157,13 @@ class StoreStatistics:
 
 
 class Store:
-    """The ledger. Writes go through one batched writer thread; reads use their own connection."""
+    """The ledger. Writes go through one batched writer thread; reads use their own connection
+    (the only one when opened read-only)."""
 
     def __init__(
         self,
         path: Path,
-        writer: BatchWriter,
+        writer: BatchWriter | None,
         reader: aiosqlite.Connection,
         clock: Callable[[], float],
         migrated_from: int,
@@ -211,11 +214,34 @@ class Store:
         writer.start()
         return cls(path, writer, reader, clock, migrated_from)
 
+    @classmethod
+    async def open_read_only(cls, path: Path, *, clock: Callable[[], float] = time.time) -> Store:
+        """Open the existing ledger at `path` for reads (SQLite `mode=ro`): works on a read-only
+        file or directory and takes no write lock. A ledger from an older tokenwatch is first
+        migrated (opened for writing); writes on the result raise StoreUnavailable."""
+        path = Path(path)
+        try:
+            reader = await aiosqlite.connect(_read_uri(path), uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(_read_failure(exc, path)) from None
+        try:
+            version = await _schema_version(reader, path)
+        except BaseException:
+            await reader.close()
+            raise
+        if version < VERSION:
+            await reader.close()
+            return await cls.open(path, clock=clock)
+        return cls(path, None, reader, clock, version)
+
     async def aclose(self) -> None:
         """Commit everything queued, then close. Raises StoreUnavailable if some could not be."""
         if self._closed:
             return
         self._closed = True
+        if self._writer is None:
+            await self._reader.close()
+            return
         error: StoreUnavailable | None = None
         try:
             await self.flush()
@@ -227,6 +253,12 @@ class Store:
         if error is not None or self._writer.stats.lost:
             lost = self._writer.stats.lost
             raise StoreUnavailable(f"{error or self._writer.stats.last_error} ({lost} events lost)")
+
+    @property
+    def _writes(self) -> BatchWriter:
+        if self._writer is None:
+            raise StoreUnavailable(f"cannot write the ledger {self.path}: opened read-only")
+        return self._writer
 
     async def __aenter__(self) -> Self:
         return self
@@ -250,30 +282,30 @@ class Store:
         if not events:
             return 0
         waiter = Waiter()
-        self._writer.submit(Item(events=events, waiter=waiter))
+        self._writes.submit(Item(events=events, waiter=waiter))
         return (await waiter.wait()).stored
 
     def append_nowait(self, event: UsageEvent) -> None:
         """Queue an event; it is durable after the next flush (within `flush_interval`)."""
-        self._writer.put_nowait(event)
+        self._writes.put_nowait(event)
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         waiter = Waiter()
-        self._writer.submit(Item(waiter=waiter))
+        self._writes.submit(Item(waiter=waiter))
         await waiter.wait()
 
     async def _write(self, statement: Statement) -> int:
         """Run `statement` inside the writer's next transaction; its row count or new row id."""
         waiter = Waiter()
-        self._writer.submit(Item(statement=statement, waiter=waiter))
+        self._writes.submit(Item(statement=statement, waiter=waiter))
         value = (await waiter.wait()).value
         return value if isinstance(value, int) else 0
 
     def statistics(self) -> StoreStatistics:
-        s = self._writer.stats
+        s = self._writes.stats
         return StoreStatistics(
-            pending=self._writer.pending,
+            pending=self._writes.pending,
             committed=s.committed,
             duplicates=s.duplicates,
             rejected=s.rejected,
@@ -338,9 +370,10 @@ class Store:
             raise ValueError(f"cannot group by {by!r} (one of: {', '.join(GROUPINGS)})")
         hi = _upper(until)
         if by == "day":
-            latest = max(self._clock(), await self._latest_ts())
-            windows = day_windows(since, hi, tz or zone("local"), latest)
-            rows = await self._grouped("label", windows, filters)
+            now = self._clock()
+            rows = []
+            for batch in window_batches(day_windows(since, hi, tz or zone("local"), now), now):
+                rows += await self._grouped("label", batch, filters)
             groups = [_as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: g.key)
         else:
@@ -356,13 +389,15 @@ class Store:
         filters: Mapping[str, str],
     ) -> list[tuple[Any, ...]]:
         sql, params = summary_sql(key, windows, filters, self._clock())
-        async with self._reader.execute(sql, params) as cursor:
-            return [tuple(row) for row in await cursor.fetchall()]
+        return [tuple(row) for row in await self._rows(sql, params)]
 
-    async def _latest_ts(self) -> float:
-        async with self._reader.execute("SELECT MAX(ts) FROM events") as cursor:
-            row = await cursor.fetchone()
-        return float(row[0]) if row and row[0] is not None else 0.0
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of a read; a damaged or unreadable file is StoreUnavailable, saying so."""
+        try:
+            async with self._reader.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(_read_failure(exc, self.path)) from None
 
     # -- events -------------------------------------------------------------------------
 
@@ -380,8 +415,7 @@ class Store:
             params.append(before_id)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         sql = f"{_SELECT_EVENT}{clause} ORDER BY id DESC LIMIT ?"
-        async with self._reader.execute(sql, (*params, limit)) as cursor:
-            return [StoredEvent(row[0], _event(row)) async for row in cursor]
+        return [StoredEvent(row[0], _event(row)) for row in await self._rows(sql, (*params, limit))]
 
     async def iter_events(
         self, since: float = 0, until: float | None = None, batch: int = 5000
@@ -395,9 +429,7 @@ class Store:
             "ORDER BY ts, id LIMIT ?"
         )
         while True:
-            params = (last_ts, hi, last_ts, last_id, batch)
-            async with self._reader.execute(sql, params) as cur:
-                rows = list(await cur.fetchall())
+            rows = await self._rows(sql, (last_ts, hi, last_ts, last_id, batch))
             for row in rows:
                 yield _event(row)
             if len(rows) < batch:
@@ -405,9 +437,8 @@ class Store:
             last_ts, last_id = rows[-1][1], rows[-1][0]
 
     async def count_events(self) -> int:
-        async with self._reader.execute("SELECT COUNT(*) FROM events") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._rows("SELECT COUNT(*) FROM events")
+        return int(rows[0][0]) if rows else 0
 
     # -- agents, alerts, actions ----------------------------------------------------------
 
@@ -423,8 +454,8 @@ class Store:
         )
 
     async def load_agents(self) -> list[Agent]:
-        async with self._reader.execute("SELECT data FROM agents ORDER BY name") as cursor:
-            return [Agent.from_dict(json.loads(row[0])) async for row in cursor]
+        rows = await self._rows("SELECT data FROM agents ORDER BY name")
+        return [Agent.from_dict(json.loads(row[0])) for row in rows]
 
     async def forget_agent(self, name: str) -> None:
         await self._write(Statement("DELETE FROM agents WHERE name = ?", (name,)))
@@ -485,8 +516,7 @@ class Store:
             f"SELECT {', '.join(columns)} FROM {table} "
             f"WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?"
         )
-        async with self._reader.execute(sql, params) as cursor:
-            return [dict(zip(columns, row, strict=True)) async for row in cursor]
+        return [dict(zip(columns, row, strict=True)) for row in await self._rows(sql, params)]
 
 
 # -- opening ---------------------------------------------------------------------------------
@@ -519,6 +549,52 @@ def _open_failure(error: sqlite3.DatabaseError, path: Path) -> str:
     if "not a database" in str(error):
         return f"{path} is not a tokenwatch ledger (not SQLite)"
     return describe(error, path)
+
+
+def _read_uri(path: Path) -> str:
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    # Reading a WAL ledger needs its -shm file, which a read-only directory cannot get. With no
+    # -wal there either, no writer can be at work (it would have made one): immutable is exact.
+    if not os.access(path.parent, os.W_OK) and _wal_is_empty(path):
+        uri += "&immutable=1"
+    return uri
+
+
+def _wal_is_empty(path: Path) -> bool:
+    try:
+        return Path(f"{path}-wal").stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+async def _schema_version(reader: aiosqlite.Connection, path: Path) -> int:
+    try:
+        await reader.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        await reader.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
+        async with reader.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreUnavailable(_read_failure(exc, path)) from None
+    version = int(row[0]) if row else 0
+    if version > VERSION:
+        raise StoreUnavailable(
+            f"cannot read the ledger {path}: its schema version {version} is newer than this "
+            f"tokenwatch understands ({VERSION}); upgrade tokenwatch"
+        )
+    return version
+
+
+def _read_failure(error: sqlite3.Error, path: Path) -> str:
+    text = str(error)
+    if "not a database" in text:
+        reason = "not a tokenwatch ledger (not SQLite)"
+    elif "unable to open" in text:
+        reason = "the file cannot be opened (check it exists and is readable)"
+    elif "locked" in text or "busy" in text:
+        reason = "another process held the database locked for too long"
+    else:
+        reason = text
+    return f"cannot read the ledger {path}: {reason}"
 
 
 def _start_child(path: Path) -> ChildCommitter:
