@@ -349,3 +349,21 @@ async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
     assert "'since' must be Unix seconds" in codes[0][2]
     assert "'limit' must be a whole number" in codes[4][2]
     assert alerts == []
+
+
+async def test_a_ledger_that_cannot_be_read_is_said_so_not_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tokenwatch.core.transaction import StoreUnavailable
+
+    async def damaged(**_: Any) -> list[Any]:
+        raise StoreUnavailable("cannot read the ledger usage.db: database disk image is malformed")
+
+    async with running_supervisor(proxy=False, exporters=False) as sup:
+        monkeypatch.setattr(sup.store, "history", damaged)
+        async with await SupervisorClient.connect(socket_path=sup.paths.socket) as client:
+            with pytest.raises(SupervisorError) as refused:
+                await client.request("history", agent="anyone")
+            assert await client.request("list") == []  # and it goes on serving
+    assert refused.value.code == "store_unavailable"
+    assert str(refused.value) == "cannot read the ledger usage.db: database disk image is malformed"

@@ -21,6 +21,7 @@ from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
 from tokenwatch.core.server import Session
+from tokenwatch.core.transaction import StoreUnavailable
 from tokenwatch.core.usage_wire import usage_from_wire
 
 MIN_SUBSCRIBE_INTERVAL = 0.1
@@ -73,7 +74,10 @@ class Commands:
         handler = self._handlers.get(msg["type"])
         if handler is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg['type']!r} is not served here")
-        return await handler(session, msg)
+        try:
+            return await handler(session, msg)
+        except StoreUnavailable as exc:  # a damaged or unreadable ledger is not our bug
+            raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
 
     async def ingest(self, session: Session, events: list[UsageEvent]) -> None:
         for event in events:

@@ -32,7 +32,8 @@ BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, 
 
 
 class StoreUnavailable(Exception):
-    """The ledger file cannot be written (disk full, read-only, locked too long); names the path."""
+    """The ledger file cannot be read or written (damaged, disk full, read-only, locked too long);
+    the message names the path and which."""
 
 
 @dataclass(frozen=True, slots=True)
