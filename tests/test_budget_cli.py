@@ -228,6 +228,41 @@ async def test_a_runs_budget_can_be_removed_for_the_rest_of_the_run(
     assert not Paths.discover().overlay.exists(), "a run's budget is never saved"
 
 
+@pytest.mark.parametrize(
+    ("rate", "why"),
+    [
+        ("bogus", "not a rate: 'bogus' (try 20k/min, $1/h, 50% or off)"),
+        ("nan%", "not a rate: 'nan%' (try 20k/min, $1/h, 50% or off)"),
+        ("150%", "a percentage must be above 0 and at most 100: '150%'"),
+        ("0%", "a percentage must be above 0 and at most 100: '0%'"),
+        ("1e400k/min", "not a token count: '1e400k' (try 200000, 200k or 1.5M)"),
+    ],
+)
+def test_a_throttle_rate_that_cannot_work_is_refused_and_not_saved(
+    capsys: pytest.CaptureFixture[str], rate: str, why: str
+) -> None:
+    code, out, err = run(
+        capsys, "budget", "set", "global", "10", "--action", "throttle", "--rate", rate
+    )
+    assert (code, out) == (1, "")
+    assert err.strip() == f"tokenwatch: budget global:*:day: {why}"
+    assert load_config().budget == []
+
+
+def test_a_tag_budget_names_the_tag_and_may_pick_its_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(capsys, "budget", "set", "tag:team", "10")[0] == 0
+    assert run(capsys, "budget", "set", "tag:team=ml*", "10")[0] == 0
+    code, _, err = run(capsys, "budget", "set", "tag:*", "10")
+    assert code == 1
+    assert err.strip() == (
+        "tokenwatch: budget tag:*:day: a tag budget's target is KEY or KEY=VALUE (like team=ml), "
+        "not '*'"
+    )
+    assert [b.target for b in load_config().budget] == ["team", "team=ml*"]
+
+
 def test_rules_test_with_a_rule_that_cannot_work_names_it(
     capsys: pytest.CaptureFixture[str], in_empty_project: Path
 ) -> None:
@@ -237,7 +272,7 @@ def test_rules_test_with_a_rule_that_cannot_work_names_it(
     assert code != 0
     assert out == ""
     assert err.strip() == (
-        "tokenwatch: rule x: unknown detector 'psychic' (runaway, task_tokens, spike, "
+        f"tokenwatch: {bad}: rule x: unknown detector 'psychic' (runaway, task_tokens, spike, "
         "huge_request, context_growth, drift, forecast)"
     )
 

@@ -102,6 +102,85 @@ def test_errors_name_file_key_and_expectation(tmp_path: Path, toml: str, expecte
     assert "\n" not in message
 
 
+LIMIT = "[[budget]]\nlimit = 10\n"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[proxy]\nport = 99999\n", r"proxy\.port: must be from 0 to 65535, got 99999$"),
+        ("[proxy]\nport = -1\n", r"proxy\.port: must be from 0 to 65535, got -1$"),
+        ("[proxy]\nhost = '0.0.0.0'\n", r"proxy\.host: the proxy only listens on loopback"),
+        ("[proxy]\nmax_body_bytes = -1\n", r"proxy\.max_body_bytes: must be from 1024 to "),
+        ("[proxy]\nrequest_timeout = nan\n", r"proxy\.request_timeout: must be a finite number"),
+        ("[proxy]\nread_timeout = 0\n", r"proxy\.read_timeout: must be above 0 and at most "),
+        (
+            "[proxy.model_upstreams]\nllama = 'ftp://box/v1'\n",
+            r"proxy\.model_upstreams\.llama: expected an http:// or https:// URL, got 'ftp://box/v1'",
+        ),
+        ("[proxy]\nopenai_upstream = 'localhost:8080'\n", r"proxy\.openai_upstream: expected an"),
+        ("[supervisor]\nkill_grace = nan\n", r"supervisor\.kill_grace: must be a finite number"),
+        ("[supervisor]\nkill_grace = -1\n", r"supervisor\.kill_grace: must be from 0 to 3600"),
+        ("[supervisor]\nsnapshot_interval = inf\n", r"snapshot_interval: must be a finite"),
+        ("[[budget]]\nlimit = 1e400\n", r"budget global:\*:day: not a limit: inf"),
+        ("[[budget]]\nlimit = nan\n", r"budget global:\*:day: not a limit: nan"),
+        (LIMIT + "rate = 'bogus'\n", r"budget global:\*:day: not a rate: 'bogus'"),
+        (LIMIT + "rate = 'nan%'\n", r"budget global:\*:day: not a rate: 'nan%'"),
+        (LIMIT + "rate = '150%'\n", r"a percentage must be above 0 and at most 100: '150%'"),
+        (LIMIT + "rate = '0%'\n", r"a percentage must be above 0 and at most 100: '0%'"),
+        (LIMIT + "rate = '1e400k/min'\n", r"budget global:\*:day: not a token count: '1e400k'"),
+        (LIMIT + "rate = '0/min'\n", r"budget global:\*:day: a rate must be above zero"),
+        (LIMIT + "scope = 'tag'\n", r"budget tag:\*:day: a tag budget's target is KEY or KEY="),
+        (LIMIT + "scope = 'tag'\ntarget = '=ml'\n", r"target is KEY or KEY=VALUE .*'=ml'"),
+        (
+            "[[rule]]\ndetector = 'spike'\nthreshold = nan\n",
+            r"rule\[0\]\.threshold: must be a finite number, got nan",
+        ),
+        ("[[rule]]\ndetector = 'spike'\nrate = 'fast'\n", r"rule spike: not a rate: 'fast'"),
+        ("[prices.x]\ninput = -1\n", r"prices\.x\.input: must be at least 0, got -1"),
+        ("[prices.x]\noutput = nan\n", r"prices\.x\.output: must be a finite number, got nan"),
+        ("[prices.x]\ninput = 1.0\n", r'prices\."x": a model the bundled table does not know'),
+        ("[agents.a]\ncommand = []\n", r"agents\.a\.command: expected the program and its"),
+        ("[alerts]\nwebhook = 'hooks.slack.com/x'\n", r"alerts\.webhook: expected an http"),
+        (
+            "[export.prometheus]\nlisten = 'garbage'\n",
+            r"export\.prometheus\.listen: expected HOST:PORT \(port 0 to 65535\), got 'garbage'",
+        ),
+        ("[export.otlp]\nqueue_size = -1\n", r"export\.otlp\.queue_size: must be from 0 to"),
+        ("[export.otlp]\ninterval = 0\n", r"export\.otlp\.interval: must be above 0 and at"),
+        ("[export.otlp]\nendpoint = 'collector'\n", r"export\.otlp\.endpoint: expected an"),
+    ],
+)
+def test_values_the_supervisor_cannot_run_with_are_refused_at_load(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    path = tmp_path / "tokenwatch.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert re.search(expected, message), message
+    assert "\n" not in message
+
+
+def test_a_tag_budget_may_name_just_the_tag(tmp_path: Path) -> None:
+    path = tmp_path / "tokenwatch.toml"
+    path.write_text(LIMIT + "scope = 'tag'\ntarget = 'team'\n")
+    assert load_config(path).budget[0].target == "team"
+
+
+def test_a_directory_where_the_config_would_be_is_an_error(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "tokenwatch.toml").mkdir(parents=True)
+    with pytest.raises(ConfigError) as info:
+        load_config(cwd=project)
+    assert (
+        str(info.value)
+        == f"{project / 'tokenwatch.toml'}: not a file; tokenwatch reads its settings from here"
+    )
+
+
 def test_project_file_wins_over_user_file(tmp_path: Path) -> None:
     paths = Paths.discover()
     paths.config_dir.mkdir(parents=True)

@@ -78,6 +78,29 @@ async def test_a_broken_edit_is_refused_whole_and_named(short_tmp: Path) -> None
     assert caught.value.message.endswith("; the settings in use stay")
 
 
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        ("\n[proxy]\nport = 99999\n", "proxy.port: must be from 0 to 65535, got 99999"),
+        ("\n[proxy]\nhost = '0.0.0.0'\n", "proxy.host: the proxy only listens on loopback"),
+        ('\n[prices."local"]\ninput = -1\n', "prices.local.input: must be at least 0, got -1"),
+    ],
+)
+async def test_an_edit_the_next_start_would_fail_on_is_refused_now(
+    short_tmp: Path, edit: str, why: str
+) -> None:
+    config = short_tmp / "tokenwatch.toml"
+    config.write_text(FIRST)
+    async with supervised(config) as (sup, client):
+        config.write_text(FIRST.replace("$5", "$9") + edit)
+        with pytest.raises(SupervisorError) as caught:
+            await client.request("reload")
+        assert await limits(client) == {"daily": 5.0}, "nothing of a refused edit applies"
+        assert sup.commands is not None
+        assert sup.commands.config.proxy == sup.config.proxy
+    assert caught.value.message.startswith(f"{config}: {why}")
+
+
 async def test_an_edit_is_noticed_without_asking(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,7 +128,7 @@ async def test_an_edit_is_noticed_without_asking(
 @pytest.mark.parametrize(
     ("edit", "why"),
     [
-        (FIRST.encode() + b'\n[prices."local"]\ninput = 1.0\n', "prices: "),
+        (FIRST.encode() + b'\n[prices."local"]\ninput = 1.0\n', 'prices."local": '),
         (FIRST.encode() + b"\n# caf\xe9\n", "not UTF-8 text"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.otlp_fixtures import Collector, histogram_sums
-from tokenwatch.config import OtlpSettings, PrometheusSettings
+from tokenwatch.config import OtlpSettings, PrometheusSettings, parse_listen
 from tokenwatch.core.models import (
     Action,
     Agent,
@@ -22,7 +22,7 @@ from tokenwatch.core.models import (
 )
 from tokenwatch.export.labels import OTHER, LabelFolder
 from tokenwatch.export.otlp import OtlpExporter
-from tokenwatch.export.prometheus import PrometheusExporter, parse_listen
+from tokenwatch.export.prometheus import PrometheusExporter
 
 EVENTS = [
     UsageEvent(
@@ -193,9 +193,10 @@ def test_listen_addresses(listen: str, expected: tuple[str, int]) -> None:
     assert parse_listen(listen) == expected
 
 
-def test_bad_listen_address_names_the_setting() -> None:
-    with pytest.raises(ValueError, match=r"\[export.prometheus\] listen"):
-        parse_listen("localhost")
+@pytest.mark.parametrize("listen", ["localhost", "garbage", "127.0.0.1:99999", ":-1"])
+def test_bad_listen_address_is_refused(listen: str) -> None:
+    with pytest.raises(ValueError, match=r"expected HOST:PORT \(port 0 to 65535\)"):
+        parse_listen(listen)
 
 
 async def test_otlp_collector_receives_genai_metrics_and_spans(collector: Collector) -> None:

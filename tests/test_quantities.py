@@ -61,6 +61,25 @@ def test_bad_rates_say_what_is_expected(bad: str) -> None:
         parse_rate(bad)
 
 
+BIG = "9" * 400  # a float of it is infinite
+
+
+@pytest.mark.parametrize(
+    "bad", ["nan%", "0%", "inf%", f"{BIG}%", f"{BIG}k/min", f"${BIG}/h", f"1k/{BIG}w", "0/min"]
+)
+def test_rates_that_would_never_or_always_throttle_are_refused(bad: str) -> None:
+    with pytest.raises(QuantityError, match=r"not a rate|percentage|finite|above zero"):
+        parse_rate(bad)
+
+
+@pytest.mark.parametrize("huge", [float("inf"), float("nan"), BIG, f"{BIG}k"])
+def test_limits_must_be_finite(huge: float | str) -> None:
+    with pytest.raises(QuantityError, match=r"not a limit"):
+        parse_amount(huge)
+    with pytest.raises(QuantityError, match=r"finite|not a token count"):
+        parse_tokens(huge)
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90s", 90), ("5min", 300), ("1h", 3600), ("7d", 604800)]
 )

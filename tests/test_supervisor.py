@@ -314,11 +314,18 @@ async def test_a_bad_budget_sent_over_the_socket_is_a_clear_error() -> None:
     ):
         with pytest.raises(SupervisorError) as bad_scope:
             await client.request("set_budget", budget={"scope": "planet", "limit": "1k"})
+        throttle = {"limit": "1k", "action": "throttle", "rate": "bogus"}
+        with pytest.raises(SupervisorError) as bad_rate:
+            await client.request("set_budget", budget=throttle)
         with pytest.raises(SupervisorError) as unknown:
             await client.request("remove_budget", name="never-set")
         saved = await client.request("set_budget", budget={"name": "ok", "limit": "$3"})
     assert bad_scope.value.code == "bad_message"
     assert "unknown scope 'planet'" in bad_scope.value.message
+    assert (
+        bad_rate.value.message
+        == "budget global:*:day: not a rate: 'bogus' (try 20k/min, $1/h, 50% or off)"
+    )
     assert unknown.value.code == "bad_message"
     assert "never-set" in unknown.value.message
     assert saved == {"name": "ok"}

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 from tokenwatch.paths import OVERLAY_NAME, Paths
 
 T = TypeVar("T")
+MAX_PORT = 65535
+DAY = 86400.0
+YEAR = 365 * DAY
 
 
 class ConfigError(Exception):
@@ -27,13 +33,98 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Range:
+    """Bounds a number setting must keep; NaN and the infinities are always refused, since every
+    number here ends up in a sleep, a socket or a sum that they would break far from the file."""
+
+    low: float
+    high: float = math.inf
+    above: bool = False
+    """`low` itself is refused (a timeout or interval of 0 would spin or fail at once)."""
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        too_low = value <= self.low if self.above else value < self.low
+        if too_low or value > self.high:
+            return f"must be {self._span()}, got {value!r}"
+        return None
+
+    def _span(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if math.isinf(self.high):
+            return f"above {low}" if self.above else f"at least {low}"
+        return f"above {low} and at most {high}" if self.above else f"from {low} to {high}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A rule a setting must keep: `test` says what is wrong with a value, or None."""
+
+    test: Callable[[Any], str | None]
+
+    def problem(self, value: Any) -> str | None:
+        return self.test(value)
+
+
+def _http_url(value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"expected an http:// or https:// URL, got {value!r}"
+    return None
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`127.0.0.1:9464`, `:9464` or `[::1]:9464` -> (host, port); ValueError for anything else."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > MAX_PORT:
+        raise ValueError(f"expected HOST:PORT (port 0 to {MAX_PORT}), got {listen!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def _listen(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _command(value: list[str]) -> str | None:
+    if not value or not value[0]:
+        return f'expected the program and its arguments, like ["python", "agent.py"], got {value!r}'
+    return None
+
+
+Port = Annotated[int, Range(0, MAX_PORT)]
+Seconds = Annotated[float, Range(0, DAY, above=True)]
+"""Seconds something may take: above 0 (0 would fail at once), at most a day."""
+Span = Annotated[float, Range(0, YEAR)]
+"""Seconds of history or quiet: 0 up to a year."""
+UsdPerMillion = Annotated[float | None, Range(0)]
+"""USD per 1M tokens."""
+HttpUrl = Annotated[str, Check(_http_url)]
+"""An http(s) URL, or empty for none."""
+
+
+@dataclass(frozen=True, slots=True)
 class SupervisorSettings:
     timezone: str = "local"
     """IANA zone that calendar periods (day, week, month) align to; `local` follows the machine."""
-    snapshot_interval: float = 1.0
-    """Seconds between dashboard snapshots sent to subscribers."""
-    kill_grace: float = 5.0
-    """Seconds between SIGTERM and SIGKILL when an agent is killed."""
+    snapshot_interval: Seconds = 1.0
+    """Seconds between dashboard snapshots sent to subscribers (above 0, at most a day)."""
+    kill_grace: Annotated[float, Range(0, 3600)] = 5.0
+    """Seconds between SIGTERM and SIGKILL when an agent is killed (0 to 3600)."""
     fail_open: bool = False
     """Admit calls when the store cannot be written (default: refuse them with 503)."""
 
@@ -42,23 +133,23 @@ class SupervisorSettings:
 class ProxySettings:
     host: str = "127.0.0.1"
     """Loopback address the proxy binds to; anything else is refused."""
-    port: int = 0
-    """TCP port; 0 lets the supervisor choose a free one."""
-    openai_upstream: str = ""
+    port: Port = 0
+    """TCP port (0 to 65535); 0 lets the supervisor choose a free one."""
+    openai_upstream: HttpUrl = ""
     """Where OpenAI-shaped calls go when the agent had no OPENAI_BASE_URL (default: api.openai.com)."""
-    anthropic_upstream: str = ""
+    anthropic_upstream: HttpUrl = ""
     """Where Anthropic calls go when the agent had no ANTHROPIC_BASE_URL (default: api.anthropic.com)."""
-    model_upstreams: dict[str, str] = field(default_factory=dict)
+    model_upstreams: dict[str, HttpUrl] = field(default_factory=dict)
     """Per-model upstream base URLs, e.g. `{"llama3" = "http://127.0.0.1:11434/v1"}`."""
-    default_max_output_tokens: int = 4096
-    """Worst-case output reserved for a call that does not say its max tokens."""
-    max_body_bytes: int = 32 * 1024 * 1024
-    """Largest request body accepted (413 beyond)."""
-    request_timeout: float = 30.0
+    default_max_output_tokens: Annotated[int, Range(1, 10_000_000)] = 4096
+    """Worst-case output reserved for a call that does not say its max tokens (1 to 10M)."""
+    max_body_bytes: Annotated[int, Range(1024, 1 << 32)] = 32 * 1024 * 1024
+    """Largest request body accepted (413 beyond); 1 KiB to 4 GiB."""
+    request_timeout: Seconds = 30.0
     """Seconds a client has to send its whole request (slowloris guard; responses are not cut)."""
-    connect_timeout: float = 10.0
+    connect_timeout: Seconds = 10.0
     """Seconds to connect to the upstream."""
-    read_timeout: float = 600.0
+    read_timeout: Seconds = 600.0
     """Seconds of upstream silence before the call fails."""
 
 
@@ -69,7 +160,7 @@ class BudgetSettings:
     scope: str = "global"
     """global, agent, task, model, user or tag."""
     target: str = "*"
-    """Name or glob the scope matches (`researcher`, `gpt-4o*`, `team=ml` for tags)."""
+    """Name or glob the scope matches (`researcher`, `gpt-4o*`); for tags `KEY=VALUE` or `KEY`."""
     period: str = "day"
     """request, task, hour, day, week, month or total."""
     limit: str | int | float = 0
@@ -90,15 +181,15 @@ class RuleSettings:
     """Unique name, shown in alerts."""
     detector: str = ""
     """runaway, task_tokens, spike, huge_request, context_growth, drift or forecast."""
-    threshold: float = 0.0
+    threshold: Annotated[float, Range(0)] = 0.0
     """Detector-specific trigger level (repeats, multiple, tokens); 0 takes the detector's default."""
-    window: float = 0.0
+    window: Span = 0.0
     """Seconds of history the detector looks at; 0 takes its default."""
     action: str = "alert"
     """alert, throttle, pause, kill or deny when it fires."""
     escalate: list[str] = field(default_factory=list)
     """Actions to take if it keeps firing, in order (e.g. throttle, pause, kill)."""
-    cooldown: float = 60.0
+    cooldown: Span = 60.0
     """Seconds before the same alert may repeat for the same agent."""
     enabled: bool = True
     """Switch a rule off without deleting it."""
@@ -110,15 +201,15 @@ class RuleSettings:
 
 @dataclass(frozen=True, slots=True)
 class PriceSettings:
-    input: float | None = None
+    input: UsdPerMillion = None
     """USD per 1M uncached input tokens."""
-    output: float | None = None
+    output: UsdPerMillion = None
     """USD per 1M output tokens (reasoning included)."""
-    cache_read: float | None = None
+    cache_read: UsdPerMillion = None
     """USD per 1M cache-read input tokens."""
-    cache_write: float | None = None
+    cache_write: UsdPerMillion = None
     """USD per 1M cache-write input tokens."""
-    reasoning: float | None = None
+    reasoning: UsdPerMillion = None
     """USD per 1M reasoning tokens when billed apart from output."""
     free: bool = False
     """A local model: every rate is 0."""
@@ -128,7 +219,7 @@ class PriceSettings:
 
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
-    command: list[str] = field(default_factory=list)
+    command: Annotated[list[str], Check(_command)] = field(default_factory=list)
     """Argument vector to launch, like a Procfile entry."""
     cwd: str = ""
     """Working directory; empty for the directory tokenwatch runs in."""
@@ -140,15 +231,15 @@ class AgentSettings:
     """Free-form labels (`team = "ml"`) budgets can scope to."""
     critical: bool = False
     """Never paused or killed by a rule, only alerted on."""
-    openai_upstream: str = ""
+    openai_upstream: HttpUrl = ""
     """Upstream for this agent's OpenAI calls, overriding the proxy's."""
-    anthropic_upstream: str = ""
+    anthropic_upstream: HttpUrl = ""
     """Upstream for this agent's Anthropic calls, overriding the proxy's."""
 
 
 @dataclass(frozen=True, slots=True)
 class AlertSettings:
-    webhook: str = ""
+    webhook: HttpUrl = ""
     """URL that receives each alert as Slack-compatible JSON; empty for none."""
     desktop: bool = False
     """Show a desktop notification (notify-send) per alert."""
@@ -156,22 +247,22 @@ class AlertSettings:
 
 @dataclass(frozen=True, slots=True)
 class PrometheusSettings:
-    listen: str = ""
+    listen: Annotated[str, Check(_listen)] = ""
     """`HOST:PORT` to serve /metrics on; empty keeps it off."""
-    max_label_values: int = 100
-    """Distinct tasks/users kept as labels; the rest fold into `other`."""
+    max_label_values: Annotated[int, Range(0, 100_000)] = 100
+    """Distinct tasks/users kept as labels (0 to 100000); the rest fold into `other`."""
 
 
 @dataclass(frozen=True, slots=True)
 class OtlpSettings:
-    endpoint: str = ""
+    endpoint: HttpUrl = ""
     """OTLP/HTTP collector URL; empty keeps it off."""
     spans: bool = False
     """Also send one span per LLM call."""
-    interval: float = 10.0
+    interval: Seconds = 10.0
     """Seconds between metric exports."""
-    queue_size: int = 2048
-    """Spans held while the collector is unreachable; beyond, they are dropped and counted."""
+    queue_size: Annotated[int, Range(0, 1_000_000)] = 2048
+    """Spans held while the collector is unreachable (0 to 1M); beyond, dropped and counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +293,8 @@ _INTERNAL = {"source", "overlay"}
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if isinstance(tp, type):
         return {
             "str": "a string",
@@ -221,6 +314,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _checked(value, tp, key, where)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             if arg is type(None):
@@ -255,8 +350,19 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     return value
 
 
+def _checked(value: Any, tp: Any, key: str, where: str) -> Any:
+    """The value converted to the annotated type, then held to the bounds declared with it."""
+    base, *rules = typing.get_args(tp)
+    converted = _convert(value, base, key, where)
+    for rule in rules:
+        problem = rule.problem(converted)
+        if problem:
+            raise ConfigError(f"{where}: {key}: {problem}")
+    return converted
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str, where: str) -> T:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = {f.name for f in dataclasses.fields(cls)} - _INTERNAL  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -282,6 +388,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: not a file; tokenwatch reads its settings from here") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -318,6 +426,8 @@ def find_config(paths: Paths | None = None, cwd: Path | None = None) -> Path | N
     for candidate in paths.config_candidates(cwd):
         if candidate.is_file():
             return candidate
+        if candidate.exists():  # skipping it would run on defaults the user did not choose
+            raise ConfigError(f"{candidate}: not a file; tokenwatch reads its settings from here")
     return None
 
 
@@ -338,11 +448,35 @@ def load_config(
         base = read_toml(source)
     overlay_file = overlay_path_for(source, paths)
     data = base
-    if overlay_file.is_file():
+    if overlay_file.exists():
         overlay = read_toml(overlay_file)
         unknown = set(overlay) - {"budget", "removed_budgets"}
         if unknown:
             raise ConfigError(f"{overlay_file}: unknown key '{sorted(unknown)[0]}'")
         data = merge_overlay(base, overlay)
     cfg = parse_config(data, str(source) if source else "<defaults>")
+    _check_usable(cfg)
     return dataclasses.replace(cfg, overlay=str(overlay_file))
+
+
+def _check_usable(cfg: Config) -> None:
+    """Refuse, naming the file, what the supervisor would only refuse when it starts (or, for
+    the proxy, at the next start after a reload): the checks are the ones it runs then."""
+    from tokenwatch.core.budgets import Budgets
+    from tokenwatch.core.pricing import PriceError, PriceTable
+    from tokenwatch.core.rules import DEFAULT_RULES, Rules
+    from tokenwatch.proxy.routes import check_bind
+
+    try:
+        check_bind(cfg.proxy.host)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.source}: proxy.host: {exc}") from None
+    try:
+        PriceTable.load(cfg.prices)
+    except PriceError as exc:
+        raise ConfigError(f"{cfg.source}: {exc}") from None
+    try:
+        Budgets(cfg.budget, tz=cfg.supervisor.timezone)
+        Rules(cfg.rule or DEFAULT_RULES)
+    except ConfigError as exc:
+        raise exc.in_file(cfg.source) from None

@@ -93,7 +93,7 @@ def _add_set(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "scope",
         metavar="SCOPE[:NAME]",
         help="global, or agent/task/model/user:NAME (a glob: each match gets its own limit), "
-        "or tag:KEY=VALUE",
+        "or tag:KEY=VALUE (a value glob works) or tag:KEY (any value)",
     )
     q.add_argument("limit", metavar="LIMIT", help="tokens (200k, 1.5M) or dollars ('$5')")
     q.add_argument("--period", choices=PERIODS, help="default: day")

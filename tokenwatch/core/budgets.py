@@ -34,6 +34,7 @@ from tokenwatch.core.quantities import (
     format_tokens,
     format_usd,
     parse_amount,
+    parse_rate,
 )
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,27 @@ def check_budget(settings: BudgetSettings) -> Amount:
         raise BudgetError(f"budget {name}: a {settings.period} period cannot be rolling")
     if any(not 0 < w <= 100 for w in settings.warn):
         raise BudgetError(f"budget {name}: warn thresholds must be percentages from 1 to 100")
+    if settings.scope == "tag":
+        _check_tag_target(name, settings.target)
     try:
         amount = parse_amount(settings.limit)
+        parse_rate(settings.rate or DEFAULT_THROTTLE_RATE)
     except QuantityError as exc:
         raise BudgetError(f"budget {name}: {exc}") from None
     if amount.value <= 0:
         raise BudgetError(f"budget {name}: the limit must be above zero")
     return amount
+
+
+def _check_tag_target(name: str, target: str) -> None:
+    """A tag budget names the tag (`team`) and may pick its value (`team=ml`, `team=ml*`); the
+    tag's name is matched exactly, so a glob there (the default `*`) would match nothing."""
+    key = target.partition("=")[0]
+    if not key or any(c in key for c in "*?["):
+        raise BudgetError(
+            f"budget {name}: a tag budget's target is KEY or KEY=VALUE (like team=ml), "
+            f"not {target!r}"
+        )
 
 
 @dataclass(slots=True)

@@ -63,7 +63,7 @@ def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
         Rules(rules)  # refused here, before anything changes
         fresh = engine.budgets.replace(new.budget)
     except PriceError as exc:
-        raise ConfigError(f"{new.source}: prices: {exc}") from None
+        raise ConfigError(f"{new.source}: {exc}") from None  # it names prices."MODEL"
     except ConfigError as exc:
         raise exc.in_file(new.source) from None
     engine.rules.replace(rules)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 
@@ -84,25 +85,25 @@ def parse_tokens(text: str | int | float) -> int:
     if isinstance(text, int | float) and not isinstance(text, bool):
         if text < 0:
             raise QuantityError(f"a token count cannot be negative: {text}")
-        return int(text)
+        return int(_finite(float(text), text))
     raw = str(text).strip().lower().replace(",", "").replace("_", "")
     raw = raw.removesuffix("tokens").removesuffix("tok").strip()
     m = re.fullmatch(_NUMBER + r"\s*([kmb]?)", raw)
     if not m:
         raise QuantityError(f"not a token count: {text!r} (try 200000, 200k or 1.5M)")
-    return round(float(m.group(1)) * _SUFFIX[m.group(2)])
+    return round(_finite(float(m.group(1)) * _SUFFIX[m.group(2)], text))
 
 
 def parse_usd(text: str | int | float) -> float:
     """`$2`, `2.50`, `$1.5k` -> dollars."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
+        return _finite(float(text), text)
     raw = str(text).strip().lower().replace(",", "")
     raw = raw.removeprefix("$").removesuffix("usd").strip()
     m = re.fullmatch(_NUMBER + r"\s*([kmb]?)", raw)
     if not m:
         raise QuantityError(f"not an amount of dollars: {text!r} (try $2 or $0.50)")
-    return float(m.group(1)) * _SUFFIX[m.group(2)]
+    return _finite(float(m.group(1)) * _SUFFIX[m.group(2)], text)
 
 
 def parse_amount(text: str | int | float) -> Amount:
@@ -122,12 +123,19 @@ def parse_amount(text: str | int | float) -> Amount:
 def parse_duration(text: str | int | float) -> float:
     """`90s`, `5min`, `1h`, `7d`, `2w` or a number of seconds -> seconds."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
+        return _finite(float(text), text)
     raw = str(text).strip().lower()
     m = re.fullmatch(_NUMBER + r"\s*([a-z]*)", raw)
     if not m or m.group(2) not in _DURATION_UNITS | {"": 1}:
         raise QuantityError(f"not a duration: {text!r} (try 30s, 5min, 1h, 7d)")
-    return float(m.group(1)) * (_DURATION_UNITS.get(m.group(2), 1))
+    return _finite(float(m.group(1)) * (_DURATION_UNITS.get(m.group(2), 1)), text)
+
+
+def _finite(value: float, text: object) -> float:
+    # NaN slips past every comparison and infinity past every limit; both break the sums
+    if not math.isfinite(value):
+        raise QuantityError(f"not a finite number: {text!r}")
+    return value
 
 
 def parse_rate(text: str) -> Rate:
@@ -150,8 +158,13 @@ def parse_rate(text: str) -> Rate:
     if per_s <= 0:
         raise QuantityError(f"not a rate: {text!r}")
     if amount.startswith("$"):
-        return Rate(RateKind.USD_PER_HOUR, parse_usd(amount) * 3600 / per_s)
-    return Rate(RateKind.TOKENS_PER_MIN, parse_tokens(amount) * 60 / per_s)
+        rate = Rate(RateKind.USD_PER_HOUR, parse_usd(amount) * 3600 / per_s)
+    else:
+        rate = Rate(RateKind.TOKENS_PER_MIN, parse_tokens(amount) * 60 / per_s)
+    if rate.value <= 0:
+        # a bucket that never fills stops the agent for good: that is pause, not a throttle
+        raise QuantityError(f"a rate must be above zero: {text!r} (to stop the agent, pause it)")
+    return rate
 
 
 def _checked_number(raw: str, original: str) -> str:

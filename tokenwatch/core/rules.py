@@ -16,6 +16,7 @@ from tokenwatch.core import detect
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.detect import Finding
 from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
+from tokenwatch.core.quantities import QuantityError, parse_rate
 from tokenwatch.core.recent import Recent, Track, busy_median, repeats
 
 DETECTORS: Final = (
@@ -101,6 +102,10 @@ def check_rule(settings: RuleSettings) -> None:
             raise RuleError(f"rule {name}: unknown action {action!r} ({', '.join(ACTIONS)})")
     if settings.threshold < 0 or settings.window < 0 or settings.cooldown < 0:
         raise RuleError(f"rule {name}: threshold, window and cooldown cannot be negative")
+    try:
+        parse_rate(settings.rate or DEFAULT_RATE)
+    except QuantityError as exc:
+        raise RuleError(f"rule {name}: {exc}") from None
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from tokenwatch.core.config_reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.core.daemon import instance_lock, remove_pid, write_pid
 from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import Agent, Alert, UsageEvent
-from tokenwatch.core.pricing import PriceTable
+from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.processes import Spawner, spawn
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
 from tokenwatch.core.server import SocketServer
@@ -257,6 +257,7 @@ class Supervisor:
     def _build_engine(self, store: Store) -> Engine:
         cfg = self.config
         try:
+            prices = PriceTable.load(cfg.prices)
             budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=self._clock)
             rules = Rules(
                 cfg.rule or DEFAULT_RULES,
@@ -264,12 +265,14 @@ class Supervisor:
                 is_critical=lambda name: _is_critical(engine, name),
                 budgets=budgets.statuses,  # forecast and spike rules read budget status
             )
+        except PriceError as exc:
+            raise ConfigError(f"{cfg.source}: {exc}") from None  # it names prices."MODEL"
         except ConfigError as exc:
             raise exc.in_file(cfg.source) from None
         notify = cfg.alerts.webhook or cfg.alerts.desktop
         engine = Engine(
             store,
-            PriceTable.load(cfg.prices),
+            prices,
             budgets,
             rules,
             settings=cfg.supervisor,
@@ -342,7 +345,8 @@ class Supervisor:
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         settings = self.config.export
         if settings.prometheus.listen:
-            from tokenwatch.export.prometheus import PrometheusExporter, parse_listen
+            from tokenwatch.config import parse_listen
+            from tokenwatch.export.prometheus import PrometheusExporter
 
             prom = PrometheusExporter(settings.prometheus, engine.snapshot)
             engine.add_listener(prom.observe)

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenwatch.config import PrometheusSettings
+from tokenwatch.config import PrometheusSettings, parse_listen
 from tokenwatch.core.models import Action, AgentState, Alert, Snapshot, UsageEvent
 from tokenwatch.export.labels import LabelFolder
 
@@ -189,11 +189,3 @@ class PrometheusExporter:
         finally:
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`127.0.0.1:9464`, `:9464` or `[::1]:9464` -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"[export.prometheus] listen: expected HOST:PORT, got {listen!r}")
-    return (host.strip("[]") or "127.0.0.1"), int(port)
