@@ -206,6 +206,8 @@ async def test_a_pause_that_comes_with_the_end_of_a_cycle_holds() -> None:
             async with anyio.create_task_group() as tg:  # two rules act in the same moment
                 tg.start_soon(partial(engine.throttle, "racing", "off", who="rule:a"))
                 tg.start_soon(partial(engine.pause, "racing", who="rule:b"))
+            # the pause's SIGSTOP lands when each process is next scheduled: from then on
+            await anyio.to_thread.run_sync(wait_for_states, pids, {"T"})
             held = await anyio.to_thread.run_sync(states_over, pids, 2.5)
     finally:
         kill_tree(pids)
