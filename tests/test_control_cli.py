@@ -180,6 +180,7 @@ def test_a_duty_cycled_agent_paused_stays_paused_and_resumed_runs_one_cycle(
         tw(supervisor, "throttle", "cycled", "50%")
         wait_for_states(pids, {"T"})  # the cycle runs
         tw(supervisor, "pause", "cycled")
+        wait_for_states(pids, {"T"})  # its SIGSTOP lands when each process is next scheduled
         while_paused = states_over(pids, 2.5)  # more than two periods of the cycle
         tw(supervisor, "resume", "cycled")
         tw(supervisor, "resume", "cycled")  # twice: still one cycle
