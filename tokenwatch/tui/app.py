@@ -193,8 +193,10 @@ class TokenwatchApp(App[None]):
         self.main.feed.redraw()
 
     def _refresh_detail(self) -> None:
-        if isinstance(self.screen, AgentDetailScreen):
-            self.screen.refresh_view()
+        # a snapshot can arrive while the app shuts down, when there is no screen left
+        top = self.screen_stack[-1] if self.screen_stack else None
+        if isinstance(top, AgentDetailScreen):
+            top.refresh_view()
 
     # ---- commands ----------------------------------------------------------------------
 
