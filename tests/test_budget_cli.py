@@ -263,6 +263,17 @@ def test_a_tag_budget_names_the_tag_and_may_pick_its_value(
     assert [b.target for b in load_config().budget] == ["team", "team=ml*"]
 
 
+def test_budgets_that_cannot_be_saved_are_one_clear_line(
+    tokenwatch_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tokenwatch_home / "config").write_text("")  # a file where the config dir should be
+    code, out, err = run(capsys, "budget", "set", "global", "10")
+    assert code == 1
+    assert out == ""
+    overlay = tokenwatch_home / "config" / OVERLAY_NAME
+    assert err == f"tokenwatch: cannot save budgets to {overlay}: File exists\n"
+
+
 def test_rules_test_with_a_rule_that_cannot_work_names_it(
     capsys: pytest.CaptureFixture[str], in_empty_project: Path
 ) -> None:

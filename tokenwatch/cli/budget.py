@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +123,8 @@ def run_set(args: argparse.Namespace) -> int:
     entry = budget_entry(budget)
     if is_run_budget(entry["name"]):
         return _set_run_limit(args, entry)
-    set_budget(config, budget)
+    with _saving(config):
+        set_budget(config, budget)
     told = _tell_supervisor(lambda c: c.request("set_budget", budget=entry))
     period = "" if budget.period == "total" else f" per {budget.period}"
     print(
@@ -130,6 +132,19 @@ def run_set(args: argparse.Namespace) -> int:
         f"warnings at {', '.join(f'{w}%' for w in budget.warn) or 'none'} ({told})"
     )
     return 0
+
+
+@contextlib.contextmanager
+def _saving(config: Config) -> Iterator[None]:
+    """An edit of the overlay file; a file that cannot be written is one clear line."""
+    from tokenwatch.core.budget_file import overlay_file
+
+    try:
+        yield
+    except OSError as exc:
+        raise CliError(
+            f"cannot save budgets to {overlay_file(config)}: {exc.strerror or exc}"
+        ) from None
 
 
 def _set_run_limit(args: argparse.Namespace, entry: dict[str, Any]) -> int:
@@ -164,7 +179,8 @@ def run_rm(args: argparse.Namespace) -> int:
         return 0
     config = _load(args.config)
     try:
-        remove_budget(config, args.name)
+        with _saving(config):
+            remove_budget(config, args.name)
     except UnknownBudget as exc:
         raise CliError(str(exc)) from None
     told = _tell_supervisor(lambda c: c.request("remove_budget", name=args.name))
