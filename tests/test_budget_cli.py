@@ -105,6 +105,7 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
         (["budget", "set", "global", "5k", "--warn", "half"], "--warn takes percentages"),
         (["budget", "rm", "nope"], "no budget named 'nope'"),
         (["budget", "set", "agent:x", "2k", "--name", "run:x"], "no supervisor is running, so no"),
+        (["budget", "set", "global", "2k", "--name", "a\nb"], "cannot hold control characters"),
         (["budget", "rm", "run:x"], "no supervisor is running, so no run has the budget run:x"),
         (
             ["budget", "set", "agent:x", "2k", "--name", "run:x", "--action", "alert"],

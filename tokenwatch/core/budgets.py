@@ -73,6 +73,8 @@ def is_run_budget(name: str) -> bool:
 def check_budget(settings: BudgetSettings) -> Amount:
     """The budget's limit, after checking scope, period, action and thresholds; raises BudgetError."""
     name = budget_name(settings)
+    if not name.isprintable():  # it is shown in tables, alerts and commands to copy
+        raise BudgetError(f"budget {name!r}: a name cannot hold control characters")
     if settings.scope not in SCOPES:
         raise BudgetError(f"budget {name}: unknown scope {settings.scope!r} ({', '.join(SCOPES)})")
     if settings.period not in ALL_PERIODS:
