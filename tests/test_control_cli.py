@@ -300,6 +300,16 @@ def test_acting_on_an_agent_that_has_exited_says_so(
     assert agent_row(supervisor, name)["state"] == "exited"  # and it stays so
 
 
+def test_env_for_an_unusable_name_is_one_line_and_registers_nothing(
+    supervisor: ServeProcess,
+) -> None:
+    before = request(supervisor, "list")
+    done = tw(supervisor, "env", "")
+    assert done.returncode != 0
+    assert done.stderr == "tokenwatch: agent name '': use 1-64 letters, digits and . _ @ : + -\n"
+    assert request(supervisor, "list") == before
+
+
 def _commands(
     parser: argparse.ArgumentParser, prefix: str = "tokenwatch"
 ) -> Iterator[tuple[str, argparse.ArgumentParser]]:
