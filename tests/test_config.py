@@ -75,6 +75,18 @@ def test_example_shows_every_setting(repo_root: Path) -> None:
     assert table.lookup("gpt-4o").output == 12.0  # type: ignore[union-attr]
 
 
+def load_error(tmp_path: Path, toml: str) -> str:
+    """The one-line error loading `toml` from a tokenwatch.toml gives; it names the file."""
+    path = tmp_path / "tokenwatch.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "\n" not in message
+    return message
+
+
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
@@ -92,14 +104,8 @@ def test_example_shows_every_setting(repo_root: Path) -> None:
     ],
 )
 def test_errors_name_file_key_and_expectation(tmp_path: Path, toml: str, expected: str) -> None:
-    path = tmp_path / "tokenwatch.toml"
-    path.write_text(toml)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ")
+    message = load_error(tmp_path, toml)
     assert re.search(expected, message), message
-    assert "\n" not in message
 
 
 LIMIT = "[[budget]]\nlimit = 10\n"
@@ -154,14 +160,8 @@ LIMIT = "[[budget]]\nlimit = 10\n"
 def test_values_the_supervisor_cannot_run_with_are_refused_at_load(
     tmp_path: Path, toml: str, expected: str
 ) -> None:
-    path = tmp_path / "tokenwatch.toml"
-    path.write_text(toml)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ")
+    message = load_error(tmp_path, toml)
     assert re.search(expected, message), message
-    assert "\n" not in message
 
 
 def test_a_tag_budget_may_name_just_the_tag(tmp_path: Path) -> None:

@@ -167,22 +167,29 @@ async def test_a_budget_refusal_names_the_budget_and_when_to_retry(short_tmp: Pa
     assert [h.event.call_id for h in history] == ["c1"]
 
 
-async def test_store_outage_refuses_calls_but_loses_no_settled_usage(short_tmp: Path) -> None:
-    async with await Store.open(short_tmp / "u.db") as real:
+@contextlib.asynccontextmanager
+async def in_an_outage(tmp: Path) -> AsyncIterator[tuple[Engine, FlakyStore, Store]]:
+    """An engine whose ledger broke just before a call settled: its usage is kept in memory."""
+    async with await Store.open(tmp / "u.db") as real:
         flaky = FlakyStore(real)
-        async with running_engine(short_tmp / "other.db", ledger=flaky) as (engine, _):
+        async with running_engine(tmp / "other.db", ledger=flaky) as (engine, _):
             ok = await engine.admit(call("a"))
             flaky.broken = True
             await engine.settle(ok, event("a", "kept"))  # returns: the proxy keeps serving
-            refused = await engine.admit(call("a"))
-            engine.settings = SupervisorSettings(fail_open=True)
-            let_through = await engine.admit(call("a"))
-            flaky.broken = False
-            with anyio.fail_after(30):
-                while engine.statistics().pending_store:
-                    await anyio.sleep(0.01)
-            back = await engine.admit(call("a"))
-            stored = [h.event.call_id for h in await real.history()]
+            yield engine, flaky, real
+
+
+async def test_store_outage_refuses_calls_but_loses_no_settled_usage(short_tmp: Path) -> None:
+    async with in_an_outage(short_tmp) as (engine, flaky, real):
+        refused = await engine.admit(call("a"))
+        engine.settings = SupervisorSettings(fail_open=True)
+        let_through = await engine.admit(call("a"))
+        flaky.broken = False
+        with anyio.fail_after(30):
+            while engine.statistics().pending_store:
+                await anyio.sleep(0.01)
+        back = await engine.admit(call("a"))
+        stored = [h.event.call_id for h in await real.history()]
     assert refused.status == 503
     assert "fail_open" in refused.message
     assert let_through.allowed
@@ -191,25 +198,20 @@ async def test_store_outage_refuses_calls_but_loses_no_settled_usage(short_tmp: 
 
 
 async def test_usage_being_written_back_after_an_outage_is_still_pending(short_tmp: Path) -> None:
-    async with await Store.open(short_tmp / "u.db") as real:
-        flaky = FlakyStore(real)
-        async with running_engine(short_tmp / "other.db", ledger=flaky) as (engine, _):
-            ok = await engine.admit(call("a"))
-            flaky.broken = True
-            await engine.settle(ok, event("a", "kept"))
-            flaky.slow = anyio.Event()
-            flaky.broken = False  # the store is back, but slow to take the usage kept meanwhile
-            with anyio.fail_after(30):
-                while not flaky.writing:
-                    await anyio.sleep(0.01)
-            during = engine.statistics()
-            refused = await engine.admit(call("a"))
-            flaky.slow.set()
-            with anyio.fail_after(30):
-                while engine.statistics().pending_store:
-                    await anyio.sleep(0.01)
-            after = engine.statistics()
-            back = await engine.admit(call("a"))
+    async with in_an_outage(short_tmp) as (engine, flaky, _):
+        flaky.slow = anyio.Event()
+        flaky.broken = False  # the store is back, but slow to take the usage kept meanwhile
+        with anyio.fail_after(30):
+            while not flaky.writing:
+                await anyio.sleep(0.01)
+        during = engine.statistics()
+        refused = await engine.admit(call("a"))
+        flaky.slow.set()
+        with anyio.fail_after(30):
+            while engine.statistics().pending_store:
+                await anyio.sleep(0.01)
+        after = engine.statistics()
+        back = await engine.admit(call("a"))
     assert during.pending_store == 1
     assert refused.status == 503  # fail closed until what was kept is stored
     assert (after.pending_store, after.store_error) == (0, "")

@@ -433,14 +433,10 @@ def _load(path: str | None) -> Config:
 
 
 def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    from tokenwatch.cli.ledger import positive_int
+
     # Beyond what SQLite can bind, a bound is no bound: same answer as the largest one.
-    return min(value, MAX_LIMIT)
+    return min(positive_int(text), MAX_LIMIT)
 
 
 def _since(text: str) -> float:

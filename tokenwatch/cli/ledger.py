@@ -84,7 +84,7 @@ def _register_report(subparsers: Any) -> None:
         default="table",
         help="output format (default table)",
     )
-    p.add_argument("--top", type=_positive_int, default=None, metavar="N", help="largest N groups")
+    p.add_argument("--top", type=positive_int, default=None, metavar="N", help="largest N groups")
     for name in FILTERS:
         p.add_argument(
             f"--{name}", default=None, metavar="NAME", help=f"only this {name} (glob allowed)"
@@ -107,7 +107,8 @@ def _register_prices(subparsers: Any) -> None:
     p.set_defaults(func=run_prices)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
     try:
         value = int(text)
     except ValueError:
