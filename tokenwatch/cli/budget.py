@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from tokenwatch.core.models import Alert, BudgetStatus
     from tokenwatch.core.store import Store
 
-MAX_LIMIT = 2**63 - 1
-"""The largest row count SQLite binds (a signed 64-bit integer)."""
 SCOPES = ("global", "agent", "task", "model", "user", "tag")
 PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
 ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
@@ -434,9 +432,10 @@ def _load(path: str | None) -> Config:
 
 def _limit(text: str) -> int:
     from tokenwatch.cli.ledger import positive_int
+    from tokenwatch.core.store import MAX_ROWS
 
     # Beyond what SQLite can bind, a bound is no bound: same answer as the largest one.
-    return min(positive_int(text), MAX_LIMIT)
+    return min(positive_int(text), MAX_ROWS)
 
 
 def _since(text: str) -> float:

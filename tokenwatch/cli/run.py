@@ -197,15 +197,9 @@ def _run(
 
     from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
 
-    notices: list[ActionNotices] = []
     try:
-        name = anyio.run(
-            _register_and_start,
-            child,
-            command,
-            request,
-            registered,
-            None if args.quiet else notices,
+        name, notices = anyio.run(
+            _register_and_start, child, command, request, registered, not args.quiet
         )
     except SupervisorUnavailable as exc:
         if not args.unsupervised:
@@ -221,8 +215,8 @@ def _run(
         try:
             code = child.wait()
         finally:
-            for watcher in notices:
-                watcher.stop()
+            if notices is not None:
+                notices.stop()
         summary = anyio.run(_report_exit, name, code)
     if not args.quiet:
         _warn(summary_line(name, code, summary))
@@ -234,12 +228,12 @@ async def _register_and_start(
     command: list[str],
     request: dict[str, Any],
     registered: list[str],
-    notices: list[ActionNotices] | None,
-) -> str:
+    notify: bool,
+) -> tuple[str, ActionNotices | None]:
     """Register, spawn with the env the supervisor gave, tell it the pid; returns the name
-    (also put in `registered` at once, for the clean-up after an interruption). Unless
-    `notices` is None, a watcher that tells the terminal of actions on the agent is started
-    first (so a pause at its first call is told) and put in it."""
+    (also put in `registered` at once, for the clean-up after an interruption) and, if
+    `notify`, the watcher that tells the terminal of actions on the agent (started before the
+    agent, so a pause at its first call is told)."""
     import contextlib
 
     import anyio.to_thread
@@ -252,18 +246,19 @@ async def _register_and_start(
         name = str(reply["name"])
         registered.append(name)
         env = _child_env(client, name, reply)
+        notices = ActionNotices(name) if notify else None
         if notices is not None:
-            watcher = ActionNotices(name)
-            notices.append(watcher)
-            await anyio.to_thread.run_sync(watcher.start)
+            await anyio.to_thread.run_sync(notices.start)
         try:
             _start(child, command, env)
         except CliError as exc:
+            if notices is not None:
+                notices.stop()
             with contextlib.suppress(SupervisorError):
                 await client.request("exited", name=name, code=exc.exit_code)
             raise
         await _started(client, child, name)
-    return name
+    return name, notices
 
 
 async def _started(client: SupervisorClient, child: ForegroundChild, name: str) -> None:

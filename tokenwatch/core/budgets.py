@@ -346,8 +346,9 @@ class Budgets:
         budget = _Budget(settings, self._tz, start=start)
         self._ephemeral[budget.name] = budget
 
-    def remove_ephemeral(self, name: str) -> None:
-        self._ephemeral.pop(name, None)
+    def remove_ephemeral(self, name: str) -> bool:
+        """Forget a run's budget; False when there was none of that name."""
+        return self._ephemeral.pop(name, None) is not None
 
     def set_run_limit(self, name: str, limit: str) -> BudgetStatus:
         """Change the limit of a run's budget in place (its usage so far stays counted); raises

@@ -21,13 +21,12 @@ from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
 from tokenwatch.core.server import Session
+from tokenwatch.core.store import MAX_ROWS
 from tokenwatch.core.transaction import StoreUnavailable
 from tokenwatch.core.usage_wire import usage_from_wire
 
 MIN_SUBSCRIBE_INTERVAL = 0.1
 MAX_HISTORY = 1000
-MAX_ROWS = 2**63 - 1
-"""The largest row count SQLite binds: a larger `limit` means the same."""
 LOG_TAIL_LINES = 200
 LOG_TAIL_BYTES = 64 * 1024
 TASK_STATES = frozenset({"start", "end"})
@@ -282,11 +281,10 @@ class Commands:
     async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         name = msg["name"]
         if is_run_budget(name):
-            if not any(s.name == name for s in self.engine.budgets.statuses()):
+            if not self.engine.budgets.remove_ephemeral(name):
                 raise ProtocolError(
                     ErrorCode.BAD_MESSAGE, f"no agent running now has a run budget named {name}"
                 )
-            self.engine.budgets.remove_ephemeral(name)
             return {"name": name, "run": True}
         try:
             await self._apply_budgets(_saved(remove_budget, self.config, name))

@@ -41,8 +41,8 @@ class NoBudgets:
     def add_ephemeral(self, settings: BudgetSettings, *, start: float) -> None:
         return None
 
-    def remove_ephemeral(self, name: str) -> None:
-        return None
+    def remove_ephemeral(self, name: str) -> bool:
+        return False
 
     def set_run_limit(self, name: str, limit: str) -> BudgetStatus:
         raise BudgetError(f"no agent running now has a run budget named {name}")

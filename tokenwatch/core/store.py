@@ -54,6 +54,8 @@ __all__ = [
 
 GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day")
 """What `aggregate(by=...)` accepts."""
+MAX_ROWS = 2**63 - 1
+"""The largest row count SQLite binds (a signed 64-bit integer): a larger `limit` means the same."""
 
 _SELECT_EVENT = f"SELECT id, {', '.join(quoted(c) for c in EVENT_COLUMNS)} FROM events"
 _ALERT_COLUMNS = ("id", "ts", "rule", "agent", "message", "severity", "action", "acknowledged")
