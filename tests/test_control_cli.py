@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,43 @@ def test_env_prints_what_a_process_needs_to_report_and_use_the_proxy(
     assert sock == str(supervisor.paths.socket)
     assert base.startswith("http://127.0.0.1:")
     assert base.endswith("/v1")
+
+
+@pytest.mark.slow
+def test_env_keeps_the_callers_base_url_as_the_upstream(supervisor: ServeProcess) -> None:
+    from tests.test_run_cli import OPENAI_CALL
+    from tokenwatch.demo.fake_llm import fake_llm_in_thread
+
+    with fake_llm_in_thread() as fake:
+        env = {**supervisor.env, "OPENAI_BASE_URL": fake.url + "/v1"}
+        exports = subprocess.run(
+            [sys.executable, "-m", "tokenwatch", "env", "upstreamed"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        script = exports.stdout + f"exec {shlex.quote(sys.executable)} -c {shlex.quote(OPENAI_CALL)}"
+        called = subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, timeout=60, env=env
+        )
+    assert called.returncode == 0, called.stderr[-500:]
+    assert len(fake.calls) == 1
+    assert int(called.stdout) == fake.calls[0].input_tokens + fake.calls[0].output_tokens
+
+
+@pytest.mark.slow
+def test_an_agent_registered_by_env_ends_with_the_shell_that_asked(
+    supervisor: ServeProcess,
+) -> None:
+    tokenwatch = f"{shlex.quote(sys.executable)} -m tokenwatch"
+    shell = subprocess.run(
+        ["sh", "-c", f'eval "$({tokenwatch} env ender)" && echo "$TOKENWATCH_AGENT"'],
+        capture_output=True, text=True, timeout=60, env=supervisor.env,
+    )  # fmt: skip
+    assert shell.stdout == "ender\n", shell.stderr
+    deadline = time.monotonic() + 60
+    while agent_row(supervisor, "ender")["state"] != "exited":
+        assert time.monotonic() < deadline, "the agent registered by env never ended"
+        time.sleep(0.1)
+    assert request(supervisor, "register", name="ender")["name"] == "ender"
 
 
 @pytest.mark.slow

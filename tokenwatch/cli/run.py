@@ -135,7 +135,7 @@ def _script_of(args: list[str]) -> str:
     return ""
 
 
-def _upstreams(env: dict[str, str]) -> dict[str, str]:
+def upstreams(env: dict[str, str]) -> dict[str, str]:
     """The user's own base URLs become the proxy's upstreams (never the proxy itself)."""
     proxy = env.get("TOKENWATCH_PROXY_URL", "")
     return {
@@ -157,7 +157,7 @@ def run_run(args: argparse.Namespace) -> int:
         "budget": args.budget,
         "launched": True,
         "critical": args.critical or None,
-        **_upstreams(dict(os.environ)),
+        **upstreams(dict(os.environ)),
     }
     _check_budget(args.budget)
     registered: list[str] = []

@@ -94,10 +94,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="shell lines that make a process report as an agent and use the proxy",
         description=(
             "Print `export` lines for a process started outside tokenwatch: it then reports as "
-            'NAME (SDK) and calls through the proxy. Use: eval "$(tokenwatch env NAME)".'
+            'NAME (SDK) and calls through the proxy. Use: eval "$(tokenwatch env NAME)". A new '
+            "NAME is registered with your OPENAI_BASE_URL and ANTHROPIC_BASE_URL as its "
+            "upstreams (as `run` does), and ends when the shell that asked exits."
         ),
     )
     p.add_argument("name", help="agent name (an existing agent, or a new one to register)")
+    p.add_argument(
+        "--pid",
+        type=int,
+        help="a new agent ends when this process exits (default: the shell that runs this)",
+    )
     p.set_defaults(func=run_env)
 
     p = sub.add_parser("launch", help="start an [agents.NAME] agent from the config")
@@ -280,6 +287,9 @@ def run_throttle(args: argparse.Namespace) -> int:
 
 
 def run_env(args: argparse.Namespace) -> int:
+    import os
+
+    from tokenwatch.cli.run import upstreams
     from tokenwatch.client.control import SupervisorError
     from tokenwatch.core.agents import check_name
     from tokenwatch.core.protocol import ProtocolError
@@ -295,13 +305,34 @@ def run_env(args: argparse.Namespace) -> int:
         except SupervisorError as exc:
             if exc.code != "unknown_agent":
                 raise
-        registered = await client.request("register", name=args.name)
+        registered = await client.request(
+            "register",
+            name=args.name,
+            owner_pid=args.pid or calling_shell(),
+            **upstreams(dict(os.environ)),
+        )
         return registered["env"]
 
     values = _call(env, start=True)
     for key in sorted(values):
         print(f"export {key}={shlex.quote(str(values[key]))}")
     return 0
+
+
+def calling_shell() -> int:
+    """The process that ran this one, past the subshell a `$(...)` may fork (a copy of the
+    shell, with its command line), which exits as soon as we do."""
+    import os
+
+    from tokenwatch.core.processes import ProcessGone, process_info
+
+    pid = os.getppid()
+    try:
+        while (me := process_info(pid)).ppid > 1 and process_info(me.ppid).argv == me.argv:
+            pid = me.ppid
+    except ProcessGone:
+        pass
+    return pid
 
 
 def run_launch(args: argparse.Namespace) -> int:

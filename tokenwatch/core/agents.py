@@ -32,6 +32,8 @@ class AgentRecord:
 
     agent: Agent
     handle: ProcessHandle | None = None
+    owner: ProcessHandle | None = None
+    """A process whose end ends the agent, never signalled (the shell that ran `tokenwatch env`)."""
     running: anyio.Event = field(default_factory=anyio.Event)
     """Set while calls may go; cleared while the agent is paused (held calls wait on it)."""
     bucket: TokenBucket | None = None

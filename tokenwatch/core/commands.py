@@ -178,6 +178,7 @@ class Commands:
             critical=msg.get("critical", False),
             openai_upstream=msg.get("openai_upstream", ""),
             anthropic_upstream=msg.get("anthropic_upstream", ""),
+            owner_pid=msg.get("owner_pid"),
         )
         return _registered(self.engine, rec)
 
@@ -197,6 +198,8 @@ class Commands:
 
     async def on_env(self, session: Session, msg: dict[str, Any]) -> Any:
         rec = self.engine.roster.find(msg["agent"])
+        if not rec.live:  # a route for it would bring back an agent that has ended
+            raise ProtocolError(ErrorCode.UNKNOWN_AGENT, f"{rec.name} has exited")
         return self.engine.env_for(rec)
 
     async def on_adopt(self, session: Session, msg: dict[str, Any]) -> Any:

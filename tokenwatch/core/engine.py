@@ -714,8 +714,10 @@ class Engine:
         critical: bool = False,
         openai_upstream: str = "",
         anthropic_upstream: str = "",
+        owner_pid: int | None = None,
     ) -> AgentRecord:
-        """A new agent under a unique name, with a proxy route and (maybe) a budget of its own."""
+        """A new agent under a unique name, with a proxy route and (maybe) a budget of its own;
+        with `owner_pid`, it ends when that process does (which is never signalled)."""
         agent = Agent(
             name=self.roster.unique_name(name or "agent"),
             run_id=uuid.uuid4().hex[:12],
@@ -731,6 +733,8 @@ class Engine:
         rec = AgentRecord(agent)
         if pid is not None:
             self._take_hold_of(rec, pid)
+        if owner_pid is not None:
+            rec.owner = self._handle_of(owner_pid, control=False)
         if self.routes is not None:
             rec.route = self.routes.add_route(agent, openai_upstream, anthropic_upstream)
         if budget:
@@ -756,13 +760,16 @@ class Engine:
         )
         self.budgets.add_ephemeral(settings, start=rec.agent.started_at)
 
-    def _take_hold_of(self, rec: AgentRecord, pid: int) -> None:
+    def _handle_of(self, pid: int, *, control: bool = True) -> ProcessHandle:
         try:
-            handle = self._attach(pid)
+            return self._attach(pid) if control else ProcessHandle.attach(pid, control=False)
         except ProcessGone:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"no process with pid {pid}") from None
         except NotPermitted as exc:
             raise ProtocolError(ErrorCode.NOT_PERMITTED, str(exc)) from None
+
+    def _take_hold_of(self, rec: AgentRecord, pid: int) -> None:
+        handle = self._handle_of(pid)
         if rec.handle is not None:
             rec.handle.close()
         rec.handle = handle
@@ -789,9 +796,10 @@ class Engine:
         rec.release()
         if code is not None:
             rec.agent.exit_code = code
-        if rec.handle is not None:
-            rec.handle.close()
-            rec.handle = None
+        for handle in (rec.handle, rec.owner):
+            if handle is not None:
+                handle.close()
+        rec.handle = rec.owner = None
         if rec.route and self.routes is not None:
             self.routes.remove_route(rec.route)
             rec.route = ""
@@ -969,6 +977,8 @@ class Engine:
             for rec in self.roster:
                 if rec.handle is not None and rec.live and not rec.handle.alive():
                     self._exited(rec, rec.handle.wait_exit_nowait())
+                elif rec.owner is not None and rec.live and not rec.owner.alive():
+                    self._exited(rec, None)
 
     # -- views --------------------------------------------------------------------------------
 

@@ -100,6 +100,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "critical": (_BOOL, False),
         "openai_upstream": (_STR, False),
         "anthropic_upstream": (_STR, False),
+        "owner_pid": (_INT, False),
     },
     "started": {"name": (_STR, True), "pid": (_INT, True)},
     "exited": {"name": (_STR, True), "code": (_INT, True)},
