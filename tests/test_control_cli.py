@@ -261,7 +261,9 @@ def test_env_keeps_the_callers_base_url_as_the_upstream(supervisor: ServeProcess
             [sys.executable, "-m", "tokenwatch", "env", "upstreamed"],
             capture_output=True, text=True, timeout=60, env=env,
         )  # fmt: skip
-        script = exports.stdout + f"exec {shlex.quote(sys.executable)} -c {shlex.quote(OPENAI_CALL)}"
+        script = (
+            exports.stdout + f"exec {shlex.quote(sys.executable)} -c {shlex.quote(OPENAI_CALL)}"
+        )
         called = subprocess.run(
             ["sh", "-c", script], capture_output=True, text=True, timeout=60, env=env
         )
