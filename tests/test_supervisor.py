@@ -81,6 +81,35 @@ def test_two_supervisors_started_at_once_end_with_one() -> None:
             stop_serve(sp)
 
 
+def tw_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwatch", *args],
+        capture_output=True, text=True, timeout=60, env=tokenwatch_env(),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_serve_detach_keeps_config_and_verbose(tokenwatch_home: Path, tmp_path: Path) -> None:
+    config = tmp_path / "elsewhere.toml"
+    config.write_text('[[budget]]\nscope = "global"\nlimit = "$7"\nperiod = "day"\n')
+    started = tw_cli("serve", "--detach", "--config", str(config), "-v")
+    status = json.loads(tw_cli("status", "--json").stdout)
+    pid = status["supervisor"]["pid"]
+    try:
+        assert started.returncode == 0, started.stderr
+        assert status["supervisor"]["config"] == str(config)
+        log = (Paths.discover().state_dir / "supervisor.log").read_text()
+        assert " DEBUG " in log, "-v reached the background supervisor"
+        again = tw_cli("serve", "--detach", "--config", str(config))
+        assert again.returncode == 1
+        assert again.stderr.endswith("--config not applied (`tokenwatch stop` it first)\n")
+    finally:
+        tw_cli("stop")
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    anyio.run(wait_gone, pid)
+
+
 @pytest.mark.slow
 def test_a_client_starts_the_supervisor_in_the_background(tokenwatch_home: Path) -> None:
     out = subprocess.run(

@@ -14,6 +14,7 @@ from tokenwatch.cli.errors import CliError
 
 if TYPE_CHECKING:
     from tokenwatch.client.control import SupervisorClient
+    from tokenwatch.paths import Paths
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -135,7 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import anyio
 
     from tokenwatch.config import load_config
-    from tokenwatch.core.daemon import AlreadyRunning, StartFailed, ensure_running
+    from tokenwatch.core.daemon import AlreadyRunning
     from tokenwatch.core.supervisor import serve_until_signalled
     from tokenwatch.paths import Paths, socket_path_problem
 
@@ -144,12 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         raise CliError(problem)
     if args.detach:
-        try:
-            started = ensure_running(paths)
-        except StartFailed as exc:
-            raise CliError(str(exc)) from None
-        print(f"supervisor {'started' if started else 'already running'} on {paths.socket}")
-        return 0
+        return _detach(paths, args)
     config = load_config(Path(args.config) if args.config else None, paths)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -162,6 +158,33 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.background:
             return 0  # another client's supervisor won the start race: that one serves
         raise CliError(str(exc)) from None
+    return 0
+
+
+def _detach(paths: Paths, args: argparse.Namespace) -> int:
+    """`serve --detach`: a background `serve` with the same options (the config made absolute:
+    the background one must find the same file)."""
+    from pathlib import Path
+
+    from tokenwatch.core.daemon import StartFailed, ensure_running
+
+    options = ["--config", str(Path(args.config).resolve())] if args.config else []
+    options += ["--verbose"] if args.verbose else []
+    try:
+        started = ensure_running(paths, options=options)
+    except StartFailed as exc:
+        raise CliError(str(exc)) from None
+    if started:
+        print(f"supervisor started on {paths.socket}")
+        return 0
+    ignored = " and ".join(o for o in options if o.startswith("--"))
+    if ignored:
+        # the one running keeps its own options: the user must know theirs were not applied
+        raise CliError(
+            f"a supervisor is already running on {paths.socket}; {ignored} not applied "
+            "(`tokenwatch stop` it first)"
+        )
+    print(f"supervisor already running on {paths.socket}")
     return 0
 
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -90,13 +90,16 @@ def log_path(paths: Paths) -> Path:
     return paths.state_dir / LOG_NAME
 
 
-def start_background(paths: Paths, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Launch `tokenwatch serve` detached (own session, no terminal), logging to the state dir."""
+def start_background(
+    paths: Paths, *, env: dict[str, str] | None = None, options: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """Launch `tokenwatch serve [OPTIONS]` detached (own session, no terminal), logging to the
+    state dir."""
     paths.ensure_state()
     log = os.open(log_path(paths), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "tokenwatch", "serve", "--background"],
+            [sys.executable, "-m", "tokenwatch", "serve", "--background", *options],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -132,15 +135,18 @@ def wait_until_answers(
         delay = min(delay * 2, 0.2)
 
 
-def ensure_running(paths: Paths, timeout: float = START_TIMEOUT) -> bool:
-    """Start a background supervisor unless one answers; True when this call started it."""
+def ensure_running(
+    paths: Paths, timeout: float = START_TIMEOUT, options: Sequence[str] = ()
+) -> bool:
+    """Start a background supervisor (`serve OPTIONS`) unless one answers; True when this call
+    started it."""
     if socket_answers(paths.socket):
         return False
     try:
         offset = log_path(paths).stat().st_size
     except FileNotFoundError:
         offset = 0
-    proc = start_background(paths)
+    proc = start_background(paths, options=options)
     wait_until_answers(paths, timeout, proc, offset)
     return True
 
