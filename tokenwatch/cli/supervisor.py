@@ -136,9 +136,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import anyio
 
     from tokenwatch.config import load_config
-    from tokenwatch.core.daemon import AlreadyRunning
-    from tokenwatch.core.supervisor import serve_until_signalled
     from tokenwatch.paths import Paths, socket_path_problem
+    from tokenwatch.supervisor.daemon import AlreadyRunning
+    from tokenwatch.supervisor.service import serve_until_signalled
 
     paths = Paths.discover()
     problem = socket_path_problem(paths.socket)
@@ -166,7 +166,7 @@ def _detach(paths: Paths, args: argparse.Namespace) -> int:
     the background one must find the same file)."""
     from pathlib import Path
 
-    from tokenwatch.core.daemon import StartFailed, ensure_running
+    from tokenwatch.supervisor.daemon import StartFailed, ensure_running
 
     options = ["--config", str(Path(args.config).resolve())] if args.config else []
     options += ["--verbose"] if args.verbose else []
@@ -314,8 +314,8 @@ def run_env(args: argparse.Namespace) -> int:
 
     from tokenwatch.cli.run import upstreams
     from tokenwatch.client.control import SupervisorError
-    from tokenwatch.core.agents import check_name
     from tokenwatch.core.protocol import ProtocolError
+    from tokenwatch.engine.agents import check_name
 
     try:
         check_name(args.name)  # an empty one would be registered under a name made up for it
@@ -347,7 +347,7 @@ def calling_shell() -> int:
     shell, with its command line), which exits as soon as we do."""
     import os
 
-    from tokenwatch.core.processes import ProcessGone, process_info
+    from tokenwatch.process.processes import ProcessGone, process_info
 
     pid = os.getppid()
     try:
