@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The real coding agents the tests run under tokenwatch (docs/agents.md); versions tried.
+AGENTS_DIR := .coding-agents
+AGENTS_STAMP := $(AGENTS_DIR)/.installed
+AGENTS := @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332 @google/gemini-cli@0.61.0
 
 .PHONY: demo test lint typecheck check bench clean
 
@@ -14,10 +18,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Without npm the tests that need these skip, saying so (and this is tried again next time).
+$(AGENTS_STAMP): Makefile
+	@if command -v npm > /dev/null; then \
+		npm install --prefix $(AGENTS_DIR) --no-audit --no-fund --loglevel=error $(AGENTS) \
+		&& touch $(AGENTS_STAMP); \
+	else \
+		echo "npm not found: the tests with real coding agents will be skipped"; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/tokenwatch demo
 
-test: $(STAMP)
+test: $(STAMP) $(AGENTS_STAMP)
 	$(BIN)/ruff check tokenwatch tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
@@ -42,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_tokens.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(AGENTS_DIR) build *.egg-info

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Set
 from dataclasses import dataclass, field
@@ -135,6 +137,18 @@ def supervisor_process(env: dict[str, str] | None = None, *args: str) -> Iterato
         yield sp
     finally:
         stop_serve(sp)
+
+
+def clean_supervisor(prefix: str) -> Iterator[ServeProcess]:
+    """`tokenwatch serve` in a home of its own, with none of the caller's base URLs or agent
+    variables (for a module-scoped fixture: `yield from clean_supervisor("twr-")`)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    env = tokenwatch_env(home)
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
+        env.pop(var, None)
+    with supervisor_process(env) as sp:
+        yield sp
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass

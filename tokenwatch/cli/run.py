@@ -7,6 +7,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from tokenwatch.cli.coding_agents import DOC, plan
 from tokenwatch.cli.errors import CliError
 
 if TYPE_CHECKING:
@@ -57,6 +58,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--unsupervised",
         action="store_true",
         help="if no supervisor can be reached, run CMD anyway (with a warning) instead of failing",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the command line and environment CMD would get (known coding agents get "
+        "what they need to use the proxy: see docs/agents.md), and run nothing",
     )
     p.add_argument(
         "-q",
@@ -160,6 +167,9 @@ def run_run(args: argparse.Namespace) -> int:
         **upstreams(dict(os.environ)),
     }
     _check_budget(args.budget)
+    if args.dry_run:
+        print(dry_run(command, str(request["name"])))
+        return 0
     registered: list[str] = []
     with ForegroundChild() as child:
         try:
@@ -246,6 +256,9 @@ async def _register_and_start(
         name = str(reply["name"])
         registered.append(name)
         env = _child_env(client, name, reply)
+        setup = plan(command, env)
+        env.update(setup.env)
+        command = setup.command
         notices = ActionNotices(name) if notify else None
         if notices is not None:
             await anyio.to_thread.run_sync(notices.start)
@@ -328,7 +341,29 @@ def summary_line(name: str, code: int, summary: dict[str, Any] | None) -> str:
             f"{requests:,} request{'' if requests == 1 else 's'}",
             *[str(action) for action in summary.get("actions") or []],
         ]
+        if not requests:
+            parts.append(f"no LLM call went through tokenwatch (if it made any: {DOC})")
     return " · ".join(parts)
+
+
+def dry_run(command: list[str], name: str) -> str:
+    """What `run` would start, with the proxy's URLs as placeholders (nothing is registered)."""
+    import shlex
+
+    env = {
+        "OPENAI_BASE_URL": "http://127.0.0.1:PORT/a/TOKEN/v1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:PORT/a/TOKEN",
+        "TOKENWATCH_AGENT": name,
+    }
+    setup = plan(command, env)
+    lines = [
+        f"agent:   {name} ({setup.agent or 'not a coding agent tokenwatch knows'})",
+        f"command: {shlex.join(setup.command)}",
+        *[f"env:     {key}={value}" for key, value in sorted({**env, **setup.env}.items())],
+        *[f"note:    {note}" for note in setup.notes],
+        f"(PORT and TOKEN are given when it starts; see {DOC})",
+    ]
+    return "\n".join(lines)
 
 
 def _signal_note(code: int) -> str:

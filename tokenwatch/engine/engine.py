@@ -56,6 +56,8 @@ log = logging.getLogger("tokenwatch.engine")
 RECENT_CALL_IDS: Final = 200_000
 """Call ids remembered to count a call reported twice (SDK and proxy, resend) only once."""
 EXIT_POLL_INTERVAL: Final = 0.5
+NEVER_RAN = frozenset({126, 127})
+"""Exit codes that say the command could not be run at all (not executable, not found)."""
 STORE_RETRY_MAX: Final = 5.0
 UNNAMED: Final = "unnamed"
 
@@ -805,6 +807,8 @@ class Engine:
             rec.route = ""
         self.budgets.remove_ephemeral(run_budget_name(rec.name))
         self._set_state(rec, AgentState.EXITED)
+        if rec.agent.launched and not rec.requests and code is not None and code not in NEVER_RAN:
+            self.raise_alert(rec.name, _no_calls(rec.name), rule="no-calls")
 
     def attach(self, pid: int, name: str = "") -> AgentRecord:
         """Put a process tokenwatch did not start under supervision."""
@@ -1001,6 +1005,13 @@ class Engine:
                       ts=self._clock())  # fmt: skip
         self._act_nowait(Signal(alert=alert, action=ActionKind.ALERT.value, agent=agent))
         return alert
+
+
+def _no_calls(name: str) -> str:
+    return (
+        f"{name} ended without a single LLM call through tokenwatch: if it called a model, "
+        "the calls went around the proxy (docs/agents.md says what each coding agent needs)"
+    )
 
 
 def _process_name(pid: int) -> str:

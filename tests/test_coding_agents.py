@@ -1,0 +1,177 @@
+"""Known coding agents under `tokenwatch run` with no extra flag: what each is given (`--dry-run`),
+and the real npm packages (Codex, Claude Code) recorded exactly against fake-llm."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.supervisor_fixtures import (
+    ServeProcess,
+    clean_supervisor,
+    tokenwatch_env,
+)
+from tokenwatch.cli.coding_agents import find_agent, plan
+from tokenwatch.client.control import SupervisorClient
+from tokenwatch.demo.fake_exchange import CountedCall
+from tokenwatch.demo.fake_llm import fake_llm_in_thread
+
+AGENTS_BIN = Path(__file__).resolve().parent.parent / ".coding-agents" / "node_modules" / ".bin"
+URLS = {
+    "OPENAI_BASE_URL": "http://127.0.0.1:9/a/T/v1",
+    "ANTHROPIC_BASE_URL": "http://127.0.0.1:9/a/T",
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "at"),
+    [
+        (["codex", "exec", "hi"], 0),
+        (["npx", "-y", "@openai/codex", "exec"], 2),
+        (["env", "A=1", "/usr/local/bin/claude", "-p", "x"], 2),
+        (["python", "codex.py"], None),
+        (["make", "codex"], None),
+    ],
+)
+def test_the_agent_is_found_past_launchers_only(command: list[str], at: int | None) -> None:
+    assert find_agent(command) == at
+
+
+def test_codex_gets_a_provider_of_its_own_on_the_proxy() -> None:
+    setup = plan(["npx", "codex", "exec", "fix it"], URLS)
+    assert setup.agent == "Codex CLI"
+    assert setup.command[:2] == ["npx", "codex"]
+    assert setup.command[-2:] == ["exec", "fix it"]
+    assert 'model_providers.tokenwatch.base_url="http://127.0.0.1:9/a/T/v1"' in setup.command
+    assert 'model_providers.tokenwatch.wire_api="responses"' in setup.command
+
+
+def test_codex_with_a_provider_of_its_own_is_left_alone() -> None:
+    command = ["codex", "-c", "model_provider=ollama", "exec", "x"]
+    setup = plan(command, URLS)
+    assert setup.command == command
+    assert "not tracked" in setup.notes[0]
+
+
+def test_dry_run_shows_what_would_run_and_registers_nothing(tokenwatch_home: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "run", "--dry-run", "--", "codex", "exec", "hi"],
+        capture_output=True, text=True, timeout=60, env=tokenwatch_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "agent:   codex (Codex CLI)"
+    assert "-c 'model_provider=\"tokenwatch\"'" in done.stdout
+    assert not (tokenwatch_home / "run" / "tokenwatch.sock").exists(), "no supervisor started"
+
+
+# -- the real packages ---------------------------------------------------------------------
+
+
+def agent_program(name: str) -> str:
+    program = AGENTS_BIN / name
+    if not program.exists():
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed: the real coding agents cannot be installed")
+        pytest.fail(f"{program} is missing: run `make .coding-agents/.installed` (needs npm)")
+    return str(program)
+
+
+@pytest.fixture(scope="module")
+def supervisor() -> Iterator[ServeProcess]:
+    yield from clean_supervisor("twa-")
+
+
+def run_agent(
+    sp: ServeProcess, home: Path, name: str, command: list[str], **env: str
+) -> subprocess.CompletedProcess[str]:
+    agent_env = {
+        **sp.env, "HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+        "CLAUDE_CONFIG_DIR": str(home / ".claude"), "XDG_CONFIG_HOME": str(home / ".config"),
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", **env,
+    }  # fmt: skip
+    (home / ".codex").mkdir()
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "run", "--name", name, "--", *command],
+        capture_output=True, text=True, timeout=180, env=agent_env, cwd=home,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def recorded(sp: ServeProcess, name: str) -> list[dict[str, Any]]:
+    async def fetch() -> Any:
+        async with await SupervisorClient.connect(sp.paths, start=False) as client:
+            return await client.request("history", agent=name)
+
+    calls: list[dict[str, Any]] = anyio.run(fetch)["calls"]
+    return sorted(calls, key=lambda c: c["ts"])
+
+
+def assert_recorded_exactly(sp: ServeProcess, name: str, served: list[CountedCall]) -> None:
+    calls = recorded(sp, name)
+    assert served, "the agent made no call"
+    assert len(calls) == len(served)
+    for call, bill in zip(calls, served, strict=True):
+        assert (call["input_tokens"], call["output_tokens"], call["cache_read_tokens"]) == (
+            bill.input_tokens, bill.output_tokens, bill.cache_read_tokens,
+        )  # fmt: skip
+        assert call["model"] == bill.model
+        assert not call["estimated"]
+
+
+@pytest.mark.slow
+def test_codex_exec_is_recorded_exactly_with_no_extra_flag(
+    supervisor: ServeProcess, short_tmp: Path
+) -> None:
+    codex = agent_program("codex")
+    with fake_llm_in_thread() as fake:
+        done = run_agent(
+            supervisor, short_tmp, "codex-exec",
+            [codex, "exec", "--skip-git-repo-check", "-m", "gpt-4o-mini", "say hi"],
+            OPENAI_BASE_URL=fake.url + "/v1", OPENAI_API_KEY="sk-test-not-a-secret",
+        )  # fmt: skip
+        served = list(fake.calls)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_recorded_exactly(supervisor, "codex-exec", served)
+    total = sum(c.input_tokens + c.output_tokens for c in served)
+    assert f"codex-exec exited 0 · {total:,} tokens" in done.stderr
+
+
+@pytest.mark.slow
+def test_claude_code_print_mode_is_recorded_exactly_with_no_extra_flag(
+    supervisor: ServeProcess, short_tmp: Path
+) -> None:
+    claude = agent_program("claude")
+    with fake_llm_in_thread() as fake:
+        done = run_agent(
+            supervisor, short_tmp, "claude-p",
+            [claude, "-p", "--model", "claude-haiku-4-5", "say hi"],
+            ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="sk-ant-test-not-a-secret",
+        )  # fmt: skip
+        served = list(fake.calls)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_recorded_exactly(supervisor, "claude-p", served)
+
+
+@pytest.mark.slow
+def test_an_agent_that_makes_no_call_through_tokenwatch_is_told_and_alerted(
+    supervisor: ServeProcess, short_tmp: Path
+) -> None:
+    done = run_agent(supervisor, short_tmp, "quiet-one", ["sh", "-c", "exit 0"])
+    assert "no LLM call went through tokenwatch (if it made any: docs/agents.md)" in done.stderr
+
+    async def alerts() -> Any:
+        async with await SupervisorClient.connect(supervisor.paths, start=False) as client:
+            return await client.request("alerts")
+
+    deadline = time.monotonic() + 60
+    while ("quiet-one", "no-calls") not in [(a["agent"], a["rule"]) for a in anyio.run(alerts)]:
+        assert time.monotonic() < deadline, anyio.run(alerts)
+        time.sleep(0.1)
