@@ -26,6 +26,16 @@ def socket_path_problem(path: Path) -> str | None:
     )
 
 
+def agent_logs(source: str, env: dict[str, str] | None = None) -> Path:
+    """Where a coding agent keeps its session logs: Claude Code's projects (under
+    CLAUDE_CONFIG_DIR, else ~/.claude), Codex's sessions (under CODEX_HOME, else ~/.codex)."""
+    env = dict(os.environ) if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    if source == "claude-code":
+        return Path(env.get("CLAUDE_CONFIG_DIR") or home / ".claude") / "projects"
+    return Path(env.get("CODEX_HOME") or home / ".codex") / "sessions"
+
+
 @dataclass(frozen=True, slots=True)
 class Paths:
     """Where tokenwatch keeps its files; build one with `Paths.discover()`."""

@@ -50,7 +50,18 @@ def _register_import(subparsers: Any) -> None:
             "command-line mistake."
         ),
     )
-    p.add_argument("file", metavar="FILE", help="JSON-lines file; '-' reads stdin")
+    p.add_argument("file", metavar="FILE", nargs="?", help="JSON-lines file; '-' reads stdin")
+    p.add_argument(
+        "--from",
+        dest="agent_logs",
+        choices=("claude-code", "codex"),
+        help="instead of FILE: a coding agent's session logs (~/.claude/projects, "
+        "~/.codex/sessions; see docs/agents.md), each call once however often it is logged",
+    )
+    p.add_argument("--path", metavar="DIR", help="with --from: where its logs are")
+    p.add_argument(
+        "--since", help="with --from: calls from then on (1h, 7d, today, 2026-11-01; default all)"
+    )
     p.add_argument(
         "--no-price",
         action="store_true",
@@ -185,6 +196,12 @@ def run_import(args: argparse.Namespace) -> int:
     cfg = _config()
     tz = _zone(cfg)
     table = None if args.no_price else _price_table(cfg)
+    if (args.file is None) == (args.agent_logs is None):
+        raise CliError("import: give FILE or --from AGENT (one of them)", 2)
+    if args.agent_logs is not None:
+        summary = anyio.run(_import_logs, args, tz, table, _db_path())
+        print(summary.line(), file=sys.stderr)
+        return 0
     source = _open_input(args.file)
     interrupt = Interrupt()
     previous = interrupt.install()
@@ -304,6 +321,36 @@ async def _import(
     hidden = len(summary.errors) - MAX_ERRORS_SHOWN
     if hidden > 0:
         print(f"tokenwatch: ... and {hidden} more bad lines", file=sys.stderr)
+    return summary
+
+
+async def _import_logs(
+    args: argparse.Namespace, tz: datetime.tzinfo, table: PriceTable | None, db: Path
+) -> ImportSummary:
+    from tokenwatch.core.periods import parse_start
+    from tokenwatch.core.quantities import QuantityError
+    from tokenwatch.ledger.session_logs import events
+    from tokenwatch.ledger.store import StoreUnavailable
+    from tokenwatch.paths import agent_logs
+
+    try:
+        since = parse_start(args.since, tz=tz) if args.since else 0.0
+    except QuantityError as exc:
+        raise CliError(f"--since: {exc}", 2) from None
+    root = Path(args.path) if args.path else agent_logs(args.agent_logs)
+    if not root.is_dir():
+        raise CliError(f"no {args.agent_logs} logs in {root} (not a directory; see --path)")
+    found = events(args.agent_logs, root, since)
+    summary = ImportSummary()
+    for event in found:
+        _price(event, table, summary)
+    store = await _open_store(db)
+    try:
+        await _store_batch(store, found, summary, Interrupt())
+    except StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        await store.aclose()
     return summary
 
 
