@@ -3,6 +3,8 @@ and the real npm packages (Codex, Claude Code) recorded exactly against fake-llm
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import subprocess
 import sys
@@ -89,18 +91,22 @@ def supervisor() -> Iterator[ServeProcess]:
     yield from clean_supervisor("twa-")
 
 
-def run_agent(
-    sp: ServeProcess, home: Path, name: str, command: list[str], **env: str
-) -> subprocess.CompletedProcess[str]:
-    agent_env = {
+def agent_env(sp: ServeProcess, home: Path, **env: str) -> dict[str, str]:
+    """The supervisor's environment with the agent's config, sessions and logs in `home`."""
+    (home / ".codex").mkdir(exist_ok=True)
+    return {
         **sp.env, "HOME": str(home), "CODEX_HOME": str(home / ".codex"),
         "CLAUDE_CONFIG_DIR": str(home / ".claude"), "XDG_CONFIG_HOME": str(home / ".config"),
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", **env,
     }  # fmt: skip
-    (home / ".codex").mkdir()
+
+
+def run_agent(
+    sp: ServeProcess, home: Path, name: str, command: list[str], **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tokenwatch", "run", "--name", name, "--", *command],
-        capture_output=True, text=True, timeout=180, env=agent_env, cwd=home,
+        capture_output=True, text=True, timeout=180, env=agent_env(sp, home, **env), cwd=home,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -115,8 +121,10 @@ def recorded(sp: ServeProcess, name: str) -> list[dict[str, Any]]:
 
 
 def assert_recorded_exactly(sp: ServeProcess, name: str, served: list[CountedCall]) -> None:
-    calls = recorded(sp, name)
     assert served, "the agent made no call"
+    deadline = time.monotonic() + 60
+    while len(calls := recorded(sp, name)) < len(served) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the ledger commits a moment after the call is counted
     assert len(calls) == len(served)
     for call, bill in zip(calls, served, strict=True):
         assert (call["input_tokens"], call["output_tokens"], call["cache_read_tokens"]) == (
@@ -175,3 +183,74 @@ def test_an_agent_that_makes_no_call_through_tokenwatch_is_told_and_alerted(
     while ("quiet-one", "no-calls") not in [(a["agent"], a["rule"]) for a in anyio.run(alerts)]:
         assert time.monotonic() < deadline, anyio.run(alerts)
         time.sleep(0.1)
+
+
+class Pty:
+    """A program on a pseudo-terminal, answering what a terminal is asked (cursor position,
+    colours, device attributes), so a full-screen agent runs as in a real one."""
+
+    ANSWERS = {
+        b"\x1b[6n": b"\x1b[1;1R",
+        b"\x1b]10;?": b"\x1b]10;rgb:ffff/ffff/ffff\x1b\\",
+        b"\x1b]11;?": b"\x1b]11;rgb:0000/0000/0000\x1b\\",
+        b"\x1b[c": b"\x1b[?62;c",
+    }
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+        )
+        os.close(slave)
+        self.seen = b""
+
+    def wait_for(self, text: bytes, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            assert time.monotonic() < deadline, f"{text!r} never showed: {self.seen[-2000:]!r}"
+            if select.select([self.master], [], [], 0.5)[0]:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:
+                    raise AssertionError(f"the terminal closed: {self.seen[-2000:]!r}") from None
+                self.seen += data
+                for ask, answer in self.ANSWERS.items():
+                    for _ in range(data.count(ask)):
+                        os.write(self.master, answer)
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(120)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            os.close(self.master)
+
+
+@pytest.mark.slow
+def test_codex_interactive_is_recorded_exactly_with_no_extra_flag(
+    supervisor: ServeProcess, short_tmp: Path
+) -> None:
+    codex = agent_program("codex")
+    with fake_llm_in_thread() as fake:
+        env = agent_env(
+            supervisor, short_tmp, TERM="xterm-256color", OPENAI_BASE_URL=fake.url + "/v1",
+            OPENAI_API_KEY="sk-test-not-a-secret",
+        )  # fmt: skip
+        argv = [sys.executable, "-m", "tokenwatch", "run", "--name", "codex-tui", "--"]
+        term = Pty([*argv, codex, "-m", "gpt-4o-mini", "say hi"], env, short_tmp)
+        try:
+            term.wait_for(b"Worked for")
+            os.write(term.master, b"\x03")  # Ctrl-C at an idle prompt quits
+            term.wait_for(b"tokenwatch: codex-tui exited 0")
+        finally:
+            code = term.close()
+        served = list(fake.calls)
+    assert code == 0, term.seen[-2000:]
+    assert_recorded_exactly(supervisor, "codex-tui", served)
