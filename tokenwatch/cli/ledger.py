@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
 def _register_import(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "import",
-        help="store usage events from a JSON-lines file (or stdin)",
+        help="store usage events from a JSON-lines file (or stdin), or a coding agent's logs",
         description=(
             "Read usage events, one JSON object per line, in the shape `tokenwatch export` "
             "writes (field names of the usage event: ts, agent, model, input_tokens, "
