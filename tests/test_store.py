@@ -64,6 +64,10 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         estimated=True,
         call_id="call-1",
         prompt_shape="shape",
+        requested_model="claude-opus-4-1",
+        lever="switch+trim",
+        saved_tokens=900,
+        saved_usd=0.02,
     )
     defaults = UsageEvent(ts=original.ts)
     unset = [f for f in UsageEvent.field_names() if getattr(original, f) == getattr(defaults, f)]

@@ -272,6 +272,72 @@ class ExportSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = False
+    """Answer an identical request from a local store instead of the upstream (docs/optimize.md)."""
+    agents: str = "*"
+    """Glob of agent names whose calls are cached."""
+    shared: bool = False
+    """Share entries between the user's agents (same key and upstream); default: each agent its own."""
+    ttl: Annotated[float, Range(0, YEAR, above=True)] = 3600.0
+    """Seconds an answer is served again after it was stored."""
+    any_temperature: bool = False
+    """Also cache sampled answers (temperature absent or above 0); default: only temperature 0."""
+    max_bytes: Annotated[int, Range(1 << 20, 1 << 40)] = 64 << 20
+    """Size bound of the store on disk (1 MiB to 1 TiB); the oldest entries go first beyond it."""
+    max_entry_bytes: Annotated[int, Range(1024, 1 << 32)] = 4 << 20
+    """Largest answer stored (1 KiB to 4 GiB); bigger ones are relayed but not kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchSettings:
+    budget: str = ""
+    """Name of the budget whose use turns the switch on."""
+    at: Annotated[float, Range(0, 1000, above=True)] = 80.0
+    """Percent of that budget used from which calls are switched."""
+    agents: str = "*"
+    """Glob of agent names whose calls are switched."""
+    model: str = "*"
+    """Glob of the requested models that are switched (`gpt-4o`)."""
+    to: str = ""
+    """The model served instead (`gpt-4o-mini`): same provider and wire."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrimSettings:
+    enabled: bool = False
+    """Drop a conversation's oldest turns once a budget is nearly used (docs/optimize.md)."""
+    budget: str = ""
+    """Name of the budget whose use turns trimming on; empty trims from the first call."""
+    at: Annotated[float, Range(0, 1000)] = 80.0
+    """Percent of that budget used from which prompts are trimmed."""
+    agents: str = "*"
+    """Glob of agent names whose prompts are trimmed."""
+    keep_turns: Annotated[int, Range(1, 10_000)] = 6
+    """Latest turns kept (1 to 10000); the system prompt is always kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHealthSettings:
+    enabled: bool = True
+    """Alert when calls re-send a long prompt prefix the provider did not serve from its cache."""
+    min_prefix_tokens: Annotated[int, Range(1, 10_000_000)] = 4096
+    """Shortest re-sent prefix (tokens) that counts."""
+    repeats: Annotated[int, Range(1, 10_000)] = 3
+    """Uncached re-sends within the window that raise the alert."""
+    window: Annotated[float, Range(0, DAY, above=True)] = 600.0
+    """Seconds a prefix is remembered and re-sends are counted over."""
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeSettings:
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    switch: list[SwitchSettings] = field(default_factory=list)
+    trim: TrimSettings = field(default_factory=TrimSettings)
+    cache_health: CacheHealthSettings = field(default_factory=CacheHealthSettings)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole of tokenwatch.toml (plus tokenwatch's overlay), typed."""
 
@@ -283,6 +349,7 @@ class Config:
     agents: dict[str, AgentSettings] = field(default_factory=dict)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     source: str = ""
     """The file this was read from (empty for built-in defaults)."""
     overlay: str = ""
@@ -475,6 +542,10 @@ def _check_usable(cfg: Config) -> None:
         PriceTable.load(cfg.prices)
     except PriceError as exc:
         raise ConfigError(f"{cfg.source}: {exc}") from None
+    for i, switch in enumerate(cfg.optimize.switch):
+        if not switch.budget or not switch.to:
+            where = f"{cfg.source}: optimize.switch[{i}]"
+            raise ConfigError(f"{where}: needs a budget and a model to switch to (`to`)")
     try:
         Budgets(cfg.budget, tz=cfg.supervisor.timezone)
         Rules(cfg.rule or DEFAULT_RULES)

@@ -60,6 +60,12 @@ class Paths:
         return self.state_dir / DB_NAME
 
     @property
+    def response_cache(self) -> Path:
+        """The proxy's response cache (`[optimize.cache]`), beside the ledger: answers are
+        private to this user, like the ledger (0600 in a 0700 directory)."""
+        return self.state_dir / "response-cache.db"
+
+    @property
     def socket(self) -> Path:
         return self.runtime_dir / SOCKET_NAME
 

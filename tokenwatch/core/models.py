@@ -92,6 +92,14 @@ class UsageEvent(Plain):
     """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
     prompt_shape: str = ""
     """Hash of the prompt with numbers, ids and times masked: near-duplicate prompts share it."""
+    requested_model: str = ""
+    """The model the agent asked for, when tokenwatch served another (`model`; a model switch)."""
+    lever: str = ""
+    """What tokenwatch did to spend less on this call: `cache`, `switch`, `trim` (joined by `+`)."""
+    saved_tokens: int = 0
+    """Tokens not billed thanks to the lever (a cache hit: the whole call; trimming: the cut)."""
+    saved_usd: float | None = None
+    """Dollars the lever saved, at the prices of the time; None when it saved nothing or unpriced."""
 
     @property
     def total_tokens(self) -> int:

@@ -36,6 +36,10 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "estimated",
     "call_id",
     "prompt_shape",
+    "requested_model",
+    "lever",
+    "saved_tokens",
+    "saved_usd",
 )
 
 # The dimensions a rollup row is keyed by (besides its time bucket); every filter must be one.
@@ -219,10 +223,25 @@ def _v3_prompt_shape(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE events ADD COLUMN prompt_shape TEXT NOT NULL DEFAULT ''")
 
 
+def _v4_savings(db: sqlite3.Connection) -> None:
+    """What the optimisation levers did: the model asked for, the lever, what it saved."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE events ADD COLUMN requested_model TEXT NOT NULL DEFAULT '';
+        ALTER TABLE events ADD COLUMN lever TEXT NOT NULL DEFAULT '';
+        ALTER TABLE events ADD COLUMN saved_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE events ADD COLUMN saved_usd REAL;
+        CREATE INDEX events_lever_ts ON events (ts) WHERE lever != ''
+        """,
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_events,
     _v2_dedup_rollups_and_supervision,
     _v3_prompt_shape,
+    _v4_savings,
 )
 """MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
 
