@@ -87,9 +87,7 @@ class ResponseCache:
     """Keys and sizes in memory (a dict lookup on the miss path); answers on disk. Writes go
     through one task, a batch at a time in a worker thread, so the loop never waits on SQLite."""
 
-    def __init__(
-        self, path: Path, settings: CacheSettings, clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, path: Path, settings: CacheSettings, clock: Callable[[], float]) -> None:
         self.path = path
         self.settings = settings
         self._clock = clock
@@ -103,7 +101,9 @@ class ResponseCache:
 
     # -- lifetime --------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Open the file, then write what is put until cancelled (and what is left, then)."""
         await self._thread(self._open)
         task_status.started()
@@ -222,11 +222,16 @@ class ResponseCache:
 
     async def _write_pending(self) -> None:
         batch, self._pending = self._pending, []
-        if batch:
-            try:
-                await self._thread(self._write, batch)
-            except sqlite3.Error as exc:
-                log.warning("could not write the response cache %s: %s", self.path, exc)
+        if not batch:
+            return
+        try:
+            await self._thread(self._write, batch)
+        except sqlite3.Error as exc:
+            log.warning("could not write the response cache %s: %s", self.path, exc)
+        except BaseException:
+            # cancelled before the thread took it (stopping): the shielded final write does it
+            self._pending[:0] = batch
+            raise
 
     def _write(self, batch: list[tuple[bytes, float, CachedAnswer | None]]) -> None:
         db = self._db

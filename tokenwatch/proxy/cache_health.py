@@ -76,6 +76,11 @@ class CacheHealth:
         self._clock = clock
         self._agents: dict[str, _AgentPrefixes] = {}
 
+    def observe_call(self, event: UsageEvent, doc: dict[str, Any], prompt_tokens: int) -> None:
+        """`observe` for a settled call whose prompt is long enough to matter."""
+        if event.status == "ok" and prompt_tokens >= self.settings.min_prefix_tokens:
+            self.observe(event, doc)
+
     def observe(self, event: UsageEvent, doc: dict[str, Any]) -> None:
         """One call's prompt and what the provider read from its cache."""
         parts = prompt_parts(doc)
@@ -103,7 +108,10 @@ class CacheHealth:
     def _resend(self, event: UsageEvent, tokens: int, now: float) -> _Resend:
         cold = UsageEvent(model=event.model, provider=event.provider, input_tokens=tokens)
         warm = UsageEvent(
-            model=event.model, provider=event.provider, input_tokens=tokens, cache_read_tokens=tokens
+            model=event.model,
+            provider=event.provider,
+            input_tokens=tokens,
+            cache_read_tokens=tokens,
         )
         return _Resend(now, tokens, self._price(cold) or 0.0, self._price(warm) or 0.0)
 

@@ -19,7 +19,8 @@ from tokenwatch.core.admission import Admission, CallRequest, Gate
 from tokenwatch.core.models import Source, Status, UsageEvent
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
-from tokenwatch.proxy.errors import JSON, ErrorReply, error_body, error_reply
+from tokenwatch.proxy.cache import HIT_HEADER
+from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
     ClientGone,
@@ -30,6 +31,7 @@ from tokenwatch.proxy.http import (
     RequestTooSlow,
     relayable,
 )
+from tokenwatch.proxy.levers import Levers, Prepared
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
     OPENAI,
@@ -42,7 +44,7 @@ from tokenwatch.proxy.routes import (
     split_path,
     upstream_url,
 )
-from tokenwatch.proxy.sse import SseSplitter
+from tokenwatch.proxy.sse import SseSplitter, is_sse, without_null_usage
 from tokenwatch.proxy.upstream import (
     UpstreamClient,
     UpstreamCut,
@@ -50,7 +52,14 @@ from tokenwatch.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt, json_object
+from tokenwatch.proxy.usage import (
+    CallFacts,
+    Reader,
+    Usage,
+    count_prompt,
+    fill_event,
+    json_object,
+)
 
 __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 
@@ -96,6 +105,13 @@ class _Call:
     event: UsageEvent
     reader: Reader
     strip_usage: bool = False
+    doc: dict[str, Any] | None = None
+    plan: Prepared | None = None
+    """What the levers did to the request (None when none could)."""
+    trimmed_tokens: int = 0
+    capture: list[bytes] | None = None
+    """The answer's bytes as the agent got them, kept for the response cache."""
+    answer_headers: Headers | None = None
     started: float = 0.0
     first_byte: float | None = None
     ended: float | None = None
@@ -112,13 +128,15 @@ class ProxyServer:
         settings: ProxySettings,
         *,
         clock: Callable[[], float] = time.time,
+        levers: Levers | None = None,
     ) -> None:
         self._gate = gate
+        self._levers = levers or Levers(clock=clock)
         self._routes = routes
         self._settings = settings
         self._clock = clock
         self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
-        self._http = HttpServer(self._handle, self._limits, _protocol_error_page)
+        self._http = HttpServer(self._handle, self._limits, protocol_error_page)
         self._client: UpstreamClient | None = None
         self._settles: set[asyncio.Task[None]] = set()
         self._host = settings.host
@@ -137,6 +155,7 @@ class ProxyServer:
         try:
             async with UpstreamClient(*timeouts) as client, anyio.create_task_group() as tg:
                 self._client = client
+                await tg.start(self._levers.run, name="proxy levers")
                 self.port = await tg.start(self._http.serve, hosts, self._settings.port)
                 task_status.started(self.port)
         finally:
@@ -199,17 +218,24 @@ class ProxyServer:
         facts = _read_request(target, doc)
         if req.method != "POST" or not facts.metered:
             return await self._pass_through(req, target, route, body, facts.model)
+        plan = None
+        if self._levers.rewrites and doc is not None:
+            plan = await self._prepare(req, target, route, body, doc, facts)
+            body, doc, facts = plan.body, plan.doc, plan.facts
         prompt = await count_prompt(facts, len(body))
         admission = await self._admit(req, target, route, facts, prompt)
         if admission is None:
             return
         call = self._new_call(req, target, route, facts, prompt, admission)
+        call.doc, call.plan = doc, plan
+        if plan is not None:
+            await self._planned(call, plan, prompt)
         if not admission.allowed:
             self._refused += 1
             call.event.status = Status.DENIED.value
             call.event.http_status = admission.status
             self._settle_soon(admission, call.event)
-            return await self._refuse(req, _refusal(target.provider, admission))
+            return await self._refuse(req, refusal(target.provider, admission))
         if req.client_gone:
             # hung up while held: nothing is sent, the reservation is given back by settling
             call.event.status = Status.CANCELLED.value
@@ -217,7 +243,10 @@ class ProxyServer:
             return None
         self._in_flight += 1
         try:
-            await self._forward(req, call, body, doc)
+            if plan is not None and plan.hit is not None:
+                await self._replay(req, call, plan)
+            else:
+                await self._forward(req, call, body, doc)
         except BaseException:
             # stopped from outside (shutdown): recorded as cancelled, estimated like a hang-up
             call.event.status = Status.CANCELLED.value
@@ -226,6 +255,43 @@ class ProxyServer:
             self._in_flight -= 1
             call.ended = _now()
             self._settle_soon(admission, call.event, call)
+
+    async def _prepare(
+        self,
+        req: Incoming,
+        target: Target,
+        route: AgentRoute,
+        body: bytes,
+        doc: dict[str, Any],
+        facts: CallFacts,
+    ) -> Prepared:
+        url = upstream_url(self._settings, route, target, facts.model, req.query)
+        scope = (route.user, target.provider, target.endpoint, url)
+        return await self._levers.prepare(
+            route.agent, scope, req.headers, body, doc, facts, lambda d: _read_request(target, d)
+        )
+
+    async def _planned(self, call: _Call, plan: Prepared, prompt: TokenCount) -> None:
+        """Note what trimming cut (the prompt counted before and after) and whether the answer
+        is to be kept for the cache."""
+        if plan.trimmed is not None:
+            before = await count_prompt(plan.trimmed, len(plan.body))
+            call.trimmed_tokens = max(0, before.tokens - prompt.tokens)
+        if plan.cache_key is not None and plan.hit is None:
+            call.capture = []
+
+    async def _replay(self, req: Incoming, call: _Call, plan: Prepared) -> None:
+        """Answer from the cache, byte for byte what the first agent received."""
+        assert plan.hit is not None
+        call.started = _now()
+        call.event.http_status = plan.hit.status
+        try:
+            await req.respond(
+                plan.hit.status, [*plan.hit.headers, (HIT_HEADER, "hit")], plan.hit.body
+            )
+        except ClientGone:
+            call.event.status = Status.CANCELLED.value
+        call.first_byte = _now()
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -316,9 +382,9 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
-            answer = relayable(upstream.headers)
+            answer = call.answer_headers = relayable(upstream.headers)
             length = upstream.content_length
-            sse = _is_sse(answer)
+            sse = is_sse(answer)
             if length is not None and length <= MAX_CAPTURE_BYTES and not sse:
                 return await self._relay_whole(req, call, upstream, answer)
             length = None if call.strip_usage else length
@@ -339,6 +405,8 @@ class ProxyServer:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
         body = await upstream.read(lambda: self._first_byte(call))
+        if call.capture is not None:
+            call.capture.append(body)
         try:
             await req.respond(upstream.status, headers, body)
         finally:
@@ -356,6 +424,8 @@ class ProxyServer:
                 kept.append(chunk)
         if size <= MAX_CAPTURE_BYTES:
             call.reader.read_json(b"".join(kept))
+            if call.capture is not None:
+                call.capture.extend(kept)
 
     async def _relay_stream(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         splitter = SseSplitter()
@@ -366,9 +436,14 @@ class ProxyServer:
                 # whole events only, so the usage chunk the client did not ask for can be left out
                 out = b"".join(e.raw for e in splitter.feed(chunk) if read(e))
                 if out:
-                    await req.write(_without_null_usage(out))
+                    out = without_null_usage(out)
+                    await req.write(out)
+                    if call.capture is not None:
+                        call.capture.append(out)
                 continue
             await req.write(chunk)  # relay first: parsing must not delay the agent's tokens
+            if call.capture is not None:
+                call.capture.append(chunk)
             for event in splitter.feed(chunk):
                 read(event)
         rest = splitter.rest()
@@ -400,10 +475,19 @@ class ProxyServer:
 
     async def _finish_event(self, call: _Call) -> None:
         """Fill in timing and usage: the upstream's figures, else a local count marked estimated."""
-        event, reader, end = call.event, call.reader, call.ended or _now()
+        event, end = call.event, call.ended or _now()
         event.latency_ms = (end - call.started) * 1000
         if call.first_byte is not None:
             event.ttft_ms = (call.first_byte - call.started) * 1000
+        plan = call.plan
+        if plan is not None and plan.hit is not None:
+            return self._levers.hit_event(event, plan.hit)
+        await self._read_usage(call)
+        if plan is not None and plan.lever:
+            self._levers.account(event, plan, call.trimmed_tokens)
+
+    async def _read_usage(self, call: _Call) -> None:
+        event, reader = call.event, call.reader
         failed = event.http_status is None or event.http_status >= 400
         if failed:
             # an upstream error costs nothing unless its body says it was billed
@@ -411,9 +495,9 @@ class ProxyServer:
                 event.status = Status.ERROR.value
                 self._errors += 1
             if reader.usage is not None:
-                _fill(event, reader.usage)
+                fill_event(event, reader.usage)
         elif reader.usage is not None and reader.complete:
-            _fill(event, reader.usage)
+            fill_event(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
 
@@ -421,7 +505,7 @@ class ProxyServer:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
         output = await tokens.count_text_async(call.reader.output_text(), call.facts.model)
-        _fill(call.event, known)
+        fill_event(call.event, known)
         call.event.input_tokens = known.input_tokens or call.prompt.tokens
         call.event.output_tokens = max(known.output_tokens, output.tokens)
         call.event.estimated = True
@@ -474,6 +558,7 @@ class ProxyServer:
     async def _settle(self, admission: Admission, event: UsageEvent, call: _Call | None) -> None:
         if call is not None:
             await self._finish_quietly(call)
+            self._after(call)
         try:
             await self._gate.settle(admission, event)
         except Exception as exc:
@@ -485,6 +570,15 @@ class ProxyServer:
             )
         finally:
             self._settling -= 1
+
+    def _after(self, call: _Call) -> None:
+        """What the levers learn from a finished call: its answer, its prompt's cache use."""
+        plan, answer = call.plan, call.answer_headers
+        if plan is not None and plan.cache_key and call.capture is not None and answer is not None:
+            self._levers.keep(plan.cache_key, call.event, answer, b"".join(call.capture))
+        health = self._levers.health
+        if health is not None and call.doc is not None:
+            health.observe_call(call.event, call.doc, call.prompt.tokens)
 
 
 def _now() -> float:
@@ -502,40 +596,3 @@ def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
     if target.provider == ANTHROPIC:
         return anthropic_usage.read_request(target.endpoint, doc)
     return openai_usage.read_request(target.endpoint, doc)
-
-
-def _without_null_usage(events: bytes) -> bytes:
-    """Chunks as the client would have had them without the usage we asked for: OpenAI adds
-    `"usage":null` to every chunk once asked (inside a JSON string the quotes would be escaped,
-    so this never touches content)."""
-    return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
-
-
-def _is_sse(headers: Headers) -> bool:
-    for name, value in headers:
-        if name.lower() == "content-type":
-            return value.lower().startswith("text/event-stream")
-    return False
-
-
-def _fill(event: UsageEvent, usage: Usage) -> None:
-    event.input_tokens = usage.input_tokens
-    event.output_tokens = usage.output_tokens
-    event.cache_read_tokens = usage.cache_read_tokens
-    event.cache_write_tokens = usage.cache_write_tokens
-    event.reasoning_tokens = usage.reasoning_tokens
-
-
-def _refusal(provider: str, admission: Admission) -> ErrorReply:
-    status = admission.status if admission.status >= 400 else 429
-    message = admission.message or "refused by tokenwatch"
-    code = "budget_exceeded" if admission.budget else "tokenwatch_refused"
-    # without a retry-after, waiting will not help: tell the SDK not to retry on its own
-    retry = None if admission.retry_after is not None else False
-    return error_reply(
-        provider, status, message, code=code, retry_after=admission.retry_after, retry=retry
-    )
-
-
-def _protocol_error_page(status: int, message: str) -> tuple[bytes, str]:
-    return error_body(OPENAI, status, message), JSON

@@ -71,3 +71,17 @@ def parse_event(raw: bytes) -> SseEvent:
         elif field == b"event":
             name = value.decode("utf-8", "replace")
     return SseEvent(raw, name, b"\n".join(data))
+
+
+def without_null_usage(events: bytes) -> bytes:
+    """Chunks as the client would have had them without the usage we asked for: OpenAI adds
+    `"usage":null` to every chunk once asked (inside a JSON string the quotes would be escaped,
+    so this never touches content)."""
+    return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
+
+
+def is_sse(headers: list[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.lower().startswith("text/event-stream")
+    return False

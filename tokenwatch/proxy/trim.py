@@ -23,7 +23,9 @@ def _is_tool_result(message: Any) -> bool:
 
 
 def _starts_turn(message: Any) -> bool:
-    return isinstance(message, dict) and message.get("role") == "user" and not _is_tool_result(message)
+    return (
+        isinstance(message, dict) and message.get("role") == "user" and not _is_tool_result(message)
+    )
 
 
 def turns(messages: list[Any]) -> list[list[int]]:

@@ -10,6 +10,7 @@ import anyio.to_thread
 import orjson
 
 from tokenwatch.core import tokens
+from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
 
@@ -146,3 +147,11 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
         return await anyio.to_thread.run_sync(measure)
     except (TypeError, ValueError, AttributeError):
         return TokenCount(max(1, body_size // tokens.CHARS_PER_TOKEN), True, "chars/4")
+
+
+def fill_event(event: UsageEvent, usage: Usage) -> None:
+    event.input_tokens = usage.input_tokens
+    event.output_tokens = usage.output_tokens
+    event.cache_read_tokens = usage.cache_read_tokens
+    event.cache_write_tokens = usage.cache_write_tokens
+    event.reasoning_tokens = usage.reasoning_tokens
