@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "supervisor",
     "run",
     "budget",
+    "route",
     "ledger",
     "count",
     "fakellm",

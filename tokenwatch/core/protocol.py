@@ -114,6 +114,13 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "why": (_STR, False),
     },
     "pause_all": {"who": (_STR, False), "why": (_STR, False)},
+    "route": {
+        "agent": (_STR, True),
+        "model": (_STR, False),
+        "only": (_STR, False),
+        "undo": (_BOOL, False),
+        "who": (_STR, False),
+    },
     "set_budget": {"budget": (_DICT, True)},
     "remove_budget": {"name": (_STR, True)},
     "budgets": {},

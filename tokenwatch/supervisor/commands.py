@@ -53,8 +53,11 @@ class Commands:
         info: Callable[[], dict[str, Any]] = dict,
         store: Any = None,
         logs_dir: Path | None = None,
+        switch: Any = None,
     ) -> None:
         self.engine = engine
+        self._switch = switch
+        """The proxy's ModelSwitch (None without a proxy)."""
         self.config = config
         self._store = store
         self._logs_dir = logs_dir
@@ -258,6 +261,35 @@ class Commands:
             msg["agent"], msg["rate"], who=_who(msg), why=msg.get("why", "")
         )
         return action.to_dict()
+
+    async def on_route(self, session: Session, msg: dict[str, Any]) -> Any:
+        """Serve an agent's next calls with another model (`model`), or stop (`undo`); either
+        way the switch in force after it (null for none)."""
+        from tokenwatch.proxy.switch import LiveSwitch
+
+        if self._switch is None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this supervisor runs no proxy")
+        name, who = msg["agent"], _who(msg)
+        rec = self.engine.roster.find(name)
+        if msg.get("undo"):
+            gone = self._switch.undo(rec.name)
+            if gone is not None:
+                self._told(
+                    rec.name, f"{rec.name}'s calls go to the models it asks for again ({who})"
+                )
+        elif msg.get("model"):
+            switch = LiveSwitch(rec.name, msg["model"], msg.get("only") or "*", who)
+            self._switch.set(switch)
+            asked = "" if switch.only == "*" else f" asked of {switch.only}"
+            self._told(rec.name, f"{rec.name}'s calls{asked} now go to {switch.model} ({who})")
+        live = {s.agent: s for s in self._switch.live()}.get(rec.name)
+        return None if live is None else dataclasses.asdict(live)
+
+    def _told(self, agent: str, message: str) -> None:
+        from tokenwatch.core.models import Alert, Severity
+
+        alert = Alert(rule="route", agent=agent, message=message, severity=Severity.INFO.value)
+        self.engine.alert_nowait(alert)
 
     async def on_pause_all(self, session: Session, msg: dict[str, Any]) -> Any:
         actions = await self.engine.pause_all(who=_who(msg), why=msg.get("why", ""))

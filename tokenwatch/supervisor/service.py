@@ -29,11 +29,13 @@ from tokenwatch.paths import Paths
 from tokenwatch.process.processes import Spawner, spawn
 from tokenwatch.supervisor.commands import Commands
 from tokenwatch.supervisor.daemon import instance_lock, remove_pid, write_pid
+from tokenwatch.supervisor.optimize import build_levers
 from tokenwatch.supervisor.reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.supervisor.server import SocketServer
 
 if TYPE_CHECKING:
     from tokenwatch.ledger.store import Store
+    from tokenwatch.proxy.levers import Levers
 
 log = logging.getLogger("tokenwatch.supervisor")
 
@@ -134,6 +136,10 @@ class Supervisor:
         self.proxy_url = ""
         self.metrics_url = ""
         self.recovered: list[str] = []
+        self.levers: Levers | None = None
+
+    def _config_in_use(self) -> Config:
+        return self.commands.config if self.commands is not None else self.config
 
     def request_shutdown(self) -> None:
         self._stop.set()
@@ -171,6 +177,8 @@ class Supervisor:
 
     async def _serve(self, store: Store, task_status: anyio.abc.TaskStatus[Supervisor]) -> None:
         engine = self.engine = self._build_engine(store)
+        if self._with_proxy:
+            self.levers = build_levers(self.paths, self._config_in_use, engine, self._clock)
         commands = self.commands = Commands(
             engine,
             self.config,
@@ -179,6 +187,7 @@ class Supervisor:
             info=self.info,
             store=store,
             logs_dir=self.paths.logs_dir,
+            switch=self.levers.switch if self.levers is not None else None,
         )
         server = self.server = SocketServer(self.paths.socket, commands)
         engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
@@ -214,6 +223,8 @@ class Supervisor:
         old = self.commands.config
         new = await anyio.to_thread.run_sync(self._read_config, old)
         reloaded = apply(self.engine, old, new)
+        if self.levers is not None:
+            self.levers.switch.use_rules(new.optimize.switch)
         self.commands.config = new
         if reloaded.fresh_budgets and self.store is not None:
             await seed_quietly(self.engine, self.store, reloaded.fresh_budgets)
@@ -329,7 +340,11 @@ class Supervisor:
         settings = self.config.proxy
         if not settings.port and saved_port:
             again = ProxyServer(
-                engine, table, replace(settings, port=saved_port), clock=self._clock
+                engine,
+                table,
+                replace(settings, port=saved_port),
+                clock=self._clock,
+                levers=self.levers,
             )
             try:
                 port = await tg.start(again.serve)
@@ -339,7 +354,7 @@ class Supervisor:
                 )
             else:
                 return again, port
-        proxy = ProxyServer(engine, table, settings, clock=self._clock)
+        proxy = ProxyServer(engine, table, settings, clock=self._clock, levers=self.levers)
         return proxy, await tg.start(proxy.serve)
 
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
