@@ -85,6 +85,11 @@ def _register_report(subparsers: Any) -> None:
         help="output format (default table)",
     )
     p.add_argument("--top", type=positive_int, default=None, metavar="N", help="largest N groups")
+    p.add_argument(
+        "--savings",
+        action="store_true",
+        help="what each lever (cache, switch, trim) saved per agent: calls, share, tokens, dollars",
+    )
     for name in FILTERS:
         p.add_argument(
             f"--{name}", default=None, metavar="NAME", help=f"only this {name} (glob allowed)"
@@ -354,6 +359,12 @@ def run_report(args: argparse.Namespace) -> int:
         raise CliError(str(exc), 2) from None
     if until is not None and until <= since:
         raise CliError("--until must be later than --since", 2)
+    if args.savings:
+        from tokenwatch.ledger.savings import render_savings
+
+        fmt = "json" if args.format == "json" else "table"
+        sys.stdout.write(render_savings(anyio.run(_savings, since, until), fmt))
+        return 0
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
     report = anyio.run(_report, args.by, since, until, args.top, tz, filters)
     sys.stdout.write(render(report, args.format))
@@ -375,6 +386,19 @@ async def _report(
     try:
         return await build_report(store, by=by, since=since, until=until, top=top, tz=tz, **filters)
     except StoreUnavailable as exc:  # a damaged ledger can open and fail at the first read
+        raise CliError(str(exc)) from None
+    finally:
+        await store.aclose()
+
+
+async def _savings(since: float, until: float | None) -> list[Any]:
+    from tokenwatch.ledger.savings import savings_rows
+    from tokenwatch.ledger.store import StoreUnavailable
+
+    store = await _open_for_reading(_db_path())
+    try:
+        return savings_rows(await store.savings(since, until))
+    except StoreUnavailable as exc:
         raise CliError(str(exc)) from None
     finally:
         await store.aclose()

@@ -21,6 +21,7 @@ import anyio.to_thread
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
 from tokenwatch.ledger.rollups import day_windows, summary_sql, window_batches
+from tokenwatch.ledger.savings import savings_sql
 from tokenwatch.ledger.schema import (
     EVENT_COLUMNS,
     ROLLUP_DIMS,
@@ -391,6 +392,11 @@ class Store:
         filters: Mapping[str, str],
     ) -> list[tuple[Any, ...]]:
         sql, params = summary_sql(key, windows, filters, self._clock())
+        return [tuple(row) for row in await self._rows(sql, params)]
+
+    async def savings(self, since: float, until: float | None = None) -> list[tuple[Any, ...]]:
+        """(agent, lever, calls, saved tokens, saved USD, the agent's calls) per agent and lever."""
+        sql, params = savings_sql(since, _upper(until))
         return [tuple(row) for row in await self._rows(sql, params)]
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
