@@ -175,6 +175,17 @@ def test_task_and_user_labels_stay_bounded() -> None:
     assert total(found, "tokenwatch_tokens_total", task=OTHER) == 470
 
 
+def test_savings_are_counted_per_agent_and_lever() -> None:
+    exporter = PrometheusExporter(PrometheusSettings(), snapshot)
+    hit = UsageEvent(agent="coder", model="gpt-4o", lever="cache", saved_tokens=900, saved_usd=0.25)
+    for event in (hit, hit, UsageEvent(agent="coder", model="gpt-4o", input_tokens=900)):
+        exporter.observe("usage", event)
+    found = samples(exporter.render().decode())
+    assert total(found, "tokenwatch_saved_usd_total", agent="coder", lever="cache") == 0.5
+    assert total(found, "tokenwatch_lever_requests_total", lever="cache") == 2
+    assert total(found, "tokenwatch_requests_total") == 3
+
+
 def test_label_folder_keeps_first_values() -> None:
     fold = LabelFolder(2)
     assert [fold(v) for v in ["a", "b", "c", "a", "d"]] == ["a", "b", OTHER, "a", OTHER]

@@ -122,6 +122,18 @@ class PrometheusExporter:
         self.alerts = Counter(
             "tokenwatch_alerts", "Alerts raised", ["rule", "severity"], registry=reg
         )
+        self.saved_usd = Counter(
+            "tokenwatch_saved_usd",
+            "USD the optimisation levers saved (cache, switch, trim)",
+            ["agent", "lever"],
+            registry=reg,
+        )
+        self.saved_calls = Counter(
+            "tokenwatch_lever_requests",
+            "Calls a lever touched (cache: answered from the cache)",
+            ["agent", "lever"],
+            registry=reg,
+        )
         reg.register(SnapshotCollector(snapshot))
         self._port = 0
 
@@ -157,6 +169,10 @@ class PrometheusExporter:
             self.unpriced.labels(event.model).inc()
         else:
             self.cost.labels(*labels).inc(event.cost_usd)
+        if event.lever:
+            self.saved_calls.labels(event.agent, event.lever).inc()
+            if event.saved_usd:
+                self.saved_usd.labels(event.agent, event.lever).inc(max(0.0, event.saved_usd))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
