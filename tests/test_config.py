@@ -50,6 +50,10 @@ def test_example_shows_every_setting(repo_root: Path) -> None:
         "alerts": data["alerts"],
         "export.prometheus": data["export"]["prometheus"],
         "export.otlp": data["export"]["otlp"],
+        "optimize.cache": data["optimize"]["cache"],
+        "optimize.trim": data["optimize"]["trim"],
+        "optimize.cache_health": data["optimize"]["cache_health"],
+        "optimize.switch": data["optimize"]["switch"][0],
     }
     sections = {
         "supervisor": cfg.supervisor,
@@ -61,6 +65,10 @@ def test_example_shows_every_setting(repo_root: Path) -> None:
         "alerts": cfg.alerts,
         "export.prometheus": cfg.export.prometheus,
         "export.otlp": cfg.export.otlp,
+        "optimize.cache": cfg.optimize.cache,
+        "optimize.trim": cfg.optimize.trim,
+        "optimize.cache_health": cfg.optimize.cache_health,
+        "optimize.switch": cfg.optimize.switch[0],
     }
     for name, settings in sections.items():
         fields = {f.name for f in dataclasses.fields(settings)}
@@ -100,6 +108,8 @@ def load_error(tmp_path: Path, toml: str) -> str:
         ("[agents.a]\ncommand = 'python x.py'\n", r"agents\.a\.command: expected a list"),
         ("[export.otlp]\nspans = 1\n", r"export\.otlp\.spans: expected true or false, got 1"),
         ("colour = 'red'\n", r"unknown key 'colour'"),
+        ("[optimize.cache]\nttl = 0\n", r"optimize\.cache\.ttl: must be above 0"),
+        ("[[optimize.switch]]\nbudget = 'x'\n", r"optimize\.switch\[0\]: needs a budget and a model"),
         ("[supervisor\n", r"not valid TOML"),
     ],
 )

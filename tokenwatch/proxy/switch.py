@@ -73,11 +73,6 @@ class ModelSwitch:
         self.active = bool(self._live or self._rules)
         return gone
 
-    def use_rules(self, rules: Sequence[SwitchSettings]) -> None:
-        """The config's rules (an edited config)."""
-        self._rules = list(rules)
-        self.active = bool(self._live or self._rules)
-
     def live(self) -> list[LiveSwitch]:
         return sorted(self._live.values(), key=lambda s: s.agent)
 

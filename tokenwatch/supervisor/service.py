@@ -223,8 +223,6 @@ class Supervisor:
         old = self.commands.config
         new = await anyio.to_thread.run_sync(self._read_config, old)
         reloaded = apply(self.engine, old, new)
-        if self.levers is not None:
-            self.levers.switch.use_rules(new.optimize.switch)
         self.commands.config = new
         if reloaded.fresh_budgets and self.store is not None:
             await seed_quietly(self.engine, self.store, reloaded.fresh_budgets)
