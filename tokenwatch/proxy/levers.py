@@ -18,7 +18,7 @@ from tokenwatch.config import OptimizeSettings
 from tokenwatch.core.models import BudgetStatus, UsageEvent
 from tokenwatch.proxy.cache import CachedAnswer, ResponseCache, cache_key, storable_headers
 from tokenwatch.proxy.cache_health import CacheHealth
-from tokenwatch.proxy.switch import BudgetFractions, ModelSwitch
+from tokenwatch.proxy.switch import STATUS_TTL, BudgetFractions, ModelSwitch
 from tokenwatch.proxy.trim import trimmed_request
 from tokenwatch.proxy.usage import CallFacts
 
@@ -63,11 +63,12 @@ class Levers:
         statuses: Callable[[], list[BudgetStatus]] = list,
         alert: Callable[[str, str], None] = lambda agent, message: None,
         clock: Callable[[], float] = time.time,
+        status_ttl: float = STATUS_TTL,
     ) -> None:
         settings = settings or OptimizeSettings()
         self.settings = settings
         self.price = price
-        self.fractions = BudgetFractions(statuses, clock)
+        self.fractions = BudgetFractions(statuses, clock, status_ttl)
         self.switch = ModelSwitch(settings.switch, self.fractions)
         self.cache: ResponseCache | None = None
         if settings.cache.enabled and cache_path is not None:

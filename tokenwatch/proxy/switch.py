@@ -29,17 +29,21 @@ class BudgetFractions:
     """How much of each budget is used (0.0 to 1.0 and beyond), refreshed at most every second."""
 
     def __init__(
-        self, statuses: Callable[[], list[BudgetStatus]], clock: Callable[[], float]
+        self,
+        statuses: Callable[[], list[BudgetStatus]],
+        clock: Callable[[], float],
+        ttl: float = STATUS_TTL,
     ) -> None:
         self._statuses = statuses
         self._clock = clock
+        self._ttl = ttl
         self._rows: list[BudgetStatus] = []
-        self._at = -STATUS_TTL
+        self._at = -float("inf")
 
     def fraction(self, budget: str, agent: str) -> float:
         """The largest use of `budget` among its rows that cover `agent` (0 when none)."""
         now = self._clock()
-        if now - self._at >= STATUS_TTL:
+        if now - self._at >= self._ttl:
             self._rows, self._at = self._statuses(), now
         best = 0.0
         for row in self._rows:
