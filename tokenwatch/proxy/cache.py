@@ -33,6 +33,9 @@ KEY_HEADERS = (
 They go into a hash only; no key is ever written."""
 HIT_HEADER = "x-tokenwatch-cache"
 """Set to `hit` on an answer the proxy served from its cache (so a person can see it)."""
+WRITE_DELAY = 0.05
+"""Seconds new answers wait to be written with the ones that follow (one thread hop and one
+transaction per batch); until then they are answered from the queue."""
 _DROP_HEADERS = frozenset({"set-cookie", "date"})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -110,6 +113,7 @@ class ResponseCache:
         try:
             while True:
                 await self._wake.wait()
+                await anyio.sleep(WRITE_DELAY)  # a batch per hop to the thread, not a call
                 self._wake = anyio.Event()
                 await self._write_pending()
         finally:
@@ -195,6 +199,9 @@ class ResponseCache:
         """The answer kept for `key`, read in a worker thread; None when it is gone."""
         if not self.has(key):
             return None
+        for queued, _, answer in reversed(self._pending):
+            if queued == key:
+                return answer  # None: deleted since
         return await self._thread(self._read, key)  # type: ignore[no-any-return]
 
     def _read(self, key: bytes) -> CachedAnswer | None:
