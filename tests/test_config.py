@@ -109,7 +109,10 @@ def load_error(tmp_path: Path, toml: str) -> str:
         ("[export.otlp]\nspans = 1\n", r"export\.otlp\.spans: expected true or false, got 1"),
         ("colour = 'red'\n", r"unknown key 'colour'"),
         ("[optimize.cache]\nttl = 0\n", r"optimize\.cache\.ttl: must be above 0"),
-        ("[[optimize.switch]]\nbudget = 'x'\n", r"optimize\.switch\[0\]: needs a budget and a model"),
+        (
+            "[[optimize.switch]]\nbudget = 'x'\n",
+            r"optimize\.switch\[0\]: needs a budget and a model",
+        ),
         ("[supervisor\n", r"not valid TOML"),
     ],
 )

@@ -13,10 +13,13 @@ import openai
 import pytest
 
 from tests.proxy_fixtures import API_KEY, ProxyRig, RecordingGate, running_proxy
-from tokenwatch.config import CacheSettings, OptimizeSettings, ProxySettings
+from tests.supervisor_fixtures import running_supervisor, stored
+from tokenwatch.client.control import SupervisorClient
+from tokenwatch.config import CacheSettings, Config, OptimizeSettings, ProxySettings
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.pricing import PriceTable
 from tokenwatch.demo.fake_llm import running_fake_llm
+from tokenwatch.paths import Paths
 from tokenwatch.proxy.cache import CachedAnswer, ResponseCache
 from tokenwatch.proxy.levers import Levers
 from tokenwatch.proxy.server import AgentRoute, ProxyServer, RouteTable
@@ -206,3 +209,26 @@ async def test_the_store_stays_within_its_size_bound(tmp_path: Path) -> None:
         await tg.start(late.run)
         assert len(late) == 0  # expired entries are not served after a restart either
         tg.cancel_scope.cancel()
+
+
+async def test_inside_the_supervisor_a_hit_is_stored_with_its_saving() -> None:
+    """The supervisor keeps the cache beside the ledger, private, and prices the saving."""
+    async with running_fake_llm() as fake:
+        config = Config(
+            proxy=ProxySettings(openai_upstream=fake.url + "/v1"),
+            optimize=OptimizeSettings(cache=CacheSettings(enabled=True)),
+        )
+        paths = Paths.discover()
+        async with running_supervisor(paths, config, proxy=True, exporters=False) as sup:
+            async with await SupervisorClient.connect(socket_path=paths.socket, start=False) as c:
+                url = (await c.request("register", name="coder"))["env"]["OPENAI_BASE_URL"]
+            async with openai.AsyncOpenAI(base_url=url, api_key=API_KEY, max_retries=0) as client:
+                await chat(client)
+                await chat(client)
+            first, hit = await stored(sup, "coder", 2)
+    assert (first.lever, hit.lever) == ("", "cache")
+    assert hit.cost_usd == 0
+    assert hit.saved_usd == pytest.approx(first.cost_usd)
+    assert len(fake.calls) == 1
+    assert paths.response_cache.parent == paths.db.parent
+    assert paths.response_cache.stat().st_mode & 0o777 == 0o600
