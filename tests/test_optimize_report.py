@@ -47,6 +47,12 @@ def test_savings_json(savings: None, capsys: pytest.CaptureFixture[str]) -> None
     assert rows["cache", "coder"]["saved_usd"] == pytest.approx(0.0064)
 
 
+def test_savings_as_csv_is_one_line_refusal(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "report", "--savings", "--format", "csv")
+    assert (code, out) == (2, "")
+    assert err == "tokenwatch: report --savings prints a table or JSON (--format table|json)\n"
+
+
 def test_no_savings_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     seed([UsageEvent(ts=time.time() - 5, agent="coder", input_tokens=1)])
     code, out, _ = run(capsys, "report", "--savings")

@@ -88,7 +88,8 @@ def _register_report(subparsers: Any) -> None:
     p.add_argument(
         "--savings",
         action="store_true",
-        help="what each lever (cache, switch, trim) saved per agent: calls, share, tokens, dollars",
+        help="what each lever (cache, switch, trim) saved per agent: calls, share, tokens, "
+        "dollars (with --since, --until and --format table or json)",
     )
     for name in FILTERS:
         p.add_argument(
@@ -362,8 +363,9 @@ def run_report(args: argparse.Namespace) -> int:
     if args.savings:
         from tokenwatch.ledger.savings import render_savings
 
-        fmt = "json" if args.format == "json" else "table"
-        sys.stdout.write(render_savings(anyio.run(_savings, since, until), fmt))
+        if args.format == "csv":
+            raise CliError("report --savings prints a table or JSON (--format table|json)", 2)
+        sys.stdout.write(render_savings(anyio.run(_savings, since, until), args.format))
         return 0
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
     report = anyio.run(_report, args.by, since, until, args.top, tz, filters)
