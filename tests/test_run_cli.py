@@ -633,3 +633,40 @@ def test_a_duty_cycled_run_agent_runs_to_its_end(
     assert (proc.returncode, out) == (0, "done\n")
     assert err.splitlines()[0].startswith("tokenwatch: cycled throttled by cli (runs 30% of the")
     assert err.splitlines()[-1].startswith("tokenwatch: cycled exited 0")
+
+
+RETRIED_CALLS = """
+import openai
+client = openai.OpenAI(api_key="sk-test-not-a-secret")  # the SDK's default retries
+topics = "sky sea rain snow wind fire stone glass iron salt".split()  # no loop for the rules
+for topic in topics:
+    try:
+        client.chat.completions.create(
+            model="gpt-4o-mini", max_tokens=20,
+            messages=[{"role": "user", "content": f"Tell me about {topic}."}])
+        print("ok", flush=True)
+    except openai.RateLimitError as exc:
+        print("refused" if "budget" in str(exc) else f"failed {exc}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sdk_retries_are_each_recorded_and_a_run_budget_still_refuses(
+    supervisor: ServeProcess,
+) -> None:
+    # every second request is a 429 the SDK retries with the same headers, call id included
+    with fake_llm_in_thread(fail_every=2, fail_status=429, retry_after_s=0.1) as fake:
+        out = tokenwatch(
+            supervisor, "run", "--name", "retrier", "--budget", "200", "--", *py(RETRIED_CALLS),
+            OPENAI_BASE_URL=fake.url + "/v1",
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    answers = out.stdout.split()
+    assert set(answers) == {"ok", "refused"}, out.stdout
+    assert answers.index("refused") == answers.count("ok")  # refused once spent, and from then on
+    answered = [c for c in fake.calls if c.status == 200]
+    assert answers.count("ok") == len(answered) > 2
+    assert len(fake.calls) > len(answered), "some calls were retried"
+    billed = sum(c.input_tokens + c.output_tokens for c in answered)
+    assert billed <= 200
+    assert f"retrier exited 0 · {billed:,} tokens · $" in out.stderr

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,8 @@ __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 log = logging.getLogger("tokenwatch.proxy")
 
 CALL_ID_HEADER = "x-tokenwatch-call-id"
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+"""Which attempt of a call this is: the official openai and anthropic SDKs send it, 0 first."""
 MAX_HEADER_BYTES = 16_384
 """Longest request line or header field accepted (431 beyond)."""
 MAX_CAPTURE_BYTES = 16 * 1024 * 1024
@@ -277,7 +279,7 @@ class ProxyServer:
             prompt_hash=facts.prompt_hash,
             prompt_shape=facts.prompt_shape,
             source=Source.PROXY.value,
-            call_id=req.headers.get(CALL_ID_HEADER) or os.urandom(16).hex(),
+            call_id=_call_id(req.headers),
         )
         reader: Reader
         if target.provider == ANTHROPIC:
@@ -489,6 +491,20 @@ class ProxyServer:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def _call_id(headers: Mapping[str, str]) -> str:
+    """The event's call id: the agent's own, so a call its SDK reports too is stored once; each
+    retry of it is an attempt of its own (an SDK resends the same headers), recorded apart."""
+    given = headers.get(CALL_ID_HEADER)
+    if not given:
+        return os.urandom(16).hex()
+    attempt = headers.get(RETRY_COUNT_HEADER) or "0"
+    if attempt == "0":
+        return given
+    if not (attempt.isdigit() and len(attempt) <= 4):
+        return os.urandom(16).hex()  # an attempt it cannot name is still its own call
+    return f"{given}.retry{int(attempt)}"
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
