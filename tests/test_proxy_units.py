@@ -97,6 +97,19 @@ def test_upstream_precedence_model_then_agent_then_proxy_then_public() -> None:
     )
 
 
+def test_an_upstream_query_string_comes_after_the_path_with_the_agents_own() -> None:
+    settings = ProxySettings(openai_upstream="https://az.example/openai/v1?api-version=2024-10-21")
+    target = split_path("/a/tok/v1/chat/completions", {})
+    assert target is not None
+    bare = AgentRoute(agent="b")
+    assert upstream_url(settings, bare, target, "gpt-4o", "") == (
+        "https://az.example/openai/v1/chat/completions?api-version=2024-10-21"
+    )
+    assert upstream_url(settings, bare, target, "gpt-4o", "x=1") == (
+        "https://az.example/openai/v1/chat/completions?api-version=2024-10-21&x=1"
+    )
+
+
 def test_models_list_goes_to_the_provider_that_asked() -> None:
     openai_side = split_path("/a/tok/v1/models", {})
     anthropic_side = split_path("/a/tok/v1/models", {"anthropic-version": "2023-06-01"})
