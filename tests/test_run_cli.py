@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -670,3 +671,32 @@ def test_sdk_retries_are_each_recorded_and_a_run_budget_still_refuses(
     billed = sum(c.input_tokens + c.output_tokens for c in answered)
     assert billed <= 200
     assert f"retrier exited 0 · {billed:,} tokens · $" in out.stderr
+
+
+def stored_agent(sp: ServeProcess, name: str) -> str:
+    """The agent's row in the ledger's agents table, once it is there."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{sp.paths.db}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT data FROM agents WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never reached the agents table")
+
+
+def test_a_key_on_the_agents_command_line_is_neither_stored_nor_shown(
+    supervisor: ServeProcess,
+) -> None:
+    key = "sk-proj-" + os.urandom(12).hex()
+    out = tokenwatch(supervisor, "run", "-q", "--name", "keyed", "--", "env",
+                     f"OPENAI_API_KEY={key}", *py("pass"), "--api-key", key)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    shown = tokenwatch(supervisor, "status", "--json")
+    (row,) = [r for r in json.loads(shown.stdout)["agents"] if r["agent"]["name"] == "keyed"]
+    assert row["agent"]["command"] == [
+        "env", "OPENAI_API_KEY=[redacted]", sys.executable, "-c", "pass", "--api-key", "[redacted]"
+    ]  # fmt: skip
+    assert "[redacted]" in stored_agent(supervisor, "keyed")
+    files = supervisor.paths.state_dir.glob("usage.db*")
+    assert not [f for f in files if key.encode() in f.read_bytes()]

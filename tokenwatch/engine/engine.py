@@ -41,6 +41,7 @@ from tokenwatch.core.models import (
 )
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.quantities import QuantityError, RateKind, parse_rate
+from tokenwatch.core.redaction import redact_command
 from tokenwatch.core.throttle import TokenBucket
 from tokenwatch.engine.agents import AgentRecord, Roster, check_name
 from tokenwatch.engine.figures import LiveFigures
@@ -719,7 +720,7 @@ class Engine:
         agent = Agent(
             name=self.roster.unique_name(name or "agent"),
             run_id=uuid.uuid4().hex[:12],
-            command=list(command),
+            command=redact_command(command),  # keys given on a command line stay off disk
             task=task,
             user=user,
             session=session,
