@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tokenwatch.core import tokens
+from tokenwatch.core.request_tokens import MESSAGES, count_request
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
     BadCount,
@@ -21,8 +21,6 @@ from tokenwatch.proxy.usage import (
 
 log = logging.getLogger(__name__)
 
-MESSAGES = "/v1/messages"
-
 
 def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
     """The model, stream flag, max_tokens, prompt hash and prompt counter of a request."""
@@ -34,7 +32,7 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
     system, messages = body.get("system"), body.get("messages")
     facts.max_output_tokens = int_field(body, "max_tokens")
     fingerprint(facts, [system, messages] if system else messages)
-    facts.prompt = lambda: tokens.count_anthropic(system, messages, model)  # type: ignore[arg-type]
+    facts.prompt = lambda: count_request(MESSAGES, body, model)
     return facts
 
 

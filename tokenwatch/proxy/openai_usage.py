@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from tokenwatch.core import tokens
+from tokenwatch.core.request_tokens import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, count_request
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
     BadCount,
@@ -23,10 +23,6 @@ from tokenwatch.proxy.usage import (
 
 log = logging.getLogger(__name__)
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-EMBEDDINGS = "/v1/embeddings"
 METERED = frozenset({CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS})
 _STREAM_USAGE = frozenset({CHAT, COMPLETIONS})
 """Endpoints whose streams carry usage only when asked with `stream_options.include_usage`."""
@@ -44,35 +40,16 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
         messages = body.get("messages")
         facts.max_output_tokens = int_field(body, "max_completion_tokens", "max_tokens")
         fingerprint(facts, messages)
-        facts.prompt = lambda: tokens.count_messages(messages, model)  # type: ignore[arg-type]
     elif endpoint == RESPONSES:
         given, instructions = body.get("input", ""), body.get("instructions")
         facts.max_output_tokens = int_field(body, "max_output_tokens")
         fingerprint(facts, [instructions, given] if instructions else given)
-        facts.prompt = lambda: tokens.count_responses_input(given, instructions, model)
     else:
         text = body.get("prompt" if endpoint == COMPLETIONS else "input")
         facts.max_output_tokens = int_field(body, "max_tokens") if endpoint == COMPLETIONS else 0
         fingerprint(facts, text)
-        facts.prompt = lambda: _count_texts(text, model)
+    facts.prompt = lambda: count_request(endpoint, body, model)
     return facts
-
-
-def _count_texts(value: Any, model: str) -> tokens.TokenCount:
-    """A prompt or embedding input: text, list of texts, or token ids (counted as given)."""
-    items = value if isinstance(value, list) else [value]
-    total, estimated, encoding = 0, False, ""
-    for item in items:
-        if isinstance(item, str):
-            count = tokens.count_text(item, model)
-            total, estimated, encoding = total + count.tokens, count.estimated, count.encoding
-        elif isinstance(item, int):
-            total += 1
-        elif isinstance(item, list):
-            total += len(item)
-        else:
-            raise TypeError("prompt must be text, texts or token ids")
-    return tokens.TokenCount(total, estimated, encoding or "token ids")
 
 
 def ask_for_usage(endpoint: str, body: dict[str, Any]) -> bytes | None:
