@@ -18,26 +18,10 @@ from tokenwatch.config import BudgetSettings, ProxySettings, SupervisorSettings
 from tokenwatch.core.admission import Refusal
 from tokenwatch.core.request_tokens import CHAT, count_request
 from tokenwatch.demo.fake_llm import running_fake_llm
+from tokenwatch.demo.fault_load import TOOLS
 from tokenwatch.paths import Paths
 
 MAX_TOKENS = 300
-PARAMETERS = {
-    "type": "object",
-    "properties": {"query": {"type": "string", "description": "What to look up, in a sentence"}},
-    "required": ["query"],
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": f"lookup_{k}",
-            "description": "Look something up in the knowledge base and answer with its facts.",
-            "parameters": PARAMETERS,
-        },
-    }
-    for k in range(8)
-]
-"""Tool definitions, billed as input by the provider (some 800 tokens: more than the prompt)."""
 
 
 def worst_case(i: int, tools: list[Any] | None = None) -> int:

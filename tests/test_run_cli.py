@@ -28,6 +28,7 @@ from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.core.quantities import parse_amount
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
+from tokenwatch.demo.fault_load import RETRIED_CALLS
 from tokenwatch.process.processes import process_info
 
 TIMEOUT = 60
@@ -634,21 +635,6 @@ def test_a_duty_cycled_run_agent_runs_to_its_end(
     assert (proc.returncode, out) == (0, "done\n")
     assert err.splitlines()[0].startswith("tokenwatch: cycled throttled by cli (runs 30% of the")
     assert err.splitlines()[-1].startswith("tokenwatch: cycled exited 0")
-
-
-RETRIED_CALLS = """
-import openai
-client = openai.OpenAI(api_key="sk-test-not-a-secret")  # the SDK's default retries
-topics = "sky sea rain snow wind fire stone glass iron salt".split()  # no loop for the rules
-for topic in topics:
-    try:
-        client.chat.completions.create(
-            model="gpt-4o-mini", max_tokens=20,
-            messages=[{"role": "user", "content": f"Tell me about {topic}."}])
-        print("ok", flush=True)
-    except openai.RateLimitError as exc:
-        print("refused" if "budget" in str(exc) else f"failed {exc}", flush=True)
-"""
 
 
 @pytest.mark.slow
