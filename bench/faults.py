@@ -3,16 +3,19 @@
 How it measures, on loopback only, each run against a fresh TOKENWATCH_HOME and a real
 `tokenwatch serve` process; the provider is `fake-llm`, in this process:
 
-- kill: agents (child processes) send usage lines over the socket, up to 64 unacknowledged at a
-  time, and print each call id once its ack is read (an ack means "committed"). After 0.3 to 1.5
-  s one process is sent SIGKILL, in turn: the supervisor (then started again on the same ledger),
-  its ledger writer child, or an agent. The rest go on for another 0.5 s, then everything stops
-  and the ledger is read: lost = acknowledged call ids that are not in `events`.
+- kill: three agents (child processes) send usage lines over the socket, up to 64
+  unacknowledged at a time, and print each call id once its ack is read (an ack means
+  "committed"); a fourth reports through the SDK (`tokenwatch.report`) in batches of 50 and
+  prints a batch once the SDK says all of it was acknowledged. Once all four have had acks, after
+  0.3 to 1.5 s more, one process is sent SIGKILL, in turn: the supervisor (then started again
+  on the same ledger), its ledger writer child, or the SDK agent. The rest go on for another
+  0.5 s, then everything stops and the ledger is read: lost = acknowledged call ids that are
+  not in `events`.
 - retries: a real openai-python agent with the SDK's default retries, under
   `tokenwatch run --budget 300`, against fake-llm answering every 2nd request with a 429
   (retry-after 0.1 s). dropped = calls the provider answered 200 minus the agent's `ok` events
   in the ledger; each run must also see the budget refuse.
-- budget: 50 concurrent openai-python calls, each with eight tool definitions (about 800 input
+- budget: 50 concurrent openai-python calls, each with eight tool definitions (about 600 input
   tokens, more than its prompt) and max_tokens 300, through the proxy against a token deny
   budget admitting 3 to 15 of them; the provider takes 1.5 s to answer, so all are in flight
   together. overshoot = tokens the provider billed beyond the limit (documented bound: 0 for
@@ -55,7 +58,7 @@ from tokenwatch.paths import Paths  # noqa: E402
 from tokenwatch.supervisor.daemon import socket_answers  # noqa: E402
 
 QUIET_RULES = '[[rule]]\nname = "off"\ndetector = "runaway"\nenabled = false\n'
-VICTIMS = ("supervisor", "writer", "agent")
+VICTIMS = ("supervisor", "writer", "sdk agent")
 
 AGENT = """
 import socket, sys, time
@@ -85,6 +88,22 @@ except OSError:
     pass
 """
 """An agent reporting as fast as acks come back; prints each acknowledged call id."""
+
+SDK_AGENT = """
+import sys
+import tokenwatch
+from tokenwatch.client import session
+name, batch = sys.argv[1], 0
+while True:
+    ids = [f"{name}-{batch}-{n}" for n in range(50)]
+    for call_id in ids:
+        tokenwatch.report(model="gpt-4o-mini", input_tokens=1000, output_tokens=100, call_id=call_id)
+    if session.reporter().wait_flushed(30):  # every one acknowledged, so committed
+        print("\\n".join(ids), flush=True)
+    batch += 1
+"""
+"""An agent reporting through the SDK (`tokenwatch.report`); prints each batch once all of it
+is acknowledged."""
 
 MAX_TOKENS = 300
 
@@ -148,28 +167,39 @@ def home(config: str = QUIET_RULES) -> Iterator[Home]:
 class KillRun:
     victim: str
     acked: int
+    sdk_acked: int
     lost: int
 
 
-def start_agents(h: Home, count: int) -> list[subprocess.Popen[str]]:
-    return [
-        subprocess.Popen(
-            [sys.executable, "-c", AGENT, f"agent{i}", str(h.paths.socket)],
-            env=h.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        for i in range(count)
-    ]
+def start_agents(h: Home, count: int) -> list[subprocess.Popen[bytes]]:
+    """`count` agents on the raw socket, and one through the SDK (first)."""
+    env = {**h.env, "TOKENWATCH_SOCKET": str(h.paths.socket), "TOKENWATCH_AGENT": "sdk"}
+    sdk = [sys.executable, "-c", SDK_AGENT, "sdk"]
+    raw = [[sys.executable, "-c", AGENT, f"agent{i}", str(h.paths.socket)] for i in range(count)]
+    agents = []
+    for n, argv in enumerate([sdk, *raw]):
+        # a file, not a pipe: a full pipe would stop the agent, and with it the load
+        with open(h.path / f"acked-{n}.txt", "wb") as out:
+            agents.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.DEVNULL))
+    return agents
+
+
+def wait_reporting(h: Home, count: int) -> None:
+    """Until every agent has had an ack (the load is on: a kill before would find nothing)."""
+    deadline = time.monotonic() + 60
+    while sum(1 for f in h.path.glob("acked-*.txt") if f.stat().st_size) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit("the agents did not start reporting")
+        time.sleep(0.05)
 
 
 def kill_run(victim: str, rng: random.Random) -> KillRun:
     with home() as h:
-        agents = start_agents(h, 4)
+        agents = start_agents(h, 3)
+        wait_reporting(h, len(agents))
         time.sleep(rng.uniform(0.3, 1.5))
         assert h.serve is not None
-        pid = {"supervisor": h.serve.pid, "writer": h.writer(), "agent": agents[0].pid}[victim]
+        pid = {"supervisor": h.serve.pid, "writer": h.writer(), "sdk agent": agents[0].pid}[victim]
         os.kill(pid, signal.SIGKILL)
         if victim == "supervisor":
             h.serve.wait()
@@ -177,12 +207,15 @@ def kill_run(victim: str, rng: random.Random) -> KillRun:
         time.sleep(0.5)
         for agent in agents:
             agent.terminate()
+            agent.wait()
         # a line cut by the kill is not an ack: only whole lines count
-        acked = {line for agent in agents for line in agent.communicate()[0].split("\n")[:-1]}
+        printed = [f.read_text().split("\n")[:-1] for f in h.path.glob("acked-*.txt")]
+        acked = {line for lines in printed for line in lines}
         h.stop()
         with sqlite3.connect(h.paths.db) as db:
             stored = {row[0] for row in db.execute("SELECT call_id FROM events")}
-    return KillRun(victim, len(acked), len(acked - stored))
+    sdk = sum(1 for call_id in acked if call_id.startswith("sdk-"))
+    return KillRun(victim, len(acked), sdk, len(acked - stored))
 
 
 # -- SDK retries ----------------------------------------------------------------------------------
@@ -318,6 +351,7 @@ def report(figures: Figures, elapsed: float) -> dict[str, Any]:
         "kill": {
             "runs": {v: sum(1 for k in kills if k.victim == v) for v in VICTIMS},
             "acknowledged": sum(k.acked for k in kills),
+            "of_which_through_the_sdk": sum(k.sdk_acked for k in kills),
             "lost": sum(k.lost for k in kills),
         },
         "retries": {

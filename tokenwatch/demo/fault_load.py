@@ -37,4 +37,4 @@ TOOLS: list[dict[str, Any]] = [
     }
     for k in range(8)
 ]
-"""Eight Chat Completions tool definitions, billed as input (some 800 tokens)."""
+"""Eight Chat Completions tool definitions, billed as input (some 600 tokens)."""
