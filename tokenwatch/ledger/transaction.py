@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
+from tokenwatch.core.models import MAX_CALL_TOKENS, over_call_limit
 from tokenwatch.ledger.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 
 BUSY_TIMEOUT: Final = 10.0
@@ -27,6 +28,9 @@ _ROW_PLACES = f"({', '.join('?' for _ in EVENT_COLUMNS)})"
 _CALL_ID = EVENT_COLUMNS.index("call_id")
 _CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
 _INT64 = 2**63
+_COUNTS = [EVENT_COLUMNS.index(name) for name in EVENT_COLUMNS if name.endswith("_tokens")]
+OVERFLOW: Final = "integer overflow"
+"""SQLite's message when a SUM passes 64 bits."""
 # What sqlite3 raises when a value cannot be bound (wrong type, int too large).
 BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, TypeError)
 
@@ -123,6 +127,11 @@ class Committer:
             return self._transaction(rows, statements)
         except BIND_ERRORS:
             pass  # some row has a field of the wrong type: set those aside, write the rest
+        except sqlite3.OperationalError as exc:
+            if str(exc) != OVERFLOW:
+                raise  # the file itself is in trouble
+            # Token counts past what a call can use (the capture paths refuse them) summed past
+            # 64 bits in the rollups: set those rows aside, or every retry would fail the same.
         kept, rejected = split_unbindable(rows)
         return widen(self._transaction([rows[i] for i in kept], statements), kept, rejected)
 
@@ -131,12 +140,17 @@ class Committer:
 
     def _transaction(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
         conn = self._conn
+        if not self._batch_table:
+            # Outside the transaction: made inside one, a rollback would take it away again.
+            prepare_rollups(conn)
+            self._batch_table = True
         conn.execute("BEGIN IMMEDIATE")
         try:
             outcomes = [_run(conn, s) for s in statements]
             done = self._insert(rows)
             conn.execute("COMMIT")
         except BaseException:
+            self._batch_table = False  # whatever failed, the next batch starts from scratch
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
@@ -149,9 +163,6 @@ class Committer:
         conn = self._conn
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
         inserted = insert_rows(conn, rows)
-        if not self._batch_table:
-            prepare_rollups(conn)
-            self._batch_table = True
         fold_rollups(conn, last_id)
         duplicates = [] if inserted == len(rows) else self._duplicates(rows, last_id)
         return Committed(inserted=inserted, duplicates=duplicates)
@@ -242,20 +253,33 @@ def bindable(value: object) -> bool:
 
 
 def split_unbindable(rows: Sequence[Row]) -> tuple[list[int], dict[int, str]]:
-    """(indices of the rows that can be stored, why each other row cannot, by index)."""
+    """(indices of the rows that can be stored, why each other row cannot, by index): a field
+    of the wrong type, or a token count past what one call can use."""
     kept: list[int] = []
     rejected: dict[int, str] = {}
     for i, row in enumerate(rows):
-        bad = [
-            f"{name}={value!r}"
-            for name, value in zip(EVENT_COLUMNS, row, strict=True)
-            if not bindable(value)
-        ]
-        if bad:
-            rejected[i] = f"usage event has fields of the wrong type: {', '.join(bad)}"
+        problem = _unstorable(row)
+        if problem:
+            rejected[i] = problem
         else:
             kept.append(i)
     return kept, rejected
+
+
+def _unstorable(row: Row) -> str:
+    bad = [
+        f"{name}={value!r}"
+        for name, value in zip(EVENT_COLUMNS, row, strict=True)
+        if not bindable(value)
+    ]
+    if bad:
+        return f"usage event has fields of the wrong type: {', '.join(bad)}"
+    over = [
+        over_call_limit(EVENT_COLUMNS[c], row[c])
+        for c in _COUNTS
+        if isinstance(row[c], int) and row[c] > MAX_CALL_TOKENS
+    ]
+    return f"usage event not stored: {'; '.join(over)}" if over else ""
 
 
 def widen(done: Committed, kept: list[int], rejected: dict[int, str]) -> Committed:

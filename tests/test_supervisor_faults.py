@@ -1,0 +1,150 @@
+"""What a buggy or hostile agent sends, against a real supervisor: a line nested 1,000 deep or a
+count no call can have is answered with a clear error, and the socket, the proxy and the ledger
+go on as before."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import anyio
+import openai
+import pytest
+
+from tests.proxy_fixtures import API_KEY
+from tests.supervisor_fixtures import (
+    RawClient,
+    quiet_config,
+    raw_client,
+    running_supervisor,
+    stored,
+    usage_event,
+)
+from tokenwatch.config import ProxySettings
+from tokenwatch.core import protocol
+from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.nesting import MAX_NESTING
+from tokenwatch.demo.fake_llm import running_fake_llm
+from tokenwatch.paths import Paths
+from tokenwatch.supervisor.service import Supervisor
+
+pytestmark = pytest.mark.anyio
+
+DEEP = b"[" * 1000 + b"]" * 1000
+DEEP_USAGE = b'{"v":1,"type":"usage","event":{"x":' + DEEP + b"}}\n"
+"""The line from the fault run that killed the supervisor (msgspec's RecursionError)."""
+NESTED = {"code": "bad_message", "message": f"nested deeper than {MAX_NESTING} levels"}
+
+
+@dataclass
+class Rig:
+    """A supervisor with its proxy in front of fake-llm, one agent registered and saying hello."""
+
+    sup: Supervisor
+    socket: RawClient
+    openai_url: str
+    agent: str
+
+    async def proxied_call(self) -> str:
+        async with openai.AsyncOpenAI(
+            base_url=self.openai_url, api_key=API_KEY, max_retries=0
+        ) as oai:
+            reply = await oai.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "Say hello."}],
+            )
+        return reply.choices[0].message.content or ""
+
+    async def post_raw(self, body: bytes) -> tuple[int, str]:
+        """A request body no SDK would build (the SDKs' own JSON encoders recurse too)."""
+        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+        url = self.openai_url + "/chat/completions"
+        async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
+            return r.status, await r.text()
+
+    async def stored(self, count: int) -> list[UsageEvent]:
+        return await stored(self.sup, self.agent, count)
+
+
+@asynccontextmanager
+async def supervisor_with_proxy() -> AsyncIterator[Rig]:
+    async with running_fake_llm() as fake:
+        config = quiet_config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+        async with (
+            running_supervisor(Paths.discover(), config, exporters=False) as sup,
+            raw_client(Path(sup.paths.socket)) as raw,
+        ):
+            registered = (await raw.call("register", name="prober"))["data"]
+            await raw.call("hello", name=registered["name"])
+            env = registered["env"]
+            yield Rig(sup, raw, env["OPENAI_BASE_URL"], registered["name"])
+
+
+async def test_a_line_nested_1000_deep_is_answered_and_everything_goes_on() -> None:
+    async with supervisor_with_proxy() as rig:
+        await rig.socket.send(DEEP_USAGE)  # the usage fast path
+        fast = await rig.socket.reply_to(None)
+        await rig.socket.send(b'{"v":1,"id":"s","type":"status","x":' + DEEP + b"}\n")
+        generic = await rig.socket.reply_to("s")  # the generic path
+        after = await rig.socket.call("usage", event=usage_event(rig.agent, "after-deep-lines"))
+        answer = await rig.proxied_call()
+        events = await rig.stored(2)
+    assert fast["error"] == NESTED
+    assert generic["error"] == NESTED
+    assert after["ok"] is True
+    assert answer
+    assert [e.source for e in events] == ["sdk", "proxy"]
+
+
+async def test_a_request_body_nested_1000_deep_is_a_logged_400(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tokenwatch")
+    limit = b"[" * (MAX_NESTING - 1) + b"]" * (MAX_NESTING - 1)  # the body's object is one more
+    async with supervisor_with_proxy() as rig:
+        deep = await rig.post_raw(b'{"model":"gpt-4o-mini","messages":' + DEEP + b"}")
+        at_limit = await rig.post_raw(
+            b'{"model":"gpt-4o-mini","stream":true,"x":' + limit + b',"messages":'
+            b'[{"role":"user","content":"Say hello."}]}'
+        )
+        answer = await rig.proxied_call()
+        events = await rig.stored(2)
+    assert deep[0] == 400
+    assert f"request body nested deeper than {MAX_NESTING} levels" in deep[1]
+    assert f"refused a call of agent {rig.agent}: its body nests deeper than" in caplog.text
+    assert at_limit[0] == 200  # relayed, usage asked for and read: nothing recursed too far
+    assert answer
+    assert [e.status for e in events] == ["ok", "ok"]
+
+
+async def test_counts_no_call_can_have_are_refused_and_the_ledger_goes_on() -> None:
+    # The fault run's `tokenwatch.report(input_tokens=2**62)` twice: accepted, they overflowed
+    # the ledger's sums, and every write after them failed (503 on every proxied call).
+    huge = [usage_event("", f"huge-{i}", input_tokens=2**62) for i in range(2)]
+    async with supervisor_with_proxy() as rig:
+        with anyio.fail_after(30):
+            # in one write, so they arrive as one batch (as the SDK sent them)
+            lines = [protocol.request("usage", f"h{i}", event=e) for i, e in enumerate(huge)]
+            await rig.socket.send(b"".join(map(protocol.dumps, lines)))
+            refusals = [await rig.socket.reply_to(f"h{i}") for i in range(2)]
+            # an unknown key takes the generic path, which refuses it in the same words
+            slow = await rig.socket.call("usage", event={**huge[0], "future_field": 1})
+            admit = await rig.socket.call("admit", model="gpt-4o-mini", input_tokens=2**62)
+            after = await rig.socket.call("usage", event=usage_event("", "after"))
+            answer = await rig.proxied_call()
+            events = await rig.stored(2)
+    for reply in [*refusals, slow]:
+        assert reply["error"] == {
+            "code": "bad_message",
+            "message": "usage: 'input_tokens' is 4,611,686,018,427,387,904, over 100,000,000 "
+            "(the most one call can use)",
+        }
+    assert admit["error"]["message"].startswith("admit: 'input_tokens' is 4,611,686,018,427,")
+    assert after["ok"] is True
+    assert answer
+    assert [(e.call_id, e.source) for e in events][:1] == [("after", "sdk")]
+    assert (events[0].input_tokens, events[1].source) == (100, "proxy")
