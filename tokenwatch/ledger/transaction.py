@@ -3,6 +3,7 @@ write connection; light enough to load in the ledger's writer process."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,11 @@ BUSY_TIMEOUT: Final = 10.0
 """Seconds a connection waits for another process's lock before giving up."""
 CACHE_KIB: Final = 16 * 1024
 """SQLite page cache per connection."""
+WAL_AUTOCHECKPOINT: Final = 4000
+"""WAL pages (4 KiB each) written before SQLite checkpoints by itself: ~16 MB of WAL."""
+LOW_DISK_BYTES: Final = 64 * 1024 * 1024
+"""Free space under which the WAL is checkpointed after every commit: room for a WAL that
+checkpoints by itself (WAL_AUTOCHECKPOINT) with plenty to spare."""
 ROWS_PER_INSERT: Final = 256
 """Rows one INSERT statement carries (fewer where SQLite allows fewer bound values)."""
 
@@ -88,9 +94,9 @@ def connect_writer(path: Path) -> sqlite3.Connection:
         # NORMAL survives a killed process (the WAL is in the OS's hands); see docs/ledger.md.
         conn.execute("PRAGMA synchronous = NORMAL")
         # Index pages of a big ledger stay cached, and checkpoints (which fsync) come every
-        # ~16 MB of WAL rather than every 4 MB.
+        # ~16 MB of WAL rather than every 4 MB (on a full disk, sooner: Committer._attempt).
         conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
-        conn.execute("PRAGMA wal_autocheckpoint = 4000")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
     except BaseException:
         conn.close()
         raise
@@ -121,10 +127,11 @@ class Committer:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._batch_table = False
+        self._directory = _directory_of(conn)
 
     def commit(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
         try:
-            return self._transaction(rows, statements)
+            return self._attempt(rows, statements)
         except BIND_ERRORS:
             pass  # some row has a field of the wrong type: set those aside, write the rest
         except sqlite3.OperationalError as exc:
@@ -133,10 +140,26 @@ class Committer:
             # Token counts past what a call can use (the capture paths refuse them) summed past
             # 64 bits in the rollups: set those rows aside, or every retry would fail the same.
         kept, rejected = split_unbindable(rows)
-        return widen(self._transaction([rows[i] for i in kept], statements), kept, rejected)
+        return widen(self._attempt([rows[i] for i in kept], statements), kept, rejected)
 
     def close(self) -> None:
         self._conn.close()
+
+    def _attempt(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
+        """The batch's transaction (on a full disk, once more after a checkpoint). On a disk
+        with less than LOW_DISK_BYTES free, every commit is followed by a checkpoint that moves
+        the WAL into the database file and truncates it: left to checkpoint by itself every
+        ~16 MB, the WAL filled a nearly full disk long before the data did (79 events on a 2 MB
+        disk), and a full WAL cannot be checkpointed into a database that cannot grow."""
+        try:
+            done = self._transaction(rows, statements)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL or not checkpoint(self._conn):
+                raise
+            done = self._transaction(rows, statements)
+        if self._directory and free_bytes(self._directory) < LOW_DISK_BYTES:
+            checkpoint(self._conn)
+        return done
 
     def _transaction(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
         conn = self._conn
@@ -184,6 +207,33 @@ class Committer:
             else:
                 duplicates.append(i)
         return duplicates
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes an unprivileged process may still write on the disk holding `directory`."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return LOW_DISK_BYTES  # cannot tell: assume the disk is tight
+    return st.f_bavail * st.f_frsize
+
+
+def _directory_of(conn: sqlite3.Connection) -> str:
+    """The directory of the connection's main database file ('' in memory)."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return str(os.path.dirname(file))
+    return ""
+
+
+def checkpoint(conn: sqlite3.Connection) -> bool:
+    """Move the whole WAL into the database file and truncate it to nothing; False when that
+    could not be done (a reader still needs the WAL, or the disk has no room even for that)."""
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error:
+        return False
+    return not busy
 
 
 def _run(conn: sqlite3.Connection, statement: Statement) -> Outcome:
