@@ -4,6 +4,7 @@ go on as before."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,11 +25,12 @@ from tests.supervisor_fixtures import (
     stored,
     usage_event,
 )
-from tokenwatch.config import ProxySettings
+from tokenwatch.config import Config, ProxySettings, SupervisorSettings
 from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.nesting import MAX_NESTING
 from tokenwatch.demo.fake_llm import running_fake_llm
+from tokenwatch.ledger.transaction import Statement
 from tokenwatch.paths import Paths
 from tokenwatch.supervisor.service import Supervisor
 
@@ -71,9 +73,10 @@ class Rig:
 
 
 @asynccontextmanager
-async def supervisor_with_proxy() -> AsyncIterator[Rig]:
+async def supervisor_with_proxy(base: Config | None = None) -> AsyncIterator[Rig]:
     async with running_fake_llm() as fake:
-        config = quiet_config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+        proxy = ProxySettings(openai_upstream=fake.url + "/v1")
+        config = dataclasses.replace(base or quiet_config(), proxy=proxy)
         async with (
             running_supervisor(Paths.discover(), config, exporters=False) as sup,
             raw_client(Path(sup.paths.socket)) as raw,
@@ -148,3 +151,57 @@ async def test_counts_no_call_can_have_are_refused_and_the_ledger_goes_on() -> N
     assert answer
     assert [(e.call_id, e.source) for e in events][:1] == [("after", "sdk")]
     assert (events[0].input_tokens, events[1].source) == (100, "proxy")
+
+
+async def test_usage_held_at_shutdown_is_kept_and_stored_by_the_next_start(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped while its ledger could not be written, the supervisor dropped the usage it held
+    # in memory without a word (204 calls billed, 203 recorded).
+    monkeypatch.setattr("tokenwatch.engine.engine.SHUTDOWN_DRAIN_TIMEOUT", 0.2)
+    caplog.set_level(logging.INFO, logger="tokenwatch")
+    paths = Paths.discover()
+    outage = quiet_config(supervisor=SupervisorSettings(fail_open=True))  # calls still go
+    async with supervisor_with_proxy(outage) as rig:
+        await rig.proxied_call()
+        await rig.stored(1)
+        assert rig.sup.store is not None
+        # the real writer process now finds its ledger unwritable, as on a full or read-only disk
+        await rig.sup.store._write(Statement("PRAGMA query_only = ON"))
+        for _ in range(3):
+            await rig.proxied_call()
+        with anyio.fail_after(30):
+            while rig.sup.engine is None or rig.sup.engine.statistics().pending_store < 3:
+                await anyio.sleep(0.02)
+    kept = paths.unstored.read_text().splitlines()
+    said_at_stop = caplog.text
+    caplog.clear()
+    async with running_supervisor(paths, quiet_config(), proxy=False, exporters=False) as sup:
+        events = await stored(sup, rig.agent, 4)
+    assert len(kept) == 3
+    assert f"3 recorded calls kept in {paths.unstored}; the next start stores them" in said_at_stop
+    assert f"stored 3 calls kept at the last shutdown in {paths.unstored}" in caplog.text
+    assert not paths.unstored.exists()
+    assert [e.source for e in events] == ["proxy"] * 4
+    assert all(e.input_tokens > 0 and e.output_tokens > 0 for e in events)
+
+
+async def test_usage_that_can_be_kept_nowhere_is_counted_as_lost_in_the_log(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tokenwatch.engine.engine.SHUTDOWN_DRAIN_TIMEOUT", 0.2)
+    caplog.set_level(logging.INFO, logger="tokenwatch")
+    paths = Paths.discover()
+    outage = quiet_config(supervisor=SupervisorSettings(fail_open=True))
+    async with supervisor_with_proxy(outage) as rig:
+        assert rig.sup.store is not None
+        await rig.sup.store._write(Statement("PRAGMA query_only = ON"))
+        paths.unstored.mkdir()  # nothing can be written there either
+        await rig.proxied_call()
+        with anyio.fail_after(30):
+            while rig.sup.engine is None or rig.sup.engine.statistics().pending_store < 1:
+                await anyio.sleep(0.02)
+    assert "1 recorded calls lost: the ledger could not be written (cannot write the ledger" in (
+        caplog.text
+    )
+    assert f"nor {paths.unstored} (Is a directory)" in caplog.text
