@@ -71,6 +71,28 @@ class Rig:
     async def stored(self, count: int) -> list[UsageEvent]:
         return await stored(self.sup, self.agent, count)
 
+    async def break_ledger(self) -> None:
+        """The real writer process finds its ledger unwritable, as on a full or read-only disk."""
+        assert self.sup.store is not None
+        await self.sup.store._write(Statement("PRAGMA query_only = ON"))
+
+    async def wait_held(self, count: int) -> None:
+        """Until the engine holds `count` recorded calls it could not store."""
+        with anyio.fail_after(30):
+            while self.sup.engine is None or self.sup.engine.statistics().pending_store < count:
+                await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def supervisor_in_an_outage(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
+    """`supervisor_with_proxy` that lets calls go while its ledger fails (fail_open) and stops
+    trying to store what it holds 0.2 s into its shutdown."""
+    monkeypatch.setattr("tokenwatch.engine.engine.SHUTDOWN_DRAIN_TIMEOUT", 0.2)
+    async with supervisor_with_proxy(
+        quiet_config(supervisor=SupervisorSettings(fail_open=True))
+    ) as rig:
+        yield rig
+
 
 @asynccontextmanager
 async def supervisor_with_proxy(base: Config | None = None) -> AsyncIterator[Rig]:
@@ -158,21 +180,15 @@ async def test_usage_held_at_shutdown_is_kept_and_stored_by_the_next_start(
 ) -> None:
     # Stopped while its ledger could not be written, the supervisor dropped the usage it held
     # in memory without a word (204 calls billed, 203 recorded).
-    monkeypatch.setattr("tokenwatch.engine.engine.SHUTDOWN_DRAIN_TIMEOUT", 0.2)
     caplog.set_level(logging.INFO, logger="tokenwatch")
     paths = Paths.discover()
-    outage = quiet_config(supervisor=SupervisorSettings(fail_open=True))  # calls still go
-    async with supervisor_with_proxy(outage) as rig:
+    async with supervisor_in_an_outage(monkeypatch) as rig:
         await rig.proxied_call()
         await rig.stored(1)
-        assert rig.sup.store is not None
-        # the real writer process now finds its ledger unwritable, as on a full or read-only disk
-        await rig.sup.store._write(Statement("PRAGMA query_only = ON"))
+        await rig.break_ledger()
         for _ in range(3):
             await rig.proxied_call()
-        with anyio.fail_after(30):
-            while rig.sup.engine is None or rig.sup.engine.statistics().pending_store < 3:
-                await anyio.sleep(0.02)
+        await rig.wait_held(3)
     kept = paths.unstored.read_text().splitlines()
     said_at_stop = caplog.text
     caplog.clear()
@@ -189,18 +205,13 @@ async def test_usage_held_at_shutdown_is_kept_and_stored_by_the_next_start(
 async def test_usage_that_can_be_kept_nowhere_is_counted_as_lost_in_the_log(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tokenwatch.engine.engine.SHUTDOWN_DRAIN_TIMEOUT", 0.2)
     caplog.set_level(logging.INFO, logger="tokenwatch")
     paths = Paths.discover()
-    outage = quiet_config(supervisor=SupervisorSettings(fail_open=True))
-    async with supervisor_with_proxy(outage) as rig:
-        assert rig.sup.store is not None
-        await rig.sup.store._write(Statement("PRAGMA query_only = ON"))
+    async with supervisor_in_an_outage(monkeypatch) as rig:
+        await rig.break_ledger()
         paths.unstored.mkdir()  # nothing can be written there either
         await rig.proxied_call()
-        with anyio.fail_after(30):
-            while rig.sup.engine is None or rig.sup.engine.statistics().pending_store < 1:
-                await anyio.sleep(0.02)
+        await rig.wait_held(1)
     assert "1 recorded calls lost: the ledger could not be written (cannot write the ledger" in (
         caplog.text
     )
