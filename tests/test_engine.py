@@ -218,6 +218,18 @@ async def test_usage_being_written_back_after_an_outage_is_still_pending(short_t
     assert back.allowed
 
 
+async def test_usage_the_ledger_refuses_is_logged_and_the_rest_is_stored(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    huge = [event("a", f"huge-{i}", tokens=2**62) for i in range(2)]  # past what a call can use
+    async with running_engine(short_tmp / "u.db") as (engine, store):
+        await engine.ingest([*huge, event("a", "fine")])
+        await engine.ingest([event("a", "next")])
+        stored = [h.event.call_id for h in await store.history()]
+    assert sorted(stored) == ["fine", "next"]
+    assert "the ledger refused usage: usage event not stored: 'input_tokens' is" in caplog.text
+
+
 async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None:
     budget = CappedBudget(limit=10_000)
     async with running_engine(short_tmp / "u.db", budgets=budget) as (engine, store):

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwatch.cli import main
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
 from tokenwatch.core.periods import zone
 from tokenwatch.ledger.importer import parse_lines
 from tokenwatch.ledger.store import Store
@@ -159,7 +159,7 @@ def test_unusable_ledger_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 @given(
     ts=st.one_of(st.floats(0, 1.7e9), st.integers(0, 1_700_000_000)),  # times already past
-    tokens=st.integers(0, 10**9),
+    tokens=st.integers(0, MAX_CALL_TOKENS),
     agent=st.text(max_size=20),
 )
 def test_any_valid_event_line_parses_back(ts: float, tokens: int, agent: str) -> None:

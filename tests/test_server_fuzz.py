@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.core import protocol
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
 from tokenwatch.core.protocol import ProtocolError
 from tokenwatch.core.usage_wire import usage_from_wire
 
@@ -163,7 +163,7 @@ def check_types(event: UsageEvent) -> None:
 
 
 @given(
-    tokens=st.integers(0, 2**62),
+    tokens=st.integers(0, MAX_CALL_TOKENS),
     model=st.text(max_size=30),
     cost=st.none() | st.floats(0, 1e6),
 )

@@ -339,6 +339,21 @@ async def test_wrongly_typed_event_is_rejected_alone(store: Store) -> None:
     assert store.statistics().rejected == 2
 
 
+async def test_counts_that_overflow_the_sums_are_set_aside_and_the_next_batch_is_stored(
+    store: Store,
+) -> None:
+    # Two calls of 2**62 tokens in one minute sum past 64 bits; the capture paths refuse such
+    # counts, so this is the ledger's own guard. The first batch of a connection also made the
+    # temporary rollup table, which its rollback took away: every later batch failed on it.
+    huge = [ev(NOW, call_id=f"huge-{i}", input_tokens=2**62) for i in range(2)]
+    with pytest.raises(ValueError, match="'input_tokens' is 4,611,686,018,427,387,904, over"):
+        await store.append_many([*huge, ev(NOW, call_id="fine", input_tokens=5)])
+    assert await store.append(ev(NOW, call_id="next", input_tokens=7))
+    totals = await store.totals(0)
+    assert (totals.requests, totals.input_tokens) == (2, 12)
+    assert store.statistics().rejected == 2
+
+
 async def test_unwritable_location_raises_store_unavailable(tokenwatch_home: Path) -> None:
     blocker = tokenwatch_home / "file"
     blocker.write_text("not a directory")

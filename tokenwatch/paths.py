@@ -60,6 +60,12 @@ class Paths:
         return self.state_dir / DB_NAME
 
     @property
+    def unstored(self) -> Path:
+        """Usage a stopping supervisor could not store (its ledger unwritable), beside the
+        ledger; the next start stores it and removes the file."""
+        return self.state_dir / "unstored-usage.jsonl"
+
+    @property
     def socket(self) -> Path:
         return self.runtime_dir / SOCKET_NAME
 

@@ -53,6 +53,17 @@ MAX_CLOCK_SKEW: Final = 86_400.0
 happened yet, and is refused rather than counted in a period that has not begun."""
 
 
+MAX_CALL_TOKENS: Final = 100_000_000
+"""The most tokens one call can count in any field: far beyond any model's context window and
+output. A larger figure is a fault, refused where it comes in (socket, SDK, import; the proxy
+estimates the call instead): a handful of them would overflow the ledger's 64-bit sums."""
+
+
+def over_call_limit(name: str, count: int) -> str:
+    """Why a token count is refused: more than one call can use."""
+    return f"'{name}' is {count:,}, over {MAX_CALL_TOKENS:,} (the most one call can use)"
+
+
 @dataclass(slots=True)
 class UsageEvent(Plain):
     """One LLM call, normalised the OpenTelemetry way (see docs/architecture.md).

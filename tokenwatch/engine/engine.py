@@ -58,6 +58,8 @@ RECENT_CALL_IDS: Final = 200_000
 """Call ids remembered to count a call reported twice (SDK and proxy, resend) only once."""
 EXIT_POLL_INTERVAL: Final = 0.5
 STORE_RETRY_MAX: Final = 5.0
+SHUTDOWN_DRAIN_TIMEOUT: Final = 10.0
+"""Seconds `release_all` keeps trying to store held usage; what is left is `take_unstored`'s."""
 UNNAMED: Final = "unnamed"
 
 Listener = Callable[[str, Any], None]
@@ -218,7 +220,7 @@ class Engine:
             if rec.live:
                 rec.agent.state = AgentState.DETACHED.value
                 await self._save_agent(rec.agent)
-        with anyio.move_on_after(10):
+        with anyio.move_on_after(SHUTDOWN_DRAIN_TIMEOUT):
             await self._drain_pending()
 
     @property
@@ -433,6 +435,11 @@ class Engine:
         while True:
             try:
                 await self._store.append_many(events)
+            except ValueError as exc:
+                # Rows the ledger refuses as they are (the rest were stored): retried, they would
+                # be refused again. The capture paths refuse such usage before it gets here.
+                log.error("the ledger refused usage: %s", exc)
+                return
             except (StoreUnavailable, OSError) as exc:
                 self._store_failed(exc)
                 if not wait:
@@ -463,8 +470,20 @@ class Engine:
             self._writing = len(batch)
             try:
                 await self._persist(batch, wait=True)
+            except BaseException:
+                # stopped (shutdown) before the write was known to be stored: held again, for
+                # `take_unstored` (stored twice is not possible: call_id)
+                self._pending.extendleft(reversed(batch))
+                raise
             finally:
                 self._writing = 0
+
+    def take_unstored(self) -> list[UsageEvent]:
+        """The usage recorded but not known to be stored (the store was failing), handed over
+        at shutdown to be kept elsewhere; the engine lets go of it."""
+        left = list(self._pending)
+        self._pending.clear()
+        return left
 
     # -- signals and actions --------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import anyio.abc
 from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
 from tokenwatch.core.admission import Admission, CallRequest, Gate
-from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent
+from tokenwatch.core.nesting import MAX_NESTING, nested_deeper_than
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
 from tokenwatch.proxy.errors import JSON, ErrorReply, error_body, error_reply
@@ -30,6 +31,7 @@ from tokenwatch.proxy.http import (
     RequestTooSlow,
     relayable,
 )
+from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
     OPENAI,
@@ -50,7 +52,14 @@ from tokenwatch.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt, json_object
+from tokenwatch.proxy.usage import (
+    INLINE_CHARS,
+    CallFacts,
+    Reader,
+    Usage,
+    count_prompt,
+    json_object,
+)
 
 __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 
@@ -102,6 +111,8 @@ class _Call:
     first_byte: float | None = None
     ended: float | None = None
     """Set when the exchange is over; the event is then finished in the settle task."""
+    cut_body: bytes = b""
+    """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
 
 
 class ProxyServer:
@@ -197,7 +208,11 @@ class ProxyServer:
     async def _dispatch(
         self, req: Incoming, target: Target, route: AgentRoute, body: bytes
     ) -> None:
-        doc = _json_object(body) if req.method == "POST" else None
+        doc = None
+        if req.method == "POST" and _looks_json(body):
+            if await _nested_too_deep(body):
+                return await self._too_deep(req, target, route)
+            doc = json_object(body)
         facts = _read_request(target, doc)
         if req.method != "POST" or not facts.metered:
             return await self._pass_through(req, target, route, body, facts.model)
@@ -228,6 +243,16 @@ class ProxyServer:
             self._in_flight -= 1
             call.ended = _now()
             self._settle_soon(admission, call.event, call)
+
+    async def _too_deep(self, req: Incoming, target: Target, route: AgentRoute) -> None:
+        # Refused before any reader recurses into it (RecursionError, an unlogged 500 before).
+        log.warning(
+            "refused a call of agent %s: its body nests deeper than %d levels",
+            route.agent,
+            MAX_NESTING,
+        )
+        message = f"request body nested deeper than {MAX_NESTING} levels"
+        await self._guard(req, target.provider, 400, message, "too_deep")
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -310,7 +335,10 @@ class ProxyServer:
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
             call.event.status = Status.ERROR.value
             status = await self._upstream_failed(req, call.target.provider, exc)
-            call.event.http_status = status or call.event.http_status
+            if call.event.http_status is None:
+                # never answered: what the agent got. One that answered and stopped short
+                # keeps its status, so the call is estimated like a cut stream (it was billed).
+                call.event.http_status = status
 
     async def _exchange(
         self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
@@ -340,7 +368,11 @@ class ProxyServer:
     ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
-        body = await upstream.read(lambda: self._first_byte(call))
+        try:
+            body = await upstream.read(lambda: self._first_byte(call))
+        except (UpstreamCut, UpstreamTimeout) as exc:
+            call.cut_body = exc.received
+            raise
         try:
             await req.respond(upstream.status, headers, body)
         finally:
@@ -350,12 +382,16 @@ class ProxyServer:
     async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
         size = 0
-        async for chunk in upstream.chunks():
-            self._first_byte(call)
-            await req.write(chunk)
-            size += len(chunk)
-            if size <= MAX_CAPTURE_BYTES:
-                kept.append(chunk)
+        try:
+            async for chunk in upstream.chunks():
+                self._first_byte(call)
+                await req.write(chunk)
+                size += len(chunk)
+                if size <= MAX_CAPTURE_BYTES:
+                    kept.append(chunk)
+        except (UpstreamCut, UpstreamTimeout):
+            call.cut_body = b"".join(kept)
+            raise
         if size <= MAX_CAPTURE_BYTES:
             call.reader.read_json(b"".join(kept))
 
@@ -422,10 +458,13 @@ class ProxyServer:
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
-        output = await tokens.count_text_async(call.reader.output_text(), call.facts.model)
+        text = call.reader.output_text() or cut_text(call.cut_body)
+        output = await tokens.count_text_async(text, call.facts.model)
         _fill(call.event, known)
-        call.event.input_tokens = known.input_tokens or call.prompt.tokens
-        call.event.output_tokens = max(known.output_tokens, output.tokens)
+        # Counted here, so within what one call can use whatever the body's size (the ledger
+        # refuses more).
+        call.event.input_tokens = min(known.input_tokens or call.prompt.tokens, MAX_CALL_TOKENS)
+        call.event.output_tokens = min(max(known.output_tokens, output.tokens), MAX_CALL_TOKENS)
         call.event.estimated = True
 
     # -- pass-through, refusals, settling --------------------------------------------------------
@@ -509,6 +548,15 @@ def _call_id(headers: Mapping[str, str]) -> str:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     return json_object(body) if body.lstrip()[:1] == b"{" else None
+def _looks_json(body: bytes) -> bool:
+    return body.lstrip()[:1] == b"{"
+
+
+async def _nested_too_deep(body: bytes) -> bool:
+    """Whether a JSON body nests deeper than MAX_NESTING; a big one is scanned off the loop."""
+    if len(body) < INLINE_CHARS:
+        return nested_deeper_than(body)
+    return await anyio.to_thread.run_sync(nested_deeper_than, body)
 
 
 def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import anyio.to_thread
 import orjson
 
 from tokenwatch.core import tokens
+from tokenwatch.core.models import MAX_CALL_TOKENS
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
 
@@ -82,17 +83,14 @@ class TextParts:
         return "".join(self.parts)
 
 
-MAX_COUNT: Final = 10**12
-"""No call uses a trillion tokens: a bigger figure from an upstream is garbage, not usage."""
-
-
 class BadCount(ValueError):
     """A usage figure that is there but is not a count of tokens: the call is estimated instead."""
 
 
 def number(doc: Any, *keys: str) -> int:
     """The count found by walking `keys` into nested objects; 0 when absent (or null). Raises
-    BadCount for a figure that is present but negative, fractional, not a number or absurd."""
+    BadCount for a figure that is present but negative, fractional, not a number, or more than
+    one call can use (MAX_CALL_TOKENS: garbage, not usage)."""
     for key in keys:
         if not isinstance(doc, dict):
             return 0
@@ -101,7 +99,7 @@ def number(doc: Any, *keys: str) -> int:
         return 0
     if isinstance(doc, float) and doc.is_integer():
         doc = int(doc)
-    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_COUNT:
+    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_CALL_TOKENS:
         return doc
     raise BadCount(f"usage {'.'.join(keys)} is {doc!r}")
 

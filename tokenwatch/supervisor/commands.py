@@ -13,7 +13,7 @@ from typing import Any
 from tokenwatch.config import Config, ConfigError, parse_config
 from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.budgets import budget_name, is_run_budget
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent, over_call_limit
 from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
 from tokenwatch.core.usage_wire import usage_from_wire
@@ -140,8 +140,8 @@ class Commands:
             run_id=rec.agent.run_id if rec else "",
             task=rec.agent.task if rec else "",
             tags=dict(rec.agent.tags) if rec else {},
-            input_tokens=max(0, msg.get("input_tokens", 0)),
-            max_output_tokens=max(0, msg.get("max_output_tokens", 0)),
+            input_tokens=_call_tokens(msg, "input_tokens"),
+            max_output_tokens=_call_tokens(msg, "max_output_tokens"),
             prompt_hash=msg.get("prompt_hash", ""),
         )
         admission, wait = self.engine.admit_nowait(call)
@@ -379,6 +379,14 @@ def _count(msg: dict[str, Any], field: str, default: int, most: int) -> int:
             ErrorCode.BAD_MESSAGE, f"{msg.get('type')}: {field!r} must be a whole number from 1"
         )
     return min(value, most)
+
+
+def _call_tokens(msg: dict[str, Any], field: str) -> int:
+    """A call's token figure (absent or negative: 0); more than one call can use is refused."""
+    value: int = max(0, msg.get(field, 0))
+    if value > MAX_CALL_TOKENS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"admit: {over_call_limit(field, value)}")
+    return value
 
 
 def _log_tail(logs_dir: Path | None, name: str, lines: int = LOG_TAIL_LINES) -> list[str]:

@@ -157,17 +157,33 @@ class Supervisor:
     ) -> None:
         """Serve until asked to stop; then resume what it paused and flush the ledger."""
         from tokenwatch.ledger.store import Store
+        from tokenwatch.ledger.unstored import store_kept
 
         with instance_lock(self.paths):
             self.paths.ensure_state()
             store = self.store = await Store.open(self.paths.db, writer_process=True)
+            await store_kept(store, self.paths.unstored)  # before budgets are counted from it
             try:
                 await self._serve(store, task_status)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await store.aclose()
+                    await self._close_ledger(store)
                 remove_pid(self.paths)
                 log.info("supervisor stopped")
+
+    async def _close_ledger(self, store: Store) -> None:
+        """Keep the usage the engine could not store (the proxy's last settlements included)
+        for the next start, then flush and close: nothing is lost without a line saying so."""
+        from tokenwatch.ledger.store import StoreUnavailable
+        from tokenwatch.ledger.unstored import keep_unstored
+
+        if self.engine is not None:
+            left, error = self.engine.take_unstored(), self.engine.statistics().store_error
+            await anyio.to_thread.run_sync(keep_unstored, self.paths.unstored, left, error)
+        try:
+            await store.aclose()
+        except StoreUnavailable as exc:
+            log.error("the ledger was not closed cleanly: %s", exc)
 
     async def _serve(self, store: Store, task_status: anyio.abc.TaskStatus[Supervisor]) -> None:
         engine = self.engine = self._build_engine(store)
