@@ -248,6 +248,7 @@ def test_a_missing_command_is_one_line_and_exit_127(supervisor: ServeProcess) ->
     [
         (["--tag", "oops", "--", "true"], "--tag 'oops': expected KEY=VALUE"),
         (["--budget", "lots", "--", "true"], "--budget: not a limit"),
+        (["--budget", "5", "--", "true"], "--budget: '5' has no unit: did you mean 5k (5,000 tokens) or $5"),
         ([], "nothing to run"),
         (["--", ""], "nothing to run"),
     ],
@@ -464,7 +465,7 @@ except urllib.error.HTTPError as exc:
 
 
 def test_a_run_budget_refuses_calls_that_would_exceed_it(supervisor: ServeProcess) -> None:
-    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30", "--",
+    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30tokens", "--",
                      *py(POST_CHAT))  # fmt: skip
     assert out.returncode == 0, out.stderr
     status, _, body = out.stdout.partition(" ")
@@ -494,7 +495,7 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     with fake_llm_in_thread() as fake:
         agent = subprocess.Popen(
             [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", "thrifty", "--budget",
-             "30", "--", *py(CALL_PER_LINE)],
+             "30tokens", "--", *py(CALL_PER_LINE)],
             env={**supervisor.env, "OPENAI_BASE_URL": fake.url + "/v1"}, cwd=tmp_path,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip

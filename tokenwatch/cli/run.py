@@ -94,10 +94,10 @@ def _tags(pairs: list[str]) -> dict[str, str]:
 def _check_budget(budget: str | None) -> None:
     if budget is None:
         return
-    from tokenwatch.core.quantities import QuantityError, parse_amount
+    from tokenwatch.core.quantities import QuantityError, parse_typed_limit
 
     try:
-        parse_amount(budget)
+        parse_typed_limit(budget)
     except QuantityError as exc:
         raise CliError(f"--budget: {exc}", exit_code=2) from None
 
