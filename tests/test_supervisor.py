@@ -328,7 +328,7 @@ async def test_a_bad_budget_sent_over_the_socket_is_a_clear_error() -> None:
     )
     assert unknown.value.code == "bad_message"
     assert "never-set" in unknown.value.message
-    assert saved == {"name": "ok"}
+    assert saved == {"name": "ok", "saved_to": str(paths.overlay)}
 
 
 async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
