@@ -148,6 +148,20 @@ def test_bad_windows_are_one_line(
     assert message in err
 
 
+@pytest.mark.parametrize(
+    "command", [["report"], ["export"], ["alerts"], ["rules", "test"]], ids=" ".join
+)
+def test_a_bad_since_is_the_same_line_and_exit_in_every_command(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *command, "--since", "yesterday-ish")
+    assert (code, out) == (2, "")
+    assert err == (
+        "tokenwatch: --since: not a time: 'yesterday-ish' "
+        "(try 1h, 24h, 7d, today, 2026-11-01 or 2026-11-01T09:00)\n"
+    )
+
+
 def test_report_on_empty_ledger(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report")
     assert code == 0

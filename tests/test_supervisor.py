@@ -83,6 +83,10 @@ def test_two_supervisors_started_at_once_end_with_one() -> None:
 
 @pytest.mark.slow
 def test_a_client_starts_the_supervisor_in_the_background(tokenwatch_home: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "env", "probe"],
+        capture_output=True, text=True, timeout=60, check=True, env=tokenwatch_env(),
+    )  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-m", "tokenwatch", "status", "--json"],
         capture_output=True, text=True, timeout=60, check=True, env=tokenwatch_env(),
@@ -114,7 +118,7 @@ def test_a_supervisor_that_cannot_start_says_why_in_one_line(tokenwatch_home: Pa
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("[proxy]\nport = 'abc'\n")
     out = subprocess.run(
-        [sys.executable, "-m", "tokenwatch", "status"],
+        [sys.executable, "-m", "tokenwatch", "env", "probe"],
         capture_output=True, text=True, timeout=60, env=tokenwatch_env(), cwd=tokenwatch_home,
     )  # fmt: skip
     assert out.returncode != 0

@@ -143,7 +143,7 @@ def _edit(
 ) -> str:
     """Save a budget edit beside the config in use and apply it; says where it went. The config
     in use is the running supervisor's (it saves the edit itself), unless --config names one."""
-    from tokenwatch.core.budget_file import overlay_file
+    from tokenwatch.supervisor.overlay import overlay_file
 
     if explicit is None:
         answer = _from_supervisor(tell)
@@ -504,13 +504,9 @@ def _limit(text: str) -> int:
 
 
 def _since(text: str) -> float:
-    from tokenwatch.core.periods import parse_start
-    from tokenwatch.core.quantities import QuantityError
+    from tokenwatch.cli.ledger import moment
 
-    try:
-        return parse_start(text)
-    except QuantityError as exc:
-        raise CliError(f"--since: {exc}") from None
+    return moment("--since", text, start=True)
 
 
 def _run(coro: Awaitable[Any]) -> Any:

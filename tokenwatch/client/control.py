@@ -86,7 +86,7 @@ class SupervisorClient:
             stream = await anyio.connect_unix(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise SupervisorUnavailable(
-                f"no supervisor is running (socket {path}); start one with `tokenwatch serve`"
+                f"no supervisor is running (socket {path})"
             ) from None
         except OSError as exc:
             raise SupervisorUnavailable(
