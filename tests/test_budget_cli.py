@@ -115,7 +115,10 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
             "run:x is a run's budget: only its limit can change (--action stays",
         ),
         (["alerts", "--since", "yesterday-ish"], "--since: not a time"),
-        (["budget", "set", "agent:x", "5"], "'5' has no unit: did you mean 5k (5,000 tokens) or $5"),
+        (
+            ["budget", "set", "agent:x", "5"],
+            "'5' has no unit: did you mean 5k (5,000 tokens) or $5",
+        ),
         (["budget", "set", "agent:x"], "required: LIMIT (see `tokenwatch budget set --help`)"),
         (["budgte"], "invalid choice: 'budgte'"),
     ],

@@ -248,7 +248,10 @@ def test_a_missing_command_is_one_line_and_exit_127(supervisor: ServeProcess) ->
     [
         (["--tag", "oops", "--", "true"], "--tag 'oops': expected KEY=VALUE"),
         (["--budget", "lots", "--", "true"], "--budget: not a limit"),
-        (["--budget", "5", "--", "true"], "--budget: '5' has no unit: did you mean 5k (5,000 tokens) or $5"),
+        (
+            ["--budget", "5", "--", "true"],
+            "--budget: '5' has no unit: did you mean 5k (5,000 tokens) or $5",
+        ),
         ([], "nothing to run"),
         (["--", ""], "nothing to run"),
     ],

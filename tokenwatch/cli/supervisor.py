@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Show the supervised agents and what each has used so far (the ledger's figures "
             f"for its run). Never starts a supervisor: with none running it says so and exits "
-            f"{NOT_RUNNING} (`--json` prints {{\"supervisor\": null, \"agents\": []}})."
+            f'{NOT_RUNNING} (`--json` prints {{"supervisor": null, "agents": []}}).'
         ),
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -170,7 +170,9 @@ def run_stop(args: argparse.Namespace) -> int:
 
 def run_reload(args: argparse.Namespace) -> int:
     data = _call(
-        lambda c: c.request("reload"), start=False, none="the next one reads the config as it starts"
+        lambda c: c.request("reload"),
+        start=False,
+        none="the next one reads the config as it starts",
     )
     print(data["summary"])
     return 0
