@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tokenwatch.ledger.report import Report
     from tokenwatch.ledger.store import Store
 
-GROUPS = ("agent", "task", "model", "user", "provider", "day")
+GROUPS = ("agent", "task", "model", "user", "provider", "day", "week", "month", "session")
 FILTERS = ("agent", "task", "model", "user", "provider")
 IMPORT_BATCH = 5000
 MAX_ERRORS_SHOWN = 20
@@ -62,7 +62,7 @@ def _register_import(subparsers: Any) -> None:
 def _register_report(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "report",
-        help="tokens and cost per agent, task, model, user, provider or day",
+        help="tokens and cost per agent, task, model, user, provider, day, week, month or session",
         description=(
             "Summarise stored usage over a window: per group, requests, input/cached/output/"
             "reasoning tokens, cost, average tokens per call, output/input ratio, cost per "
@@ -77,7 +77,13 @@ def _register_report(subparsers: Any) -> None:
         help="start: 1h, 24h, 7d (ago), today, or a date/time like 2026-11-01 (default 24h)",
     )
     p.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
-    p.add_argument("--by", choices=GROUPS, default="agent", help="grouping (default agent)")
+    p.add_argument(
+        "--by",
+        choices=GROUPS,
+        default="agent",
+        help="grouping (default agent); week starts on Monday; a session is one run of an agent "
+        "(`tokenwatch run`), with when it started and last called",
+    )
     p.add_argument(
         "--format",
         choices=("table", "json", "csv"),

@@ -324,7 +324,8 @@ class Commands:
         }
 
     async def on_report(self, session: Session, msg: dict[str, Any]) -> Any:
-        """Totals grouped by agent, task, model, user, provider or day since `since` (default 24 h)."""
+        """Totals grouped by agent, task, model, user, provider, day, week, month or session
+        since `since` (default 24 h)."""
         from tokenwatch.ledger.report import build_report
 
         by = msg.get("by", "agent")
