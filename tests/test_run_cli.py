@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.process_fixtures import Terminal, dead, start_as_nobody, state, state_soon
-from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
+from tests.supervisor_fixtures import ServeProcess, stop_serve, supervisor_process, tokenwatch_env
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.core.quantities import parse_amount
@@ -637,3 +637,39 @@ def test_a_duty_cycled_run_agent_runs_to_its_end(
     assert (proc.returncode, out) == (0, "done\n")
     assert err.splitlines()[0].startswith("tokenwatch: cycled throttled by cli (runs 30% of the")
     assert err.splitlines()[-1].startswith("tokenwatch: cycled exited 0")
+
+
+@pytest.mark.slow
+def test_a_run_whose_supervisor_goes_away_says_so_once_and_sums_up_from_the_ledger(
+    short_tmp: Path,
+) -> None:
+    env = tokenwatch_env(short_tmp / "home")
+    with fake_llm_in_thread() as fake, supervisor_process(env) as sp:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tokenwatch", "run", "--name", "orphan", "--",
+             *py(CALL_PER_LINE)],
+            env={**sp.env, "OPENAI_BASE_URL": fake.url + "/v1"}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert agent.stdin is not None
+        assert agent.stdout is not None
+        assert agent.stderr is not None
+        try:
+            agent.stdin.write("call\n")
+            agent.stdin.flush()
+            assert agent.stdout.readline() == "sent\n"
+            assert stop_serve(sp) == 0
+            told = agent.stderr.readline()  # said while the agent runs, not at its end
+            agent.stdin.write("done\n")
+            agent.stdin.flush()
+            assert agent.wait(timeout=TIMEOUT) == 0
+            rest = agent.stderr.read().splitlines()
+        finally:
+            agent.kill()
+    assert told == (
+        "tokenwatch: no supervisor answers: orphan's LLM calls through tokenwatch fail until "
+        "one runs again (`tokenwatch serve --detach` starts one)\n"
+    )
+    assert rest[0].startswith("tokenwatch: could not report the exit to the supervisor")
+    assert re.fullmatch(r"tokenwatch: orphan exited 0 · \d+ tokens · \$\S+ · 1 request", rest[-1])
+    assert len(rest) == 2
