@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tomllib
@@ -12,9 +13,11 @@ import pytest
 
 def planned(target: str, repo_root: Path, venv: Path) -> list[str]:
     """The commands `make TARGET` would run for a venv that does not exist yet (`make -n`)."""
+    # as a person types it, not as a sub-make of `make test` (which says where it works)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"],
-        cwd=repo_root, capture_output=True, text=True, timeout=60, check=True,
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return done.stdout.splitlines()
 
