@@ -278,14 +278,15 @@ def test_loading_is_offline_with_an_empty_cache(tmp_path: Path) -> None:
 def test_the_tokenizer_file_goes_to_tokenwatchs_cache_not_the_temp_dir(tmp_path: Path) -> None:
     temp, home = tmp_path / "tmp", tmp_path / "home"
     temp.mkdir()
+    claude = "c = count_text('tiktoken is great!', 'claude-haiku-4-5')\nresult += [c.encoding]\n"
     out = _run_offline(
-        COUNT_GPT4O,
+        COUNT_GPT4O + claude,  # o200k made from quicktok's vocabulary, and the offline cl100k
         {"TMPDIR": str(temp), "TOKENWATCH_HOME": str(home)},
         unset=("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"),
     )
-    assert out == {"result": [6, False, "o200k_base"], "attempts": 0}
+    assert out == {"result": [6, False, "o200k_base", "cl100k_base"], "attempts": 0}
     assert list(temp.iterdir()) == [], "nothing left in the system temp dir"
-    assert len(list((home / "cache" / "tiktoken").iterdir())) == 1
+    assert len(list((home / "cache" / "tiktoken").iterdir())) == 2
 
 
 def test_without_a_bundled_o200k_it_falls_back_to_an_estimate(tmp_path: Path) -> None:

@@ -128,7 +128,8 @@ def _load(name: str) -> Any | None:
             import tiktoken
 
             if name == FALLBACK_ENCODING:
-                encoding = tiktoken.get_encoding(_OFFLINE_NAME)
+                with _tiktoken_reading(_cache_dir()):  # it caches a copy of the bundled file
+                    encoding = tiktoken.get_encoding(_OFFLINE_NAME)
             elif name in _DOWNLOADABLE and (_cached_locally(name) or _seed_cache(name)):
                 with _tiktoken_reading(_cache_dir()):
                     encoding = tiktoken.get_encoding(name)
