@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="set, list or remove budgets",
         description=(
             "Budgets cap tokens or dollars per scope (global, agent, task, model, user, tag) and "
-            "period. Edits are saved to tokenwatch.local.toml beside your tokenwatch.toml (never "
-            "to the file you wrote) and a running supervisor applies them at once."
+            "period. Edits are saved to tokenwatch.local.toml beside the config in use (the "
+            "running supervisor's; never to the file you wrote), the path is printed, and a "
+            "running supervisor applies them at once."
         ),
     )
     actions = p.add_subparsers(dest="budget_command", metavar="ACTION", required=True)
@@ -94,7 +95,11 @@ def _add_set(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="global, or agent/task/model/user:NAME (a glob: each match gets its own limit), "
         "or tag:KEY=VALUE (a value glob works) or tag:KEY (any value)",
     )
-    q.add_argument("limit", metavar="LIMIT", help="tokens (200k, 1.5M) or dollars ('$5')")
+    q.add_argument(
+        "limit",
+        metavar="LIMIT",
+        help="tokens (200k, 1.5M) or dollars ('$5'); a bare number is refused (5k or $5?)",
+    )
     q.add_argument("--period", choices=PERIODS, help="default: day")
     q.add_argument("--action", choices=ACTIONS, help="what happens at the limit (default: alert)")
     q.add_argument("--warn", metavar="PCTS", help="warning thresholds in %% (default: 50,80,100)")

@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="KEY=VALUE",
         help="label for budgets and reports (repeatable)",
     )
-    p.add_argument("--budget", help="limit for this run: tokens (200k) or dollars ($2)")
+    p.add_argument(
+        "--budget", help="limit for this run: tokens (200k) or dollars ($2), never a bare number"
+    )
     p.add_argument(
         "--critical", action="store_true", help="rules only alert; never pause or kill it"
     )
