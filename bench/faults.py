@@ -235,7 +235,7 @@ def retry_run(n: int) -> RetryRun:
     ):
         out = subprocess.run(
             [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", f"retrier{n}",
-             "--budget", "300", "--", sys.executable, "-c", RETRIED_CALLS],
+             "--budget", "300tokens", "--", sys.executable, "-c", RETRIED_CALLS],
             env={**h.env, "OPENAI_BASE_URL": fake.url + "/v1"}, cwd=h.path,
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip

@@ -296,7 +296,8 @@ async def test_a_throttled_sdk_agent_is_told_how_long_to_wait(short_tmp: Path) -
     async with running_engine(short_tmp / "u.db") as (engine, _):
         engine.register("sdk")
         action = await engine.throttle("sdk", "600/min", who="cli")  # 10 tokens/s, 600 burst
-        _, first_wait = engine.admit_nowait(call("sdk", 600))
+        # a new throttle holds a tenth of its burst (not a whole minute's, on top of the rate)
+        _, first_wait = engine.admit_nowait(call("sdk", 60))
         await anyio.wait_all_tasks_blocked()
         _, second_wait = engine.admit_nowait(call("sdk", 300))
         state = engine.roster.find("sdk").agent

@@ -214,3 +214,30 @@ def test_ctrl_c_on_stdin_import_says_what_was_stored() -> None:
     stored = int(match.group(1).replace(",", ""))
     assert stored == stored_count(db)
     assert stored >= 5000
+
+
+def test_a_file_of_no_events_is_one_line_with_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = write_lines(tmp_path / "notes.md", ["# Notes", *(f"- item {i}" for i in range(40))])
+    assert main(["import", str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"tokenwatch: {notes}: no usage events in it, nothing imported (line 1: not JSON: "
+        "Expecting value at column 1; 41 bad lines)\n"
+    )
+    assert not Paths.discover().db.exists() or stored_events() == []
+
+
+def test_bad_lines_held_before_the_first_event_are_named_once_one_comes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = json.dumps({"ts": 1_790_000_000, "model": "gpt-4o", "input_tokens": 1})
+    source = write_lines(tmp_path / "u.jsonl", ["oops", "{", event, "nope"])
+    assert main(["import", str(source)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "tokenwatch: line 1: not JSON: Expecting value at column 1",
+        "tokenwatch: line 2: not JSON: Expecting property name enclosed in double quotes at column 2",
+        "tokenwatch: line 4: not JSON: Expecting value at column 1",
+        "tokenwatch: imported 1 events, skipped 3 bad lines",
+    ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from budget_fixtures import Clock, at
-from test_detect import HEALTHY, sent
+from test_detect import HEALTHY, long_expensive_task, sent
 
 from tokenwatch.config import BudgetSettings, ConfigError, RuleSettings
 from tokenwatch.core.admission import Signal
@@ -261,3 +263,24 @@ def test_replacing_rules_keeps_what_was_learnt_about_agents() -> None:
     rules.replace([RuleSettings(name="loop", detector="runaway", action="pause")])
     assert rules.names() == ["loop"]
     assert [s.action for s in feed(rules, clock, loop(1, start=T0 + 25))] == ["pause"]
+
+
+def test_a_small_day_budget_does_not_make_a_steady_agent_a_spike() -> None:
+    # The tour's researcher: a healthy call every 20 s under a $0.01 day budget. Its spend is
+    # the budget's business (warnings at 50 and 80 %, its action at the limit); the spike rule
+    # also fired when the hour's spend passed 5x the budget / 24, pausing it at 21 % of it.
+    clock = Clock(T0)
+    budgets = Budgets(
+        [BudgetSettings(scope="agent", target="researcher", limit="$0.01", action="pause")],
+        tz="UTC",
+        clock=clock,
+    )
+    rules = Rules(DEFAULT_RULES, clock=clock, budgets=budgets.statuses)
+    calls = [replace(e, agent="researcher", cost_usd=0.0002) for e in long_expensive_task(30)]
+    fired: list[Signal] = []
+    for e in calls:
+        clock.now = e.ts
+        budgets.record(e)
+        fired += rules.observe(e)
+    assert budgets.statuses()[0].fraction == pytest.approx(0.6)
+    assert [s.alert.message for s in fired if s.action != "alert"] == []  # the forecast alerts

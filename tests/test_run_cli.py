@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.process_fixtures import Terminal, dead, start_as_nobody, state, state_soon
-from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
+from tests.supervisor_fixtures import ServeProcess, stop_serve, supervisor_process, tokenwatch_env
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.core.quantities import parse_amount
@@ -250,6 +250,10 @@ def test_a_missing_command_is_one_line_and_exit_127(supervisor: ServeProcess) ->
     [
         (["--tag", "oops", "--", "true"], "--tag 'oops': expected KEY=VALUE"),
         (["--budget", "lots", "--", "true"], "--budget: not a limit"),
+        (
+            ["--budget", "5", "--", "true"],
+            "--budget: '5' has no unit: did you mean 5k (5,000 tokens) or $5",
+        ),
         ([], "nothing to run"),
         (["--", ""], "nothing to run"),
     ],
@@ -466,7 +470,7 @@ except urllib.error.HTTPError as exc:
 
 
 def test_a_run_budget_refuses_calls_that_would_exceed_it(supervisor: ServeProcess) -> None:
-    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30", "--",
+    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30tokens", "--",
                      *py(POST_CHAT))  # fmt: skip
     assert out.returncode == 0, out.stderr
     status, _, body = out.stdout.partition(" ")
@@ -496,7 +500,7 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     with fake_llm_in_thread() as fake:
         agent = subprocess.Popen(
             [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", "thrifty", "--budget",
-             "30", "--", *py(CALL_PER_LINE)],
+             "30tokens", "--", *py(CALL_PER_LINE)],
             env={**supervisor.env, "OPENAI_BASE_URL": fake.url + "/v1"}, cwd=tmp_path,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -644,7 +648,7 @@ def test_sdk_retries_are_each_recorded_and_a_run_budget_still_refuses(
     # every second request is a 429 the SDK retries with the same headers, call id included
     with fake_llm_in_thread(fail_every=2, fail_status=429, retry_after_s=0.1) as fake:
         out = tokenwatch(
-            supervisor, "run", "--name", "retrier", "--budget", "200", "--", *py(RETRIED_CALLS),
+            supervisor, "run", "--name", "retrier", "--budget", "200tokens", "--", *py(RETRIED_CALLS),
             OPENAI_BASE_URL=fake.url + "/v1",
         )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -686,3 +690,36 @@ def test_a_key_on_the_agents_command_line_is_neither_stored_nor_shown(
     assert "[redacted]" in stored_agent(supervisor, "keyed")
     files = supervisor.paths.state_dir.glob("usage.db*")
     assert not [f for f in files if key.encode() in f.read_bytes()]
+def test_a_run_whose_supervisor_goes_away_says_so_once_and_sums_up_from_the_ledger(
+    short_tmp: Path,
+) -> None:
+    env = tokenwatch_env(short_tmp / "home")
+    with fake_llm_in_thread() as fake, supervisor_process(env) as sp:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tokenwatch", "run", "--name", "orphan", "--",
+             *py(CALL_PER_LINE)],
+            env={**sp.env, "OPENAI_BASE_URL": fake.url + "/v1"}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert agent.stdin is not None
+        assert agent.stdout is not None
+        assert agent.stderr is not None
+        try:
+            agent.stdin.write("call\n")
+            agent.stdin.flush()
+            assert agent.stdout.readline() == "sent\n"
+            assert stop_serve(sp) == 0
+            told = agent.stderr.readline()  # said while the agent runs, not at its end
+            agent.stdin.write("done\n")
+            agent.stdin.flush()
+            assert agent.wait(timeout=TIMEOUT) == 0
+            rest = agent.stderr.read().splitlines()
+        finally:
+            agent.kill()
+    assert told == (
+        "tokenwatch: no supervisor answers: orphan's LLM calls through tokenwatch fail until "
+        "one runs again (`tokenwatch serve --detach` starts one)\n"
+    )
+    assert rest[0].startswith("tokenwatch: could not report the exit to the supervisor")
+    assert re.fullmatch(r"tokenwatch: orphan exited 0 · \d+ tokens · \$\S+ · 1 request", rest[-1])
+    assert len(rest) == 2

@@ -51,7 +51,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status",
         help="agents with state, pid, tokens, cost and burn rate",
-        description="Show the supervised agents (starts the supervisor if none runs).",
+        description=(
+            "Show the supervised agents and what each has used so far (the ledger's figures "
+            f"for its run). Never starts a supervisor: with none running it says so and exits "
+            f'{NOT_RUNNING} (`--json` prints {{"supervisor": null, "agents": []}}).'
+        ),
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=run_status)
@@ -159,13 +163,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    data = _call(lambda c: c.request("shutdown"), start=False)
+    data = _call(lambda c: c.request("shutdown"), start=False, none="nothing to stop")
     print(f"supervisor {data['pid']} is stopping")
     return 0
 
 
 def run_reload(args: argparse.Namespace) -> int:
-    data = _call(lambda c: c.request("reload"), start=False)
+    data = _call(
+        lambda c: c.request("reload"),
+        start=False,
+        none="the next one reads the config as it starts",
+    )
     print(data["summary"])
     return 0
 
@@ -173,24 +181,51 @@ def run_reload(args: argparse.Namespace) -> int:
 # -- talking to it ---------------------------------------------------------------------------
 
 
-def _call(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
-    """Connect, run `fn`, and turn every supervisor failure into one clear line."""
+NO_AGENTS = "no agent is supervised (`tokenwatch run -- CMD` starts one and runs CMD under it)"
+NOT_RUNNING = 3
+"""`status`'s exit code when no supervisor runs (as an init script's status says "not running")."""
+
+
+def _call(
+    fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool, none: str = NO_AGENTS
+) -> Any:
+    """Connect (starting a supervisor only if `start`), run `fn`, and turn every supervisor
+    failure into one clear line; `none` says what it means that none runs."""
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:
+        return _answer(fn, start=start)
+    except SupervisorUnavailable as exc:
+        raise CliError(exc.message if start else f"{exc.message}: {none}") from None
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
+
+
+def _answer(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
     import anyio
 
-    from tokenwatch.client.control import SupervisorClient, SupervisorError
+    from tokenwatch.client.control import SupervisorClient
 
     async def go() -> Any:
         async with await SupervisorClient.connect(start=start) as client:
             return await fn(client)
 
-    try:
-        return anyio.run(go)
-    except SupervisorError as exc:
-        raise CliError(exc.message) from None
+    return anyio.run(go)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = _call(lambda c: c.request("status"), start=True)
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:  # read-only: a status never starts a supervisor, it says there is none
+        status = _answer(lambda c: c.request("status"), start=False)
+    except SupervisorUnavailable as exc:
+        if args.json:
+            print(json.dumps({"supervisor": None, "agents": []}, indent=2))
+        else:
+            print(f"{exc.message}: {NO_AGENTS}")
+        return NOT_RUNNING
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0

@@ -41,9 +41,11 @@ class Amount:
     unit: Unit
 
     def __str__(self) -> str:
+        """As it can be typed back: `$2`, `200k`, `60tokens` (a bare `60` is refused)."""
         if self.unit is Unit.USD:
             return f"${self.value:g}"
-        return format_tokens(self.value)
+        text = format_tokens(self.value)
+        return text if text[-1].isalpha() else f"{text}tokens"
 
 
 class RateKind(enum.StrEnum):
@@ -118,6 +120,22 @@ def parse_amount(text: str | int | float) -> Amount:
         raise QuantityError(
             f"not a limit: {text!r} (tokens like 200k, or dollars like $2)"
         ) from None
+
+
+def parse_typed_limit(text: str) -> Amount:
+    """A limit typed on a command line or in a dialog: like `parse_amount`, but a bare number
+    is refused, since people mean dollars by `5` as often as tokens."""
+    raw = text.strip().replace(",", "").replace("_", "")
+    if not re.fullmatch(_NUMBER, raw):
+        return parse_amount(text)
+    value = float(raw)
+    if value < 1000:
+        tokens = f"{raw}k ({value * 1000:,.0f} tokens)"
+    elif parse_tokens(compact := format_tokens(value)) == value:
+        tokens = f"{compact} ({value:,.0f} tokens)"
+    else:
+        tokens = f"{raw}tokens"
+    raise QuantityError(f"{text!r} has no unit: did you mean {tokens} or ${raw} (dollars)?")
 
 
 def parse_duration(text: str | int | float) -> float:

@@ -17,7 +17,7 @@ from tokenwatch.core.admission import Signal
 from tokenwatch.core.detect import Finding
 from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
 from tokenwatch.core.quantities import QuantityError, parse_rate
-from tokenwatch.core.recent import Recent, Track, busy_median, repeats
+from tokenwatch.core.recent import Recent, busy_median, repeats
 
 DETECTORS: Final = (
     "runaway",
@@ -320,11 +320,10 @@ class Rules:
     def _spike(
         self, rule: RuleSettings, mem: _AgentMemory, now: float, since: float
     ) -> Finding | None:
+        # Only a change of pace: spend against a budget is the budget's own warnings and action
+        # (an arm comparing the hour's spend with a day budget / 24 paused healthy agents).
         factor = rule.threshold or detect.SPIKE_FACTOR
-        found = _spike(mem, now, factor, rule.window or detect.SPIKE_WINDOW, since)
-        if found is None and self._budgets is not None:
-            found = _overspend(mem, now, since, self._budgets(), factor)
-        return found
+        return _spike(mem, now, factor, rule.window or detect.SPIKE_WINDOW, since)
 
     def _scan(
         self, rule: RuleSettings, mem: _AgentMemory, now: float, since: float
@@ -341,18 +340,14 @@ class Rules:
                 window=window or detect.RUNAWAY_WINDOW,
             )
         if kind == "spike":
-            factor = level or detect.SPIKE_FACTOR
             # The baseline is the agent's whole recent history; only the burst must be fresh.
-            found = detect.spike(
+            return detect.spike(
                 list(mem.events),
                 now,
-                factor=factor,
+                factor=level or detect.SPIKE_FACTOR,
                 window=window or detect.SPIKE_WINDOW,
                 since=since,
             )
-            if found is None and self._budgets is not None:
-                found = detect.hourly_overspend(events, now, self._budgets(), factor=factor)
-            return found
         if kind == "context_growth":
             recent = [e for e in events if e.ts > mem.context_from]
             return detect.context_growth(recent, calls=int(level or detect.CONTEXT_CALLS))
@@ -502,30 +497,6 @@ def _spike(
     if found is None or not detect.faster(j - i, window, gaps):
         return None
     return found
-
-
-def _overspend(
-    mem: _AgentMemory, now: float, since: float, budgets: Sequence[BudgetStatus], factor: float
-) -> Finding | None:
-    """`detect.hourly_overspend` from the index: the hour's exact cost rules most calls out; the
-    float sum the detector compares is only added up when it may be over a budget's pace."""
-    agent = mem.events[-1].agent
-    daily = detect.daily_usd(budgets, agent)
-    if not daily:
-        return None
-    ok = mem.recent.ok
-    i = ok.after(max(since, now - 3600.0))
-    at_most = _most(ok, i) if mem.recent.costs_exact else float("inf")
-    if detect.overspend(agent, at_most, daily, factor=factor) is None:
-        return None
-    spent = sum(e.cost_usd or 0.0 for e in ok.events[i:])
-    return detect.overspend(agent, spent, daily, factor=factor)
-
-
-def _most(ok: Track, i: int) -> float:
-    """At least what adding the costs of ok[i:] up one by one in floats can come to."""
-    # Summing n non-negative floats errs by under n * 2**-53 of the exact sum; keep 4x that.
-    return ok.cost_since(i) * (1.0 + (len(ok.ts) - i + 2) * 2.0**-51)
 
 
 def _context_growth(rule: RuleSettings, mem: _AgentMemory, since: float) -> Finding | None:

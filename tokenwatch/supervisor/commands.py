@@ -276,7 +276,7 @@ class Commands:
             await self._apply_budgets(_saved(set_budget, self.config, budget))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
-        return {"name": name}
+        return {"name": name, "saved_to": str(overlay_file(self.config))}
 
     async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         name = msg["name"]
@@ -290,7 +290,7 @@ class Commands:
             await self._apply_budgets(_saved(remove_budget, self.config, name))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
-        return {"name": name}
+        return {"name": name, "saved_to": str(overlay_file(self.config))}
 
     async def _apply_budgets(self, config: Config) -> None:
         self.config = config
@@ -324,7 +324,8 @@ class Commands:
         }
 
     async def on_report(self, session: Session, msg: dict[str, Any]) -> Any:
-        """Totals grouped by agent, task, model, user, provider or day since `since` (default 24 h)."""
+        """Totals grouped by agent, task, model, user, provider, day, week, month or session
+        since `since` (default 24 h)."""
         from tokenwatch.ledger.report import build_report
 
         by = msg.get("by", "agent")

@@ -33,6 +33,7 @@ from tokenwatch.supervisor.reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.supervisor.server import SocketServer
 
 if TYPE_CHECKING:
+    from tokenwatch.engine.agents import AgentRecord
     from tokenwatch.ledger.store import Store
 
 log = logging.getLogger("tokenwatch.supervisor")
@@ -201,7 +202,9 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             await self._seed(engine, store)
-            self.recovered = [rec.name for rec in await engine.recover()]
+            found = await engine.recover()
+            await _count_runs_so_far(found, store)
+            self.recovered = [rec.name for rec in found]
             await self._start_notifier(tg, engine)
             if self._with_proxy:
                 await self._start_proxy(tg, engine)
@@ -385,6 +388,20 @@ async def _shut_down_at_exit(exporter: Any) -> None:
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(exporter.shutdown)
+
+
+async def _count_runs_so_far(found: list[AgentRecord], store: Store) -> None:
+    """What the ledger holds for each run a previous supervisor supervised part of: `status`
+    and `tokenwatch run`'s summary count the whole run, whoever supervised which part."""
+    for rec in found:
+        agent = rec.agent
+        if not agent.run_id:
+            continue
+        for run in await store.sessions(agent.started_at - 1.0, agent=agent.name):
+            if run.run_id == agent.run_id:
+                rec.requests, rec.tokens = run.requests, run.total_tokens
+                priced = run.requests > run.unpriced_requests
+                rec.cost_usd = run.cost_usd if priced else None
 
 
 def _config_file(config: Config) -> Path | None:
