@@ -65,7 +65,11 @@ class TokenwatchApp(App[None]):
 
     CSS_PATH = "dashboard.tcss"
     TITLE = "tokenwatch"
-    BINDINGS: ClassVar[list[Any]] = [Binding("q", "quit", "Quit")]
+    BINDINGS: ClassVar[list[Any]] = [
+        Binding("q", "quit", "Quit"),
+        # Textual 8 only says "press ctrl+q"; a box with text selected still copies it first.
+        Binding("ctrl+c", "quit", show=False),
+    ]
 
     def __init__(
         self,
