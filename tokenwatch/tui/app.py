@@ -40,6 +40,7 @@ _DONE_VERBS = {
     "resume": "resumed",
     "kill": "killed",
     "pause_all": "paused all non-critical agents",
+    "resume_all": "resumed all paused agents",
     "ack_alerts": "alerts acknowledged",
     "set_budget": "budget saved",
     "launch": "launched",
