@@ -30,13 +30,14 @@ ALERT = "looper repeated the same prompt 4 times in 1 s; paused"
 
 
 def crowded_snapshot() -> Snapshot:
-    """Two names that share a long prefix, a throttle rate and a long last alert."""
+    """Two names that share a long prefix, a throttle rate, a long last alert, a tiny cost."""
     snap = sample_snapshot()
     snap.agents[0].agent.name = "literature-reviewer-alpha"
     snap.agents[1].agent.name = "literature-reviewer-beta"
     snap.agents[2].agent.state = "throttled"
     snap.agents[2].agent.throttle = "20k/min"
     snap.agents[4].last_alert = ALERT
+    snap.agents[3].period_cost_usd = 0.000098  # a figure grows its column, never cut
     return snap
 
 
@@ -56,6 +57,7 @@ async def test_names_and_states_stay_apart_and_nothing_is_cut_silently(
         text = widget_text(table)
         alpha, beta = line_with(text, "alpha"), line_with(text, "beta")
         assert "throttled 20k/min" in text
+        assert "$0.000098" in text
         for row in (alpha, beta):
             assert re.search(r"\d+%", row), "the budget column is still on screen"
         if size[0] >= 160:

@@ -42,7 +42,8 @@ class Column:
     stretch: bool = False
     """Takes the width the other columns leave, when it is the last one shown."""
     fit: int = 0
-    """If set, the widest it grows to fit its cells (from `width` up); 0: always `width`."""
+    """If set, the widest it grows to fit its cells (from `width` up); 0: always `width`. Figures
+    grow but never yield: `$0.000098` cut to `$0.0000…` would say nothing."""
     least: int = 0
     """The narrowest it yields to when the others need the room (0: it does not yield)."""
 
@@ -68,11 +69,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("state", "state", 9, _state, lambda v: v.agent.state, descending=False, fit=20, least=9),
     Column("pid", "pid", 7, lambda v: str(v.agent.pid or "-"), lambda v: v.agent.pid or 0, True),
     Column("models", "model", 14, lambda v: ",".join(v.models) or "-", lambda v: v.models, True, fit=24, least=10),
-    Column("rpm", "req/m", 5, lambda v: f"{v.requests_per_min:.0f}", lambda v: v.requests_per_min, True),
-    Column("tpm", "tok/m", 6, lambda v: format_tokens(v.tokens_per_min), lambda v: v.tokens_per_min),
-    Column("uph", "$/h", 8, lambda v: format_usd(v.usd_per_hour), lambda v: v.usd_per_hour),
-    Column("tokens", "tokens", 6, lambda v: format_tokens(v.period_tokens), lambda v: v.period_tokens, True),
-    Column("cost", "cost", 8, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd),
+    Column("rpm", "req/m", 5, lambda v: f"{v.requests_per_min:.0f}", lambda v: v.requests_per_min, True, fit=8),
+    Column("tpm", "tok/m", 6, lambda v: format_tokens(v.tokens_per_min), lambda v: v.tokens_per_min, fit=8),
+    Column("uph", "$/h", 8, lambda v: format_usd(v.usd_per_hour), lambda v: v.usd_per_hour, fit=12),
+    Column("tokens", "tokens", 6, lambda v: format_tokens(v.period_tokens), lambda v: v.period_tokens, True, fit=8),
+    Column("cost", "cost", 8, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd, fit=12),
     Column("budget", "budget", 11, _budget, lambda v: v.budget_fraction or 0.0),
     Column("burn", "burn", 8, lambda v: sparkline(v.burn), lambda v: sum(v.burn[-8:]), True),
     Column("alert", "last alert", 18, _alert, lambda v: v.last_alert, True, stretch=True, least=10),
@@ -214,12 +215,12 @@ class AgentsTable(DataTable[Cell]):
     def on_resize(self) -> None:
         self._sync(self.selected_name)
 
-    def _fit_widths(self, chosen: list[AgentView]) -> tuple[int, ...]:
+    def _fit_widths(self, rows: list[list[Cell]]) -> tuple[int, ...]:
         """Each column's width: fitted to its cells, then the yielding ones narrowed (YIELD_ORDER)
         until all fit; a stretching last column takes what is left (a long alert reads whole).
         The vertical scrollbar's room is kept so many agents never push the table sideways."""
         cols = self._columns
-        widths = [_wanted(col, chosen) for col in cols]
+        widths = [_wanted(col, [row[i] for row in rows]) for i, col in enumerate(cols)]
         room = self.size.width - self.styles.scrollbar_size_vertical
         over = sum(widths) + 2 * self.cell_padding * len(cols) - room
         for key in YIELD_ORDER:
@@ -299,7 +300,8 @@ class AgentsTable(DataTable[Cell]):
 
     def _sync_rows(self, selected: str | None) -> None:
         chosen = self._visible()
-        widths = self._fit_widths(chosen)
+        rows = [[col.cell(v) for col in self._columns] for v in chosen]
+        widths = self._fit_widths(rows)
         if widths != self._widths:
             self._lay_out(widths)
         while len(self._slots) < len(chosen):
@@ -311,14 +313,16 @@ class AgentsTable(DataTable[Cell]):
             self.remove_row(f"slot-{len(self._slots) - 1}")
             self._slots.pop()
             self._plain.pop()
-        for slot, view in enumerate(chosen):
-            self._write_slot(slot, view)
+        for slot, (view, row) in enumerate(zip(chosen, rows, strict=True)):
+            self._write_slot(slot, view.agent.name, row)
         if selected in self._slots and self._slots[self.cursor_row] != selected:
             self.move_cursor(row=self._slots.index(selected), animate=False)
 
-    def _write_slot(self, slot: int, view: AgentView) -> None:
-        self._slots[slot] = view.agent.name
-        cells = [_fitted(col, view, w) for col, w in zip(self._columns, self._widths, strict=True)]
+    def _write_slot(self, slot: int, name: str, row: list[Cell]) -> None:
+        self._slots[slot] = name
+        cells = [
+            _fitted(c, col, w) for c, col, w in zip(row, self._columns, self._widths, strict=True)
+        ]
         plain = tuple(c.plain if isinstance(c, Text) else c for c in cells)
         old = self._plain[slot]
         if plain == old:
@@ -335,11 +339,11 @@ class AgentsTable(DataTable[Cell]):
         return list(self._slots)
 
 
-def _wanted(col: Column, chosen: list[AgentView]) -> int:
+def _wanted(col: Column, cells: list[Cell]) -> int:
     """The width a column asks for: its own, or (`fit`) its widest cell up to `fit`."""
-    if not col.fit or not chosen:
+    if not col.fit or not cells:
         return col.width
-    widest = max(_cell_width(col.cell(v)) for v in chosen)
+    widest = max(_cell_width(c) for c in cells)
     return max(col.width, min(col.fit, widest))
 
 
@@ -347,9 +351,8 @@ def _cell_width(cell: Cell) -> int:
     return cell.cell_len if isinstance(cell, Text) else cell_len(cell)
 
 
-def _fitted(col: Column, view: AgentView, width: int) -> Cell:
+def _fitted(cell: Cell, col: Column, width: int) -> Cell:
     """The cell cut to its column with an ellipsis: names in the middle, the rest at the end."""
-    cell = col.cell(view)
     if col.key == "name" and isinstance(cell, str):
         return fit_middle(cell, width)
     return fit_end(cell, width)
