@@ -130,6 +130,10 @@ class AgentsTable(DataTable[Cell]):
         self._columns: tuple[Column, ...] = ()
         self._cell_lines: dict[tuple[object, ...], tuple[object, SegmentLines]] = {}
         self._widths: tuple[int, ...] = ()
+        self._wanted: dict[str, int] = {}
+        """Widest each column asked for since the layout was last chosen: columns grow at once
+        but shrink only on a resize, sort or filter, so a figure that comes and goes does not
+        lay the table out again every refresh."""
         self._held_until = float("-inf")
         self._syncing = False
         self.hidden_rows = 0
@@ -194,7 +198,9 @@ class AgentsTable(DataTable[Cell]):
         return self.clock() < self._held_until
 
     def release_order(self) -> None:
+        """Sort again at once (a new sort or filter); columns may narrow to what is shown."""
         self._held_until = float("-inf")
+        self._wanted = {}
 
     def watch_cursor_coordinate(self, old: Coordinate, new: Coordinate) -> None:
         super().watch_cursor_coordinate(old, new)
@@ -209,10 +215,11 @@ class AgentsTable(DataTable[Cell]):
             return
         self.wide = wide
         self._columns = tuple(c for c in COLUMNS if wide or not c.wide_only)
-        self._widths = ()
+        self._widths, self._wanted = (), {}
         self._sync(self.selected_name)
 
     def on_resize(self) -> None:
+        self._wanted = {}
         self._sync(self.selected_name)
 
     def _fit_widths(self, rows: list[list[Cell]]) -> tuple[int, ...]:
@@ -220,7 +227,11 @@ class AgentsTable(DataTable[Cell]):
         until all fit; a stretching last column takes what is left (a long alert reads whole).
         The vertical scrollbar's room is kept so many agents never push the table sideways."""
         cols = self._columns
-        widths = [_wanted(col, [row[i] for row in rows]) for i, col in enumerate(cols)]
+        widths = [
+            max(_wanted(col, [row[i] for row in rows]), self._wanted.get(col.key, 0))
+            for i, col in enumerate(cols)
+        ]
+        self._wanted = {col.key: w for col, w in zip(cols, widths, strict=True)}
         room = self.size.width - self.styles.scrollbar_size_vertical
         over = sum(widths) + 2 * self.cell_padding * len(cols) - room
         for key in YIELD_ORDER:
