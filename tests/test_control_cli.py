@@ -130,6 +130,32 @@ def test_pause_all_spares_critical_agents(supervisor: ServeProcess) -> None:
 
 
 @pytest.mark.slow
+def test_resume_all_resumes_every_paused_agent_critical_ones_too(supervisor: ServeProcess) -> None:
+    plain, critical = start_tree(), start_tree()
+    pids = descendants(plain.pid) + descendants(critical.pid)
+    try:
+        attach(supervisor, plain.pid, "sleepy")
+        keeper = request(supervisor, "register", name="guard", critical=True)
+        request(supervisor, "started", name=keeper["name"], pid=critical.pid)
+        for name in ("sleepy", keeper["name"]):
+            request(supervisor, "pause", agent=name)
+        wait_for_states(pids, {"T"})
+        done = tw(supervisor, "resume", "--all")
+        wait_for_states(pids, RUNNING_STATES)
+        again = tw(supervisor, "resume", "--all")
+        request(supervisor, "kill", agent="sleepy")
+        request(supervisor, "kill", agent=keeper["name"])
+    finally:
+        kill_tree(pids)
+        plain.wait()
+        critical.wait()
+    assert done.returncode == 0, done.stderr
+    assert "sleepy resumed" in done.stdout
+    assert f"{keeper['name']} resumed" in done.stdout
+    assert again.stdout.strip() == "no paused agent to resume"
+
+
+@pytest.mark.slow
 def test_throttle_by_rate_and_by_duty_cycle(supervisor: ServeProcess) -> None:
     tree = start_tree()
     pids = descendants(tree.pid)

@@ -352,3 +352,19 @@ async def test_a_pause_budget_pauses_the_agent_it_refuses_at_once(short_tmp: Pat
     assert not refused.allowed
     assert refused.budget == "cap"
     assert [(a.kind, a.who) for a in actions] == [("pause", "budget:cap")]
+
+
+def test_each_rows_gauge_is_the_agents_own_fullest_budget_never_the_global_one() -> None:
+    from tokenwatch.core.models import AgentView, BudgetStatus
+    from tokenwatch.engine.figures import LiveFigures
+
+    budgets = [
+        BudgetStatus("global:*:day", "global", "*", "day", 10.0, "usd", 9.0, "alert"),
+        BudgetStatus("agent:coder:day", "agent", "coder", "day", 1000, "tokens", 200, "pause"),
+        BudgetStatus("agent:coder:hour", "agent", "coder", "hour", 100, "tokens", 50, "pause"),
+    ]
+    views = [AgentView(agent=Agent(name)) for name in ("coder", "writer")]
+    snap = LiveFigures(tz="UTC", clock=lambda: 1_767_000_000.0).snapshot(views, budgets)
+    gauges = {v.agent.name: v.budget_fraction for v in snap.agents}
+    assert gauges == {"coder": 0.5, "writer": None}
+    assert snap.daily_budget_usd == 10.0  # the global one is the summary bar's

@@ -94,6 +94,15 @@ def test_unpriced_is_never_shown_as_zero() -> None:
     assert format_usd(1234.5) == "$1,234"
 
 
+@pytest.mark.parametrize(
+    ("usd", "shown"),
+    [(0.0312, "$0.0312"), (0.0042, "$0.0042"), (0.00042, "$0.00042"), (0.000037, "$0.000037"),
+     (0.0000995, "$0.00010"), (0.0009996, "$0.0010"), (1e-9, "<$0.000001")],
+)  # fmt: skip
+def test_small_costs_keep_two_significant_digits(usd: float, shown: str) -> None:
+    assert format_usd(usd) == shown
+
+
 @given(st.integers(min_value=0, max_value=10**12))
 def test_token_counts_round_trip_through_their_display(n: int) -> None:
     shown = format_tokens(n)

@@ -25,8 +25,8 @@ from tokenwatch.core.protocol import ProtocolError
 from tokenwatch.core.usage_wire import usage_from_wire
 
 # Messages that would act on real processes or stop the supervisor are left out of the fuzz.
-UNSAFE = {"shutdown", "attach", "started", "kill", "pause", "pause_all", "resume", "throttle",
-          "launch", "adopt", "register", "set_budget", "remove_budget", "exited"}  # fmt: skip
+UNSAFE = {"shutdown", "attach", "started", "kill", "pause", "pause_all", "resume", "resume_all",
+          "throttle", "launch", "adopt", "register", "set_budget", "remove_budget", "exited"}  # fmt: skip
 SAFE_TYPES = sorted(set(protocol.SCHEMAS) - UNSAFE)
 
 json_scalars = st.one_of(

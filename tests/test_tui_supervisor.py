@@ -1,5 +1,5 @@
 """The dashboard against a real supervisor (in-process) over its socket: launch, budget form
-persisted to the overlay, pause on a real process, detail and report screens with real replies."""
+persisted to the overlay, pause and resume all on a real process, detail and report screens with real replies."""
 
 from __future__ import annotations
 
@@ -87,7 +87,10 @@ async def test_dashboard_drives_a_real_supervisor(short_tmp: Path) -> None:
             await wait_for(
                 pilot, lambda: "report failed" not in " ".join(notifications(app)), "no error"
             )
-            await pilot.press("escape", "k")
+            await pilot.press("escape", "R")  # resume every paused agent
+            await wait_for(pilot, lambda: proc_state(pid) in {"S", "R"}, "process resumed")
+            await wait_for(pilot, lambda: app.view_of("alpha").agent.state == "running", "shown")
+            await pilot.press("k")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm")
             await pilot.press("y")
             await wait_for(pilot, lambda: dead(pid), "process gone")

@@ -60,25 +60,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=run_status)
 
-    p = sub.add_parser(
-        "pause",
-        help="stop an agent's process tree (SIGSTOP) and hold its calls",
-        description="Pause an agent: SIGSTOP to its whole process tree; its proxied calls wait.",
-    )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
-    target.add_argument("--all", action="store_true", help="every agent not marked critical")
-    _why(p)
-    p.set_defaults(func=run_pause)
-
-    for verb, text in (
-        ("resume", "continue a paused agent (SIGCONT) and release its calls"),
-        ("kill", "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"),
-    ):
+    for verb, text, every in (
+        ("pause", "stop an agent's process tree (SIGSTOP) and hold its calls",
+         "every agent not marked critical"),
+        ("resume", "continue a paused agent (SIGCONT) and release its calls",
+         "every paused agent (critical ones too)"),
+    ):  # fmt: skip
         p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
-        p.add_argument("name", help="agent name (see `tokenwatch status`)")
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
+        target.add_argument("--all", action="store_true", help=every)
         _why(p)
         p.set_defaults(func=run_control, verb=verb)
+
+    text = "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"
+    p = sub.add_parser("kill", help=text, description=text[0].upper() + text[1:] + ".")
+    p.add_argument("name", help="agent name (see `tokenwatch status`)")
+    _why(p)
+    p.set_defaults(func=run_control, verb="kill")
 
     p = sub.add_parser(
         "throttle",
@@ -277,21 +276,18 @@ def _print_action(action: dict[str, Any]) -> None:
     print(f"{action['agent']} {verb}{detail}")
 
 
-def run_pause(args: argparse.Namespace) -> int:
-    if args.all:
-        actions = _call(lambda c: c.request("pause_all", who="cli", why=args.why), start=False)
-        for action in actions:
-            _print_action(action)
-        if not actions:
-            print("no running agent to pause")
-        return 0
-    _print_action(
-        _call(lambda c: c.request("pause", agent=args.name, who="cli", why=args.why), start=False)
-    )
-    return 0
+_NONE_TO = {"pause": "no running agent to pause", "resume": "no paused agent to resume"}
 
 
 def run_control(args: argparse.Namespace) -> int:
+    if getattr(args, "all", False):  # pause --all, resume --all
+        kind = f"{args.verb}_all"
+        actions = _call(lambda c: c.request(kind, who="cli", why=args.why), start=False)
+        for action in actions:
+            _print_action(action)
+        if not actions:
+            print(_NONE_TO[args.verb])
+        return 0
     action = _call(
         lambda c: c.request(args.verb, agent=args.name, who="cli", why=args.why), start=False
     )

@@ -45,6 +45,8 @@ HARD_ACTIONS: Final = frozenset({"pause", "kill", "deny"})
 """Budgets that refuse a call which would take them over the limit (the others only warn or slow)."""
 MAX_KEYS_SHOWN: Final = 20
 """Counters reported per budget (a glob budget keeps one per agent/model/...), most recent first."""
+FORECAST_IDLE: Final = 600.0
+"""Seconds without spending (at least) after which a budget is not forecast to run out."""
 MIN_FORECAST_SPAN: Final = 60.0
 """Seconds of history below which a burn rate is not trusted for a forecast."""
 DEFAULT_THROTTLE_RATE: Final = "50%"
@@ -122,6 +124,7 @@ class _Counter:
     fired: set[int] = field(default_factory=set)
     first_ts: float | None = None
     last_ts: float = 0.0
+    calls: int = 0
     exhausted_at: float | None = None
     recent: deque[tuple[float, float]] = field(default_factory=deque)
     """(ts, amount) still inside a rolling window."""
@@ -228,6 +231,7 @@ class _Budget:
         while c.recent and c.recent[0][0] <= horizon:
             _, amount = c.recent.popleft()
             c.used -= amount
+        c.calls = len(c.recent)
         if not c.recent:
             c.used, c.first_ts = 0.0, None
             c.fired.clear()
@@ -235,6 +239,7 @@ class _Budget:
     def add(self, c: _Counter, amount: float, ts: float) -> None:
         latest = c.last_ts  # usage read in from the ledger can be older than live calls
         c.used += amount
+        c.calls += 1
         c.last_ts = max(c.last_ts, ts)
         c.first_ts = ts if c.first_ts is None else min(c.first_ts, ts)
         if self.settings.rolling:
@@ -690,12 +695,19 @@ def _forecast(
     if c.used >= budget.limit:
         return c.exhausted_at if c.exhausted_at is not None else now
     span = now - c.first_ts
-    if span < MIN_FORECAST_SPAN:
+    if span < MIN_FORECAST_SPAN or _idle(c, now):
         return None
     eta = now + (budget.limit - c.used) * span / c.used
     if resets is not None and eta >= resets:
         return None
     return eta
+
+
+def _idle(c: _Counter, now: float) -> bool:
+    """Nothing spent for longer than FORECAST_IDLE and twice the usual gap between calls: there
+    is no pace to forecast from (a run that ended must not 'run out at 08:22')."""
+    gap = (c.last_ts - (c.first_ts or c.last_ts)) / max(1, c.calls - 1)
+    return now - c.last_ts > max(FORECAST_IDLE, 2 * gap)
 
 
 def _when(ts: float | None, tz: dt.tzinfo, now: float) -> str:

@@ -116,6 +116,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "why": (_STR, False),
     },
     "pause_all": {"who": (_STR, False), "why": (_STR, False)},
+    "resume_all": {"who": (_STR, False), "why": (_STR, False)},
     "set_budget": {"budget": (_DICT, True)},
     "remove_budget": {"name": (_STR, True)},
     "budgets": {},

@@ -6,6 +6,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass
+from typing import Final
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
 _NUMBER = r"(\d+(?:\.\d+)?|\.\d+)"
@@ -205,6 +206,12 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
+SMALL_USD: Final = 0.001
+"""Below this, dollars are shown with two significant digits (`$0.00042`) instead of four decimals."""
+TINY_USD: Final = 0.000001
+"""Below this (and above zero) a cost is shown as `<$0.000001`."""
+
+
 def format_usd(value: float | None) -> str:
     """Dollars with sensible precision; `unpriced` for None, never a silent $0."""
     if value is None:
@@ -213,4 +220,11 @@ def format_usd(value: float | None) -> str:
         return f"${value:,.0f}"
     if abs(value) >= 1:
         return f"${value:,.2f}"
-    return f"${value:.4f}"
+    if value == 0 or abs(value) >= SMALL_USD:
+        return f"${value:.4f}"
+    if abs(value) < TINY_USD:
+        return f"<${TINY_USD:.6f}"
+    # a call of a few hundred tokens costs $0.00004: two significant digits, not `$0.0000`
+    rounded = float(f"{abs(value):.2g}")  # 0.0000995 rounds to 0.0001: `$0.00010`, not `$0.000100`
+    decimals = 1 - math.floor(math.log10(rounded))
+    return f"${value:.{decimals}f}"

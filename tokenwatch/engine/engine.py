@@ -559,6 +559,14 @@ class Engine:
             if rec.live and not rec.agent.critical and rec.agent.state != AgentState.PAUSED
         ]
 
+    async def resume_all(self, *, who: str, why: str = "") -> list[Action]:
+        """Resume every live agent that is paused (critical ones too: someone paused them)."""
+        return [
+            await self.resume(rec.name, who=who, why=why)
+            for rec in self.roster
+            if rec.live and rec.agent.state == AgentState.PAUSED
+        ]
+
     async def kill(self, name: str, *, who: str, why: str = "") -> Action:
         rec = self._acting_on(name, "kill")
         rec.denied = f"{name} was killed by {who}"

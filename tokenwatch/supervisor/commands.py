@@ -263,6 +263,10 @@ class Commands:
         actions = await self.engine.pause_all(who=_who(msg), why=msg.get("why", ""))
         return [a.to_dict() for a in actions]
 
+    async def on_resume_all(self, session: Session, msg: dict[str, Any]) -> Any:
+        actions = await self.engine.resume_all(who=_who(msg), why=msg.get("why", ""))
+        return [a.to_dict() for a in actions]
+
     async def on_budgets(self, session: Session, msg: dict[str, Any]) -> Any:
         return [s.to_dict() for s in self.engine.budgets.statuses()]
 
