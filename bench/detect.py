@@ -3,8 +3,9 @@ and the time from the triggering call to a real agent process being stopped.
 
 Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10]
 
-1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 10 healthy
-   and 5 runaway kinds) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
+1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 16 healthy
+   and 8 runaway kinds; the wire-format kinds of bench/traces/agents.py take Chat Completions,
+   Responses and Anthropic Messages in turn) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
    task ends where the trace has them, exactly as the engine feeds it. A detector's firing is
    right when it is on a runaway trace at or after the call where the runaway started.
    Precision = right firings / all trace firings of the detector; recall = runaway traces of
@@ -49,6 +50,9 @@ from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
 
 MEANT_FOR = {
     "runaway": ("loop", "near_loop"),
+    "tool_loop": ("tool_loop",),
+    "turn_loop": ("turn_loop",),
+    "alternation": ("alternation",),
     "spike": ("spike",),
     "context_growth": ("snowball",),
     "task_tokens": ("overrun",),

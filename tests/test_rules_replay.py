@@ -34,6 +34,9 @@ def history() -> list[UsageEvent]:
     events = [*chat_with_short_turns(), *batch_job(60), *long_expensive_task(20)]
     events += [sent(T0 + 30 + 6 * i, loop, 1500) for i in range(25)]
     events += [sent(T0 + 900 + 6 * i, loop, 1500) for i in range(10)]
+    # an agent of small prompts that, once, sends a whole repository
+    events += [sent(T0 + 400 + 5 * i, f"question {i}", 1200, agent="reader") for i in range(6)]
+    events.append(sent(T0 + 431, "the whole repository", 30_000, agent="reader"))
     return sorted(events, key=lambda e: e.ts)
 
 
