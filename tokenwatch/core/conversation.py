@@ -54,6 +54,17 @@ def get(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+def _string(obj: Any, name: str = "type") -> str:
+    """A field that must be a string (a kind, a piece of text): itself, else ''."""
+    value = get(obj, name)
+    return value if isinstance(value, str) else ""
+
+
+def _index(obj: Any) -> int:
+    value = get(obj, "index")
+    return value if isinstance(value, int) else 0
+
+
 def _list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else []
 
@@ -195,7 +206,7 @@ def _responses_entries(given: Any) -> list[_Entry]:
         return [_Entry(_CLIENT, _TEXT, "user", given)]
     out: list[_Entry] = []
     for item in _list(given):
-        kind, role = get(item, "type"), get(item, "role")
+        kind, role = _string(item), get(item, "role")
         if kind in _RESPONSE_CALLS:
             args = get(item, "arguments") if kind == "function_call" else get(item, "input")
             out.append(
@@ -283,7 +294,7 @@ def answer_of(wire: str, doc: Any) -> list[list[Any]]:
 def _responses_output(items: Any) -> list[list[Any]]:
     parts: list[list[Any]] = []
     for item in _list(items):
-        kind = get(item, "type")
+        kind = _string(item)
         if kind == "message":
             parts.append([_TEXT, _plain(get(item, "content"))])
         elif kind in _RESPONSE_CALLS:
@@ -332,24 +343,24 @@ class StreamAnswer:
             if isinstance(content, str):
                 self._text.append(content)
             for call in _list(get(delta, "tool_calls")):
-                slot = self._calls.setdefault(int(get(call, "index") or 0), ["", ""])
+                slot = self._calls.setdefault(_index(call), ["", ""])
                 fn = get(call, "function")
-                slot[0] += get(fn, "name") or ""
-                slot[1] += get(fn, "arguments") or ""
+                slot[0] += _string(fn, "name")
+                slot[1] += _string(fn, "arguments")
 
     def _anthropic(self, doc: Any) -> None:
         kind = get(doc, "type")
         if kind == "content_block_start":
             block = get(doc, "content_block")
             if get(block, "type") == "tool_use":
-                self._calls[int(get(doc, "index") or 0)] = [str(get(block, "name") or ""), ""]
+                self._calls[_index(doc)] = [str(get(block, "name") or ""), ""]
         elif kind == "content_block_delta":
             delta = get(doc, "delta")
-            slot = self._calls.get(int(get(doc, "index") or 0))
+            slot = self._calls.get(_index(doc))
             if get(delta, "type") == "input_json_delta" and slot is not None:
-                slot[1] += get(delta, "partial_json") or ""
+                slot[1] += _string(delta, "partial_json")
             elif get(delta, "type") == "text_delta":
-                self._text.append(get(delta, "text") or "")
+                self._text.append(_string(delta, "text"))
 
     def parts(self) -> list[list[Any]]:
         if self._final is not None:

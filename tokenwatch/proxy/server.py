@@ -441,7 +441,7 @@ class ProxyServer:
         else:
             await self._estimate(call, reader.usage)
         if not failed:
-            event.answer_hash = reader.answer_hash()
+            event.answer_hash = _answer_hash(reader)
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
@@ -542,6 +542,15 @@ def _is_sse(headers: Headers) -> bool:
         if name.lower() == "content-type":
             return value.lower().startswith("text/event-stream")
     return False
+
+
+def _answer_hash(reader: Reader) -> str:
+    """The answer's hash; '' for an answer it cannot make out (the usage is still good)."""
+    try:
+        return reader.answer_hash()
+    except Exception as exc:
+        log.debug("could not hash an answer (%s)", type(exc).__name__)
+        return ""
 
 
 def _fill(event: UsageEvent, usage: Usage) -> None:
