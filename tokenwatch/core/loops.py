@@ -190,4 +190,5 @@ def may_repeat(kind: str, latest: Sequence[UsageEvent]) -> bool:
         return bool(new.tool_hash) and new.tool_hash == old.tool_hash
     if kind == "turn_loop":
         return bool(new.turn_hash) and new.turn_shape == old.turn_shape
-    return step_key(new) == step_key(old)
+    key = step_key(new)
+    return bool(key) and key == step_key(old)
