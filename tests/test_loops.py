@@ -30,9 +30,9 @@ def acted(events: list[UsageEvent]) -> list[tuple[int, Signal]]:
 
 @pytest.mark.parametrize("wire", WIRES)
 def test_a_tool_loop_is_paused_on_its_third_repeat_naming_the_call(wire: str) -> None:
-    events, start = agents.tool_loop(random.Random(1), wire)
-    first, signal = acted(events)[0]
-    assert first == start + 2
+    done = agents.tool_loop(random.Random(1), wire)
+    first, signal = acted(done.events)[0]
+    assert first == (done.start or 0) + 2
     assert (signal.action, signal.alert.rule) == ("pause", "tool-loop")
     assert signal.alert.message == (
         'coder called search_files(pattern="payment*.yaml") 3 times in a row, same result; paused'
@@ -58,9 +58,9 @@ def test_a_repeated_turn_and_an_edit_undone_again_and_again_are_paused(
 ) -> None:
     """A question asked again and answered alike, by its third repeat; two steps undoing each
     other, by their third cycle."""
-    events, start = agents.RUNAWAYS[kind](random.Random(2), wire)
-    first, signal = acted(events)[0]
-    assert first == start + calls - 1
+    done = agents.RUNAWAYS[kind](random.Random(2), wire)
+    first, signal = acted(done.events)[0]
+    assert first == (done.start or 0) + calls - 1
     assert signal.alert.rule == rule
     assert signal.alert.message == f"{message}; paused"
 
@@ -69,8 +69,8 @@ def test_a_repeated_turn_and_an_edit_undone_again_and_again_are_paused(
 @pytest.mark.parametrize("kind", sorted(agents.HEALTHY))
 def test_healthy_look_alikes_are_left_alone(kind: str, wire: str) -> None:
     for seed in range(3):
-        events = agents.HEALTHY[kind](random.Random(seed), wire)
-        found = [(i, s.alert.message) for i, s in acted(events)]
+        done = agents.HEALTHY[kind](random.Random(seed), wire)
+        found = [(i, s.alert.message) for i, s in acted(done.events)]
         assert found == [], f"{kind} ({wire}, seed {seed})"
 
 

@@ -45,10 +45,9 @@ def history() -> list[UsageEvent]:
     events.append(sent(T0 + 431, "the whole repository", 30_000, agent="repo-reader"))
     # agents in the three wire formats: loops of each kind, and look-alikes
     for i, make in enumerate(agents.RUNAWAYS.values()):
-        looping, _ = make(random.Random(i), agents.wire_for(i))
-        events += looping
+        events += make(random.Random(i), agents.wire_for(i)).events
     for i, healthy in enumerate(agents.HEALTHY.values()):
-        events += healthy(random.Random(i), agents.wire_for(i))
+        events += healthy(random.Random(i), agents.wire_for(i)).events
     return sorted(events, key=lambda e: e.ts)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwatch.core.models import UsageEvent
@@ -18,6 +19,17 @@ WORDS = ["parse", "order", "token", "cache", "retry", "queue", "ledger", "budget
 FILES = ["api.py", "models.py", "db.py", "auth.py", "cli.py", "routes.py", "tests.py", "util.py"]
 
 
+@dataclass
+class Recording:
+    """What an agent did: the usage events the proxy records, the requests it sent (for the live
+    replay: each with the seconds the agent spent before its next call, and how many copies it
+    sent at once), and for a runaway the index of the call where it starts."""
+
+    events: list[UsageEvent]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    start: int | None = None
+
+
 class Agent:
     """One agent's calls on a moving clock: each call waits for the model (`latency`), then the
     agent works for `idle` seconds (runs a tool, sleeps) before its next call."""
@@ -26,6 +38,7 @@ class Agent:
         self.name, self.rng, self.wire = name, rng, wire
         self.now = T0 + rng.uniform(0, 3600)
         self.events: list[UsageEvent] = []
+        self.requests: list[dict[str, Any]] = []
         self.talk = Talk(wire)
         self.tokens = rng.randint(7000, 9000)
 
@@ -39,7 +52,12 @@ class Agent:
                      tokens=self.tokens)
         )  # fmt: skip
         self.tokens += self.rng.randint(80, 400)
-        self.now += latency + (self.rng.uniform(0.05, 2.0) if idle is None else idle)
+        gap = self.rng.uniform(0.05, 2.0) if idle is None else idle
+        self.requests.append({"wire": self.wire, "body": body, "idle": gap, "copies": 1})
+        self.now += latency + gap
+
+    def recording(self, start: int | None = None) -> Recording:
+        return Recording(self.events, self.requests, start)
 
     def tool(self, name: str, args: dict[str, Any], result: str, **kw: Any) -> None:
         """A call the model answers with a tool call; the agent runs it and keeps its result."""
@@ -62,7 +80,7 @@ def _start(agent: Agent, task: str) -> None:
 # -- runaways -------------------------------------------------------------------------------------
 
 
-def tool_loop(rng: random.Random, wire: str) -> tuple[list[UsageEvent], int]:
+def tool_loop(rng: random.Random, wire: str) -> Recording:
     """A coder that keeps searching for a file that is not there: same call, same result."""
     a = Agent("coder", rng, wire)
     _start(a, "Find where the payment provider is configured and switch it to sandbox.")
@@ -70,10 +88,10 @@ def tool_loop(rng: random.Random, wire: str) -> tuple[list[UsageEvent], int]:
     first = len(a.events) + 1  # the call that carries the first search and its result
     for _ in range(30):
         a.tool("search_files", {"pattern": "payment*.yaml"}, "no files found")
-    return a.events, first
+    return a.recording(first)
 
 
-def turn_loop(rng: random.Random, wire: str) -> tuple[list[UsageEvent], int]:
+def turn_loop(rng: random.Random, wire: str) -> Recording:
     """An agent re-asking the same question while its conversation grows, answered alike."""
     a = Agent("checker", rng, wire)
     _start(a, "Check the deployment of service-42.")
@@ -84,10 +102,10 @@ def turn_loop(rng: random.Random, wire: str) -> tuple[list[UsageEvent], int]:
             start = len(a.events)  # asking again is where it goes wrong
         a.talk.user("Is the deployment healthy? Answer yes or no.")
         a.call(lambda: a.talk.text_answer("I cannot tell from the information I have."))
-    return a.events, start
+    return a.recording(start)
 
 
-def alternation(rng: random.Random, wire: str) -> tuple[list[UsageEvent], int]:
+def alternation(rng: random.Random, wire: str) -> Recording:
     """A coder undoing its own edit: set the version to 2, then back to 1, and again."""
     a = Agent("fixer", rng, wire)
     _start(a, "Make the build pass.")
@@ -95,13 +113,13 @@ def alternation(rng: random.Random, wire: str) -> tuple[list[UsageEvent], int]:
     first = len(a.events) + 1
     for i in range(30):
         a.tool("edit_file", {"path": "pyproject.toml", "version": 2 - i % 2}, "saved")
-    return a.events, first
+    return a.recording(first)
 
 
 # -- healthy look-alikes --------------------------------------------------------------------------
 
 
-def poller(rng: random.Random, wire: str) -> list[UsageEvent]:
+def poller(rng: random.Random, wire: str) -> Recording:
     """A status check every 20 s: the same small prompt, no history, for half an hour."""
     a = Agent("poller", rng, wire)
     a.tokens = 120
@@ -110,10 +128,10 @@ def poller(rng: random.Random, wire: str) -> list[UsageEvent]:
         a.talk.user("How many jobs are waiting? Answer with a number.")
         a.call(lambda: a.talk.text_answer(str(rng.randint(0, 9))), idle=rng.uniform(17, 23))
         a.tokens = 120
-    return a.events
+    return a.recording()
 
 
-def sampler(rng: random.Random, wire: str) -> list[UsageEvent]:
+def sampler(rng: random.Random, wire: str) -> Recording:
     """Best-of-5: every task's prompt sent 5 times at once, the best answer kept."""
     a = Agent("sampler", rng, wire)
     for t in range(rng.randint(20, 40)):
@@ -126,14 +144,16 @@ def sampler(rng: random.Random, wire: str) -> list[UsageEvent]:
                 recorded(wire, body, doc, agent=a.name, ts=a.now + 0.01 * copy,
                          latency=rng.uniform(2, 5), tokens=900, overlap=copy)
             )  # fmt: skip
-        a.now += rng.uniform(5, 30)
-    return a.events
+        idle = rng.uniform(5, 30)
+        a.requests.append({"wire": wire, "body": body, "idle": idle, "copies": 5})
+        a.now += idle
+    return a.recording()
 
 
 TICKETS = ["password reset for user {n}", "refund for order {n}", "login fails on device {n}"]
 
 
-def template(rng: random.Random, wire: str) -> list[UsageEvent]:
+def template(rng: random.Random, wire: str) -> Recording:
     """A batch job over tickets, each classified then routed by two templates: the same few
     kinds of ticket with other numbers, so the classify prompt's shape repeats, interleaved."""
     a = Agent("triage", rng, wire)
@@ -144,10 +164,10 @@ def template(rng: random.Random, wire: str) -> list[UsageEvent]:
             a.talk.user(f"{step}: ticket {rng.randint(1, 10**6)}: {ticket}")
             a.tokens = 400
             a.call(lambda: a.talk.text_answer("billing"), idle=rng.uniform(0.0, 0.3))
-    return a.events
+    return a.recording()
 
 
-def continue_chat(rng: random.Random, wire: str) -> list[UsageEvent]:
+def continue_chat(rng: random.Random, wire: str) -> Recording:
     """A person reading a long answer in parts: "continue", again and again."""
     a = Agent("writer", rng, wire)
     _start(a, "Write a long tutorial about SQLite.")
@@ -155,10 +175,10 @@ def continue_chat(rng: random.Random, wire: str) -> list[UsageEvent]:
     for i in range(rng.randint(20, 40)):
         a.talk.user("continue")
         a.call(lambda i=i: a.talk.text_answer(f"Part {i + 2}: {a.words(80)}"))
-    return a.events
+    return a.recording()
 
 
-def file_reader(rng: random.Random, wire: str) -> list[UsageEvent]:
+def file_reader(rng: random.Random, wire: str) -> Recording:
     """A coder reading many files one after another, and the same file again after an edit."""
     a = Agent("reader", rng, wire)
     _start(a, "Understand the code base.")
@@ -167,10 +187,10 @@ def file_reader(rng: random.Random, wire: str) -> list[UsageEvent]:
         a.tool("read_file", {"path": path}, f"# {path}\n{a.words(60)}")
         if rng.random() < 0.2:
             a.tool("edit_file", {"path": path, "line": rng.randint(1, 300)}, "saved")
-    return a.events
+    return a.recording()
 
 
-def ci_poller(rng: random.Random, wire: str) -> list[UsageEvent]:
+def ci_poller(rng: random.Random, wire: str) -> Recording:
     """An agent waiting for CI: asks its status, waits 30 s (itself, or through a wait tool),
     asks again; the same call and the same answer until the run ends."""
     a = Agent("ci-watcher", rng, wire)
@@ -185,7 +205,7 @@ def ci_poller(rng: random.Random, wire: str) -> list[UsageEvent]:
         else:
             a.tool("get_ci_status", {"run": 4242}, "running", idle=wait)
     a.tool("get_ci_status", {"run": 4242}, "passed")
-    return a.events
+    return a.recording()
 
 
 RUNAWAYS = {"tool_loop": tool_loop, "turn_loop": turn_loop, "alternation": alternation}

@@ -64,6 +64,8 @@ class Trace:
     """Index of the first call of the runaway (None for a healthy trace)."""
     task_ends: dict[int, str] = field(default_factory=dict)
     """After the call at this index, the agent says its task is over."""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    """The wire-format kinds' requests, for the live replay (agents.Recording)."""
 
     @property
     def runaway(self) -> bool:
@@ -376,13 +378,16 @@ def corpus(variants: int = 10, seed: int = 2026) -> list[Trace]:
     for kind, healthy in agents.HEALTHY.items():
         for v in range(variants):
             wire = agents.wire_for(v)
-            events = healthy(random.Random(f"{seed}-{kind}-{v}"), wire)
-            traces.append(Trace(f"{kind}-{wire}-{v}", "healthy", events))
+            done = healthy(random.Random(f"{seed}-{kind}-{v}"), wire)
+            traces.append(
+                Trace(f"{kind}-{wire}-{v}", "healthy", done.events, requests=done.requests)
+            )
     for kind, runaway in agents.RUNAWAYS.items():
         for v in range(variants):
             wire = agents.wire_for(v)
-            events, start = runaway(random.Random(f"{seed}-{kind}-{v}"), wire)
-            traces.append(Trace(f"{kind}-{wire}-{v}", kind, events, start))
+            done = runaway(random.Random(f"{seed}-{kind}-{v}"), wire)
+            traces.append(Trace(f"{kind}-{wire}-{v}", kind, done.events, done.start,
+                                requests=done.requests))  # fmt: skip
     return traces
 
 
