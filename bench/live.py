@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+from ingest import serving
 from traces.corpus import Trace
 
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
-from tokenwatch.paths import Paths
-from tokenwatch.supervisor.daemon import socket_answers
 
 AGENT = Path(__file__).resolve().parent / "live_agent.py"
 PAST_START = 6
@@ -63,34 +62,23 @@ def calls_of(trace: Trace) -> int:
 
 
 @contextlib.contextmanager
-def serving() -> Iterator[dict[str, str]]:
+def supervised() -> Iterator[dict[str, str]]:
     """A `tokenwatch serve` with the default rules in a fresh home: the agents' environment."""
     home = Path(tempfile.mkdtemp(prefix="tw-live-"))
     env = {**os.environ, "TOKENWATCH_HOME": str(home)}
     for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
         env.pop(var, None)
-    paths = Paths.discover(env)
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "tokenwatch", "serve"],
-        env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not socket_answers(paths.socket):
-            if serve.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the supervisor did not start")
-            time.sleep(0.05)
-        yield env
+        with serving(env, home):
+            yield env
     finally:
-        serve.terminate()
-        serve.wait(60)
         shutil.rmtree(home, ignore_errors=True)
 
 
 def replay_live(traces: list[Trace], settle: float = 5.0) -> dict[str, int | None]:
     """Each trace's stopping call live (index into its calls), or None if it ran to its end."""
     with (
-        serving() as env,
+        supervised() as env,
         fake_llm_in_thread(latency_ms=FAKE_LATENCY_MS, reply_to_last=True) as fake,
     ):
         env = {**env, "OPENAI_BASE_URL": fake.url + "/v1", "ANTHROPIC_BASE_URL": fake.url}
