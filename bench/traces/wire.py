@@ -34,6 +34,7 @@ class Talk:
         if self.wire == conversation.ANTHROPIC:
             return {
                 "model": "claude-sonnet-4-5",
+                "max_tokens": 1024,
                 "system": self.system,
                 "messages": _merged(self.history),
             }
