@@ -170,7 +170,7 @@ def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
 
     start = time.time() - 3600
     loop = [{"role": "user", "content": "again"}]
-    events = [sent(start + 10 * i, loop, 500) for i in range(4)]
+    events = [sent(start + 5 * i, loop, 500) for i in range(4)]  # not a poller: 5 s apart
     events += [
         sent(start + 100 + i, f"doc {i} about {chr(97 + i)}", 300, agent="ok") for i in range(5)
     ]
@@ -180,7 +180,7 @@ def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "replayed 9 calls since 2h; nothing was changed"
-    assert "researcher repeated the same prompt 3 times in 20 s; paused" in lines[2]
+    assert "researcher repeated the same prompt 3 times in a row in 10 s; paused" in lines[2]
     assert lines[-1] == "would have fired 1 times: runaway pause x1"
 
     custom = in_empty_project / "strict.toml"
@@ -190,7 +190,7 @@ def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
     code, out, _ = run(capsys, "rules", "test", "--since", "2h", "--config", str(custom), "--json")
     fired = json.loads(out)
     assert [(f["rule"], f["action"]) for f in fired] == [("loop2", "kill")]
-    assert fired[0]["ts"] == start + 10
+    assert fired[0]["ts"] == start + 5
 
     code, out, _ = run(capsys, "alerts", "--since", "2h")
     assert out.startswith("no alerts")  # the replay stored nothing
@@ -296,8 +296,8 @@ def test_rules_test_with_a_rule_that_cannot_work_names_it(
     assert code != 0
     assert out == ""
     assert err.strip() == (
-        f"tokenwatch: {bad}: rule x: unknown detector 'psychic' (runaway, task_tokens, spike, "
-        "huge_request, context_growth, drift, forecast)"
+        f"tokenwatch: {bad}: rule x: unknown detector 'psychic' (runaway, tool_loop, turn_loop, "
+        "alternation, task_tokens, spike, huge_request, context_growth, drift, forecast)"
     )
 
 

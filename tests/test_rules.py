@@ -30,7 +30,8 @@ def feed(rules: Rules, clock: Clock, events: list[UsageEvent]) -> list[Signal]:
 def loop(
     n: int, start: float = T0, every: float = 10.0, agent: str = "researcher"
 ) -> list[UsageEvent]:
-    return [sent(start + every * i, LOOP, 900, agent=agent) for i in range(n)]
+    """An agent sending one prompt again as soon as each answer is in (a 6 s call, 4 s idle)."""
+    return [sent(start + every * i, LOOP, 900, agent=agent, latency_ms=6000.0) for i in range(n)]
 
 
 def test_a_runaway_agent_is_paused_with_a_message_a_person_can_act_on() -> None:
@@ -38,7 +39,10 @@ def test_a_runaway_agent_is_paused_with_a_message_a_person_can_act_on() -> None:
     signals = feed(Rules(DEFAULT_RULES, clock=clock), clock, loop(3))
     (signal,) = signals
     assert (signal.action, signal.agent, signal.alert.rule) == ("pause", "researcher", "runaway")
-    assert signal.alert.message == "researcher repeated the same prompt 3 times in 20 s; paused"
+    assert (
+        signal.alert.message
+        == "researcher repeated the same prompt 3 times in a row in 20 s; paused"
+    )
     assert signal.alert.severity == "critical"
     assert signal.alert.ts == T0 + 20
 
@@ -126,7 +130,7 @@ def test_a_critical_agent_is_only_ever_alerted_on() -> None:
     assert len(signals) >= 2
     assert {s.action for s in signals} == {"alert"}
     assert signals[0].alert.message == (
-        "prod-bot repeated the same prompt 3 times in 20 s; prod-bot is critical: not paused, "
+        "prod-bot repeated the same prompt 3 times in a row in 20 s; prod-bot is critical: not paused, "
         "only alerted"
     )
     assert "not killed" in signals[1].alert.message
@@ -137,7 +141,8 @@ def test_a_critical_agent_is_only_ever_alerted_on() -> None:
 def test_alert_only_detectors_never_act_whatever_the_rule_says() -> None:
     clock = Clock(T0)
     rule = RuleSettings(name="big", detector="huge_request", action="kill", cooldown=0)
-    (signal,) = feed(Rules([rule], clock=clock), clock, [sent(T0, "x", 20_000)])
+    usual = [sent(T0 + i, f"small {i}", 2000) for i in range(5)]
+    (signal,) = feed(Rules([rule], clock=clock), clock, [*usual, sent(T0 + 9, "x", 20_000)])
     assert (signal.action, signal.alert.action) == ("alert", "alert")
     assert signal.alert.severity == "info"
 

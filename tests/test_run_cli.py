@@ -6,12 +6,10 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.process_fixtures import Terminal, dead, start_as_nobody, state, state_soon
-from tests.supervisor_fixtures import ServeProcess, stop_serve, supervisor_process, tokenwatch_env
+from tests.supervisor_fixtures import (
+    ServeProcess,
+    clean_supervisor,
+    stop_serve,
+    supervisor_process,
+    tokenwatch_env,
+)
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.core.quantities import parse_amount
@@ -37,13 +41,8 @@ TIMEOUT = 60
 @pytest.fixture(scope="module")
 def supervisor() -> Iterator[ServeProcess]:
     """One `tokenwatch serve` for the module (each test uses agent names of its own)."""
-    home = Path(tempfile.mkdtemp(prefix="twr-"))
-    env = tokenwatch_env(home)
-    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
-        env.pop(var, None)
-    with supervisor_process(env) as sp:
+    with clean_supervisor("twr-") as sp:
         yield sp
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def tokenwatch(

@@ -64,6 +64,12 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         estimated=True,
         call_id="call-1",
         prompt_shape="shape",
+        turn_hash="turn",
+        turn_shape="turn-shape",
+        tool_hash="tool",
+        tool_call='search_files(pattern="payment*.yaml")',
+        answer_hash="answer",
+        overlap=2,
     )
     defaults = UsageEvent(ts=original.ts)
     unset = [f for f in UsageEvent.field_names() if getattr(original, f) == getattr(defaults, f)]

@@ -103,6 +103,18 @@ class UsageEvent(Plain):
     """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
     prompt_shape: str = ""
     """Hash of the prompt with numbers, ids and times masked: near-duplicate prompts share it."""
+    turn_hash: str = ""
+    """Hash of the turns the call adds to its conversation (see core.conversation.Signals)."""
+    turn_shape: str = ""
+    tool_hash: str = ""
+    """Hash of the tool calls in the conversation's tail with their results."""
+    tool_call: str = ""
+    """The tail's first tool call as `name(arg="value")`, cut short: what a loop alert names."""
+    answer_hash: str = ""
+    """Hash (by shape) of what the model answered: its text or tool calls."""
+    overlap: int = 0
+    """Identical requests of the agent already in flight when this one started (sampling, a
+    parallel retry): such a call is a copy, not the next step of a sequence."""
 
     @property
     def total_tokens(self) -> int:

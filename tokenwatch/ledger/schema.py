@@ -36,6 +36,12 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "estimated",
     "call_id",
     "prompt_shape",
+    "turn_hash",
+    "turn_shape",
+    "tool_hash",
+    "tool_call",
+    "answer_hash",
+    "overlap",
 )
 
 # The dimensions a rollup row is keyed by (besides its time bucket); every filter must be one.
@@ -219,10 +225,19 @@ def _v3_prompt_shape(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE events ADD COLUMN prompt_shape TEXT NOT NULL DEFAULT ''")
 
 
+def _v4_conversation_signals(db: sqlite3.Connection) -> None:
+    """Conversation signals (hashes of new turns, tool calls, answers; overlap), so `rules test`
+    replays the loop detectors as live enforcement ran them."""
+    for column in ("turn_hash", "turn_shape", "tool_hash", "tool_call", "answer_hash"):
+        db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE events ADD COLUMN overlap INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_events,
     _v2_dedup_rollups_and_supervision,
     _v3_prompt_shape,
+    _v4_conversation_signals,
 )
 """MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
 

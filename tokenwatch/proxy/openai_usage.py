@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from tokenwatch.core import conversation
 from tokenwatch.core.request_tokens import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, count_request
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 METERED = frozenset({CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS})
 _STREAM_USAGE = frozenset({CHAT, COMPLETIONS})
 """Endpoints whose streams carry usage only when asked with `stream_options.include_usage`."""
+_WIRE = {CHAT: conversation.CHAT, RESPONSES: conversation.RESPONSES}
 _FINAL_RESPONSE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -39,11 +41,11 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
     if endpoint == CHAT:
         messages = body.get("messages")
         facts.max_output_tokens = int_field(body, "max_completion_tokens", "max_tokens")
-        fingerprint(facts, messages)
+        fingerprint(facts, messages, conversation.CHAT, body)
     elif endpoint == RESPONSES:
         given, instructions = body.get("input", ""), body.get("instructions")
         facts.max_output_tokens = int_field(body, "max_output_tokens")
-        fingerprint(facts, [instructions, given] if instructions else given)
+        fingerprint(facts, [instructions, given] if instructions else given, _WIRE[RESPONSES], body)
     else:
         text = body.get("prompt" if endpoint == COMPLETIONS else "input")
         facts.max_output_tokens = int_field(body, "max_tokens") if endpoint == COMPLETIONS else 0
@@ -105,18 +107,21 @@ class OpenAIReader:
     others are kept as bytes and decoded only if the usage never comes and must be estimated.
     """
 
-    __slots__ = ("_endpoint", "_raw", "_strip", "complete", "usage")
+    __slots__ = ("_answer", "_endpoint", "_raw", "_strip", "complete", "usage")
 
     def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
         self._endpoint = endpoint
         self._strip = strip_usage
         self._raw: list[bytes] = []
+        self._answer: Any = None
+        """The whole answer (a JSON body, the final Responses event's response), once seen."""
         self.usage: Usage | None = None
         self.complete = False
 
     def read_json(self, body: bytes) -> None:
         doc = json_object(body)
         if doc is not None:
+            self._answer = doc
             self.usage = usage_from(doc.get("usage"), self._endpoint)
             self.complete = True
             if self.usage is None:
@@ -154,9 +159,21 @@ class OpenAIReader:
             return True
         response = doc.get("response")
         if isinstance(response, dict):
+            self._answer = response
             self.usage = usage_from(response.get("usage"), RESPONSES)
         self.complete = True
         return True
+
+    def answer_hash(self) -> str:
+        wire = _WIRE.get(self._endpoint)
+        if wire is None:
+            return ""
+        if self._answer is not None:
+            return conversation.answer_hash(conversation.answer_of(wire, self._answer))
+        stream = conversation.StreamAnswer(wire)
+        for data in self._raw:
+            stream.feed(json_object(data))
+        return conversation.answer_hash(stream.parts())
 
     def output_text(self) -> str:
         text = TextParts()

@@ -138,6 +138,8 @@ class ProxyServer:
         self.port = 0
         self._in_flight = self._held = self._total = self._errors = self._refused = 0
         self._settling = self._settle_failures = 0
+        self._flying: dict[tuple[str, str], int] = {}
+        """Calls in flight by (agent, prompt hash): a copy sent alongside is not a next step."""
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
@@ -233,6 +235,7 @@ class ProxyServer:
             self._settle_soon(admission, call.event)
             return None
         self._in_flight += 1
+        flying = self._take_off(call.event)
         try:
             await self._forward(req, call, body, doc)
         except BaseException:
@@ -241,6 +244,7 @@ class ProxyServer:
             raise
         finally:
             self._in_flight -= 1
+            self._land(flying)
             call.ended = _now()
             self._settle_soon(admission, call.event, call)
 
@@ -253,6 +257,22 @@ class ProxyServer:
         )
         message = f"request body nested deeper than {MAX_NESTING} levels"
         await self._guard(req, target.provider, 400, message, "too_deep")
+
+    def _take_off(self, event: UsageEvent) -> tuple[str, str]:
+        """Count the call in flight; its event says how many identical ones already were."""
+        key = (event.agent, event.prompt_hash)
+        if not event.prompt_hash:
+            return key  # nothing to compare (a body that is not JSON)
+        event.overlap = self._flying.get(key, 0)
+        self._flying[key] = event.overlap + 1
+        return key
+
+    def _land(self, key: tuple[str, str]) -> None:
+        if not key[1]:
+            return
+        left = self._flying.pop(key, 1) - 1
+        if left > 0:
+            self._flying[key] = left
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -303,6 +323,10 @@ class ProxyServer:
             wait_ms=admission.waited_ms,
             prompt_hash=facts.prompt_hash,
             prompt_shape=facts.prompt_shape,
+            turn_hash=facts.signals.turn_hash,
+            turn_shape=facts.signals.turn_shape,
+            tool_hash=facts.signals.tool_hash,
+            tool_call=facts.signals.tool_call,
             source=Source.PROXY.value,
             call_id=_call_id(req.headers),
         )
@@ -454,6 +478,8 @@ class ProxyServer:
             _fill(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
+        if not failed:
+            event.answer_hash = _answer_hash(reader)
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
@@ -580,6 +606,15 @@ def _is_sse(headers: Headers) -> bool:
         if name.lower() == "content-type":
             return value.lower().startswith("text/event-stream")
     return False
+
+
+def _answer_hash(reader: Reader) -> str:
+    """The answer's hash; '' for an answer it cannot make out (the usage is still good)."""
+    try:
+        return reader.answer_hash()
+    except Exception as exc:
+        log.debug("could not hash an answer (%s)", type(exc).__name__)
+        return ""
 
 
 def _fill(event: UsageEvent, usage: Usage) -> None:

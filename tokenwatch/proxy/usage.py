@@ -9,7 +9,8 @@ from typing import Any, Protocol
 import anyio.to_thread
 import orjson
 
-from tokenwatch.core import tokens
+from tokenwatch.core import conversation, tokens
+from tokenwatch.core.conversation import Signals
 from tokenwatch.core.models import MAX_CALL_TOKENS
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
@@ -46,11 +47,17 @@ class CallFacts:
     """Counts the prompt locally (tiktoken); None when there is nothing to count."""
     hashes: Callable[[], tuple[str, str]] | None = None
     """The exact and near-duplicate hashes of the prompt (the shape's regexes cost ms per 100 KB)."""
+    signals: Signals = field(default_factory=Signals)
+    """The conversation signals (core.conversation), worked out with the hashes."""
+    conversation: Callable[[], Signals] | None = None
 
 
-def fingerprint(facts: CallFacts, prompt: Any) -> None:
-    """Hash the prompt when it is measured (`count_prompt`): off the loop when it is big."""
+def fingerprint(facts: CallFacts, prompt: Any, wire: str = "", body: Any = None) -> None:
+    """Hash the prompt (and read the conversation of a `wire` request `body`) when it is
+    measured (`count_prompt`): off the loop when it is big."""
     facts.hashes = lambda: tokens.prompt_hashes(prompt)
+    if wire:
+        facts.conversation = lambda: conversation.request_signals(wire, body)
 
 
 class Reader(Protocol):
@@ -67,6 +74,10 @@ class Reader(Protocol):
         ...
 
     def output_text(self) -> str: ...
+
+    def answer_hash(self) -> str:
+        """Hash of what the model answered (core.conversation.answer_hash); '' if unknown."""
+        ...
 
 
 @dataclass(slots=True)
@@ -136,6 +147,8 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
     def measure() -> TokenCount:
         if facts.hashes is not None:
             facts.prompt_hash, facts.prompt_shape = facts.hashes()
+        if facts.conversation is not None:
+            facts.signals = facts.conversation()
         return count()
 
     try:
