@@ -14,11 +14,12 @@ import pytest
 
 from tests.supervisor_fixtures import running_supervisor
 from tokenwatch.client.control import SupervisorClient, SupervisorError
-from tokenwatch.config import BudgetSettings, load_config
+from tokenwatch.config import BudgetSettings
 from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.models import Alert, UsageEvent
 from tokenwatch.paths import Paths
 from tokenwatch.supervisor import reload as config_reload
+from tokenwatch.supervisor.policy import load_config
 from tokenwatch.supervisor.reload import seed_quietly
 from tokenwatch.supervisor.service import Supervisor
 

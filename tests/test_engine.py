@@ -14,9 +14,10 @@ import pytest
 from tests.standins import NoBudgets, NoPrices, NoRules
 from tokenwatch.config import SupervisorSettings
 from tokenwatch.core.admission import Admission, CallRequest, Refusal, Reservation, Signal
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.engine.engine import Engine
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 
 pytestmark = pytest.mark.anyio
 

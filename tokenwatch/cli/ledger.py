@@ -122,7 +122,7 @@ def positive_int(text: str) -> int:
 
 
 def _config() -> Config:
-    from tokenwatch.config import load_config
+    from tokenwatch.supervisor.policy import load_config
 
     return load_config()
 
@@ -153,7 +153,8 @@ def _db_path() -> Path:
 
 
 async def _open_store(path: Path) -> Store:
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     try:
         return await Store.open(path)
@@ -166,7 +167,8 @@ async def _open_for_reading(path: Path) -> Store:
     empty, as any command does."""
     import anyio
 
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     if not await anyio.Path(path).exists():
         return await _open_store(path)
@@ -272,8 +274,8 @@ async def _import(
     db: Path,
     interrupt: Interrupt | None = None,
 ) -> ImportSummary:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.importer import LineError, parse_lines
-    from tokenwatch.ledger.store import StoreUnavailable
 
     interrupt = interrupt or Interrupt()
     summary = ImportSummary()
@@ -368,8 +370,8 @@ async def _report(
     tz: datetime.tzinfo,
     filters: dict[str, str],
 ) -> Report:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.report import build_report
-    from tokenwatch.ledger.store import StoreUnavailable
 
     store = await _open_for_reading(_db_path())
     try:

@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.ledger.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 
 BUSY_TIMEOUT: Final = 10.0
@@ -29,11 +30,6 @@ _CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
 _INT64 = 2**63
 # What sqlite3 raises when a value cannot be bound (wrong type, int too large).
 BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, TypeError)
-
-
-class StoreUnavailable(Exception):
-    """The ledger file cannot be read or written (damaged, disk full, read-only, locked too long);
-    the message names the path and which."""
 
 
 @dataclass(frozen=True, slots=True)
