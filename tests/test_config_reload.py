@@ -190,7 +190,7 @@ async def test_a_catch_up_that_cannot_read_the_ledger_keeps_the_edit_and_says_so
     budgets = Budgets([], tz="UTC")
     fresh = budgets.replace([BudgetSettings(name="g", limit="1k")])
     alerts: list[Alert] = []
-    engine = SimpleNamespace(budgets=budgets, alert_nowait=alerts.append)
+    engine = SimpleNamespace(seed_budgets=budgets.seed, alert_nowait=alerts.append)
     await seed_quietly(engine, Unreadable(), fresh)  # type: ignore[arg-type]
     budgets.record(UsageEvent(ts=time.time(), agent="a", input_tokens=300, call_id="x"))
     assert {s.name: s.used for s in budgets.statuses()} == {"g": 300}
