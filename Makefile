@@ -27,6 +27,7 @@ demo: $(RUNTIME)
 test: $(STAMP)
 	$(BIN)/ruff check tokenwatch tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)

@@ -54,8 +54,8 @@ sys.path.insert(0, str(REPO))
 from tokenwatch.core.request_tokens import CHAT, count_request  # noqa: E402
 from tokenwatch.demo.fake_llm import fake_llm_in_thread  # noqa: E402
 from tokenwatch.demo.fault_load import RETRIED_CALLS, TOOLS  # noqa: E402
+from tokenwatch.instance import socket_answers  # noqa: E402
 from tokenwatch.paths import Paths  # noqa: E402
-from tokenwatch.supervisor.daemon import socket_answers  # noqa: E402
 
 QUIET_RULES = '[[rule]]\nname = "off"\ndetector = "runaway"\nenabled = false\n'
 VICTIMS = ("supervisor", "writer", "sdk agent")

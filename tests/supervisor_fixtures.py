@@ -22,8 +22,8 @@ import anyio.abc
 from tokenwatch.config import Config, RuleSettings
 from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
+from tokenwatch.instance import socket_answers
 from tokenwatch.paths import Paths
-from tokenwatch.supervisor.daemon import socket_answers
 from tokenwatch.supervisor.service import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent

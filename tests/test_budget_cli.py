@@ -14,10 +14,11 @@ from supervisor_fixtures import running_supervisor
 from test_detect import sent
 
 from tokenwatch.cli import main
-from tokenwatch.config import Config, load_config
+from tokenwatch.config import Config
 from tokenwatch.core.models import Alert
 from tokenwatch.ledger.store import Store
 from tokenwatch.paths import OVERLAY_NAME, Paths
+from tokenwatch.supervisor.policy import load_config
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,11 @@ from tokenwatch.config import (
     Config,
     ConfigError,
     find_config,
-    load_config,
     parse_config,
 )
 from tokenwatch.core.pricing import PriceTable
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor.policy import load_config
 
 # In the example, a "#" directly followed by a key or table marks a line to uncomment.
 EXAMPLE_LINE = re.compile(r"^#(?=[\[\w\"])")

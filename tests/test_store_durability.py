@@ -17,10 +17,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.ledger import schema, transaction
 from tokenwatch.ledger.rollups import segments
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 from tokenwatch.ledger.transaction import Statement
 
 WRITER = textwrap.dedent(

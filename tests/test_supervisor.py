@@ -365,7 +365,7 @@ async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
 async def test_a_ledger_that_cannot_be_read_is_said_so_not_an_internal_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tokenwatch.ledger.transaction import StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
 
     async def damaged(**_: Any) -> list[Any]:
         raise StoreUnavailable("cannot read the ledger usage.db: database disk image is malformed")

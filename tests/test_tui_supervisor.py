@@ -17,8 +17,8 @@ from tests.process_fixtures import state as proc_state
 from tests.supervisor_fixtures import quiet_config, running_supervisor
 from tests.tui_fixtures import notifications, row_names, wait_for
 from tokenwatch.client.control import SupervisorClient
-from tokenwatch.config import load_config
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor.policy import load_config
 from tokenwatch.tui.app import build_app
 from tokenwatch.tui.screens.detail import AgentDetailScreen
 from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen

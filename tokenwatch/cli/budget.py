@@ -495,7 +495,7 @@ def render_replay(result: Any, since_text: str) -> str:
 
 
 def _load(path: str | None) -> Config:
-    from tokenwatch.config import load_config
+    from tokenwatch.supervisor.policy import load_config
 
     return load_config(Path(path) if path else None)
 
@@ -517,7 +517,7 @@ def _since(text: str) -> float:
 def _run(coro: Awaitable[Any]) -> Any:
     import anyio
 
-    from tokenwatch.ledger.store import StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
 
     async def go() -> Any:
         return await coro
@@ -530,7 +530,8 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 async def _open_ledger() -> Store | None:
     """The ledger for reading, if anything was ever recorded (reading never creates one)."""
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
     from tokenwatch.paths import Paths
 
     path = Paths.discover().db

@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
 async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> int:
     import csv
 
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.protocol import dumps
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.ledger.store import Store
     from tokenwatch.paths import Paths
 
     db = Paths.discover().db

@@ -140,7 +140,7 @@ def moment(option: str, text: str, tz: datetime.tzinfo | None = None, *, start: 
 
 
 def _config() -> Config:
-    from tokenwatch.config import load_config
+    from tokenwatch.supervisor.policy import load_config
 
     return load_config()
 
@@ -171,7 +171,8 @@ def _db_path() -> Path:
 
 
 async def _open_store(path: Path) -> Store:
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     try:
         return await Store.open(path)
@@ -184,7 +185,8 @@ async def _open_for_reading(path: Path) -> Store:
     empty, as any command does."""
     import anyio
 
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     if not await anyio.Path(path).exists():
         return await _open_store(path)
@@ -299,8 +301,8 @@ async def _import(
     db: Path,
     interrupt: Interrupt | None = None,
 ) -> ImportSummary:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.importer import LineError, parse_lines
-    from tokenwatch.ledger.store import StoreUnavailable
 
     interrupt = interrupt or Interrupt()
     summary = ImportSummary()
@@ -400,8 +402,8 @@ async def _report(
     tz: datetime.tzinfo,
     filters: dict[str, str],
 ) -> Report:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.report import build_report
-    from tokenwatch.ledger.store import StoreUnavailable
 
     store = await _open_for_reading(_db_path())
     try:

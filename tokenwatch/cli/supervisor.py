@@ -130,9 +130,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from tokenwatch.config import load_config
+    from tokenwatch.instance import AlreadyRunning, StartFailed, ensure_running
     from tokenwatch.paths import Paths, socket_path_problem
-    from tokenwatch.supervisor.daemon import AlreadyRunning, StartFailed, ensure_running
+    from tokenwatch.supervisor.policy import load_config
     from tokenwatch.supervisor.service import serve_until_signalled
 
     paths = Paths.discover()

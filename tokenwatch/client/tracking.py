@@ -89,10 +89,10 @@ def _price_table() -> Any | None:
     except Exception:  # pricing is another module's job; without it costs are just unknown
         return None
     try:
-        from tokenwatch.config import load_config
+        from tokenwatch.config import read_config
 
         # The user's [prices.MODEL] overrides, as the supervisor prices with them.
-        return PriceTable.load(load_config().prices)
+        return PriceTable.load(read_config().prices)
     except Exception:  # an unreadable tokenwatch.toml must not cost the agent its totals
         try:
             return PriceTable.load()

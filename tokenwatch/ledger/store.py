@@ -18,6 +18,7 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
 from tokenwatch.ledger.rollups import period_windows, session_sql, summary_sql, window_batches
@@ -34,7 +35,6 @@ from tokenwatch.ledger.transaction import (
     CACHE_KIB,
     Committer,
     Statement,
-    StoreUnavailable,
     connect_writer,
     describe,
 )

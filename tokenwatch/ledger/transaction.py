@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import MAX_CALL_TOKENS, over_call_limit
 from tokenwatch.ledger.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 
@@ -39,11 +40,6 @@ OVERFLOW: Final = "integer overflow"
 """SQLite's message when a SUM passes 64 bits."""
 # What sqlite3 raises when a value cannot be bound (wrong type, int too large).
 BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, TypeError)
-
-
-class StoreUnavailable(Exception):
-    """The ledger file cannot be read or written (damaged, disk full, read-only, locked too long);
-    the message names the path and which."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,19 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tokenwatch.config import Config, ConfigError, parse_config
 from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.budgets import budget_name, is_run_budget
+from tokenwatch.core.errors import (
+    EngineError,
+    InvalidRequest,
+    NameTaken,
+    NotAllowed,
+    StoreUnavailable,
+    UnknownAgent,
+)
 from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent, over_call_limit
 from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
@@ -20,7 +28,6 @@ from tokenwatch.core.usage_wire import usage_from_wire
 from tokenwatch.engine.agents import AgentRecord
 from tokenwatch.engine.engine import Engine
 from tokenwatch.ledger.store import MAX_ROWS
-from tokenwatch.ledger.transaction import StoreUnavailable
 from tokenwatch.supervisor.overlay import overlay_file, remove_budget, set_budget
 from tokenwatch.supervisor.reload import seed_quietly
 from tokenwatch.supervisor.server import Session
@@ -38,6 +45,15 @@ def _who(msg: dict[str, Any]) -> str:
 
 def _registered(engine: Engine, rec: AgentRecord) -> dict[str, Any]:
     return {"name": rec.name, "run_id": rec.agent.run_id, "env": engine.env_for(rec)}
+
+
+_CODES: Final = {
+    InvalidRequest: ErrorCode.BAD_MESSAGE,
+    UnknownAgent: ErrorCode.UNKNOWN_AGENT,
+    NameTaken: ErrorCode.NAME_TAKEN,
+    NotAllowed: ErrorCode.NOT_PERMITTED,
+}
+"""The protocol's code for each refusal of the engine's (mapped here, once, at the socket)."""
 
 
 class Commands:
@@ -77,6 +93,8 @@ class Commands:
             return await handler(session, msg)
         except StoreUnavailable as exc:  # a damaged or unreadable ledger is not our bug
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+        except EngineError as exc:
+            raise ProtocolError(_CODES.get(type(exc), ErrorCode.BAD_MESSAGE), exc.message) from None
 
     async def ingest(self, session: Session, events: list[UsageEvent]) -> None:
         for event in events:
@@ -268,7 +286,7 @@ class Commands:
         return [a.to_dict() for a in actions]
 
     async def on_budgets(self, session: Session, msg: dict[str, Any]) -> Any:
-        return [s.to_dict() for s in self.engine.budgets.statuses()]
+        return [s.to_dict() for s in self.engine.budget_statuses()]
 
     async def on_set_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         try:
@@ -298,7 +316,7 @@ class Commands:
 
     async def _apply_budgets(self, config: Config) -> None:
         self.config = config
-        fresh = self.engine.budgets.replace(config.budget)
+        fresh = self.engine.use_budgets(config.budget)
         if fresh and self._store is not None:
             # a budget added today counts today's usage so far, not from zero
             await seed_quietly(self.engine, self._store, fresh)

@@ -26,8 +26,8 @@ from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.usage_wire import decode_usage_line, usage_from_wire
+from tokenwatch.instance import socket_answers
 from tokenwatch.paths import socket_path_problem
-from tokenwatch.supervisor.daemon import socket_answers
 
 log = logging.getLogger("tokenwatch.server")
 

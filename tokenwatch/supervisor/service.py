@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -17,18 +17,16 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from tokenwatch.config import Config, ConfigError, load_config
-from tokenwatch.core.budgets import Budgets
+from tokenwatch.config import Config, ConfigError
 from tokenwatch.core.models import Agent, Alert, UsageEvent
-from tokenwatch.core.pricing import PriceError, PriceTable
-from tokenwatch.core.rules import DEFAULT_RULES, Rules
 from tokenwatch.engine.engine import Engine
 from tokenwatch.engine.figures import GROUPS
 from tokenwatch.export.alerting import Notifier
+from tokenwatch.instance import instance_lock, remove_pid, write_pid
 from tokenwatch.paths import Paths
 from tokenwatch.process.processes import Spawner, spawn
 from tokenwatch.supervisor.commands import Commands
-from tokenwatch.supervisor.daemon import instance_lock, remove_pid, write_pid
+from tokenwatch.supervisor.policy import build_policy, load_config
 from tokenwatch.supervisor.reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.supervisor.server import SocketServer
 
@@ -129,6 +127,7 @@ class Supervisor:
         self._stop = anyio.Event()
         self.started_at = clock()
         self.engine: Engine | None = None
+        self.notifier: Notifier | None = None
         self.server: SocketServer | None = None
         self.commands: Commands | None = None
         self.store: Store | None = None
@@ -205,7 +204,7 @@ class Supervisor:
             found = await engine.recover()
             await _count_runs_so_far(found, store)
             self.recovered = [rec.name for rec in found]
-            await self._start_notifier(tg, engine)
+            await self._start_notifier(tg)
             if self._with_proxy:
                 await self._start_proxy(tg, engine)
             if self._with_exporters:
@@ -275,49 +274,38 @@ class Supervisor:
 
     def _build_engine(self, store: Store) -> Engine:
         cfg = self.config
-        try:
-            prices = PriceTable.load(cfg.prices)
-            budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=self._clock)
-            rules = Rules(
-                cfg.rule or DEFAULT_RULES,
-                clock=self._clock,
-                is_critical=lambda name: _is_critical(engine, name),
-                budgets=budgets.statuses,  # forecast and spike rules read budget status
-            )
-        except PriceError as exc:
-            raise ConfigError(f"{cfg.source}: {exc}") from None  # it names prices."MODEL"
-        except ConfigError as exc:
-            raise exc.in_file(cfg.source) from None
-        notify = cfg.alerts.webhook or cfg.alerts.desktop
+        policy = build_policy(
+            cfg, clock=self._clock, is_critical=lambda name: _is_critical(engine, name)
+        )
         engine = Engine(
             store,
-            prices,
-            budgets,
-            rules,
+            policy.prices,
+            policy.budgets,
+            policy.rules,
             settings=cfg.supervisor,
             clock=self._clock,
             spawner=self._spawner,
-            notifier=Notifier(cfg.alerts) if notify else None,
+            child_env=child_env,
             agents=cfg.agents,
             logs_dir=self.paths.logs_dir,
             socket_path=str(self.paths.socket),
         )
+        if cfg.alerts.webhook or cfg.alerts.desktop:
+            notifier = self.notifier = Notifier(cfg.alerts)
+            engine.add_listener(lambda kind, obj: _notify(notifier, kind, obj))
         return engine
 
     async def _seed(self, engine: Engine, store: Store) -> None:
         """What is already in the ledger for today, so budgets and figures start where they were."""
-        seed = getattr(engine.budgets, "seed", None)
-        if seed is not None:
-            await seed(store)
+        await engine.seed_budgets(store)
         since = engine.live.day_start
         for group in GROUPS:
             for row in await store.aggregate(group, since):
-                engine.live.today.seed(group, row.key, row.total_tokens, row.cost_usd)
+                engine.seed_today(group, row.key, row.total_tokens, row.cost_usd)
 
-    async def _start_notifier(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
-        notifier = engine.notifier
-        if notifier is not None:
-            await tg.start(notifier.run)
+    async def _start_notifier(self, tg: anyio.abc.TaskGroup) -> None:
+        if self.notifier is not None:
+            await tg.start(self.notifier.run, name="alert notifier")
 
     async def _start_proxy(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         from tokenwatch.proxy.routes import load_routes
@@ -407,6 +395,19 @@ async def _count_runs_so_far(found: list[AgentRecord], store: Store) -> None:
 def _config_file(config: Config) -> Path | None:
     """The file a config was read from; None for one built on defaults or in code."""
     return None if config.source in ("", "<defaults>") else Path(config.source)
+
+
+def _notify(notifier: Notifier, kind: str, obj: object) -> None:
+    """The alert notifier hears alerts only (webhook, desktop)."""
+    if kind == "alert" and isinstance(obj, Alert):
+        notifier.notify_nowait(obj)
+
+
+def child_env(env: Mapping[str, str]) -> Mapping[str, str]:
+    """A launched agent's environment, with the SDK auto-instrumentation on its path."""
+    from tokenwatch.client.autoinstrument import child_env as instrumented
+
+    return instrumented(env)
 
 
 def _is_critical(engine: Engine | None, name: str) -> bool:
