@@ -312,12 +312,12 @@ def run_throttle(args: argparse.Namespace) -> int:
 
 def run_env(args: argparse.Namespace) -> int:
     from tokenwatch.client.control import SupervisorError
-    from tokenwatch.core.protocol import ProtocolError
+    from tokenwatch.core.errors import InvalidRequest
     from tokenwatch.engine.agents import check_name
 
     try:
         check_name(args.name)  # an empty one would be registered under a name made up for it
-    except ProtocolError as exc:
+    except InvalidRequest as exc:
         raise CliError(exc.message) from None
 
     async def env(client: SupervisorClient) -> Any:
