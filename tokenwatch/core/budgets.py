@@ -552,10 +552,6 @@ class Budgets:
             )
         return now
 
-    def warm_up(self, event: UsageEvent) -> None:
-        """Count usage from before the time of interest, silently (seeding, replay warm-up)."""
-        self._count(event, None)
-
     def counting_since(
         self, now: float, budgets: Collection[_Budget] | None = None
     ) -> float | None:

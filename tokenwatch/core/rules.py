@@ -243,12 +243,6 @@ class Rules:
     def names(self) -> Sequence[str]:
         return [rule_name(s) for s in self._rules]
 
-    def use_budgets(self, budgets: Callable[[], Sequence[BudgetStatus]]) -> None:
-        """Let forecast and spike rules see budget statuses (wired after both exist)."""
-        self._budgets = budgets
-
-    # -- events ---------------------------------------------------------------------------------
-
     def observe(self, event: UsageEvent) -> list[Signal]:
         """Remember the event and run every rule watching its agent."""
         if not self._rules:
