@@ -269,8 +269,9 @@ def render_status(status: dict[str, Any]) -> str:
 
 def _print_action(action: dict[str, Any]) -> None:
     detail = f" ({action['detail']})" if action.get("detail") else ""
-    verb = {"pause": "paused", "resume": "resumed", "kill": "killed", "throttle": "throttled",
-            "deny": "denied"}.get(action["kind"], action["kind"])  # fmt: skip
+    from tokenwatch.core.actions import past
+
+    verb = past(action["kind"])
     if not action.get("ok", True):
         raise CliError(f"{action['agent']}: could not be {verb}{detail}")
     print(f"{action['agent']} {verb}{detail}")

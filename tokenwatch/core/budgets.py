@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from tokenwatch.config import BudgetSettings, ConfigError
+from tokenwatch.core.actions import ACTIONS, HARD_ACTIONS
 from tokenwatch.core.admission import CallRequest, Refusal, Reservation, Signal
 from tokenwatch.core.models import (
     MAX_CLOCK_SKEW,
@@ -40,8 +41,6 @@ from tokenwatch.core.quantities import (
 log = logging.getLogger(__name__)
 
 SCOPES: Final = ("global", "agent", "task", "model", "user", "tag")
-ACTIONS: Final = ("alert", "throttle", "pause", "kill", "deny")
-HARD_ACTIONS: Final = frozenset({"pause", "kill", "deny"})
 """Budgets that refuse a call which would take them over the limit (the others only warn or slow)."""
 MAX_KEYS_SHOWN: Final = 20
 """Counters reported per budget (a glob budget keeps one per agent/model/...), most recent first."""
