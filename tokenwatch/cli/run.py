@@ -8,6 +8,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from tokenwatch import environ
 from tokenwatch.cli.errors import CliError
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def _script_of(args: list[str]) -> str:
 
 def _upstreams(env: dict[str, str]) -> dict[str, str]:
     """The user's own base URLs become the proxy's upstreams (never the proxy itself)."""
-    proxy = env.get("TOKENWATCH_PROXY_URL", "")
+    proxy = env.get(environ.PROXY_URL, "")
     return {
         field: env[var]
         for var, field in UPSTREAM_VARS.items()
@@ -281,9 +282,9 @@ async def _started(client: SupervisorClient, child: ForegroundChild, name: str) 
 def _child_env(client: SupervisorClient, name: str, reply: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (reply.get("env") or {}).items()})
-    env.setdefault("TOKENWATCH_SOCKET", str(client.socket_path))
-    env["TOKENWATCH_AGENT"] = name
-    env["TOKENWATCH_RUN_ID"] = str(reply.get("run_id") or "")
+    env.setdefault(environ.SOCKET, str(client.socket_path))
+    env[environ.AGENT] = name
+    env[environ.RUN_ID] = str(reply.get("run_id") or "")
     from tokenwatch.client.autoinstrument import child_env
 
     return child_env(env)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+from tokenwatch import environ
 from tokenwatch.client import gate, prompt, tracking
 from tokenwatch.client.body import JsonBody, SseEvents
 from tokenwatch.client.openai_usage import Counted, StreamReading, counted, field
@@ -27,7 +28,7 @@ from tokenwatch.core.models import Status, UsageEvent
 log = logging.getLogger("tokenwatch")
 
 CALL_ID_HEADER = "x-tokenwatch-call-id"
-PROXY_URL_ENV = "TOKENWATCH_PROXY_URL"
+PROXY_URL_ENV = environ.PROXY_URL
 PROVIDER = "openai"
 RESPONSES = "/v1/responses"
 _STREAMED = frozenset({"APIResponse", "AsyncAPIResponse"})

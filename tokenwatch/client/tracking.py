@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
+from tokenwatch import environ
 from tokenwatch.client import session
 from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent, over_call_limit
 
@@ -23,7 +24,7 @@ _task: contextvars.ContextVar[str | None] = contextvars.ContextVar("tokenwatch_t
 def current_task() -> str:
     """The task calls are attributed to here: the innermost `task()`, else TOKENWATCH_TASK."""
     name = _task.get()
-    return name if name is not None else os.environ.get("TOKENWATCH_TASK", "")
+    return name if name is not None else os.environ.get(environ.TASK, "")
 
 
 class task:  # lower case: used like a function, `with tokenwatch.task("t-42"):`

@@ -12,6 +12,7 @@ from typing import Final
 
 import anyio
 
+from tokenwatch import environ
 from tokenwatch.config import AgentSettings, BudgetSettings
 from tokenwatch.core.budgets import run_budget_name
 from tokenwatch.core.errors import EngineError, InvalidRequest, NameTaken, NotAllowed, UnknownAgent
@@ -258,15 +259,15 @@ class Lifecycle:
     def env_for(self, rec: AgentRecord) -> dict[str, str]:
         """What a process needs to report as this agent and to call through the proxy."""
         env = {
-            "TOKENWATCH_SOCKET": self.socket_path,
-            "TOKENWATCH_AGENT": rec.name,
-            "TOKENWATCH_RUN_ID": rec.agent.run_id,
-            "TOKENWATCH_TASK": rec.agent.task,
+            environ.SOCKET: self.socket_path,
+            environ.AGENT: rec.name,
+            environ.RUN_ID: rec.agent.run_id,
+            environ.TASK: rec.agent.task,
         }
         if self.routes is not None:
             if not rec.route:
                 rec.route = self.routes.add_route(rec.agent, "", "")
-            env["TOKENWATCH_PROXY_URL"] = self.routes.url
+            env[environ.PROXY_URL] = self.routes.url
             env.update(self.routes.base_urls(rec.route))
         return env
 
