@@ -92,6 +92,10 @@ class UsageEvent(Plain):
     """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
     prompt_shape: str = ""
     """Hash of the prompt with numbers, ids and times masked: near-duplicate prompts share it."""
+    price_source: str = ""
+    """Which table priced the call (`genai-prices`, `tokenwatch`, `tokenwatch.toml`), `provider`
+    for a cost reported with the response, or `estimated:MODEL` for a model no table knows,
+    priced at MODEL's rates; `price_version` is that table's version."""
 
     @property
     def total_tokens(self) -> int:
