@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import anyio
+import genai_prices
 import pytest
 
 from tokenwatch.cli import main
@@ -159,23 +160,32 @@ def test_prices_table_and_one_model(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "prices")
     assert code == 0
     assert out.startswith("prices version 20")
-    assert any(line.split()[:3] == ["gpt-4o", "openai", "2.5"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["codestral", "mistral"] for line in out.splitlines())
     code, out, _ = run(capsys, "prices", "gpt-4o-mini-2024-07-18")
     assert code == 0
-    assert "priced as gpt-4o-mini (openai)" in out
-    assert "via gpt-4o-mini-2024-07-18 -> gpt-4o-mini (OpenAI dated snapshot)" in out
+    version = genai_prices.__version__
+    assert f"priced as gpt-4o-mini (openai) by genai-prices {version}" in out
+    chain = [line.split() for line in out.splitlines()[2:5]]
+    assert chain == [["tokenwatch.toml", "-"], ["tokenwatch", "2026-12-05", "-"],
+                     ["genai-prices", version, "gpt-4o-mini", "(openai)"]]  # fmt: skip
     code, out, _ = run(capsys, "prices", "claude-sonnet-4-5-20250929", "--json")
     data = json.loads(out)
-    assert data["resolved"] == "claude-sonnet-4-5"
+    assert (data["resolved"], data["source"]) == ("claude-sonnet-4-5", "genai-prices")
     assert data["price"]["cache_write"] == 3.75
+    code, out, _ = run(capsys, "prices", "codestral")
+    assert "priced as codestral (mistral) by tokenwatch 2026-12-05" in out
+    assert "why tokenwatch prices it: genai-prices knows only dated" in out
 
 
-def test_prices_unknown_model_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "prices", "gpt-99")
-    assert code == 1
-    assert out == ""
-    assert err.startswith("tokenwatch: unknown model 'gpt-99'")
-    assert err.count("\n") == 1
+def test_prices_of_a_model_no_table_knows_shows_the_estimate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "prices", "gpt-99")
+    assert code == 0
+    assert out.startswith("gpt-99: no price table knows it; price: estimated from claude-opus-4-5")
+    assert "fallback               claude-opus-4-5 (an estimate, marked as such)" in out
+    code, out, _ = run(capsys, "prices", "gpt-99", "--json")
+    assert json.loads(out)["estimated"] is True
 
 
 def test_prices_shows_config_overrides(

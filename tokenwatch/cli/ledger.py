@@ -394,11 +394,11 @@ def run_prices(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(_price_lines(table))
         return 0
-    resolved = table.resolve(args.model)
+    resolved = table.estimate(args.model)
     if resolved is None:
         raise CliError(
-            f"unknown model {args.model!r}: not in the price table ({table.version}); calls to it "
-            f'are stored unpriced. Add [prices."{args.model}"] to tokenwatch.toml to price it.'
+            f"unknown model {args.model!r}, and the fallback model cannot be priced either "
+            "(is genai-prices installed?)"
         )
     if args.json:
         print(
@@ -407,6 +407,10 @@ def run_prices(args: argparse.Namespace) -> int:
                     "version": table.version,
                     "model": args.model,
                     "resolved": resolved.price.model,
+                    "source": resolved.source,
+                    "source_version": resolved.version,
+                    "estimated": resolved.estimated,
+                    "chain": [{"table": t, "found": f} for t, f in _chain(table, resolved)],
                     "via": list(resolved.via),
                     "overridden": resolved.overridden,
                     "price": resolved.price.to_dict(),
@@ -417,6 +421,26 @@ def run_prices(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write(_one_price(table, resolved))
     return 0
+
+
+def _chain(table: PriceTable, resolved: Resolution) -> list[tuple[str, str]]:
+    """Each table in the order they are asked, with what it said about the model."""
+    from tokenwatch.core.pricing import BUNDLED, CONFIG, MAINTAINED
+
+    layers = [(CONFIG, CONFIG), (BUNDLED, f"{BUNDLED} {table.version}")]
+    if table.maintained is not None:
+        layers.append((MAINTAINED, f"{MAINTAINED} {table.maintained.version}".rstrip()))
+    out: list[tuple[str, str]] = []
+    said = "-"  # before the table that knows it: not there; after it: not asked
+    for source, label in layers:
+        if source == resolved.source and not resolved.estimated:
+            out.append((label, f"{resolved.price.model} ({resolved.price.provider})"))
+            said = "not asked"
+        else:
+            out.append((label, said))
+    if resolved.estimated:
+        out.append(("fallback", f"{resolved.estimated_from} (an estimate, marked as such)"))
+    return out
 
 
 _RATE_COLUMNS = ("input", "cache_read", "cache_write", "output", "reasoning")
@@ -443,7 +467,17 @@ def _price_lines(table: PriceTable) -> str:
 
 def _one_price(table: PriceTable, resolved: Resolution) -> str:
     p = resolved.price
-    lines = [f"{resolved.asked}: priced as {p.model} ({p.provider}), table {table.version}"]
+    if resolved.estimated:
+        head = (
+            f"{resolved.asked}: no price table knows it; price: estimated from "
+            f'{resolved.estimated_from} (declare [prices."{resolved.asked}"] in tokenwatch.toml '
+            "to price it exactly)"
+        )
+    else:
+        label = f"{resolved.source} {resolved.version}".rstrip()
+        head = f"{resolved.asked}: priced as {p.model} ({p.provider}) by {label}"
+    lines = [head, "  chain (first that knows it wins):"]
+    lines += [f"    {table_name:<22} {found}" for table_name, found in _chain(table, resolved)]
     lines += [f"  via {step}" for step in resolved.via]
     if resolved.overridden:
         lines.append("  rates set in tokenwatch.toml")
@@ -454,6 +488,10 @@ def _one_price(table: PriceTable, resolved: Resolution) -> str:
     ]
     if p.reasoning is None:
         lines.append("  reasoning tokens are billed as output")
+    if resolved.found is not None:
+        lines.append("  genai-prices rates follow the call's date and prompt size (tiers)")
     if p.note:
         lines.append(f"  note: {p.note}")
+    if p.why:
+        lines.append(f"  why tokenwatch prices it: {p.why}")
     return "\n".join(lines) + "\n"
