@@ -232,6 +232,8 @@ class ImportSummary:
         self.stored = 0
         self.errors: list[LineError] = []
         self.unpriced: dict[str, int] = {}
+        self.estimated_from: set[str] = set()
+        """The fallback models whose rates priced the unpriced calls (empty: left with no cost)."""
         self.interrupted = False
 
     def line(self) -> str:
@@ -245,7 +247,8 @@ class ImportSummary:
             parts.append(f"skipped {len(self.errors):,} bad line{plural}")
         if self.unpriced:
             names = ", ".join(sorted(self.unpriced))
-            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names})")
+            how = "".join(f"; price: estimated from {m}" for m in sorted(self.estimated_from))
+            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names}{how})")
         return "tokenwatch: " + ", ".join(parts)
 
 
@@ -314,11 +317,15 @@ def _report_bad_line(error: LineError, summary: ImportSummary) -> None:
 
 
 def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) -> None:
+    from tokenwatch.core.pricing import ESTIMATED, is_estimated
+
     if event.cost_usd is None and table is not None:
         table.price(event)
-    if event.cost_usd is None:
+    if event.cost_usd is None or is_estimated(event.price_source):
         name = event.model or "(no model)"
         summary.unpriced[name] = summary.unpriced.get(name, 0) + 1
+        if event.cost_usd is not None:
+            summary.estimated_from.add(event.price_source.removeprefix(ESTIMATED))
 
 
 async def _store_batch(
