@@ -240,8 +240,8 @@ def state_of(pid: int) -> str:
 
 
 async def stop_latencies(runs: int) -> list[float]:
-    from tokenwatch.core.supervisor import Supervisor
     from tokenwatch.paths import Paths
+    from tokenwatch.supervisor.service import Supervisor
 
     home = Path(tempfile.mkdtemp(prefix="twb-"))
     os.environ["TOKENWATCH_HOME"] = str(home)

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tokenwatch.core import protocol  # noqa: E402
-from tokenwatch.core.daemon import socket_answers  # noqa: E402
 from tokenwatch.paths import Paths  # noqa: E402
+from tokenwatch.supervisor.daemon import socket_answers  # noqa: E402
 from tokenwatch.tui.source import DASHBOARD_KINDS  # noqa: E402
 
 WRITE_BYTES = 64 * 1024

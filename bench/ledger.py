@@ -36,10 +36,10 @@ from typing import Any
 import anyio
 
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.schema import EVENT_COLUMNS
-from tokenwatch.core.store import Store
-from tokenwatch.core.transaction import fold_rollups, insert_rows, prepare_rollups
-from tokenwatch.core.writer import event_row
+from tokenwatch.ledger.schema import EVENT_COLUMNS
+from tokenwatch.ledger.store import Store
+from tokenwatch.ledger.transaction import fold_rollups, insert_rows, prepare_rollups
+from tokenwatch.ledger.writer import event_row
 
 DAY = 86400.0
 SPAN_DAYS = 30

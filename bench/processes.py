@@ -21,8 +21,8 @@ from pathlib import Path
 
 import anyio
 
-from tokenwatch.core import processes
-from tokenwatch.core.processes import ProcessHandle, spawn
+from tokenwatch.process import processes
+from tokenwatch.process.processes import ProcessHandle, spawn
 
 # argv: COUNT PIDFILE. Each process starts the next one (every third in a session of its own).
 CHAIN = r"""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 
-from tokenwatch.core.processes import ProcessHandle, spawn
+from tokenwatch.process.processes import ProcessHandle, spawn
 
 # argv: DEPTH PIDFILE [FLAGS]; FLAGS may hold "setsid" (for the last level) and "ignore-term"
 TREE_SCRIPT = r"""

@@ -19,10 +19,10 @@ import anyio.abc
 
 from tokenwatch.config import Config, RuleSettings
 from tokenwatch.core import protocol
-from tokenwatch.core.daemon import socket_answers
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor.daemon import socket_answers
+from tokenwatch.supervisor.service import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0

@@ -18,8 +18,8 @@ from supervisor_fixtures import running_supervisor
 from test_detect import sent
 
 from tokenwatch.config import AlertSettings, Config, RuleSettings
-from tokenwatch.core.alerting import Notifier, slack_payload
 from tokenwatch.core.models import Alert
+from tokenwatch.export.alerting import Notifier, slack_payload
 from tokenwatch.paths import Paths
 
 ALERT = Alert(

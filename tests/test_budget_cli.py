@@ -16,7 +16,7 @@ from test_detect import sent
 from tokenwatch.cli import main
 from tokenwatch.config import Config, load_config
 from tokenwatch.core.models import Alert
-from tokenwatch.core.store import Store
+from tokenwatch.ledger.store import Store
 from tokenwatch.paths import OVERLAY_NAME, Paths
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tokenwatch.config import BudgetSettings
 from tokenwatch.core.admission import Refusal, Reservation
 from tokenwatch.core.budgets import Budgets
-from tokenwatch.core.store import Store
+from tokenwatch.ledger.store import Store
 
 LIMIT = 100_000
 

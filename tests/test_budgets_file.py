@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenwatch.config import BudgetSettings, Config, ConfigError, load_config
-from tokenwatch.core.budget_file import UnknownBudget, remove_budget, set_budget
 from tokenwatch.core.budgets import budget_name
 from tokenwatch.paths import OVERLAY_NAME
+from tokenwatch.supervisor.overlay import UnknownBudget, remove_budget, set_budget
 
 USER_TOML = """\
 # Our team's spending rules. Ask Ann before raising these.

@@ -15,12 +15,12 @@ import pytest
 from tests.supervisor_fixtures import running_supervisor
 from tokenwatch.client.control import SupervisorClient, SupervisorError
 from tokenwatch.config import BudgetSettings, load_config
-from tokenwatch.core import config_reload
 from tokenwatch.core.budgets import Budgets
-from tokenwatch.core.config_reload import seed_quietly
 from tokenwatch.core.models import Alert, UsageEvent
-from tokenwatch.core.supervisor import Supervisor
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor import reload as config_reload
+from tokenwatch.supervisor.reload import seed_quietly
+from tokenwatch.supervisor.service import Supervisor
 
 FIRST = """
 [[budget]]

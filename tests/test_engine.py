@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.standins import NoBudgets, NoPrices, NoRules
 from tokenwatch.config import SupervisorSettings
 from tokenwatch.core.admission import Admission, CallRequest, Refusal, Reservation, Signal
-from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
-from tokenwatch.core.standins import NoBudgets, NoPrices, NoRules
-from tokenwatch.core.store import Store, StoreUnavailable
+from tokenwatch.engine.engine import Engine
+from tokenwatch.ledger.store import Store, StoreUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -235,7 +235,7 @@ async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None
 async def test_the_oldest_call_ids_are_forgotten_first_and_the_ledger_still_stores_once(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tokenwatch.core.engine.RECENT_CALL_IDS", 3)
+    monkeypatch.setattr("tokenwatch.engine.engine.RECENT_CALL_IDS", 3)
     async with running_engine(short_tmp / "w.db") as (engine, store):
         await engine.ingest([event("a", f"c{i}") for i in range(1, 5)])
         await engine.ingest([event("a", "c2"), event("a", "c3"), event("a", "c4")])

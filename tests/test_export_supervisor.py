@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.otlp_fixtures import Collector, histogram_sums
 from tests.supervisor_fixtures import quiet_config, raw_client, running_supervisor, usage_event
 from tokenwatch.config import ExportSettings, OtlpSettings, PrometheusSettings
-from tokenwatch.core.store import Store
+from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
 CALLS = [

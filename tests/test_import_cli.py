@@ -18,10 +18,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwatch.cli import main
-from tokenwatch.core.importer import parse_lines
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.periods import zone
-from tokenwatch.core.store import Store
+from tokenwatch.ledger.importer import parse_lines
+from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
 UTC = zone("UTC")

@@ -49,7 +49,7 @@ def test_core_never_loads_textual_or_rich() -> None:
     assert ui == [], f"core pulled in UI modules: {ui[:5]}"
 
 
-@pytest.mark.parametrize("forbidden", ["textual", "rich", "aiosqlite", "tokenwatch.core.store"])
+@pytest.mark.parametrize("forbidden", ["textual", "rich", "aiosqlite", "tokenwatch.ledger.store"])
 def test_client_never_loads_the_supervisor(forbidden: str) -> None:
     loaded = loaded_after_import(["tokenwatch.client"])
     hits = sorted(m for m in loaded if m == forbidden or m.startswith(forbidden + "."))

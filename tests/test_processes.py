@@ -23,8 +23,8 @@ from tests.process_fixtures import (
     state,
     wait_until,
 )
-from tokenwatch.core import processes
-from tokenwatch.core.processes import (
+from tokenwatch.process import processes
+from tokenwatch.process.processes import (
     DutyCycle,
     NotPermitted,
     ProcessGone,
@@ -174,7 +174,7 @@ def test_attach_a_missing_pid_is_process_gone() -> None:
 
 INSIDE_THE_TREE = r"""
 import json, os, sys
-from tokenwatch.core.processes import ProcessHandle
+from tokenwatch.process.processes import ProcessHandle
 handle = ProcessHandle.attach(os.getppid())
 stopped = handle.pause()
 resumed = handle.resume()

@@ -14,7 +14,7 @@ import pytest
 
 from tokenwatch.cli import main
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.store import Store
+from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
 

@@ -108,8 +108,8 @@ def test_events_before_since_warm_up_but_are_not_reported() -> None:
 
 
 async def test_near_duplicate_loops_are_caught_when_replayed_from_the_ledger() -> None:
-    from tokenwatch.core.store import Store
     from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
+    from tokenwatch.ledger.store import Store
 
     # Only a counter changes between calls: exact hashes differ, shapes collide.
     prompts = [f"retry #{i}: fix test_parser (attempt id 9f{i}3a)" for i in range(6)]

@@ -25,9 +25,9 @@ from tests.process_fixtures import Terminal, dead, start_as_nobody, state, state
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
-from tokenwatch.core.processes import process_info
 from tokenwatch.core.quantities import parse_amount
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
+from tokenwatch.process.processes import process_info
 
 TIMEOUT = 60
 

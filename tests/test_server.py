@@ -20,9 +20,10 @@ from tests.supervisor_fixtures import (
     running_supervisor,
     usage_event,
 )
-from tokenwatch.core import protocol, server
-from tokenwatch.core.server import AddressInUse, SocketServer
+from tokenwatch.core import protocol
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor import server
+from tokenwatch.supervisor.server import AddressInUse, SocketServer
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from tokenwatch.core.models import Action, Agent, AgentState, Alert, UsageEvent
-from tokenwatch.core.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store, StoreUnavailable
 
 # A fixed "now": 2026-03-10 14:30:20 UTC (a Tuesday), so periods and windows are hand-computable.
 NOW = dt.datetime(2026, 3, 10, 14, 30, 20, tzinfo=dt.UTC).timestamp()

@@ -16,18 +16,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenwatch.core import schema
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.rollups import segments
-from tokenwatch.core.store import Store, StoreUnavailable
-from tokenwatch.core.transaction import Statement
+from tokenwatch.ledger import schema
+from tokenwatch.ledger.rollups import segments
+from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.transaction import Statement
 
 WRITER = textwrap.dedent(
     """
     import sys, anyio
     from pathlib import Path
     from tokenwatch.core.models import UsageEvent
-    from tokenwatch.core.store import Store
+    from tokenwatch.ledger.store import Store
 
     async def main() -> None:
         store = await Store.open(Path(sys.argv[1]))

@@ -17,7 +17,7 @@ import pytest
 
 from tokenwatch.cli import main
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store, StoreUnavailable
 from tokenwatch.paths import Paths
 
 READ_COMMANDS = [["report"], ["export"], ["alerts"], ["budget", "list"], ["rules", "test"]]

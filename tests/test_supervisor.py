@@ -36,7 +36,7 @@ from tests.supervisor_fixtures import (
 from tokenwatch.client.control import SupervisorClient, SupervisorError
 from tokenwatch.config import AgentSettings
 from tokenwatch.core.models import Agent
-from tokenwatch.core.store import Store
+from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
 pytestmark = pytest.mark.anyio
@@ -361,7 +361,7 @@ async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
 async def test_a_ledger_that_cannot_be_read_is_said_so_not_an_internal_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tokenwatch.core.transaction import StoreUnavailable
+    from tokenwatch.ledger.transaction import StoreUnavailable
 
     async def damaged(**_: Any) -> list[Any]:
         raise StoreUnavailable("cannot read the ledger usage.db: database disk image is malformed")

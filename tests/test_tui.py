@@ -27,7 +27,7 @@ from tests.tui_fixtures import (
     widget_text,
 )
 from tokenwatch.core.models import Action, Alert
-from tokenwatch.core.processes import ProcessHandle
+from tokenwatch.process.processes import ProcessHandle
 from tokenwatch.tui.screens.detail import AgentDetailScreen
 from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen, ThrottleScreen
 from tokenwatch.tui.screens.report import ReportScreen

@@ -13,9 +13,9 @@ import pytest
 
 from tests.supervisor_fixtures import stop_serve, supervisor_process
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.store import Store, StoreUnavailable
-from tokenwatch.core.transaction import Statement
-from tokenwatch.core.writer_process import ChildCommitter
+from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.transaction import Statement
+from tokenwatch.ledger.writer_process import ChildCommitter
 
 
 def writer_pid(store: Store) -> int:

@@ -24,7 +24,7 @@ from tokenwatch.core.models import (
     Snapshot,
     UsageEvent,
 )
-from tokenwatch.core.processes import ProcessHandle, spawn
+from tokenwatch.process.processes import ProcessHandle, spawn
 from tokenwatch.tui.app import TokenwatchApp, build_app
 from tokenwatch.tui.source import ScriptedSource
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tokenwatch.client.control import SupervisorClient
     from tokenwatch.config import BudgetSettings, Config
     from tokenwatch.core.models import Alert, BudgetStatus
-    from tokenwatch.core.store import Store
+    from tokenwatch.ledger.store import Store
 
 SCOPES = ("global", "agent", "task", "model", "user", "tag")
 PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
@@ -113,8 +113,8 @@ def _config_option(p: argparse.ArgumentParser, text: str = "tokenwatch.toml to e
 
 
 def run_set(args: argparse.Namespace) -> int:
-    from tokenwatch.core.budget_file import budget_entry, set_budget
     from tokenwatch.core.budgets import is_run_budget
+    from tokenwatch.supervisor.overlay import budget_entry, set_budget
 
     config = _load(args.config)
     budget = _budget_from_args(args, config)
@@ -135,7 +135,7 @@ def run_set(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _saving(config: Config) -> Iterator[None]:
     """An edit of the overlay file; a file that cannot be written is one clear line."""
-    from tokenwatch.core.budget_file import overlay_file
+    from tokenwatch.supervisor.overlay import overlay_file
 
     try:
         yield
@@ -167,8 +167,8 @@ def _set_run_limit(args: argparse.Namespace, entry: dict[str, Any]) -> int:
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    from tokenwatch.core.budget_file import UnknownBudget, remove_budget
     from tokenwatch.core.budgets import is_run_budget
+    from tokenwatch.supervisor.overlay import UnknownBudget, remove_budget
 
     if is_run_budget(args.name):
         if _from_supervisor(lambda c: c.request("remove_budget", name=args.name)) is None:
@@ -432,7 +432,7 @@ def _load(path: str | None) -> Config:
 
 def _limit(text: str) -> int:
     from tokenwatch.cli.ledger import positive_int
-    from tokenwatch.core.store import MAX_ROWS
+    from tokenwatch.ledger.store import MAX_ROWS
 
     # Beyond what SQLite can bind, a bound is no bound: same answer as the largest one.
     return min(positive_int(text), MAX_ROWS)
@@ -451,7 +451,7 @@ def _since(text: str) -> float:
 def _run(coro: Awaitable[Any]) -> Any:
     import anyio
 
-    from tokenwatch.core.store import StoreUnavailable
+    from tokenwatch.ledger.store import StoreUnavailable
 
     async def go() -> Any:
         return await coro
@@ -464,7 +464,7 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 async def _open_ledger() -> Store | None:
     """The ledger for reading, if anything was ever recorded (reading never creates one)."""
-    from tokenwatch.core.store import Store, StoreUnavailable
+    from tokenwatch.ledger.store import Store, StoreUnavailable
     from tokenwatch.paths import Paths
 
     path = Paths.discover().db

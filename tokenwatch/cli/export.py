@@ -59,7 +59,7 @@ async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> i
 
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.protocol import dumps
-    from tokenwatch.core.store import Store, StoreUnavailable
+    from tokenwatch.ledger.store import Store, StoreUnavailable
     from tokenwatch.paths import Paths
 
     db = Paths.discover().db

@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     import datetime
 
     from tokenwatch.config import Config
-    from tokenwatch.core.importer import LineError
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.pricing import PriceTable, Resolution
-    from tokenwatch.core.report import Report
-    from tokenwatch.core.store import Store
+    from tokenwatch.ledger.importer import LineError
+    from tokenwatch.ledger.report import Report
+    from tokenwatch.ledger.store import Store
 
 GROUPS = ("agent", "task", "model", "user", "provider", "day")
 FILTERS = ("agent", "task", "model", "user", "provider")
@@ -153,7 +153,7 @@ def _db_path() -> Path:
 
 
 async def _open_store(path: Path) -> Store:
-    from tokenwatch.core.store import Store, StoreUnavailable
+    from tokenwatch.ledger.store import Store, StoreUnavailable
 
     try:
         return await Store.open(path)
@@ -166,7 +166,7 @@ async def _open_for_reading(path: Path) -> Store:
     empty, as any command does."""
     import anyio
 
-    from tokenwatch.core.store import Store, StoreUnavailable
+    from tokenwatch.ledger.store import Store, StoreUnavailable
 
     if not await anyio.Path(path).exists():
         return await _open_store(path)
@@ -275,8 +275,8 @@ async def _import(
     db: Path,
     interrupt: Interrupt | None = None,
 ) -> ImportSummary:
-    from tokenwatch.core.importer import LineError, parse_lines
-    from tokenwatch.core.store import StoreUnavailable
+    from tokenwatch.ledger.importer import LineError, parse_lines
+    from tokenwatch.ledger.store import StoreUnavailable
 
     interrupt = interrupt or Interrupt()
     summary = ImportSummary()
@@ -350,7 +350,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     from tokenwatch.core.periods import parse_since, parse_start
     from tokenwatch.core.quantities import QuantityError
-    from tokenwatch.core.report import render
+    from tokenwatch.ledger.report import render
 
     cfg = _config()
     tz = _zone(cfg)
@@ -375,8 +375,8 @@ async def _report(
     tz: datetime.tzinfo,
     filters: dict[str, str],
 ) -> Report:
-    from tokenwatch.core.report import build_report
-    from tokenwatch.core.store import StoreUnavailable
+    from tokenwatch.ledger.report import build_report
+    from tokenwatch.ledger.store import StoreUnavailable
 
     store = await _open_for_reading(_db_path())
     try:

@@ -12,7 +12,7 @@ from tokenwatch.cli.errors import CliError
 if TYPE_CHECKING:
     from tokenwatch.cli.notices import ActionNotices
     from tokenwatch.client.control import SupervisorClient
-    from tokenwatch.core.foreground import ForegroundChild
+    from tokenwatch.process.foreground import ForegroundChild
 
 SUPERVISOR_FAILED = 125
 """Exit code when the supervisor cannot be reached or refuses the agent (nothing was run)."""
@@ -146,7 +146,7 @@ def _upstreams(env: dict[str, str]) -> dict[str, str]:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from tokenwatch.core.foreground import ForegroundChild, Interrupted
+    from tokenwatch.process.foreground import ForegroundChild, Interrupted
 
     command = _command(args)
     request: dict[str, Any] = {
@@ -174,7 +174,7 @@ def _forget_nowait(name: str, code: int) -> None:
     """Interrupted between registering and starting: say so, but never hang on it."""
     import anyio
 
-    from tokenwatch.core.foreground import Interrupted
+    from tokenwatch.process.foreground import Interrupted
 
     async def report() -> None:
         with anyio.move_on_after(2):
@@ -374,7 +374,7 @@ def run_attach(args: argparse.Namespace) -> int:
 
 def _check_attachable(pid: int) -> None:
     """One clear line for a pid that cannot be supervised, before bothering the supervisor."""
-    from tokenwatch.core.processes import NotPermitted, ProcessGone, check_controllable
+    from tokenwatch.process.processes import NotPermitted, ProcessGone, check_controllable
 
     try:
         check_controllable(pid)

@@ -128,9 +128,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import anyio
 
     from tokenwatch.config import load_config
-    from tokenwatch.core.daemon import AlreadyRunning, StartFailed, ensure_running
-    from tokenwatch.core.supervisor import serve_until_signalled
     from tokenwatch.paths import Paths, socket_path_problem
+    from tokenwatch.supervisor.daemon import AlreadyRunning, StartFailed, ensure_running
+    from tokenwatch.supervisor.service import serve_until_signalled
 
     paths = Paths.discover()
     problem = socket_path_problem(paths.socket)
@@ -281,8 +281,8 @@ def run_throttle(args: argparse.Namespace) -> int:
 
 def run_env(args: argparse.Namespace) -> int:
     from tokenwatch.client.control import SupervisorError
-    from tokenwatch.core.agents import check_name
     from tokenwatch.core.protocol import ProtocolError
+    from tokenwatch.engine.agents import check_name
 
     try:
         check_name(args.name)  # an empty one would be registered under a name made up for it

@@ -216,7 +216,7 @@ class SupervisorClient:
 
 
 def _start_daemon(paths: Paths, timeout: float) -> None:
-    from tokenwatch.core.daemon import StartFailed, ensure_running
+    from tokenwatch.supervisor.daemon import StartFailed, ensure_running
 
     try:
         ensure_running(paths, timeout)

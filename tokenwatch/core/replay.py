@@ -14,7 +14,7 @@ from tokenwatch.core.rules import HISTORY_SECONDS, Rules
 
 
 class EventSource(Protocol):
-    """What replay reads: the ledger (tokenwatch.core.store.Store) or anything like it."""
+    """What replay reads: the ledger (tokenwatch.ledger.store.Store) or anything like it."""
 
     def iter_events(
         self, since: float = 0, until: float | None = None, batch: int = 5000

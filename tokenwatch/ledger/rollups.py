@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenwatch.core.periods import period_end
-from tokenwatch.core.schema import ESTIMATED_PRICE_SQL, MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
+from tokenwatch.ledger.schema import ESTIMATED_PRICE_SQL, MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
 
 # How a raw event row contributes to each rollup measure (one row, so a count of 1).
 _RAW_MEASURES = {

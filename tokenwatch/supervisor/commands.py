@@ -12,18 +12,18 @@ from typing import Any
 
 from tokenwatch.config import Config, ConfigError, parse_config
 from tokenwatch.core.admission import Admission, CallRequest
-from tokenwatch.core.agents import AgentRecord
-from tokenwatch.core.budget_file import overlay_file, remove_budget, set_budget
 from tokenwatch.core.budgets import budget_name, is_run_budget
-from tokenwatch.core.config_reload import seed_quietly
-from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
-from tokenwatch.core.server import Session
-from tokenwatch.core.store import MAX_ROWS
-from tokenwatch.core.transaction import StoreUnavailable
 from tokenwatch.core.usage_wire import usage_from_wire
+from tokenwatch.engine.agents import AgentRecord
+from tokenwatch.engine.engine import Engine
+from tokenwatch.ledger.store import MAX_ROWS
+from tokenwatch.ledger.transaction import StoreUnavailable
+from tokenwatch.supervisor.overlay import overlay_file, remove_budget, set_budget
+from tokenwatch.supervisor.reload import seed_quietly
+from tokenwatch.supervisor.server import Session
 
 MIN_SUBSCRIBE_INTERVAL = 0.1
 MAX_HISTORY = 1000
@@ -325,7 +325,7 @@ class Commands:
 
     async def on_report(self, session: Session, msg: dict[str, Any]) -> Any:
         """Totals grouped by agent, task, model, user, provider or day since `since` (default 24 h)."""
-        from tokenwatch.core.report import build_report
+        from tokenwatch.ledger.report import build_report
 
         by = msg.get("by", "agent")
         since = _timestamp(msg, "since", time.time() - 86400)

@@ -21,8 +21,8 @@ import anyio.to_thread
 from anyio.lowlevel import EventLoopToken, current_token
 
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.core.schema import EVENT_COLUMNS
-from tokenwatch.core.transaction import (
+from tokenwatch.ledger.schema import EVENT_COLUMNS
+from tokenwatch.ledger.transaction import (
     Committed,
     Outcome,
     Row,

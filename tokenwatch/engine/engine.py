@@ -26,7 +26,6 @@ from tokenwatch.core.admission import (
     RuleBook,
     Signal,
 )
-from tokenwatch.core.agents import AgentRecord, Roster, check_name
 from tokenwatch.core.budgets import run_budget_name
 from tokenwatch.core.models import (
     Action,
@@ -40,15 +39,16 @@ from tokenwatch.core.models import (
     Snapshot,
     UsageEvent,
 )
-from tokenwatch.core.processes import NotPermitted, ProcessGone, ProcessHandle, Spawner
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.quantities import QuantityError, RateKind, parse_rate
-from tokenwatch.core.snapshots import LiveFigures
-from tokenwatch.core.store import StoreUnavailable
 from tokenwatch.core.throttle import TokenBucket
+from tokenwatch.engine.agents import AgentRecord, Roster, check_name
+from tokenwatch.engine.figures import LiveFigures
+from tokenwatch.ledger.store import StoreUnavailable
+from tokenwatch.process.processes import NotPermitted, ProcessGone, ProcessHandle, Spawner
 
 if TYPE_CHECKING:
-    from tokenwatch.core.alerting import Notifier
+    from tokenwatch.export.alerting import Notifier
 
 log = logging.getLogger("tokenwatch.engine")
 
@@ -64,7 +64,7 @@ Attacher = Callable[..., ProcessHandle]
 
 
 class Ledger(Protocol):
-    """The part of tokenwatch.core.store.Store the engine uses."""
+    """The part of tokenwatch.ledger.store.Store the engine uses."""
 
     async def append(self, event: UsageEvent) -> bool: ...
 
@@ -614,7 +614,7 @@ class Engine:
         self._start_soon(self._run_duty, rec, rec.duty, fraction)
 
     async def _run_duty(self, rec: AgentRecord, scope: anyio.CancelScope, fraction: float) -> None:
-        from tokenwatch.core.processes import DutyCycle
+        from tokenwatch.process.processes import DutyCycle
 
         if rec.handle is None:
             return

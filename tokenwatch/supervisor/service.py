@@ -18,22 +18,22 @@ import anyio.abc
 import anyio.to_thread
 
 from tokenwatch.config import Config, ConfigError, load_config
-from tokenwatch.core.alerting import Notifier
 from tokenwatch.core.budgets import Budgets
-from tokenwatch.core.commands import Commands
-from tokenwatch.core.config_reload import ConfigWatch, apply, seed_quietly
-from tokenwatch.core.daemon import instance_lock, remove_pid, write_pid
-from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import Agent, Alert, UsageEvent
 from tokenwatch.core.pricing import PriceError, PriceTable
-from tokenwatch.core.processes import Spawner, spawn
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
-from tokenwatch.core.server import SocketServer
-from tokenwatch.core.snapshots import GROUPS
+from tokenwatch.engine.engine import Engine
+from tokenwatch.engine.figures import GROUPS
+from tokenwatch.export.alerting import Notifier
 from tokenwatch.paths import Paths
+from tokenwatch.process.processes import Spawner, spawn
+from tokenwatch.supervisor.commands import Commands
+from tokenwatch.supervisor.daemon import instance_lock, remove_pid, write_pid
+from tokenwatch.supervisor.reload import ConfigWatch, apply, seed_quietly
+from tokenwatch.supervisor.server import SocketServer
 
 if TYPE_CHECKING:
-    from tokenwatch.core.store import Store
+    from tokenwatch.ledger.store import Store
 
 log = logging.getLogger("tokenwatch.supervisor")
 
@@ -156,7 +156,7 @@ class Supervisor:
         self, *, task_status: anyio.abc.TaskStatus[Supervisor] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until asked to stop; then resume what it paused and flush the ledger."""
-        from tokenwatch.core.store import Store
+        from tokenwatch.ledger.store import Store
 
         with instance_lock(self.paths):
             self.paths.ensure_state()

@@ -23,11 +23,11 @@ import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from tokenwatch.core import protocol
-from tokenwatch.core.daemon import socket_answers
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.usage_wire import decode_usage_line, usage_from_wire
 from tokenwatch.paths import socket_path_problem
+from tokenwatch.supervisor.daemon import socket_answers
 
 log = logging.getLogger("tokenwatch.server")
 

@@ -20,8 +20,8 @@ import anyio.to_thread
 
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
-from tokenwatch.core.rollups import day_windows, summary_sql, window_batches
-from tokenwatch.core.schema import (
+from tokenwatch.ledger.rollups import day_windows, summary_sql, window_batches
+from tokenwatch.ledger.schema import (
     EVENT_COLUMNS,
     ROLLUP_DIMS,
     VERSION,
@@ -29,7 +29,7 @@ from tokenwatch.core.schema import (
     migrate,
     quoted,
 )
-from tokenwatch.core.transaction import (
+from tokenwatch.ledger.transaction import (
     BUSY_TIMEOUT,
     CACHE_KIB,
     Committer,
@@ -38,8 +38,8 @@ from tokenwatch.core.transaction import (
     connect_writer,
     describe,
 )
-from tokenwatch.core.writer import BatchWriter, Item, Waiter
-from tokenwatch.core.writer_process import ChildCommitter
+from tokenwatch.ledger.writer import BatchWriter, Item, Waiter
+from tokenwatch.ledger.writer_process import ChildCommitter
 
 __all__ = [
     "GROUPINGS",

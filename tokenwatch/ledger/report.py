@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwatch.core.quantities import format_usd
 
 if TYPE_CHECKING:
-    from tokenwatch.core.store import GroupTotals, Store, Totals
+    from tokenwatch.ledger.store import GroupTotals, Store, Totals
 
 FORMATS = ("table", "json", "csv")
 

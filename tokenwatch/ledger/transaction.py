@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
-from tokenwatch.core.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
+from tokenwatch.ledger.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 
 BUSY_TIMEOUT: Final = 10.0
 """Seconds a connection waits for another process's lock before giving up."""

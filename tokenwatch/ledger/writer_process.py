@@ -22,7 +22,7 @@ from typing import Any, Final, NoReturn
 
 import msgspec
 
-from tokenwatch.core.transaction import (
+from tokenwatch.ledger.transaction import (
     Committed,
     Committer,
     Outcome,

@@ -13,10 +13,10 @@ import anyio
 import anyio.abc
 
 from tokenwatch.config import Config, ConfigError
-from tokenwatch.core.engine import Engine
 from tokenwatch.core.models import Alert
 from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
+from tokenwatch.engine.engine import Engine
 
 log = logging.getLogger("tokenwatch.supervisor")
 

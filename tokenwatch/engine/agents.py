@@ -15,8 +15,8 @@ from tokenwatch.core.models import Agent, AgentState
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
-    from tokenwatch.core.processes import DutyCycle, ProcessHandle
     from tokenwatch.core.throttle import TokenBucket
+    from tokenwatch.process.processes import DutyCycle, ProcessHandle
 
 MAX_EXITED: Final = 200
 """Exited agents kept on the roster (newest), so status and the dashboard can show how they ended."""

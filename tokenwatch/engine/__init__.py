@@ -1,0 +1,1 @@
+"""The live state of agents: admission, recording, control and the figures the UI shows."""

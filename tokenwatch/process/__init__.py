@@ -1,0 +1,1 @@
+"""Process control: /proc reading, pidfd handles, duty cycles and the foreground job."""

@@ -1,0 +1,1 @@
+"""The composition root: the service that wires engine, ledger, proxy, socket and exporters."""
