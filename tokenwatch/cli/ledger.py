@@ -432,7 +432,8 @@ def run_prices(args: argparse.Namespace) -> int:
 
 def _chain(table: PriceTable, resolved: Resolution) -> list[tuple[str, str]]:
     """Each table in the order they are asked, with what it said about the model."""
-    from tokenwatch.core.pricing import BUNDLED, CONFIG, MAINTAINED
+    from tokenwatch.core.maintained_prices import SOURCE as MAINTAINED
+    from tokenwatch.core.pricing import BUNDLED, CONFIG
 
     layers = [(CONFIG, CONFIG), (BUNDLED, f"{BUNDLED} {table.version}")]
     if table.maintained is not None:
