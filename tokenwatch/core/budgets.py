@@ -27,6 +27,7 @@ from tokenwatch.core.models import (
 )
 from tokenwatch.core.periods import ALL_PERIODS, CALENDAR_PERIODS, ROLLING_SECONDS, period_end, zone
 from tokenwatch.core.periods import period_start as calendar_start
+from tokenwatch.core.pricing import ESTIMATED, is_estimated
 from tokenwatch.core.quantities import (
     Amount,
     QuantityError,
@@ -48,6 +49,8 @@ MAX_KEYS_SHOWN: Final = 20
 MIN_FORECAST_SPAN: Final = 60.0
 """Seconds of history below which a burn rate is not trusted for a forecast."""
 DEFAULT_THROTTLE_RATE: Final = "50%"
+UNPRICED_MODES: Final = ("estimate", "free")
+"""How a dollar budget counts calls to models no price table knows (see BudgetSettings)."""
 RUN_BUDGET_PREFIX: Final = "run:"
 """Names kept for the budgets of `tokenwatch run --budget` (they live and end with their run)."""
 
@@ -89,6 +92,11 @@ def check_budget(settings: BudgetSettings) -> Amount:
         raise BudgetError(f"budget {name}: a {settings.period} period cannot be rolling")
     if any(not 0 < w <= 100 for w in settings.warn):
         raise BudgetError(f"budget {name}: warn thresholds must be percentages from 1 to 100")
+    if settings.unpriced not in UNPRICED_MODES:
+        raise BudgetError(
+            f"budget {name}: unpriced must be one of {', '.join(UNPRICED_MODES)}, "
+            f"not {settings.unpriced!r}"
+        )
     if settings.scope == "tag":
         _check_tag_target(name, settings.target)
     try:
@@ -123,8 +131,12 @@ class _Counter:
     first_ts: float | None = None
     last_ts: float = 0.0
     exhausted_at: float | None = None
-    recent: deque[tuple[float, float]] = field(default_factory=deque)
-    """(ts, amount) still inside a rolling window."""
+    estimated: float = 0.0
+    """The part of `used` priced at the fallback's rates (a model no table knows)."""
+    estimated_from: str = ""
+    """The fallback model of the latest such call."""
+    recent: deque[tuple[float, float, float]] = field(default_factory=deque)
+    """(ts, amount, estimated part) still inside a rolling window."""
 
 
 class _Budget:
@@ -191,8 +203,10 @@ class _Budget:
             return value
         return None
 
-    def amount(self, tokens: float, usd: float | None) -> float:
+    def amount(self, tokens: float, usd: float | None, estimated: bool = False) -> float:
         if self.unit is Unit.USD:
+            if estimated and self.settings.unpriced == "free":
+                return 0.0  # the behaviour chosen for this budget: unknown models count $0
             return usd or 0.0
         return float(tokens)
 
@@ -216,6 +230,7 @@ class _Budget:
             c = self.counters[key] = _Counter(start)
         elif start > c.start:
             c.start, c.used, c.first_ts, c.exhausted_at = start, 0.0, None, None
+            c.estimated, c.estimated_from = 0.0, ""
             c.fired.clear()
         elif start < c.start:
             return None
@@ -226,22 +241,28 @@ class _Budget:
     def _expire(self, c: _Counter, now: float) -> None:
         horizon = now - ROLLING_SECONDS[self.period]
         while c.recent and c.recent[0][0] <= horizon:
-            _, amount = c.recent.popleft()
+            _, amount, estimated = c.recent.popleft()
             c.used -= amount
+            c.estimated -= estimated
         if not c.recent:
-            c.used, c.first_ts = 0.0, None
+            c.used, c.first_ts, c.estimated = 0.0, None, 0.0
             c.fired.clear()
 
-    def add(self, c: _Counter, amount: float, ts: float) -> None:
+    def add(self, c: _Counter, amount: float, ts: float, estimated_from: str = "") -> None:
+        """Count `amount` at `ts`; `estimated_from` names the fallback model that priced it."""
         latest = c.last_ts  # usage read in from the ledger can be older than live calls
+        estimated = amount if estimated_from and self.unit is Unit.USD else 0.0
         c.used += amount
+        c.estimated += estimated
+        c.estimated_from = estimated_from or c.estimated_from
         c.last_ts = max(c.last_ts, ts)
         c.first_ts = ts if c.first_ts is None else min(c.first_ts, ts)
         if self.settings.rolling:
+            entry = (ts, amount, estimated)
             if c.recent and ts < c.recent[-1][0]:
-                bisect.insort(c.recent, (ts, amount))  # older usage read in after live calls
+                bisect.insort(c.recent, entry)  # older usage read in after live calls
             else:
-                c.recent.append((ts, amount))
+                c.recent.append(entry)
         if c.exhausted_at is None and c.used >= self.limit:
             c.exhausted_at = max(ts, latest)  # the limit is reached by the latest call, in time
 
@@ -249,6 +270,15 @@ class _Budget:
 
     def show(self, value: float) -> str:
         return format_usd(value) if self.unit is Unit.USD else f"{format_tokens(value)} tokens"
+
+    def show_used(self, c: _Counter) -> str:
+        """The counter's usage, saying how much of it is a fallback estimate."""
+        if c.estimated <= 0:
+            return self.show(c.used)
+        return (
+            f"{self.show(c.used)}, {self.show(c.estimated)} of it at an estimated price "
+            f"(price: estimated from {c.estimated_from})"
+        )
 
     def per(self) -> str:
         if self.period == "request":
@@ -269,6 +299,16 @@ class _Budget:
         if self.name != f"{s.scope}:{s.target}:{s.period}":
             words += ["--name", self.name]
         return shlex.join(words)
+
+
+_DONE: Final = {
+    "alert": "",
+    "throttle": "; throttled",
+    "pause": "; paused",
+    "kill": "; stopped",
+    "deny": "; its calls are refused",
+}
+"""What a budget's action did, as its alert says it."""
 
 
 def _tags_match(target: str, tags: Mapping[str, str]) -> bool:
@@ -379,8 +419,11 @@ class Budgets:
 
     # -- admission ------------------------------------------------------------------------------
 
-    def reserve(self, call: CallRequest, tokens: int, usd: float | None) -> Reservation | Refusal:
-        """Hold the call's worst case against every budget covering it, or refuse it."""
+    def reserve(
+        self, call: CallRequest, tokens: int, usd: float | None, estimated_from: str = ""
+    ) -> Reservation | Refusal:
+        """Hold what the call may use against every budget covering it, or refuse it.
+        `estimated_from` names the fallback model when no price table knows the call's."""
         now = self._clock()
         self.note_tags(call.agent, call.tags)
         tags = call.tags or self._tags.get(call.agent, {})
@@ -389,9 +432,9 @@ class Budgets:
             key = budget.key_for(call.agent, call.task, call.model, call.user, tags)
             if key is None:
                 continue
-            amount = budget.amount(tokens, usd)
+            amount = budget.amount(tokens, usd, bool(estimated_from))
             c = None if budget.period == "request" else budget.counter(key, now)
-            refusal = self._check(budget, key, c, amount, call.agent, now)
+            refusal = self._check(budget, key, c, amount, call.agent, now, estimated_from)
             if refusal is not None:
                 return refusal
             planned.append((budget, key, c, amount))
@@ -413,6 +456,7 @@ class Budgets:
         amount: float,
         agent: str,
         now: float,
+        estimated_from: str = "",
     ) -> Refusal | None:
         if budget.settings.action not in HARD_ACTIONS or amount <= 0:
             return None
@@ -421,10 +465,12 @@ class Budgets:
         if used + reserved + amount <= budget.limit:
             return None
         whose = f" for {key}" if key else ""
-        why = f"{budget.show(used)} used, " if c is not None else ""
+        why = f"{budget.show_used(c)} used, " if c is not None else ""
         if reserved > 0:
             why += f"{budget.show(reserved)} in flight, "
         why += f"this call may use {budget.show(amount)}"
+        if estimated_from and budget.unit is Unit.USD:
+            why += f" (price: estimated from {estimated_from})"
         message = (
             f"budget {budget.name} ({budget.show(budget.limit)} {budget.per()}{whose}) would be "
             f"exceeded: {why}. Raise it with `{budget.raise_hint(key, used + reserved + amount)}`"
@@ -432,7 +478,8 @@ class Budgets:
         if c is not None and used + amount > budget.limit:
             # Even with nothing in flight the call would not fit: the budget is spent for this
             # agent, so its action is due (refusals caused only by calls in flight are not).
-            self._limit_reached(budget, key, c, agent, now)
+            # Its alert says what the refused call was told, word for word.
+            self._limit_reached(budget, c, agent, now, message)
         return Refusal(budget.name, message, self._retry_after(budget, c, now))
 
     def _retry_after(self, budget: _Budget, c: _Counter | None, now: float) -> float | None:
@@ -480,6 +527,8 @@ class Budgets:
         if event.ts > self._clock() + MAX_CLOCK_SKEW:
             return  # from a ledger written before such times were refused: no period has it
         tags = self._tags.get(event.agent, {})
+        estimated = is_estimated(event.price_source)
+        estimated_from = event.price_source.removeprefix(ESTIMATED) if estimated else ""
         for budget in self._all() if seeding is None else seeding:
             if event.ts < budget.origin:
                 continue
@@ -491,7 +540,7 @@ class Budgets:
             key = budget.key_for(event.agent, event.task, event.model, event.user, tags)
             if key is None:
                 continue
-            amount = budget.amount(event.total_tokens, event.cost_usd)
+            amount = budget.amount(event.total_tokens, event.cost_usd, estimated)
             if budget.period == "request":
                 if signals is not None and amount > budget.limit:
                     signals.append(self._over_request(budget, key, event, amount))
@@ -500,7 +549,7 @@ class Budgets:
             if c is None:
                 continue
             before = c.used
-            budget.add(c, amount, event.ts)
+            budget.add(c, amount, event.ts, estimated_from if amount else "")
             if seeding is not None and budget.counted_live is not None:
                 continue  # an edit's catch-up: thresholds it passes warn on the next live call
             due = [w for w in budget.warn if w not in c.fired and c.used >= budget.limit * w / 100]
@@ -575,7 +624,7 @@ class Budgets:
         resets = _when(budget.resets_at(now), self._tz, now)
         message = (
             f"{agent} has used {share} of budget {budget.name} "
-            f"({budget.show(c.used)} of {budget.show(budget.limit)} {budget.per()})"
+            f"({budget.show_used(c)} of {budget.show(budget.limit)} {budget.per()})"
             + (f"; resets {resets}" if resets else "")
         )
         severity = Severity.WARNING if pct >= 80 else Severity.INFO
@@ -583,32 +632,33 @@ class Budgets:
         return Signal(alert=alert, action=ActionKind.ALERT.value, agent=agent)
 
     def _limit_reached(
-        self, budget: _Budget, key: str, c: _Counter, agent: str, now: float
+        self, budget: _Budget, c: _Counter, agent: str, now: float, refusal: str
     ) -> None:
         if 100 in c.fired:
             return
         c.fired.add(100)
-        self._pending.append(self._limit_signal(budget, key, c, agent, now))
+        action = budget.settings.action
+        message = f"{agent}: {refusal}{_DONE[action]}"
+        self._pending.append(self._action_signal(budget, agent, now, message))
 
     def _limit_signal(
         self, budget: _Budget, key: str, c: _Counter, agent: str, now: float
     ) -> Signal:
         action = budget.settings.action
-        done = {
-            "alert": "",
-            "throttle": "; throttled",
-            "pause": "; paused",
-            "kill": "; stopped",
-            "deny": "; its calls are refused",
-        }[action]
         resets = _when(budget.resets_at(now), self._tz, now)
         until = f" until it resets {resets} or is raised" if resets else " until it is raised"
+        hint = budget.raise_hint(key, c.used)
         message = (
             f"{agent} reached budget {budget.name} "
-            f"({budget.show(c.used)} of {budget.show(budget.limit)} {budget.per()}){done}"
-            + (f"{until} (`{budget.raise_hint(key)}`)" if action != "alert" else "")
-            + (f"; raise it with `{budget.raise_hint(key)}`" if action == "alert" else "")
+            f"({budget.show_used(c)} of {budget.show(budget.limit)} {budget.per()})"
+            f"{_DONE[action]}"
+            + (f"{until} (`{hint}`)" if action != "alert" else "")
+            + (f"; raise it with `{hint}`" if action == "alert" else "")
         )
+        return self._action_signal(budget, agent, now, message)
+
+    def _action_signal(self, budget: _Budget, agent: str, now: float, message: str) -> Signal:
+        action = budget.settings.action
         # deny is enforced by reserve() per budget; denying the whole agent would also block
         # calls this budget does not cover, so the engine is only told to alert.
         act = ActionKind.ALERT.value if action in ("alert", "deny") else action
@@ -660,6 +710,8 @@ class Budgets:
             action=budget.settings.action,
             resets_at=resets,
             forecast_exhausted_at=_forecast(budget, c, now, resets),
+            estimated_usd=c.estimated if c is not None else 0.0,
+            estimated_from=c.estimated_from if c is not None else "",
         )
 
 

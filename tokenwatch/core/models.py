@@ -212,6 +212,11 @@ class BudgetStatus(Plain):
     action: str
     resets_at: float | None = None
     forecast_exhausted_at: float | None = None
+    estimated_usd: float = 0.0
+    """The part of `used` priced at the fallback's rates (models no table knows): a partial
+    total, marked wherever it is shown."""
+    estimated_from: str = ""
+    """The fallback model whose rates stood in for them."""
 
     @property
     def remaining(self) -> float:
