@@ -187,12 +187,28 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_usd(value: float | None) -> str:
-    """Dollars with sensible precision; `unpriced` for None, never a silent $0."""
+PARTIAL_MARK = "*"
+"""After a dollar figure that holds calls to models no price table knows (priced by estimate)."""
+
+
+def format_usd(value: float | None, partial: bool = False) -> str:
+    """Dollars with sensible precision; `unpriced` for None, never a silent $0; marked with
+    PARTIAL_MARK when `partial` (some of it is an estimate)."""
+    mark = PARTIAL_MARK if partial else ""
     if value is None:
-        return "unpriced"
+        return "unpriced" + mark
     if abs(value) >= 100:
-        return f"${value:,.0f}"
+        return f"${value:,.0f}{mark}"
     if abs(value) >= 1:
-        return f"${value:,.2f}"
-    return f"${value:.4f}"
+        return f"${value:,.2f}{mark}"
+    return f"${value:.4f}{mark}"
+
+
+def estimate_note(estimated_usd: float, estimated_from: str = "", subject: str = "") -> str:
+    """The footnote of a partial total: how much of it is an estimate, and from what."""
+    source = f" (price: estimated from {estimated_from})" if estimated_from else ""
+    who = f" {subject}" if subject else ""
+    return (
+        f"{PARTIAL_MARK}{who} includes {format_usd(estimated_usd)} for models no price table knows, "
+        f"at an estimated price{source}; declare them in tokenwatch.toml [prices.\"MODEL\"]"
+    )
