@@ -360,6 +360,20 @@ def test_summary_line_reads_like_the_docs() -> None:
     assert summary_line("coder", 130, None) == "coder exited 130 (SIGINT)"
 
 
+def test_summary_line_marks_a_cost_holding_estimated_prices() -> None:
+    summary = {
+        "tokens": 63275,
+        "cost_usd": 0.1,
+        "requests": 3,
+        "unpriced_requests": 2,
+        "estimated_from": "claude-opus-4-5",
+    }
+    assert summary_line("claude3", 0, summary) == (
+        "claude3 exited 0 · 63,275 tokens · $0.1000* (2 calls price: estimated from "
+        "claude-opus-4-5) · 3 requests"
+    )
+
+
 ON_A_TERMINAL = """
 import os, signal, sys, time
 def foreground():

@@ -411,7 +411,7 @@ class Engine:
     def _count(self, event: UsageEvent, signals: list[Signal]) -> None:
         self._events += 1
         rec = self.roster.get(event.agent) or self._reporting_agent(event)
-        rec.count(event.total_tokens, event.cost_usd)
+        rec.count(event.total_tokens, event.cost_usd, event.price_source)
         self.live.add(event)
         self._publish("usage", event)
         for signal in [*signals, *self.rules.observe(event)]:

@@ -293,7 +293,14 @@ class Supervisor:
         since = engine.live.day_start
         for group in GROUPS:
             for row in await store.aggregate(group, since):
-                engine.live.today.seed(group, row.key, row.total_tokens, row.cost_usd)
+                engine.live.today.seed(
+                    group,
+                    row.key,
+                    row.total_tokens,
+                    row.cost_usd,
+                    row.estimated_usd,
+                    row.unpriced_requests,
+                )
 
     async def _start_notifier(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         notifier = engine.notifier

@@ -37,10 +37,12 @@ class SummaryBar(Static):
         text.append(" tok/min  ")
         text.append(format_usd(snap.usd_per_hour), style="bold")
         text.append("/h  today ")
-        text.append(format_usd(snap.spend_today_usd), style="bold")
+        partial = snap.unpriced_today > 0
+        text.append(format_usd(snap.spend_today_usd, partial), style="bold")
         if snap.daily_budget_usd:
             text.append(f" of {format_usd(snap.daily_budget_usd)} ")
-            text.append_text(gauge(snap.spend_today_usd / snap.daily_budget_usd, width=10))
+            fraction = snap.spend_today_usd / snap.daily_budget_usd
+            text.append_text(gauge(fraction, width=10, partial=partial))
         text.append("  ")
         text.append(sparkline(snap.burn, width=16), style="cyan")
         text.append("\n")
