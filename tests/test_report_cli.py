@@ -114,6 +114,39 @@ def test_table_report_is_aligned_with_total_and_unpriced_note(
     assert any(line.startswith("t3") and "unpriced*" in line for line in rest)
 
 
+def test_report_shows_cache_writes_and_marks_every_estimate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    now = time.time()
+    guessed = UsageEvent(ts=now - 60, agent="claude", model="acme-coder-7", provider="anthropic",
+                         input_tokens=20_000, cache_write_tokens=16_881, output_tokens=800,
+                         cost_usd=0.2, price_source="estimated:claude-opus-4-5")
+    counted = UsageEvent(ts=now - 30, agent="claude", model="claude-opus-4-5",
+                         provider="anthropic", input_tokens=1_000, output_tokens=100,
+                         cost_usd=0.1, price_source="genai-prices", estimated=True)
+    seed([guessed, counted])  # fmt: skip
+    code, out, _ = run(capsys, "report")
+    assert code == 0
+    header, row, _, total, *notes = out.splitlines()
+    assert header.split()[:6] == ["AGENT", "REQ", "INPUT", "CACHED", "WRITE", "OUTPUT"]
+    assert row.split()[:7] == ["claude", "2", "21,000~", "0", "16,881", "900~", "0"]
+    assert "$0.3000*" in total
+    assert notes == [
+        "* 1 call unpriced (unknown model: acme-coder-7): COST includes $0.2000 at an estimated "
+        'price (`tokenwatch prices MODEL` shows from what). Price them with [prices."MODEL"] in '
+        "tokenwatch.toml.",
+        "~ 1 call with tokens counted locally (the provider reported no usage): an estimate",
+    ]
+    code, out, _ = run(capsys, "report", "--format", "json")
+    [group] = json.loads(out)["groups"]
+    assert (group["cost_usd"], group["estimated_usd"]) == (pytest.approx(0.3), 0.2)
+    assert (group["cache_write_tokens"], group["unpriced_requests"]) == (16_881, 1)
+    assert group["estimated_requests"] == 1
+    code, out, _ = run(capsys, "report", "--format", "csv")
+    [line] = list(csv.DictReader(io.StringIO(out)))
+    assert (line["estimated_usd"], line["cache_write_tokens"]) == ("0.2", "16881")
+
+
 def test_top_and_filters(ledger: float, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report", "--by", "task", "--top", "1", "--format", "json")
     assert code == 0

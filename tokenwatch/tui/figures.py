@@ -51,15 +51,16 @@ def gauge_style(fraction: float) -> str:
 
 def gauge(fraction: float | None, width: int = 8, partial: bool = False) -> Text:
     """A bar and a percentage (`█████░░░ 62%`); empty text when there is no budget; marked
-    PARTIAL_MARK when `partial` (some of what it measures is priced by estimate)."""
+    `█████░░░* 62%` when `partial` (some of what it measures is priced by estimate), in the
+    same width."""
     if fraction is None:
         return Text("-", style="dim")
     filled = max(0, min(width, round(fraction * width)))
     text = Text("█" * filled, style=gauge_style(fraction))
     text.append("░" * (width - filled), style="dim")
-    text.append(f" {fraction * 100:3.0f}%")
     if partial:
-        text.append(PARTIAL_MARK, style="yellow")
+        text.append(PARTIAL_MARK, style="bold yellow")
+    text.append(f"{'' if partial else ' '}{fraction * 100:3.0f}%")
     return text
 
 
