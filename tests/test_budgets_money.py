@@ -67,7 +67,7 @@ def test_a_budget_can_choose_to_count_unknown_models_free() -> None:
 
 
 def test_one_refusal_one_message_and_the_suggested_limit_admits_the_call() -> None:
-    budgets, clock = book("$0.01")
+    budgets, _ = book("$0.01")
     worst = TABLE.worst_case(UNKNOWN, 2_000, 4_096)
     assert worst == pytest.approx((2_000 * 6.25 + 4_096 * 25) / 1e6)  # $0.1149
     refusal = budgets.reserve(call(model=UNKNOWN), 6_096, worst, estimated_from="claude-opus-4-5")
