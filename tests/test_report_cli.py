@@ -118,12 +118,28 @@ def test_report_shows_cache_writes_and_marks_every_estimate(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     now = time.time()
-    guessed = UsageEvent(ts=now - 60, agent="claude", model="acme-coder-7", provider="anthropic",
-                         input_tokens=20_000, cache_write_tokens=16_881, output_tokens=800,
-                         cost_usd=0.2, price_source="estimated:claude-opus-4-5")
-    counted = UsageEvent(ts=now - 30, agent="claude", model="claude-opus-4-5",
-                         provider="anthropic", input_tokens=1_000, output_tokens=100,
-                         cost_usd=0.1, price_source="genai-prices", estimated=True)
+    guessed = UsageEvent(
+        ts=now - 60,
+        agent="claude",
+        model="acme-coder-7",
+        provider="anthropic",
+        input_tokens=20_000,
+        cache_write_tokens=16_881,
+        output_tokens=800,
+        cost_usd=0.2,
+        price_source="estimated:claude-opus-4-5",
+    )
+    counted = UsageEvent(
+        ts=now - 30,
+        agent="claude",
+        model="claude-opus-4-5",
+        provider="anthropic",
+        input_tokens=1_000,
+        output_tokens=100,
+        cost_usd=0.1,
+        price_source="genai-prices",
+        estimated=True,
+    )
     seed([guessed, counted])  # fmt: skip
     code, out, _ = run(capsys, "report")
     assert code == 0

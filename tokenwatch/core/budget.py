@@ -299,6 +299,7 @@ def tags_match(target: str, tags: Mapping[str, str]) -> bool:
         return False
     return not eq or fnmatch.fnmatchcase(tags[name], pattern)
 
+
 def round_up(value: float, unit: Unit) -> float:
     """`value` rounded up to two significant digits (whole tokens): a limit that reads well."""
     if value <= 0:

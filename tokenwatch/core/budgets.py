@@ -53,6 +53,7 @@ MAX_KEYS_SHOWN: Final = 20
 MIN_FORECAST_SPAN: Final = 60.0
 """Seconds of history below which a burn rate is not trusted for a forecast."""
 
+
 @dataclass(frozen=True, slots=True)
 class _Hold:
     budget: str
@@ -334,9 +335,7 @@ class Budgets:
         """Count usage from before the time of interest, silently (seeding, replay warm-up)."""
         self._count(event, None)
 
-    def counting_since(
-        self, now: float, budgets: Collection[Budget] | None = None
-    ) -> float | None:
+    def counting_since(self, now: float, budgets: Collection[Budget] | None = None) -> float | None:
         """The earliest time whose usage counts toward some budget at `now` (None: no budget)."""
         starts: list[float] = []
         for budget in self._all() if budgets is None else budgets:
@@ -375,9 +374,7 @@ class Budgets:
         message = f"{agent}: {refusal}{DONE[action]}"
         self._pending.append(self._action_signal(budget, agent, now, message))
 
-    def _limit_signal(
-        self, budget: Budget, key: str, c: Counter, agent: str, now: float
-    ) -> Signal:
+    def _limit_signal(self, budget: Budget, key: str, c: Counter, agent: str, now: float) -> Signal:
         action = budget.settings.action
         resets = _when(budget.resets_at(now), self._tz, now)
         until = f" until it resets {resets} or is raised" if resets else " until it is raised"
@@ -449,8 +446,6 @@ class Budgets:
         )
 
 
-
-
 def _forget_passed_thresholds(budget: Budget) -> None:
     """After a limit change, thresholds no longer reached may fire again."""
     for c in budget.counters.values():
@@ -459,9 +454,7 @@ def _forget_passed_thresholds(budget: Budget) -> None:
             c.exhausted_at = None
 
 
-def _forecast(
-    budget: Budget, c: Counter | None, now: float, resets: float | None
-) -> float | None:
+def _forecast(budget: Budget, c: Counter | None, now: float, resets: float | None) -> float | None:
     """When the budget runs out at the burn rate seen so far this period (None: not before reset)."""
     if c is None or c.used <= 0 or c.first_ts is None:
         return None

@@ -195,9 +195,7 @@ class PriceTable:
         return table
 
     @classmethod
-    def _from_data(
-        cls, data: Mapping[str, Any], maintained: MaintainedPrices | None
-    ) -> PriceTable:
+    def _from_data(cls, data: Mapping[str, Any], maintained: MaintainedPrices | None) -> PriceTable:
         version = str(data.get("version", ""))
         if not version:
             raise PriceError("price table has no version date")
@@ -290,7 +288,9 @@ class PriceTable:
         )
         overridden = entry.model.lower() in self._overridden
         if overridden:  # an override of the family applies to the names genai-prices maps to it
-            return Resolution(name, self._prices[entry.model.lower()], overridden=True, source=CONFIG)
+            return Resolution(
+                name, self._prices[entry.model.lower()], overridden=True, source=CONFIG
+            )
         return Resolution(
             name, price, source=MAINTAINED, version=self.maintained.version, found=entry
         )

@@ -210,5 +210,5 @@ def estimate_note(estimated_usd: float, estimated_from: str = "", subject: str =
     who = f" {subject}" if subject else ""
     return (
         f"{PARTIAL_MARK}{who} includes {format_usd(estimated_usd)} for models no price table knows, "
-        f"at an estimated price{source}; declare them in tokenwatch.toml [prices.\"MODEL\"]"
+        f'at an estimated price{source}; declare them in tokenwatch.toml [prices."MODEL"]'
     )

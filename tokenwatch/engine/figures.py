@@ -123,7 +123,13 @@ class DayTotals:
             self.agent_unpriced[event.agent] += 1
 
     def seed(
-        self, group: str, key: str, tokens: int, cost: float, estimated: float = 0.0, unpriced: int = 0
+        self,
+        group: str,
+        key: str,
+        tokens: int,
+        cost: float,
+        estimated: float = 0.0,
+        unpriced: int = 0,
     ) -> None:
         """Usage stored before this supervisor started (from the ledger's per-group totals)."""
         self.by[group][key] += cost

@@ -75,6 +75,7 @@ MEASURES: tuple[tuple[str, str], ...] = (
 )
 DOLLAR_MEASURES = frozenset({"cost_usd", "estimated_usd"})
 
+
 def quoted(column: str) -> str:
     # `user` is a keyword in some SQL dialects; quoting every identifier keeps SQLite unambiguous.
     return f'"{column}"'
