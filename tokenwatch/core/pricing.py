@@ -326,6 +326,13 @@ class PriceTable:
         resolved = self.resolve(model)
         return resolved.price if resolved is not None else None
 
+    def estimated_from(self, model: str, provider: str = "") -> str:
+        """The fallback model whose rates price `model` when no table knows it, else ""."""
+        if self.known(model):
+            return ""
+        resolved = self.estimate(model, provider)
+        return resolved.estimated_from if resolved is not None else ""
+
     def known(self, model: str) -> bool:
         """True when some table prices the model (not the fallback)."""
         return self.resolve(model) is not None

@@ -37,8 +37,10 @@ from tokenwatch.core.models import (
     BudgetStatus,
     Severity,
     Snapshot,
+    Status,
     UsageEvent,
 )
+from tokenwatch.core.output_estimate import OutputEstimate
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.quantities import QuantityError, RateKind, parse_rate
 from tokenwatch.core.throttle import TokenBucket
@@ -92,7 +94,13 @@ class Pricer(Protocol):
 
     def price(self, event: UsageEvent) -> UsageEvent: ...
 
-    def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> float | None: ...
+    def worst_case(
+        self, model: str, input_tokens: int, max_output_tokens: int, provider: str = ""
+    ) -> float | None: ...
+
+    def estimated_from(self, model: str, provider: str = "") -> str:
+        """The fallback model that prices `model` when no table knows it, else ""."""
+        ...
 
 
 class Budgeting(BudgetBook, Protocol):
@@ -176,6 +184,8 @@ class Engine:
         # every key deleted before it, 16 us per call once full (200k ids).
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._reservations: dict[str, Reservation] = {}
+        self.outputs = OutputEstimate()
+        """What each agent's calls on each model produce: a call reserves its likely output."""
         self._pending: deque[UsageEvent] = deque()
         self._writing = 0
         """Events taken from `_pending` whose write is under way (still not stored)."""
@@ -330,8 +340,12 @@ class Engine:
                 ),
                 waited_ms=waited_ms,
             )
-        usd = self._prices.worst_case(call.model, call.input_tokens, call.max_output_tokens)
-        got = self.budgets.reserve(call, call.input_tokens + call.max_output_tokens, usd)
+        # The likely output, not max_tokens: coding agents ask 32k and write ~800 (the overshoot
+        # this allows is bounded in docs/budgets.md).
+        output = self.outputs.expected(call.agent, call.model, call.max_output_tokens)
+        usd = self._prices.worst_case(call.model, call.input_tokens, output, call.provider)
+        fallback = self._prices.estimated_from(call.model, call.provider)
+        got = self.budgets.reserve(call, call.input_tokens + output, usd, fallback)
         if isinstance(got, Refusal):
             # A refusal can make a budget's action due (pause the agent it stopped) at once.
             for signal in self.budgets.signals_nowait():
@@ -357,6 +371,8 @@ class Engine:
                 self.budgets.release(reservation)
             return
         self._prices.price(event)
+        if event.status == Status.OK.value and not event.estimated:
+            self.outputs.observe(event.agent, event.model, event.output_tokens)
         self._count(event, self.budgets.settle(reservation, event))
         self._charge_output(event)
         await self._persist([event], wait=False)

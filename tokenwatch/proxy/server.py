@@ -17,6 +17,7 @@ from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
 from tokenwatch.core.admission import Admission, CallRequest, Gate
 from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
 from tokenwatch.proxy.errors import JSON, ErrorReply, error_body, error_reply
@@ -50,7 +51,14 @@ from tokenwatch.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt, json_object
+from tokenwatch.proxy.usage import (
+    CallFacts,
+    Reader,
+    Usage,
+    cost_from_headers,
+    count_prompt,
+    json_object,
+)
 
 __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 
@@ -98,6 +106,8 @@ class _Call:
     strip_usage: bool = False
     started: float = 0.0
     first_byte: float | None = None
+    gateway_cost: float | None = None
+    """What an upstream gateway said the call cost, in a response header."""
     ended: float | None = None
     """Set when the exchange is over; the event is then finished in the settle task."""
 
@@ -316,6 +326,7 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
+            call.gateway_cost = cost_from_headers(upstream.headers)
             answer = relayable(upstream.headers)
             length = upstream.content_length
             sse = _is_sse(answer)
@@ -416,6 +427,8 @@ class ProxyServer:
             _fill(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
+        if event.price_source != PROVIDER and call.gateway_cost is not None:
+            event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
@@ -524,6 +537,8 @@ def _fill(event: UsageEvent, usage: Usage) -> None:
     event.cache_read_tokens = usage.cache_read_tokens
     event.cache_write_tokens = usage.cache_write_tokens
     event.reasoning_tokens = usage.reasoning_tokens
+    if usage.cost_usd is not None:  # the provider's own bill wins over our price tables
+        event.cost_usd, event.price_source = usage.cost_usd, PROVIDER
 
 
 def _refusal(provider: str, admission: Admission) -> ErrorReply:

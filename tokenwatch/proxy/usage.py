@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -26,6 +27,34 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    """What the provider says it billed (OpenRouter's `usage.cost`), stored as reported."""
+
+
+COST_HEADERS: Final = ("x-litellm-response-cost",)
+"""Response headers in which an upstream gateway reports what a call cost, in USD."""
+
+
+def reported_cost(value: Any) -> float | None:
+    """A cost as reported (a number of USD, or its text in a header); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+def cost_from_headers(headers: Any) -> float | None:
+    """The cost a gateway put in the response's headers (`COST_HEADERS`), if any."""
+    for name, value in headers:
+        if name.lower() in COST_HEADERS:
+            return reported_cost(value)
+    return None
 
 
 @dataclass(slots=True)
