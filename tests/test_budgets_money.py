@@ -91,8 +91,8 @@ def test_the_limit_alert_names_the_estimated_part() -> None:
     budgets.record(priced(clock, UNKNOWN, 1_000, 1_000))
     [signal] = budgets.record(priced(clock, UNKNOWN, 1_000, 1_000))
     assert signal.alert.message.startswith(
-        "coder reached budget b ($0.0600, $0.0600 of it at an estimated price "
-        "(price: estimated from claude-opus-4-5) of $0.0500 per day)"
+        "coder reached budget b ($0.0600 of $0.0500 per day, all of it at an estimated price "
+        "(price: estimated from claude-opus-4-5))"
     )
 
 

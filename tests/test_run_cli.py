@@ -549,6 +549,47 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     assert "run:thrifty" not in after.stdout  # it ended with the run
 
 
+CALL_UNTIL_REFUSED = """
+import json, os, urllib.error, urllib.request
+tasks = ["parse the config", "render the table", "fix the flaky test", "rename the module",
+         "document the API", "profile the loop", "add a migration", "split the class",
+         "review the diff", "write the changelog", "bump the version", "trim the logs"]
+for task in tasks:
+    body = json.dumps({"model": "acme-coder-7", "max_tokens": 200,
+                       "messages": [{"role": "user", "content": task}]})
+    request = urllib.request.Request(
+        os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=body.encode(),
+        headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        print("sent", flush=True)
+    except urllib.error.HTTPError as exc:
+        print(exc.code, json.loads(exc.read())["error"]["message"], flush=True)
+        break
+"""
+"""POST_CHAT on a model no price table knows, until refused."""
+
+
+def test_an_agent_on_a_model_no_table_knows_is_stopped_at_its_dollar_budget(
+    supervisor: ServeProcess, tmp_path: Path
+) -> None:
+    with fake_llm_in_thread() as fake:
+        out = tokenwatch(supervisor, "run", "--name", "guessed", "--budget", "$0.01", "--",
+                         *py(CALL_UNTIL_REFUSED), OPENAI_BASE_URL=fake.url + "/v1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    *sent, refused = out.stdout.splitlines()
+    assert sent
+    assert set(sent) == {"sent"}  # calls went while they fitted...
+    assert refused.startswith("429 budget run:guessed ($0.0100 in total for guessed) would be")
+    assert "used, all of it at an estimated price (price: estimated from gpt-5.5)" in refused
+    assert "(price: estimated from gpt-5.5)" in refused  # ...priced at the named fallback
+    summary = out.stderr.strip().splitlines()[-1]
+    assert re.search(r"· \$0\.00\d+\* \(\d+ calls price: estimated from gpt-5.5\) ·", summary)
+    alerts = tokenwatch(supervisor, "alerts", "--json")
+    messages = [a["message"] for a in json.loads(alerts.stdout) if a["agent"] == "guessed"]
+    assert f"guessed: {refused.removeprefix('429 ')}; its calls are refused" in messages
+
+
 def test_the_terminal_is_told_when_its_agent_is_paused_and_resumed(
     supervisor: ServeProcess,
 ) -> None:

@@ -252,14 +252,13 @@ class Budget:
     def show(self, value: float) -> str:
         return format_usd(value) if self.unit is Unit.USD else f"{format_tokens(value)} tokens"
 
-    def show_used(self, c: Counter) -> str:
-        """The counter's usage, saying how much of it is a fallback estimate."""
+    def estimate_words(self, c: Counter) -> str:
+        """`, all of it at an estimated price (price: estimated from M)` when some of the
+        counter's usage is priced by the fallback; empty otherwise."""
         if c.estimated <= 0:
-            return self.show(c.used)
-        return (
-            f"{self.show(c.used)}, {self.show(c.estimated)} of it at an estimated price "
-            f"(price: estimated from {c.estimated_from})"
-        )
+            return ""
+        share = "all of it" if c.estimated >= c.used * 0.9999 else f"{self.show(c.estimated)}"
+        return f", {share} at an estimated price (price: estimated from {c.estimated_from})"
 
     def per(self) -> str:
         if self.period == "request":

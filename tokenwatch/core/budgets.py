@@ -200,7 +200,7 @@ class Budgets:
         if used + reserved + amount <= budget.limit:
             return None
         whose = f" for {key}" if key else ""
-        why = f"{budget.show_used(c)} used, " if c is not None else ""
+        why = f"{budget.show(used)} used{budget.estimate_words(c)}, " if c is not None else ""
         if reserved > 0:
             why += f"{budget.show(reserved)} in flight, "
         why += f"this call may use {budget.show(amount)}"
@@ -357,8 +357,8 @@ class Budgets:
         resets = _when(budget.resets_at(now), self._tz, now)
         message = (
             f"{agent} has used {share} of budget {budget.name} "
-            f"({budget.show_used(c)} of {budget.show(budget.limit)} {budget.per()})"
-            + (f"; resets {resets}" if resets else "")
+            f"({budget.show(c.used)} of {budget.show(budget.limit)} {budget.per()}"
+            f"{budget.estimate_words(c)})" + (f"; resets {resets}" if resets else "")
         )
         severity = Severity.WARNING if pct >= 80 else Severity.INFO
         alert = Alert(f"budget:{budget.name}", agent, message, severity.value, ts=now)
@@ -381,7 +381,8 @@ class Budgets:
         hint = budget.raise_hint(key, c.used)
         message = (
             f"{agent} reached budget {budget.name} "
-            f"({budget.show_used(c)} of {budget.show(budget.limit)} {budget.per()})"
+            f"({budget.show(c.used)} of {budget.show(budget.limit)} {budget.per()}"
+            f"{budget.estimate_words(c)})"
             f"{DONE[action]}"
             + (f"{until} (`{hint}`)" if action != "alert" else "")
             + (f"; raise it with `{hint}`" if action == "alert" else "")
