@@ -97,9 +97,10 @@ def _register_prices(subparsers: Any) -> None:
         "prices",
         help="show the price table, or how one model is priced",
         description=(
-            "Show the dated price table (USD per 1M tokens) with tokenwatch.toml's "
-            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the family it '
-            "resolves to and the alias rules that got it there."
+            "Show tokenwatch's bundled price table (USD per 1M tokens) with tokenwatch.toml's "
+            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the chain of '
+            "tables (tokenwatch.toml, the bundled table, genai-prices, the fallback estimate), "
+            "which one priced it, and the alias rules that got it there."
         ),
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="one model name")
