@@ -518,8 +518,9 @@ def _overspend(
     at_most = _most(ok, i) if mem.recent.costs_exact else float("inf")
     if detect.overspend(agent, at_most, daily, factor=factor) is None:
         return None
-    spent = sum(e.cost_usd or 0.0 for e in ok.events[i:])
-    return detect.overspend(agent, spent, daily, factor=factor)
+    hour = ok.events[i:]
+    spent = sum(e.cost_usd or 0.0 for e in hour)
+    return detect.overspend(agent, spent, daily, factor=factor, partial=detect.partial_cost(hour))
 
 
 def _most(ok: Track, i: int) -> float:
