@@ -86,6 +86,10 @@ class MaintainedPrices:
         self._load()
         return self._snapshot is not None
 
+    def warm(self) -> None:
+        """Import the package and load its data now (in a worker thread), not on a first call."""
+        self._load()
+
     def _load(self) -> None:
         if self._snapshot is not None or self._broken:
             return
@@ -112,3 +116,7 @@ class MaintainedPrices:
                 continue
             return Found(str(info.id), str(prov.id), info)
         return None
+
+
+INSTALLED = MaintainedPrices()
+"""The installed genai-prices, shared by every price table of the process (loaded once)."""

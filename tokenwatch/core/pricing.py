@@ -11,8 +11,8 @@ from importlib import resources
 from typing import Any, Final
 
 from tokenwatch.config import PriceSettings
+from tokenwatch.core.maintained_prices import INSTALLED, Found, MaintainedPrices
 from tokenwatch.core.maintained_prices import SOURCE as MAINTAINED
-from tokenwatch.core.maintained_prices import Found, MaintainedPrices
 from tokenwatch.core.models import UsageEvent
 
 PER_TOKENS = 1_000_000
@@ -188,7 +188,7 @@ class PriceTable:
         if data is None:
             text = resources.files("tokenwatch.core").joinpath("prices.toml").read_text("utf-8")
             data = tomllib.loads(text)
-            maintained = maintained or MaintainedPrices()
+            maintained = maintained or INSTALLED
         table = cls._from_data(data, maintained)
         for model, settings in (overrides or {}).items():
             table = table._with_override(model, settings)

@@ -19,6 +19,7 @@ import anyio.to_thread
 
 from tokenwatch.config import Config, ConfigError, load_config
 from tokenwatch.core.budgets import Budgets
+from tokenwatch.core.maintained_prices import INSTALLED
 from tokenwatch.core.models import Agent, Alert, UsageEvent
 from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
@@ -196,6 +197,8 @@ class Supervisor:
                 await tg.start(watch.run)
             write_pid(self.paths)  # before the socket answers: whoever connects can read it
             await tg.start(server.serve)
+            # genai-prices takes ~0.2 s to load: in a thread now, not on the loop at a first call
+            tg.start_soon(anyio.to_thread.run_sync, INSTALLED.warm, name="load genai-prices")
             log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
             task_status.started(self)
             await self._stop.wait()
