@@ -64,6 +64,9 @@ def test_a_budget_can_choose_to_count_unknown_models_free() -> None:
     assert isinstance(got, Reservation)  # $100 of estimate counts $0 here, as asked
     with pytest.raises(BudgetError, match="unpriced must be one of estimate, free"):
         book(unpriced="maybe")
+    # Changing how it counts them counts the period again (from the ledger), not on top.
+    fresh = budgets.replace([BudgetSettings(name="b", limit="$5", action="deny")])
+    assert fresh == ["b"]
 
 
 def test_one_refusal_one_message_and_the_suggested_limit_admits_the_call() -> None:

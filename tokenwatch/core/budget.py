@@ -148,13 +148,8 @@ class Budget:
     def same_measure(self, other: Budget) -> bool:
         """True when `other` counts the same usage, so its counters can be kept on reload."""
         a, b = self.settings, other.settings
-        return (a.scope, a.target, a.period, a.rolling, self.unit) == (
-            b.scope,
-            b.target,
-            b.period,
-            b.rolling,
-            other.unit,
-        )
+        counted = (a.scope, a.target, a.period, a.rolling, a.unpriced, self.unit)
+        return counted == (b.scope, b.target, b.period, b.rolling, b.unpriced, other.unit)
 
     # -- matching ---------------------------------------------------------------------------
 
