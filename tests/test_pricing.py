@@ -276,6 +276,22 @@ def test_overrides_change_rates_add_models_and_declare_free() -> None:
     assert TABLE.lookup("house-model") is None  # the bundled table is untouched
 
 
+def test_an_override_of_a_family_wins_for_its_snapshots() -> None:
+    # genai-prices maps claude-sonnet-4-20250514 to its own id (claude-sonnet-4-0); the user's
+    # override of the family name still applies, found through the Anthropic snapshot rule.
+    table = PriceTable.load({"claude-sonnet-4": PriceSettings(output=30.0)})
+    resolved = table.resolve("claude-sonnet-4-20250514")
+    assert resolved is not None
+    assert (resolved.source, resolved.price.output, resolved.price.input) == (
+        "tokenwatch.toml",
+        30.0,
+        3.0,
+    )
+    other = table.resolve("claude-sonnet-4-5-20250929")
+    assert other is not None
+    assert other.source == "genai-prices"  # another family is untouched
+
+
 def test_override_for_unknown_model_needs_rates() -> None:
     with pytest.raises(PriceError, match=r'prices\."mystery".*input and output'):
         PriceTable.load({"mystery": PriceSettings(input=1.0)})

@@ -253,25 +253,36 @@ class PriceTable:
         self._resolved[model] = resolution
         return resolution
 
-    def _resolve(self, name: str, hops: int) -> Resolution | None:
-        found = self._known(name)
+    def _resolve(self, name: str, hops: int, ours_only: bool = False) -> Resolution | None:
+        """`ours_only`: ask only tokenwatch.toml and the bundled table."""
+        found = self._known(name, ours_only=True)
+        if found is None and not ours_only:
+            found = self._overriding(name, hops) or self._known(name)
         if found is not None or hops == 0:
             return found
         for target, why in self._candidates(name):
             if target == name:
                 continue
-            found = self._resolve(target, hops - 1)
+            found = self._resolve(target, hops - 1, ours_only)
             if found is not None:
                 return replace(found, via=(f"{name} -> {target} ({why})", *found.via))
         return None
 
-    def _known(self, name: str) -> Resolution | None:
+    def _overriding(self, name: str, hops: int) -> Resolution | None:
+        """An override of a family (`claude-sonnet-4`) found through our aliases and rules: it
+        wins for the family's snapshots before genai-prices' own match is asked."""
+        if not self._overridden:
+            return None
+        mine = self._resolve(name, hops, ours_only=True)
+        return mine if mine is not None and mine.overridden else None
+
+    def _known(self, name: str, ours_only: bool = False) -> Resolution | None:
         price = self._prices.get(name)
         if price is not None:
             if name in self._overridden:
                 return Resolution(name, price, overridden=True, source=CONFIG)
             return Resolution(name, price, source=BUNDLED, version=self.version)
-        if not name or self.maintained is None:
+        if ours_only or not name or self.maintained is None:
             return None
         entry = self.maintained.find(name)
         rates = entry.rates() if entry is not None else None
