@@ -7,10 +7,11 @@ Usage: python bench/money.py [--trials 200] [--seed 1]
    tokens, max_tokens 32,000, output drawn from a log-normal around 800 tokens, capped at
    32,000) one after another against a `$5` deny budget, on a model no price table knows (so
    priced at the fallback, claude-opus-4-5: $5 / $6.25 cache write / $25 per 1M). Each call
-   reserves what `Engine._reserve` reserves (the prompt at the dearest input rate plus the
-   output `OutputEstimate` expects, or plus max_tokens as before) through the real `Budgets`,
-   `OutputEstimate` and `PriceTable`, and settles at its priced cost. Reported: calls admitted,
-   dollars spent when the first call is refused, and what was left unspent.
+   reserves what `Gate._reserve` (engine/gate.py) reserves (the prompt at the dearest input
+   rate plus the output `OutputEstimate` expects, or plus max_tokens as before) through the
+   real `Budgets`, `OutputEstimate` and `PriceTable`, and settles at its priced cost.
+   Reported: calls admitted, dollars spent when the first call is refused, and what was left
+   unspent.
 2. Overshoot: `--trials` runs of three waves of 50 concurrent calls each (anyio tasks that
    yield 1-8 times between reserve and settle, in random order) against a fresh `$5` budget;
    outputs as above, then with 5% long answers (4k-32k tokens, a file written whole). Reported:

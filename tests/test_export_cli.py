@@ -112,7 +112,7 @@ def test_since_filters_and_errors_are_one_line(tmp_path: Path, tokenwatch_home: 
 
     bad = tw(tokenwatch_home, "export", "--since", "last tuesday")
     assert bad.returncode == 2
-    assert bad.stderr.startswith("tokenwatch: not a time")
+    assert bad.stderr.startswith("tokenwatch: --since: not a time")
     assert "Traceback" not in bad.stderr
 
 

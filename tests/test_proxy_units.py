@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tokenwatch.config import ProxySettings
 from tokenwatch.proxy import anthropic_usage, openai_usage
+from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     AgentRoute,
     RouteTable,
@@ -95,6 +96,19 @@ def test_upstream_precedence_model_then_agent_then_proxy_then_public() -> None:
     assert messages.provider == "anthropic"
     assert upstream_url(ProxySettings(), bare, messages, "claude", "") == (
         "https://api.anthropic.com/v1/messages"
+    )
+
+
+def test_an_upstream_query_string_comes_after_the_path_with_the_agents_own() -> None:
+    settings = ProxySettings(openai_upstream="https://az.example/openai/v1?api-version=2024-10-21")
+    target = split_path("/a/tok/v1/chat/completions", {})
+    assert target is not None
+    bare = AgentRoute(agent="b")
+    assert upstream_url(settings, bare, target, "gpt-4o", "") == (
+        "https://az.example/openai/v1/chat/completions?api-version=2024-10-21"
+    )
+    assert upstream_url(settings, bare, target, "gpt-4o", "x=1") == (
+        "https://az.example/openai/v1/chat/completions?api-version=2024-10-21&x=1"
     )
 
 
@@ -254,3 +268,28 @@ def test_unreadable_saved_routes_are_ignored_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="tokenwatch.proxy"):
         assert load_routes(path).port == 0
     assert f"ignoring the saved proxy routes in {path}" in caplog.text
+
+
+def chat_reply(text: str, arguments: str) -> bytes:
+    message = {"role": "assistant", "content": text, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]}  # fmt: skip
+    return orjson.dumps({"choices": [{"message": message}], "usage": {"prompt_tokens": 1}})
+
+
+@given(text=st.text(max_size=30), arguments=st.text(max_size=30), cut=st.integers(0, 400))
+def test_the_text_of_a_json_body_cut_anywhere_is_read_up_to_the_cut(
+    text: str, arguments: str, cut: int
+) -> None:
+    body = chat_reply(text, arguments)
+    assert cut_text(body) == text + arguments
+    partial = cut_text(body[:cut])  # never raises, whatever the cut splits
+    if cut >= body.index(b'"tool_calls"'):
+        assert partial.startswith(text)  # what arrived whole is read exactly
+
+
+def test_text_values_of_every_shape_are_read_and_keys_inside_strings_are_not() -> None:
+    anthropic = b'{"content":[{"type":"thinking","thinking":"hmm"},{"type":"text","text":"Hi'
+    assert cut_text(anthropic) == "hmmHi"
+    escaped = orjson.dumps({"output": [{"arguments": '{"content": "not a key"}'}]})
+    assert cut_text(escaped) == '{"content": "not a key"}'
+    assert cut_text(b'{"choices":[{"text":"caf\\u00e9 \\n') == "café \n"

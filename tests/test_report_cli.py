@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import time
@@ -198,6 +199,20 @@ def test_bad_windows_are_one_line(
     assert message in err
 
 
+@pytest.mark.parametrize(
+    "command", [["report"], ["export"], ["alerts"], ["rules", "test"]], ids=" ".join
+)
+def test_a_bad_since_is_the_same_line_and_exit_in_every_command(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *command, "--since", "yesterday-ish")
+    assert (code, out) == (2, "")
+    assert err == (
+        "tokenwatch: --since: not a time: 'yesterday-ish' "
+        "(try 1h, 24h, 7d, today, 2026-11-01 or 2026-11-01T09:00)\n"
+    )
+
+
 def test_report_on_empty_ledger(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report")
     assert code == 0
@@ -296,3 +311,64 @@ def test_by_day_over_years_lists_each_day(
     data = json.loads(out)
     assert data["total"]["requests"] == 4
     assert sum(g["requests"] for g in data["groups"]) == 4
+
+
+def utc(text: str) -> float:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
+
+
+@pytest.fixture
+def runs(tokenwatch_home: Path) -> None:
+    """Two runs of researcher (one over two calls) and a coder reporting outside any run, in
+    November and December 2026, reported in UTC."""
+    (tokenwatch_home / "tokenwatch.toml").write_text('[supervisor]\ntimezone = "UTC"\n')
+    seed(
+        [
+            UsageEvent(ts=utc("2026-11-02 09:00"), agent="researcher", run_id="aaaa1111bbbb",
+                       model="gpt-4o", input_tokens=1000, cost_usd=0.25),
+            UsageEvent(ts=utc("2026-11-02 09:30"), agent="researcher", run_id="aaaa1111bbbb",
+                       model="gpt-4o", input_tokens=1000, cost_usd=0.25),
+            UsageEvent(ts=utc("2026-11-08 23:59"), agent="coder", model="gpt-4o",
+                       input_tokens=10, cost_usd=2.0),
+            UsageEvent(ts=utc("2026-11-09 10:00"), agent="researcher", run_id="cccc2222dddd",
+                       model="gpt-4o", input_tokens=500, cost_usd=0.1),
+            UsageEvent(ts=utc("2026-12-01 00:00"), agent="coder", model="gpt-4o",
+                       input_tokens=5, cost_usd=1.0),
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("by", "expected"),
+    [
+        ("week", [("2026-11-02", 3), ("2026-11-09", 1), ("2026-11-30", 1)]),
+        ("month", [("2026-11", 4), ("2026-12", 1)]),
+    ],
+)
+def test_by_week_from_monday_and_by_month(
+    runs: None, by: str, expected: list[tuple[str, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--by", by, "--since", "2026-11-02", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    assert [(g[by], g["requests"]) for g in data["groups"]] == expected
+    assert data["total"]["requests"] == 5
+
+
+def test_by_session_a_run_of_an_agent_with_when_it_ran(
+    runs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--by", "session", "--since", "2026-11-01")
+    assert code == 0
+    keys = [line.split("  ")[0] for line in out.splitlines()[1:-2]]
+    assert keys == [
+        "researcher aaaa1111 2026-11-02 09:00-09:30",
+        "coder (no run) 2026-11-08 23:59-2026-12-01 00:00",
+        "researcher cccc2222 2026-11-09 10:00-10:00",
+    ]
+    code, out, _ = run(capsys, "report", "--by", "session", "--since", "2026-11-01",
+                       "--format", "json", "--top", "1")  # fmt: skip
+    (dearest,) = json.loads(out)["groups"]
+    assert (dearest["agent"], dearest["run_id"], dearest["requests"]) == ("coder", "", 2)
+    assert dearest["started"] == "2026-11-08T23:59:00+00:00"
+    assert dearest["last_activity"] == "2026-12-01T00:00:00+00:00"

@@ -10,8 +10,9 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, AgentState, Alert, UsageEvent
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 
 # A fixed "now": 2026-03-10 14:30:20 UTC (a Tuesday), so periods and windows are hand-computable.
 NOW = dt.datetime(2026, 3, 10, 14, 30, 20, tzinfo=dt.UTC).timestamp()
@@ -64,6 +65,12 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         estimated=True,
         call_id="call-1",
         prompt_shape="shape",
+        turn_hash="turn",
+        turn_shape="turn-shape",
+        tool_hash="tool",
+        tool_call='search_files(pattern="payment*.yaml")',
+        answer_hash="answer",
+        overlap=2,
         price_source="genai-prices",
     )
     defaults = UsageEvent(ts=original.ts)
@@ -339,6 +346,21 @@ async def test_wrongly_typed_event_is_rejected_alone(store: Store) -> None:
     store.append_nowait(ev(NOW, input_tokens=7))
     await store.flush()
     assert (await store.totals(0)).input_tokens == 7
+    assert store.statistics().rejected == 2
+
+
+async def test_counts_that_overflow_the_sums_are_set_aside_and_the_next_batch_is_stored(
+    store: Store,
+) -> None:
+    # Two calls of 2**62 tokens in one minute sum past 64 bits; the capture paths refuse such
+    # counts, so this is the ledger's own guard. The first batch of a connection also made the
+    # temporary rollup table, which its rollback took away: every later batch failed on it.
+    huge = [ev(NOW, call_id=f"huge-{i}", input_tokens=2**62) for i in range(2)]
+    with pytest.raises(ValueError, match="'input_tokens' is 4,611,686,018,427,387,904, over"):
+        await store.append_many([*huge, ev(NOW, call_id="fine", input_tokens=5)])
+    assert await store.append(ev(NOW, call_id="next", input_tokens=7))
+    totals = await store.totals(0)
+    assert (totals.requests, totals.input_tokens) == (2, 12)
     assert store.statistics().rejected == 2
 
 

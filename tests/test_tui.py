@@ -440,3 +440,13 @@ async def test_no_color_renders_in_grey_only(monkeypatch: pytest.MonkeyPatch) ->
     colours = set(re.findall(r"#([0-9a-f]{6})\b", svg)) - window_chrome
     assert colours, "the screenshot has colours to check"
     assert {c for c in colours if not (c[0:2] == c[2:4] == c[4:6])} == set()
+
+
+@pytest.mark.parametrize("keys", [(), ("slash", *"co")], ids=["table", "filter box"])
+async def test_ctrl_c_quits(keys: tuple[str, ...]) -> None:
+    app = scripted_app(ScriptedSource(sample_snapshot()))
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: len(row_names(app)) == 5, "rows")
+        await pilot.press(*keys, "ctrl+c")
+        await wait_for(pilot, lambda: app.return_code == 0, "the dashboard quit")
+        assert not any("ctrl+q" in n for n in notifications(app))

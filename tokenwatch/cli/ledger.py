@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tokenwatch.ledger.report import Report
     from tokenwatch.ledger.store import Store
 
-GROUPS = ("agent", "task", "model", "user", "provider", "day")
+GROUPS = ("agent", "task", "model", "user", "provider", "day", "week", "month", "session")
 FILTERS = ("agent", "task", "model", "user", "provider")
 IMPORT_BATCH = 5000
 MAX_ERRORS_SHOWN = 20
@@ -62,7 +62,7 @@ def _register_import(subparsers: Any) -> None:
 def _register_report(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "report",
-        help="tokens and cost per agent, task, model, user, provider or day",
+        help="tokens and cost per agent, task, model, user, provider, day, week, month or session",
         description=(
             "Summarise stored usage over a window: per group, requests, input/cached/output/"
             "reasoning tokens, cost, average tokens per call, output/input ratio, cost per "
@@ -77,7 +77,13 @@ def _register_report(subparsers: Any) -> None:
         help="start: 1h, 24h, 7d (ago), today, or a date/time like 2026-11-01 (default 24h)",
     )
     p.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
-    p.add_argument("--by", choices=GROUPS, default="agent", help="grouping (default agent)")
+    p.add_argument(
+        "--by",
+        choices=GROUPS,
+        default="agent",
+        help="grouping (default agent); week starts on Monday; a session is one run of an agent "
+        "(`tokenwatch run`), with when it started and last called",
+    )
     p.add_argument(
         "--format",
         choices=("table", "json", "csv"),
@@ -119,11 +125,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def moment(option: str, text: str, tz: datetime.tzinfo | None = None, *, start: bool) -> float:
+    """A --since (`start`: 7d is 7 days ago) or --until value; a bad one is the same one line
+    and exit 2 (a command-line mistake) in every command."""
+    from tokenwatch.core.periods import parse_since, parse_start
+    from tokenwatch.core.quantities import QuantityError
+
+    try:
+        return parse_start(text, tz=tz) if start else parse_since(text, tz=tz)
+    except QuantityError as exc:
+        raise CliError(f"{option}: {exc}", 2) from None
+
+
 # -- shared ----------------------------------------------------------------------------------
 
 
 def _config() -> Config:
-    from tokenwatch.config import load_config
+    from tokenwatch.supervisor.policy import load_config
 
     return load_config()
 
@@ -154,7 +172,8 @@ def _db_path() -> Path:
 
 
 async def _open_store(path: Path) -> Store:
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     try:
         return await Store.open(path)
@@ -167,7 +186,8 @@ async def _open_for_reading(path: Path) -> Store:
     empty, as any command does."""
     import anyio
 
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     if not await anyio.Path(path).exists():
         return await _open_store(path)
@@ -195,6 +215,13 @@ def run_import(args: argparse.Namespace) -> int:
         interrupt.uninstall(previous)
         if source is not sys.stdin:
             source.close()
+    if not summary.good and summary.errors and not interrupt.hit:
+        # Not one usage event: most likely not the file meant. One line, not one per line.
+        name = "stdin" if args.file == "-" else args.file
+        raise CliError(
+            f"{name}: no usage events in it, nothing imported ({summary.errors[0]}; "
+            f"{len(summary.errors):,} bad line{'s' if len(summary.errors) != 1 else ''})"
+        )
     print(summary.line(), file=sys.stderr)
     if interrupt.hit:
         return 130
@@ -229,6 +256,8 @@ class ImportSummary:
     """What an import did, for the closing line."""
 
     def __init__(self) -> None:
+        self.good = 0
+        """Lines that were usage events."""
         self.read = 0
         self.stored = 0
         self.errors: list[LineError] = []
@@ -276,8 +305,8 @@ async def _import(
     db: Path,
     interrupt: Interrupt | None = None,
 ) -> ImportSummary:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.importer import LineError, parse_lines
-    from tokenwatch.ledger.store import StoreUnavailable
 
     interrupt = interrupt or Interrupt()
     summary = ImportSummary()
@@ -290,6 +319,7 @@ async def _import(
                     if isinstance(item, LineError):
                         _report_bad_line(item, summary)
                         continue
+                    _count_good(summary)
                     _price(item, table, summary)
                     batch.append(item)
                     if len(batch) >= IMPORT_BATCH:
@@ -306,15 +336,24 @@ async def _import(
     except StoreUnavailable as exc:
         raise CliError(f"{exc}; stored {summary.stored} events before that") from None
     hidden = len(summary.errors) - MAX_ERRORS_SHOWN
-    if hidden > 0:
+    if hidden > 0 and summary.good:
         print(f"tokenwatch: ... and {hidden} more bad lines", file=sys.stderr)
     return summary
 
 
 def _report_bad_line(error: LineError, summary: ImportSummary) -> None:
+    """Name a bad line once a good one has shown this is a file of events at all: until then
+    they are held, so a file with no event in it is one line, not one per line."""
     summary.errors.append(error)
-    if len(summary.errors) <= MAX_ERRORS_SHOWN:
+    if summary.good and len(summary.errors) <= MAX_ERRORS_SHOWN:
         print(f"tokenwatch: {error}", file=sys.stderr)
+
+
+def _count_good(summary: ImportSummary) -> None:
+    summary.good += 1
+    if summary.good == 1:
+        for held in summary.errors[:MAX_ERRORS_SHOWN]:
+            print(f"tokenwatch: {held}", file=sys.stderr)
 
 
 def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) -> None:
@@ -349,17 +388,12 @@ async def _store_batch(
 def run_report(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since, parse_start
-    from tokenwatch.core.quantities import QuantityError
     from tokenwatch.ledger.report import render
 
     cfg = _config()
     tz = _zone(cfg)
-    try:
-        since = parse_start(args.since, tz=tz)
-        until = parse_since(args.until, tz=tz) if args.until else None
-    except QuantityError as exc:
-        raise CliError(str(exc), 2) from None
+    since = moment("--since", args.since, tz, start=True)
+    until = moment("--until", args.until, tz, start=False) if args.until else None
     if until is not None and until <= since:
         raise CliError("--until must be later than --since", 2)
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
@@ -376,8 +410,8 @@ async def _report(
     tz: datetime.tzinfo,
     filters: dict[str, str],
 ) -> Report:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.report import build_report
-    from tokenwatch.ledger.store import StoreUnavailable
 
     store = await _open_for_reading(_db_path())
     try:

@@ -51,30 +51,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status",
         help="agents with state, pid, tokens, cost and burn rate",
-        description="Show the supervised agents (starts the supervisor if none runs).",
+        description=(
+            "Show the supervised agents and what each has used so far (the ledger's figures "
+            f"for its run). Never starts a supervisor: with none running it says so and exits "
+            f'{NOT_RUNNING} (`--json` prints {{"supervisor": null, "agents": []}}).'
+        ),
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=run_status)
 
-    p = sub.add_parser(
-        "pause",
-        help="stop an agent's process tree (SIGSTOP) and hold its calls",
-        description="Pause an agent: SIGSTOP to its whole process tree; its proxied calls wait.",
-    )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
-    target.add_argument("--all", action="store_true", help="every agent not marked critical")
-    _why(p)
-    p.set_defaults(func=run_pause)
-
-    for verb, text in (
-        ("resume", "continue a paused agent (SIGCONT) and release its calls"),
-        ("kill", "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"),
-    ):
+    for verb, text, every in (
+        ("pause", "stop an agent's process tree (SIGSTOP) and hold its calls",
+         "every agent not marked critical"),
+        ("resume", "continue a paused agent (SIGCONT) and release its calls",
+         "every paused agent (critical ones too)"),
+    ):  # fmt: skip
         p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
-        p.add_argument("name", help="agent name (see `tokenwatch status`)")
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
+        target.add_argument("--all", action="store_true", help=every)
         _why(p)
         p.set_defaults(func=run_control, verb=verb)
+
+    text = "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"
+    p = sub.add_parser("kill", help=text, description=text[0].upper() + text[1:] + ".")
+    p.add_argument("name", help="agent name (see `tokenwatch status`)")
+    _why(p)
+    p.set_defaults(func=run_control, verb="kill")
 
     p = sub.add_parser(
         "throttle",
@@ -127,9 +130,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from tokenwatch.config import load_config
+    from tokenwatch.instance import AlreadyRunning, StartFailed, ensure_running
     from tokenwatch.paths import Paths, socket_path_problem
-    from tokenwatch.supervisor.daemon import AlreadyRunning, StartFailed, ensure_running
+    from tokenwatch.supervisor.policy import load_config
     from tokenwatch.supervisor.service import serve_until_signalled
 
     paths = Paths.discover()
@@ -159,13 +162,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    data = _call(lambda c: c.request("shutdown"), start=False)
+    data = _call(lambda c: c.request("shutdown"), start=False, none="nothing to stop")
     print(f"supervisor {data['pid']} is stopping")
     return 0
 
 
 def run_reload(args: argparse.Namespace) -> int:
-    data = _call(lambda c: c.request("reload"), start=False)
+    data = _call(
+        lambda c: c.request("reload"),
+        start=False,
+        none="the next one reads the config as it starts",
+    )
     print(data["summary"])
     return 0
 
@@ -173,24 +180,51 @@ def run_reload(args: argparse.Namespace) -> int:
 # -- talking to it ---------------------------------------------------------------------------
 
 
-def _call(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
-    """Connect, run `fn`, and turn every supervisor failure into one clear line."""
+NO_AGENTS = "no agent is supervised (`tokenwatch run -- CMD` starts one and runs CMD under it)"
+NOT_RUNNING = 3
+"""`status`'s exit code when no supervisor runs (as an init script's status says "not running")."""
+
+
+def _call(
+    fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool, none: str = NO_AGENTS
+) -> Any:
+    """Connect (starting a supervisor only if `start`), run `fn`, and turn every supervisor
+    failure into one clear line; `none` says what it means that none runs."""
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:
+        return _answer(fn, start=start)
+    except SupervisorUnavailable as exc:
+        raise CliError(exc.message if start else f"{exc.message}: {none}") from None
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
+
+
+def _answer(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
     import anyio
 
-    from tokenwatch.client.control import SupervisorClient, SupervisorError
+    from tokenwatch.client.control import SupervisorClient
 
     async def go() -> Any:
         async with await SupervisorClient.connect(start=start) as client:
             return await fn(client)
 
-    try:
-        return anyio.run(go)
-    except SupervisorError as exc:
-        raise CliError(exc.message) from None
+    return anyio.run(go)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = _call(lambda c: c.request("status"), start=True)
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:  # read-only: a status never starts a supervisor, it says there is none
+        status = _answer(lambda c: c.request("status"), start=False)
+    except SupervisorUnavailable as exc:
+        if args.json:
+            print(json.dumps({"supervisor": None, "agents": []}, indent=2))
+        else:
+            print(f"{exc.message}: {NO_AGENTS}")
+        return NOT_RUNNING
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -256,21 +290,18 @@ def _print_action(action: dict[str, Any]) -> None:
     print(f"{action['agent']} {verb}{detail}")
 
 
-def run_pause(args: argparse.Namespace) -> int:
-    if args.all:
-        actions = _call(lambda c: c.request("pause_all", who="cli", why=args.why), start=False)
-        for action in actions:
-            _print_action(action)
-        if not actions:
-            print("no running agent to pause")
-        return 0
-    _print_action(
-        _call(lambda c: c.request("pause", agent=args.name, who="cli", why=args.why), start=False)
-    )
-    return 0
+_NONE_TO = {"pause": "no running agent to pause", "resume": "no paused agent to resume"}
 
 
 def run_control(args: argparse.Namespace) -> int:
+    if getattr(args, "all", False):  # pause --all, resume --all
+        kind = f"{args.verb}_all"
+        actions = _call(lambda c: c.request(kind, who="cli", why=args.why), start=False)
+        for action in actions:
+            _print_action(action)
+        if not actions:
+            print(_NONE_TO[args.verb])
+        return 0
     action = _call(
         lambda c: c.request(args.verb, agent=args.name, who="cli", why=args.why), start=False
     )

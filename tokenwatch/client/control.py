@@ -85,9 +85,7 @@ class SupervisorClient:
         try:
             stream = await anyio.connect_unix(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise SupervisorUnavailable(
-                f"no supervisor is running (socket {path}); start one with `tokenwatch serve`"
-            ) from None
+            raise SupervisorUnavailable(f"no supervisor is running (socket {path})") from None
         except OSError as exc:
             raise SupervisorUnavailable(
                 f"cannot reach the supervisor at {path}: {exc.strerror or exc}"
@@ -216,7 +214,7 @@ class SupervisorClient:
 
 
 def _start_daemon(paths: Paths, timeout: float) -> None:
-    from tokenwatch.supervisor.daemon import StartFailed, ensure_running
+    from tokenwatch.instance import StartFailed, ensure_running
 
     try:
         ensure_running(paths, timeout)

@@ -111,6 +111,7 @@ class Counter:
     fired: set[int] = field(default_factory=set)
     first_ts: float | None = None
     last_ts: float = 0.0
+    calls: int = 0
     exhausted_at: float | None = None
     estimated: float = 0.0
     """The part of `used` priced at the fallback's rates (a model no table knows)."""
@@ -220,6 +221,7 @@ class Budget:
             _, amount, estimated = c.recent.popleft()
             c.used -= amount
             c.estimated -= estimated
+        c.calls = len(c.recent)
         if not c.recent:
             c.used, c.first_ts, c.estimated = 0.0, None, 0.0
             c.fired.clear()
@@ -229,6 +231,7 @@ class Budget:
         latest = c.last_ts  # usage read in from the ledger can be older than live calls
         estimated = amount if estimated_from and self.unit is Unit.USD else 0.0
         c.used += amount
+        c.calls += 1
         c.estimated += estimated
         c.estimated_from = estimated_from or c.estimated_from
         c.last_ts = max(c.last_ts, ts)

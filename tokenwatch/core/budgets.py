@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS_SHOWN: Final = 20
 """Counters reported per budget (a glob budget keeps one per agent/model/...), most recent first."""
+FORECAST_IDLE: Final = 600.0
+"""Seconds without spending (at least) after which a budget is not forecast to run out."""
 MIN_FORECAST_SPAN: Final = 60.0
 """Seconds of history below which a burn rate is not trusted for a forecast."""
 
@@ -462,12 +464,19 @@ def _forecast(budget: Budget, c: Counter | None, now: float, resets: float | Non
     if c.used >= budget.limit:
         return c.exhausted_at if c.exhausted_at is not None else now
     span = now - c.first_ts
-    if span < MIN_FORECAST_SPAN:
+    if span < MIN_FORECAST_SPAN or _idle(c, now):
         return None
     eta = now + (budget.limit - c.used) * span / c.used
     if resets is not None and eta >= resets:
         return None
     return eta
+
+
+def _idle(c: Counter, now: float) -> bool:
+    """Nothing spent for longer than FORECAST_IDLE and twice the usual gap between calls: there
+    is no pace to forecast from (a run that ended must not 'run out at 08:22')."""
+    gap = (c.last_ts - (c.first_ts or c.last_ts)) / max(1, c.calls - 1)
+    return now - c.last_ts > max(FORECAST_IDLE, 2 * gap)
 
 
 def _when(ts: float | None, tz: dt.tzinfo, now: float) -> str:

@@ -53,6 +53,17 @@ MAX_CLOCK_SKEW: Final = 86_400.0
 happened yet, and is refused rather than counted in a period that has not begun."""
 
 
+MAX_CALL_TOKENS: Final = 100_000_000
+"""The most tokens one call can count in any field: far beyond any model's context window and
+output. A larger figure is a fault, refused where it comes in (socket, SDK, import; the proxy
+estimates the call instead): a handful of them would overflow the ledger's 64-bit sums."""
+
+
+def over_call_limit(name: str, count: int) -> str:
+    """Why a token count is refused: more than one call can use."""
+    return f"'{name}' is {count:,}, over {MAX_CALL_TOKENS:,} (the most one call can use)"
+
+
 @dataclass(slots=True)
 class UsageEvent(Plain):
     """One LLM call, normalised the OpenTelemetry way (see docs/architecture.md).
@@ -92,6 +103,18 @@ class UsageEvent(Plain):
     """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
     prompt_shape: str = ""
     """Hash of the prompt with numbers, ids and times masked: near-duplicate prompts share it."""
+    turn_hash: str = ""
+    """Hash of the turns the call adds to its conversation (see core.conversation.Signals)."""
+    turn_shape: str = ""
+    tool_hash: str = ""
+    """Hash of the tool calls in the conversation's tail with their results."""
+    tool_call: str = ""
+    """The tail's first tool call as `name(arg="value")`, cut short: what a loop alert names."""
+    answer_hash: str = ""
+    """Hash (by shape) of what the model answered: its text or tool calls."""
+    overlap: int = 0
+    """Identical requests of the agent already in flight when this one started (sampling, a
+    parallel retry): such a call is a copy, not the next step of a sequence."""
     price_source: str = ""
     """Which table priced the call (`genai-prices`, `tokenwatch`, `tokenwatch.toml`), `provider`
     for a cost reported with the response, or `estimated:MODEL` for a model no table knows,

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from tokenwatch.core.errors import InvalidRequest, UnknownAgent
 from tokenwatch.core.models import Agent, AgentState
 from tokenwatch.core.pricing import ESTIMATED, is_estimated
-from tokenwatch.core.protocol import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from tokenwatch.core.throttle import TokenBucket
@@ -100,8 +100,7 @@ class AgentRecord:
 def check_name(name: str) -> str:
     """An agent name fit for status tables, env vars and budgets."""
     if not _NAME_OK.fullmatch(name):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
+        raise InvalidRequest(
             f"agent name {name!r}: use 1-64 letters, digits and . _ @ : + -",
         )
     return name
@@ -129,9 +128,7 @@ class Roster:
         rec = self._records.get(name)
         if rec is None:
             known = ", ".join(sorted(r.name for r in self if r.live)) or "none running"
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_AGENT, f"no agent named {name!r} (known: {known})"
-            )
+            raise UnknownAgent(f"no agent named {name!r} (known: {known})")
         return rec
 
     def unique_name(self, wanted: str) -> str:

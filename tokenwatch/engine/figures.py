@@ -262,12 +262,9 @@ class LiveFigures:
 
 
 def agent_budget_fraction(name: str, budgets: Iterable[BudgetStatus]) -> float | None:
-    """The fullest budget scoped to this agent (or global), as a fraction of its limit."""
-    fractions = [
-        b.fraction
-        for b in budgets
-        if (b.scope == "agent" and _matches(b.target, name)) or b.scope == "global"
-    ]
+    """The fullest of the agent's own budgets (`agent:` ones and its run's), as a fraction of its
+    limit; None when it has none. The global budget is not its own: every row would show it."""
+    fractions = [b.fraction for b in budgets if b.scope == "agent" and _matches(b.target, name)]
     return max(fractions) if fractions else None
 
 

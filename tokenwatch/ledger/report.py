@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tokenwatch.core.quantities import PARTIAL_MARK, format_usd
 
 if TYPE_CHECKING:
-    from tokenwatch.ledger.store import GroupTotals, Store, Totals
+    from tokenwatch.ledger.store import GroupTotals, SessionTotals, Store, Totals
 
 FORMATS = ("table", "json", "csv")
 
@@ -75,7 +75,9 @@ class Report:
             "by": self.by,
             "since": _iso(self.since),
             "until": _iso(self.until) if self.until is not None else None,
-            "groups": [{self.by: row.key, **_figures(row)} for row in self.rows],
+            "groups": [
+                {self.by: row.key, **_session_fields(row), **_figures(row)} for row in self.rows
+            ],
             "total": _figures(self.total),
             "unpriced_models": self.unpriced_models,
         }
@@ -91,15 +93,51 @@ async def build_report(
     tz: datetime.tzinfo | None = None,
     **filters: str,
 ) -> Report:
-    """Group rows (largest cost first, or by date), the window's total, and unpriced models."""
-    # mypy cannot tell that no filter is named `top` or `tz` (the store refuses such filters).
-    rows = await store.aggregate(by, since, until, top=top, tz=tz, **filters)  # type: ignore[arg-type]
+    """Group rows (largest cost first, or by date; sessions by start), the window's total, and
+    unpriced models."""
+    rows: list[GroupTotals]
+    if by == "session":
+        rows = _labelled(await store.sessions(since, until, **filters), top, tz)
+    else:
+        # mypy cannot tell that no filter is named `top` or `tz` (the store refuses such filters).
+        rows = await store.aggregate(by, since, until, top=top, tz=tz, **filters)  # type: ignore[arg-type]
     total = await store.totals(since, until, **filters)
     unpriced: list[str] = []
     if total.unpriced_requests:
         models = await store.aggregate("model", since, until, **filters)  # type: ignore[arg-type]
         unpriced = sorted(m.key or "(no model)" for m in models if m.unpriced_requests)
     return Report(by, since, until, rows, total, unpriced)
+
+
+def _labelled(
+    sessions: list[SessionTotals], top: int | None, tz: datetime.tzinfo | None
+) -> list[GroupTotals]:
+    """Sessions oldest first (the `top` costliest of them), each named for a person:
+    `researcher 3f2a9c1e 2026-12-05 09:12-09:40`."""
+    if top is not None:
+        costliest = sorted(sessions, key=lambda s: (-s.cost_usd, -s.total_tokens))[:top]
+        sessions = [s for s in sessions if s in costliest]
+    for s in sessions:
+        first = datetime.datetime.fromtimestamp(s.first_ts, tz)
+        last = datetime.datetime.fromtimestamp(s.last_ts, tz)
+        until = f"{last:%H:%M}" if last.date() == first.date() else f"{last:%Y-%m-%d %H:%M}"
+        s.key = (
+            f"{s.agent or '(no agent)'} {s.run_id[:8] or '(no run)'} {first:%Y-%m-%d %H:%M}-{until}"
+        )
+    return list(sessions)
+
+
+def _session_fields(row: GroupTotals) -> dict[str, Any]:
+    from tokenwatch.ledger.store import SessionTotals
+
+    if not isinstance(row, SessionTotals):
+        return {}
+    return {
+        "agent": row.agent,
+        "run_id": row.run_id,
+        "started": _iso(row.first_ts),
+        "last_activity": _iso(row.last_ts),
+    }
 
 
 def _figures(totals: Totals) -> dict[str, Any]:

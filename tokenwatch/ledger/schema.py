@@ -36,6 +36,12 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "estimated",
     "call_id",
     "prompt_shape",
+    "turn_hash",
+    "turn_shape",
+    "tool_hash",
+    "tool_call",
+    "answer_hash",
+    "overlap",
     "price_source",
 )
 
@@ -65,7 +71,7 @@ ESTIMATED_PRICE_SQL = "price_source LIKE 'estimated:%'"
 
 # Summed measures of a rollup row, with the SQL that computes each from raw event rows:
 # `unpriced` counts calls no table priced (at the fallback's rates, or with no cost at all, as
-# before version 4), `estimated_usd` the part of `cost_usd` that is such an estimate.
+# before version 5), `estimated_usd` the part of `cost_usd` that is such an estimate.
 MEASURES: tuple[tuple[str, str], ...] = (
     *(
         (name, f"SUM(cost_usd IS NULL OR {ESTIMATED_PRICE_SQL})" if name == "unpriced" else sql)
@@ -240,7 +246,15 @@ def _v3_prompt_shape(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE events ADD COLUMN prompt_shape TEXT NOT NULL DEFAULT ''")
 
 
-def _v4_price_source(db: sqlite3.Connection) -> None:
+def _v4_conversation_signals(db: sqlite3.Connection) -> None:
+    """Conversation signals (hashes of new turns, tool calls, answers; overlap), so `rules test`
+    replays the loop detectors as live enforcement ran them."""
+    for column in ("turn_hash", "turn_shape", "tool_hash", "tool_call", "answer_hash"):
+        db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE events ADD COLUMN overlap INTEGER NOT NULL DEFAULT 0")
+
+
+def _v5_price_source(db: sqlite3.Connection) -> None:
     """Which table priced each call (or that the provider reported it, or that it is an
     estimate), and the estimated part of each rollup's cost. Calls stored before keep an empty
     source: the bundled table priced them (`price_version` says which) or none did (no cost)."""
@@ -253,7 +267,8 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_events,
     _v2_dedup_rollups_and_supervision,
     _v3_prompt_shape,
-    _v4_price_source,
+    _v4_conversation_signals,
+    _v5_price_source,
 )
 """MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
 

@@ -18,9 +18,10 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
-from tokenwatch.ledger.rollups import day_windows, summary_sql, window_batches
+from tokenwatch.ledger.rollups import period_windows, session_sql, summary_sql, window_batches
 from tokenwatch.ledger.schema import (
     EVENT_COLUMNS,
     ROLLUP_DIMS,
@@ -34,7 +35,6 @@ from tokenwatch.ledger.transaction import (
     CACHE_KIB,
     Committer,
     Statement,
-    StoreUnavailable,
     connect_writer,
     describe,
 )
@@ -45,6 +45,7 @@ __all__ = [
     "GROUPINGS",
     "GroupTotals",
     "Rates",
+    "SessionTotals",
     "Store",
     "StoreStatistics",
     "StoreUnavailable",
@@ -52,7 +53,7 @@ __all__ = [
     "Totals",
 ]
 
-GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day")
+GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day", "week", "month")
 """What `aggregate(by=...)` accepts."""
 MAX_ROWS = 2**63 - 1
 """The largest row count SQLite binds (a signed 64-bit integer): a larger `limit` means the same."""
@@ -123,6 +124,16 @@ class GroupTotals(Totals):
     """Totals of one group (`key` is the agent, task, model, user, provider or local date)."""
 
     key: str = ""
+
+
+@dataclass(slots=True)
+class SessionTotals(GroupTotals):
+    """Totals of one run of an agent (`key` is `AGENT RUN_ID`) and when it called."""
+
+    agent: str = ""
+    run_id: str = ""
+    first_ts: float = 0.0
+    last_ts: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,17 +378,19 @@ class Store:
         tz: datetime.tzinfo | None = None,
         **filters: str,
     ) -> list[GroupTotals]:
-        """Totals per agent, task, model, user, provider, or local `day` (in `tz`).
+        """Totals per agent, task, model, user, provider, or local `day`, `week` (from Monday)
+        or `month` (in `tz`).
 
-        Groups come largest cost first (then tokens); days come in date order.
+        Groups come largest cost first (then tokens); periods come in date order.
         """
         if by not in GROUPINGS:
             raise ValueError(f"cannot group by {by!r} (one of: {', '.join(GROUPINGS)})")
         hi = _upper(until)
-        if by == "day":
+        if by in ("day", "week", "month"):
             now = self._clock()
             rows = []
-            for batch in window_batches(day_windows(since, hi, tz or zone("local"), now), now):
+            windows = period_windows(since, hi, by, tz or zone("local"), now)
+            for batch in window_batches(windows, now):
                 rows += await self._grouped("label", batch, filters)
             groups = [_as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: g.key)
@@ -386,6 +399,25 @@ class Store:
             groups = [_as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: (-g.cost_usd, -g.total_tokens, g.key))
         return groups[:top] if top is not None else groups
+
+    async def sessions(
+        self, since: float, until: float | None = None, **filters: str
+    ) -> list[SessionTotals]:
+        """Totals per run of an agent (`tokenwatch run`; calls of no run are one per agent),
+        oldest first."""
+        sql, params = session_sql(since, _upper(until), filters)
+        found = []
+        for row in await self._rows(sql, params):
+            *sums, agent, run_id, first, last = row
+            totals = _as_totals(SessionTotals, (*sums, f"{agent} {run_id}".strip()))
+            totals.agent, totals.run_id, totals.first_ts, totals.last_ts = (
+                agent,
+                run_id,
+                first,
+                last,
+            )
+            found.append(totals)
+        return sorted(found, key=lambda s: (s.first_ts, s.key))
 
     async def _grouped(
         self,

@@ -277,6 +277,7 @@ class ProcessHandle:
         self._popen = popen
         self._clock = clock
         self._sleep = sleep
+        self._killing, self._close_after_kill = 0, False
 
     @property
     def pid(self) -> int:
@@ -405,7 +406,17 @@ class ProcessHandle:
 
     async def kill(self, grace: float = KILL_GRACE_PERIOD) -> KillReport:
         """SIGTERM (and SIGCONT, so a paused tree can act on it) every process, SIGKILL who is
-        left after `grace` seconds, reap our own child. Never raises ProcessGone."""
+        left after `grace` seconds, reap our own child. Never raises ProcessGone. A `close()`
+        meanwhile waits for the end: a closed pidfd would read as a process that ended."""
+        self._killing += 1
+        try:
+            return await self._kill(grace)
+        finally:
+            self._killing -= 1
+            if self._close_after_kill and not self._killing:
+                self.close()
+
+    async def _kill(self, grace: float) -> KillReport:
         targets: dict[int, _Member] = {}
         self._terminate_new(targets)
         deadline = self._clock() + grace
@@ -456,8 +467,12 @@ class ProcessHandle:
         return self.wait_exit_nowait()
 
     def close(self) -> None:
-        """Close every pidfd (reaping our child if it has exited). The processes are left alone."""
+        """Close every pidfd (reaping our child if it has exited); during a `kill`, at its end.
+        The processes are left alone."""
         self.wait_exit_nowait()
+        if self._killing:
+            self._close_after_kill = True
+            return
         self._root.close()
         for member in self._members.values():
             member.close()

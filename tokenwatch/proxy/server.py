@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,8 @@ import anyio.abc
 from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
 from tokenwatch.core.admission import Admission, CallRequest, Gate
-from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent
+from tokenwatch.core.nesting import MAX_NESTING, nested_deeper_than
 from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
@@ -31,6 +32,7 @@ from tokenwatch.proxy.http import (
     RequestTooSlow,
     relayable,
 )
+from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
     OPENAI,
@@ -52,6 +54,7 @@ from tokenwatch.proxy.upstream import (
     UpstreamUnreachable,
 )
 from tokenwatch.proxy.usage import (
+    INLINE_CHARS,
     CallFacts,
     Reader,
     Usage,
@@ -65,6 +68,8 @@ __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 log = logging.getLogger("tokenwatch.proxy")
 
 CALL_ID_HEADER = "x-tokenwatch-call-id"
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+"""Which attempt of a call this is: the official openai and anthropic SDKs send it, 0 first."""
 MAX_HEADER_BYTES = 16_384
 """Longest request line or header field accepted (431 beyond)."""
 MAX_CAPTURE_BYTES = 16 * 1024 * 1024
@@ -110,6 +115,8 @@ class _Call:
     """What an upstream gateway said the call cost, in a response header."""
     ended: float | None = None
     """Set when the exchange is over; the event is then finished in the settle task."""
+    cut_body: bytes = b""
+    """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
 
 
 class ProxyServer:
@@ -135,6 +142,8 @@ class ProxyServer:
         self.port = 0
         self._in_flight = self._held = self._total = self._errors = self._refused = 0
         self._settling = self._settle_failures = 0
+        self._flying: dict[tuple[str, str], int] = {}
+        """Calls in flight by (agent, prompt hash): a copy sent alongside is not a next step."""
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
@@ -205,7 +214,11 @@ class ProxyServer:
     async def _dispatch(
         self, req: Incoming, target: Target, route: AgentRoute, body: bytes
     ) -> None:
-        doc = _json_object(body) if req.method == "POST" else None
+        doc = None
+        if req.method == "POST" and _looks_json(body):
+            if await _nested_too_deep(body):
+                return await self._too_deep(req, target, route)
+            doc = json_object(body)
         facts = _read_request(target, doc)
         if req.method != "POST" or not facts.metered:
             return await self._pass_through(req, target, route, body, facts.model)
@@ -226,6 +239,7 @@ class ProxyServer:
             self._settle_soon(admission, call.event)
             return None
         self._in_flight += 1
+        flying = self._take_off(call.event)
         try:
             await self._forward(req, call, body, doc)
         except BaseException:
@@ -234,8 +248,35 @@ class ProxyServer:
             raise
         finally:
             self._in_flight -= 1
+            self._land(flying)
             call.ended = _now()
             self._settle_soon(admission, call.event, call)
+
+    async def _too_deep(self, req: Incoming, target: Target, route: AgentRoute) -> None:
+        # Refused before any reader recurses into it (RecursionError, an unlogged 500 before).
+        log.warning(
+            "refused a call of agent %s: its body nests deeper than %d levels",
+            route.agent,
+            MAX_NESTING,
+        )
+        message = f"request body nested deeper than {MAX_NESTING} levels"
+        await self._guard(req, target.provider, 400, message, "too_deep")
+
+    def _take_off(self, event: UsageEvent) -> tuple[str, str]:
+        """Count the call in flight; its event says how many identical ones already were."""
+        key = (event.agent, event.prompt_hash)
+        if not event.prompt_hash:
+            return key  # nothing to compare (a body that is not JSON)
+        event.overlap = self._flying.get(key, 0)
+        self._flying[key] = event.overlap + 1
+        return key
+
+    def _land(self, key: tuple[str, str]) -> None:
+        if not key[1]:
+            return
+        left = self._flying.pop(key, 1) - 1
+        if left > 0:
+            self._flying[key] = left
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -286,8 +327,12 @@ class ProxyServer:
             wait_ms=admission.waited_ms,
             prompt_hash=facts.prompt_hash,
             prompt_shape=facts.prompt_shape,
+            turn_hash=facts.signals.turn_hash,
+            turn_shape=facts.signals.turn_shape,
+            tool_hash=facts.signals.tool_hash,
+            tool_call=facts.signals.tool_call,
             source=Source.PROXY.value,
-            call_id=req.headers.get(CALL_ID_HEADER) or os.urandom(16).hex(),
+            call_id=_call_id(req.headers),
         )
         reader: Reader
         if target.provider == ANTHROPIC:
@@ -318,7 +363,10 @@ class ProxyServer:
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
             call.event.status = Status.ERROR.value
             status = await self._upstream_failed(req, call.target.provider, exc)
-            call.event.http_status = status or call.event.http_status
+            if call.event.http_status is None:
+                # never answered: what the agent got. One that answered and stopped short
+                # keeps its status, so the call is estimated like a cut stream (it was billed).
+                call.event.http_status = status
 
     async def _exchange(
         self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
@@ -349,7 +397,11 @@ class ProxyServer:
     ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
-        body = await upstream.read(lambda: self._first_byte(call))
+        try:
+            body = await upstream.read(lambda: self._first_byte(call))
+        except (UpstreamCut, UpstreamTimeout) as exc:
+            call.cut_body = exc.received
+            raise
         try:
             await req.respond(upstream.status, headers, body)
         finally:
@@ -359,12 +411,16 @@ class ProxyServer:
     async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
         size = 0
-        async for chunk in upstream.chunks():
-            self._first_byte(call)
-            await req.write(chunk)
-            size += len(chunk)
-            if size <= MAX_CAPTURE_BYTES:
-                kept.append(chunk)
+        try:
+            async for chunk in upstream.chunks():
+                self._first_byte(call)
+                await req.write(chunk)
+                size += len(chunk)
+                if size <= MAX_CAPTURE_BYTES:
+                    kept.append(chunk)
+        except (UpstreamCut, UpstreamTimeout):
+            call.cut_body = b"".join(kept)
+            raise
         if size <= MAX_CAPTURE_BYTES:
             call.reader.read_json(b"".join(kept))
 
@@ -429,14 +485,19 @@ class ProxyServer:
             await self._estimate(call, reader.usage)
         if event.price_source != PROVIDER and call.gateway_cost is not None:
             event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
+        if not failed:
+            event.answer_hash = _answer_hash(reader)
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
-        output = await tokens.count_text_async(call.reader.output_text(), call.facts.model)
+        text = call.reader.output_text() or cut_text(call.cut_body)
+        output = await tokens.count_text_async(text, call.facts.model)
         _fill(call.event, known)
-        call.event.input_tokens = known.input_tokens or call.prompt.tokens
-        call.event.output_tokens = max(known.output_tokens, output.tokens)
+        # Counted here, so within what one call can use whatever the body's size (the ledger
+        # refuses more).
+        call.event.input_tokens = min(known.input_tokens or call.prompt.tokens, MAX_CALL_TOKENS)
+        call.event.output_tokens = min(max(known.output_tokens, output.tokens), MAX_CALL_TOKENS)
         call.event.estimated = True
 
     # -- pass-through, refusals, settling --------------------------------------------------------
@@ -504,8 +565,29 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    return json_object(body) if body.lstrip()[:1] == b"{" else None
+def _call_id(headers: Mapping[str, str]) -> str:
+    """The event's call id: the agent's own, so a call its SDK reports too is stored once; each
+    retry of it is an attempt of its own (an SDK resends the same headers), recorded apart."""
+    given = headers.get(CALL_ID_HEADER)
+    if not given:
+        return os.urandom(16).hex()
+    attempt = headers.get(RETRY_COUNT_HEADER) or "0"
+    if attempt == "0":
+        return given
+    if not (attempt.isdigit() and len(attempt) <= 4):
+        return os.urandom(16).hex()  # an attempt it cannot name is still its own call
+    return f"{given}.retry{int(attempt)}"
+
+
+def _looks_json(body: bytes) -> bool:
+    return body.lstrip()[:1] == b"{"
+
+
+async def _nested_too_deep(body: bytes) -> bool:
+    """Whether a JSON body nests deeper than MAX_NESTING; a big one is scanned off the loop."""
+    if len(body) < INLINE_CHARS:
+        return nested_deeper_than(body)
+    return await anyio.to_thread.run_sync(nested_deeper_than, body)
 
 
 def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
@@ -529,6 +611,15 @@ def _is_sse(headers: Headers) -> bool:
         if name.lower() == "content-type":
             return value.lower().startswith("text/event-stream")
     return False
+
+
+def _answer_hash(reader: Reader) -> str:
+    """The answer's hash; '' for an answer it cannot make out (the usage is still good)."""
+    try:
+        return reader.answer_hash()
+    except Exception as exc:
+        log.debug("could not hash an answer (%s)", type(exc).__name__)
+        return ""
 
 
 def _fill(event: UsageEvent, usage: Usage) -> None:

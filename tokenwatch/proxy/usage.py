@@ -10,7 +10,9 @@ from typing import Any, Final, Protocol
 import anyio.to_thread
 import orjson
 
-from tokenwatch.core import tokens
+from tokenwatch.core import conversation, tokens
+from tokenwatch.core.conversation import Signals
+from tokenwatch.core.models import MAX_CALL_TOKENS
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
 
@@ -74,11 +76,17 @@ class CallFacts:
     """Counts the prompt locally (tiktoken); None when there is nothing to count."""
     hashes: Callable[[], tuple[str, str]] | None = None
     """The exact and near-duplicate hashes of the prompt (the shape's regexes cost ms per 100 KB)."""
+    signals: Signals = field(default_factory=Signals)
+    """The conversation signals (core.conversation), worked out with the hashes."""
+    conversation: Callable[[], Signals] | None = None
 
 
-def fingerprint(facts: CallFacts, prompt: Any) -> None:
-    """Hash the prompt when it is measured (`count_prompt`): off the loop when it is big."""
+def fingerprint(facts: CallFacts, prompt: Any, wire: str = "", body: Any = None) -> None:
+    """Hash the prompt (and read the conversation of a `wire` request `body`) when it is
+    measured (`count_prompt`): off the loop when it is big."""
     facts.hashes = lambda: tokens.prompt_hashes(prompt)
+    if wire:
+        facts.conversation = lambda: conversation.request_signals(wire, body)
 
 
 class Reader(Protocol):
@@ -96,6 +104,10 @@ class Reader(Protocol):
 
     def output_text(self) -> str: ...
 
+    def answer_hash(self) -> str:
+        """Hash of what the model answered (core.conversation.answer_hash); '' if unknown."""
+        ...
+
 
 @dataclass(slots=True)
 class TextParts:
@@ -111,17 +123,14 @@ class TextParts:
         return "".join(self.parts)
 
 
-MAX_COUNT: Final = 10**12
-"""No call uses a trillion tokens: a bigger figure from an upstream is garbage, not usage."""
-
-
 class BadCount(ValueError):
     """A usage figure that is there but is not a count of tokens: the call is estimated instead."""
 
 
 def number(doc: Any, *keys: str) -> int:
     """The count found by walking `keys` into nested objects; 0 when absent (or null). Raises
-    BadCount for a figure that is present but negative, fractional, not a number or absurd."""
+    BadCount for a figure that is present but negative, fractional, not a number, or more than
+    one call can use (MAX_CALL_TOKENS: garbage, not usage)."""
     for key in keys:
         if not isinstance(doc, dict):
             return 0
@@ -130,7 +139,7 @@ def number(doc: Any, *keys: str) -> int:
         return 0
     if isinstance(doc, float) and doc.is_integer():
         doc = int(doc)
-    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_COUNT:
+    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_CALL_TOKENS:
         return doc
     raise BadCount(f"usage {'.'.join(keys)} is {doc!r}")
 
@@ -167,6 +176,8 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
     def measure() -> TokenCount:
         if facts.hashes is not None:
             facts.prompt_hash, facts.prompt_shape = facts.hashes()
+        if facts.conversation is not None:
+            facts.signals = facts.conversation()
         return count()
 
     try:

@@ -19,8 +19,8 @@ from tokenwatch.core.quantities import (
     RateKind,
     Unit,
     format_tokens,
-    parse_amount,
     parse_rate,
+    parse_typed_limit,
 )
 
 PERIODS = ("hour", "day", "week", "month", "total")
@@ -106,7 +106,7 @@ class ThrottleScreen(_FormScreen):
 
 def budget_settings(agent: str, limit: str, period: str, action: str) -> dict[str, Any]:
     """The `set_budget` payload (BudgetSettings fields) for an agent budget; raises QuantityError."""
-    amount = parse_amount(limit)
+    amount = parse_typed_limit(limit)
     if amount.value <= 0:
         raise QuantityError("a budget limit must be above zero")
     if period not in PERIODS:
