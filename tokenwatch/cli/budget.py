@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenwatch.cli.errors import CliError
+from tokenwatch.core.actions import ACTIONS
 
 if TYPE_CHECKING:
     from tokenwatch.client.control import SupervisorClient
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 SCOPES = ("global", "agent", "task", "model", "user", "tag")
 PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
-ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -283,8 +283,9 @@ def _partial(figures: dict[str, Any]) -> bool:
 
 def _print_action(action: dict[str, Any]) -> None:
     detail = f" ({action['detail']})" if action.get("detail") else ""
-    verb = {"pause": "paused", "resume": "resumed", "kill": "killed", "throttle": "throttled",
-            "deny": "denied"}.get(action["kind"], action["kind"])  # fmt: skip
+    from tokenwatch.core.actions import past
+
+    verb = past(action["kind"])
     if not action.get("ok", True):
         raise CliError(f"{action['agent']}: could not be {verb}{detail}")
     print(f"{action['agent']} {verb}{detail}")
@@ -326,12 +327,12 @@ def run_throttle(args: argparse.Namespace) -> int:
 
 def run_env(args: argparse.Namespace) -> int:
     from tokenwatch.client.control import SupervisorError
-    from tokenwatch.core.protocol import ProtocolError
+    from tokenwatch.core.errors import InvalidRequest
     from tokenwatch.engine.agents import check_name
 
     try:
         check_name(args.name)  # an empty one would be registered under a name made up for it
-    except ProtocolError as exc:
+    except InvalidRequest as exc:
         raise CliError(exc.message) from None
 
     async def env(client: SupervisorClient) -> Any:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from tokenwatch.config import BudgetSettings, ConfigError
+from tokenwatch.core.actions import ACTIONS
 from tokenwatch.core.periods import ALL_PERIODS, CALENDAR_PERIODS, ROLLING_SECONDS, period_end
 from tokenwatch.core.periods import period_start as calendar_start
 from tokenwatch.core.quantities import (
@@ -26,9 +27,7 @@ from tokenwatch.core.quantities import (
 )
 
 SCOPES: Final = ("global", "agent", "task", "model", "user", "tag")
-ACTIONS: Final = ("alert", "throttle", "pause", "kill", "deny")
-HARD_ACTIONS: Final = frozenset({"pause", "kill", "deny"})
-"""Budgets that refuse a call which would take them over the limit (the others only warn or slow)."""
+"""What a budget can cover: everything, or the calls of one agent, task, model, user or tag."""
 DEFAULT_THROTTLE_RATE: Final = "50%"
 UNPRICED_MODES: Final = ("estimate", "free")
 """How a dollar budget counts calls to models no price table knows (see BudgetSettings)."""

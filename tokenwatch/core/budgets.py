@@ -11,11 +11,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from tokenwatch.config import BudgetSettings
+from tokenwatch.core.actions import HARD_ACTIONS
 from tokenwatch.core.admission import CallRequest, Refusal, Reservation, Signal
 from tokenwatch.core.budget import (
     DEFAULT_THROTTLE_RATE,
     DONE,
-    HARD_ACTIONS,
     RUN_BUDGET_PREFIX,
     Budget,
     BudgetError,
@@ -332,10 +332,6 @@ class Budgets:
                 current if current is not None and current.counters is budget.counters else budget
             )
         return now
-
-    def warm_up(self, event: UsageEvent) -> None:
-        """Count usage from before the time of interest, silently (seeding, replay warm-up)."""
-        self._count(event, None)
 
     def counting_since(self, now: float, budgets: Collection[Budget] | None = None) -> float | None:
         """The earliest time whose usage counts toward some budget at `now` (None: no budget)."""

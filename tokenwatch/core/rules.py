@@ -14,6 +14,7 @@ from typing import Final
 
 from tokenwatch.config import ConfigError, RuleSettings
 from tokenwatch.core import detect, loops
+from tokenwatch.core.actions import ACTIONS, past
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.detect import Finding
 from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, Status, UsageEvent
@@ -32,7 +33,6 @@ DETECTORS: Final = (
     "drift",
     "forecast",
 )
-ACTIONS: Final = ("alert", "throttle", "pause", "kill", "deny")
 LOOPS: Final = frozenset({"runaway", "tool_loop", "turn_loop", "alternation"})
 """Detectors of an agent repeating itself: they read its last calls that count, in a row."""
 ALERT_ONLY: Final = frozenset({"huge_request", "drift"})
@@ -93,8 +93,6 @@ _DONE: Final = {
     "kill": "; stopped",
     "deny": "; its calls are refused",
 }
-
-_SPARED: Final = {"throttle": "throttled", "pause": "paused", "kill": "killed", "deny": "denied"}
 
 
 class RuleError(ConfigError):
@@ -242,12 +240,6 @@ class Rules:
 
     def names(self) -> Sequence[str]:
         return [rule_name(s) for s in self._rules]
-
-    def use_budgets(self, budgets: Callable[[], Sequence[BudgetStatus]]) -> None:
-        """Let forecast and spike rules see budget statuses (wired after both exist)."""
-        self._budgets = budgets
-
-    # -- events ---------------------------------------------------------------------------------
 
     def observe(self, event: UsageEvent) -> list[Signal]:
         """Remember the event and run every rule watching its agent."""
@@ -459,7 +451,7 @@ class Rules:
         if rule.detector in ALERT_ONLY:
             action = ActionKind.ALERT.value
         elif action != ActionKind.ALERT and self._is_critical(agent):
-            note = f"; {agent} is critical: not {_SPARED[action]}, only alerted"
+            note = f"; {agent} is critical: not {past(action)}, only alerted"
             action = ActionKind.ALERT.value
         rate = (rule.rate or DEFAULT_RATE) if action == ActionKind.THROTTLE else ""
         done = f"{_DONE[action]} to {rate}" if rate else _DONE[action]

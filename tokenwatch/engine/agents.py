@@ -17,7 +17,8 @@ from tokenwatch.core.pricing import ESTIMATED, is_estimated
 
 if TYPE_CHECKING:
     from tokenwatch.core.throttle import TokenBucket
-    from tokenwatch.process.processes import DutyCycle, ProcessHandle
+    from tokenwatch.process.duty import DutyCycle
+    from tokenwatch.process.processes import ProcessHandle
 
 MAX_EXITED: Final = 200
 """Exited agents kept on the roster (newest), so status and the dashboard can show how they ended."""

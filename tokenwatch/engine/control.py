@@ -191,7 +191,7 @@ class Control:
         self._ctx.start_soon(self._run_duty, rec, rec.duty, fraction, name=f"duty {rec.name}")
 
     async def _run_duty(self, rec: AgentRecord, scope: anyio.CancelScope, fraction: float) -> None:
-        from tokenwatch.process.processes import DutyCycle
+        from tokenwatch.process.duty import DutyCycle
 
         if rec.handle is None:
             return

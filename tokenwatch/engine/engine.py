@@ -194,6 +194,10 @@ class Engine:
     def settings(self) -> SupervisorSettings:
         return self._ctx.settings
 
+    @settings.setter
+    def settings(self, settings: SupervisorSettings) -> None:
+        self._ctx.settings = settings
+
     @property
     def roster(self) -> Roster:
         return self._ctx.roster

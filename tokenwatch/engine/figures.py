@@ -198,13 +198,6 @@ class LiveFigures:
         if event.ts >= self._day_start:
             self.today.add(event)
 
-    def seed_today(self, events: Iterable[UsageEvent]) -> None:
-        """Today's usage recorded before this supervisor started."""
-        start = self.day_start
-        for event in events:
-            if event.ts >= start:
-                self.today.add(event)
-
     def add_alert(self, alert: Alert) -> None:
         self.alerts.appendleft(alert)
 

@@ -21,7 +21,7 @@ from tokenwatch.core.nesting import MAX_NESTING, nested_deeper_than
 from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
-from tokenwatch.proxy.errors import JSON, ErrorReply, error_body, error_reply
+from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
     ClientGone,
@@ -45,7 +45,7 @@ from tokenwatch.proxy.routes import (
     split_path,
     upstream_url,
 )
-from tokenwatch.proxy.sse import SseSplitter
+from tokenwatch.proxy.sse import SseSplitter, is_sse, without_null_usage
 from tokenwatch.proxy.upstream import (
     UpstreamClient,
     UpstreamCut,
@@ -58,8 +58,10 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     Reader,
     Usage,
+    answer_hash,
     cost_from_headers,
     count_prompt,
+    fill_event,
     json_object,
 )
 
@@ -135,7 +137,7 @@ class ProxyServer:
         self._settings = settings
         self._clock = clock
         self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
-        self._http = HttpServer(self._handle, self._limits, _protocol_error_page)
+        self._http = HttpServer(self._handle, self._limits, protocol_error_page)
         self._client: UpstreamClient | None = None
         self._settles: set[asyncio.Task[None]] = set()
         self._host = settings.host
@@ -232,7 +234,7 @@ class ProxyServer:
             call.event.status = Status.DENIED.value
             call.event.http_status = admission.status
             self._settle_soon(admission, call.event)
-            return await self._refuse(req, _refusal(target.provider, admission))
+            return await self._refuse(req, refusal(target.provider, admission))
         if req.client_gone:
             # hung up while held: nothing is sent, the reservation is given back by settling
             call.event.status = Status.CANCELLED.value
@@ -377,7 +379,7 @@ class ProxyServer:
             call.gateway_cost = cost_from_headers(upstream.headers)
             answer = relayable(upstream.headers)
             length = upstream.content_length
-            sse = _is_sse(answer)
+            sse = is_sse(answer)
             if length is not None and length <= MAX_CAPTURE_BYTES and not sse:
                 return await self._relay_whole(req, call, upstream, answer)
             length = None if call.strip_usage else length
@@ -433,7 +435,7 @@ class ProxyServer:
                 # whole events only, so the usage chunk the client did not ask for can be left out
                 out = b"".join(e.raw for e in splitter.feed(chunk) if read(e))
                 if out:
-                    await req.write(_without_null_usage(out))
+                    await req.write(without_null_usage(out))
                 continue
             await req.write(chunk)  # relay first: parsing must not delay the agent's tokens
             for event in splitter.feed(chunk):
@@ -478,22 +480,22 @@ class ProxyServer:
                 event.status = Status.ERROR.value
                 self._errors += 1
             if reader.usage is not None:
-                _fill(event, reader.usage)
+                fill_event(event, reader.usage)
         elif reader.usage is not None and reader.complete:
-            _fill(event, reader.usage)
+            fill_event(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
         if event.price_source != PROVIDER and call.gateway_cost is not None:
             event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
         if not failed:
-            event.answer_hash = _answer_hash(reader)
+            event.answer_hash = answer_hash(reader)
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
         text = call.reader.output_text() or cut_text(call.cut_body)
         output = await tokens.count_text_async(text, call.facts.model)
-        _fill(call.event, known)
+        fill_event(call.event, known)
         # Counted here, so within what one call can use whatever the body's size (the ledger
         # refuses more).
         call.event.input_tokens = min(known.input_tokens or call.prompt.tokens, MAX_CALL_TOKENS)
@@ -597,51 +599,3 @@ def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
     if target.provider == ANTHROPIC:
         return anthropic_usage.read_request(target.endpoint, doc)
     return openai_usage.read_request(target.endpoint, doc)
-
-
-def _without_null_usage(events: bytes) -> bytes:
-    """Chunks as the client would have had them without the usage we asked for: OpenAI adds
-    `"usage":null` to every chunk once asked (inside a JSON string the quotes would be escaped,
-    so this never touches content)."""
-    return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
-
-
-def _is_sse(headers: Headers) -> bool:
-    for name, value in headers:
-        if name.lower() == "content-type":
-            return value.lower().startswith("text/event-stream")
-    return False
-
-
-def _answer_hash(reader: Reader) -> str:
-    """The answer's hash; '' for an answer it cannot make out (the usage is still good)."""
-    try:
-        return reader.answer_hash()
-    except Exception as exc:
-        log.debug("could not hash an answer (%s)", type(exc).__name__)
-        return ""
-
-
-def _fill(event: UsageEvent, usage: Usage) -> None:
-    event.input_tokens = usage.input_tokens
-    event.output_tokens = usage.output_tokens
-    event.cache_read_tokens = usage.cache_read_tokens
-    event.cache_write_tokens = usage.cache_write_tokens
-    event.reasoning_tokens = usage.reasoning_tokens
-    if usage.cost_usd is not None:  # the provider's own bill wins over our price tables
-        event.cost_usd, event.price_source = usage.cost_usd, PROVIDER
-
-
-def _refusal(provider: str, admission: Admission) -> ErrorReply:
-    status = admission.status if admission.status >= 400 else 429
-    message = admission.message or "refused by tokenwatch"
-    code = "budget_exceeded" if admission.budget else "tokenwatch_refused"
-    # without a retry-after, waiting will not help: tell the SDK not to retry on its own
-    retry = None if admission.retry_after is not None else False
-    return error_reply(
-        provider, status, message, code=code, retry_after=admission.retry_after, retry=retry
-    )
-
-
-def _protocol_error_page(status: int, message: str) -> tuple[bytes, str]:
-    return error_body(OPENAI, status, message), JSON

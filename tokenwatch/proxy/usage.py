@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,12 +13,15 @@ import orjson
 
 from tokenwatch.core import conversation, tokens
 from tokenwatch.core.conversation import Signals
-from tokenwatch.core.models import MAX_CALL_TOKENS
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
 
 INLINE_CHARS = 16_384
 """Request bodies smaller than this are counted on the event loop; bigger ones in a thread."""
+
+log = logging.getLogger("tokenwatch.proxy")
 
 
 @dataclass(slots=True)
@@ -186,3 +190,24 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
         return await anyio.to_thread.run_sync(measure)
     except (TypeError, ValueError, AttributeError):
         return TokenCount(max(1, body_size // tokens.CHARS_PER_TOKEN), True, "chars/4")
+
+
+def fill_event(event: UsageEvent, usage: Usage) -> None:
+    """Put the token figures an answer reported on its call's event (and its cost, when the
+    provider reported one)."""
+    event.input_tokens = usage.input_tokens
+    event.output_tokens = usage.output_tokens
+    event.cache_read_tokens = usage.cache_read_tokens
+    event.cache_write_tokens = usage.cache_write_tokens
+    event.reasoning_tokens = usage.reasoning_tokens
+    if usage.cost_usd is not None:  # the provider's own bill wins over our price tables
+        event.cost_usd, event.price_source = usage.cost_usd, PROVIDER
+
+
+def answer_hash(reader: Reader) -> str:
+    """The answer's hash; '' for an answer it cannot make out (the usage is still good)."""
+    try:
+        return reader.answer_hash()
+    except Exception as exc:
+        log.debug("could not hash an answer (%s)", type(exc).__name__)
+        return ""

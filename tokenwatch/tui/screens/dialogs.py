@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, Select, Static
 
+from tokenwatch.core.actions import ACTIONS
 from tokenwatch.core.models import BudgetStatus
 from tokenwatch.core.quantities import (
     QuantityError,
@@ -24,7 +25,7 @@ from tokenwatch.core.quantities import (
 )
 
 PERIODS = ("hour", "day", "week", "month", "total")
-BUDGET_ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
+BUDGET_ACTIONS = ACTIONS
 
 
 class ConfirmScreen(ModalScreen[bool]):
