@@ -100,6 +100,28 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
     assert rows["agent:*:day"]["used"] == 1.25
 
 
+def test_budget_list_marks_a_total_holding_estimated_prices(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    guessed = event(time.time(), tokens=1_000, cost_usd=0.5, model="acme-coder-7")
+    guessed.price_source = "estimated:claude-opus-4-5"
+    anyio.run(fill_ledger, [guessed, event(time.time(), tokens=1_000, cost_usd=0.25)])
+    run(capsys, "budget", "set", "global", "$5", "--name", "daily")
+    code, out, _ = run(capsys, "budget", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[:5] == ["daily", "*", "day", "$5.00", "$0.7500*"]
+    assert lines[-1] == (
+        "* daily (*) includes $0.5000 for models no price table knows, at an estimated price "
+        '(price: estimated from claude-opus-4-5); declare them in tokenwatch.toml [prices."MODEL"]'
+    )
+    code, out, _ = run(capsys, "budget", "list", "--json")
+    [row] = json.loads(out)
+    assert (row["estimated_usd"], row["estimated_from"]) == (0.5, "claude-opus-4-5")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

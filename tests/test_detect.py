@@ -162,6 +162,10 @@ def test_hourly_spend_over_the_daily_pace_counts_as_a_spike() -> None:
     assert finding is not None
     assert "spent $10.00 in the last hour, 10x the hourly pace of budget daily" in finding.message
     assert detect.hourly_overspend(events[:20], T0, rows) is None  # $4 in the hour: under 5x
+    events[-1].price_source = "estimated:claude-opus-4-5"  # one call to a model no table knows
+    finding = detect.hourly_overspend(events, T0, rows)
+    assert finding is not None
+    assert "spent $10.00* in the last hour" in finding.message
 
 
 # -- task tokens, context growth, drift --------------------------------------------------------------

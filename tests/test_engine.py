@@ -12,10 +12,12 @@ import anyio
 import pytest
 
 from tests.standins import NoBudgets, NoPrices, NoRules
-from tokenwatch.config import SupervisorSettings
+from tokenwatch.config import BudgetSettings, SupervisorSettings
 from tokenwatch.core.admission import Admission, CallRequest, Refusal, Reservation, Signal
+from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
+from tokenwatch.core.pricing import PriceTable
 from tokenwatch.engine.engine import Engine
 from tokenwatch.ledger.store import Store
 
@@ -41,7 +43,9 @@ class CappedBudget(NoBudgets):
     def __init__(self, limit: int) -> None:
         self.limit, self.used, self.reserved = limit, 0, 0
 
-    def reserve(self, call: CallRequest, tokens: int, usd: float | None) -> Reservation | Refusal:
+    def reserve(
+        self, call: CallRequest, tokens: int, usd: float | None, estimated_from: str = ""
+    ) -> Reservation | Refusal:
         if self.used + self.reserved + tokens > self.limit:
             return Refusal(
                 "day-cap", "day-cap: 1000 tokens a day (raise it: tokenwatch budget set)", 60.0
@@ -166,6 +170,42 @@ async def test_a_budget_refusal_names_the_budget_and_when_to_retry(short_tmp: Pa
     assert "tokenwatch budget set" in second.message
     assert third.allowed, "settling gave back what the first call did not use"
     assert [h.event.call_id for h in history] == ["c1"]
+
+
+async def test_a_call_reserves_its_likely_output_not_its_max_tokens(short_tmp: Path) -> None:
+    budget = CappedBudget(limit=10**9)
+    claude_code = CallRequest(agent="claude", provider="anthropic", model="claude-opus-4-5",
+                              input_tokens=20_000, max_output_tokens=32_000)  # fmt: skip
+    async with running_engine(short_tmp / "u.db", budgets=budget) as (engine, _):
+        first = await engine.admit(claude_code)
+        assert budget.reserved == 52_000  # nothing known yet: the worst case
+        done = UsageEvent(agent="claude", call_id="c1", model="claude-opus-4-5",
+                          input_tokens=20_000, output_tokens=800)  # fmt: skip
+        await engine.settle(first, done)
+        await engine.admit(claude_code)
+    assert budget.reserved == 20_000 + 1_200  # 1.5 x the largest recent output
+
+
+async def test_an_unknown_model_is_refused_at_a_dollar_budget_naming_the_fallback(
+    short_tmp: Path,
+) -> None:
+    budgets = Budgets([BudgetSettings(name="tiny", limit="$0.01", action="deny")], tz="UTC")
+    async with await Store.open(short_tmp / "u.db") as store:
+        engine = Engine(store, PriceTable.load(), budgets, NoRules())
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            answer = await engine.admit(CallRequest(agent="a", provider="openai",
+                                                    model="acme-coder-7", input_tokens=2_000,
+                                                    max_output_tokens=1_000))  # fmt: skip
+            alerts = engine.live.alerts
+            with anyio.fail_after(10):
+                while not alerts:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert (answer.allowed, answer.status, answer.budget) == (False, 429, "tiny")
+    # gpt-5.5 stands in for an unknown model on the OpenAI route: 2000*5 + 1000*30 -> $0.04
+    assert "this call may use $0.0400 (price: estimated from gpt-5.5)" in answer.message
+    assert alerts[0].message == f"a: {answer.message}; its calls are refused"
 
 
 @contextlib.asynccontextmanager

@@ -69,7 +69,8 @@ def test_good_lines_stored_bad_lines_named(
     assert "line 8: ts: '9999-12-31T23:59:59' is in the future" in err
     assert "line 9: ts: 1790000000000.0 is too large for Unix seconds (milliseconds?)" in err
     assert err.strip().splitlines()[-1] == (
-        "tokenwatch: imported 3 events, skipped 5 bad lines, 1 unpriced (model house-llm)"
+        "tokenwatch: imported 3 events, skipped 5 bad lines, 1 unpriced (model house-llm; "
+        "price: estimated from claude-opus-4-5)"
     )
     events = {e.agent: e for e in stored_events()}
     coder = events["coder"]
@@ -78,7 +79,9 @@ def test_good_lines_stored_bad_lines_named(
     # Priced at import: 1000 * 2.50 + 100 * 10 per 1M = $0.0035.
     assert coder.cost_usd == pytest.approx(0.0035)
     assert coder.price_version != ""
-    assert events["r"].cost_usd is None
+    # A model no table knows: at claude-opus-4-5's rates, marked: 10*5 + 1*25 = 75 per 1M.
+    assert events["r"].cost_usd == pytest.approx(75e-6)
+    assert events["r"].price_source == "estimated:claude-opus-4-5"
     assert events["r"].estimated is True
     assert events[""].cost_usd == 0.5  # a given cost is kept
 
@@ -124,6 +127,7 @@ def test_stdin_and_export_round_trip(
     # Priced on the way in: (100-60)*1 + 60*0.10 + 7*5 = 40 + 6 + 35 = 81 per 1M.
     assert stored.cost_usd == pytest.approx(81e-6)
     event.cost_usd, event.price_version = stored.cost_usd, stored.price_version
+    event.price_source = stored.price_source
     assert stored == event
 
 

@@ -24,6 +24,7 @@ from tokenwatch.proxy.routes import (
     upstream_url,
 )
 from tokenwatch.proxy.sse import SseSplitter, parse_event
+from tokenwatch.proxy.usage import cost_from_headers
 
 EVENT_TEXT = st.text(
     alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40
@@ -146,6 +147,21 @@ def test_anthropic_usage_counts_cache_inside_input() -> None:
         50,
     )
     assert final.output_tokens == 321
+
+
+def test_a_cost_the_provider_reports_is_read_as_reported() -> None:
+    # OpenRouter's usage carries what the call was billed.
+    doc = {"prompt_tokens": 10, "completion_tokens": 2, "cost": 0.000123}
+    usage = openai_usage.usage_from(doc, "/v1/chat/completions")
+    assert usage is not None
+    assert usage.cost_usd == 0.000123
+    for bad in ("lots", -1, True, float("nan"), None):
+        usage = openai_usage.usage_from({**doc, "cost": bad}, "/v1/chat/completions")
+        assert usage is not None
+        assert usage.cost_usd is None, bad
+    assert cost_from_headers([("X-LiteLLM-Response-Cost", "0.0042")]) == 0.0042
+    assert cost_from_headers([("x-litellm-response-cost", "free")]) is None
+    assert cost_from_headers([("content-type", "application/json")]) is None
 
 
 def test_ask_for_usage_only_when_the_client_did_not() -> None:

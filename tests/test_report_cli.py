@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import anyio
+import genai_prices
 import pytest
 
 from tokenwatch.cli import main
@@ -114,6 +115,55 @@ def test_table_report_is_aligned_with_total_and_unpriced_note(
     assert any(line.startswith("t3") and "unpriced*" in line for line in rest)
 
 
+def test_report_shows_cache_writes_and_marks_every_estimate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    now = time.time()
+    guessed = UsageEvent(
+        ts=now - 60,
+        agent="claude",
+        model="acme-coder-7",
+        provider="anthropic",
+        input_tokens=20_000,
+        cache_write_tokens=16_881,
+        output_tokens=800,
+        cost_usd=0.2,
+        price_source="estimated:claude-opus-4-5",
+    )
+    counted = UsageEvent(
+        ts=now - 30,
+        agent="claude",
+        model="claude-opus-4-5",
+        provider="anthropic",
+        input_tokens=1_000,
+        output_tokens=100,
+        cost_usd=0.1,
+        price_source="genai-prices",
+        estimated=True,
+    )
+    seed([guessed, counted])  # fmt: skip
+    code, out, _ = run(capsys, "report")
+    assert code == 0
+    header, row, _, total, *notes = out.splitlines()
+    assert header.split()[:6] == ["AGENT", "REQ", "INPUT", "CACHED", "WRITE", "OUTPUT"]
+    assert row.split()[:7] == ["claude", "2", "21,000~", "0", "16,881", "900~", "0"]
+    assert "$0.3000*" in total
+    assert notes == [
+        "* 1 call unpriced (unknown model: acme-coder-7): COST includes $0.2000 at an estimated "
+        'price (`tokenwatch prices MODEL` shows from what). Price them with [prices."MODEL"] in '
+        "tokenwatch.toml.",
+        "~ 1 call with tokens counted locally (the provider reported no usage): an estimate",
+    ]
+    code, out, _ = run(capsys, "report", "--format", "json")
+    [group] = json.loads(out)["groups"]
+    assert (group["cost_usd"], group["estimated_usd"]) == (pytest.approx(0.3), 0.2)
+    assert (group["cache_write_tokens"], group["unpriced_requests"]) == (16_881, 1)
+    assert group["estimated_requests"] == 1
+    code, out, _ = run(capsys, "report", "--format", "csv")
+    [line] = list(csv.DictReader(io.StringIO(out)))
+    assert (line["estimated_usd"], line["cache_write_tokens"]) == ("0.2", "16881")
+
+
 def test_top_and_filters(ledger: float, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report", "--by", "task", "--top", "1", "--format", "json")
     assert code == 0
@@ -174,23 +224,32 @@ def test_prices_table_and_one_model(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "prices")
     assert code == 0
     assert out.startswith("prices version 20")
-    assert any(line.split()[:3] == ["gpt-4o", "openai", "2.5"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["codestral", "mistral"] for line in out.splitlines())
     code, out, _ = run(capsys, "prices", "gpt-4o-mini-2024-07-18")
     assert code == 0
-    assert "priced as gpt-4o-mini (openai)" in out
-    assert "via gpt-4o-mini-2024-07-18 -> gpt-4o-mini (OpenAI dated snapshot)" in out
+    version = genai_prices.__version__
+    assert f"priced as gpt-4o-mini (openai) by genai-prices {version}" in out
+    chain = [line.split() for line in out.splitlines()[2:5]]
+    assert chain == [["tokenwatch.toml", "-"], ["tokenwatch", "2026-12-05", "-"],
+                     ["genai-prices", version, "gpt-4o-mini", "(openai)"]]  # fmt: skip
     code, out, _ = run(capsys, "prices", "claude-sonnet-4-5-20250929", "--json")
     data = json.loads(out)
-    assert data["resolved"] == "claude-sonnet-4-5"
+    assert (data["resolved"], data["source"]) == ("claude-sonnet-4-5", "genai-prices")
     assert data["price"]["cache_write"] == 3.75
+    code, out, _ = run(capsys, "prices", "codestral")
+    assert "priced as codestral (mistral) by tokenwatch 2026-12-05" in out
+    assert "why tokenwatch prices it: genai-prices knows only dated" in out
 
 
-def test_prices_unknown_model_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "prices", "gpt-99")
-    assert code == 1
-    assert out == ""
-    assert err.startswith("tokenwatch: unknown model 'gpt-99'")
-    assert err.count("\n") == 1
+def test_prices_of_a_model_no_table_knows_shows_the_estimate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "prices", "gpt-99")
+    assert code == 0
+    assert out.startswith("gpt-99: no price table knows it; price: estimated from claude-opus-4-5")
+    assert "fallback               claude-opus-4-5 (an estimate, marked as such)" in out
+    code, out, _ = run(capsys, "prices", "gpt-99", "--json")
+    assert json.loads(out)["estimated"] is True
 
 
 def test_prices_shows_config_overrides(

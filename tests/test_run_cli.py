@@ -365,6 +365,20 @@ def test_summary_line_reads_like_the_docs() -> None:
     assert summary_line("coder", 130, None) == "coder exited 130 (SIGINT)"
 
 
+def test_summary_line_marks_a_cost_holding_estimated_prices() -> None:
+    summary = {
+        "tokens": 63275,
+        "cost_usd": 0.1,
+        "requests": 3,
+        "unpriced_requests": 2,
+        "estimated_from": "claude-opus-4-5",
+    }
+    assert summary_line("claude3", 0, summary) == (
+        "claude3 exited 0 · 63,275 tokens · $0.1000* (2 calls price: estimated from "
+        "claude-opus-4-5) · 3 requests"
+    )
+
+
 ON_A_TERMINAL = """
 import os, signal, sys, time
 def foreground():
@@ -540,6 +554,47 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     assert "run:thrifty" not in after.stdout  # it ended with the run
 
 
+CALL_UNTIL_REFUSED = """
+import json, os, urllib.error, urllib.request
+tasks = ["parse the config", "render the table", "fix the flaky test", "rename the module",
+         "document the API", "profile the loop", "add a migration", "split the class",
+         "review the diff", "write the changelog", "bump the version", "trim the logs"]
+for task in tasks:
+    body = json.dumps({"model": "acme-coder-7", "max_tokens": 200,
+                       "messages": [{"role": "user", "content": task}]})
+    request = urllib.request.Request(
+        os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=body.encode(),
+        headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        print("sent", flush=True)
+    except urllib.error.HTTPError as exc:
+        print(exc.code, json.loads(exc.read())["error"]["message"], flush=True)
+        break
+"""
+"""POST_CHAT on a model no price table knows, until refused."""
+
+
+def test_an_agent_on_a_model_no_table_knows_is_stopped_at_its_dollar_budget(
+    supervisor: ServeProcess, tmp_path: Path
+) -> None:
+    with fake_llm_in_thread() as fake:
+        out = tokenwatch(supervisor, "run", "--name", "guessed", "--budget", "$0.01", "--",
+                         *py(CALL_UNTIL_REFUSED), OPENAI_BASE_URL=fake.url + "/v1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    *sent, refused = out.stdout.splitlines()
+    assert sent
+    assert set(sent) == {"sent"}  # calls went while they fitted...
+    assert refused.startswith("429 budget run:guessed ($0.0100 in total for guessed) would be")
+    assert "used, all of it at an estimated price (price: estimated from gpt-5.5)" in refused
+    assert "(price: estimated from gpt-5.5)" in refused  # ...priced at the named fallback
+    summary = out.stderr.strip().splitlines()[-1]
+    assert re.search(r"· \$0\.00\d+\* \(\d+ calls price: estimated from gpt-5.5\) ·", summary)
+    alerts = tokenwatch(supervisor, "alerts", "--json")
+    messages = [a["message"] for a in json.loads(alerts.stdout) if a["agent"] == "guessed"]
+    assert f"guessed: {refused.removeprefix('429 ')}; its calls are refused" in messages
+
+
 def test_the_terminal_is_told_when_its_agent_is_paused_and_resumed(
     supervisor: ServeProcess,
 ) -> None:
@@ -689,6 +744,8 @@ def test_a_key_on_the_agents_command_line_is_neither_stored_nor_shown(
     assert "[redacted]" in stored_agent(supervisor, "keyed")
     files = supervisor.paths.state_dir.glob("usage.db*")
     assert not [f for f in files if key.encode() in f.read_bytes()]
+
+
 def test_a_run_whose_supervisor_goes_away_says_so_once_and_sums_up_from_the_ledger(
     short_tmp: Path,
 ) -> None:

@@ -71,6 +71,7 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         tool_call='search_files(pattern="payment*.yaml")',
         answer_hash="answer",
         overlap=2,
+        price_source="genai-prices",
     )
     defaults = UsageEvent(ts=original.ts)
     unset = [f for f in UsageEvent.field_names() if getattr(original, f) == getattr(defaults, f)]
@@ -149,7 +150,8 @@ async def test_totals_sum_exactly_the_window(store: Store) -> None:
             input_tokens=1000,
             output_tokens=200,
             reasoning_tokens=50,
-            cost_usd=None,
+            cost_usd=0.5,
+            price_source="estimated:claude-opus-4-5",
             model="mystery",
             task="t2",
         ),
@@ -163,12 +165,13 @@ async def test_totals_sum_exactly_the_window(store: Store) -> None:
     assert totals.output_tokens == 2 + 20 + 200 + 5 + 3
     assert totals.cache_read_tokens == 40
     assert totals.reasoning_tokens == 50
-    assert totals.cost_usd == pytest.approx(0.75)
-    assert totals.unpriced_requests == 1
+    assert totals.cost_usd == pytest.approx(1.25)
+    assert totals.unpriced_requests == 1  # the model no table knows, counted at the fallback
+    assert totals.estimated_usd == pytest.approx(0.5)
     assert (totals.errors, totals.denied, totals.estimated_requests) == (1, 1, 1)
     assert totals.tasks == 2
     assert totals.total_tokens == 1118 + 230
-    assert totals.cost_per_task == pytest.approx(0.375)
+    assert totals.cost_per_task == pytest.approx(0.625)
     # Half-open: an event exactly at `until` is outside.
     assert (await store.totals(NOW - 3 * 3600, NOW)).requests == 4
     assert (await store.totals(0)).requests == 6

@@ -106,3 +106,10 @@ def test_faulty_usage_lines_are_left_to_the_generic_path() -> None:
 @given(mids=st.lists(st.integers(-(2**63), 2**63) | st.text(max_size=6) | st.none(), max_size=5))
 def test_usage_acks_are_the_ordinary_replies(mids: list[int | str | None]) -> None:
     assert protocol.acks(mids) == [protocol.dumps(protocol.reply_ok(mid)) for mid in mids]
+
+
+@pytest.mark.parametrize("mid", [-(2**63) - 1, 2**64])
+def test_an_id_the_generic_decoder_reads_as_a_float_is_left_to_it(mid: int) -> None:
+    line = json.dumps({"v": 1, "type": "usage", "event": {}, "id": mid}).encode()
+    assert decode_usage_line(line) is None
+    assert generic(line) == "refused: bad_message"

@@ -173,6 +173,9 @@ class BudgetSettings:
     """Measure the period as a rolling window instead of calendar-aligned."""
     rate: str = "50%"
     """Throttle rate applied when the action is throttle (`20k/min`, `$1/h`, `50%`)."""
+    unpriced: str = "estimate"
+    """A dollar budget counts calls to models no price table knows at the fallback's price
+    (`estimate`), or as $0 (`free`, what tokenwatch did before it had a fallback)."""
 
 
 @dataclass(frozen=True, slots=True)

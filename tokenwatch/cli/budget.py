@@ -361,20 +361,28 @@ def render_statuses(statuses: list[BudgetStatus], *, now: float) -> str:
                 s.target,
                 s.period,
                 _amount(s.limit, s.unit),
-                f"{_amount(s.used, s.unit)} ({s.fraction:.0%})",
+                f"{_amount(s.used, s.unit, s.estimated_usd > 0)} ({s.fraction:.0%})",
                 _amount(s.remaining, s.unit),
                 _time(s.resets_at, now),
                 _time(s.forecast_exhausted_at, now) if s.forecast_exhausted_at else "-",
                 s.action,
             )
         )
-    return _table(rows)
+    table = _table(rows)
+    from tokenwatch.core.quantities import estimate_note
+
+    notes = [
+        estimate_note(s.estimated_usd, s.estimated_from, f"{s.name} ({s.target})")
+        for s in statuses
+        if s.estimated_usd > 0
+    ]
+    return "\n".join([table, *notes])
 
 
-def _amount(value: float, unit: str) -> str:
+def _amount(value: float, unit: str, partial: bool = False) -> str:
     from tokenwatch.core.quantities import format_tokens, format_usd
 
-    return format_usd(value) if unit == "usd" else format_tokens(value)
+    return format_usd(value, partial) if unit == "usd" else format_tokens(value)
 
 
 def _time(ts: float | None, now: float) -> str:

@@ -103,9 +103,10 @@ def _register_prices(subparsers: Any) -> None:
         "prices",
         help="show the price table, or how one model is priced",
         description=(
-            "Show the dated price table (USD per 1M tokens) with tokenwatch.toml's "
-            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the family it '
-            "resolves to and the alias rules that got it there."
+            "Show tokenwatch's bundled price table (USD per 1M tokens) with tokenwatch.toml's "
+            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the chain of '
+            "tables (tokenwatch.toml, the bundled table, genai-prices, the fallback estimate), "
+            "which one priced it, and the alias rules that got it there."
         ),
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="one model name")
@@ -261,6 +262,8 @@ class ImportSummary:
         self.stored = 0
         self.errors: list[LineError] = []
         self.unpriced: dict[str, int] = {}
+        self.estimated_from: set[str] = set()
+        """The fallback models whose rates priced the unpriced calls (empty: left with no cost)."""
         self.interrupted = False
 
     def line(self) -> str:
@@ -274,7 +277,8 @@ class ImportSummary:
             parts.append(f"skipped {len(self.errors):,} bad line{plural}")
         if self.unpriced:
             names = ", ".join(sorted(self.unpriced))
-            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names})")
+            how = "".join(f"; price: estimated from {m}" for m in sorted(self.estimated_from))
+            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names}{how})")
         return "tokenwatch: " + ", ".join(parts)
 
 
@@ -353,11 +357,15 @@ def _count_good(summary: ImportSummary) -> None:
 
 
 def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) -> None:
+    from tokenwatch.core.pricing import ESTIMATED, is_estimated
+
     if event.cost_usd is None and table is not None:
         table.price(event)
-    if event.cost_usd is None:
+    if event.cost_usd is None or is_estimated(event.price_source):
         name = event.model or "(no model)"
         summary.unpriced[name] = summary.unpriced.get(name, 0) + 1
+        if event.cost_usd is not None:
+            summary.estimated_from.add(event.price_source.removeprefix(ESTIMATED))
 
 
 async def _store_batch(
@@ -428,11 +436,11 @@ def run_prices(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(_price_lines(table))
         return 0
-    resolved = table.resolve(args.model)
+    resolved = table.estimate(args.model)
     if resolved is None:
         raise CliError(
-            f"unknown model {args.model!r}: not in the price table ({table.version}); calls to it "
-            f'are stored unpriced. Add [prices."{args.model}"] to tokenwatch.toml to price it.'
+            f"unknown model {args.model!r}, and the fallback model cannot be priced either "
+            "(is genai-prices installed?)"
         )
     if args.json:
         print(
@@ -441,6 +449,10 @@ def run_prices(args: argparse.Namespace) -> int:
                     "version": table.version,
                     "model": args.model,
                     "resolved": resolved.price.model,
+                    "source": resolved.source,
+                    "source_version": resolved.version,
+                    "estimated": resolved.estimated,
+                    "chain": [{"table": t, "found": f} for t, f in _chain(table, resolved)],
                     "via": list(resolved.via),
                     "overridden": resolved.overridden,
                     "price": resolved.price.to_dict(),
@@ -451,6 +463,27 @@ def run_prices(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write(_one_price(table, resolved))
     return 0
+
+
+def _chain(table: PriceTable, resolved: Resolution) -> list[tuple[str, str]]:
+    """Each table in the order they are asked, with what it said about the model."""
+    from tokenwatch.core.maintained_prices import SOURCE as MAINTAINED
+    from tokenwatch.core.pricing import BUNDLED, CONFIG
+
+    layers = [(CONFIG, CONFIG), (BUNDLED, f"{BUNDLED} {table.version}")]
+    if table.maintained is not None:
+        layers.append((MAINTAINED, f"{MAINTAINED} {table.maintained.version}".rstrip()))
+    out: list[tuple[str, str]] = []
+    said = "-"  # before the table that knows it: not there; after it: not asked
+    for source, label in layers:
+        if source == resolved.source and not resolved.estimated:
+            out.append((label, f"{resolved.price.model} ({resolved.price.provider})"))
+            said = "not asked"
+        else:
+            out.append((label, said))
+    if resolved.estimated:
+        out.append(("fallback", f"{resolved.estimated_from} (an estimate, marked as such)"))
+    return out
 
 
 _RATE_COLUMNS = ("input", "cache_read", "cache_write", "output", "reasoning")
@@ -477,7 +510,17 @@ def _price_lines(table: PriceTable) -> str:
 
 def _one_price(table: PriceTable, resolved: Resolution) -> str:
     p = resolved.price
-    lines = [f"{resolved.asked}: priced as {p.model} ({p.provider}), table {table.version}"]
+    if resolved.estimated:
+        head = (
+            f"{resolved.asked}: no price table knows it; price: estimated from "
+            f'{resolved.estimated_from} (declare [prices."{resolved.asked}"] in tokenwatch.toml '
+            "to price it exactly)"
+        )
+    else:
+        label = f"{resolved.source} {resolved.version}".rstrip()
+        head = f"{resolved.asked}: priced as {p.model} ({p.provider}) by {label}"
+    lines = [head, "  chain (first that knows it wins):"]
+    lines += [f"    {table_name:<22} {found}" for table_name, found in _chain(table, resolved)]
     lines += [f"  via {step}" for step in resolved.via]
     if resolved.overridden:
         lines.append("  rates set in tokenwatch.toml")
@@ -488,6 +531,10 @@ def _one_price(table: PriceTable, resolved: Resolution) -> str:
     ]
     if p.reasoning is None:
         lines.append("  reasoning tokens are billed as output")
+    if resolved.found is not None:
+        lines.append("  genai-prices rates follow the call's date and prompt size (tiers)")
     if p.note:
         lines.append(f"  note: {p.note}")
+    if p.why:
+        lines.append(f"  why tokenwatch prices it: {p.why}")
     return "\n".join(lines) + "\n"

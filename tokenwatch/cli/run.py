@@ -344,15 +344,22 @@ def _run_unsupervised(child: ForegroundChild, command: list[str]) -> int:
 
 
 def summary_line(name: str, code: int, summary: dict[str, Any] | None) -> str:
-    """`NAME exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway`."""
+    """`NAME exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway`, the
+    cost marked `*` and explained when some calls were to models no price table knows."""
     from tokenwatch.core.quantities import format_usd
 
     parts = [f"{name} exited {code}{_signal_note(code)}"]
     if summary is not None:
         requests = int(summary.get("requests") or 0)
+        unpriced = int(summary.get("unpriced_requests") or 0)
+        cost = format_usd(summary.get("cost_usd"), unpriced > 0) if requests else "$0"
+        if unpriced:
+            source = summary.get("estimated_from")
+            how = f"price: estimated from {source}" if source else "unpriced"
+            cost += f" ({unpriced:,} call{'' if unpriced == 1 else 's'} {how})"
         parts += [
             f"{int(summary.get('tokens') or 0):,} tokens",
-            format_usd(summary.get("cost_usd")) if requests else "$0",
+            cost,
             f"{requests:,} request{'' if requests == 1 else 's'}",
             *[str(action) for action in summary.get("actions") or []],
         ]

@@ -239,7 +239,7 @@ def render_status(status: dict[str, Any]) -> str:
     lines = [
         f"supervisor pid {sup['pid']} · socket {sup['socket']}"
         + (f" · proxy {sup['proxy_url']}" if sup.get("proxy_url") else "")
-        + f" · {format_usd(status['spend_today_usd'])} today"
+        + f" · {format_usd(status['spend_today_usd'], _partial(status))} today"
     ]
     rows = [("NAME", "STATE", "PID", "TOKENS", "COST", "TOK/MIN", "$/HOUR", "THROTTLE")]
     for view in status["agents"]:
@@ -251,7 +251,9 @@ def render_status(status: dict[str, Any]) -> str:
                 + (f" ({agent['exit_code']})" if agent.get("exit_code") is not None else ""),
                 str(agent["pid"] or "-"),
                 format_tokens(summary.get("tokens", 0)),
-                format_usd(summary.get("cost_usd")) if summary.get("requests") else "-",
+                format_usd(summary.get("cost_usd"), _partial(summary))
+                if summary.get("requests")
+                else "-",
                 format_tokens(view["tokens_per_min"]),
                 format_usd(view["usd_per_hour"]) if view["usd_per_hour"] else "-",
                 agent.get("throttle") or "-",
@@ -264,7 +266,19 @@ def render_status(status: dict[str, Any]) -> str:
     lines += [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
     ]
+    if _partial(status) or any(_partial(v.get("summary", {})) for v in status["agents"]):
+        from tokenwatch.core.quantities import estimate_note
+
+        sources = [v.get("summary", {}).get("estimated_from") for v in status["agents"]]
+        lines.append(
+            estimate_note(status.get("estimated_usd", 0.0), next((s for s in sources if s), ""))
+        )
     return "\n".join(lines)
+
+
+def _partial(figures: dict[str, Any]) -> bool:
+    """True when a dollar figure holds calls to models no price table knows."""
+    return int(figures.get("unpriced_requests") or 0) > 0
 
 
 def _print_action(action: dict[str, Any]) -> None:

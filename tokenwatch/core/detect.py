@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from tokenwatch.core.models import BudgetStatus, Severity, Status, UsageEvent
+from tokenwatch.core.pricing import is_estimated
 from tokenwatch.core.quantities import format_tokens, format_usd
 
 TASK_FACTOR: Final = 3.0
@@ -222,8 +223,14 @@ def hourly_overspend(
     daily = daily_usd(budgets, agent)
     if not daily:
         return None
-    spent = sum(e.cost_usd or 0.0 for e in _ok(events) if e.ts > now - 3600.0)
-    return overspend(agent, spent, daily, factor=factor)
+    hour = [e for e in _ok(events) if e.ts > now - 3600.0]
+    spent = sum(e.cost_usd or 0.0 for e in hour)
+    return overspend(agent, spent, daily, factor=factor, partial=partial_cost(hour))
+
+
+def partial_cost(events: Iterable[UsageEvent]) -> bool:
+    """True when some of the events' cost is a fallback estimate (or unknown)."""
+    return any(e.cost_usd is None or is_estimated(e.price_source) for e in events)
 
 
 def daily_usd(budgets: Sequence[BudgetStatus], agent: str) -> list[BudgetStatus]:
@@ -232,16 +239,23 @@ def daily_usd(budgets: Sequence[BudgetStatus], agent: str) -> list[BudgetStatus]
 
 
 def overspend(
-    agent: str, spent: float, daily: Sequence[BudgetStatus], *, factor: float
+    agent: str,
+    spent: float,
+    daily: Sequence[BudgetStatus],
+    *,
+    factor: float,
+    partial: bool = False,
 ) -> Finding | None:
-    """`spent` in the last hour against the hourly pace of the first `daily` budget it beats."""
+    """`spent` in the last hour against the hourly pace of the first `daily` budget it beats;
+    `partial` marks a spend holding estimated prices."""
     for b in daily:
         pace = b.limit / 24.0
         if pace > 0 and spent > factor * pace:
             return Finding(
                 "spike",
                 agent,
-                f"{agent} spent {format_usd(spent)} in the last hour, {spent / pace:.0f}x the "
+                f"{agent} spent {format_usd(spent, partial)} in the last hour, "
+                f"{spent / pace:.0f}x the "
                 f"hourly pace of budget {b.name} ({format_usd(b.limit)} per day)",
             )
     return None

@@ -115,6 +115,10 @@ class UsageEvent(Plain):
     overlap: int = 0
     """Identical requests of the agent already in flight when this one started (sampling, a
     parallel retry): such a call is a copy, not the next step of a sequence."""
+    price_source: str = ""
+    """Which table priced the call (`genai-prices`, `tokenwatch`, `tokenwatch.toml`), `provider`
+    for a cost reported with the response, or `estimated:MODEL` for a model no table knows,
+    priced at MODEL's rates; `price_version` is that table's version."""
 
     @property
     def total_tokens(self) -> int:
@@ -231,6 +235,11 @@ class BudgetStatus(Plain):
     action: str
     resets_at: float | None = None
     forecast_exhausted_at: float | None = None
+    estimated_usd: float = 0.0
+    """The part of `used` priced at the fallback's rates (models no table knows): a partial
+    total, marked wherever it is shown."""
+    estimated_from: str = ""
+    """The fallback model whose rates stood in for them."""
 
     @property
     def remaining(self) -> float:
@@ -257,6 +266,10 @@ class AgentView(Plain):
     usd_per_hour: float = 0.0
     period_tokens: int = 0
     period_cost_usd: float = 0.0
+    period_estimated_usd: float = 0.0
+    """The part of `period_cost_usd` priced by estimate (models no price table knows)."""
+    unpriced_requests: int = 0
+    """Today's calls to models no price table knows: `period_cost_usd` is partial when above 0."""
     budget_fraction: float | None = None
     burn: list[float] = field(default_factory=list)
     """Tokens per interval over the recent past, oldest first, for a sparkline."""
@@ -275,10 +288,16 @@ class Snapshot(Plain):
     tokens_per_min: float = 0.0
     usd_per_hour: float = 0.0
     spend_today_usd: float = 0.0
+    estimated_today_usd: float = 0.0
+    """The part of `spend_today_usd` priced by estimate (models no price table knows)."""
+    unpriced_today: int = 0
+    """Today's calls to such models: `spend_today_usd` is partial when above 0."""
     daily_budget_usd: float | None = None
     agents: list[AgentView] = field(default_factory=list)
     top: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     """Cost by group: `{"agent": [(name, usd), ...], "model": ..., ...}`, largest first."""
+    top_partial: dict[str, list[str]] = field(default_factory=dict)
+    """Per group, the names in `top` whose cost holds an estimate."""
     budgets: list[BudgetStatus] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     """Newest first, bounded."""

@@ -206,25 +206,39 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
+PARTIAL_MARK = "*"
+"""After a dollar figure that holds calls to models no price table knows (priced by estimate)."""
 SMALL_USD: Final = 0.001
 """Below this, dollars are shown with two significant digits (`$0.00042`) instead of four decimals."""
 TINY_USD: Final = 0.000001
 """Below this (and above zero) a cost is shown as `<$0.000001`."""
 
 
-def format_usd(value: float | None) -> str:
-    """Dollars with sensible precision; `unpriced` for None, never a silent $0."""
+def format_usd(value: float | None, partial: bool = False) -> str:
+    """Dollars with sensible precision; `unpriced` for None, never a silent $0; marked with
+    PARTIAL_MARK when `partial` (some of it is an estimate)."""
+    mark = PARTIAL_MARK if partial else ""
     if value is None:
-        return "unpriced"
+        return "unpriced" + mark
     if abs(value) >= 100:
-        return f"${value:,.0f}"
+        return f"${value:,.0f}{mark}"
     if abs(value) >= 1:
-        return f"${value:,.2f}"
+        return f"${value:,.2f}{mark}"
     if value == 0 or abs(value) >= SMALL_USD:
-        return f"${value:.4f}"
+        return f"${value:.4f}{mark}"
     if abs(value) < TINY_USD:
-        return f"<${TINY_USD:.6f}"
+        return f"<${TINY_USD:.6f}{mark}"
     # a call of a few hundred tokens costs $0.00004: two significant digits, not `$0.0000`
     rounded = float(f"{abs(value):.2g}")  # 0.0000995 rounds to 0.0001: `$0.00010`, not `$0.000100`
     decimals = 1 - math.floor(math.log10(rounded))
-    return f"${value:.{decimals}f}"
+    return f"${value:.{decimals}f}{mark}"
+
+
+def estimate_note(estimated_usd: float, estimated_from: str = "", subject: str = "") -> str:
+    """The footnote of a partial total: how much of it is an estimate, and from what."""
+    source = f" (price: estimated from {estimated_from})" if estimated_from else ""
+    who = f" {subject}" if subject else ""
+    return (
+        f"{PARTIAL_MARK}{who} includes {format_usd(estimated_usd)} for models no price table knows, "
+        f'at an estimated price{source}; declare them in tokenwatch.toml [prices."MODEL"]'
+    )

@@ -119,6 +119,9 @@ class _UsageLine(msgspec.Struct, forbid_unknown_fields=True):
 
 _decoder: Final = msgspec.json.Decoder(_UsageLine)
 _MARK: Final = b'"usage"'
+_ID_MIN: Final = -(2**63)
+_ID_MAX: Final = 2**64 - 1
+"""The integers the generic (orjson) decoder reads as integers."""
 
 
 def decode_usage_line(line: bytes) -> tuple[int | str | None, UsageEvent] | None:
@@ -133,6 +136,8 @@ def decode_usage_line(line: bytes) -> tuple[int | str | None, UsageEvent] | None
         return None
     if msg.v != VERSION:
         return None
+    if isinstance(msg.id, int) and not _ID_MIN <= msg.id <= _ID_MAX:
+        return None  # the generic decoder reads such a number as a float and refuses it
     values = msgspec.structs.astuple(msg.event)[:_FIELD_COUNT]
     if values[0] is msgspec.UNSET:
         values = (time.time(), *values[1:])

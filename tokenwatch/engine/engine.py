@@ -175,9 +175,18 @@ class Engine:
         if seed is not None:
             await seed(store, only=only)
 
-    def seed_today(self, group: str, key: str, tokens: int, cost_usd: float) -> None:
-        """Start today's live figures from what the ledger holds (at start-up)."""
-        self._ctx.live.today.seed(group, key, tokens, cost_usd)
+    def seed_today(
+        self,
+        group: str,
+        key: str,
+        tokens: int,
+        cost_usd: float,
+        estimated_usd: float = 0.0,
+        unpriced: int = 0,
+    ) -> None:
+        """Start today's live figures from what the ledger holds (at start-up); `estimated_usd`
+        is the part of the cost priced at a fallback's rates, over `unpriced` calls."""
+        self._ctx.live.today.seed(group, key, tokens, cost_usd, estimated_usd, unpriced)
 
     # -- what others read ---------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tokenwatch.core.admission import Admission, CallRequest, Refusal, Reservation, Signal
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import Status, UsageEvent
+from tokenwatch.core.output_estimate import OutputEstimate
 from tokenwatch.engine.agents import AgentRecord
 from tokenwatch.engine.context import EngineContext
 from tokenwatch.engine.recorder import Recorder
@@ -22,6 +23,8 @@ class Gate:
         self._recorder = recorder
         self._act = act
         self.reservations: dict[str, Reservation] = {}
+        self.outputs = OutputEstimate()
+        """What each agent's calls on each model produce: a call reserves its likely output."""
 
     async def admit(self, call: CallRequest) -> Admission:
         """Hold while the agent is paused or throttled, then reserve the worst case."""
@@ -80,8 +83,12 @@ class Gate:
                 ),
                 waited_ms=waited_ms,
             )
-        usd = ctx.prices.worst_case(call.model, call.input_tokens, call.max_output_tokens)
-        got = ctx.budgets.reserve(call, call.input_tokens + call.max_output_tokens, usd)
+        # The likely output, not max_tokens: coding agents ask 32k and write ~800 (the overshoot
+        # this allows is bounded in docs/budgets.md).
+        output = self.outputs.expected(call.agent, call.model, call.max_output_tokens)
+        usd = ctx.prices.worst_case(call.model, call.input_tokens, output, call.provider)
+        fallback = ctx.prices.estimated_from(call.model, call.provider)
+        got = ctx.budgets.reserve(call, call.input_tokens + output, usd, fallback)
         if isinstance(got, Refusal):
             # A refusal can make a budget's action due (pause the agent it stopped) at once.
             for signal in ctx.budgets.signals_nowait():
@@ -108,6 +115,8 @@ class Gate:
                 ctx.budgets.release(reservation)
             return
         ctx.prices.price(event)
+        if event.status == Status.OK.value and not event.estimated:
+            self.outputs.observe(event.agent, event.model, event.output_tokens)
         self._recorder.count(event, ctx.budgets.settle(reservation, event))
         self._charge_output(event)
         await self._recorder.persist([event], wait=False)

@@ -45,7 +45,13 @@ class Pricer(Protocol):
 
     def price(self, event: UsageEvent) -> UsageEvent: ...
 
-    def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> float | None: ...
+    def worst_case(
+        self, model: str, input_tokens: int, max_output_tokens: int, provider: str = ""
+    ) -> float | None: ...
+
+    def estimated_from(self, model: str, provider: str = "") -> str:
+        """The fallback model that prices `model` when no table knows it, else ""."""
+        ...
 
 
 class Budgeting(BudgetBook, Protocol):

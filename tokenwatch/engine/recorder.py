@@ -78,7 +78,7 @@ class Recorder:
         ctx = self._ctx
         self.events += 1
         rec = ctx.roster.get(event.agent) or self._reporting_agent(event)
-        rec.count(event.total_tokens, event.cost_usd)
+        rec.count(event.total_tokens, event.cost_usd, event.price_source)
         ctx.live.add(event)
         ctx.events.publish("usage", event)
         for signal in [*signals, *ctx.rules.observe(event)]:

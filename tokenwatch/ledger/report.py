@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tokenwatch.core.quantities import format_usd
+from tokenwatch.core.quantities import PARTIAL_MARK, format_usd
 
 if TYPE_CHECKING:
     from tokenwatch.ledger.store import GroupTotals, SessionTotals, Store, Totals
@@ -27,6 +27,7 @@ COLUMNS: tuple[str, ...] = (
     "total_tokens",
     "cost_usd",
     "unpriced_requests",
+    "estimated_usd",
     "avg_tokens_per_call",
     "output_input_ratio",
     "tasks",
@@ -41,6 +42,7 @@ _TABLE: tuple[tuple[str, str], ...] = (
     ("REQ", "requests"),
     ("INPUT", "input_tokens"),
     ("CACHED", "cache_read_tokens"),
+    ("WRITE", "cache_write_tokens"),
     ("OUTPUT", "output_tokens"),
     ("REASON", "reasoning_tokens"),
     ("COST", "cost_usd"),
@@ -49,7 +51,11 @@ _TABLE: tuple[tuple[str, str], ...] = (
     ("$/TASK", "cost_per_task"),
     ("ERR", "errors"),
 )
-UNPRICED_MARK = "*"
+UNPRICED_MARK = PARTIAL_MARK
+"""After a cost holding calls to models no price table knows (estimated, or with no cost)."""
+ESTIMATED_TOKENS_MARK = "~"
+"""After token counts holding calls whose tokens were counted locally (no usage reported)."""
+_TOKEN_CELLS = frozenset({"input_tokens", "output_tokens"})
 
 
 @dataclass(slots=True)
@@ -142,7 +148,13 @@ def _figures(totals: Totals) -> dict[str, Any]:
 
 
 def _all_unpriced(totals: Totals) -> bool:
-    return totals.requests > 0 and totals.unpriced_requests == totals.requests
+    """Every call is to a model no table priced, and none has even an estimate (stored before
+    tokenwatch had a fallback): the cost is unknown, not zero."""
+    return (
+        totals.requests > 0
+        and totals.unpriced_requests == totals.requests
+        and totals.estimated_usd == 0
+    )
 
 
 def _iso(ts: float) -> str:
@@ -188,14 +200,34 @@ def render_table(report: Report) -> str:
     lines = [line(header), *(line(r) for r in body), rule, line(total)]
     if not report.rows:
         lines.insert(1, "(no usage in this window)")
-    if report.total.unpriced_requests:
-        models = ", ".join(report.unpriced_models)
-        count = report.total.unpriced_requests
-        lines.append(
-            f"{UNPRICED_MARK} {count:,} call{'s' if count != 1 else ''} unpriced (unknown model: "
-            f'{models}): not in COST. Price them with [prices."MODEL"] in tokenwatch.toml.'
-        )
+    lines += _footnotes(report)
     return "\n".join(lines) + "\n"
+
+
+def _footnotes(report: Report) -> list[str]:
+    t = report.total
+    notes = []
+    if t.unpriced_requests:
+        models = ", ".join(report.unpriced_models)
+        count = f"{t.unpriced_requests:,} call{'s' if t.unpriced_requests != 1 else ''}"
+        if t.estimated_usd > 0:
+            how = (
+                f"COST includes {format_usd(t.estimated_usd)} at an estimated price "
+                "(`tokenwatch prices MODEL` shows from what)"
+            )
+        else:
+            how = "not in COST"
+        notes.append(
+            f"{UNPRICED_MARK} {count} unpriced (unknown model: {models}): {how}. "
+            'Price them with [prices."MODEL"] in tokenwatch.toml.'
+        )
+    if t.estimated_requests:
+        count = f"{t.estimated_requests:,} call{'s' if t.estimated_requests != 1 else ''}"
+        notes.append(
+            f"{ESTIMATED_TOKENS_MARK} {count} with tokens counted locally (the provider "
+            "reported no usage): an estimate"
+        )
+    return notes
 
 
 def _cells(t: Totals) -> list[str]:
@@ -211,6 +243,8 @@ def _cells(t: Totals) -> list[str]:
             cells.append("-" if value is None else f"{value:.2f}")
         elif name == "avg_tokens_per_call":
             cells.append(f"{value:,.0f}")
+        elif name in _TOKEN_CELLS and t.estimated_requests:
+            cells.append(f"{value:,}{ESTIMATED_TOKENS_MARK}")
         else:
             cells.append(f"{value:,}")
     return cells

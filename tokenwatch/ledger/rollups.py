@@ -8,13 +8,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenwatch.core.periods import period_end, period_start
-from tokenwatch.ledger.schema import MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
+from tokenwatch.ledger.schema import ESTIMATED_PRICE_SQL, MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
 
 # How a raw event row contributes to each rollup measure (one row, so a count of 1).
 _RAW_MEASURES = {
     "requests": "1",
     "cost_usd": "COALESCE(cost_usd, 0)",
-    "unpriced": "cost_usd IS NULL",
+    "unpriced": f"cost_usd IS NULL OR {ESTIMATED_PRICE_SQL}",
+    "estimated_usd": f"CASE WHEN {ESTIMATED_PRICE_SQL} THEN cost_usd ELSE 0 END",
     "errors": "status = 'error'",
     "denied": "status = 'denied'",
     "estimated": "estimated != 0",

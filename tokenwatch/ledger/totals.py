@@ -21,9 +21,12 @@ class Totals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
-    """Cost of the priced events only; see `unpriced_requests`."""
+    """Cost of every event, fallback estimates included; see `unpriced_requests`."""
     unpriced_requests: int = 0
-    """Events whose model had no price: their cost is unknown, not zero."""
+    """Events whose model no price table knows: counted at the fallback's rates (`estimated_usd`
+    of `cost_usd`), or, stored before tokenwatch had a fallback, with no cost at all."""
+    estimated_usd: float = 0.0
+    """The part of `cost_usd` that is a fallback estimate: the total is partial when above 0."""
     errors: int = 0
     denied: int = 0
     estimated_requests: int = 0
@@ -110,6 +113,7 @@ def as_totals(cls: type[T], row: tuple[Any, ...] | None) -> T:
         errors,
         denied,
         estimated,
+        estimated_usd,
         tasks,
         key,
     ) = row
@@ -125,6 +129,7 @@ def as_totals(cls: type[T], row: tuple[Any, ...] | None) -> T:
         errors=int(errors),
         denied=int(denied),
         estimated_requests=int(estimated),
+        estimated_usd=float(estimated_usd),
         tasks=int(tasks),
     )
     if isinstance(totals, GroupTotals):

@@ -20,6 +20,7 @@ from tokenwatch.proxy.usage import (
     json_object,
     model_of,
     number,
+    reported_cost,
 )
 
 log = logging.getLogger(__name__)
@@ -80,18 +81,22 @@ def usage_from(doc: Any, endpoint: str) -> Usage | None:
 
 
 def _usage(doc: dict[str, Any], endpoint: str) -> Usage:
+    # OpenRouter (and gateways speaking its dialect) add what the call cost: `usage.cost`.
+    cost = reported_cost(doc.get("cost"))
     if endpoint == RESPONSES:
         return Usage(
             input_tokens=number(doc, "input_tokens"),
             output_tokens=number(doc, "output_tokens"),
             cache_read_tokens=number(doc, "input_tokens_details", "cached_tokens"),
             reasoning_tokens=number(doc, "output_tokens_details", "reasoning_tokens"),
+            cost_usd=cost,
         )
     return Usage(
         input_tokens=number(doc, "prompt_tokens"),
         output_tokens=number(doc, "completion_tokens"),
         cache_read_tokens=number(doc, "prompt_tokens_details", "cached_tokens"),
         reasoning_tokens=number(doc, "completion_tokens_details", "reasoning_tokens"),
+        cost_usd=cost,
     )
 
 

@@ -18,6 +18,7 @@ from tokenwatch.core import tokens
 from tokenwatch.core.admission import Admission, CallRequest, Gate
 from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent
 from tokenwatch.core.nesting import MAX_NESTING, nested_deeper_than
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
 from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
@@ -58,6 +59,7 @@ from tokenwatch.proxy.usage import (
     Reader,
     Usage,
     answer_hash,
+    cost_from_headers,
     count_prompt,
     fill_event,
     json_object,
@@ -111,6 +113,8 @@ class _Call:
     strip_usage: bool = False
     started: float = 0.0
     first_byte: float | None = None
+    gateway_cost: float | None = None
+    """What an upstream gateway said the call cost, in a response header."""
     ended: float | None = None
     """Set when the exchange is over; the event is then finished in the settle task."""
     cut_body: bytes = b""
@@ -372,6 +376,7 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
+            call.gateway_cost = cost_from_headers(upstream.headers)
             answer = relayable(upstream.headers)
             length = upstream.content_length
             sse = is_sse(answer)
@@ -480,6 +485,8 @@ class ProxyServer:
             fill_event(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
+        if event.price_source != PROVIDER and call.gateway_cost is not None:
+            event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
         if not failed:
             event.answer_hash = answer_hash(reader)
 

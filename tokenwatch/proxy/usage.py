@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio.to_thread
 import orjson
@@ -13,6 +14,7 @@ import orjson
 from tokenwatch.core import conversation, tokens
 from tokenwatch.core.conversation import Signals
 from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
 
@@ -31,6 +33,34 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    """What the provider says it billed (OpenRouter's `usage.cost`), stored as reported."""
+
+
+COST_HEADERS: Final = ("x-litellm-response-cost",)
+"""Response headers in which an upstream gateway reports what a call cost, in USD."""
+
+
+def reported_cost(value: Any) -> float | None:
+    """A cost as reported (a number of USD, or its text in a header); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+def cost_from_headers(headers: Any) -> float | None:
+    """The cost a gateway put in the response's headers (`COST_HEADERS`), if any."""
+    for name, value in headers:
+        if name.lower() in COST_HEADERS:
+            return reported_cost(value)
+    return None
 
 
 @dataclass(slots=True)
@@ -163,12 +193,15 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
 
 
 def fill_event(event: UsageEvent, usage: Usage) -> None:
-    """Put the token figures an answer reported on its call's event."""
+    """Put the token figures an answer reported on its call's event (and its cost, when the
+    provider reported one)."""
     event.input_tokens = usage.input_tokens
     event.output_tokens = usage.output_tokens
     event.cache_read_tokens = usage.cache_read_tokens
     event.cache_write_tokens = usage.cache_write_tokens
     event.reasoning_tokens = usage.reasoning_tokens
+    if usage.cost_usd is not None:  # the provider's own bill wins over our price tables
+        event.cost_usd, event.price_source = usage.cost_usd, PROVIDER
 
 
 def answer_hash(reader: Reader) -> str:

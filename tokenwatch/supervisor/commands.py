@@ -242,6 +242,8 @@ class Commands:
             "tokens_per_min": snap.tokens_per_min,
             "usd_per_hour": snap.usd_per_hour,
             "spend_today_usd": snap.spend_today_usd,
+            "unpriced_requests": snap.unpriced_today,
+            "estimated_usd": snap.estimated_today_usd,
             "agents": agents,
         }
 

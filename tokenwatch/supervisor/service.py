@@ -18,6 +18,7 @@ import anyio.abc
 import anyio.to_thread
 
 from tokenwatch.config import Config, ConfigError
+from tokenwatch.core.maintained_prices import INSTALLED
 from tokenwatch.core.models import Agent, Alert, UsageEvent
 from tokenwatch.engine.engine import Engine
 from tokenwatch.engine.figures import GROUPS
@@ -214,6 +215,8 @@ class Supervisor:
                 await tg.start(watch.run)
             write_pid(self.paths)  # before the socket answers: whoever connects can read it
             await tg.start(server.serve)
+            # genai-prices takes ~0.2 s to load: in a thread now, not on the loop at a first call
+            tg.start_soon(anyio.to_thread.run_sync, INSTALLED.warm, name="load genai-prices")
             log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
             task_status.started(self)
             await self._stop.wait()
@@ -301,7 +304,14 @@ class Supervisor:
         since = engine.live.day_start
         for group in GROUPS:
             for row in await store.aggregate(group, since):
-                engine.seed_today(group, row.key, row.total_tokens, row.cost_usd)
+                engine.seed_today(
+                    group,
+                    row.key,
+                    row.total_tokens,
+                    row.cost_usd,
+                    row.estimated_usd,
+                    row.unpriced_requests,
+                )
 
     async def _start_notifier(self, tg: anyio.abc.TaskGroup) -> None:
         if self.notifier is not None:

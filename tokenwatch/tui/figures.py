@@ -9,9 +9,9 @@ from rich.cells import cell_len
 from rich.text import Text
 
 from tokenwatch.core.models import AgentState, Severity
-from tokenwatch.core.quantities import format_tokens, format_usd
+from tokenwatch.core.quantities import PARTIAL_MARK, format_tokens, format_usd
 
-__all__ = ["format_tokens", "format_usd"]
+__all__ = ["PARTIAL_MARK", "format_tokens", "format_usd"]
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -51,14 +51,18 @@ def gauge_style(fraction: float) -> str:
     return "green"
 
 
-def gauge(fraction: float | None, width: int = 8) -> Text:
-    """A bar and a percentage (`█████░░░ 62%`); empty text when there is no budget."""
+def gauge(fraction: float | None, width: int = 8, partial: bool = False) -> Text:
+    """A bar and a percentage (`█████░░░ 62%`); empty text when there is no budget; marked
+    `█████░░░* 62%` when `partial` (some of what it measures is priced by estimate), in the
+    same width."""
     if fraction is None:
         return Text("-", style="dim")
     filled = max(0, min(width, round(fraction * width)))
     text = Text("█" * filled, style=gauge_style(fraction))
     text.append("░" * (width - filled), style="dim")
-    text.append(f" {fraction * 100:3.0f}%")
+    if partial:
+        text.append(PARTIAL_MARK, style="bold yellow")
+    text.append(f"{'' if partial else ' '}{fraction * 100:3.0f}%")
     return text
 
 

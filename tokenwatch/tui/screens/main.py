@@ -98,7 +98,7 @@ class MainScreen(Screen[None]):
     def show_snapshot(self, snap: Snapshot) -> None:
         self.summary.show(snap)
         self.table.show(snap.agents)
-        self.spenders.show(snap.top)
+        self.spenders.show(snap.top, snap.top_partial)
         self.feed.add_alerts(snap.alerts)
         self.burn.show(snap.burn)
         self._retitle_table()

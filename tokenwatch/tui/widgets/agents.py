@@ -56,7 +56,7 @@ def _state(v: AgentView) -> Text:
 
 
 def _budget(v: AgentView) -> Text:
-    return gauge(v.budget_fraction, width=6)
+    return gauge(v.budget_fraction, width=6, partial=v.unpriced_requests > 0)
 
 
 def _alert(v: AgentView) -> Text:
@@ -73,7 +73,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("tpm", "tok/m", 6, lambda v: format_tokens(v.tokens_per_min), lambda v: v.tokens_per_min, fit=8),
     Column("uph", "$/h", 8, lambda v: format_usd(v.usd_per_hour), lambda v: v.usd_per_hour, fit=12),
     Column("tokens", "tokens", 6, lambda v: format_tokens(v.period_tokens), lambda v: v.period_tokens, True, fit=8),
-    Column("cost", "cost", 8, lambda v: format_usd(v.period_cost_usd), lambda v: v.period_cost_usd, fit=12),
+    Column("cost", "cost", 8, lambda v: format_usd(v.period_cost_usd, v.unpriced_requests > 0), lambda v: v.period_cost_usd, fit=12),
     Column("budget", "budget", 11, _budget, lambda v: v.budget_fraction or 0.0),
     Column("burn", "burn", 8, lambda v: sparkline(v.burn), lambda v: sum(v.burn[-8:]), True),
     Column("alert", "last alert", 18, _alert, lambda v: v.last_alert, True, stretch=True, least=10),

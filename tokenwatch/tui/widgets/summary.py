@@ -50,10 +50,12 @@ class SummaryBar(Static):
                 text.append(f"  {counts.get(state.value, 0)} {state.value}", style=style)
         text.append("\n")
         text.append("today ")
-        text.append(format_usd(snap.spend_today_usd), style="bold")
+        partial = snap.unpriced_today > 0
+        text.append(format_usd(snap.spend_today_usd, partial), style="bold")
         if snap.daily_budget_usd:
             text.append(f" of {format_usd(snap.daily_budget_usd)} ")
-            text.append_text(gauge(snap.spend_today_usd / snap.daily_budget_usd, width=10))
+            fraction = snap.spend_today_usd / snap.daily_budget_usd
+            text.append_text(gauge(fraction, width=10, partial=partial))
         text.append_text(_runs_out(snap.budgets, snap.ts))
         address = snap.supervisor or self.address
         if address:
