@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Set
 from dataclasses import dataclass, field
@@ -20,8 +22,8 @@ import anyio.abc
 from tokenwatch.config import Config, RuleSettings
 from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
+from tokenwatch.instance import socket_answers
 from tokenwatch.paths import Paths
-from tokenwatch.supervisor.daemon import socket_answers
 from tokenwatch.supervisor.service import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,3 +276,18 @@ def kill_tree(pids: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def clean_supervisor(prefix: str) -> Iterator[ServeProcess]:
+    """`tokenwatch serve` in a fresh home (default rules), its environment clear of any SDK base
+    URL or supervisor of the user's; the home is removed after."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    env = tokenwatch_env(home)
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
+        env.pop(var, None)
+    try:
+        with supervisor_process(env) as sp:
+            yield sp
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

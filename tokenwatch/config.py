@@ -173,6 +173,9 @@ class BudgetSettings:
     """Measure the period as a rolling window instead of calendar-aligned."""
     rate: str = "50%"
     """Throttle rate applied when the action is throttle (`20k/min`, `$1/h`, `50%`)."""
+    unpriced: str = "estimate"
+    """A dollar budget counts calls to models no price table knows at the fallback's price
+    (`estimate`), or as $0 (`free`, what tokenwatch did before it had a fallback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,10 +507,11 @@ def overlay_path_for(config_file: Path | None, paths: Paths) -> Path:
     return config_file.with_name(OVERLAY_NAME)
 
 
-def load_config(
+def read_config(
     explicit: Path | None = None, paths: Paths | None = None, cwd: Path | None = None
 ) -> Config:
-    """Read the project's (or user's, or an explicit) tokenwatch.toml plus its overlay."""
+    """Read the project's (or user's, or an explicit) tokenwatch.toml plus its overlay, checking
+    types and bounds; `supervisor.policy.load_config` also checks prices, budgets and rules."""
     paths = paths or Paths.discover()
     source = explicit if explicit is not None else find_config(paths, cwd)
     base: dict[str, Any] = {}
@@ -522,32 +526,4 @@ def load_config(
             raise ConfigError(f"{overlay_file}: unknown key '{sorted(unknown)[0]}'")
         data = merge_overlay(base, overlay)
     cfg = parse_config(data, str(source) if source else "<defaults>")
-    _check_usable(cfg)
     return dataclasses.replace(cfg, overlay=str(overlay_file))
-
-
-def _check_usable(cfg: Config) -> None:
-    """Refuse, naming the file, what the supervisor would only refuse when it starts (or, for
-    the proxy, at the next start after a reload): the checks are the ones it runs then."""
-    from tokenwatch.core.budgets import Budgets
-    from tokenwatch.core.pricing import PriceError, PriceTable
-    from tokenwatch.core.rules import DEFAULT_RULES, Rules
-    from tokenwatch.proxy.routes import check_bind
-
-    try:
-        check_bind(cfg.proxy.host)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.source}: proxy.host: {exc}") from None
-    try:
-        PriceTable.load(cfg.prices)
-    except PriceError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
-    for i, switch in enumerate(cfg.optimize.switch):
-        if not switch.budget or not switch.to:
-            where = f"{cfg.source}: optimize.switch[{i}]"
-            raise ConfigError(f"{where}: needs a budget and a model to switch to (`to`)")
-    try:
-        Budgets(cfg.budget, tz=cfg.supervisor.timezone)
-        Rules(cfg.rule or DEFAULT_RULES)
-    except ConfigError as exc:
-        raise exc.in_file(cfg.source) from None

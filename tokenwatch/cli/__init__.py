@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from tokenwatch import environ
 from tokenwatch.cli.errors import CliError
 
 # command name -> module under tokenwatch.cli that defines register(subparsers)
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:
-        if os.environ.get("TOKENWATCH_DEBUG"):
+        if os.environ.get(environ.DEBUG):
             raise
         from tokenwatch.config import ConfigError
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from tokenwatch.core.admission import Admission
 from tokenwatch.proxy.routes import ANTHROPIC, OPENAI
-
-if TYPE_CHECKING:
-    from tokenwatch.core.admission import Admission
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -80,6 +77,7 @@ def error_reply(
 
 
 def refusal(provider: str, admission: Admission) -> ErrorReply:
+    """The reply to an agent whose call tokenwatch refused (budget, pause, store down)."""
     status = admission.status if admission.status >= 400 else 429
     message = admission.message or "refused by tokenwatch"
     code = "budget_exceeded" if admission.budget else "tokenwatch_refused"
@@ -91,4 +89,5 @@ def refusal(provider: str, admission: Admission) -> ErrorReply:
 
 
 def protocol_error_page(status: int, message: str) -> tuple[bytes, str]:
+    """The page for a request too broken to route: in the OpenAI shape most clients read."""
     return error_body(OPENAI, status, message), JSON

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +15,11 @@ import anyio.abc
 from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
 from tokenwatch.core.admission import Admission, CallRequest, Gate
-from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent
+from tokenwatch.core.nesting import MAX_NESTING
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
-from tokenwatch.proxy.cache import HIT_HEADER
 from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
@@ -31,7 +31,16 @@ from tokenwatch.proxy.http import (
     RequestTooSlow,
     relayable,
 )
+from tokenwatch.proxy.lever_calls import (
+    CALL_ID_HEADER,
+    LeverCalls,
+    call_id,
+    looks_json,
+    nested_too_deep,
+    read_request,
+)
 from tokenwatch.proxy.levers import Levers, Prepared
+from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
     OPENAI,
@@ -56,6 +65,8 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     Reader,
     Usage,
+    answer_hash,
+    cost_from_headers,
     count_prompt,
     fill_event,
     json_object,
@@ -65,7 +76,7 @@ __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 
 log = logging.getLogger("tokenwatch.proxy")
 
-CALL_ID_HEADER = "x-tokenwatch-call-id"
+"""Which attempt of a call this is: the official openai and anthropic SDKs send it, 0 first."""
 MAX_HEADER_BYTES = 16_384
 """Longest request line or header field accepted (431 beyond)."""
 MAX_CAPTURE_BYTES = 16 * 1024 * 1024
@@ -114,11 +125,15 @@ class _Call:
     answer_headers: Headers | None = None
     started: float = 0.0
     first_byte: float | None = None
+    gateway_cost: float | None = None
+    """What an upstream gateway said the call cost, in a response header."""
     ended: float | None = None
     """Set when the exchange is over; the event is then finished in the settle task."""
+    cut_body: bytes = b""
+    """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
 
 
-class ProxyServer:
+class ProxyServer(LeverCalls):
     """The local reverse proxy. `port = await tg.start(proxy.serve)`; cancel the scope to stop."""
 
     def __init__(
@@ -143,6 +158,8 @@ class ProxyServer:
         self.port = 0
         self._in_flight = self._held = self._total = self._errors = self._refused = 0
         self._settling = self._settle_failures = 0
+        self._flying: dict[tuple[str, str], int] = {}
+        """Calls in flight by (agent, prompt hash): a copy sent alongside is not a next step."""
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
@@ -214,8 +231,12 @@ class ProxyServer:
     async def _dispatch(
         self, req: Incoming, target: Target, route: AgentRoute, body: bytes
     ) -> None:
-        doc = _json_object(body) if req.method == "POST" else None
-        facts = _read_request(target, doc)
+        doc = None
+        if req.method == "POST" and looks_json(body):
+            if await nested_too_deep(body):
+                return await self._too_deep(req, target, route)
+            doc = json_object(body)
+        facts = read_request(target, doc)
         if req.method != "POST" or not facts.metered:
             return await self._pass_through(req, target, route, body, facts.model)
         plan = None
@@ -242,6 +263,7 @@ class ProxyServer:
             self._settle_soon(admission, call.event)
             return None
         self._in_flight += 1
+        flying = self._take_off(call.event)
         try:
             if plan is not None and plan.hit is not None:
                 await self._replay(req, call, plan)
@@ -253,45 +275,19 @@ class ProxyServer:
             raise
         finally:
             self._in_flight -= 1
+            self._land(flying)
             call.ended = _now()
             self._settle_soon(admission, call.event, call)
 
-    async def _prepare(
-        self,
-        req: Incoming,
-        target: Target,
-        route: AgentRoute,
-        body: bytes,
-        doc: dict[str, Any],
-        facts: CallFacts,
-    ) -> Prepared:
-        url = upstream_url(self._settings, route, target, facts.model, req.query)
-        scope = (route.user, target.provider, target.endpoint, url)
-        return await self._levers.prepare(
-            route.agent, scope, req.headers, body, doc, facts, lambda d: _read_request(target, d)
+    async def _too_deep(self, req: Incoming, target: Target, route: AgentRoute) -> None:
+        # Refused before any reader recurses into it (RecursionError, an unlogged 500 before).
+        log.warning(
+            "refused a call of agent %s: its body nests deeper than %d levels",
+            route.agent,
+            MAX_NESTING,
         )
-
-    async def _planned(self, call: _Call, plan: Prepared, prompt: TokenCount) -> None:
-        """Note what trimming cut (the prompt counted before and after) and whether the answer
-        is to be kept for the cache."""
-        if plan.trimmed is not None:
-            before = await count_prompt(plan.trimmed, len(plan.body))
-            call.trimmed_tokens = max(0, before.tokens - prompt.tokens)
-        if plan.cache_key is not None and plan.hit is None:
-            call.capture = []
-
-    async def _replay(self, req: Incoming, call: _Call, plan: Prepared) -> None:
-        """Answer from the cache, byte for byte what the first agent received."""
-        assert plan.hit is not None
-        call.started = _now()
-        call.event.http_status = plan.hit.status
-        try:
-            await req.respond(
-                plan.hit.status, [*plan.hit.headers, (HIT_HEADER, "hit")], plan.hit.body
-            )
-        except ClientGone:
-            call.event.status = Status.CANCELLED.value
-        call.first_byte = _now()
+        message = f"request body nested deeper than {MAX_NESTING} levels"
+        await self._guard(req, target.provider, 400, message, "too_deep")
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -342,8 +338,12 @@ class ProxyServer:
             wait_ms=admission.waited_ms,
             prompt_hash=facts.prompt_hash,
             prompt_shape=facts.prompt_shape,
+            turn_hash=facts.signals.turn_hash,
+            turn_shape=facts.signals.turn_shape,
+            tool_hash=facts.signals.tool_hash,
+            tool_call=facts.signals.tool_call,
             source=Source.PROXY.value,
-            call_id=req.headers.get(CALL_ID_HEADER) or os.urandom(16).hex(),
+            call_id=call_id(req.headers),
         )
         reader: Reader
         if target.provider == ANTHROPIC:
@@ -374,7 +374,10 @@ class ProxyServer:
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
             call.event.status = Status.ERROR.value
             status = await self._upstream_failed(req, call.target.provider, exc)
-            call.event.http_status = status or call.event.http_status
+            if call.event.http_status is None:
+                # never answered: what the agent got. One that answered and stopped short
+                # keeps its status, so the call is estimated like a cut stream (it was billed).
+                call.event.http_status = status
 
     async def _exchange(
         self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
@@ -382,6 +385,7 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
+            call.gateway_cost = cost_from_headers(upstream.headers)
             answer = call.answer_headers = relayable(upstream.headers)
             length = upstream.content_length
             sse = is_sse(answer)
@@ -404,7 +408,11 @@ class ProxyServer:
     ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
-        body = await upstream.read(lambda: self._first_byte(call))
+        try:
+            body = await upstream.read(lambda: self._first_byte(call))
+        except (UpstreamCut, UpstreamTimeout) as exc:
+            call.cut_body = exc.received
+            raise
         if call.capture is not None:
             call.capture.append(body)
         try:
@@ -416,12 +424,16 @@ class ProxyServer:
     async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
         size = 0
-        async for chunk in upstream.chunks():
-            self._first_byte(call)
-            await req.write(chunk)
-            size += len(chunk)
-            if size <= MAX_CAPTURE_BYTES:
-                kept.append(chunk)
+        try:
+            async for chunk in upstream.chunks():
+                self._first_byte(call)
+                await req.write(chunk)
+                size += len(chunk)
+                if size <= MAX_CAPTURE_BYTES:
+                    kept.append(chunk)
+        except (UpstreamCut, UpstreamTimeout):
+            call.cut_body = b"".join(kept)
+            raise
         if size <= MAX_CAPTURE_BYTES:
             call.reader.read_json(b"".join(kept))
             if call.capture is not None:
@@ -500,14 +512,21 @@ class ProxyServer:
             fill_event(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
+        if event.price_source != PROVIDER and call.gateway_cost is not None:
+            event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
+        if not failed:
+            event.answer_hash = answer_hash(reader)
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
-        output = await tokens.count_text_async(call.reader.output_text(), call.facts.model)
+        text = call.reader.output_text() or cut_text(call.cut_body)
+        output = await tokens.count_text_async(text, call.facts.model)
         fill_event(call.event, known)
-        call.event.input_tokens = known.input_tokens or call.prompt.tokens
-        call.event.output_tokens = max(known.output_tokens, output.tokens)
+        # Counted here, so within what one call can use whatever the body's size (the ledger
+        # refuses more).
+        call.event.input_tokens = min(known.input_tokens or call.prompt.tokens, MAX_CALL_TOKENS)
+        call.event.output_tokens = min(max(known.output_tokens, output.tokens), MAX_CALL_TOKENS)
         call.event.estimated = True
 
     # -- pass-through, refusals, settling --------------------------------------------------------
@@ -571,28 +590,6 @@ class ProxyServer:
         finally:
             self._settling -= 1
 
-    def _after(self, call: _Call) -> None:
-        """What the levers learn from a finished call: its answer, its prompt's cache use."""
-        plan, answer = call.plan, call.answer_headers
-        if plan is not None and plan.cache_key and call.capture is not None and answer is not None:
-            self._levers.keep(plan.cache_key, call.event, answer, b"".join(call.capture))
-        health = self._levers.health
-        if health is not None and call.doc is not None:
-            health.observe_call(call.event, call.doc, call.prompt.tokens)
-
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    return json_object(body) if body.lstrip()[:1] == b"{" else None
-
-
-def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
-    if doc is None:
-        metered = target.endpoint in openai_usage.METERED or target.endpoint == "/v1/messages"
-        return CallFacts(metered=metered)
-    if target.provider == ANTHROPIC:
-        return anthropic_usage.read_request(target.endpoint, doc)
-    return openai_usage.read_request(target.endpoint, doc)

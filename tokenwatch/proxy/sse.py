@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
@@ -80,7 +81,8 @@ def without_null_usage(events: bytes) -> bytes:
     return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
 
 
-def is_sse(headers: list[tuple[str, str]]) -> bool:
+def is_sse(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether an answer's headers say it is a server-sent event stream."""
     for name, value in headers:
         if name.lower() == "content-type":
             return value.lower().startswith("text/event-stream")
