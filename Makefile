@@ -7,16 +7,23 @@ STAMP := $(VENV)/.installed
 AGENTS_DIR := .coding-agents
 AGENTS_STAMP := $(AGENTS_DIR)/.installed
 AGENTS := @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332 @google/gemini-cli@0.61.0
+RUNTIME := $(VENV)/.installed-runtime
 
 .PHONY: demo test lint typecheck check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The demo needs tokenwatch only; the test toolchain (pytest, ruff, mypy...) comes with `make test`.
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME)
+
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(RUNTIME) $(STAMP)
 
 # Without npm the tests that need these skip, saying so (and this is tried again next time).
 $(AGENTS_STAMP): Makefile
@@ -27,12 +34,13 @@ $(AGENTS_STAMP): Makefile
 		echo "npm not found: the tests with real coding agents will be skipped"; \
 	fi
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/tokenwatch demo
 
 test: $(STAMP) $(AGENTS_STAMP)
 	$(BIN)/ruff check tokenwatch tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)

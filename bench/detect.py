@@ -1,10 +1,11 @@
 """Detection benchmark: precision, recall and calls-to-detection per detector over scripted traces,
 and the time from the triggering call to a real agent process being stopped.
 
-Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10]
+Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10] [--live 1]
 
-1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 10 healthy
-   and 5 runaway kinds) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
+1. Detection: every trace of bench/traces/corpus.py (`--variants` seeded variants of 16 healthy
+   and 8 runaway kinds; the wire-format kinds of bench/traces/agents.py take Chat Completions,
+   Responses and Anthropic Messages in turn) goes through `Rules(DEFAULT_RULES)` on a replay clock, with the agent's
    task ends where the trace has them, exactly as the engine feeds it. A detector's firing is
    right when it is on a runaway trace at or after the call where the runaway started.
    Precision = right firings / all trace firings of the detector; recall = runaway traces of
@@ -15,7 +16,11 @@ Usage: python bench/detect.py [--variants 10] [--stops 20] [--seeds 10]
    traces again with one default rule made eager enough to stop them within 3 calls, and
    lists the healthy traces it would stop. `--seeds N` runs the whole corpus again with seeds
    1..N (other random draws of the same kinds), so a rule that only fits one draw shows.
-2. Stop latency: an in-process supervisor (store, engine, default rules; no proxy) takes hold of
+2. Live (`--live N`, off by default): N variants of every wire-format kind replayed end to end by
+   real agent processes under `tokenwatch run`, through a real supervisor's proxy to fake-llm
+   (bench/live.py says how); where each stopped, from /proc, against the Rules replay of the
+   same calls.
+3. Stop latency: an in-process supervisor (store, engine, default rules; no proxy) takes hold of
    a real `sleep` process started in its own session. Two looping calls are ingested, then the
    clock starts, the third (triggering) one is ingested through `Engine.ingest` (stored,
    budgets, rules, action), and the clock stops when /proc/PID/stat shows the process stopped
@@ -49,6 +54,9 @@ from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
 
 MEANT_FOR = {
     "runaway": ("loop", "near_loop"),
+    "tool_loop": ("tool_loop",),
+    "turn_loop": ("turn_loop",),
+    "alternation": ("alternation",),
     "spike": ("spike",),
     "context_growth": ("snowball",),
     "task_tokens": ("overrun",),
@@ -230,6 +238,45 @@ def _spread(values: list[int]) -> str:
     return f"{statistics.median(values):g} / {max(values)}" if values else "-"
 
 
+# -- live --------------------------------------------------------------------------------------------
+
+
+def live_table(variants: int) -> list[str]:
+    """The wire-format kinds replayed live against the Rules replay of the same calls."""
+    from live import calls_of, replay_live
+
+    traces = [t for t in corpus(variants) if t.requests]
+    expected = {t.name: _replayed_stop(t, calls_of(t)) for t in traces}
+    got = replay_live(traces)
+    rows: dict[str, list[tuple[int | None, int | None]]] = defaultdict(list)
+    for t in traces:
+        rows[t.name.rsplit("-", 1)[0]].append((expected[t.name], got[t.name]))
+    lines = [
+        "| trace kind | traces | stopped in the replay (at call) | stopped live (at call) | agree |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind, pairs in rows.items():
+        agree = sum(1 for e, g in pairs if e == g or (e is not None and g == e + 1))
+        lines.append(
+            f"| {kind} | {len(pairs)} | {_stops([e for e, _ in pairs])} | "
+            f"{_stops([g for _, g in pairs])} | {agree}/{len(pairs)} |"
+        )
+    return lines
+
+
+def _replayed_stop(trace: Trace, calls: int) -> int | None:
+    """The request at which the Rules replay of its first `calls` requests pauses, if it does."""
+    request_of = [i for i, r in enumerate(trace.requests[:calls]) for _ in range(r["copies"])]
+    kept = Trace(trace.name, trace.kind, trace.events[: len(request_of)], trace.start)
+    stops = [f.index for f in run_trace(kept).firings if f.action in STOPPING]
+    return request_of[stops[0]] if stops else None
+
+
+def _stops(values: list[int | None]) -> str:
+    hits = [v for v in values if v is not None]
+    return f"{len(hits)} ({', '.join(str(v) for v in hits)})" if hits else "0"
+
+
 # -- stop latency ----------------------------------------------------------------------------------
 
 
@@ -300,6 +347,9 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, default=0, help="also run the corpus with seeds 1..N (other draws)"
     )
+    parser.add_argument(
+        "--live", type=int, default=0, help="replay N variants of each wire kind live (0: off)"
+    )
     args = parser.parse_args()
 
     traces = corpus(args.variants)
@@ -330,6 +380,10 @@ def main() -> None:
     if args.seeds:
         print(f"\nover {args.seeds} other seeds ({args.variants} variants each):\n")
         print("\n".join(seeds_table(args.seeds, args.variants)))
+
+    if args.live:
+        print(f"\nlive replay ({args.live} of each wire-format kind), against the Rules replay:\n")
+        print("\n".join(live_table(args.live)))
 
     if args.stops:
         latencies = anyio.run(stop_latencies, args.stops)

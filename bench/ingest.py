@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tokenwatch.core import protocol  # noqa: E402
+from tokenwatch.instance import socket_answers  # noqa: E402
 from tokenwatch.paths import Paths  # noqa: E402
-from tokenwatch.supervisor.daemon import socket_answers  # noqa: E402
 from tokenwatch.tui.source import DASHBOARD_KINDS  # noqa: E402
 
 WRITE_BYTES = 64 * 1024
@@ -100,6 +100,17 @@ def supervisor(rules: str) -> Iterator[tuple[subprocess.Popen[bytes], Paths]]:
     paths.config_dir.mkdir(parents=True)
     if rules == "off":
         (paths.config_dir / "tokenwatch.toml").write_text(QUIET_RULES)
+    try:
+        with serving(env, home) as proc:
+            yield proc, paths
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], home: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`tokenwatch serve` in `env`, once its socket answers; stopped (SIGTERM) at the end."""
+    paths = Paths.discover(env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenwatch", "serve"],
         env=env,
@@ -113,11 +124,10 @@ def supervisor(rules: str) -> Iterator[tuple[subprocess.Popen[bytes], Paths]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the supervisor did not start")
             time.sleep(0.05)
-        yield proc, paths
+        yield proc
     finally:
         proc.terminate()
         proc.wait(60)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def payload(agent: int, count: int, run: int) -> bytes:

@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -60,7 +61,19 @@ class _OpenGate:
         return None
 
 
-async def run_proxy(upstream: str) -> None:
+def _cache_on_miss_path(directory: str) -> Any:
+    """Levers with the response cache on, every lookup a miss: the benchmark's requests are all
+    alike, so a TTL of a microsecond makes each stored answer stale before the next call. The
+    miss path is then paid in full: key, lookup, capture, and the store's write (batched in its
+    thread)."""
+    from tokenwatch.config import CacheSettings, OptimizeSettings
+    from tokenwatch.proxy.levers import Levers
+
+    cache = CacheSettings(enabled=True, any_temperature=True, ttl=1e-6)
+    return Levers(OptimizeSettings(cache=cache), cache_path=Path(directory) / "cache.db")
+
+
+async def run_proxy(upstream: str, cache_dir: str = "") -> None:
     import anyio
 
     from tokenwatch.config import ProxySettings
@@ -68,7 +81,8 @@ async def run_proxy(upstream: str) -> None:
 
     routes = RouteTable()
     token = routes.add(AgentRoute(agent="bench"))
-    proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream))
+    levers = _cache_on_miss_path(cache_dir) if cache_dir else None
+    proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream), levers=levers)
     async with anyio.create_task_group() as tg:
         await tg.start(proxy.serve)
         print(proxy.base_urls(token)["OPENAI_BASE_URL"], flush=True)
@@ -320,16 +334,19 @@ def _cpus(pin: bool) -> tuple[int | None, int | None]:
     return count - 1, 0
 
 
-async def bench(quick: bool, nice: int | None, pin: bool, loop: str) -> None:
+async def bench(quick: bool, nice: int | None, pin: bool, loop: str, cache_dir: str) -> None:
     proxy_cpu_no, others = _cpus(pin)
     if others is not None:
         os.sched_setaffinity(0, {others})
         print(f"pinned: proxy on CPU {proxy_cpu_no}; upstream, client and wrk on CPU {others}")
     upstream_proc, port = _spawn("trivial_upstream.py", cpu=others)
     upstream = f"http://127.0.0.1:{port}/v1"
+    extra = ("--cache-dir", cache_dir) if cache_dir else ()
     proxy_proc, proxied_base = _spawn(
-        "proxy.py", "--serve-proxy", upstream, "--loop", loop, cpu=proxy_cpu_no
+        "proxy.py", "--serve-proxy", upstream, "--loop", loop, *extra, cpu=proxy_cpu_no
     )
+    if cache_dir:
+        print("response cache on, every lookup a miss (the miss path)")
     print(f"proxy process on the {loop} event loop")
     if nice is not None:
         os.setpriority(os.PRIO_PROCESS, proxy_proc.pid, nice)
@@ -499,16 +516,24 @@ def main() -> None:
         default="asyncio",
         help="the proxy process's event loop (uvloop must be installed)",
     )
+    parser.add_argument(
+        "--cache-miss",
+        action="store_true",
+        help="response cache on in the proxy, every request a miss: its added cost",
+    )
+    parser.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--serve-proxy", metavar="UPSTREAM", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_proxy:
-        _run_loop(run_proxy(args.serve_proxy), args.loop)
+        _run_loop(run_proxy(args.serve_proxy, args.cache_dir), args.loop)
     elif args.in_process:
         print("mode: in-process (one event loop for client, proxy and upstream)")
         asyncio.run(bench_in_process(args.quick))
     else:
         print("mode: three processes (client here, proxy and upstream each in their own)")
-        asyncio.run(bench(args.quick, args.nice, args.pin, args.loop))
+        with tempfile.TemporaryDirectory(prefix="tw-bench-") as directory:
+            cache_dir = directory if args.cache_miss else ""
+            asyncio.run(bench(args.quick, args.nice, args.pin, args.loop, cache_dir))
 
 
 if __name__ == "__main__":

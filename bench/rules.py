@@ -6,8 +6,8 @@ Synthetic calls on a replay clock (the clock reads each call's own time): 75% di
 15% drawn again from a pool of 3000 common prompts (an exact repeat now and then), 10% from 1000
 templates with a number changed (same shape, size within 5%: near-duplicates); a new task every
 50 calls; prompt sizes 300-6000 tokens. Two loads: one busy agent (5 calls/s) and `--agents`
-agents interleaved (1 call/s each); and the busy agent again under a $5000/day budget (the spike
-rule then also compares its last hour's spend with the budget's hourly pace).
+agents interleaved (1 call/s each); and the busy agent again under a $5000/day budget (the
+forecast rule then reads its status).
 
 For each agent-history size (HISTORY_CALLS; 2000 is the default), a fresh `Rules` is first
 filled past that size (untimed, indexed), then `--events` more calls are timed with
@@ -32,7 +32,7 @@ from tokenwatch.core.models import BudgetStatus, UsageEvent
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
 
 DAILY = BudgetStatus("daily", "global", "", "day", 5000.0, "usd", 0.0, "alert")
-"""A budget the spike rule compares the last hour's spend with (its hourly pace x 5)."""
+"""A budget the forecast rule reads the status of."""
 
 
 @dataclass(frozen=True)

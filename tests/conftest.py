@@ -26,9 +26,12 @@ def anyio_backend() -> str:
 
 @pytest.fixture(autouse=True)
 def tokenwatch_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private TOKENWATCH_HOME per test, short enough for Unix socket paths."""
+    """A private TOKENWATCH_HOME per test, short enough for Unix socket paths, and the working
+    directory: the checkout's tokenwatch.toml (and any overlay a tour left beside it) is never
+    the config a test reads unless the test asks for it."""
     home = Path(tempfile.mkdtemp(prefix="tw-"))
     monkeypatch.setenv("TOKENWATCH_HOME", str(home))
+    monkeypatch.chdir(home)
     for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
         monkeypatch.delenv(var, raising=False)
     yield home
@@ -48,5 +51,19 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+_OWN_TOKENIZER_CACHE = "TOKENWATCH_TEST_TOKENIZER_CACHE"
+"""Set by the process that made the shared tokenizer cache (pytest-xdist workers inherit it)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", tempfile.mkdtemp(prefix="tw-tk-"))
+    # One tokenizer cache for the whole run (each test's own home would convert o200k again),
+    # made once, by the first process, and removed by it at the end.
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tw-tk-")
+        os.environ[_OWN_TOKENIZER_CACHE] = str(os.getpid())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if os.environ.get(_OWN_TOKENIZER_CACHE) == str(os.getpid()):
+        shutil.rmtree(os.environ.pop("TIKTOKEN_CACHE_DIR"), ignore_errors=True)
+        del os.environ[_OWN_TOKENIZER_CACHE]

@@ -14,6 +14,7 @@ from tokenwatch.config import ProxySettings
 from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.demo.fake_llm import FakeLLM, running_fake_llm
+from tokenwatch.proxy.levers import Levers
 from tokenwatch.proxy.server import AgentRoute, ProxyServer, RouteTable
 
 API_KEY = "sk-canary-7f3a9c1e5b2d4086-never-store"
@@ -106,6 +107,7 @@ async def running_proxy(
     *,
     route: AgentRoute | None = None,
     fake_kwargs: dict[str, object] | None = None,
+    levers: Levers | None = None,
     **settings: object,
 ) -> AsyncIterator[ProxyRig]:
     """fake-llm plus the proxy whose default upstreams are the fake; one agent `coder` routed."""
@@ -117,7 +119,7 @@ async def running_proxy(
         }
         config = ProxySettings(**{**defaults, **settings})  # type: ignore[arg-type]
         routes = RouteTable()
-        proxy = ProxyServer(gate, routes, config)
+        proxy = ProxyServer(gate, routes, config, levers=levers)
         async with anyio.create_task_group() as tg:
             await tg.start(proxy.serve)
             token = routes.add(route or AgentRoute(agent="coder", run_id="run-1", task="t1"))

@@ -17,7 +17,9 @@ _ids = itertools.count(1)
 class NoBudgets:
     """Admits everything and reports no budgets."""
 
-    def reserve(self, call: CallRequest, tokens: int, usd: float | None) -> Reservation | Refusal:
+    def reserve(
+        self, call: CallRequest, tokens: int, usd: float | None, estimated_from: str = ""
+    ) -> Reservation | Refusal:
         return Reservation(id=f"r{next(_ids)}", tokens=tokens, usd=usd or 0.0, budgets=())
 
     def settle(self, reservation: Reservation | None, event: UsageEvent) -> list[Signal]:
@@ -72,5 +74,10 @@ class NoPrices:
     def price(self, event: UsageEvent) -> UsageEvent:
         return event
 
-    def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> float | None:
+    def worst_case(
+        self, model: str, input_tokens: int, max_output_tokens: int, provider: str = ""
+    ) -> float | None:
         return None
+
+    def estimated_from(self, model: str, provider: str = "") -> str:
+        return ""

@@ -22,8 +22,8 @@ import anyio.abc
 from tokenwatch.config import Config, RuleSettings
 from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
+from tokenwatch.instance import socket_answers
 from tokenwatch.paths import Paths
-from tokenwatch.supervisor.daemon import socket_answers
 from tokenwatch.supervisor.service import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,18 +137,6 @@ def supervisor_process(env: dict[str, str] | None = None, *args: str) -> Iterato
         yield sp
     finally:
         stop_serve(sp)
-
-
-def clean_supervisor(prefix: str) -> Iterator[ServeProcess]:
-    """`tokenwatch serve` in a home of its own, with none of the caller's base URLs or agent
-    variables (for a module-scoped fixture: `yield from clean_supervisor("twr-")`)."""
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    env = tokenwatch_env(home)
-    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
-        env.pop(var, None)
-    with supervisor_process(env) as sp:
-        yield sp
-    shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass
@@ -288,3 +276,18 @@ def kill_tree(pids: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def clean_supervisor(prefix: str) -> Iterator[ServeProcess]:
+    """`tokenwatch serve` in a fresh home (default rules), its environment clear of any SDK base
+    URL or supervisor of the user's; the home is removed after."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    env = tokenwatch_env(home)
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
+        env.pop(var, None)
+    try:
+        with supervisor_process(env) as sp:
+            yield sp
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

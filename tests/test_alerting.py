@@ -159,10 +159,10 @@ async def test_a_supervisor_posts_a_rules_alert_to_the_configured_webhook() -> N
         ) as sup:
             assert sup.engine is not None
             for i in range(3):
-                clock.now = at("2026-11-23 10:00") + 10 * i
+                clock.now = at("2026-11-23 10:00") + 5 * i  # 5 s apart: not a poller
                 await sup.engine.ingest([sent(clock.now, loop, 500)])
             await wait_for(lambda: len(got) == 1)
     assert got[0]["text"] == (
-        ":rotating_light: tokenwatch critical: researcher repeated the same prompt 3 times in "
-        "20 s; paused"
+        ":rotating_light: tokenwatch critical: researcher repeated the same prompt 3 times in a "
+        "row in 10 s; paused"
     )

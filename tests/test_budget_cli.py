@@ -14,10 +14,11 @@ from supervisor_fixtures import running_supervisor
 from test_detect import sent
 
 from tokenwatch.cli import main
-from tokenwatch.config import Config, load_config
+from tokenwatch.config import Config
 from tokenwatch.core.models import Alert
 from tokenwatch.ledger.store import Store
 from tokenwatch.paths import OVERLAY_NAME, Paths
+from tokenwatch.supervisor.policy import load_config
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +51,9 @@ def test_set_list_and_remove_a_budget_without_a_supervisor(
     assert code == 0
     assert out.startswith("budget agent:researcher:day: $5 per day, pause at the limit")
     assert "no supervisor is running" in out
-    assert (tokenwatch_home / "config" / OVERLAY_NAME).is_file()
+    overlay = tokenwatch_home / "config" / OVERLAY_NAME
+    assert f"saved to {overlay}; no supervisor is running" in out
+    assert overlay.is_file()
 
     # Raising it keeps the action it had.
     run(capsys, "budget", "set", "agent:researcher", "$10")
@@ -73,8 +76,9 @@ def test_set_list_and_remove_a_budget_without_a_supervisor(
     ]
     assert row.split()[:4] == ["agent:researcher:day", "researcher", "day", "$10.00"]
 
-    code, out, _ = run(capsys, "budget", "rm", "agent:researcher:day")
-    assert code == 0
+    # Removed by the name `set` was given (its full name works too).
+    code, out, _ = run(capsys, "budget", "rm", "agent:researcher")
+    assert (code, out.split(" (")[0]) == (0, "budget agent:researcher:day removed")
     assert load_config().budget == []
     assert run(capsys, "budget", "list")[1].startswith("no budgets")
 
@@ -96,6 +100,28 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
     assert rows["agent:*:day"]["used"] == 1.25
 
 
+def test_budget_list_marks_a_total_holding_estimated_prices(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    guessed = event(time.time(), tokens=1_000, cost_usd=0.5, model="acme-coder-7")
+    guessed.price_source = "estimated:claude-opus-4-5"
+    anyio.run(fill_ledger, [guessed, event(time.time(), tokens=1_000, cost_usd=0.25)])
+    run(capsys, "budget", "set", "global", "$5", "--name", "daily")
+    code, out, _ = run(capsys, "budget", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[:5] == ["daily", "*", "day", "$5.00", "$0.7500*"]
+    assert lines[-1] == (
+        "* daily (*) includes $0.5000 for models no price table knows, at an estimated price "
+        '(price: estimated from claude-opus-4-5); declare them in tokenwatch.toml [prices."MODEL"]'
+    )
+    code, out, _ = run(capsys, "budget", "list", "--json")
+    [row] = json.loads(out)
+    assert (row["estimated_usd"], row["estimated_from"]) == (0.5, "claude-opus-4-5")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -112,6 +138,10 @@ def test_budget_list_counts_what_the_ledger_holds_for_today(
             "run:x is a run's budget: only its limit can change (--action stays",
         ),
         (["alerts", "--since", "yesterday-ish"], "--since: not a time"),
+        (
+            ["budget", "set", "agent:x", "5"],
+            "'5' has no unit: did you mean 5k (5,000 tokens) or $5",
+        ),
         (["budget", "set", "agent:x"], "required: LIMIT (see `tokenwatch budget set --help`)"),
         (["budgte"], "invalid choice: 'budgte'"),
     ],
@@ -163,7 +193,7 @@ def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
 
     start = time.time() - 3600
     loop = [{"role": "user", "content": "again"}]
-    events = [sent(start + 10 * i, loop, 500) for i in range(4)]
+    events = [sent(start + 5 * i, loop, 500) for i in range(4)]  # not a poller: 5 s apart
     events += [
         sent(start + 100 + i, f"doc {i} about {chr(97 + i)}", 300, agent="ok") for i in range(5)
     ]
@@ -173,7 +203,7 @@ def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "replayed 9 calls since 2h; nothing was changed"
-    assert "researcher repeated the same prompt 3 times in 20 s; paused" in lines[2]
+    assert "researcher repeated the same prompt 3 times in a row in 10 s; paused" in lines[2]
     assert lines[-1] == "would have fired 1 times: runaway pause x1"
 
     custom = in_empty_project / "strict.toml"
@@ -183,20 +213,25 @@ def test_rules_test_prints_what_would_have_fired_and_changes_nothing(
     code, out, _ = run(capsys, "rules", "test", "--since", "2h", "--config", str(custom), "--json")
     fired = json.loads(out)
     assert [(f["rule"], f["action"]) for f in fired] == [("loop2", "kill")]
-    assert fired[0]["ts"] == start + 10
+    assert fired[0]["ts"] == start + 5
 
     code, out, _ = run(capsys, "alerts", "--since", "2h")
     assert out.startswith("no alerts")  # the replay stored nothing
 
 
 async def test_edits_reach_a_running_supervisor_and_list_reads_from_it(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], in_empty_project: Path
 ) -> None:
+    # The supervisor runs with the user's config; this directory has a project config of its
+    # own. The edit goes beside the config in use, the supervisor's, and says where.
+    (in_empty_project / "tokenwatch.toml").write_text("")
     async with running_supervisor(Paths.discover(), Config(), proxy=False, exporters=False) as sup:
         assert sup.engine is not None
         argv = ["budget", "set", "agent:researcher", "20k", "--action", "deny"]
         assert await anyio.to_thread.run_sync(main, argv) == 0
-        assert "saved and applied" in capsys.readouterr().out
+        assert f"(saved to {Paths.discover().overlay} and applied)" in capsys.readouterr().out
+        assert not (in_empty_project / OVERLAY_NAME).exists()
+        assert not (in_empty_project / f"{OVERLAY_NAME}.lock").exists()
         assert [s.name for s in sup.engine.budgets.statuses()] == ["agent:researcher:day"]
 
         import time
@@ -206,8 +241,8 @@ async def test_edits_reach_a_running_supervisor_and_list_reads_from_it(
         (row,) = json.loads(capsys.readouterr().out)
         assert (row["name"], row["used"], row["action"]) == ("agent:researcher:day", 15_000, "deny")
 
-        assert await anyio.to_thread.run_sync(main, ["budget", "rm", "agent:researcher:day"]) == 0
-        assert "saved and applied" in capsys.readouterr().out
+        assert await anyio.to_thread.run_sync(main, ["budget", "rm", "agent:researcher"]) == 0
+        assert f"(saved to {Paths.discover().overlay} and applied)" in capsys.readouterr().out
         assert sup.engine.budgets.statuses() == []
 
 
@@ -243,7 +278,7 @@ def test_a_throttle_rate_that_cannot_work_is_refused_and_not_saved(
     capsys: pytest.CaptureFixture[str], rate: str, why: str
 ) -> None:
     code, out, err = run(
-        capsys, "budget", "set", "global", "10", "--action", "throttle", "--rate", rate
+        capsys, "budget", "set", "global", "10k", "--action", "throttle", "--rate", rate
     )
     assert (code, out) == (1, "")
     assert err.strip() == f"tokenwatch: budget global:*:day: {why}"
@@ -253,9 +288,9 @@ def test_a_throttle_rate_that_cannot_work_is_refused_and_not_saved(
 def test_a_tag_budget_names_the_tag_and_may_pick_its_value(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert run(capsys, "budget", "set", "tag:team", "10")[0] == 0
-    assert run(capsys, "budget", "set", "tag:team=ml*", "10")[0] == 0
-    code, _, err = run(capsys, "budget", "set", "tag:*", "10")
+    assert run(capsys, "budget", "set", "tag:team", "10k")[0] == 0
+    assert run(capsys, "budget", "set", "tag:team=ml*", "10k")[0] == 0
+    code, _, err = run(capsys, "budget", "set", "tag:*", "10k")
     assert code == 1
     assert err.strip() == (
         "tokenwatch: budget tag:*:day: a tag budget's target is KEY or KEY=VALUE (like team=ml), "
@@ -268,7 +303,7 @@ def test_budgets_that_cannot_be_saved_are_one_clear_line(
     tokenwatch_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tokenwatch_home / "config").write_text("")  # a file where the config dir should be
-    code, out, err = run(capsys, "budget", "set", "global", "10")
+    code, out, err = run(capsys, "budget", "set", "global", "10k")
     assert code == 1
     assert out == ""
     overlay = tokenwatch_home / "config" / OVERLAY_NAME
@@ -284,8 +319,8 @@ def test_rules_test_with_a_rule_that_cannot_work_names_it(
     assert code != 0
     assert out == ""
     assert err.strip() == (
-        f"tokenwatch: {bad}: rule x: unknown detector 'psychic' (runaway, task_tokens, spike, "
-        "huge_request, context_growth, drift, forecast)"
+        f"tokenwatch: {bad}: rule x: unknown detector 'psychic' (runaway, tool_loop, turn_loop, "
+        "alternation, task_tokens, spike, huge_request, context_growth, drift, forecast)"
     )
 
 

@@ -584,6 +584,17 @@ def test_forecast_says_when_a_steady_burn_runs_out_before_the_reset() -> None:
     assert status(slow, "d").forecast_exhausted_at is None  # lasts well past midnight
 
 
+def test_nothing_spending_means_no_runs_out_time() -> None:
+    clock = Clock(at("2026-11-23 08:00"))
+    budgets = Budgets([BudgetSettings(name="d", limit="10k")], tz="UTC", clock=clock)
+    for _ in range(30):  # a run: a call every 10 s for five minutes, then it ends
+        budgets.record(event(clock.now, tokens=100))
+        clock.advance(10)
+    assert status(budgets, "d").forecast_exhausted_at is not None  # still spending
+    clock.now = at("2026-11-23 08:30")
+    assert status(budgets, "d").forecast_exhausted_at is None  # 25 minutes without a call
+
+
 def test_statuses_list_every_budget_even_before_any_usage() -> None:
     budgets = Budgets(
         [

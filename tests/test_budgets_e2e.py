@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import openai
@@ -15,29 +16,37 @@ from supervisor_fixtures import quiet_config, running_supervisor
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import BudgetSettings, ProxySettings, SupervisorSettings
 from tokenwatch.core.admission import Refusal
-from tokenwatch.core.tokens import count_messages
+from tokenwatch.core.request_tokens import CHAT, count_request
 from tokenwatch.demo.fake_llm import running_fake_llm
+from tokenwatch.demo.fault_load import TOOLS
 from tokenwatch.paths import Paths
 
 MAX_TOKENS = 300
 
 
-def worst_case(i: int) -> int:
-    """What the proxy reserves for call `i` before sending it: its prompt plus its max output."""
-    return count_messages([question(i)], "gpt-4o-mini").tokens + MAX_TOKENS
+def worst_case(i: int, tools: list[Any] | None = None) -> int:
+    """What the proxy reserves for call `i` before sending it: its input (prompt and tool
+    definitions) plus its max output."""
+    body = {"messages": [question(i)], "tools": tools}
+    return count_request(CHAT, body, "gpt-4o-mini").tokens + MAX_TOKENS
 
 
 def question(i: int) -> dict[str, str]:
     return {"role": "user", "content": f"Question {i}: why?"}
 
 
-LIMIT = worst_case(0) * 10 + worst_case(0) // 2
-"""A limit that admits ten of the fifty calls in flight together, not eleven."""
+def limit(tools: list[Any] | None) -> int:
+    """A limit that admits ten of the fifty calls in flight together, not eleven."""
+    return worst_case(0, tools) * 10 + worst_case(0, tools) // 2
 
 
 @pytest.mark.slow
-async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> None:
-    assert {worst_case(i) for i in range(50)} == {worst_case(0)}
+@pytest.mark.parametrize("tools", [None, TOOLS], ids=["prompt", "tools"])
+async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget(
+    tools: list[Any] | None,
+) -> None:
+    cap = limit(tools)
+    assert {worst_case(i, tools) for i in range(50)} == {worst_case(0, tools)}
     # The provider takes a while to answer, so the fifty calls are in flight together even on a
     # loaded machine (answered one by one, their spend could fit the limit and none be refused).
     async with running_fake_llm(latency_ms=1500) as fake:
@@ -46,7 +55,7 @@ async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> Non
         config = quiet_config(
             supervisor=SupervisorSettings(timezone="UTC"),
             proxy=ProxySettings(openai_upstream=fake.url + "/v1"),
-            budget=[BudgetSettings(scope="agent", target="crowd", limit=LIMIT, action="deny")],
+            budget=[BudgetSettings(scope="agent", target="crowd", limit=cap, action="deny")],
         )
         async with running_supervisor(Paths.discover(), config, exporters=False) as sup:
             async with await SupervisorClient.connect(socket_path=sup.paths.socket) as ctl:
@@ -63,6 +72,7 @@ async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> Non
                             model="gpt-4o-mini",
                             messages=[question(i)],  # type: ignore[list-item]
                             max_tokens=MAX_TOKENS,
+                            tools=tools or openai.NOT_GIVEN,  # type: ignore[arg-type]
                         )
                         outcomes.append("ok")
                     except openai.RateLimitError as exc:
@@ -84,9 +94,9 @@ async def test_fifty_concurrent_proxied_calls_stay_within_a_deny_budget() -> Non
     sent = sum(c.input_tokens + c.output_tokens for c in fake.calls)
     assert len(fake.calls) == outcomes.count("ok")
     assert status.used == stored.total_tokens == sent
-    assert sent <= LIMIT
+    assert sent <= cap
     assert "budget agent:crowd:day" in refusals[0]
-    assert f"this call may use {worst_case(0)} tokens" in refusals[0]
+    assert f"this call may use {worst_case(0, tools)} tokens" in refusals[0]
     assert re.search(r"`tokenwatch budget set agent:crowd [\d.]+k --period day`$", refusals[0])
 
 

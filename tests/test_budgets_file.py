@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenwatch.config import BudgetSettings, Config, ConfigError, load_config
+from tokenwatch.config import BudgetSettings, Config, ConfigError
 from tokenwatch.core.budgets import budget_name
 from tokenwatch.paths import OVERLAY_NAME
 from tokenwatch.supervisor.overlay import UnknownBudget, remove_budget, set_budget
+from tokenwatch.supervisor.policy import load_config
 
 USER_TOML = """\
 # Our team's spending rules. Ask Ann before raising these.

@@ -63,6 +63,16 @@ async def test_report_rejects_inconsistent_cache_counts_before_counting() -> Non
     assert tokenwatch.usage().requests == 0
 
 
+@pytest.mark.parametrize("field", ["input_tokens", "output_tokens", "reasoning_tokens"])
+async def test_report_refuses_more_tokens_than_one_call_can_use(field: str) -> None:
+    counts = {"input_tokens": 10, "output_tokens": 10, field: 2**62}
+    with pytest.raises(
+        ValueError, match=f"'{field}' is 4,611,686,018,427,387,904, over 100,000,000"
+    ):
+        tokenwatch.report(model="gpt-4o-mini", **counts)
+    assert tokenwatch.usage().requests == 0
+
+
 async def test_task_attribution_and_start_end_messages(short_tmp: Path) -> None:
     async with running_supervisor(sock(short_tmp)) as sup:
         with installed_reporter(sock(short_tmp)):

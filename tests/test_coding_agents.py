@@ -88,7 +88,8 @@ def agent_program(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def supervisor() -> Iterator[ServeProcess]:
-    yield from clean_supervisor("twa-")
+    with clean_supervisor("twa-") as sp:
+        yield sp
 
 
 def agent_env(sp: ServeProcess, home: Path, **env: str) -> dict[str, str]:

@@ -14,11 +14,12 @@ from tokenwatch.config import (
     BudgetSettings,
     Config,
     ConfigError,
-    load_config,
+    find_config,
     parse_config,
 )
 from tokenwatch.core.pricing import PriceTable
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor.policy import load_config
 
 # In the example, a "#" directly followed by a key or table marks a line to uncomment.
 EXAMPLE_LINE = re.compile(r"^#(?=[\[\w\"])")
@@ -28,11 +29,24 @@ def example(repo_root: Path) -> Path:
     return repo_root / "tokenwatch.toml"
 
 
-def test_example_loads_and_its_values_are_the_defaults(repo_root: Path) -> None:
-    cfg = load_config(example(repo_root))
-    assert cfg.source == str(example(repo_root))
+def test_example_loads_and_its_values_are_the_defaults(
+    repo_root: Path, tokenwatch_home: Path
+) -> None:
+    # A copy: budgets a user set while trying tokenwatch in the checkout (an overlay beside the
+    # example) are theirs, not the example's.
+    copy = tokenwatch_home / "tokenwatch.toml"
+    copy.write_text(example(repo_root).read_text())
+    cfg = load_config(copy)
+    assert cfg.source == str(copy)
     # The active values document the defaults: they must not drift from config.py.
     assert dataclasses.replace(cfg, source="", overlay="") == Config()
+
+
+def test_a_test_reads_no_config_it_did_not_write(repo_root: Path) -> None:
+    # Tests run from the checkout, whose tokenwatch.toml (and a tour's overlay beside it) would
+    # otherwise be every test's project config.
+    assert Path.cwd() != repo_root
+    assert find_config() is None
 
 
 def test_example_shows_every_setting(repo_root: Path) -> None:
@@ -50,6 +64,10 @@ def test_example_shows_every_setting(repo_root: Path) -> None:
         "alerts": data["alerts"],
         "export.prometheus": data["export"]["prometheus"],
         "export.otlp": data["export"]["otlp"],
+        "optimize.cache": data["optimize"]["cache"],
+        "optimize.trim": data["optimize"]["trim"],
+        "optimize.cache_health": data["optimize"]["cache_health"],
+        "optimize.switch": data["optimize"]["switch"][0],
     }
     sections = {
         "supervisor": cfg.supervisor,
@@ -61,6 +79,10 @@ def test_example_shows_every_setting(repo_root: Path) -> None:
         "alerts": cfg.alerts,
         "export.prometheus": cfg.export.prometheus,
         "export.otlp": cfg.export.otlp,
+        "optimize.cache": cfg.optimize.cache,
+        "optimize.trim": cfg.optimize.trim,
+        "optimize.cache_health": cfg.optimize.cache_health,
+        "optimize.switch": cfg.optimize.switch[0],
     }
     for name, settings in sections.items():
         fields = {f.name for f in dataclasses.fields(settings)}
@@ -100,6 +122,11 @@ def load_error(tmp_path: Path, toml: str) -> str:
         ("[agents.a]\ncommand = 'python x.py'\n", r"agents\.a\.command: expected a list"),
         ("[export.otlp]\nspans = 1\n", r"export\.otlp\.spans: expected true or false, got 1"),
         ("colour = 'red'\n", r"unknown key 'colour'"),
+        ("[optimize.cache]\nttl = 0\n", r"optimize\.cache\.ttl: must be above 0"),
+        (
+            "[[optimize.switch]]\nbudget = 'x'\n",
+            r"optimize\.switch\[0\]: needs a budget and a model",
+        ),
         ("[supervisor\n", r"not valid TOML"),
     ],
 )

@@ -14,11 +14,12 @@ import pytest
 
 from tests.supervisor_fixtures import running_supervisor
 from tokenwatch.client.control import SupervisorClient, SupervisorError
-from tokenwatch.config import BudgetSettings, load_config
+from tokenwatch.config import BudgetSettings
 from tokenwatch.core.budgets import Budgets
 from tokenwatch.core.models import Alert, UsageEvent
 from tokenwatch.paths import Paths
 from tokenwatch.supervisor import reload as config_reload
+from tokenwatch.supervisor.policy import load_config
 from tokenwatch.supervisor.reload import seed_quietly
 from tokenwatch.supervisor.service import Supervisor
 
@@ -189,7 +190,7 @@ async def test_a_catch_up_that_cannot_read_the_ledger_keeps_the_edit_and_says_so
     budgets = Budgets([], tz="UTC")
     fresh = budgets.replace([BudgetSettings(name="g", limit="1k")])
     alerts: list[Alert] = []
-    engine = SimpleNamespace(budgets=budgets, alert_nowait=alerts.append)
+    engine = SimpleNamespace(seed_budgets=budgets.seed, alert_nowait=alerts.append)
     await seed_quietly(engine, Unreadable(), fresh)  # type: ignore[arg-type]
     budgets.record(UsageEvent(ts=time.time(), agent="a", input_tokens=300, call_id="x"))
     assert {s.name: s.used for s in budgets.statuses()} == {"g": 300}

@@ -131,6 +131,32 @@ def test_pause_all_spares_critical_agents(supervisor: ServeProcess) -> None:
 
 
 @pytest.mark.slow
+def test_resume_all_resumes_every_paused_agent_critical_ones_too(supervisor: ServeProcess) -> None:
+    plain, critical = start_tree(), start_tree()
+    pids = descendants(plain.pid) + descendants(critical.pid)
+    try:
+        attach(supervisor, plain.pid, "sleepy")
+        keeper = request(supervisor, "register", name="guard", critical=True)
+        request(supervisor, "started", name=keeper["name"], pid=critical.pid)
+        for name in ("sleepy", keeper["name"]):
+            request(supervisor, "pause", agent=name)
+        wait_for_states(pids, {"T"})
+        done = tw(supervisor, "resume", "--all")
+        wait_for_states(pids, RUNNING_STATES)
+        again = tw(supervisor, "resume", "--all")
+        request(supervisor, "kill", agent="sleepy")
+        request(supervisor, "kill", agent=keeper["name"])
+    finally:
+        kill_tree(pids)
+        plain.wait()
+        critical.wait()
+    assert done.returncode == 0, done.stderr
+    assert "sleepy resumed" in done.stdout
+    assert f"{keeper['name']} resumed" in done.stdout
+    assert again.stdout.strip() == "no paused agent to resume"
+
+
+@pytest.mark.slow
 def test_throttle_by_rate_and_by_duty_cycle(supervisor: ServeProcess) -> None:
     tree = start_tree()
     pids = descendants(tree.pid)
@@ -311,17 +337,33 @@ def test_unknown_agent_is_one_clear_line(supervisor: ServeProcess) -> None:
 
 
 def test_no_supervisor_is_one_clear_line() -> None:
-    for args in (
-        ("pause", "x"),
-        ("resume", "x"),
-        ("kill", "x"),
-        ("throttle", "x", "50%"),
-        ("stop",),
+    for args, meaning in (
+        (("pause", "x"), "no agent is supervised"),
+        (("resume", "x"), "no agent is supervised"),
+        (("kill", "x"), "no agent is supervised"),
+        (("throttle", "x", "50%"), "no agent is supervised"),
+        (("stop",), "nothing to stop"),
     ):
         done = tw(None, *args)
         assert done.returncode == 1
-        assert done.stderr.count("\n") == 1
-        assert done.stderr.startswith("tokenwatch: no supervisor is running")
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("tokenwatch: no supervisor is running")
+        assert meaning in line
+        assert "serve" not in line  # advice to start one, to stop it, was no advice
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_status_with_no_supervisor_says_so_and_starts_none(
+    json_flag: list[str], tokenwatch_home: Path
+) -> None:
+    done = tw(None, "status", *json_flag)
+    assert done.returncode == 3
+    if json_flag:
+        assert json.loads(done.stdout) == {"supervisor": None, "agents": []}
+    else:
+        assert done.stdout.startswith("no supervisor is running")
+    assert not Paths.discover().socket.exists()
+    assert not Paths.discover().pidfile.exists()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,20 @@ def test_a_demo_agent_exits_by_itself_when_its_demo_dies() -> None:
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_a_demo_agent_run_by_hand_stops_after_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenwatch.demo import agents
+
+    made: list[int] = []
+
+    def counting() -> Iterator[float]:
+        for n in range(1_000):
+            agents._guarded(made.append, n)
+            yield 0.0
+
+    monkeypatch.setitem(agents.BEHAVIOURS, "researcher", counting)
+    monkeypatch.setattr(agents, "_calls_made", 0)
+    assert agents.main(["researcher", "--calls", "3"]) == 0
+    assert made == [0, 1, 2]
+    assert agents.main(["researcher", "--calls", "x"]) == 2  # usage

@@ -87,41 +87,8 @@ HEALTHY = {
 }
 
 
-# -- runaway ------------------------------------------------------------------------------------------
-
-
-def test_runaway_fires_on_the_third_identical_prompt_and_says_so() -> None:
-    prompt = [{"role": "user", "content": "Fix the failing test."}]
-    events = [sent(T0 + 10 * i, prompt, 900) for i in range(3)]
-    assert detect.runaway(events[:2], events[1].ts) is None
-    finding = detect.runaway(events, events[2].ts)
-    assert finding is not None
-    assert finding.message == "researcher repeated the same prompt 3 times in 20 s"
-
-
-def test_runaway_sees_prompts_that_differ_only_by_a_counter_or_a_time() -> None:
-    events = [
-        sent(T0 + 5 * i, f"Attempt {i + 1} at 2026-11-23T10:00:{i:02d}Z: fix the test", 900)
-        for i in range(3)
-    ]
-    assert len({e.prompt_hash for e in events}) == 3
-    finding = detect.runaway(events, events[-1].ts)
-    assert finding is not None
-    assert "repeated nearly the same prompt 3 times in 10 s" in finding.message
-
-
-def test_runaway_ignores_repeats_spread_beyond_its_window_and_failed_retries() -> None:
-    prompt = "Fix the failing test."
-    slow = [sent(T0 + 40 * i, prompt, 900) for i in range(3)]
-    assert detect.runaway(slow, slow[-1].ts) is None  # 80 s apart
-    retries = [sent(T0 + i, prompt, 900, status="error", http_status=429) for i in range(2)]
-    retries.append(sent(T0 + 3, prompt, 900))
-    assert detect.runaway(retries, retries[-1].ts) is None
-
-
 def test_no_detector_fires_on_healthy_traffic_that_looks_like_a_problem() -> None:
     checks = {
-        "runaway": detect.runaway,
         "spike": detect.spike,
         "context_growth": lambda events, now: detect.context_growth(events),
     }
@@ -195,6 +162,10 @@ def test_hourly_spend_over_the_daily_pace_counts_as_a_spike() -> None:
     assert finding is not None
     assert "spent $10.00 in the last hour, 10x the hourly pace of budget daily" in finding.message
     assert detect.hourly_overspend(events[:20], T0, rows) is None  # $4 in the hour: under 5x
+    events[-1].price_source = "estimated:claude-opus-4-5"  # one call to a model no table knows
+    finding = detect.hourly_overspend(events, T0, rows)
+    assert finding is not None
+    assert "spent $10.00* in the last hour" in finding.message
 
 
 # -- task tokens, context growth, drift --------------------------------------------------------------
@@ -257,11 +228,19 @@ def test_drift_compares_tokens_per_task_with_the_period_before() -> None:
     assert finding.message == "a now uses 14k tokens per task, up 40% from 10k in the period before"
 
 
-def test_huge_request_is_about_one_prompt_over_the_limit() -> None:
-    assert detect.huge_request(sent(T0, "x", 8000)) is None
-    finding = detect.huge_request(sent(T0, "x", 12_500))
+def test_huge_request_is_about_one_prompt_far_over_the_agents_usual() -> None:
+    # A coding agent's ordinary 8-20k contexts are its usual, not news; with no usual yet,
+    # there is nothing to compare with.
+    assert detect.huge_request(sent(T0, "x", 60_000)) is None
+    assert detect.huge_request(sent(T0, "x", 8000), usual=1000) is None
+    assert detect.huge_request(sent(T0, "x", 40_000), usual=12_000) is None
+    finding = detect.huge_request(sent(T0, "x", 52_000), usual=12_000)
     assert finding is not None
-    assert finding.message == "researcher sent a 12.5k-token prompt to gpt-4o (over 8k)"
+    assert finding.message == (
+        "researcher sent a 52k-token prompt to gpt-4o, 4x its usual 12k (over 8k)"
+    )
+    assert detect.usual_prompt([12_000] * 4) is None
+    assert detect.usual_prompt([9000, 12_000, 20_000, 11_000, 15_000]) == 12_000
 
 
 def test_forecast_names_the_budget_and_when_it_runs_out() -> None:

@@ -12,11 +12,14 @@ import anyio
 import pytest
 
 from tests.standins import NoBudgets, NoPrices, NoRules
-from tokenwatch.config import SupervisorSettings
+from tokenwatch.config import BudgetSettings, SupervisorSettings
 from tokenwatch.core.admission import Admission, CallRequest, Refusal, Reservation, Signal
+from tokenwatch.core.budgets import Budgets
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
+from tokenwatch.core.pricing import PriceTable
 from tokenwatch.engine.engine import Engine
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +43,9 @@ class CappedBudget(NoBudgets):
     def __init__(self, limit: int) -> None:
         self.limit, self.used, self.reserved = limit, 0, 0
 
-    def reserve(self, call: CallRequest, tokens: int, usd: float | None) -> Reservation | Refusal:
+    def reserve(
+        self, call: CallRequest, tokens: int, usd: float | None, estimated_from: str = ""
+    ) -> Reservation | Refusal:
         if self.used + self.reserved + tokens > self.limit:
             return Refusal(
                 "day-cap", "day-cap: 1000 tokens a day (raise it: tokenwatch budget set)", 60.0
@@ -167,6 +172,42 @@ async def test_a_budget_refusal_names_the_budget_and_when_to_retry(short_tmp: Pa
     assert [h.event.call_id for h in history] == ["c1"]
 
 
+async def test_a_call_reserves_its_likely_output_not_its_max_tokens(short_tmp: Path) -> None:
+    budget = CappedBudget(limit=10**9)
+    claude_code = CallRequest(agent="claude", provider="anthropic", model="claude-opus-4-5",
+                              input_tokens=20_000, max_output_tokens=32_000)  # fmt: skip
+    async with running_engine(short_tmp / "u.db", budgets=budget) as (engine, _):
+        first = await engine.admit(claude_code)
+        assert budget.reserved == 52_000  # nothing known yet: the worst case
+        done = UsageEvent(agent="claude", call_id="c1", model="claude-opus-4-5",
+                          input_tokens=20_000, output_tokens=800)  # fmt: skip
+        await engine.settle(first, done)
+        await engine.admit(claude_code)
+    assert budget.reserved == 20_000 + 1_200  # 1.5 x the largest recent output
+
+
+async def test_an_unknown_model_is_refused_at_a_dollar_budget_naming_the_fallback(
+    short_tmp: Path,
+) -> None:
+    budgets = Budgets([BudgetSettings(name="tiny", limit="$0.01", action="deny")], tz="UTC")
+    async with await Store.open(short_tmp / "u.db") as store:
+        engine = Engine(store, PriceTable.load(), budgets, NoRules())
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            answer = await engine.admit(CallRequest(agent="a", provider="openai",
+                                                    model="acme-coder-7", input_tokens=2_000,
+                                                    max_output_tokens=1_000))  # fmt: skip
+            alerts = engine.live.alerts
+            with anyio.fail_after(10):
+                while not alerts:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert (answer.allowed, answer.status, answer.budget) == (False, 429, "tiny")
+    # gpt-5.5 stands in for an unknown model on the OpenAI route: 2000*5 + 1000*30 -> $0.04
+    assert "this call may use $0.0400 (price: estimated from gpt-5.5)" in answer.message
+    assert alerts[0].message == f"a: {answer.message}; its calls are refused"
+
+
 @contextlib.asynccontextmanager
 async def in_an_outage(tmp: Path) -> AsyncIterator[tuple[Engine, FlakyStore, Store]]:
     """An engine whose ledger broke just before a call settled: its usage is kept in memory."""
@@ -218,6 +259,18 @@ async def test_usage_being_written_back_after_an_outage_is_still_pending(short_t
     assert back.allowed
 
 
+async def test_usage_the_ledger_refuses_is_logged_and_the_rest_is_stored(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    huge = [event("a", f"huge-{i}", tokens=2**62) for i in range(2)]  # past what a call can use
+    async with running_engine(short_tmp / "u.db") as (engine, store):
+        await engine.ingest([*huge, event("a", "fine")])
+        await engine.ingest([event("a", "next")])
+        stored = [h.event.call_id for h in await store.history()]
+    assert sorted(stored) == ["fine", "next"]
+    assert "the ledger refused usage: usage event not stored: 'input_tokens' is" in caplog.text
+
+
 async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None:
     budget = CappedBudget(limit=10_000)
     async with running_engine(short_tmp / "u.db", budgets=budget) as (engine, store):
@@ -235,7 +288,7 @@ async def test_the_same_call_reported_twice_counts_once(short_tmp: Path) -> None
 async def test_the_oldest_call_ids_are_forgotten_first_and_the_ledger_still_stores_once(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tokenwatch.engine.engine.RECENT_CALL_IDS", 3)
+    monkeypatch.setattr("tokenwatch.engine.recorder.RECENT_CALL_IDS", 3)
     async with running_engine(short_tmp / "w.db") as (engine, store):
         await engine.ingest([event("a", f"c{i}") for i in range(1, 5)])
         await engine.ingest([event("a", "c2"), event("a", "c3"), event("a", "c4")])
@@ -284,7 +337,8 @@ async def test_a_throttled_sdk_agent_is_told_how_long_to_wait(short_tmp: Path) -
     async with running_engine(short_tmp / "u.db") as (engine, _):
         engine.register("sdk")
         action = await engine.throttle("sdk", "600/min", who="cli")  # 10 tokens/s, 600 burst
-        _, first_wait = engine.admit_nowait(call("sdk", 600))
+        # a new throttle holds a tenth of its burst (not a whole minute's, on top of the rate)
+        _, first_wait = engine.admit_nowait(call("sdk", 60))
         await anyio.wait_all_tasks_blocked()
         _, second_wait = engine.admit_nowait(call("sdk", 300))
         state = engine.roster.find("sdk").agent
@@ -339,3 +393,19 @@ async def test_a_pause_budget_pauses_the_agent_it_refuses_at_once(short_tmp: Pat
     assert not refused.allowed
     assert refused.budget == "cap"
     assert [(a.kind, a.who) for a in actions] == [("pause", "budget:cap")]
+
+
+def test_each_rows_gauge_is_the_agents_own_fullest_budget_never_the_global_one() -> None:
+    from tokenwatch.core.models import AgentView, BudgetStatus
+    from tokenwatch.engine.figures import LiveFigures
+
+    budgets = [
+        BudgetStatus("global:*:day", "global", "*", "day", 10.0, "usd", 9.0, "alert"),
+        BudgetStatus("agent:coder:day", "agent", "coder", "day", 1000, "tokens", 200, "pause"),
+        BudgetStatus("agent:coder:hour", "agent", "coder", "hour", 100, "tokens", 50, "pause"),
+    ]
+    views = [AgentView(agent=Agent(name)) for name in ("coder", "writer")]
+    snap = LiveFigures(tz="UTC", clock=lambda: 1_767_000_000.0).snapshot(views, budgets)
+    gauges = {v.agent.name: v.budget_fraction for v in snap.agents}
+    assert gauges == {"coder": 0.5, "writer": None}
+    assert snap.daily_budget_usd == 10.0  # the global one is the summary bar's

@@ -73,7 +73,9 @@ def test_export_then_import_round_trips_exactly(tmp_path: Path, tokenwatch_home:
     exported = [json.loads(line) for line in first.stdout.splitlines()]
     assert [e["call_id"] for e in exported] == ["c1", "c2", "c3"]
     assert exported[0]["total_tokens"] == 1720
-    assert exported[2]["cost_usd"] is None  # unknown model stays unpriced, not $0
+    # A model no table knows: at claude-opus-4-5's rates, marked, never $0: 10*5 + 3*25 per 1M.
+    assert exported[2]["cost_usd"] == pytest.approx(125e-6)
+    assert exported[2]["price_source"] == "estimated:claude-opus-4-5"
 
     other_home = tmp_path / "other"
     back = tw(other_home, "import", "-", stdin=first.stdout)
@@ -110,7 +112,7 @@ def test_since_filters_and_errors_are_one_line(tmp_path: Path, tokenwatch_home: 
 
     bad = tw(tokenwatch_home, "export", "--since", "last tuesday")
     assert bad.returncode == 2
-    assert bad.stderr.startswith("tokenwatch: not a time")
+    assert bad.stderr.startswith("tokenwatch: --since: not a time")
     assert "Traceback" not in bad.stderr
 
 

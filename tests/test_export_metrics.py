@@ -162,6 +162,21 @@ async def test_metrics_scraped_over_http_equal_the_recorded_usage() -> None:
     assert total(found, "tokenwatch_tokens_per_minute") == 1234.0
 
 
+def test_an_estimated_cost_is_counted_and_marked_apart() -> None:
+    exporter = PrometheusExporter(PrometheusSettings(listen="127.0.0.1:0"), snapshot)
+    guessed = UsageEvent(agent="coder", model="acme-coder-7", cost_usd=0.03)
+    guessed.price_source = "estimated:claude-opus-4-5"
+    exporter.observe("usage", guessed)
+    exporter.observe("usage", UsageEvent(agent="coder", model="gpt-4o", cost_usd=0.01))
+    found = samples(exporter.render().decode())
+    assert total(found, "tokenwatch_cost_usd_total") == pytest.approx(0.04)
+    assert total(
+        found, "tokenwatch_estimated_cost_usd_total", estimated_from="claude-opus-4-5"
+    ) == pytest.approx(0.03)
+    assert total(found, "tokenwatch_unpriced_requests_total", model="acme-coder-7") == 1
+    assert total(found, "tokenwatch_unpriced_requests_total", model="gpt-4o") == 0
+
+
 def test_task_and_user_labels_stay_bounded() -> None:
     exporter = PrometheusExporter(PrometheusSettings(max_label_values=3), snapshot)
     for i in range(50):
@@ -173,6 +188,17 @@ def test_task_and_user_labels_stay_bounded() -> None:
     assert tasks == {"task-0", "task-1", "task-2", OTHER}
     assert total(found, "tokenwatch_requests_total") == 50
     assert total(found, "tokenwatch_tokens_total", task=OTHER) == 470
+
+
+def test_savings_are_counted_per_agent_and_lever() -> None:
+    exporter = PrometheusExporter(PrometheusSettings(), snapshot)
+    hit = UsageEvent(agent="coder", model="gpt-4o", lever="cache", saved_tokens=900, saved_usd=0.25)
+    for event in (hit, hit, UsageEvent(agent="coder", model="gpt-4o", input_tokens=900)):
+        exporter.observe("usage", event)
+    found = samples(exporter.render().decode())
+    assert total(found, "tokenwatch_saved_usd_total", agent="coder", lever="cache") == 0.5
+    assert total(found, "tokenwatch_lever_requests_total", lever="cache") == 2
+    assert total(found, "tokenwatch_requests_total") == 3
 
 
 def test_label_folder_keeps_first_values() -> None:

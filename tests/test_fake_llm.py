@@ -71,6 +71,26 @@ async def test_replies_are_deterministic(
     assert first.choices[0].message.content != other.choices[0].message.content
 
 
+async def test_replies_to_the_last_message_answer_a_question_asked_again_alike() -> None:
+    question = {"role": "user", "content": "Is the deployment healthy?"}
+    history: list[Any] = [{"role": "user", "content": "Check service-42."}]
+    answers: dict[bool, list[str | None]] = {}
+    for to_last in (False, True):
+        async with (
+            running_fake_llm(reply_to_last=to_last) as fake,
+            openai.AsyncOpenAI(base_url=fake.url + "/v1", api_key=API_KEY) as client,
+        ):
+            got = answers[to_last] = []
+            messages = list(history)
+            for _ in range(3):
+                messages.append(question)
+                reply = await client.chat.completions.create(model="gpt-4o", messages=messages)
+                got.append(reply.choices[0].message.content)
+                messages.append({"role": "assistant", "content": got[-1]})
+    assert len(set(answers[True])) == 1
+    assert len(set(answers[False])) == 3  # by default the whole conversation chooses
+
+
 async def test_stream_with_include_usage_ends_with_a_usage_chunk(
     fake_llm: FakeLLM, openai_client: openai.AsyncOpenAI
 ) -> None:

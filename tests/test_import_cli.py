@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwatch.cli import main
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
 from tokenwatch.core.periods import zone
 from tokenwatch.ledger.importer import parse_lines
 from tokenwatch.ledger.store import Store
@@ -69,7 +69,8 @@ def test_good_lines_stored_bad_lines_named(
     assert "line 8: ts: '9999-12-31T23:59:59' is in the future" in err
     assert "line 9: ts: 1790000000000.0 is too large for Unix seconds (milliseconds?)" in err
     assert err.strip().splitlines()[-1] == (
-        "tokenwatch: imported 3 events, skipped 5 bad lines, 1 unpriced (model house-llm)"
+        "tokenwatch: imported 3 events, skipped 5 bad lines, 1 unpriced (model house-llm; "
+        "price: estimated from claude-opus-4-5)"
     )
     events = {e.agent: e for e in stored_events()}
     coder = events["coder"]
@@ -78,7 +79,9 @@ def test_good_lines_stored_bad_lines_named(
     # Priced at import: 1000 * 2.50 + 100 * 10 per 1M = $0.0035.
     assert coder.cost_usd == pytest.approx(0.0035)
     assert coder.price_version != ""
-    assert events["r"].cost_usd is None
+    # A model no table knows: at claude-opus-4-5's rates, marked: 10*5 + 1*25 = 75 per 1M.
+    assert events["r"].cost_usd == pytest.approx(75e-6)
+    assert events["r"].price_source == "estimated:claude-opus-4-5"
     assert events["r"].estimated is True
     assert events[""].cost_usd == 0.5  # a given cost is kept
 
@@ -124,6 +127,7 @@ def test_stdin_and_export_round_trip(
     # Priced on the way in: (100-60)*1 + 60*0.10 + 7*5 = 40 + 6 + 35 = 81 per 1M.
     assert stored.cost_usd == pytest.approx(81e-6)
     event.cost_usd, event.price_version = stored.cost_usd, stored.price_version
+    event.price_source = stored.price_source
     assert stored == event
 
 
@@ -159,7 +163,7 @@ def test_unusable_ledger_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 @given(
     ts=st.one_of(st.floats(0, 1.7e9), st.integers(0, 1_700_000_000)),  # times already past
-    tokens=st.integers(0, 10**9),
+    tokens=st.integers(0, MAX_CALL_TOKENS),
     agent=st.text(max_size=20),
 )
 def test_any_valid_event_line_parses_back(ts: float, tokens: int, agent: str) -> None:
@@ -214,3 +218,30 @@ def test_ctrl_c_on_stdin_import_says_what_was_stored() -> None:
     stored = int(match.group(1).replace(",", ""))
     assert stored == stored_count(db)
     assert stored >= 5000
+
+
+def test_a_file_of_no_events_is_one_line_with_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = write_lines(tmp_path / "notes.md", ["# Notes", *(f"- item {i}" for i in range(40))])
+    assert main(["import", str(notes)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"tokenwatch: {notes}: no usage events in it, nothing imported (line 1: not JSON: "
+        "Expecting value at column 1; 41 bad lines)\n"
+    )
+    assert not Paths.discover().db.exists() or stored_events() == []
+
+
+def test_bad_lines_held_before_the_first_event_are_named_once_one_comes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = json.dumps({"ts": 1_790_000_000, "model": "gpt-4o", "input_tokens": 1})
+    source = write_lines(tmp_path / "u.jsonl", ["oops", "{", event, "nope"])
+    assert main(["import", str(source)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "tokenwatch: line 1: not JSON: Expecting value at column 1",
+        "tokenwatch: line 2: not JSON: Expecting property name enclosed in double quotes at column 2",
+        "tokenwatch: line 4: not JSON: Expecting value at column 1",
+        "tokenwatch: imported 1 events, skipped 3 bad lines",
+    ]

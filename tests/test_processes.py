@@ -24,8 +24,8 @@ from tests.process_fixtures import (
     wait_until,
 )
 from tokenwatch.process import processes
+from tokenwatch.process.duty import DutyCycle
 from tokenwatch.process.processes import (
-    DutyCycle,
     NotPermitted,
     ProcessGone,
     ProcessHandle,

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.proxy_fixtures import API_KEY, ProxyRig, running_proxy
+from tokenwatch.proxy.routes import AgentRoute
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -59,6 +60,20 @@ async def test_chat_completion_json(rig: ProxyRig, oai: openai.AsyncOpenAI) -> N
     assert event.latency_ms > 0
     assert event.prompt_hash
     assert_matches_fake(rig)
+
+
+async def test_an_upstream_url_with_a_query_string_keeps_it_after_the_path(
+    rig: ProxyRig,
+) -> None:
+    # as Azure OpenAI's `...?api-version=...` bases are written
+    own = AgentRoute(agent="azure", openai_upstream=rig.fake.url + "/v1?api-version=2024-10-21")
+    base = rig.proxy.base_urls(rig.routes.add(own))["OPENAI_BASE_URL"]
+    async with openai.AsyncOpenAI(base_url=base, api_key=API_KEY, max_retries=0) as client:
+        reply = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    (event,) = await rig.gate.wait_settled(1)
+    assert (event.agent, event.status) == ("azure", "ok")
+    assert reply.usage is not None
+    assert event.input_tokens == reply.usage.prompt_tokens
 
 
 async def test_streaming_chat_without_include_usage_hides_the_usage_chunk(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,7 +14,7 @@ import pytest
 
 from tests.proxy_fixtures import API_KEY, ProxyRig, RecordingGate, running_proxy
 from tokenwatch.core.admission import Admission, CallRequest
-from tokenwatch.core.tokens import count_messages
+from tokenwatch.core.tokens import count_messages, count_text
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 FAULT = "x-fake-llm-fault"
@@ -354,3 +355,53 @@ async def test_responses_stream_cut_is_estimated_from_the_deltas_received(rig: P
     assert event.endpoint == "/v1/responses"
     assert event.input_tokens == billed.input_tokens
     assert 0 < event.output_tokens <= billed.output_tokens
+
+
+REPLY_TEXT = "The keeper climbed the stairs each night to light the lamp for ships far out at sea."
+ARRIVED = REPLY_TEXT[:40]
+"""How far the scripted upstream gets into its reply's text before the body is cut."""
+_REPLY_HEAD = (
+    '{"id":"chatcmpl-cut","object":"chat.completion","model":"gpt-4o-mini","choices":'
+    '[{"index":0,"message":{"role":"assistant","content":"'
+)
+_REPLY_TAIL = '"},"finish_reason":"stop"}],"usage":{"prompt_tokens":17,"completion_tokens":44}}'
+
+
+async def cutting_upstream(framing: str) -> tuple[asyncio.Server, str]:
+    """An upstream that answers 200 with a JSON body and hangs up after ARRIVED of its text:
+    `length` declares the whole body's Content-Length, `chunked` sends it in chunks."""
+    whole = (_REPLY_HEAD + REPLY_TEXT + _REPLY_TAIL).encode()
+    sent = (_REPLY_HEAD + ARRIVED).encode()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )  # fmt: skip
+        await reader.readexactly(length)
+        status = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if framing == "length":
+            writer.write(status + b"Content-Length: %d\r\n\r\n" % len(whole) + sent)
+        else:
+            writer.write(status + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(sent) + sent)
+        await writer.drain()
+        writer.close()  # mid-body
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_json_body_cut_short_is_estimated_like_a_cut_stream(framing: str) -> None:
+    # The upstream billed the call (17 + 44 here); it was recorded as 0 tokens.
+    server, url = await cutting_upstream(framing)
+    async with server, running_proxy(openai_upstream=url) as rig, client(rig) as oai:
+        with pytest.raises(openai.APIError):  # a 502 (length), or a cut connection (chunked)
+            await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+        (event,) = await rig.gate.wait_settled(1)
+    assert (event.status, event.http_status, event.estimated) == ("error", 200, True)
+    assert event.input_tokens == count_messages(MESSAGES, "gpt-4o-mini").tokens
+    assert event.output_tokens == count_text(ARRIVED, "gpt-4o-mini").tokens
+    assert rig.proxy.statistics().errors == 1

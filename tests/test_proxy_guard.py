@@ -192,6 +192,37 @@ async def test_call_id_header_is_used_and_not_sent_upstream(rig: ProxyRig) -> No
     assert event.call_id == "call-123"
 
 
+async def call_with_retries(sdk: str, rig: ProxyRig, headers: dict[str, str]) -> None:
+    """One call through the proxy with the SDK's default retries."""
+    if sdk == "openai":
+        async with openai.AsyncOpenAI(
+            base_url=rig.openai_url, api_key=API_KEY, default_headers=headers
+        ) as oai:
+            await oai.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        return
+    async with anthropic.AsyncAnthropic(
+        base_url=rig.anthropic_url, api_key=API_KEY, default_headers=headers
+    ) as claude:
+        await claude.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=50,
+            messages=MESSAGES,  # type: ignore[arg-type]
+        )
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_each_sdk_retry_of_a_call_is_an_attempt_of_its_own(sdk: str) -> None:
+    # every attempt gets a 429; the SDK resends the same headers, call id included
+    faults = {"fail_every": 1, "fail_status": 429, "retry_after_s": 0.01}
+    async with running_proxy(fake_kwargs=faults) as rig:
+        with pytest.raises((openai.RateLimitError, anthropic.RateLimitError)):
+            await call_with_retries(sdk, rig, {"x-tokenwatch-call-id": "call-7"})
+        events = await rig.gate.wait_settled(3)
+    # the SDKs' default two retries: three attempts, three records, the first under the call's id
+    assert [e.call_id for e in events] == ["call-7", "call-7.retry1", "call-7.retry2"]
+    assert [e.http_status for e in events] == [429, 429, 429]
+
+
 async def test_non_loopback_bind_is_refused() -> None:
     proxy = ProxyServer(_NeverGate(), RouteTable(), ProxySettings(host="0.0.0.0"))
     with pytest.raises(ValueError, match="loopback"):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tokenwatch.config import ProxySettings
 from tokenwatch.proxy import anthropic_usage, openai_usage
+from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     AgentRoute,
     RouteTable,
@@ -23,6 +24,7 @@ from tokenwatch.proxy.routes import (
     upstream_url,
 )
 from tokenwatch.proxy.sse import SseSplitter, parse_event
+from tokenwatch.proxy.usage import cost_from_headers
 
 EVENT_TEXT = st.text(
     alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40
@@ -97,6 +99,19 @@ def test_upstream_precedence_model_then_agent_then_proxy_then_public() -> None:
     )
 
 
+def test_an_upstream_query_string_comes_after_the_path_with_the_agents_own() -> None:
+    settings = ProxySettings(openai_upstream="https://az.example/openai/v1?api-version=2024-10-21")
+    target = split_path("/a/tok/v1/chat/completions", {})
+    assert target is not None
+    bare = AgentRoute(agent="b")
+    assert upstream_url(settings, bare, target, "gpt-4o", "") == (
+        "https://az.example/openai/v1/chat/completions?api-version=2024-10-21"
+    )
+    assert upstream_url(settings, bare, target, "gpt-4o", "x=1") == (
+        "https://az.example/openai/v1/chat/completions?api-version=2024-10-21&x=1"
+    )
+
+
 def test_models_list_goes_to_the_provider_that_asked() -> None:
     openai_side = split_path("/a/tok/v1/models", {})
     anthropic_side = split_path("/a/tok/v1/models", {"anthropic-version": "2023-06-01"})
@@ -132,6 +147,21 @@ def test_anthropic_usage_counts_cache_inside_input() -> None:
         50,
     )
     assert final.output_tokens == 321
+
+
+def test_a_cost_the_provider_reports_is_read_as_reported() -> None:
+    # OpenRouter's usage carries what the call was billed.
+    doc = {"prompt_tokens": 10, "completion_tokens": 2, "cost": 0.000123}
+    usage = openai_usage.usage_from(doc, "/v1/chat/completions")
+    assert usage is not None
+    assert usage.cost_usd == 0.000123
+    for bad in ("lots", -1, True, float("nan"), None):
+        usage = openai_usage.usage_from({**doc, "cost": bad}, "/v1/chat/completions")
+        assert usage is not None
+        assert usage.cost_usd is None, bad
+    assert cost_from_headers([("X-LiteLLM-Response-Cost", "0.0042")]) == 0.0042
+    assert cost_from_headers([("x-litellm-response-cost", "free")]) is None
+    assert cost_from_headers([("content-type", "application/json")]) is None
 
 
 def test_ask_for_usage_only_when_the_client_did_not() -> None:
@@ -238,3 +268,28 @@ def test_unreadable_saved_routes_are_ignored_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="tokenwatch.proxy"):
         assert load_routes(path).port == 0
     assert f"ignoring the saved proxy routes in {path}" in caplog.text
+
+
+def chat_reply(text: str, arguments: str) -> bytes:
+    message = {"role": "assistant", "content": text, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]}  # fmt: skip
+    return orjson.dumps({"choices": [{"message": message}], "usage": {"prompt_tokens": 1}})
+
+
+@given(text=st.text(max_size=30), arguments=st.text(max_size=30), cut=st.integers(0, 400))
+def test_the_text_of_a_json_body_cut_anywhere_is_read_up_to_the_cut(
+    text: str, arguments: str, cut: int
+) -> None:
+    body = chat_reply(text, arguments)
+    assert cut_text(body) == text + arguments
+    partial = cut_text(body[:cut])  # never raises, whatever the cut splits
+    if cut >= body.index(b'"tool_calls"'):
+        assert partial.startswith(text)  # what arrived whole is read exactly
+
+
+def test_text_values_of_every_shape_are_read_and_keys_inside_strings_are_not() -> None:
+    anthropic = b'{"content":[{"type":"thinking","thinking":"hmm"},{"type":"text","text":"Hi'
+    assert cut_text(anthropic) == "hmmHi"
+    escaped = orjson.dumps({"output": [{"arguments": '{"content": "not a key"}'}]})
+    assert cut_text(escaped) == '{"content": "not a key"}'
+    assert cut_text(b'{"choices":[{"text":"caf\\u00e9 \\n') == "café \n"

@@ -16,6 +16,7 @@ from tokenwatch.core.quantities import (
     parse_duration,
     parse_rate,
     parse_tokens,
+    parse_typed_limit,
 )
 
 
@@ -93,6 +94,15 @@ def test_unpriced_is_never_shown_as_zero() -> None:
     assert format_usd(1234.5) == "$1,234"
 
 
+@pytest.mark.parametrize(
+    ("usd", "shown"),
+    [(0.0312, "$0.0312"), (0.0042, "$0.0042"), (0.00042, "$0.00042"), (0.000037, "$0.000037"),
+     (0.0000995, "$0.00010"), (0.0009996, "$0.0010"), (1e-9, "<$0.000001")],
+)  # fmt: skip
+def test_small_costs_keep_two_significant_digits(usd: float, shown: str) -> None:
+    assert format_usd(usd) == shown
+
+
 @given(st.integers(min_value=0, max_value=10**12))
 def test_token_counts_round_trip_through_their_display(n: int) -> None:
     shown = format_tokens(n)
@@ -107,3 +117,26 @@ def test_parsers_raise_only_quantity_errors(text: str) -> None:
             parser(text)
         except QuantityError:
             pass
+
+
+@given(st.integers(0, 10**12).map(str) | st.floats(0, 1e9).map(lambda v: f"{v:.3f}"))
+def test_a_typed_bare_number_is_refused_naming_both_meanings(text: str) -> None:
+    with pytest.raises(QuantityError) as refused:
+        parse_typed_limit(text)
+    message = str(refused.value)
+    assert f"${text} (dollars)" in message
+    spelled = message.split("did you mean ")[1].split(" ")[0]
+    assert parse_amount(spelled).unit is Unit.TOKENS  # the token spelling it offers works
+
+
+@pytest.mark.parametrize("text", ["5k", "$5", "5tokens", "1.5M", "$0.01", "5 USD"])
+def test_a_typed_limit_with_a_unit_is_what_it_says(text: str) -> None:
+    assert parse_typed_limit(text) == parse_amount(text)
+
+
+@given(st.integers(min_value=1, max_value=10**12))
+def test_a_token_limit_prints_as_something_that_can_be_typed_back(tokens: int) -> None:
+    from tokenwatch.core.quantities import Amount
+
+    shown = str(Amount(float(tokens), Unit.TOKENS))
+    assert parse_typed_limit(shown).unit is Unit.TOKENS

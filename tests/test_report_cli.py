@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import time
 from pathlib import Path
 
 import anyio
+import genai_prices
 import pytest
 
 from tokenwatch.cli import main
@@ -113,6 +115,55 @@ def test_table_report_is_aligned_with_total_and_unpriced_note(
     assert any(line.startswith("t3") and "unpriced*" in line for line in rest)
 
 
+def test_report_shows_cache_writes_and_marks_every_estimate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    now = time.time()
+    guessed = UsageEvent(
+        ts=now - 60,
+        agent="claude",
+        model="acme-coder-7",
+        provider="anthropic",
+        input_tokens=20_000,
+        cache_write_tokens=16_881,
+        output_tokens=800,
+        cost_usd=0.2,
+        price_source="estimated:claude-opus-4-5",
+    )
+    counted = UsageEvent(
+        ts=now - 30,
+        agent="claude",
+        model="claude-opus-4-5",
+        provider="anthropic",
+        input_tokens=1_000,
+        output_tokens=100,
+        cost_usd=0.1,
+        price_source="genai-prices",
+        estimated=True,
+    )
+    seed([guessed, counted])  # fmt: skip
+    code, out, _ = run(capsys, "report")
+    assert code == 0
+    header, row, _, total, *notes = out.splitlines()
+    assert header.split()[:6] == ["AGENT", "REQ", "INPUT", "CACHED", "WRITE", "OUTPUT"]
+    assert row.split()[:7] == ["claude", "2", "21,000~", "0", "16,881", "900~", "0"]
+    assert "$0.3000*" in total
+    assert notes == [
+        "* 1 call unpriced (unknown model: acme-coder-7): COST includes $0.2000 at an estimated "
+        'price (`tokenwatch prices MODEL` shows from what). Price them with [prices."MODEL"] in '
+        "tokenwatch.toml.",
+        "~ 1 call with tokens counted locally (the provider reported no usage): an estimate",
+    ]
+    code, out, _ = run(capsys, "report", "--format", "json")
+    [group] = json.loads(out)["groups"]
+    assert (group["cost_usd"], group["estimated_usd"]) == (pytest.approx(0.3), 0.2)
+    assert (group["cache_write_tokens"], group["unpriced_requests"]) == (16_881, 1)
+    assert group["estimated_requests"] == 1
+    code, out, _ = run(capsys, "report", "--format", "csv")
+    [line] = list(csv.DictReader(io.StringIO(out)))
+    assert (line["estimated_usd"], line["cache_write_tokens"]) == ("0.2", "16881")
+
+
 def test_top_and_filters(ledger: float, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report", "--by", "task", "--top", "1", "--format", "json")
     assert code == 0
@@ -148,6 +199,20 @@ def test_bad_windows_are_one_line(
     assert message in err
 
 
+@pytest.mark.parametrize(
+    "command", [["report"], ["export"], ["alerts"], ["rules", "test"]], ids=" ".join
+)
+def test_a_bad_since_is_the_same_line_and_exit_in_every_command(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *command, "--since", "yesterday-ish")
+    assert (code, out) == (2, "")
+    assert err == (
+        "tokenwatch: --since: not a time: 'yesterday-ish' "
+        "(try 1h, 24h, 7d, today, 2026-11-01 or 2026-11-01T09:00)\n"
+    )
+
+
 def test_report_on_empty_ledger(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "report")
     assert code == 0
@@ -159,23 +224,32 @@ def test_prices_table_and_one_model(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "prices")
     assert code == 0
     assert out.startswith("prices version 20")
-    assert any(line.split()[:3] == ["gpt-4o", "openai", "2.5"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["codestral", "mistral"] for line in out.splitlines())
     code, out, _ = run(capsys, "prices", "gpt-4o-mini-2024-07-18")
     assert code == 0
-    assert "priced as gpt-4o-mini (openai)" in out
-    assert "via gpt-4o-mini-2024-07-18 -> gpt-4o-mini (OpenAI dated snapshot)" in out
+    version = genai_prices.__version__
+    assert f"priced as gpt-4o-mini (openai) by genai-prices {version}" in out
+    chain = [line.split() for line in out.splitlines()[2:5]]
+    assert chain == [["tokenwatch.toml", "-"], ["tokenwatch", "2026-12-05", "-"],
+                     ["genai-prices", version, "gpt-4o-mini", "(openai)"]]  # fmt: skip
     code, out, _ = run(capsys, "prices", "claude-sonnet-4-5-20250929", "--json")
     data = json.loads(out)
-    assert data["resolved"] == "claude-sonnet-4-5"
+    assert (data["resolved"], data["source"]) == ("claude-sonnet-4-5", "genai-prices")
     assert data["price"]["cache_write"] == 3.75
+    code, out, _ = run(capsys, "prices", "codestral")
+    assert "priced as codestral (mistral) by tokenwatch 2026-12-05" in out
+    assert "why tokenwatch prices it: genai-prices knows only dated" in out
 
 
-def test_prices_unknown_model_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "prices", "gpt-99")
-    assert code == 1
-    assert out == ""
-    assert err.startswith("tokenwatch: unknown model 'gpt-99'")
-    assert err.count("\n") == 1
+def test_prices_of_a_model_no_table_knows_shows_the_estimate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(capsys, "prices", "gpt-99")
+    assert code == 0
+    assert out.startswith("gpt-99: no price table knows it; price: estimated from claude-opus-4-5")
+    assert "fallback               claude-opus-4-5 (an estimate, marked as such)" in out
+    code, out, _ = run(capsys, "prices", "gpt-99", "--json")
+    assert json.loads(out)["estimated"] is True
 
 
 def test_prices_shows_config_overrides(
@@ -237,3 +311,64 @@ def test_by_day_over_years_lists_each_day(
     data = json.loads(out)
     assert data["total"]["requests"] == 4
     assert sum(g["requests"] for g in data["groups"]) == 4
+
+
+def utc(text: str) -> float:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
+
+
+@pytest.fixture
+def runs(tokenwatch_home: Path) -> None:
+    """Two runs of researcher (one over two calls) and a coder reporting outside any run, in
+    November and December 2026, reported in UTC."""
+    (tokenwatch_home / "tokenwatch.toml").write_text('[supervisor]\ntimezone = "UTC"\n')
+    seed(
+        [
+            UsageEvent(ts=utc("2026-11-02 09:00"), agent="researcher", run_id="aaaa1111bbbb",
+                       model="gpt-4o", input_tokens=1000, cost_usd=0.25),
+            UsageEvent(ts=utc("2026-11-02 09:30"), agent="researcher", run_id="aaaa1111bbbb",
+                       model="gpt-4o", input_tokens=1000, cost_usd=0.25),
+            UsageEvent(ts=utc("2026-11-08 23:59"), agent="coder", model="gpt-4o",
+                       input_tokens=10, cost_usd=2.0),
+            UsageEvent(ts=utc("2026-11-09 10:00"), agent="researcher", run_id="cccc2222dddd",
+                       model="gpt-4o", input_tokens=500, cost_usd=0.1),
+            UsageEvent(ts=utc("2026-12-01 00:00"), agent="coder", model="gpt-4o",
+                       input_tokens=5, cost_usd=1.0),
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("by", "expected"),
+    [
+        ("week", [("2026-11-02", 3), ("2026-11-09", 1), ("2026-11-30", 1)]),
+        ("month", [("2026-11", 4), ("2026-12", 1)]),
+    ],
+)
+def test_by_week_from_monday_and_by_month(
+    runs: None, by: str, expected: list[tuple[str, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--by", by, "--since", "2026-11-02", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    assert [(g[by], g["requests"]) for g in data["groups"]] == expected
+    assert data["total"]["requests"] == 5
+
+
+def test_by_session_a_run_of_an_agent_with_when_it_ran(
+    runs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "report", "--by", "session", "--since", "2026-11-01")
+    assert code == 0
+    keys = [line.split("  ")[0] for line in out.splitlines()[1:-2]]
+    assert keys == [
+        "researcher aaaa1111 2026-11-02 09:00-09:30",
+        "coder (no run) 2026-11-08 23:59-2026-12-01 00:00",
+        "researcher cccc2222 2026-11-09 10:00-10:00",
+    ]
+    code, out, _ = run(capsys, "report", "--by", "session", "--since", "2026-11-01",
+                       "--format", "json", "--top", "1")  # fmt: skip
+    (dearest,) = json.loads(out)["groups"]
+    assert (dearest["agent"], dearest["run_id"], dearest["requests"]) == ("coder", "", 2)
+    assert dearest["started"] == "2026-11-08T23:59:00+00:00"
+    assert dearest["last_activity"] == "2026-12-01T00:00:00+00:00"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from budget_fixtures import Clock, at
-from test_detect import HEALTHY, sent
+from test_detect import HEALTHY, long_expensive_task, sent
 
 from tokenwatch.config import BudgetSettings, ConfigError, RuleSettings
 from tokenwatch.core.admission import Signal
@@ -28,7 +30,8 @@ def feed(rules: Rules, clock: Clock, events: list[UsageEvent]) -> list[Signal]:
 def loop(
     n: int, start: float = T0, every: float = 10.0, agent: str = "researcher"
 ) -> list[UsageEvent]:
-    return [sent(start + every * i, LOOP, 900, agent=agent) for i in range(n)]
+    """An agent sending one prompt again as soon as each answer is in (a 6 s call, 4 s idle)."""
+    return [sent(start + every * i, LOOP, 900, agent=agent, latency_ms=6000.0) for i in range(n)]
 
 
 def test_a_runaway_agent_is_paused_with_a_message_a_person_can_act_on() -> None:
@@ -36,7 +39,10 @@ def test_a_runaway_agent_is_paused_with_a_message_a_person_can_act_on() -> None:
     signals = feed(Rules(DEFAULT_RULES, clock=clock), clock, loop(3))
     (signal,) = signals
     assert (signal.action, signal.agent, signal.alert.rule) == ("pause", "researcher", "runaway")
-    assert signal.alert.message == "researcher repeated the same prompt 3 times in 20 s; paused"
+    assert (
+        signal.alert.message
+        == "researcher repeated the same prompt 3 times in a row in 20 s; paused"
+    )
     assert signal.alert.severity == "critical"
     assert signal.alert.ts == T0 + 20
 
@@ -124,7 +130,7 @@ def test_a_critical_agent_is_only_ever_alerted_on() -> None:
     assert len(signals) >= 2
     assert {s.action for s in signals} == {"alert"}
     assert signals[0].alert.message == (
-        "prod-bot repeated the same prompt 3 times in 20 s; prod-bot is critical: not paused, "
+        "prod-bot repeated the same prompt 3 times in a row in 20 s; prod-bot is critical: not paused, "
         "only alerted"
     )
     assert "not killed" in signals[1].alert.message
@@ -135,7 +141,8 @@ def test_a_critical_agent_is_only_ever_alerted_on() -> None:
 def test_alert_only_detectors_never_act_whatever_the_rule_says() -> None:
     clock = Clock(T0)
     rule = RuleSettings(name="big", detector="huge_request", action="kill", cooldown=0)
-    (signal,) = feed(Rules([rule], clock=clock), clock, [sent(T0, "x", 20_000)])
+    usual = [sent(T0 + i, f"small {i}", 2000) for i in range(5)]
+    (signal,) = feed(Rules([rule], clock=clock), clock, [*usual, sent(T0 + 9, "x", 20_000)])
     assert (signal.action, signal.alert.action) == ("alert", "alert")
     assert signal.alert.severity == "info"
 
@@ -261,3 +268,24 @@ def test_replacing_rules_keeps_what_was_learnt_about_agents() -> None:
     rules.replace([RuleSettings(name="loop", detector="runaway", action="pause")])
     assert rules.names() == ["loop"]
     assert [s.action for s in feed(rules, clock, loop(1, start=T0 + 25))] == ["pause"]
+
+
+def test_a_small_day_budget_does_not_make_a_steady_agent_a_spike() -> None:
+    # The tour's researcher: a healthy call every 20 s under a $0.01 day budget. Its spend is
+    # the budget's business (warnings at 50 and 80 %, its action at the limit); the spike rule
+    # also fired when the hour's spend passed 5x the budget / 24, pausing it at 21 % of it.
+    clock = Clock(T0)
+    budgets = Budgets(
+        [BudgetSettings(scope="agent", target="researcher", limit="$0.01", action="pause")],
+        tz="UTC",
+        clock=clock,
+    )
+    rules = Rules(DEFAULT_RULES, clock=clock, budgets=budgets.statuses)
+    calls = [replace(e, agent="researcher", cost_usd=0.0002) for e in long_expensive_task(30)]
+    fired: list[Signal] = []
+    for e in calls:
+        clock.now = e.ts
+        budgets.record(e)
+        fired += rules.observe(e)
+    assert budgets.statuses()[0].fraction == pytest.approx(0.6)
+    assert [s.alert.message for s in fired if s.action != "alert"] == []  # the forecast alerts

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import anyio
 from budget_fixtures import Clock, at
 from supervisor_fixtures import running_supervisor
 from test_detect import batch_job, chat_with_short_turns, long_expensive_task, sent
 
+from bench.traces import agents
 from tokenwatch.config import BudgetSettings, Config, RuleSettings, SupervisorSettings
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.budgets import Budgets
@@ -25,6 +28,9 @@ RULES = [
                  cooldown=30),
     RuleSettings(name="big", detector="huge_request", threshold=5000, cooldown=120),
     RuleSettings(name="tasks", detector="task_tokens", action="pause"),
+    RuleSettings(name="tools", detector="tool_loop", action="pause", escalate=["kill"]),
+    RuleSettings(name="turns", detector="turn_loop", action="pause", escalate=["kill"]),
+    RuleSettings(name="undo", detector="alternation", action="pause"),
 ]  # fmt: skip
 
 
@@ -34,6 +40,14 @@ def history() -> list[UsageEvent]:
     events = [*chat_with_short_turns(), *batch_job(60), *long_expensive_task(20)]
     events += [sent(T0 + 30 + 6 * i, loop, 1500) for i in range(25)]
     events += [sent(T0 + 900 + 6 * i, loop, 1500) for i in range(10)]
+    # an agent of small prompts that, once, sends a whole repository
+    events += [sent(T0 + 400 + 5 * i, f"question {i}", 1200, agent="repo-reader") for i in range(6)]
+    events.append(sent(T0 + 431, "the whole repository", 30_000, agent="repo-reader"))
+    # agents in the three wire formats: loops of each kind, and look-alikes
+    for i, make in enumerate(agents.RUNAWAYS.values()):
+        events += make(random.Random(i), agents.wire_for(i)).events
+    for i, healthy in enumerate(agents.HEALTHY.values()):
+        events += healthy(random.Random(i), agents.wire_for(i)).events
     return sorted(events, key=lambda e: e.ts)
 
 
@@ -57,7 +71,7 @@ def live(events: list[UsageEvent]) -> list[tuple[float, str, str, str, str]]:
 def test_replay_fires_what_live_enforcement_fired_at_the_same_times() -> None:
     events = history()
     expected = live(events)
-    assert {a[1] for a in expected} >= {"loop", "big", "budget:res"}
+    assert {a[1] for a in expected} >= {"loop", "big", "budget:res", "tools", "turns", "undo"}
 
     replay = Replay(BUDGETS, RULES, since=events[0].ts, tz="UTC")
     result = replay.feed_all(events)

@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,11 +24,15 @@ from tests.process_fixtures import Terminal, dead, start_as_nobody, state, state
 from tests.supervisor_fixtures import (
     ServeProcess,
     clean_supervisor,
+    stop_serve,
+    supervisor_process,
+    tokenwatch_env,
 )
 from tokenwatch.cli.run import default_name, summary_line
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.core.quantities import parse_amount
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
+from tokenwatch.demo.fault_load import RETRIED_CALLS
 from tokenwatch.process.processes import process_info
 
 TIMEOUT = 60
@@ -36,7 +41,8 @@ TIMEOUT = 60
 @pytest.fixture(scope="module")
 def supervisor() -> Iterator[ServeProcess]:
     """One `tokenwatch serve` for the module (each test uses agent names of its own)."""
-    yield from clean_supervisor("twr-")
+    with clean_supervisor("twr-") as sp:
+        yield sp
 
 
 def tokenwatch(
@@ -243,6 +249,10 @@ def test_a_missing_command_is_one_line_and_exit_127(supervisor: ServeProcess) ->
     [
         (["--tag", "oops", "--", "true"], "--tag 'oops': expected KEY=VALUE"),
         (["--budget", "lots", "--", "true"], "--budget: not a limit"),
+        (
+            ["--budget", "5", "--", "true"],
+            "--budget: '5' has no unit: did you mean 5k (5,000 tokens) or $5",
+        ),
         ([], "nothing to run"),
         (["--", ""], "nothing to run"),
     ],
@@ -355,6 +365,20 @@ def test_summary_line_reads_like_the_docs() -> None:
     assert summary_line("coder", 130, None) == "coder exited 130 (SIGINT)"
 
 
+def test_summary_line_marks_a_cost_holding_estimated_prices() -> None:
+    summary = {
+        "tokens": 63275,
+        "cost_usd": 0.1,
+        "requests": 3,
+        "unpriced_requests": 2,
+        "estimated_from": "claude-opus-4-5",
+    }
+    assert summary_line("claude3", 0, summary) == (
+        "claude3 exited 0 · 63,275 tokens · $0.1000* (2 calls price: estimated from "
+        "claude-opus-4-5) · 3 requests"
+    )
+
+
 ON_A_TERMINAL = """
 import os, signal, sys, time
 def foreground():
@@ -459,7 +483,7 @@ except urllib.error.HTTPError as exc:
 
 
 def test_a_run_budget_refuses_calls_that_would_exceed_it(supervisor: ServeProcess) -> None:
-    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30", "--",
+    out = tokenwatch(supervisor, "run", "-q", "--name", "frugal", "--budget", "30tokens", "--",
                      *py(POST_CHAT))  # fmt: skip
     assert out.returncode == 0, out.stderr
     status, _, body = out.stdout.partition(" ")
@@ -489,7 +513,7 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     with fake_llm_in_thread() as fake:
         agent = subprocess.Popen(
             [sys.executable, "-m", "tokenwatch", "run", "-q", "--name", "thrifty", "--budget",
-             "30", "--", *py(CALL_PER_LINE)],
+             "30tokens", "--", *py(CALL_PER_LINE)],
             env={**supervisor.env, "OPENAI_BASE_URL": fake.url + "/v1"}, cwd=tmp_path,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -528,6 +552,47 @@ def test_the_raise_a_run_budget_refusal_suggests_lets_the_next_call_go(
     assert not list(supervisor.paths.config_dir.glob("*.toml")), "nothing written to the config"
     after = tokenwatch(supervisor, "budget", "list", "--json")
     assert "run:thrifty" not in after.stdout  # it ended with the run
+
+
+CALL_UNTIL_REFUSED = """
+import json, os, urllib.error, urllib.request
+tasks = ["parse the config", "render the table", "fix the flaky test", "rename the module",
+         "document the API", "profile the loop", "add a migration", "split the class",
+         "review the diff", "write the changelog", "bump the version", "trim the logs"]
+for task in tasks:
+    body = json.dumps({"model": "acme-coder-7", "max_tokens": 200,
+                       "messages": [{"role": "user", "content": task}]})
+    request = urllib.request.Request(
+        os.environ["OPENAI_BASE_URL"] + "/chat/completions", data=body.encode(),
+        headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        print("sent", flush=True)
+    except urllib.error.HTTPError as exc:
+        print(exc.code, json.loads(exc.read())["error"]["message"], flush=True)
+        break
+"""
+"""POST_CHAT on a model no price table knows, until refused."""
+
+
+def test_an_agent_on_a_model_no_table_knows_is_stopped_at_its_dollar_budget(
+    supervisor: ServeProcess, tmp_path: Path
+) -> None:
+    with fake_llm_in_thread() as fake:
+        out = tokenwatch(supervisor, "run", "--name", "guessed", "--budget", "$0.01", "--",
+                         *py(CALL_UNTIL_REFUSED), OPENAI_BASE_URL=fake.url + "/v1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    *sent, refused = out.stdout.splitlines()
+    assert sent
+    assert set(sent) == {"sent"}  # calls went while they fitted...
+    assert refused.startswith("429 budget run:guessed ($0.0100 in total for guessed) would be")
+    assert "used, all of it at an estimated price (price: estimated from gpt-5.5)" in refused
+    assert "(price: estimated from gpt-5.5)" in refused  # ...priced at the named fallback
+    summary = out.stderr.strip().splitlines()[-1]
+    assert re.search(r"· \$0\.00\d+\* \(\d+ calls price: estimated from gpt-5.5\) ·", summary)
+    alerts = tokenwatch(supervisor, "alerts", "--json")
+    messages = [a["message"] for a in json.loads(alerts.stdout) if a["agent"] == "guessed"]
+    assert f"guessed: {refused.removeprefix('429 ')}; its calls are refused" in messages
 
 
 def test_the_terminal_is_told_when_its_agent_is_paused_and_resumed(
@@ -628,3 +693,89 @@ def test_a_duty_cycled_run_agent_runs_to_its_end(
     assert (proc.returncode, out) == (0, "done\n")
     assert err.splitlines()[0].startswith("tokenwatch: cycled throttled by cli (runs 30% of the")
     assert err.splitlines()[-1].startswith("tokenwatch: cycled exited 0")
+
+
+@pytest.mark.slow
+def test_sdk_retries_are_each_recorded_and_a_run_budget_still_refuses(
+    supervisor: ServeProcess,
+) -> None:
+    # every second request is a 429 the SDK retries with the same headers, call id included
+    with fake_llm_in_thread(fail_every=2, fail_status=429, retry_after_s=0.1) as fake:
+        out = tokenwatch(
+            supervisor, "run", "--name", "retrier", "--budget", "200tokens", "--", *py(RETRIED_CALLS),
+            OPENAI_BASE_URL=fake.url + "/v1",
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    answers = out.stdout.split()
+    assert set(answers) == {"ok", "refused"}, out.stdout
+    assert answers.index("refused") == answers.count("ok")  # refused once spent, and from then on
+    answered = [c for c in fake.calls if c.status == 200]
+    assert answers.count("ok") == len(answered) > 2
+    assert len(fake.calls) > len(answered), "some calls were retried"
+    billed = sum(c.input_tokens + c.output_tokens for c in answered)
+    assert billed <= 200
+    assert f"retrier exited 0 · {billed:,} tokens · $" in out.stderr
+
+
+def stored_agent(sp: ServeProcess, name: str) -> str:
+    """The agent's row in the ledger's agents table, once it is there."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        with sqlite3.connect(f"file:{sp.paths.db}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT data FROM agents WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never reached the agents table")
+
+
+def test_a_key_on_the_agents_command_line_is_neither_stored_nor_shown(
+    supervisor: ServeProcess,
+) -> None:
+    key = "sk-proj-" + os.urandom(12).hex()
+    out = tokenwatch(supervisor, "run", "-q", "--name", "keyed", "--", "env",
+                     f"OPENAI_API_KEY={key}", *py("pass"), "--api-key", key)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    shown = tokenwatch(supervisor, "status", "--json")
+    (row,) = [r for r in json.loads(shown.stdout)["agents"] if r["agent"]["name"] == "keyed"]
+    assert row["agent"]["command"] == [
+        "env", "OPENAI_API_KEY=[redacted]", sys.executable, "-c", "pass", "--api-key", "[redacted]"
+    ]  # fmt: skip
+    assert "[redacted]" in stored_agent(supervisor, "keyed")
+    files = supervisor.paths.state_dir.glob("usage.db*")
+    assert not [f for f in files if key.encode() in f.read_bytes()]
+
+
+def test_a_run_whose_supervisor_goes_away_says_so_once_and_sums_up_from_the_ledger(
+    short_tmp: Path,
+) -> None:
+    env = tokenwatch_env(short_tmp / "home")
+    with fake_llm_in_thread() as fake, supervisor_process(env) as sp:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tokenwatch", "run", "--name", "orphan", "--",
+             *py(CALL_PER_LINE)],
+            env={**sp.env, "OPENAI_BASE_URL": fake.url + "/v1"}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert agent.stdin is not None
+        assert agent.stdout is not None
+        assert agent.stderr is not None
+        try:
+            agent.stdin.write("call\n")
+            agent.stdin.flush()
+            assert agent.stdout.readline() == "sent\n"
+            assert stop_serve(sp) == 0
+            told = agent.stderr.readline()  # said while the agent runs, not at its end
+            agent.stdin.write("done\n")
+            agent.stdin.flush()
+            assert agent.wait(timeout=TIMEOUT) == 0
+            rest = agent.stderr.read().splitlines()
+        finally:
+            agent.kill()
+    assert told == (
+        "tokenwatch: no supervisor answers: orphan's LLM calls through tokenwatch fail until "
+        "one runs again (`tokenwatch serve --detach` starts one)\n"
+    )
+    assert rest[0].startswith("tokenwatch: could not report the exit to the supervisor")
+    assert re.fullmatch(r"tokenwatch: orphan exited 0 · \d+ tokens · \$\S+ · 1 request", rest[-1])
+    assert len(rest) == 2

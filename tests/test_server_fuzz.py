@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
 from tokenwatch.core import protocol
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
 from tokenwatch.core.protocol import ProtocolError
 from tokenwatch.core.usage_wire import usage_from_wire
 
 # Messages that would act on real processes or stop the supervisor are left out of the fuzz.
-UNSAFE = {"shutdown", "attach", "started", "kill", "pause", "pause_all", "resume", "throttle",
-          "launch", "adopt", "register", "set_budget", "remove_budget", "exited"}  # fmt: skip
+UNSAFE = {"shutdown", "attach", "started", "kill", "pause", "pause_all", "resume", "resume_all",
+          "throttle", "launch", "adopt", "register", "set_budget", "remove_budget", "exited"}  # fmt: skip
 SAFE_TYPES = sorted(set(protocol.SCHEMAS) - UNSAFE)
 
 json_scalars = st.one_of(
@@ -163,7 +163,7 @@ def check_types(event: UsageEvent) -> None:
 
 
 @given(
-    tokens=st.integers(0, 2**62),
+    tokens=st.integers(0, MAX_CALL_TOKENS),
     model=st.text(max_size=30),
     cost=st.none() | st.floats(0, 1e6),
 )

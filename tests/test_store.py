@@ -10,8 +10,9 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, AgentState, Alert, UsageEvent
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 
 # A fixed "now": 2026-03-10 14:30:20 UTC (a Tuesday), so periods and windows are hand-computable.
 NOW = dt.datetime(2026, 3, 10, 14, 30, 20, tzinfo=dt.UTC).timestamp()
@@ -64,6 +65,17 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         estimated=True,
         call_id="call-1",
         prompt_shape="shape",
+        requested_model="claude-opus-4-1",
+        lever="switch+trim",
+        saved_tokens=900,
+        saved_usd=0.02,
+        turn_hash="turn",
+        turn_shape="turn-shape",
+        tool_hash="tool",
+        tool_call='search_files(pattern="payment*.yaml")',
+        answer_hash="answer",
+        overlap=2,
+        price_source="genai-prices",
     )
     defaults = UsageEvent(ts=original.ts)
     unset = [f for f in UsageEvent.field_names() if getattr(original, f) == getattr(defaults, f)]
@@ -142,7 +154,8 @@ async def test_totals_sum_exactly_the_window(store: Store) -> None:
             input_tokens=1000,
             output_tokens=200,
             reasoning_tokens=50,
-            cost_usd=None,
+            cost_usd=0.5,
+            price_source="estimated:claude-opus-4-5",
             model="mystery",
             task="t2",
         ),
@@ -156,12 +169,13 @@ async def test_totals_sum_exactly_the_window(store: Store) -> None:
     assert totals.output_tokens == 2 + 20 + 200 + 5 + 3
     assert totals.cache_read_tokens == 40
     assert totals.reasoning_tokens == 50
-    assert totals.cost_usd == pytest.approx(0.75)
-    assert totals.unpriced_requests == 1
+    assert totals.cost_usd == pytest.approx(1.25)
+    assert totals.unpriced_requests == 1  # the model no table knows, counted at the fallback
+    assert totals.estimated_usd == pytest.approx(0.5)
     assert (totals.errors, totals.denied, totals.estimated_requests) == (1, 1, 1)
     assert totals.tasks == 2
     assert totals.total_tokens == 1118 + 230
-    assert totals.cost_per_task == pytest.approx(0.375)
+    assert totals.cost_per_task == pytest.approx(0.625)
     # Half-open: an event exactly at `until` is outside.
     assert (await store.totals(NOW - 3 * 3600, NOW)).requests == 4
     assert (await store.totals(0)).requests == 6
@@ -336,6 +350,21 @@ async def test_wrongly_typed_event_is_rejected_alone(store: Store) -> None:
     store.append_nowait(ev(NOW, input_tokens=7))
     await store.flush()
     assert (await store.totals(0)).input_tokens == 7
+    assert store.statistics().rejected == 2
+
+
+async def test_counts_that_overflow_the_sums_are_set_aside_and_the_next_batch_is_stored(
+    store: Store,
+) -> None:
+    # Two calls of 2**62 tokens in one minute sum past 64 bits; the capture paths refuse such
+    # counts, so this is the ledger's own guard. The first batch of a connection also made the
+    # temporary rollup table, which its rollback took away: every later batch failed on it.
+    huge = [ev(NOW, call_id=f"huge-{i}", input_tokens=2**62) for i in range(2)]
+    with pytest.raises(ValueError, match="'input_tokens' is 4,611,686,018,427,387,904, over"):
+        await store.append_many([*huge, ev(NOW, call_id="fine", input_tokens=5)])
+    assert await store.append(ev(NOW, call_id="next", input_tokens=7))
+    totals = await store.totals(0)
+    assert (totals.requests, totals.input_tokens) == (2, 12)
     assert store.statistics().rejected == 2
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,10 +17,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.ledger import schema
+from tokenwatch.ledger import schema, transaction
 from tokenwatch.ledger.rollups import segments
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 from tokenwatch.ledger.transaction import Statement
 
 WRITER = textwrap.dedent(
@@ -198,3 +200,70 @@ def test_open_ended_range_reads_the_future_raw() -> None:
     pieces = segments(0.0, math.inf, now=7_200.5)
     assert pieces[-1] == (None, pieces[-2][2], math.inf)
     assert pieces[-2][2] > 7_200.5
+
+
+async def wal_sizes(path: Path, count: int) -> list[int]:
+    """The WAL's size after each of `count` events written one commit at a time."""
+    sizes = []
+    async with await Store.open(path) as store:
+        for i in range(count):
+            await store.append(UsageEvent(ts=10.0 + i, agent=f"a{i % 3}", call_id=f"w{i}"))
+            sizes.append(os.stat(f"{path}-wal").st_size)
+    return sizes
+
+
+async def test_on_a_nearly_full_disk_every_commit_truncates_the_wal(
+    tokenwatch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roomy = await wal_sizes(tokenwatch_home / "roomy.db", 20)
+    monkeypatch.setattr(transaction, "LOW_DISK_BYTES", 2**62)  # any disk is nearly full now
+    tight = await wal_sizes(tokenwatch_home / "tight.db", 20)
+    assert roomy == sorted(roomy)
+    assert roomy[-1] > 20 * 4096  # grows until ~16 MB before checkpointing by itself
+    assert tight == [0] * 20
+    with sqlite3.connect(tokenwatch_home / "tight.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 20
+
+
+TINY_DISK_WRITER = textwrap.dedent(
+    """
+    import subprocess, sys, anyio
+    from pathlib import Path
+    from tokenwatch.core.models import UsageEvent
+    from tokenwatch.ledger.store import Store, StoreUnavailable
+
+    async def main(directory: str, count: int) -> None:
+        stored = 0
+        async with await Store.open(Path(directory) / "usage.db", writer_process=True) as store:
+            for i in range(count):
+                event = UsageEvent(agent=f"a{i % 7}", task=f"t{i}", input_tokens=100,
+                                   output_tokens=20, call_id=f"c{i}")
+                try:
+                    stored += await store.append(event)
+                except StoreUnavailable as exc:
+                    print(f"event {i}: {exc}")
+                    break
+        print(f"stored {stored}")
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", sys.argv[1]], check=True)
+    anyio.run(main, sys.argv[1], int(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_ledger_on_a_2_mb_disk_holds_thousands_of_events(tokenwatch_home: Path) -> None:
+    # The fault run's 2 MB filesystem: the WAL filled it after 81 events and the ledger never
+    # wrote again. A private mount namespace (unshare) makes the tiny disk without root.
+    disk = tokenwatch_home / "tiny"
+    disk.mkdir()
+    command = ["unshare", "--map-root-user", "--mount", sys.executable, "-c", TINY_DISK_WRITER]
+    try:
+        done = subprocess.run(
+            [*command, str(disk), "2000"], capture_output=True, text=True, timeout=300
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here to make a 2 MB filesystem")
+    if "stored" not in done.stdout:
+        pytest.skip(f"cannot make a 2 MB filesystem here: {done.stderr.strip()[-200:]}")
+    assert done.stdout.splitlines() == ["stored 2000"]

@@ -16,8 +16,9 @@ import anyio
 import pytest
 
 from tokenwatch.cli import main
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
 READ_COMMANDS = [["report"], ["export"], ["alerts"], ["budget", "list"], ["rules", "test"]]

@@ -35,7 +35,7 @@ from tests.supervisor_fixtures import (
 )
 from tokenwatch.client.control import SupervisorClient, SupervisorError
 from tokenwatch.config import AgentSettings
-from tokenwatch.core.models import Agent
+from tokenwatch.core.models import Agent, UsageEvent
 from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
@@ -112,6 +112,10 @@ def test_serve_detach_keeps_config_and_verbose(tokenwatch_home: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_a_client_starts_the_supervisor_in_the_background(tokenwatch_home: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "env", "probe"],
+        capture_output=True, text=True, timeout=60, check=True, env=tokenwatch_env(),
+    )  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-m", "tokenwatch", "status", "--json"],
         capture_output=True, text=True, timeout=60, check=True, env=tokenwatch_env(),
@@ -143,7 +147,7 @@ def test_a_supervisor_that_cannot_start_says_why_in_one_line(tokenwatch_home: Pa
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("[proxy]\nport = 'abc'\n")
     out = subprocess.run(
-        [sys.executable, "-m", "tokenwatch", "status"],
+        [sys.executable, "-m", "tokenwatch", "env", "probe"],
         capture_output=True, text=True, timeout=60, env=tokenwatch_env(), cwd=tokenwatch_home,
     )  # fmt: skip
     assert out.returncode != 0
@@ -357,7 +361,7 @@ async def test_a_bad_budget_sent_over_the_socket_is_a_clear_error() -> None:
     )
     assert unknown.value.code == "bad_message"
     assert "never-set" in unknown.value.message
-    assert saved == {"name": "ok"}
+    assert saved == {"name": "ok", "saved_to": str(paths.overlay)}
 
 
 async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
@@ -390,7 +394,7 @@ async def test_out_of_range_since_and_limit_are_bad_messages() -> None:
 async def test_a_ledger_that_cannot_be_read_is_said_so_not_an_internal_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tokenwatch.ledger.transaction import StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
 
     async def damaged(**_: Any) -> list[Any]:
         raise StoreUnavailable("cannot read the ledger usage.db: database disk image is malformed")
@@ -403,3 +407,37 @@ async def test_a_ledger_that_cannot_be_read_is_said_so_not_an_internal_error(
             assert await client.request("list") == []  # and it goes on serving
     assert refused.value.code == "store_unavailable"
     assert str(refused.value) == "cannot read the ledger usage.db: database disk image is malformed"
+
+
+async def test_a_run_counts_what_every_supervisor_saw_of_it() -> None:
+    # `tokenwatch stop` and a new supervisor in the middle of a run: its summary and `status`
+    # showed only the second supervisor's part (the ledger held all of it).
+    paths = Paths.discover()
+    agent = start_tree()
+    pids = descendants(agent.pid)
+
+    def call(run_id: str, tokens: int) -> UsageEvent:
+        return UsageEvent(ts=time.time(), agent="r", run_id=run_id, model="gpt-4o",
+                          input_tokens=tokens)  # fmt: skip
+
+    try:
+        async with running_supervisor(paths, quiet_config(), proxy=False, exporters=False) as sup:
+            assert sup.engine is not None
+            async with await SupervisorClient.connect(paths, start=False) as client:
+                run_id = (await client.request("register", name="r", launched=True))["run_id"]
+                await client.request("started", name="r", pid=agent.pid)
+            await sup.engine.ingest([call(run_id, 100), call(run_id, 200)])
+        async with running_supervisor(paths, quiet_config(), proxy=False, exporters=False) as sup:
+            assert sup.engine is not None
+            async with await SupervisorClient.connect(paths, start=False) as client:
+                status = await client.request("status")
+                await sup.engine.ingest([call(run_id, 300)])
+                exited = await client.request("exited", name="r", code=0)
+    finally:
+        kill_tree(pids)
+        agent.wait()
+    (row,) = [a for a in status["agents"] if a["agent"]["name"] == "r"]
+    assert (row["summary"]["requests"], row["summary"]["tokens"]) == (2, 300)
+    summary = exited["summary"]
+    assert (summary["requests"], summary["tokens"]) == (3, 600)
+    assert summary["cost_usd"] == pytest.approx(600 * 2.50 / 1e6)  # gpt-4o input

@@ -30,8 +30,24 @@ class FakeClock:
 
 
 def bucket(rate: float, burst: float) -> tuple[TokenBucket, FakeClock]:
+    """A bucket that starts full, so each test sets out from a known level."""
     clock = FakeClock()
-    return TokenBucket(rate, burst, clock=clock, sleep=clock.sleep), clock
+    return TokenBucket(rate, burst, clock=clock, sleep=clock.sleep, start=burst), clock
+
+
+async def test_a_new_throttle_lets_about_its_rate_through_in_its_first_minute() -> None:
+    # 20k tokens/min with a minute of burst, calls of 1k back to back: a bucket that started
+    # full let 40k through in the first minute.
+    clock = FakeClock()
+    tb = TokenBucket(20_000 / 60, 20_000, clock=clock, sleep=clock.sleep)
+    passed = 0
+    while True:
+        await tb.acquire(1_000)
+        if clock.now >= 60:
+            break
+        passed += 1_000
+    assert passed <= 20_000 * 1.1
+    assert passed >= 20_000 * 0.9  # throttled to its rate, not below it
 
 
 async def test_waits_only_for_what_the_bucket_lacks() -> None:

@@ -240,7 +240,7 @@ async def test_async_message_counting_matches_sync() -> None:
     assert big == count_messages(big_messages, "gpt-4")
 
 
-def _run_offline(code: str, env: dict[str, str]) -> dict[str, object]:
+def _run_offline(code: str, env: dict[str, str], unset: tuple[str, ...] = ()) -> dict[str, object]:
     """Run `code` in a fresh interpreter whose sockets refuse to connect; return its JSON line."""
     guard = (
         "import socket, json\n"
@@ -257,7 +257,7 @@ def _run_offline(code: str, env: dict[str, str]) -> dict[str, object]:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **env},
+        env={k: v for k, v in {**os.environ, **env}.items() if k not in unset},
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -273,6 +273,20 @@ COUNT_GPT4O = (
 def test_loading_is_offline_with_an_empty_cache(tmp_path: Path) -> None:
     out = _run_offline(COUNT_GPT4O, {"TIKTOKEN_CACHE_DIR": str(tmp_path)})
     assert out == {"result": [6, False, "o200k_base"], "attempts": 0}
+
+
+def test_the_tokenizer_file_goes_to_tokenwatchs_cache_not_the_temp_dir(tmp_path: Path) -> None:
+    temp, home = tmp_path / "tmp", tmp_path / "home"
+    temp.mkdir()
+    claude = "c = count_text('tiktoken is great!', 'claude-haiku-4-5')\nresult += [c.encoding]\n"
+    out = _run_offline(
+        COUNT_GPT4O + claude,  # o200k made from quicktok's vocabulary, and the offline cl100k
+        {"TMPDIR": str(temp), "TOKENWATCH_HOME": str(home)},
+        unset=("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"),
+    )
+    assert out == {"result": [6, False, "o200k_base", "cl100k_base"], "attempts": 0}
+    assert list(temp.iterdir()) == [], "nothing left in the system temp dir"
+    assert len(list((home / "cache" / "tiktoken").iterdir())) == 2
 
 
 def test_without_a_bundled_o200k_it_falls_back_to_an_estimate(tmp_path: Path) -> None:

@@ -58,6 +58,29 @@ async def test_snapshot_fills_every_panel() -> None:
         assert "→ pause" in feed
 
 
+async def test_totals_holding_estimated_prices_are_marked_everywhere() -> None:
+    snap = sample_snapshot()
+    looper = next(v for v in snap.agents if v.agent.name == "looper")
+    looper.unpriced_requests = 2
+    snap.unpriced_today = 2
+    snap.estimated_today_usd = 0.1
+    snap.top_partial = {"agent": ["looper"]}
+    app = scripted_app(ScriptedSource(snap))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: len(row_names(app)) == len(NAMES), "rows shown")
+        table = widget_text(app.main.table)
+        looper_row = next(line for line in table.splitlines() if "looper" in line)
+        assert "$0.1550*" in looper_row  # its cost
+        assert "░░* 75%" in looper_row  # and its budget gauge
+        coder_row = next(line for line in table.splitlines() if "coder " in line)
+        assert "*" not in coder_row
+        summary = widget_text(app.main.query_one("SummaryBar"))
+        assert "today $0.4650*" in summary
+        spenders = widget_text(app.main.query_one(TopSpenders))
+        assert "$0.1550*" in spenders
+        assert spenders.count("*") == 1  # the others hold no estimate
+
+
 @contextlib.contextmanager
 def real_agent(name: str) -> Iterator[tuple[ProcessHandle, ScriptedSource]]:
     """The sample dashboard with `name` backed by a real process the commands act on."""
@@ -417,3 +440,13 @@ async def test_no_color_renders_in_grey_only(monkeypatch: pytest.MonkeyPatch) ->
     colours = set(re.findall(r"#([0-9a-f]{6})\b", svg)) - window_chrome
     assert colours, "the screenshot has colours to check"
     assert {c for c in colours if not (c[0:2] == c[2:4] == c[4:6])} == set()
+
+
+@pytest.mark.parametrize("keys", [(), ("slash", *"co")], ids=["table", "filter box"])
+async def test_ctrl_c_quits(keys: tuple[str, ...]) -> None:
+    app = scripted_app(ScriptedSource(sample_snapshot()))
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: len(row_names(app)) == 5, "rows")
+        await pilot.press(*keys, "ctrl+c")
+        await wait_for(pilot, lambda: app.return_code == 0, "the dashboard quit")
+        assert not any("ctrl+q" in n for n in notifications(app))

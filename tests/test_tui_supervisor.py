@@ -1,5 +1,5 @@
 """The dashboard against a real supervisor (in-process) over its socket: launch, budget form
-persisted to the overlay, pause on a real process, detail and report screens with real replies."""
+persisted to the overlay, pause and resume all on a real process, detail and report screens with real replies."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from tests.process_fixtures import state as proc_state
 from tests.supervisor_fixtures import quiet_config, running_supervisor
 from tests.tui_fixtures import notifications, row_names, wait_for
 from tokenwatch.client.control import SupervisorClient
-from tokenwatch.config import load_config
 from tokenwatch.paths import Paths
+from tokenwatch.supervisor.policy import load_config
 from tokenwatch.tui.app import build_app
 from tokenwatch.tui.screens.detail import AgentDetailScreen
 from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen
@@ -87,7 +87,10 @@ async def test_dashboard_drives_a_real_supervisor(short_tmp: Path) -> None:
             await wait_for(
                 pilot, lambda: "report failed" not in " ".join(notifications(app)), "no error"
             )
-            await pilot.press("escape", "k")
+            await pilot.press("escape", "R")  # resume every paused agent
+            await wait_for(pilot, lambda: proc_state(pid) in {"S", "R"}, "process resumed")
+            await wait_for(pilot, lambda: app.view_of("alpha").agent.state == "running", "shown")
+            await pilot.press("k")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), "confirm")
             await pilot.press("y")
             await wait_for(pilot, lambda: dead(pid), "process gone")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.test_server_fuzz import event_fields, json_values
 from tokenwatch.core import protocol
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
 from tokenwatch.core.protocol import ProtocolError
 from tokenwatch.core.usage_wire import decode_usage_line, usage_from_wire
 
@@ -62,7 +62,7 @@ def test_the_fast_path_agrees_with_the_generic_one(msg: dict[str, Any]) -> None:
 
 
 @given(
-    tokens=st.integers(0, 2**62),
+    tokens=st.integers(0, MAX_CALL_TOKENS),
     cost=st.none() | st.floats(0, 1e6),
     mid=st.integers(0, 2**40) | st.text(max_size=8),
     ts=st.floats(1.0, 1.7e9),  # up to 2023: any time already past
@@ -106,3 +106,10 @@ def test_faulty_usage_lines_are_left_to_the_generic_path() -> None:
 @given(mids=st.lists(st.integers(-(2**63), 2**63) | st.text(max_size=6) | st.none(), max_size=5))
 def test_usage_acks_are_the_ordinary_replies(mids: list[int | str | None]) -> None:
     assert protocol.acks(mids) == [protocol.dumps(protocol.reply_ok(mid)) for mid in mids]
+
+
+@pytest.mark.parametrize("mid", [-(2**63) - 1, 2**64])
+def test_an_id_the_generic_decoder_reads_as_a_float_is_left_to_it(mid: int) -> None:
+    line = json.dumps({"v": 1, "type": "usage", "event": {}, "id": mid}).encode()
+    assert decode_usage_line(line) is None
+    assert generic(line) == "refused: bad_message"

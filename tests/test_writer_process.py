@@ -12,8 +12,9 @@ import anyio
 import pytest
 
 from tests.supervisor_fixtures import stop_serve, supervisor_process
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import UsageEvent
-from tokenwatch.ledger.store import Store, StoreUnavailable
+from tokenwatch.ledger.store import Store
 from tokenwatch.ledger.transaction import Statement
 from tokenwatch.ledger.writer_process import ChildCommitter
 

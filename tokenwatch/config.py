@@ -173,6 +173,9 @@ class BudgetSettings:
     """Measure the period as a rolling window instead of calendar-aligned."""
     rate: str = "50%"
     """Throttle rate applied when the action is throttle (`20k/min`, `$1/h`, `50%`)."""
+    unpriced: str = "estimate"
+    """A dollar budget counts calls to models no price table knows at the fallback's price
+    (`estimate`), or as $0 (`free`, what tokenwatch did before it had a fallback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +275,72 @@ class ExportSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = False
+    """Answer an identical request from a local store instead of the upstream (docs/optimize.md)."""
+    agents: str = "*"
+    """Glob of agent names whose calls are cached."""
+    shared: bool = False
+    """Share entries between the user's agents (same key and upstream); default: each agent its own."""
+    ttl: Annotated[float, Range(0, YEAR, above=True)] = 3600.0
+    """Seconds an answer is served again after it was stored."""
+    any_temperature: bool = False
+    """Also cache sampled answers (temperature absent or above 0); default: only temperature 0."""
+    max_bytes: Annotated[int, Range(1 << 20, 1 << 40)] = 64 << 20
+    """Size bound of the store on disk (1 MiB to 1 TiB); the oldest entries go first beyond it."""
+    max_entry_bytes: Annotated[int, Range(1024, 1 << 32)] = 4 << 20
+    """Largest answer stored (1 KiB to 4 GiB); bigger ones are relayed but not kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchSettings:
+    budget: str = ""
+    """Name of the budget whose use turns the switch on."""
+    at: Annotated[float, Range(0, 1000, above=True)] = 80.0
+    """Percent of that budget used from which calls are switched."""
+    agents: str = "*"
+    """Glob of agent names whose calls are switched."""
+    model: str = "*"
+    """Glob of the requested models that are switched (`gpt-4o`)."""
+    to: str = ""
+    """The model served instead (`gpt-4o-mini`): same provider and wire."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrimSettings:
+    enabled: bool = False
+    """Drop a conversation's oldest turns once a budget is nearly used (docs/optimize.md)."""
+    budget: str = ""
+    """Name of the budget whose use turns trimming on; empty trims from the first call."""
+    at: Annotated[float, Range(0, 1000)] = 80.0
+    """Percent of that budget used from which prompts are trimmed."""
+    agents: str = "*"
+    """Glob of agent names whose prompts are trimmed."""
+    keep_turns: Annotated[int, Range(1, 10_000)] = 6
+    """Latest turns kept (1 to 10000); the system prompt is always kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHealthSettings:
+    enabled: bool = True
+    """Alert when calls re-send a long prompt prefix the provider did not serve from its cache."""
+    min_prefix_tokens: Annotated[int, Range(1, 10_000_000)] = 4096
+    """Shortest re-sent prefix (tokens) that counts."""
+    repeats: Annotated[int, Range(1, 10_000)] = 3
+    """Uncached re-sends within the window that raise the alert."""
+    window: Annotated[float, Range(0, DAY, above=True)] = 600.0
+    """Seconds a prefix is remembered and re-sends are counted over."""
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeSettings:
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    switch: list[SwitchSettings] = field(default_factory=list)
+    trim: TrimSettings = field(default_factory=TrimSettings)
+    cache_health: CacheHealthSettings = field(default_factory=CacheHealthSettings)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole of tokenwatch.toml (plus tokenwatch's overlay), typed."""
 
@@ -283,6 +352,7 @@ class Config:
     agents: dict[str, AgentSettings] = field(default_factory=dict)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     source: str = ""
     """The file this was read from (empty for built-in defaults)."""
     overlay: str = ""
@@ -437,10 +507,11 @@ def overlay_path_for(config_file: Path | None, paths: Paths) -> Path:
     return config_file.with_name(OVERLAY_NAME)
 
 
-def load_config(
+def read_config(
     explicit: Path | None = None, paths: Paths | None = None, cwd: Path | None = None
 ) -> Config:
-    """Read the project's (or user's, or an explicit) tokenwatch.toml plus its overlay."""
+    """Read the project's (or user's, or an explicit) tokenwatch.toml plus its overlay, checking
+    types and bounds; `supervisor.policy.load_config` also checks prices, budgets and rules."""
     paths = paths or Paths.discover()
     source = explicit if explicit is not None else find_config(paths, cwd)
     base: dict[str, Any] = {}
@@ -455,28 +526,4 @@ def load_config(
             raise ConfigError(f"{overlay_file}: unknown key '{sorted(unknown)[0]}'")
         data = merge_overlay(base, overlay)
     cfg = parse_config(data, str(source) if source else "<defaults>")
-    _check_usable(cfg)
     return dataclasses.replace(cfg, overlay=str(overlay_file))
-
-
-def _check_usable(cfg: Config) -> None:
-    """Refuse, naming the file, what the supervisor would only refuse when it starts (or, for
-    the proxy, at the next start after a reload): the checks are the ones it runs then."""
-    from tokenwatch.core.budgets import Budgets
-    from tokenwatch.core.pricing import PriceError, PriceTable
-    from tokenwatch.core.rules import DEFAULT_RULES, Rules
-    from tokenwatch.proxy.routes import check_bind
-
-    try:
-        check_bind(cfg.proxy.host)
-    except ValueError as exc:
-        raise ConfigError(f"{cfg.source}: proxy.host: {exc}") from None
-    try:
-        PriceTable.load(cfg.prices)
-    except PriceError as exc:
-        raise ConfigError(f"{cfg.source}: {exc}") from None
-    try:
-        Budgets(cfg.budget, tz=cfg.supervisor.timezone)
-        Rules(cfg.rule or DEFAULT_RULES)
-    except ConfigError as exc:
-        raise exc.in_file(cfg.source) from None

@@ -46,6 +46,8 @@ class Paths:
     """Durable state: the SQLite ledger and agent logs."""
     runtime_dir: Path
     """Volatile, private (0700): the supervisor's socket and pid file."""
+    cache_dir: Path
+    """What can be made again: the tokenizer files converted from bundled vocabularies."""
 
     @classmethod
     def discover(cls, env: dict[str, str] | None = None) -> Paths:
@@ -53,21 +55,34 @@ class Paths:
         home = env.get(HOME_ENV)
         if home:
             root = Path(home).expanduser()
-            return cls(root / "config", root / "state", root / "run")
+            return cls(root / "config", root / "state", root / "run", root / "cache")
         user_home = Path(env.get("HOME") or Path.home())
         config = Path(env.get("XDG_CONFIG_HOME") or user_home / ".config") / "tokenwatch"
         state = Path(env.get("XDG_STATE_HOME") or user_home / ".local" / "state") / "tokenwatch"
+        cache = Path(env.get("XDG_CACHE_HOME") or user_home / ".cache") / "tokenwatch"
         runtime_base = env.get("XDG_RUNTIME_DIR")
         runtime = (
             Path(runtime_base) / "tokenwatch"
             if runtime_base
             else Path("/tmp") / f"tokenwatch-{os.getuid()}"
         )
-        return cls(config, state, runtime)
+        return cls(config, state, runtime, cache)
 
     @property
     def db(self) -> Path:
         return self.state_dir / DB_NAME
+
+    @property
+    def response_cache(self) -> Path:
+        """The proxy's response cache (`[optimize.cache]`), beside the ledger: answers are
+        private to this user, like the ledger (0600 in a 0700 directory)."""
+        return self.state_dir / "response-cache.db"
+
+    @property
+    def unstored(self) -> Path:
+        """Usage a stopping supervisor could not store (its ledger unwritable), beside the
+        ledger; the next start stores it and removes the file."""
+        return self.state_dir / "unstored-usage.jsonl"
 
     @property
     def socket(self) -> Path:
@@ -82,6 +97,10 @@ class Paths:
     @property
     def pidfile(self) -> Path:
         return self.runtime_dir / "supervisor.pid"
+
+    @property
+    def tokenizer_cache(self) -> Path:
+        return self.cache_dir / "tiktoken"
 
     @property
     def logs_dir(self) -> Path:

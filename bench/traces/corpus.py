@@ -21,6 +21,8 @@ from typing import Any
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.tokens import prompt_hash, prompt_shape_hash
 
+from . import agents
+
 T0 = 1_795_420_800.0  # 2026-11-23 00:00 UTC; every trace starts within the day
 WORDS = [
     "invoice",
@@ -56,12 +58,14 @@ WORDS = [
 class Trace:
     name: str
     kind: str
-    """healthy, loop, near_loop, spike, snowball or overrun."""
+    """healthy, loop, near_loop, tool_loop, turn_loop, alternation, spike, snowball or overrun."""
     events: list[UsageEvent] = field(default_factory=list)
     start: int | None = None
     """Index of the first call of the runaway (None for a healthy trace)."""
     task_ends: dict[int, str] = field(default_factory=dict)
     """After the call at this index, the agent says its task is over."""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    """The wire-format kinds' requests, for the live replay (agents.Recording)."""
 
     @property
     def runaway(self) -> bool:
@@ -84,6 +88,7 @@ class _Writer:
         task: str = "",
         out: int = 300,
         status: str = "ok",
+        latency: float | None = None,
     ) -> None:
         self.now += after
         self.events.append(
@@ -99,6 +104,7 @@ class _Writer:
                 status=status,
                 prompt_hash=prompt_hash(prompt),
                 prompt_shape=prompt_shape_hash(prompt),
+                latency_ms=None if latency is None else latency * 1000,
             )
         )
 
@@ -272,7 +278,9 @@ def loop(rng: random.Random) -> Trace:
         w.call(f"step {w.sentence(14)}", rng.randint(800, 2000), after=rng.uniform(5, 30))
     start, prompt = len(w.events), [{"role": "user", "content": "Run the tests; fix what fails."}]
     for _ in range(30):
-        w.call(prompt, 1800, after=rng.uniform(2, 15))
+        # sent again as soon as the answer is in: the model's time is most of the gap
+        after = rng.uniform(2, 9)
+        w.call(prompt, 1800, after=after, latency=after * rng.uniform(0.5, 0.9))
     return Trace("loop", "loop", w.events, start)
 
 
@@ -283,9 +291,11 @@ def near_loop(rng: random.Random) -> Trace:
         w.call(f"step {w.sentence(14)}", rng.randint(800, 2000), after=rng.uniform(5, 30))
     start = len(w.events)
     for n in range(30):
-        w.now += rng.uniform(2, 15)
+        after = rng.uniform(2, 9)
+        w.now += after
         stamp = f"2026-11-23T{int(w.now // 3600 % 24):02d}:{int(w.now // 60 % 60):02d}:00Z"
-        w.call(f"Attempt {n + 1} at {stamp}: deploy service-42 and report", 2100 + n % 3, after=0)
+        prompt = f"Attempt {n + 1} at {stamp}: deploy service-42 and report"
+        w.call(prompt, 2100 + n % 3, after=0, latency=after * rng.uniform(0.5, 0.9))
     return Trace("near-loop", "near_loop", w.events, start)
 
 
@@ -358,13 +368,26 @@ RUNAWAY: tuple[Callable[[random.Random], Trace], ...] = (loop, near_loop, spike,
 
 
 def corpus(variants: int = 10, seed: int = 2026) -> list[Trace]:
-    """`variants` seeded traces of every kind."""
+    """`variants` seeded traces of every kind (the wire-format kinds take the wires in turn)."""
     traces = []
     for make in (*HEALTHY, *RUNAWAY):
         for v in range(variants):
             trace = make(random.Random(f"{seed}-{make.__name__}-{v}"))
             trace.name = f"{trace.name}-{v}"
             traces.append(trace)
+    for kind, healthy in agents.HEALTHY.items():
+        for v in range(variants):
+            wire = agents.wire_for(v)
+            done = healthy(random.Random(f"{seed}-{kind}-{v}"), wire)
+            traces.append(
+                Trace(f"{kind}-{wire}-{v}", "healthy", done.events, requests=done.requests)
+            )
+    for kind, runaway in agents.RUNAWAYS.items():
+        for v in range(variants):
+            wire = agents.wire_for(v)
+            done = runaway(random.Random(f"{seed}-{kind}-{v}"), wire)
+            traces.append(Trace(f"{kind}-{wire}-{v}", kind, done.events, done.start,
+                                requests=done.requests))  # fmt: skip
     return traces
 
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from tokenwatch import environ
 from tokenwatch.cli.errors import CliError
 
 # command name -> module under tokenwatch.cli that defines register(subparsers)
@@ -18,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "supervisor",
     "run",
     "budget",
+    "route",
     "ledger",
     "count",
     "fakellm",
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:
-        if os.environ.get("TOKENWATCH_DEBUG"):
+        if os.environ.get(environ.DEBUG):
             raise
         from tokenwatch.config import ConfigError
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenwatch.cli.errors import CliError
+from tokenwatch.core.actions import ACTIONS
 
 if TYPE_CHECKING:
     from tokenwatch.client.control import SupervisorClient
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 SCOPES = ("global", "agent", "task", "model", "user", "tag")
 PERIODS = ("request", "task", "hour", "day", "week", "month", "total")
-ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="set, list or remove budgets",
         description=(
             "Budgets cap tokens or dollars per scope (global, agent, task, model, user, tag) and "
-            "period. Edits are saved to tokenwatch.local.toml beside your tokenwatch.toml (never "
-            "to the file you wrote) and a running supervisor applies them at once."
+            "period. Edits are saved to tokenwatch.local.toml beside the config in use (the "
+            "running supervisor's; never to the file you wrote), the path is printed, and a "
+            "running supervisor applies them at once."
         ),
     )
     actions = p.add_subparsers(dest="budget_command", metavar="ACTION", required=True)
@@ -94,7 +95,11 @@ def _add_set(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="global, or agent/task/model/user:NAME (a glob: each match gets its own limit), "
         "or tag:KEY=VALUE (a value glob works) or tag:KEY (any value)",
     )
-    q.add_argument("limit", metavar="LIMIT", help="tokens (200k, 1.5M) or dollars ('$5')")
+    q.add_argument(
+        "limit",
+        metavar="LIMIT",
+        help="tokens (200k, 1.5M) or dollars ('$5'); a bare number is refused (5k or $5?)",
+    )
     q.add_argument("--period", choices=PERIODS, help="default: day")
     q.add_argument("--action", choices=ACTIONS, help="what happens at the limit (default: alert)")
     q.add_argument("--warn", metavar="PCTS", help="warning thresholds in %% (default: 50,80,100)")
@@ -121,15 +126,49 @@ def run_set(args: argparse.Namespace) -> int:
     entry = budget_entry(budget)
     if is_run_budget(entry["name"]):
         return _set_run_limit(args, entry)
-    with _saving(config):
-        set_budget(config, budget)
-    told = _tell_supervisor(lambda c: c.request("set_budget", budget=entry))
+    where = _edit(
+        args.config,
+        config,
+        lambda: set_budget(config, budget),
+        lambda c: c.request("set_budget", budget=entry),
+    )
     period = "" if budget.period == "total" else f" per {budget.period}"
     print(
         f"budget {entry['name']}: {budget.limit}{period}, {budget.action} at the limit, "
-        f"warnings at {', '.join(f'{w}%' for w in budget.warn) or 'none'} ({told})"
+        f"warnings at {', '.join(f'{w}%' for w in budget.warn) or 'none'} ({where})"
     )
     return 0
+
+
+def _edit(
+    explicit: str | None,
+    config: Config,
+    save: Callable[[], object],
+    tell: Callable[[SupervisorClient], Awaitable[Any]],
+) -> str:
+    """Save a budget edit beside the config in use and apply it; says where it went. The config
+    in use is the running supervisor's (it saves the edit itself), unless --config names one."""
+    from tokenwatch.supervisor.overlay import overlay_file
+
+    if explicit is None:
+        answer = _from_supervisor(tell)
+        if answer is not None:
+            return f"saved to {answer['saved_to']} and applied"
+    with _saving(config):
+        save()
+    saved = overlay_file(config)
+    if explicit is None:
+        return f"saved to {saved}; no supervisor is running, it applies when one starts"
+    try:
+        answer = _from_supervisor(tell)
+    except CliError as exc:
+        print(f"tokenwatch: the supervisor did not apply it: {exc}", file=sys.stderr)
+        return f"saved to {saved}; applies when the supervisor restarts"
+    if answer is None:
+        return f"saved to {saved}; no supervisor is running, it applies when one starts"
+    if Path(answer["saved_to"]) != saved:
+        return f"saved to {saved}, and applied by the supervisor, which saved it to {answer['saved_to']}"
+    return f"saved to {saved} and applied"
 
 
 @contextlib.contextmanager
@@ -176,14 +215,35 @@ def run_rm(args: argparse.Namespace) -> int:
         print(f"budget {args.name} removed for the rest of the run")
         return 0
     config = _load(args.config)
+    name = _budget_named(args.name, config, in_supervisor=args.config is None)
     try:
-        with _saving(config):
-            remove_budget(config, args.name)
+        where = _edit(
+            args.config,
+            config,
+            lambda: remove_budget(config, name),
+            lambda c: c.request("remove_budget", name=name),
+        )
     except UnknownBudget as exc:
         raise CliError(str(exc)) from None
-    told = _tell_supervisor(lambda c: c.request("remove_budget", name=args.name))
-    print(f"budget {args.name} removed ({told})")
+    print(f"budget {name} removed ({where})")
     return 0
+
+
+def _budget_named(name: str, config: Config, *, in_supervisor: bool) -> str:
+    """The budget `name` means: its full name, or the one budget of SCOPE[:NAME] (`agent:x`
+    for `agent:x:day`, as `budget set agent:x` names it)."""
+    from tokenwatch.core.budgets import budget_name
+
+    rows = _from_supervisor(lambda c: c.request("budgets")) if in_supervisor else None
+    known = (
+        [r["name"] for r in rows] if rows is not None else [budget_name(b) for b in config.budget]
+    )
+    if name in known:
+        return name
+    matches = [k for k in known if k.startswith(name.rstrip(":") + ":")]
+    if len(matches) > 1:
+        raise CliError(f"{name} has several budgets: {', '.join(sorted(matches))}; name one")
+    return matches[0] if matches else name
 
 
 def _budget_from_args(args: argparse.Namespace, config: Config) -> BudgetSettings:
@@ -198,6 +258,7 @@ def _budget_from_args(args: argparse.Namespace, config: Config) -> BudgetSetting
     base = next((b for b in config.budget if budget_name(b) == name), None)
     if base is None:
         base = BudgetSettings(scope=scope, target=target, period=period)
+    _typed_limit(args.limit)
     changes: dict[str, Any] = {"name": name, "scope": scope, "target": target, "limit": args.limit}
     if args.period:
         changes["period"] = args.period
@@ -215,6 +276,15 @@ def _budget_from_args(args: argparse.Namespace, config: Config) -> BudgetSetting
     except BudgetError as exc:
         raise CliError(str(exc)) from None
     return budget
+
+
+def _typed_limit(text: str) -> None:
+    from tokenwatch.core.quantities import QuantityError, parse_typed_limit
+
+    try:
+        parse_typed_limit(text)
+    except QuantityError as exc:
+        raise CliError(f"LIMIT: {exc}", exit_code=2) from None
 
 
 def _scope(text: str) -> tuple[str, str]:
@@ -291,20 +361,28 @@ def render_statuses(statuses: list[BudgetStatus], *, now: float) -> str:
                 s.target,
                 s.period,
                 _amount(s.limit, s.unit),
-                f"{_amount(s.used, s.unit)} ({s.fraction:.0%})",
+                f"{_amount(s.used, s.unit, s.estimated_usd > 0)} ({s.fraction:.0%})",
                 _amount(s.remaining, s.unit),
                 _time(s.resets_at, now),
                 _time(s.forecast_exhausted_at, now) if s.forecast_exhausted_at else "-",
                 s.action,
             )
         )
-    return _table(rows)
+    table = _table(rows)
+    from tokenwatch.core.quantities import estimate_note
+
+    notes = [
+        estimate_note(s.estimated_usd, s.estimated_from, f"{s.name} ({s.target})")
+        for s in statuses
+        if s.estimated_usd > 0
+    ]
+    return "\n".join([table, *notes])
 
 
-def _amount(value: float, unit: str) -> str:
+def _amount(value: float, unit: str, partial: bool = False) -> str:
     from tokenwatch.core.quantities import format_tokens, format_usd
 
-    return format_usd(value) if unit == "usd" else format_tokens(value)
+    return format_usd(value, partial) if unit == "usd" else format_tokens(value)
 
 
 def _time(ts: float | None, now: float) -> str:
@@ -425,7 +503,7 @@ def render_replay(result: Any, since_text: str) -> str:
 
 
 def _load(path: str | None) -> Config:
-    from tokenwatch.config import load_config
+    from tokenwatch.supervisor.policy import load_config
 
     return load_config(Path(path) if path else None)
 
@@ -439,19 +517,15 @@ def _limit(text: str) -> int:
 
 
 def _since(text: str) -> float:
-    from tokenwatch.core.periods import parse_start
-    from tokenwatch.core.quantities import QuantityError
+    from tokenwatch.cli.ledger import moment
 
-    try:
-        return parse_start(text)
-    except QuantityError as exc:
-        raise CliError(f"--since: {exc}") from None
+    return moment("--since", text, start=True)
 
 
 def _run(coro: Awaitable[Any]) -> Any:
     import anyio
 
-    from tokenwatch.ledger.store import StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
 
     async def go() -> Any:
         return await coro
@@ -464,7 +538,8 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 async def _open_ledger() -> Store | None:
     """The ledger for reading, if anything was ever recorded (reading never creates one)."""
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
     from tokenwatch.paths import Paths
 
     path = Paths.discover().db
@@ -490,15 +565,3 @@ def _from_supervisor(fn: Callable[[SupervisorClient], Awaitable[Any]]) -> Any:
         return None
     except SupervisorError as exc:
         raise CliError(exc.message) from None
-
-
-def _tell_supervisor(fn: Callable[[SupervisorClient], Awaitable[Any]]) -> str:
-    """Apply an edit in the running supervisor too; say what happened."""
-    try:
-        answered = _from_supervisor(fn)
-    except CliError as exc:
-        print(f"tokenwatch: the supervisor did not apply it: {exc}", file=sys.stderr)
-        return "saved; applies when the supervisor restarts"
-    if answered is None:
-        return "saved; no supervisor is running, it applies when one starts"
-    return "saved and applied"

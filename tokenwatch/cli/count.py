@@ -20,7 +20,9 @@ def register(subparsers: Any) -> None:
         description=(
             'Count tokens offline with tiktoken. A JSON chat request ({"messages": [...]}, '
             'Anthropic\'s {"system": ..., "messages": [...]}, a Responses {"input": ...}) '
-            "or a bare list of messages is counted as a prompt, with the per-message overhead; "
+            "or a bare list of messages is counted as a prompt, with the per-message overhead "
+            "and the tools, tool choice and response format it carries, as a budget reserves "
+            "it; "
             "anything else as plain text. Counts for models without a public tokenizer "
             "(Claude, Gemini, open models) are marked estimated."
         ),
@@ -115,17 +117,17 @@ def _as_request(text: str) -> dict[str, Any] | None:
 
 
 def _count(text: str, request: dict[str, Any] | None, model: str) -> tuple[Any, str]:
-    from tokenwatch.core import tokens
+    from tokenwatch.core import request_tokens, tokens
 
     if request is None:
         return tokens.count_text(text, model), "text"
+    if "messages" not in request:
+        endpoint, kind = request_tokens.RESPONSES, "responses input"
+    elif "system" in request or model.startswith("claude"):
+        endpoint, kind = request_tokens.MESSAGES, "messages"
+    else:
+        endpoint, kind = request_tokens.CHAT, "messages"
     try:
-        if "messages" not in request:
-            return tokens.count_responses_input(
-                request["input"], request.get("instructions"), model
-            ), "responses input"
-        if "system" in request:
-            return tokens.count_anthropic(request["system"], request["messages"], model), "messages"
-        return tokens.count_messages(request["messages"], model), "messages"
+        return request_tokens.count_request(endpoint, request, model), kind
     except TypeError as exc:
         raise CliError(f"not a valid chat request: {exc}") from None

@@ -65,8 +65,8 @@ def open_dashboard(args: argparse.Namespace) -> int:
 
 async def _dashboard(interval: float, max_rows: int) -> int:
     from tokenwatch.client.control import SupervisorClient, SupervisorError
-    from tokenwatch.config import load_config
     from tokenwatch.paths import Paths
+    from tokenwatch.supervisor.policy import load_config
     from tokenwatch.tui.source import SupervisorSource
 
     paths = Paths.discover()

@@ -139,8 +139,8 @@ async def _staged(
 ) -> DemoOutcome | None:
     import anyio
 
-    from tokenwatch.config import load_config
     from tokenwatch.demo.stage import connect_when_ready, launch_agents, stop_agents, watch
+    from tokenwatch.supervisor.policy import load_config
 
     client = await connect_when_ready(home, proc)
     async with client:

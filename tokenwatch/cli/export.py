@@ -34,14 +34,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since, parse_start
-    from tokenwatch.core.quantities import QuantityError
+    from tokenwatch.cli.ledger import moment
 
-    try:
-        since = parse_start(args.since) if args.since else 0.0
-        until = parse_since(args.until) if args.until else None
-    except QuantityError as exc:
-        raise CliError(str(exc), 2) from None
+    since = moment("--since", args.since, start=True) if args.since else 0.0
+    until = moment("--until", args.until, start=False) if args.until else None
     if args.output == "-":
         count = anyio.run(_export, since, until, args.format, sys.stdout)
     else:
@@ -57,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
 async def _export(since: float, until: float | None, fmt: str, out: TextIO) -> int:
     import csv
 
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.protocol import dumps
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.ledger.store import Store
     from tokenwatch.paths import Paths
 
     db = Paths.discover().db

@@ -73,6 +73,12 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="retry-after sent with 429 errors (default 1)",
     )
+    p.add_argument(
+        "--reply-to-last",
+        action="store_true",
+        help="choose replies by the last message only: the same question gets the same answer "
+        "however long the conversation (a model in a rut)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not log requests on stderr")
     p.set_defaults(func=run)
 
@@ -110,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         cut_every=args.cut_every,
         cut_after=args.cut_after,
         retry_after_s=args.retry_after,
+        reply_to_last=args.reply_to_last,
     )
 
     async def main() -> None:

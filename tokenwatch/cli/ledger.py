@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tokenwatch.ledger.report import Report
     from tokenwatch.ledger.store import Store
 
-GROUPS = ("agent", "task", "model", "user", "provider", "day")
+GROUPS = ("agent", "task", "model", "user", "provider", "day", "week", "month", "session")
 FILTERS = ("agent", "task", "model", "user", "provider")
 IMPORT_BATCH = 5000
 MAX_ERRORS_SHOWN = 20
@@ -73,7 +73,7 @@ def _register_import(subparsers: Any) -> None:
 def _register_report(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "report",
-        help="tokens and cost per agent, task, model, user, provider or day",
+        help="tokens and cost per agent, task, model, user, provider, day, week, month or session",
         description=(
             "Summarise stored usage over a window: per group, requests, input/cached/output/"
             "reasoning tokens, cost, average tokens per call, output/input ratio, cost per "
@@ -88,7 +88,13 @@ def _register_report(subparsers: Any) -> None:
         help="start: 1h, 24h, 7d (ago), today, or a date/time like 2026-11-01 (default 24h)",
     )
     p.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
-    p.add_argument("--by", choices=GROUPS, default="agent", help="grouping (default agent)")
+    p.add_argument(
+        "--by",
+        choices=GROUPS,
+        default="agent",
+        help="grouping (default agent); week starts on Monday; a session is one run of an agent "
+        "(`tokenwatch run`), with when it started and last called",
+    )
     p.add_argument(
         "--format",
         choices=("table", "json", "csv"),
@@ -96,6 +102,12 @@ def _register_report(subparsers: Any) -> None:
         help="output format (default table)",
     )
     p.add_argument("--top", type=positive_int, default=None, metavar="N", help="largest N groups")
+    p.add_argument(
+        "--savings",
+        action="store_true",
+        help="what each lever (cache, switch, trim) saved per agent: calls, share, tokens, "
+        "dollars (with --since, --until and --format table or json)",
+    )
     for name in FILTERS:
         p.add_argument(
             f"--{name}", default=None, metavar="NAME", help=f"only this {name} (glob allowed)"
@@ -108,9 +120,10 @@ def _register_prices(subparsers: Any) -> None:
         "prices",
         help="show the price table, or how one model is priced",
         description=(
-            "Show the dated price table (USD per 1M tokens) with tokenwatch.toml's "
-            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the family it '
-            "resolves to and the alias rules that got it there."
+            "Show tokenwatch's bundled price table (USD per 1M tokens) with tokenwatch.toml's "
+            '[prices."MODEL"] overrides applied (marked *), or, for one MODEL, the chain of '
+            "tables (tokenwatch.toml, the bundled table, genai-prices, the fallback estimate), "
+            "which one priced it, and the alias rules that got it there."
         ),
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="one model name")
@@ -129,11 +142,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def moment(option: str, text: str, tz: datetime.tzinfo | None = None, *, start: bool) -> float:
+    """A --since (`start`: 7d is 7 days ago) or --until value; a bad one is the same one line
+    and exit 2 (a command-line mistake) in every command."""
+    from tokenwatch.core.periods import parse_since, parse_start
+    from tokenwatch.core.quantities import QuantityError
+
+    try:
+        return parse_start(text, tz=tz) if start else parse_since(text, tz=tz)
+    except QuantityError as exc:
+        raise CliError(f"{option}: {exc}", 2) from None
+
+
 # -- shared ----------------------------------------------------------------------------------
 
 
 def _config() -> Config:
-    from tokenwatch.config import load_config
+    from tokenwatch.supervisor.policy import load_config
 
     return load_config()
 
@@ -164,7 +189,8 @@ def _db_path() -> Path:
 
 
 async def _open_store(path: Path) -> Store:
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     try:
         return await Store.open(path)
@@ -177,7 +203,8 @@ async def _open_for_reading(path: Path) -> Store:
     empty, as any command does."""
     import anyio
 
-    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.core.errors import StoreUnavailable
+    from tokenwatch.ledger.store import Store
 
     if not await anyio.Path(path).exists():
         return await _open_store(path)
@@ -211,6 +238,13 @@ def run_import(args: argparse.Namespace) -> int:
         interrupt.uninstall(previous)
         if source is not sys.stdin:
             source.close()
+    if not summary.good and summary.errors and not interrupt.hit:
+        # Not one usage event: most likely not the file meant. One line, not one per line.
+        name = "stdin" if args.file == "-" else args.file
+        raise CliError(
+            f"{name}: no usage events in it, nothing imported ({summary.errors[0]}; "
+            f"{len(summary.errors):,} bad line{'s' if len(summary.errors) != 1 else ''})"
+        )
     print(summary.line(), file=sys.stderr)
     if interrupt.hit:
         return 130
@@ -245,10 +279,14 @@ class ImportSummary:
     """What an import did, for the closing line."""
 
     def __init__(self) -> None:
+        self.good = 0
+        """Lines that were usage events."""
         self.read = 0
         self.stored = 0
         self.errors: list[LineError] = []
         self.unpriced: dict[str, int] = {}
+        self.estimated_from: set[str] = set()
+        """The fallback models whose rates priced the unpriced calls (empty: left with no cost)."""
         self.interrupted = False
 
     def line(self) -> str:
@@ -262,7 +300,8 @@ class ImportSummary:
             parts.append(f"skipped {len(self.errors):,} bad line{plural}")
         if self.unpriced:
             names = ", ".join(sorted(self.unpriced))
-            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names})")
+            how = "".join(f"; price: estimated from {m}" for m in sorted(self.estimated_from))
+            parts.append(f"{sum(self.unpriced.values()):,} unpriced (model {names}{how})")
         return "tokenwatch: " + ", ".join(parts)
 
 
@@ -289,8 +328,8 @@ async def _import(
     db: Path,
     interrupt: Interrupt | None = None,
 ) -> ImportSummary:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.importer import LineError, parse_lines
-    from tokenwatch.ledger.store import StoreUnavailable
 
     interrupt = interrupt or Interrupt()
     summary = ImportSummary()
@@ -303,6 +342,7 @@ async def _import(
                     if isinstance(item, LineError):
                         _report_bad_line(item, summary)
                         continue
+                    _count_good(summary)
                     _price(item, table, summary)
                     batch.append(item)
                     if len(batch) >= IMPORT_BATCH:
@@ -319,7 +359,7 @@ async def _import(
     except StoreUnavailable as exc:
         raise CliError(f"{exc}; stored {summary.stored} events before that") from None
     hidden = len(summary.errors) - MAX_ERRORS_SHOWN
-    if hidden > 0:
+    if hidden > 0 and summary.good:
         print(f"tokenwatch: ... and {hidden} more bad lines", file=sys.stderr)
     return summary
 
@@ -355,17 +395,30 @@ async def _import_logs(
 
 
 def _report_bad_line(error: LineError, summary: ImportSummary) -> None:
+    """Name a bad line once a good one has shown this is a file of events at all: until then
+    they are held, so a file with no event in it is one line, not one per line."""
     summary.errors.append(error)
-    if len(summary.errors) <= MAX_ERRORS_SHOWN:
+    if summary.good and len(summary.errors) <= MAX_ERRORS_SHOWN:
         print(f"tokenwatch: {error}", file=sys.stderr)
 
 
+def _count_good(summary: ImportSummary) -> None:
+    summary.good += 1
+    if summary.good == 1:
+        for held in summary.errors[:MAX_ERRORS_SHOWN]:
+            print(f"tokenwatch: {held}", file=sys.stderr)
+
+
 def _price(event: UsageEvent, table: PriceTable | None, summary: ImportSummary) -> None:
+    from tokenwatch.core.pricing import ESTIMATED, is_estimated
+
     if event.cost_usd is None and table is not None:
         table.price(event)
-    if event.cost_usd is None:
+    if event.cost_usd is None or is_estimated(event.price_source):
         name = event.model or "(no model)"
         summary.unpriced[name] = summary.unpriced.get(name, 0) + 1
+        if event.cost_usd is not None:
+            summary.estimated_from.add(event.price_source.removeprefix(ESTIMATED))
 
 
 async def _store_batch(
@@ -388,19 +441,21 @@ async def _store_batch(
 def run_report(args: argparse.Namespace) -> int:
     import anyio
 
-    from tokenwatch.core.periods import parse_since, parse_start
-    from tokenwatch.core.quantities import QuantityError
     from tokenwatch.ledger.report import render
 
     cfg = _config()
     tz = _zone(cfg)
-    try:
-        since = parse_start(args.since, tz=tz)
-        until = parse_since(args.until, tz=tz) if args.until else None
-    except QuantityError as exc:
-        raise CliError(str(exc), 2) from None
+    since = moment("--since", args.since, tz, start=True)
+    until = moment("--until", args.until, tz, start=False) if args.until else None
     if until is not None and until <= since:
         raise CliError("--until must be later than --since", 2)
+    if args.savings:
+        from tokenwatch.ledger.savings import render_savings
+
+        if args.format == "csv":
+            raise CliError("report --savings prints a table or JSON (--format table|json)", 2)
+        sys.stdout.write(render_savings(anyio.run(_savings, since, until), args.format))
+        return 0
     filters = {name: getattr(args, name) for name in FILTERS if getattr(args, name)}
     report = anyio.run(_report, args.by, since, until, args.top, tz, filters)
     sys.stdout.write(render(report, args.format))
@@ -415,13 +470,26 @@ async def _report(
     tz: datetime.tzinfo,
     filters: dict[str, str],
 ) -> Report:
+    from tokenwatch.core.errors import StoreUnavailable
     from tokenwatch.ledger.report import build_report
-    from tokenwatch.ledger.store import StoreUnavailable
 
     store = await _open_for_reading(_db_path())
     try:
         return await build_report(store, by=by, since=since, until=until, top=top, tz=tz, **filters)
     except StoreUnavailable as exc:  # a damaged ledger can open and fail at the first read
+        raise CliError(str(exc)) from None
+    finally:
+        await store.aclose()
+
+
+async def _savings(since: float, until: float | None) -> list[Any]:
+    from tokenwatch.ledger.savings import savings_rows
+    from tokenwatch.ledger.store import StoreUnavailable
+
+    store = await _open_for_reading(_db_path())
+    try:
+        return savings_rows(await store.savings(since, until))
+    except StoreUnavailable as exc:
         raise CliError(str(exc)) from None
     finally:
         await store.aclose()
@@ -441,11 +509,11 @@ def run_prices(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(_price_lines(table))
         return 0
-    resolved = table.resolve(args.model)
+    resolved = table.estimate(args.model)
     if resolved is None:
         raise CliError(
-            f"unknown model {args.model!r}: not in the price table ({table.version}); calls to it "
-            f'are stored unpriced. Add [prices."{args.model}"] to tokenwatch.toml to price it.'
+            f"unknown model {args.model!r}, and the fallback model cannot be priced either "
+            "(is genai-prices installed?)"
         )
     if args.json:
         print(
@@ -454,6 +522,10 @@ def run_prices(args: argparse.Namespace) -> int:
                     "version": table.version,
                     "model": args.model,
                     "resolved": resolved.price.model,
+                    "source": resolved.source,
+                    "source_version": resolved.version,
+                    "estimated": resolved.estimated,
+                    "chain": [{"table": t, "found": f} for t, f in _chain(table, resolved)],
                     "via": list(resolved.via),
                     "overridden": resolved.overridden,
                     "price": resolved.price.to_dict(),
@@ -464,6 +536,27 @@ def run_prices(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write(_one_price(table, resolved))
     return 0
+
+
+def _chain(table: PriceTable, resolved: Resolution) -> list[tuple[str, str]]:
+    """Each table in the order they are asked, with what it said about the model."""
+    from tokenwatch.core.maintained_prices import SOURCE as MAINTAINED
+    from tokenwatch.core.pricing import BUNDLED, CONFIG
+
+    layers = [(CONFIG, CONFIG), (BUNDLED, f"{BUNDLED} {table.version}")]
+    if table.maintained is not None:
+        layers.append((MAINTAINED, f"{MAINTAINED} {table.maintained.version}".rstrip()))
+    out: list[tuple[str, str]] = []
+    said = "-"  # before the table that knows it: not there; after it: not asked
+    for source, label in layers:
+        if source == resolved.source and not resolved.estimated:
+            out.append((label, f"{resolved.price.model} ({resolved.price.provider})"))
+            said = "not asked"
+        else:
+            out.append((label, said))
+    if resolved.estimated:
+        out.append(("fallback", f"{resolved.estimated_from} (an estimate, marked as such)"))
+    return out
 
 
 _RATE_COLUMNS = ("input", "cache_read", "cache_write", "output", "reasoning")
@@ -490,7 +583,17 @@ def _price_lines(table: PriceTable) -> str:
 
 def _one_price(table: PriceTable, resolved: Resolution) -> str:
     p = resolved.price
-    lines = [f"{resolved.asked}: priced as {p.model} ({p.provider}), table {table.version}"]
+    if resolved.estimated:
+        head = (
+            f"{resolved.asked}: no price table knows it; price: estimated from "
+            f'{resolved.estimated_from} (declare [prices."{resolved.asked}"] in tokenwatch.toml '
+            "to price it exactly)"
+        )
+    else:
+        label = f"{resolved.source} {resolved.version}".rstrip()
+        head = f"{resolved.asked}: priced as {p.model} ({p.provider}) by {label}"
+    lines = [head, "  chain (first that knows it wins):"]
+    lines += [f"    {table_name:<22} {found}" for table_name, found in _chain(table, resolved)]
     lines += [f"  via {step}" for step in resolved.via]
     if resolved.overridden:
         lines.append("  rates set in tokenwatch.toml")
@@ -501,6 +604,10 @@ def _one_price(table: PriceTable, resolved: Resolution) -> str:
     ]
     if p.reasoning is None:
         lines.append("  reasoning tokens are billed as output")
+    if resolved.found is not None:
+        lines.append("  genai-prices rates follow the call's date and prompt size (tiers)")
     if p.note:
         lines.append(f"  note: {p.note}")
+    if p.why:
+        lines.append(f"  why tokenwatch prices it: {p.why}")
     return "\n".join(lines) + "\n"

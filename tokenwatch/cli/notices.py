@@ -14,6 +14,8 @@ import anyio.lowlevel
 SUBSCRIBE_TIMEOUT = 5.0
 """Seconds to wait for the subscription before starting the agent without notices."""
 STOP_TIMEOUT = 2.0
+RECONNECT_INTERVAL = 1.0
+"""Seconds between tries to reach a supervisor again after it went away."""
 
 
 def notice(action: dict[str, Any]) -> str:
@@ -66,18 +68,42 @@ class ActionNotices:
             self._ready.set()
 
     async def _watch(self) -> None:
-        from tokenwatch.client.control import SupervisorClient, SupervisorError
-
         with anyio.CancelScope() as scope:
             self._token, self._scope = anyio.lowlevel.current_token(), scope
+            try:
+                await self._follow()
+            finally:
+                self._ready.set()
+
+    async def _follow(self) -> None:
+        """Tell the actions on the agent; while no supervisor answers, say so once (its calls
+        through the proxy fail meanwhile, and would otherwise fail silently), then wait for
+        one to come back and follow that one."""
+        from tokenwatch.client.control import SupervisorClient, SupervisorUnavailable
+
+        lost = False
+        while True:
             try:
                 async with await SupervisorClient.connect(start=False) as client:
                     await client.request("subscribe", interval=3600, kinds=["action"])
                     self._ready.set()
+                    if lost:
+                        self._say(f"a supervisor answers again: {self.name}'s calls go through")
+                        lost = False
                     async for kind, data in client.pushes():
                         if kind == "action" and data.get("agent") == self.name:
                             print(notice(data), file=self._out, flush=True)
-            except SupervisorError:
+            except SupervisorUnavailable:
                 pass
-            finally:
-                self._ready.set()
+            if not self._ready.is_set():
+                return  # never subscribed: the run goes on without notices
+            if not lost:
+                self._say(
+                    f"no supervisor answers: {self.name}'s LLM calls through tokenwatch fail "
+                    "until one runs again (`tokenwatch serve --detach` starts one)"
+                )
+                lost = True
+            await anyio.sleep(RECONNECT_INTERVAL)
+
+    def _say(self, message: str) -> None:
+        print(f"tokenwatch: {message}", file=self._out, flush=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
+from tokenwatch import environ
 from tokenwatch.cli.coding_agents import DOC, plan
 from tokenwatch.cli.errors import CliError
 
@@ -50,7 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="KEY=VALUE",
         help="label for budgets and reports (repeatable)",
     )
-    p.add_argument("--budget", help="limit for this run: tokens (200k) or dollars ($2)")
+    p.add_argument(
+        "--budget", help="limit for this run: tokens (200k) or dollars ($2), never a bare number"
+    )
     p.add_argument(
         "--critical", action="store_true", help="rules only alert; never pause or kill it"
     )
@@ -101,10 +105,10 @@ def _tags(pairs: list[str]) -> dict[str, str]:
 def _check_budget(budget: str | None) -> None:
     if budget is None:
         return
-    from tokenwatch.core.quantities import QuantityError, parse_amount
+    from tokenwatch.core.quantities import QuantityError, parse_typed_limit
 
     try:
-        parse_amount(budget)
+        parse_typed_limit(budget)
     except QuantityError as exc:
         raise CliError(f"--budget: {exc}", exit_code=2) from None
 
@@ -144,7 +148,7 @@ def _script_of(args: list[str]) -> str:
 
 def upstreams(env: dict[str, str]) -> dict[str, str]:
     """The user's own base URLs become the proxy's upstreams (never the proxy itself)."""
-    proxy = env.get("TOKENWATCH_PROXY_URL", "")
+    proxy = env.get(environ.PROXY_URL, "")
     return {
         field: env[var]
         for var, field in UPSTREAM_VARS.items()
@@ -208,7 +212,8 @@ def _run(
     from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
 
     try:
-        name, notices = anyio.run(
+        since = time.time()
+        name, run_id, notices = anyio.run(
             _register_and_start, child, command, request, registered, not args.quiet
         )
     except SupervisorUnavailable as exc:
@@ -227,7 +232,7 @@ def _run(
         finally:
             if notices is not None:
                 notices.stop()
-        summary = anyio.run(_report_exit, name, code)
+        summary = anyio.run(_report_exit, name, code, run_id, since)
     if not args.quiet:
         _warn(summary_line(name, code, summary))
     return code
@@ -239,9 +244,9 @@ async def _register_and_start(
     request: dict[str, Any],
     registered: list[str],
     notify: bool,
-) -> tuple[str, ActionNotices | None]:
+) -> tuple[str, str, ActionNotices | None]:
     """Register, spawn with the env the supervisor gave, tell it the pid; returns the name
-    (also put in `registered` at once, for the clean-up after an interruption) and, if
+    (also put in `registered` at once, for the clean-up after an interruption), the run id and, if
     `notify`, the watcher that tells the terminal of actions on the agent (started before the
     agent, so a pause at its first call is told)."""
     import contextlib
@@ -271,7 +276,7 @@ async def _register_and_start(
                 await client.request("exited", name=name, code=exc.exit_code)
             raise
         await _started(client, child, name)
-    return name, notices
+    return name, str(reply.get("run_id") or ""), notices
 
 
 async def _started(client: SupervisorClient, child: ForegroundChild, name: str) -> None:
@@ -290,9 +295,9 @@ async def _started(client: SupervisorClient, child: ForegroundChild, name: str) 
 def _child_env(client: SupervisorClient, name: str, reply: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (reply.get("env") or {}).items()})
-    env.setdefault("TOKENWATCH_SOCKET", str(client.socket_path))
-    env["TOKENWATCH_AGENT"] = name
-    env["TOKENWATCH_RUN_ID"] = str(reply.get("run_id") or "")
+    env.setdefault(environ.SOCKET, str(client.socket_path))
+    env[environ.AGENT] = name
+    env[environ.RUN_ID] = str(reply.get("run_id") or "")
     from tokenwatch.client.autoinstrument import child_env
 
     return child_env(env)
@@ -309,8 +314,11 @@ def _start(child: ForegroundChild, command: list[str], env: dict[str, str]) -> i
         raise CliError(f"{command[0]}: {exc.strerror}", exit_code=CANNOT_EXECUTE) from None
 
 
-async def _report_exit(name: str, code: int) -> dict[str, Any] | None:
-    """Tell the supervisor the agent ended; its summary, or None if the supervisor is gone."""
+async def _report_exit(
+    name: str, code: int, run_id: str = "", since: float = 0.0
+) -> dict[str, Any] | None:
+    """Tell the supervisor the agent ended; its summary, or, if the supervisor is gone, what
+    the ledger holds for the run (None if nothing)."""
     from tokenwatch.client.control import SupervisorClient, SupervisorError
 
     try:
@@ -318,9 +326,29 @@ async def _report_exit(name: str, code: int) -> dict[str, Any] | None:
             reply = await client.request("exited", name=name, code=code)
     except SupervisorError as exc:
         _warn(f"could not report the exit to the supervisor: {exc.message}")
-        return None
+        return await _summary_from_ledger(name, run_id, since)
     summary = (reply or {}).get("summary")
     return summary if isinstance(summary, dict) else None
+
+
+async def _summary_from_ledger(name: str, run_id: str, since: float) -> dict[str, Any] | None:
+    from tokenwatch.ledger.store import Store, StoreUnavailable
+    from tokenwatch.paths import Paths
+
+    db = Paths.discover().db
+    if not run_id or not db.is_file():
+        return None
+    try:
+        async with await Store.open_read_only(db) as store:
+            runs = await store.sessions(since - 1.0, agent=name)
+    except StoreUnavailable:
+        return None
+    for run in runs:
+        if run.run_id == run_id:
+            priced = run.requests > run.unpriced_requests
+            cost = run.cost_usd if priced else None
+            return {"tokens": run.total_tokens, "cost_usd": cost, "requests": run.requests}
+    return None
 
 
 def _run_unsupervised(child: ForegroundChild, command: list[str]) -> int:
@@ -329,15 +357,22 @@ def _run_unsupervised(child: ForegroundChild, command: list[str]) -> int:
 
 
 def summary_line(name: str, code: int, summary: dict[str, Any] | None) -> str:
-    """`NAME exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway`."""
+    """`NAME exited 0 · 12,345 tokens · $0.0123 · 7 requests · paused by rule:runaway`, the
+    cost marked `*` and explained when some calls were to models no price table knows."""
     from tokenwatch.core.quantities import format_usd
 
     parts = [f"{name} exited {code}{_signal_note(code)}"]
     if summary is not None:
         requests = int(summary.get("requests") or 0)
+        unpriced = int(summary.get("unpriced_requests") or 0)
+        cost = format_usd(summary.get("cost_usd"), unpriced > 0) if requests else "$0"
+        if unpriced:
+            source = summary.get("estimated_from")
+            how = f"price: estimated from {source}" if source else "unpriced"
+            cost += f" ({unpriced:,} call{'' if unpriced == 1 else 's'} {how})"
         parts += [
             f"{int(summary.get('tokens') or 0):,} tokens",
-            format_usd(summary.get("cost_usd")) if requests else "$0",
+            cost,
             f"{requests:,} request{'' if requests == 1 else 's'}",
             *[str(action) for action in summary.get("actions") or []],
         ]

@@ -52,30 +52,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status",
         help="agents with state, pid, tokens, cost and burn rate",
-        description="Show the supervised agents (starts the supervisor if none runs).",
+        description=(
+            "Show the supervised agents and what each has used so far (the ledger's figures "
+            f"for its run). Never starts a supervisor: with none running it says so and exits "
+            f'{NOT_RUNNING} (`--json` prints {{"supervisor": null, "agents": []}}).'
+        ),
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=run_status)
 
-    p = sub.add_parser(
-        "pause",
-        help="stop an agent's process tree (SIGSTOP) and hold its calls",
-        description="Pause an agent: SIGSTOP to its whole process tree; its proxied calls wait.",
-    )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
-    target.add_argument("--all", action="store_true", help="every agent not marked critical")
-    _why(p)
-    p.set_defaults(func=run_pause)
-
-    for verb, text in (
-        ("resume", "continue a paused agent (SIGCONT) and release its calls"),
-        ("kill", "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"),
-    ):
+    for verb, text, every in (
+        ("pause", "stop an agent's process tree (SIGSTOP) and hold its calls",
+         "every agent not marked critical"),
+        ("resume", "continue a paused agent (SIGCONT) and release its calls",
+         "every paused agent (critical ones too)"),
+    ):  # fmt: skip
         p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
-        p.add_argument("name", help="agent name (see `tokenwatch status`)")
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("name", nargs="?", help="agent name (see `tokenwatch status`)")
+        target.add_argument("--all", action="store_true", help=every)
         _why(p)
         p.set_defaults(func=run_control, verb=verb)
+
+    text = "end an agent's process tree: SIGTERM, then SIGKILL after the grace period"
+    p = sub.add_parser("kill", help=text, description=text[0].upper() + text[1:] + ".")
+    p.add_argument("name", help="agent name (see `tokenwatch status`)")
+    _why(p)
+    p.set_defaults(func=run_control, verb="kill")
 
     p = sub.add_parser(
         "throttle",
@@ -135,9 +138,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from tokenwatch.config import load_config
+    from tokenwatch.instance import AlreadyRunning
     from tokenwatch.paths import Paths, socket_path_problem
-    from tokenwatch.supervisor.daemon import AlreadyRunning
+    from tokenwatch.supervisor.policy import load_config
     from tokenwatch.supervisor.service import serve_until_signalled
 
     paths = Paths.discover()
@@ -166,7 +169,7 @@ def _detach(paths: Paths, args: argparse.Namespace) -> int:
     the background one must find the same file)."""
     from pathlib import Path
 
-    from tokenwatch.supervisor.daemon import StartFailed, ensure_running
+    from tokenwatch.instance import StartFailed, ensure_running
 
     options = ["--config", str(Path(args.config).resolve())] if args.config else []
     options += ["--verbose"] if args.verbose else []
@@ -189,13 +192,17 @@ def _detach(paths: Paths, args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    data = _call(lambda c: c.request("shutdown"), start=False)
+    data = _call(lambda c: c.request("shutdown"), start=False, none="nothing to stop")
     print(f"supervisor {data['pid']} is stopping")
     return 0
 
 
 def run_reload(args: argparse.Namespace) -> int:
-    data = _call(lambda c: c.request("reload"), start=False)
+    data = _call(
+        lambda c: c.request("reload"),
+        start=False,
+        none="the next one reads the config as it starts",
+    )
     print(data["summary"])
     return 0
 
@@ -203,24 +210,51 @@ def run_reload(args: argparse.Namespace) -> int:
 # -- talking to it ---------------------------------------------------------------------------
 
 
-def _call(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
-    """Connect, run `fn`, and turn every supervisor failure into one clear line."""
+NO_AGENTS = "no agent is supervised (`tokenwatch run -- CMD` starts one and runs CMD under it)"
+NOT_RUNNING = 3
+"""`status`'s exit code when no supervisor runs (as an init script's status says "not running")."""
+
+
+def _call(
+    fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool, none: str = NO_AGENTS
+) -> Any:
+    """Connect (starting a supervisor only if `start`), run `fn`, and turn every supervisor
+    failure into one clear line; `none` says what it means that none runs."""
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:
+        return _answer(fn, start=start)
+    except SupervisorUnavailable as exc:
+        raise CliError(exc.message if start else f"{exc.message}: {none}") from None
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
+
+
+def _answer(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) -> Any:
     import anyio
 
-    from tokenwatch.client.control import SupervisorClient, SupervisorError
+    from tokenwatch.client.control import SupervisorClient
 
     async def go() -> Any:
         async with await SupervisorClient.connect(start=start) as client:
             return await fn(client)
 
-    try:
-        return anyio.run(go)
-    except SupervisorError as exc:
-        raise CliError(exc.message) from None
+    return anyio.run(go)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = _call(lambda c: c.request("status"), start=True)
+    from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    try:  # read-only: a status never starts a supervisor, it says there is none
+        status = _answer(lambda c: c.request("status"), start=False)
+    except SupervisorUnavailable as exc:
+        if args.json:
+            print(json.dumps({"supervisor": None, "agents": []}, indent=2))
+        else:
+            print(f"{exc.message}: {NO_AGENTS}")
+        return NOT_RUNNING
+    except SupervisorError as exc:
+        raise CliError(exc.message) from None
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -235,7 +269,7 @@ def render_status(status: dict[str, Any]) -> str:
     lines = [
         f"supervisor pid {sup['pid']} · socket {sup['socket']}"
         + (f" · proxy {sup['proxy_url']}" if sup.get("proxy_url") else "")
-        + f" · {format_usd(status['spend_today_usd'])} today"
+        + f" · {format_usd(status['spend_today_usd'], _partial(status))} today"
     ]
     rows = [("NAME", "STATE", "PID", "TOKENS", "COST", "TOK/MIN", "$/HOUR", "THROTTLE")]
     for view in status["agents"]:
@@ -247,7 +281,9 @@ def render_status(status: dict[str, Any]) -> str:
                 + (f" ({agent['exit_code']})" if agent.get("exit_code") is not None else ""),
                 str(agent["pid"] or "-"),
                 format_tokens(summary.get("tokens", 0)),
-                format_usd(summary.get("cost_usd")) if summary.get("requests") else "-",
+                format_usd(summary.get("cost_usd"), _partial(summary))
+                if summary.get("requests")
+                else "-",
                 format_tokens(view["tokens_per_min"]),
                 format_usd(view["usd_per_hour"]) if view["usd_per_hour"] else "-",
                 agent.get("throttle") or "-",
@@ -260,33 +296,43 @@ def render_status(status: dict[str, Any]) -> str:
     lines += [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
     ]
+    if _partial(status) or any(_partial(v.get("summary", {})) for v in status["agents"]):
+        from tokenwatch.core.quantities import estimate_note
+
+        sources = [v.get("summary", {}).get("estimated_from") for v in status["agents"]]
+        lines.append(
+            estimate_note(status.get("estimated_usd", 0.0), next((s for s in sources if s), ""))
+        )
     return "\n".join(lines)
+
+
+def _partial(figures: dict[str, Any]) -> bool:
+    """True when a dollar figure holds calls to models no price table knows."""
+    return int(figures.get("unpriced_requests") or 0) > 0
 
 
 def _print_action(action: dict[str, Any]) -> None:
     detail = f" ({action['detail']})" if action.get("detail") else ""
-    verb = {"pause": "paused", "resume": "resumed", "kill": "killed", "throttle": "throttled",
-            "deny": "denied"}.get(action["kind"], action["kind"])  # fmt: skip
+    from tokenwatch.core.actions import past
+
+    verb = past(action["kind"])
     if not action.get("ok", True):
         raise CliError(f"{action['agent']}: could not be {verb}{detail}")
     print(f"{action['agent']} {verb}{detail}")
 
 
-def run_pause(args: argparse.Namespace) -> int:
-    if args.all:
-        actions = _call(lambda c: c.request("pause_all", who="cli", why=args.why), start=False)
-        for action in actions:
-            _print_action(action)
-        if not actions:
-            print("no running agent to pause")
-        return 0
-    _print_action(
-        _call(lambda c: c.request("pause", agent=args.name, who="cli", why=args.why), start=False)
-    )
-    return 0
+_NONE_TO = {"pause": "no running agent to pause", "resume": "no paused agent to resume"}
 
 
 def run_control(args: argparse.Namespace) -> int:
+    if getattr(args, "all", False):  # pause --all, resume --all
+        kind = f"{args.verb}_all"
+        actions = _call(lambda c: c.request(kind, who="cli", why=args.why), start=False)
+        for action in actions:
+            _print_action(action)
+        if not actions:
+            print(_NONE_TO[args.verb])
+        return 0
     action = _call(
         lambda c: c.request(args.verb, agent=args.name, who="cli", why=args.why), start=False
     )
@@ -314,12 +360,12 @@ def run_env(args: argparse.Namespace) -> int:
 
     from tokenwatch.cli.run import upstreams
     from tokenwatch.client.control import SupervisorError
-    from tokenwatch.core.protocol import ProtocolError
+    from tokenwatch.core.errors import InvalidRequest
     from tokenwatch.engine.agents import check_name
 
     try:
         check_name(args.name)  # an empty one would be registered under a name made up for it
-    except ProtocolError as exc:
+    except InvalidRequest as exc:
         raise CliError(exc.message) from None
 
     async def env(client: SupervisorClient) -> Any:

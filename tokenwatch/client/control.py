@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from tokenwatch import environ
 from tokenwatch.core import protocol
 from tokenwatch.paths import Paths, socket_path_problem
 
@@ -68,7 +69,7 @@ class SupervisorClient:
     ) -> SupervisorClient:
         """Connect, starting a background supervisor first when none runs and `start` is true."""
         paths = paths or Paths.discover()
-        path = socket_path or Path(os.environ.get("TOKENWATCH_SOCKET") or paths.socket)
+        path = socket_path or Path(os.environ.get(environ.SOCKET) or paths.socket)
         problem = socket_path_problem(path)
         if problem is not None:  # no supervisor could listen there either: never start one
             raise SupervisorError("bad_socket", problem)
@@ -85,9 +86,7 @@ class SupervisorClient:
         try:
             stream = await anyio.connect_unix(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise SupervisorUnavailable(
-                f"no supervisor is running (socket {path}); start one with `tokenwatch serve`"
-            ) from None
+            raise SupervisorUnavailable(f"no supervisor is running (socket {path})") from None
         except OSError as exc:
             raise SupervisorUnavailable(
                 f"cannot reach the supervisor at {path}: {exc.strerror or exc}"
@@ -216,7 +215,7 @@ class SupervisorClient:
 
 
 def _start_daemon(paths: Paths, timeout: float) -> None:
-    from tokenwatch.supervisor.daemon import StartFailed, ensure_running
+    from tokenwatch.instance import StartFailed, ensure_running
 
     try:
         ensure_running(paths, timeout)

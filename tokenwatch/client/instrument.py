@@ -12,20 +12,23 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+from tokenwatch import environ
 from tokenwatch.client import gate, prompt, tracking
 from tokenwatch.client.body import JsonBody, SseEvents
 from tokenwatch.client.openai_usage import Counted, StreamReading, counted, field
 from tokenwatch.client.reporter import LinkState
 from tokenwatch.client.session import current_reporter
+from tokenwatch.client.signals import InFlight, wire_of
+from tokenwatch.core import conversation
 from tokenwatch.core.models import Status, UsageEvent
 
 log = logging.getLogger("tokenwatch")
 
 CALL_ID_HEADER = "x-tokenwatch-call-id"
-PROXY_URL_ENV = "TOKENWATCH_PROXY_URL"
+PROXY_URL_ENV = environ.PROXY_URL
 PROVIDER = "openai"
 RESPONSES = "/v1/responses"
 _STREAMED = frozenset({"APIResponse", "AsyncAPIResponse"})
@@ -69,6 +72,7 @@ _ORIGINAL = "__tokenwatch_original__"
 _lock = threading.Lock()
 _patched: dict[tuple[type, str], Any] = {}
 _inside: contextvars.ContextVar[bool] = contextvars.ContextVar("tokenwatch_inside", default=False)
+_flying = InFlight()
 
 
 def instrument() -> bool:
@@ -204,6 +208,10 @@ class Call:
         self.done = False
         self._prompt_tokens: tuple[int, bool] | None = None
         self._prompt_hash: str | None = None
+        self.wire = wire_of(endpoint)
+        self.answer: list[list[Any]] = []
+        """What the model answered (core.conversation parts), once read."""
+        self.overlap: int | None = None
         self._add_call_id_header()
 
     @classmethod
@@ -274,6 +282,7 @@ class Call:
 
     def sent(self) -> None:
         self.t0 = time.perf_counter()
+        self.overlap = _flying.take_off(self.prompt_hash())
 
     def observe(self, result: Any) -> Any:
         """Record the call from its result (now, or at the end of a stream); returns it unchanged."""
@@ -298,6 +307,7 @@ class Call:
         elif _is_stream(parsed, "AsyncStream"):
             _watch_async(parsed, StreamWatch(self, http_status))
         else:
+            self.answer = conversation.answer_of(self.wire, parsed)
             self.finish(counted(field(parsed, "usage")), field(parsed, "model"), http_status)
 
     def _will_estimate(self, result: Any) -> bool:
@@ -331,6 +341,8 @@ class Call:
         if self.done:
             return
         self.done = True
+        if self.overlap is not None:
+            _flying.land(self.prompt_hash())
         try:
             event = self._event(usage, model, http_status, status, output_text)
             tracking.record(event, reservation=self.ticket.reservation, deliver=not self.proxied)
@@ -370,6 +382,9 @@ class Call:
             prompt_shape=prompt.prompt_shape_hash(self.prompt()),
             estimated=estimated,
             call_id=self.call_id,
+            answer_hash=conversation.answer_hash(self.answer) if status is Status.OK else "",
+            overlap=self.overlap or 0,
+            **asdict(conversation.request_signals(self.wire, self.kwargs)),
         )
 
 
@@ -380,9 +395,11 @@ class StreamWatch:
         self.call = call
         self.http_status = http_status
         self.reading = StreamReading()
+        self.answer = conversation.StreamAnswer(call.wire)
 
     def see(self, item: Any) -> None:
         try:
+            self.answer.feed(item)
             if self.reading.see(item):
                 self.call.first_token()
         except Exception:
@@ -403,6 +420,7 @@ class StreamWatch:
 
     def end(self, status: Status) -> None:
         reading = self.reading
+        self.call.answer = self.answer.parts()
         self.call.finish(
             reading.usage,
             reading.model,
@@ -451,6 +469,7 @@ class BodyWatch(StreamWatch):
             return super().end(status)
         doc = self.body.document() if status is Status.OK else None
         usage = counted(field(doc, "usage"))
+        self.call.answer = conversation.answer_of(self.call.wire, doc)
         self.call.finish(
             usage,
             field(doc, "model"),

@@ -73,28 +73,22 @@ def _load_quietly(model: str) -> None:
 def count_prompt(
     endpoint: str, params: dict[str, Any], model: str, *, wait_for_tokenizer: bool = True
 ) -> tuple[int, bool]:
-    """(prompt tokens, estimated) for a request's parameters, counted locally.
+    """(prompt tokens, estimated) for a request's parameters, counted locally: every part the
+    provider bills as input (core.request_tokens), tool definitions and schemas included.
 
     With `wait_for_tokenizer` False, a tokenizer still loading gives a character estimate now.
     """
-    if not wait_for_tokenizer and not tokenizer_ready(model):
-        return _chars_estimate(params.get("messages", params.get("input", ""))), True
     try:
-        from tokenwatch.core import tokens
-
-        if "messages" in params:
-            count = tokens.count_messages(list(params["messages"]), model)
-        elif endpoint.endswith("/responses"):
-            count = tokens.count_responses_input(
-                params.get("input", ""), params.get("instructions"), model
-            )
-        else:
-            count = tokens.count_text(
-                _text_of(params.get("input", params.get("prompt", ""))), model
-            )
+        from tokenwatch.core import request_tokens
+    except Exception:  # core absent or broken: the whole request is the best guess left
+        return _chars_estimate(params), True
+    if not wait_for_tokenizer and not tokenizer_ready(model):
+        return _chars_estimate(request_tokens.billed_parts(endpoint, params)), True
+    try:
+        count = request_tokens.count_request(endpoint, params, model)
         return count.tokens, count.estimated
     except Exception:  # counting is advisory: never let it break the call
-        return _chars_estimate(params.get("messages", params.get("input", ""))), True
+        return _chars_estimate(request_tokens.billed_parts(endpoint, params)), True
 
 
 def count_output(text: str, model: str) -> tuple[int, bool]:
@@ -106,11 +100,3 @@ def count_output(text: str, model: str) -> tuple[int, bool]:
         return count.tokens, count.estimated
     except Exception:
         return _chars_estimate(text), True
-
-
-def _text_of(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "\n".join(value)
-    return _canonical(value)

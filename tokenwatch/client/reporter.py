@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenwatch import environ
 from tokenwatch.core import protocol
 
 log = logging.getLogger("tokenwatch")
@@ -49,12 +50,12 @@ class Identity:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Identity:
         env = os.environ if env is None else env
         return cls(
-            name=env.get("TOKENWATCH_AGENT") or script_name(),
+            name=env.get(environ.AGENT) or script_name(),
             pid=os.getpid(),
-            run_id=env.get("TOKENWATCH_RUN_ID", ""),
-            task=env.get("TOKENWATCH_TASK", ""),
-            user=env.get("TOKENWATCH_USER") or env.get("USER", ""),
-            session=env.get("TOKENWATCH_SESSION", ""),
+            run_id=env.get(environ.RUN_ID, ""),
+            task=env.get(environ.TASK, ""),
+            user=env.get(environ.USER) or env.get("USER", ""),
+            session=env.get(environ.SESSION, ""),
         )
 
     def hello(self) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def script_name(argv: list[str] | None = None) -> str:
 def socket_path_from_env(env: Mapping[str, str] | None = None) -> str:
     """TOKENWATCH_SOCKET, else the supervisor's default socket for this user."""
     env = os.environ if env is None else env
-    explicit = env.get("TOKENWATCH_SOCKET")
+    explicit = env.get(environ.SOCKET)
     if explicit:
         return explicit
     from tokenwatch.paths import Paths

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 
+from tokenwatch import environ
 from tokenwatch.client.reporter import Identity, Reporter, socket_path_from_env
 
 FLUSH_TIMEOUT_S = 1.0
@@ -72,7 +73,7 @@ def _flush_at_exit() -> None:
     if rep is None:
         return
     try:
-        timeout = float(os.environ.get("TOKENWATCH_FLUSH_TIMEOUT", FLUSH_TIMEOUT_S))
+        timeout = float(os.environ.get(environ.FLUSH_TIMEOUT, FLUSH_TIMEOUT_S))
     except ValueError:
         timeout = FLUSH_TIMEOUT_S
     rep.close(flush_timeout=timeout)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
+from tokenwatch import environ
 from tokenwatch.client import session
-from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent, over_call_limit
 
 log = logging.getLogger("tokenwatch")
 
@@ -23,7 +24,7 @@ _task: contextvars.ContextVar[str | None] = contextvars.ContextVar("tokenwatch_t
 def current_task() -> str:
     """The task calls are attributed to here: the innermost `task()`, else TOKENWATCH_TASK."""
     name = _task.get()
-    return name if name is not None else os.environ.get("TOKENWATCH_TASK", "")
+    return name if name is not None else os.environ.get(environ.TASK, "")
 
 
 class task:  # lower case: used like a function, `with tokenwatch.task("t-42"):`
@@ -89,10 +90,10 @@ def _price_table() -> Any | None:
     except Exception:  # pricing is another module's job; without it costs are just unknown
         return None
     try:
-        from tokenwatch.config import load_config
+        from tokenwatch.config import read_config
 
         # The user's [prices.MODEL] overrides, as the supervisor prices with them.
-        return PriceTable.load(load_config().prices)
+        return PriceTable.load(read_config().prices)
     except Exception:  # an unreadable tokenwatch.toml must not cost the agent its totals
         try:
             return PriceTable.load()
@@ -327,7 +328,13 @@ def report(
     cache_read_input_tokens + cache_creation_input_tokens), `output_tokens` reasoning.
     Never raises for a supervisor that is absent; returns the event as sent.
     """
-    _check_counts(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
+    _check_counts(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cache_read_tokens=cache_read_tokens,
+        cache_write_tokens=cache_write_tokens,
+        reasoning_tokens=reasoning_tokens,
+    )
     import uuid
 
     event = new_event(
@@ -355,13 +362,16 @@ def report(
     return event
 
 
-def _check_counts(input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> None:
+def _check_counts(**counts: int) -> None:
     # A programming error in the caller's report() call: say so at once, before anything is counted.
-    for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"tokenwatch.report: {name} must be a non-negative int, got {value!r}")
-    if cache_read + cache_write > input_tokens:
+        if value > MAX_CALL_TOKENS:
+            raise ValueError(f"tokenwatch.report: {over_call_limit(name, value)}")
+    cache_read, cache_write = counts["cache_read_tokens"], counts["cache_write_tokens"]
+    if cache_read + cache_write > counts["input_tokens"]:
         raise ValueError(
             "tokenwatch.report: input_tokens must include cache reads and writes "
-            f"({cache_read} + {cache_write} > {input_tokens})"
+            f"({cache_read} + {cache_write} > {counts['input_tokens']})"
         )

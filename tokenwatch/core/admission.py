@@ -97,8 +97,11 @@ class BudgetBook(Protocol):
     """Budgets: reserve before a call, settle after, report status. Clock and zone passed in."""
 
     def reserve(
-        self, call: CallRequest, tokens: int, usd: float | None
-    ) -> Reservation | Refusal: ...
+        self, call: CallRequest, tokens: int, usd: float | None, estimated_from: str = ""
+    ) -> Reservation | Refusal:
+        """Hold `tokens` / `usd` for the call; `estimated_from` names the fallback model when
+        no price table knows the call's (its dollars are an estimate)."""
+        ...
 
     def settle(self, reservation: Reservation | None, event: UsageEvent) -> list[Signal]: ...
 

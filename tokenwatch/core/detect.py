@@ -5,18 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from tokenwatch.core.models import BudgetStatus, Severity, Status, UsageEvent
+from tokenwatch.core.pricing import is_estimated
 from tokenwatch.core.quantities import format_tokens, format_usd
 
-RUNAWAY_REPEATS: Final = 3
-RUNAWAY_WINDOW: Final = 60.0
-NEAR_DUPLICATE_SPREAD: Final = 0.1
-"""Near-duplicate prompts (same shape) must also be within this fraction in size: a loop resends
-the same prompt with a counter changed; a conversation whose shape collides grows."""
 TASK_FACTOR: Final = 3.0
 TASK_HISTORY_MIN: Final = 3
 """Finished tasks needed before an agent's usual per-task figure is trusted."""
@@ -34,6 +30,12 @@ SPIKE_BASELINE_WINDOWS: Final = 5
 BASELINE_SPAN: Final = 1800.0
 """Seconds of history, before the window, that make an agent's baseline."""
 HUGE_REQUEST_TOKENS: Final = 8000
+HUGE_FACTOR: Final = 4.0
+"""A huge prompt is also this many times the agent's usual one: a coding agent's ordinary
+context of 8-20k tokens is its usual, not news."""
+HUGE_HISTORY_CALLS: Final = 50
+"""The agent's last calls whose median prompt is its usual."""
+HUGE_HISTORY_MIN: Final = 5
 CONTEXT_CALLS: Final = 4
 CONTEXT_MIN_TOKENS: Final = 8000
 """Prompt size from which growth counts: a small context grows by a tenth with one tool result."""
@@ -58,41 +60,6 @@ class Finding:
 def _ok(events: Sequence[UsageEvent]) -> list[UsageEvent]:
     # Failed attempts cost nothing: an SDK retrying a 429 three times is not a loop.
     return [e for e in events if e.status == Status.OK]
-
-
-def runaway(
-    events: Sequence[UsageEvent],
-    now: float,
-    *,
-    repeats: int = RUNAWAY_REPEATS,
-    window: float = RUNAWAY_WINDOW,
-) -> Finding | None:
-    """The newest call's prompt sent `repeats` times within `window` s (exactly, or with only
-    numbers, ids or times changed)."""
-    if not events:
-        return None
-    last = events[-1]
-    recent = [e for e in _ok(events) if e.ts > now - window]
-    same = [e for e in recent if last.prompt_hash and e.prompt_hash == last.prompt_hash]
-    what = "the same prompt"
-    if len(same) < repeats and last.prompt_shape:
-        same = [e for e in recent if near_duplicate(e, last)]
-        what = "nearly the same prompt"
-    if len(same) < repeats:
-        return None
-    return runaway_finding(last.agent, what, len(same), same[-1].ts - same[0].ts)
-
-
-def runaway_finding(agent: str, what: str, times: int, span: float) -> Finding:
-    return Finding("runaway", agent, f"{agent} repeated {what} {times} times in {span:.0f} s")
-
-
-def near_duplicate(e: UsageEvent, last: UsageEvent) -> bool:
-    """Same shape and within NEAR_DUPLICATE_SPREAD in size."""
-    if e.prompt_shape != last.prompt_shape:
-        return False
-    big = max(e.input_tokens, last.input_tokens, 1)
-    return abs(e.input_tokens - last.input_tokens) <= NEAR_DUPLICATE_SPREAD * big
 
 
 def task_tokens(
@@ -256,8 +223,14 @@ def hourly_overspend(
     daily = daily_usd(budgets, agent)
     if not daily:
         return None
-    spent = sum(e.cost_usd or 0.0 for e in _ok(events) if e.ts > now - 3600.0)
-    return overspend(agent, spent, daily, factor=factor)
+    hour = [e for e in _ok(events) if e.ts > now - 3600.0]
+    spent = sum(e.cost_usd or 0.0 for e in hour)
+    return overspend(agent, spent, daily, factor=factor, partial=partial_cost(hour))
+
+
+def partial_cost(events: Iterable[UsageEvent]) -> bool:
+    """True when some of the events' cost is a fallback estimate (or unknown)."""
+    return any(e.cost_usd is None or is_estimated(e.price_source) for e in events)
 
 
 def daily_usd(budgets: Sequence[BudgetStatus], agent: str) -> list[BudgetStatus]:
@@ -266,30 +239,47 @@ def daily_usd(budgets: Sequence[BudgetStatus], agent: str) -> list[BudgetStatus]
 
 
 def overspend(
-    agent: str, spent: float, daily: Sequence[BudgetStatus], *, factor: float
+    agent: str,
+    spent: float,
+    daily: Sequence[BudgetStatus],
+    *,
+    factor: float,
+    partial: bool = False,
 ) -> Finding | None:
-    """`spent` in the last hour against the hourly pace of the first `daily` budget it beats."""
+    """`spent` in the last hour against the hourly pace of the first `daily` budget it beats;
+    `partial` marks a spend holding estimated prices."""
     for b in daily:
         pace = b.limit / 24.0
         if pace > 0 and spent > factor * pace:
             return Finding(
                 "spike",
                 agent,
-                f"{agent} spent {format_usd(spent)} in the last hour, {spent / pace:.0f}x the "
+                f"{agent} spent {format_usd(spent, partial)} in the last hour, "
+                f"{spent / pace:.0f}x the "
                 f"hourly pace of budget {b.name} ({format_usd(b.limit)} per day)",
             )
     return None
 
 
-def huge_request(event: UsageEvent, *, limit: float = HUGE_REQUEST_TOKENS) -> Finding | None:
-    """One call whose prompt is over `limit` tokens."""
-    if event.input_tokens <= limit:
+def usual_prompt(sizes: Sequence[int]) -> float | None:
+    """The agent's usual prompt (median of its recent ones), once there are HUGE_HISTORY_MIN."""
+    return statistics.median(sizes) if len(sizes) >= HUGE_HISTORY_MIN else None
+
+
+def huge_request(
+    event: UsageEvent, *, limit: float = HUGE_REQUEST_TOKENS, usual: float | None = None
+) -> Finding | None:
+    """One call whose prompt is over `limit` tokens and over HUGE_FACTOR x the agent's `usual`
+    prompt (no usual yet: nothing to compare with, so nothing to say)."""
+    tokens = event.input_tokens
+    if tokens <= limit or usual is None or tokens <= HUGE_FACTOR * usual:
         return None
     return Finding(
         "huge_request",
         event.agent,
-        f"{event.agent} sent a {format_tokens(event.input_tokens)}-token prompt to "
-        f"{event.model or 'its model'} (over {format_tokens(limit)})",
+        f"{event.agent} sent a {format_tokens(tokens)}-token prompt to "
+        f"{event.model or 'its model'}, {tokens / max(usual, 1):.0f}x its usual "
+        f"{format_tokens(usual)} (over {format_tokens(limit)})",
         Severity.INFO.value,
     )
 

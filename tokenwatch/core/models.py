@@ -53,6 +53,17 @@ MAX_CLOCK_SKEW: Final = 86_400.0
 happened yet, and is refused rather than counted in a period that has not begun."""
 
 
+MAX_CALL_TOKENS: Final = 100_000_000
+"""The most tokens one call can count in any field: far beyond any model's context window and
+output. A larger figure is a fault, refused where it comes in (socket, SDK, import; the proxy
+estimates the call instead): a handful of them would overflow the ledger's 64-bit sums."""
+
+
+def over_call_limit(name: str, count: int) -> str:
+    """Why a token count is refused: more than one call can use."""
+    return f"'{name}' is {count:,}, over {MAX_CALL_TOKENS:,} (the most one call can use)"
+
+
 @dataclass(slots=True)
 class UsageEvent(Plain):
     """One LLM call, normalised the OpenTelemetry way (see docs/architecture.md).
@@ -92,6 +103,30 @@ class UsageEvent(Plain):
     """Idempotency key: the same call reported twice (SDK and proxy, or a retry) is stored once."""
     prompt_shape: str = ""
     """Hash of the prompt with numbers, ids and times masked: near-duplicate prompts share it."""
+    turn_hash: str = ""
+    """Hash of the turns the call adds to its conversation (see core.conversation.Signals)."""
+    turn_shape: str = ""
+    tool_hash: str = ""
+    """Hash of the tool calls in the conversation's tail with their results."""
+    tool_call: str = ""
+    """The tail's first tool call as `name(arg="value")`, cut short: what a loop alert names."""
+    answer_hash: str = ""
+    """Hash (by shape) of what the model answered: its text or tool calls."""
+    overlap: int = 0
+    """Identical requests of the agent already in flight when this one started (sampling, a
+    parallel retry): such a call is a copy, not the next step of a sequence."""
+    price_source: str = ""
+    """Which table priced the call (`genai-prices`, `tokenwatch`, `tokenwatch.toml`), `provider`
+    for a cost reported with the response, or `estimated:MODEL` for a model no table knows,
+    priced at MODEL's rates; `price_version` is that table's version."""
+    requested_model: str = ""
+    """The model the agent asked for, when tokenwatch served another (`model`; a model switch)."""
+    lever: str = ""
+    """What tokenwatch did to spend less on this call: `cache`, `switch`, `trim` (joined by `+`)."""
+    saved_tokens: int = 0
+    """Tokens not billed thanks to the lever (a cache hit: the whole call; trimming: the cut)."""
+    saved_usd: float | None = None
+    """Dollars the lever saved, at the prices of the time; None when it saved nothing or unpriced."""
 
     @property
     def total_tokens(self) -> int:
@@ -208,6 +243,11 @@ class BudgetStatus(Plain):
     action: str
     resets_at: float | None = None
     forecast_exhausted_at: float | None = None
+    estimated_usd: float = 0.0
+    """The part of `used` priced at the fallback's rates (models no table knows): a partial
+    total, marked wherever it is shown."""
+    estimated_from: str = ""
+    """The fallback model whose rates stood in for them."""
 
     @property
     def remaining(self) -> float:
@@ -234,6 +274,10 @@ class AgentView(Plain):
     usd_per_hour: float = 0.0
     period_tokens: int = 0
     period_cost_usd: float = 0.0
+    period_estimated_usd: float = 0.0
+    """The part of `period_cost_usd` priced by estimate (models no price table knows)."""
+    unpriced_requests: int = 0
+    """Today's calls to models no price table knows: `period_cost_usd` is partial when above 0."""
     budget_fraction: float | None = None
     burn: list[float] = field(default_factory=list)
     """Tokens per interval over the recent past, oldest first, for a sparkline."""
@@ -252,10 +296,16 @@ class Snapshot(Plain):
     tokens_per_min: float = 0.0
     usd_per_hour: float = 0.0
     spend_today_usd: float = 0.0
+    estimated_today_usd: float = 0.0
+    """The part of `spend_today_usd` priced by estimate (models no price table knows)."""
+    unpriced_today: int = 0
+    """Today's calls to such models: `spend_today_usd` is partial when above 0."""
     daily_budget_usd: float | None = None
     agents: list[AgentView] = field(default_factory=list)
     top: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     """Cost by group: `{"agent": [(name, usd), ...], "model": ..., ...}`, largest first."""
+    top_partial: dict[str, list[str]] = field(default_factory=dict)
+    """Per group, the names in `top` whose cost holds an estimate."""
     budgets: list[BudgetStatus] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     """Newest first, bounded."""

@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from tokenwatch.core.nesting import MAX_NESTING, nested_deeper_than
+
 try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - the client may run without it
@@ -115,6 +117,14 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "why": (_STR, False),
     },
     "pause_all": {"who": (_STR, False), "why": (_STR, False)},
+    "route": {
+        "agent": (_STR, True),
+        "model": (_STR, False),
+        "only": (_STR, False),
+        "undo": (_BOOL, False),
+        "who": (_STR, False),
+    },
+    "resume_all": {"who": (_STR, False), "why": (_STR, False)},
     "set_budget": {"budget": (_DICT, True)},
     "remove_budget": {"name": (_STR, True)},
     "budgets": {},
@@ -147,6 +157,9 @@ def decode(line: bytes | str) -> dict[str, Any]:
     """Parse and validate one line; raises ProtocolError with the reply code."""
     if len(line) > MAX_LINE_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"line over {MAX_LINE_BYTES} bytes")
+    if nested_deeper_than(line):
+        # before decoding: decoders recurse once a level, and give up differently
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"nested deeper than {MAX_NESTING} levels")
     try:
         msg = loads(line)
     except (ValueError, UnicodeDecodeError) as exc:

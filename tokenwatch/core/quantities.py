@@ -6,6 +6,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass
+from typing import Final
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
 _NUMBER = r"(\d+(?:\.\d+)?|\.\d+)"
@@ -41,9 +42,11 @@ class Amount:
     unit: Unit
 
     def __str__(self) -> str:
+        """As it can be typed back: `$2`, `200k`, `60tokens` (a bare `60` is refused)."""
         if self.unit is Unit.USD:
             return f"${self.value:g}"
-        return format_tokens(self.value)
+        text = format_tokens(self.value)
+        return text if text[-1].isalpha() else f"{text}tokens"
 
 
 class RateKind(enum.StrEnum):
@@ -120,6 +123,22 @@ def parse_amount(text: str | int | float) -> Amount:
         ) from None
 
 
+def parse_typed_limit(text: str) -> Amount:
+    """A limit typed on a command line or in a dialog: like `parse_amount`, but a bare number
+    is refused, since people mean dollars by `5` as often as tokens."""
+    raw = text.strip().replace(",", "").replace("_", "")
+    if not re.fullmatch(_NUMBER, raw):
+        return parse_amount(text)
+    value = float(raw)
+    if value < 1000:
+        tokens = f"{raw}k ({value * 1000:,.0f} tokens)"
+    elif parse_tokens(compact := format_tokens(value)) == value:
+        tokens = f"{compact} ({value:,.0f} tokens)"
+    else:
+        tokens = f"{raw}tokens"
+    raise QuantityError(f"{text!r} has no unit: did you mean {tokens} or ${raw} (dollars)?")
+
+
 def parse_duration(text: str | int | float) -> float:
     """`90s`, `5min`, `1h`, `7d`, `2w` or a number of seconds -> seconds."""
     if isinstance(text, int | float) and not isinstance(text, bool):
@@ -187,12 +206,39 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_usd(value: float | None) -> str:
-    """Dollars with sensible precision; `unpriced` for None, never a silent $0."""
+PARTIAL_MARK = "*"
+"""After a dollar figure that holds calls to models no price table knows (priced by estimate)."""
+SMALL_USD: Final = 0.001
+"""Below this, dollars are shown with two significant digits (`$0.00042`) instead of four decimals."""
+TINY_USD: Final = 0.000001
+"""Below this (and above zero) a cost is shown as `<$0.000001`."""
+
+
+def format_usd(value: float | None, partial: bool = False) -> str:
+    """Dollars with sensible precision; `unpriced` for None, never a silent $0; marked with
+    PARTIAL_MARK when `partial` (some of it is an estimate)."""
+    mark = PARTIAL_MARK if partial else ""
     if value is None:
-        return "unpriced"
+        return "unpriced" + mark
     if abs(value) >= 100:
-        return f"${value:,.0f}"
+        return f"${value:,.0f}{mark}"
     if abs(value) >= 1:
-        return f"${value:,.2f}"
-    return f"${value:.4f}"
+        return f"${value:,.2f}{mark}"
+    if value == 0 or abs(value) >= SMALL_USD:
+        return f"${value:.4f}{mark}"
+    if abs(value) < TINY_USD:
+        return f"<${TINY_USD:.6f}{mark}"
+    # a call of a few hundred tokens costs $0.00004: two significant digits, not `$0.0000`
+    rounded = float(f"{abs(value):.2g}")  # 0.0000995 rounds to 0.0001: `$0.00010`, not `$0.000100`
+    decimals = 1 - math.floor(math.log10(rounded))
+    return f"${value:.{decimals}f}{mark}"
+
+
+def estimate_note(estimated_usd: float, estimated_from: str = "", subject: str = "") -> str:
+    """The footnote of a partial total: how much of it is an estimate, and from what."""
+    source = f" (price: estimated from {estimated_from})" if estimated_from else ""
+    who = f" {subject}" if subject else ""
+    return (
+        f"{PARTIAL_MARK}{who} includes {format_usd(estimated_usd)} for models no price table knows, "
+        f'at an estimated price{source}; declare them in tokenwatch.toml [prices."MODEL"]'
+    )

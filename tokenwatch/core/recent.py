@@ -1,11 +1,10 @@
-"""An agent's recent successful calls indexed by time, prompt hash and prompt shape, so the
+"""An agent's recent successful calls indexed by time, with running token and cost totals, so the
 detectors answer each new call in O(log n) instead of re-reading the agent's whole history."""
 
 from __future__ import annotations
 
 import statistics
 from bisect import bisect_right
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -71,17 +70,12 @@ class Track:
             return 0.0
         return (self.cost_total - self.cost_before[i]) / _DOLLAR
 
-    def stale(self, lo: int) -> bool:
-        return not self.seqs or self.seqs[-1] < lo
-
 
 @dataclass(slots=True)
 class Recent:
-    """One agent's successful calls, by time and by prompt; arrival numbers match its history."""
+    """One agent's successful calls, by time; arrival numbers match its history."""
 
     ok: Track = field(default_factory=Track)
-    by_hash: dict[str, Track] = field(default_factory=dict)
-    by_shape: dict[str, Track] = field(default_factory=dict)
     seen: int = 0
     """Calls added so far: the next call's arrival number."""
     disorder: int = -1
@@ -89,8 +83,6 @@ class Recent:
     last_ts: float = float("-inf")
     costs_exact: bool = True
     """Every cost so far finite and not negative, so `Track.cost_since` bounds a float sum."""
-    sweep_at: int = COMPACT_AT
-    """When to next drop prompts the history no longer holds (every history-length calls)."""
 
     def add(self, event: UsageEvent) -> None:
         seq, self.seen = self.seen, self.seen + 1
@@ -100,10 +92,6 @@ class Recent:
         if event.status != Status.OK:
             return
         self.ok.add(seq, event, self._exact_cost(event.cost_usd or 0.0))
-        if event.prompt_hash:
-            self.by_hash.setdefault(event.prompt_hash, Track()).add(seq, event)
-        if event.prompt_shape:
-            self.by_shape.setdefault(event.prompt_shape, Track()).add(seq, event)
 
     def _exact_cost(self, usd: float) -> int:
         if not 0.0 <= usd < float("inf"):
@@ -116,36 +104,10 @@ class Recent:
         """Keep what the agent's history keeps: its last `kept` calls."""
         lo = self.seen - kept
         self.ok.trim(lo)
-        if self.seen >= self.sweep_at:
-            self.sweep_at = self.seen + max(COMPACT_AT, kept)
-            _sweep(self.by_hash, lo)
-            _sweep(self.by_shape, lo)
 
     def ordered(self, kept: int) -> bool:
         """True when the last `kept` calls arrived in time order, so bisecting is exact."""
         return self.disorder <= self.seen - kept
-
-
-def _sweep(tracks: dict[str, Track], lo: int) -> None:
-    for key in [k for k, t in tracks.items() if t.stale(lo)]:
-        del tracks[key]
-    for track in tracks.values():
-        track.trim(lo)
-
-
-def repeats(
-    track: Track | None, lo: int, cutoff: float, alike: Callable[[UsageEvent], bool] | None = None
-) -> tuple[int, float]:
-    """Calls of `track` after `cutoff` (and `alike`, if given): how many, and their time span."""
-    if track is None:
-        return 0, 0.0
-    track.trim(lo)
-    i = track.after(cutoff)
-    if alike is None:
-        n = len(track.ts) - i
-        return n, (track.ts[-1] - track.ts[i] if n else 0.0)
-    ts = [t for t, e in zip(track.ts[i:], track.events[i:], strict=True) if alike(e)]
-    return len(ts), (ts[-1] - ts[0] if ts else 0.0)
 
 
 def busy_median(ok: Track, i: int, j: int, edge: float, window: float) -> tuple[float, list[float]]:

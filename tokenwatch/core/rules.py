@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -12,15 +13,19 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from tokenwatch.config import ConfigError, RuleSettings
-from tokenwatch.core import detect
+from tokenwatch.core import detect, loops
+from tokenwatch.core.actions import ACTIONS, past
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.detect import Finding
-from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
+from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, Status, UsageEvent
 from tokenwatch.core.quantities import QuantityError, parse_rate
-from tokenwatch.core.recent import Recent, Track, busy_median, repeats
+from tokenwatch.core.recent import Recent, busy_median
 
 DETECTORS: Final = (
     "runaway",
+    "tool_loop",
+    "turn_loop",
+    "alternation",
     "task_tokens",
     "spike",
     "huge_request",
@@ -28,7 +33,8 @@ DETECTORS: Final = (
     "drift",
     "forecast",
 )
-ACTIONS: Final = ("alert", "throttle", "pause", "kill", "deny")
+LOOPS: Final = frozenset({"runaway", "tool_loop", "turn_loop", "alternation"})
+"""Detectors of an agent repeating itself: they read its last calls that count, in a row."""
 ALERT_ONLY: Final = frozenset({"huge_request", "drift"})
 """Detectors that inform but never act on an agent, whatever their rule says."""
 CONFIRM: Final = {"forecast": 2}
@@ -41,16 +47,25 @@ HISTORY_CALLS: Final = 2000
 TASKS_KEPT: Final = 500
 DEFAULT_RATE: Final = "50%"
 
-DEFAULT_RULES: list[RuleSettings] = [
-    RuleSettings(
-        name="runaway",
-        detector="runaway",
+
+def _loop_rule(name: str, detector: str, window: float = 0) -> RuleSettings:
+    """A default loop rule: 3 repeats (cycles, for alternation), pause, then kill."""
+    return RuleSettings(
+        name=name,
+        detector=detector,
         threshold=3,
-        window=60,
+        window=window,
         action="pause",
         escalate=["kill"],
         cooldown=60,
-    ),
+    )
+
+
+DEFAULT_RULES: list[RuleSettings] = [
+    _loop_rule("runaway", "runaway", window=60),
+    _loop_rule("tool-loop", "tool_loop"),
+    _loop_rule("turn-loop", "turn_loop"),
+    _loop_rule("alternation", "alternation"),
     RuleSettings(
         name="spike", detector="spike", threshold=5, window=60, action="pause", cooldown=300
     ),
@@ -78,8 +93,6 @@ _DONE: Final = {
     "kill": "; stopped",
     "deny": "; its calls are refused",
 }
-
-_SPARED: Final = {"throttle": "throttled", "pause": "paused", "kill": "killed", "deny": "denied"}
 
 
 class RuleError(ConfigError):
@@ -147,6 +160,27 @@ class _AgentMemory:
     """The rules watching this agent's calls, each with its memory of the agent."""
     watch_of: int = -1
     """Which set of rules `watch` was worked out for (`Rules.replace` starts a new one)."""
+    latest: deque[UsageEvent] = field(default_factory=lambda: deque(maxlen=3))
+    """The last calls that count as steps (`loops.counts`), in arrival order: a loop detector
+    need not read back when the newest does not repeat the one before."""
+    tail: tuple[int, float, list[UsageEvent]] = (-1, 0.0, [])
+    """(arrivals, since, steps): the steps the loop rules read, shared by them for one call."""
+
+    def steps(self, since: float) -> list[UsageEvent]:
+        """The agent's last steps after `since`, in time order (loops.TAIL of them at most)."""
+        seen, was, steps = self.tail
+        if seen == self.recent.seen and was == since:
+            return steps
+        steps = []
+        for e in reversed(self.events):
+            if e.ts > since and loops.counts(e):
+                steps.append(e)
+                if len(steps) == loops.TAIL:
+                    break
+        steps.reverse()
+        steps.sort(key=_ts)  # stable: calls of the same time stay in arrival order
+        self.tail = (self.recent.seen, since, steps)
+        return steps
 
     def finish(self, now: float, tokens: int, calls: int) -> None:
         if len(self.finished) == self.finished.maxlen:
@@ -207,12 +241,6 @@ class Rules:
     def names(self) -> Sequence[str]:
         return [rule_name(s) for s in self._rules]
 
-    def use_budgets(self, budgets: Callable[[], Sequence[BudgetStatus]]) -> None:
-        """Let forecast and spike rules see budget statuses (wired after both exist)."""
-        self._budgets = budgets
-
-    # -- events ---------------------------------------------------------------------------------
-
     def observe(self, event: UsageEvent) -> list[Signal]:
         """Remember the event and run every rule watching its agent."""
         if not self._rules:
@@ -235,6 +263,8 @@ class Rules:
         _forget_old(mem.events, now)
         mem.recent.add(event)
         mem.recent.trim(len(mem.events))
+        if loops.counts(event):
+            mem.latest.append(event)
         if mem.watch_of != self._generation:
             self._watch(event.agent, mem)
         for rule, firing in mem.watch:
@@ -303,7 +333,17 @@ class Rules:
     ) -> Finding | None:
         kind = rule.detector
         if kind == "huge_request":
-            return detect.huge_request(event, limit=rule.threshold or detect.HUGE_REQUEST_TOKENS)
+            limit = rule.threshold or detect.HUGE_REQUEST_TOKENS
+            if event.input_tokens <= limit:
+                return None
+            return detect.huge_request(event, limit=limit, usual=_usual_prompt(mem))
+        if kind in LOOPS:
+            # Cheap first: the newest call must be a step that repeats an earlier one.
+            if not loops.counts(event) or event.ts <= since:
+                return None
+            if mem.ordered() and not loops.may_repeat(kind, mem.latest):
+                return None
+            return loops.check(kind, rule.threshold, rule.window, mem.steps(since), now)
         if kind == "task_tokens":
             return self._task_tokens(rule, mem)
         if kind == "forecast":
@@ -311,8 +351,6 @@ class Rules:
             return None if budgets is None else detect.forecast(event.agent, budgets(), now)
         if not _indexable(rule, mem):
             return self._scan(rule, mem, now, since)
-        if kind == "runaway":
-            return _runaway(rule, mem, now, since)
         if kind == "spike":
             return self._spike(rule, mem, now, since)
         return _context_growth(rule, mem, since)
@@ -320,11 +358,10 @@ class Rules:
     def _spike(
         self, rule: RuleSettings, mem: _AgentMemory, now: float, since: float
     ) -> Finding | None:
+        # Only a change of pace: spend against a budget is the budget's own warnings and action
+        # (an arm comparing the hour's spend with a day budget / 24 paused healthy agents).
         factor = rule.threshold or detect.SPIKE_FACTOR
-        found = _spike(mem, now, factor, rule.window or detect.SPIKE_WINDOW, since)
-        if found is None and self._budgets is not None:
-            found = _overspend(mem, now, since, self._budgets(), factor)
-        return found
+        return _spike(mem, now, factor, rule.window or detect.SPIKE_WINDOW, since)
 
     def _scan(
         self, rule: RuleSettings, mem: _AgentMemory, now: float, since: float
@@ -333,26 +370,15 @@ class Rules:
         events = [e for e in mem.events if e.ts > since]
         level, window = rule.threshold, rule.window
         kind = rule.detector
-        if kind == "runaway":
-            return detect.runaway(
-                events,
-                now,
-                repeats=int(level or detect.RUNAWAY_REPEATS),
-                window=window or detect.RUNAWAY_WINDOW,
-            )
         if kind == "spike":
-            factor = level or detect.SPIKE_FACTOR
             # The baseline is the agent's whole recent history; only the burst must be fresh.
-            found = detect.spike(
+            return detect.spike(
                 list(mem.events),
                 now,
-                factor=factor,
+                factor=level or detect.SPIKE_FACTOR,
                 window=window or detect.SPIKE_WINDOW,
                 since=since,
             )
-            if found is None and self._budgets is not None:
-                found = detect.hourly_overspend(events, now, self._budgets(), factor=factor)
-            return found
         if kind == "context_growth":
             recent = [e for e in events if e.ts > mem.context_from]
             return detect.context_growth(recent, calls=int(level or detect.CONTEXT_CALLS))
@@ -425,7 +451,7 @@ class Rules:
         if rule.detector in ALERT_ONLY:
             action = ActionKind.ALERT.value
         elif action != ActionKind.ALERT and self._is_critical(agent):
-            note = f"; {agent} is critical: not {_SPARED[action]}, only alerted"
+            note = f"; {agent} is critical: not {past(action)}, only alerted"
             action = ActionKind.ALERT.value
         rate = (rule.rate or DEFAULT_RATE) if action == ActionKind.THROTTLE else ""
         done = f"{_DONE[action]} to {rate}" if rate else _DONE[action]
@@ -462,23 +488,15 @@ def _cooling(rule: RuleSettings, firing: _Firing, now: float) -> bool:
     return now - firing.last < rule.cooldown
 
 
-def _runaway(rule: RuleSettings, mem: _AgentMemory, now: float, since: float) -> Finding | None:
-    """`detect.runaway` from the index: the newest call is the agent's last (calls are ordered)."""
-    last = mem.events[-1]
-    times = int(rule.threshold or detect.RUNAWAY_REPEATS)
-    cutoff = max(since, now - (rule.window or detect.RUNAWAY_WINDOW))
-    lo = mem.recent.seen - len(mem.events)
-    found = (0, 0.0)
-    if last.prompt_hash:
-        found = repeats(mem.recent.by_hash.get(last.prompt_hash), lo, cutoff)
-    what = "the same prompt"
-    if found[0] < times and last.prompt_shape:
-        shape = mem.recent.by_shape.get(last.prompt_shape)
-        found = repeats(shape, lo, cutoff, lambda e: detect.near_duplicate(e, last))
-        what = "nearly the same prompt"
-    if found[0] < times:
-        return None
-    return detect.runaway_finding(last.agent, what, *found)
+def _usual_prompt(mem: _AgentMemory) -> float | None:
+    """The agent's usual prompt: the median of its last successful calls before the newest."""
+    older = itertools.islice(reversed(mem.events), 1, None)
+    ok = (e.input_tokens for e in older if e.status == Status.OK)
+    return detect.usual_prompt(list(itertools.islice(ok, detect.HUGE_HISTORY_CALLS)))
+
+
+def _ts(e: UsageEvent) -> float:
+    return e.ts
 
 
 def _spike(
@@ -502,30 +520,6 @@ def _spike(
     if found is None or not detect.faster(j - i, window, gaps):
         return None
     return found
-
-
-def _overspend(
-    mem: _AgentMemory, now: float, since: float, budgets: Sequence[BudgetStatus], factor: float
-) -> Finding | None:
-    """`detect.hourly_overspend` from the index: the hour's exact cost rules most calls out; the
-    float sum the detector compares is only added up when it may be over a budget's pace."""
-    agent = mem.events[-1].agent
-    daily = detect.daily_usd(budgets, agent)
-    if not daily:
-        return None
-    ok = mem.recent.ok
-    i = ok.after(max(since, now - 3600.0))
-    at_most = _most(ok, i) if mem.recent.costs_exact else float("inf")
-    if detect.overspend(agent, at_most, daily, factor=factor) is None:
-        return None
-    spent = sum(e.cost_usd or 0.0 for e in ok.events[i:])
-    return detect.overspend(agent, spent, daily, factor=factor)
-
-
-def _most(ok: Track, i: int) -> float:
-    """At least what adding the costs of ok[i:] up one by one in floats can come to."""
-    # Summing n non-negative floats errs by under n * 2**-53 of the exact sum; keep 4x that.
-    return ok.cost_since(i) * (1.0 + (len(ok.ts) - i + 2) * 2.0**-51)
 
 
 def _context_growth(rule: RuleSettings, mem: _AgentMemory, since: float) -> Finding | None:

@@ -11,6 +11,9 @@ import anyio
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+START_FILL = 0.1
+"""Share of the burst a new bucket holds: a full one let a minute's burst through at once, on
+top of the rate, so a throttle's first minute passed about twice the rate it was set to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,8 @@ class TokenBucket:
 
     A call larger than the whole burst waits for a full bucket and then leaves it in debt, so
     it is slowed to the rate instead of being held forever. A rate of 0 holds every caller
-    until `update_rate` raises it. Clock and sleep are passed in so tests can script time.
+    until `update_rate` raises it. It starts with `start` (default: START_FILL of the burst).
+    Clock and sleep are passed in so tests can script time.
     """
 
     def __init__(
@@ -37,13 +41,15 @@ class TokenBucket:
         burst: float,
         clock: Clock = time.monotonic,
         sleep: Sleep = anyio.sleep,
+        *,
+        start: float | None = None,
     ) -> None:
         _check(rate_per_s, burst)
         self._rate = rate_per_s
         self._burst = burst
         self._clock = clock
         self._sleep = sleep
-        self._tokens = burst
+        self._tokens = burst * START_FILL if start is None else min(start, burst)
         self._stamp = clock()
         self._turn = anyio.Lock()
         self._waiting = 0

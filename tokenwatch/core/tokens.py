@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 import struct
-import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ _DOWNLOADABLE = {
         "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
     ),
 }
+CACHE_VARS = ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
+"""Where the user told tiktoken to keep its files; tokenwatch then uses the same place."""
 _ALIASES = {"o200k_harmony": "o200k_base", "p50k_edit": "p50k_base"}
 _PROVIDER_PREFIX = re.compile(r"^(?:openai|azure|openrouter/openai)/")
 
@@ -79,10 +81,28 @@ def _count_chars(text: str) -> int:
 
 
 def _cache_dir() -> str | None:
-    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+    """Where tiktoken's files are: the user's choice for tiktoken, else tokenwatch's own cache
+    dir (tiktoken's default, the system temp dir, would keep a file behind every run)."""
+    for var in CACHE_VARS:
         if var in os.environ:
             return os.environ[var] or None
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    from tokenwatch.paths import Paths
+
+    return str(Paths.discover().tokenizer_cache)
+
+
+@contextlib.contextmanager
+def _tiktoken_reading(folder: str | None) -> Iterator[None]:
+    """tiktoken reads its cache dir from the environment: point it at `folder` meanwhile (under
+    `_load_lock`), unless the user chose one."""
+    if folder is None or any(var in os.environ for var in CACHE_VARS):
+        yield
+        return
+    os.environ["TIKTOKEN_CACHE_DIR"] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 
 
 def _cached_locally(name: str) -> bool:
@@ -108,9 +128,11 @@ def _load(name: str) -> Any | None:
             import tiktoken
 
             if name == FALLBACK_ENCODING:
-                encoding = tiktoken.get_encoding(_OFFLINE_NAME)
+                with _tiktoken_reading(_cache_dir()):  # it caches a copy of the bundled file
+                    encoding = tiktoken.get_encoding(_OFFLINE_NAME)
             elif name in _DOWNLOADABLE and (_cached_locally(name) or _seed_cache(name)):
-                encoding = tiktoken.get_encoding(name)
+                with _tiktoken_reading(_cache_dir()):
+                    encoding = tiktoken.get_encoding(name)
         except Exception:  # a broken install or cache must degrade to an estimate, not crash
             encoding = None
         _encodings[name] = encoding

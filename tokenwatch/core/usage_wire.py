@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from tokenwatch.core.models import MAX_CLOCK_SKEW, UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, MAX_CLOCK_SKEW, UsageEvent, over_call_limit
 from tokenwatch.core.protocol import VERSION, ErrorCode, ProtocolError
 
 MAX_WIRE_INT: Final = 2**62
@@ -52,8 +52,11 @@ def usage_from_wire(data: dict[str, Any]) -> UsageEvent:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' is out of range")
         fields[name] = value
     for name in COUNT_FIELDS:
-        if fields.get(name, 0) < 0:
+        count = fields.get(name, 0)
+        if count < 0:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: '{name}' cannot be negative")
+        if count > MAX_CALL_TOKENS:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"usage: {over_call_limit(name, count)}")
     event = UsageEvent(**fields)
     if event.ts <= 0 or event.ts != event.ts:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "usage: 'ts' must be positive Unix seconds")
@@ -64,7 +67,7 @@ def usage_from_wire(data: dict[str, Any]) -> UsageEvent:
 
 # -- the fast path --------------------------------------------------------------------------------
 
-_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_WIRE_INT)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_CALL_TOKENS)]
 _Int = Annotated[int, msgspec.Meta(ge=-MAX_WIRE_INT, le=MAX_WIRE_INT)]
 # A float field given as a huge integer is left to the slow path, which refuses it.
 _Float = Annotated[float, msgspec.Meta(ge=-MAX_WIRE_INT, le=MAX_WIRE_INT)]
@@ -85,27 +88,40 @@ def _wire_type(name: str, hint: Any) -> Any:
 
 
 def _wire_event() -> type[msgspec.Struct]:
-    """UsageEvent's fields, in order, as a msgspec Struct (so it can never drift from the model)."""
+    """UsageEvent's fields, in order, as a msgspec Struct (so it can never drift from the model),
+    then `total_tokens` (derived: sent by `to_dict`, ignored)."""
     hints = typing.get_type_hints(UsageEvent)
     fields: list[tuple[str, Any, Any]] = []
     for f in dataclasses.fields(UsageEvent):
         default = msgspec.UNSET if f.name == _TS else f.default
         fields.append((f.name, _wire_type(f.name, hints[f.name]), default))
-    return msgspec.defstruct("WireUsageEvent", fields)
+    fields.append(("total_tokens", int | None, None))
+    # Any other key is left to the generic path: skipping an unknown value, msgspec recurses
+    # into it (RecursionError near 1,000 levels), while typed fields refuse a nested value at once.
+    return msgspec.defstruct("WireUsageEvent", fields, forbid_unknown_fields=True)
 
 
 _WireEvent = _wire_event()
+_FIELD_COUNT: Final = len(dataclasses.fields(UsageEvent))
 
 
-class _UsageLine(msgspec.Struct):
+# Integers orjson reads as integers (the generic path; past -2**63 it reads a float, no id);
+# msgspec bounds stop at int64, so ids up to 2**64 - 1 are left to the generic path.
+_Id = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _UsageLine(msgspec.Struct, forbid_unknown_fields=True):
     v: int
     type: Literal["usage"]
     event: _WireEvent  # type: ignore[valid-type]
-    id: int | str | None = None
+    id: _Id | str | None = None
 
 
 _decoder: Final = msgspec.json.Decoder(_UsageLine)
 _MARK: Final = b'"usage"'
+_ID_MIN: Final = -(2**63)
+_ID_MAX: Final = 2**64 - 1
+"""The integers the generic (orjson) decoder reads as integers."""
 
 
 def decode_usage_line(line: bytes) -> tuple[int | str | None, UsageEvent] | None:
@@ -116,11 +132,13 @@ def decode_usage_line(line: bytes) -> tuple[int | str | None, UsageEvent] | None
         return None
     try:
         msg = _decoder.decode(line)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     if msg.v != VERSION:
         return None
-    values = msgspec.structs.astuple(msg.event)
+    if isinstance(msg.id, int) and not _ID_MIN <= msg.id <= _ID_MAX:
+        return None  # the generic decoder reads such a number as a float and refuses it
+    values = msgspec.structs.astuple(msg.event)[:_FIELD_COUNT]
     if values[0] is msgspec.UNSET:
         values = (time.time(), *values[1:])
     elif not 0 < values[0] <= time.time() + MAX_CLOCK_SKEW:

@@ -76,10 +76,14 @@ def parent_alive() -> bool:
     return True
 
 
-def run_while_demo_lives(steps: Iterator[float]) -> int:
-    """Drive an agent: each step makes its calls and says how long to rest before the next."""
+_calls_made = 0
+
+
+def run_while_demo_lives(steps: Iterator[float], calls: int | None = None) -> int:
+    """Drive an agent: each step makes its calls and says how long to rest before the next;
+    it stops after about `calls` calls (the step that reaches them ends), if given."""
     for rest in steps:
-        if not parent_alive():
+        if not parent_alive() or (calls is not None and _calls_made >= calls):
             return 0
         time.sleep(rest)
     return 0
@@ -99,6 +103,8 @@ def _anthropic() -> Any:
 
 def _guarded(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """One call; a refusal (budget, paused supervisor going away) is printed, never fatal."""
+    global _calls_made
+    _calls_made += 1
     try:
         call(*args, **kwargs)
     except Exception as exc:  # the demo agent keeps going whatever the API says
@@ -225,12 +231,20 @@ BEHAVIOURS: Final[dict[str, Callable[[], Iterator[float]]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m tokenwatch.demo.agents KIND [--calls N]`: runs until its demo ends (or Ctrl-C),
+    or stops after N calls."""
     args = sys.argv[1:] if argv is None else argv
+    calls = None
+    if len(args) == 3 and args[1] == "--calls" and args[2].isdigit():
+        args, calls = args[:1], int(args[2])
     if len(args) != 1 or args[0] not in BEHAVIOURS:
-        print(f"usage: python -m tokenwatch.demo.agents {{{','.join(KINDS)}}}", file=sys.stderr)
+        print(
+            f"usage: python -m tokenwatch.demo.agents {{{','.join(KINDS)}}} [--calls N]",
+            file=sys.stderr,
+        )
         return 2
     try:
-        return run_while_demo_lives(BEHAVIOURS[args[0]]())
+        return run_while_demo_lives(BEHAVIOURS[args[0]](), calls)
     except KeyboardInterrupt:
         return 0
 

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from tokenwatch.core.tokens import count_anthropic, count_text
-from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id
+from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id, reply_seed
 from tokenwatch.demo.fake_reply import Reply, Segment, ToolCall, compose_reply, compose_tool_call
 
 _ERROR_TYPES = {
@@ -133,7 +133,7 @@ async def messages(ex: Exchange) -> web.StreamResponse:
         raise BadRequest("max_tokens: Field required")
     read, write = ex.cache.anthropic_cached(_segments(ex))
     read, write = min(read, total), min(write, total - min(read, total))
-    seed = repr(ex.body.get("messages"))
+    seed = reply_seed(ex.settings, ex.body.get("messages"))
     blocks, thinking = [], 0
     budget = _thinking_budget(ex, limit)
     if budget:

@@ -101,6 +101,16 @@ class Settings:
     cut_every: int = 0
     cut_after: int = 2
     retry_after_s: float = 1.0
+    reply_to_last: bool = False
+    """Replies chosen by the last message only, not the whole conversation: a model in a rut
+    answers the same question alike however long its history (for loop demos and benches)."""
+
+
+def reply_seed(settings: Settings, items: Any) -> str:
+    """What a reply is chosen by: the conversation, or only its last message."""
+    if settings.reply_to_last and isinstance(items, list) and items:
+        return repr(items[-1])
+    return repr(items)
 
 
 class BadRequest(Exception):

@@ -86,6 +86,7 @@ class FakeLLM:
         cut_every: int = 0,
         cut_after: int = 2,
         retry_after_s: float = 1.0,
+        reply_to_last: bool = False,
         anthropic_min_cache_tokens: int = 1024,
     ) -> None:
         self.settings = Settings(
@@ -96,6 +97,7 @@ class FakeLLM:
             cut_every=cut_every,
             cut_after=cut_after,
             retry_after_s=retry_after_s,
+            reply_to_last=reply_to_last,
         )
         self.cache = PromptCache(anthropic_min_cache_tokens)
         self.calls: list[CountedCall] = []

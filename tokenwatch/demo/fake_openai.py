@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from tokenwatch.core.tokens import count_messages, count_responses_input, count_text
-from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id
+from tokenwatch.demo.fake_exchange import BadRequest, Exchange, Usage, new_id, reply_seed
 from tokenwatch.demo.fake_reply import (
     Reply,
     Segment,
@@ -90,7 +90,8 @@ def _bill(
     cached = ex.cache.openai_cached(segments, prompt_tokens)
     reasoning = reasoning_tokens(ex.model, prompt_tokens, limit)
     visible_limit = None if limit is None else max(limit - reasoning, 0)
-    seed = repr(ex.body.get("messages") or ex.body.get("input") or ex.body.get("prompt"))
+    items = ex.body.get("messages") or ex.body.get("input") or ex.body.get("prompt")
+    seed = reply_seed(ex.settings, items)
     reply = Reply((), False) if tool else compose_reply(seed, visible_limit, ex.model)
     said = tool.name + tool.arguments if tool else reply.text
     output = count_text(said, ex.model).tokens + reasoning

@@ -19,6 +19,7 @@ from typing import Any, Final
 import anyio
 import tomli_w
 
+from tokenwatch import environ
 from tokenwatch.client.control import SupervisorClient, SupervisorError, SupervisorUnavailable
 from tokenwatch.core.models import Snapshot
 from tokenwatch.demo.agents import PARENT_ENV
@@ -65,7 +66,7 @@ def supervisor_process(home: Path, config_file: Path) -> Iterator[subprocess.Pop
     paths.ensure_state()
     log = (paths.state_dir / "demo-supervisor.log").open("ab")
     env = {**os.environ, HOME_ENV: str(home)}
-    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", environ.SOCKET, environ.AGENT):
         env.pop(var, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenwatch", "serve", "--config", str(config_file)],

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from tokenwatch.core.errors import InvalidRequest, UnknownAgent
 from tokenwatch.core.models import Agent, AgentState
-from tokenwatch.core.protocol import ErrorCode, ProtocolError
+from tokenwatch.core.pricing import ESTIMATED, is_estimated
 
 if TYPE_CHECKING:
     from tokenwatch.core.throttle import TokenBucket
-    from tokenwatch.process.processes import DutyCycle, ProcessHandle
+    from tokenwatch.process.duty import DutyCycle
+    from tokenwatch.process.processes import ProcessHandle
 
 MAX_EXITED: Final = 200
 """Exited agents kept on the roster (newest), so status and the dashboard can show how they ended."""
@@ -49,6 +51,11 @@ class AgentRecord:
     requests: int = 0
     tokens: int = 0
     cost_usd: float | None = None
+    unpriced_requests: int = 0
+    """Calls to models no price table knows (priced by estimate, or not at all)."""
+    estimated_usd: float = 0.0
+    """The part of `cost_usd` that is such an estimate."""
+    estimated_from: str = ""
     done: list[str] = field(default_factory=list)
     """What tokenwatch did to it (`paused by rule:runaway`), for the exit summary."""
 
@@ -63,11 +70,15 @@ class AgentRecord:
     def live(self) -> bool:
         return self.agent.state in LIVE_STATES
 
-    def count(self, tokens: int, cost: float | None) -> None:
+    def count(self, tokens: int, cost: float | None, price_source: str = "") -> None:
         self.requests += 1
         self.tokens += tokens
         if cost is not None:
             self.cost_usd = (self.cost_usd or 0.0) + cost
+        if cost is None or is_estimated(price_source):
+            self.unpriced_requests += 1
+            self.estimated_usd += cost or 0.0
+            self.estimated_from = price_source.removeprefix(ESTIMATED) or self.estimated_from
 
     def hold(self) -> None:
         if self.running.is_set():
@@ -82,6 +93,9 @@ class AgentRecord:
             "tokens": self.tokens,
             "cost_usd": self.cost_usd,
             "requests": self.requests,
+            "unpriced_requests": self.unpriced_requests,
+            "estimated_usd": self.estimated_usd,
+            "estimated_from": self.estimated_from,
             "actions": [f"{what} {n}x" if n > 1 else what for what, n in counts.items()],
         }
 
@@ -89,8 +103,7 @@ class AgentRecord:
 def check_name(name: str) -> str:
     """An agent name fit for status tables, env vars and budgets."""
     if not _NAME_OK.fullmatch(name):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
+        raise InvalidRequest(
             f"agent name {name!r}: use 1-64 letters, digits and . _ @ : + -",
         )
     return name
@@ -118,9 +131,7 @@ class Roster:
         rec = self._records.get(name)
         if rec is None:
             known = ", ".join(sorted(r.name for r in self if r.live)) or "none running"
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_AGENT, f"no agent named {name!r} (known: {known})"
-            )
+            raise UnknownAgent(f"no agent named {name!r} (known: {known})")
         return rec
 
     def unique_name(self, wanted: str) -> str:

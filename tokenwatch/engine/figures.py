@@ -11,6 +11,7 @@ from typing import Final
 
 from tokenwatch.core.models import AgentView, Alert, BudgetStatus, Snapshot, UsageEvent
 from tokenwatch.core.periods import period_end, period_start, zone
+from tokenwatch.core.pricing import is_estimated
 
 BUCKET_SECONDS: Final = 5.0
 HISTORY_BUCKETS: Final = 120
@@ -82,34 +83,72 @@ class RollingWindow:
 
 @dataclass(slots=True)
 class DayTotals:
-    """Today's tokens and dollars, in total and by agent, model, task, user and provider."""
+    """Today's tokens and dollars, in total and by agent, model, task, user and provider, with
+    the calls to models no price table knows counted apart (their cost is an estimate)."""
 
     tokens: int = 0
     cost_usd: float = 0.0
+    estimated_usd: float = 0.0
+    unpriced_requests: int = 0
     by: dict[str, dict[str, float]] = field(
         default_factory=lambda: {g: defaultdict(float) for g in GROUPS}
     )
+    estimated_by: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {g: defaultdict(float) for g in GROUPS}
+    )
+    """The estimated part of each group's cost."""
     agent_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    agent_unpriced: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, event: UsageEvent) -> None:
         cost = event.cost_usd or 0.0
+        unpriced = event.cost_usd is None or is_estimated(event.price_source)
         self.tokens += event.total_tokens
         self.cost_usd += cost
         self.agent_tokens[event.agent] += event.total_tokens
-        by = self.by
-        by["agent"][event.agent] += cost
-        by["model"][event.model] += cost
-        by["task"][event.task] += cost
-        by["user"][event.user] += cost
-        by["provider"][event.provider] += cost
+        keys = {
+            "agent": event.agent,
+            "model": event.model,
+            "task": event.task,
+            "user": event.user,
+            "provider": event.provider,
+        }
+        for group, key in keys.items():
+            self.by[group][key] += cost
+            if unpriced:
+                self.estimated_by[group][key] += cost
+        if unpriced:
+            self.estimated_usd += cost
+            self.unpriced_requests += 1
+            self.agent_unpriced[event.agent] += 1
 
-    def seed(self, group: str, key: str, tokens: int, cost: float) -> None:
+    def seed(
+        self,
+        group: str,
+        key: str,
+        tokens: int,
+        cost: float,
+        estimated: float = 0.0,
+        unpriced: int = 0,
+    ) -> None:
         """Usage stored before this supervisor started (from the ledger's per-group totals)."""
         self.by[group][key] += cost
+        if unpriced:
+            self.estimated_by[group][key] += estimated
         if group == "agent":
             self.tokens += tokens
             self.cost_usd += cost
             self.agent_tokens[key] += tokens
+            self.estimated_usd += estimated
+            self.unpriced_requests += unpriced
+            if unpriced:
+                self.agent_unpriced[key] += unpriced
+
+    def partial(self) -> dict[str, list[str]]:
+        """Per group, the names whose cost holds an estimate (marked where they are shown)."""
+        return {
+            group: sorted(k or "-" for k in names) for group, names in self.estimated_by.items()
+        }
 
     def top(self, n: int = TOP_N) -> dict[str, list[tuple[str, float]]]:
         return {
@@ -159,13 +198,6 @@ class LiveFigures:
         if event.ts >= self._day_start:
             self.today.add(event)
 
-    def seed_today(self, events: Iterable[UsageEvent]) -> None:
-        """Today's usage recorded before this supervisor started."""
-        start = self.day_start
-        for event in events:
-            if event.ts >= start:
-                self.today.add(event)
-
     def add_alert(self, alert: Alert) -> None:
         self.alerts.appendleft(alert)
 
@@ -185,6 +217,8 @@ class LiveFigures:
         rec_agent.models = list(reversed(self._models.get(name, {})))[:3]
         rec_agent.period_tokens = self.today.agent_tokens.get(name, 0)
         rec_agent.period_cost_usd = self.today.by["agent"].get(name, 0.0)
+        rec_agent.period_estimated_usd = self.today.estimated_by["agent"].get(name, 0.0)
+        rec_agent.unpriced_requests = self.today.agent_unpriced.get(name, 0)
         for alert in self.alerts:
             if alert.agent == name:
                 rec_agent.last_alert = alert.message
@@ -207,9 +241,12 @@ class LiveFigures:
             tokens_per_min=self._total.tokens_per_min(),
             usd_per_hour=self._total.usd_per_hour(),
             spend_today_usd=self.today.cost_usd,
+            estimated_today_usd=self.today.estimated_usd,
+            unpriced_today=self.today.unpriced_requests,
             daily_budget_usd=daily_budget_usd(budgets),
             agents=views,
             top=self.today.top(),
+            top_partial=self.today.partial(),
             budgets=budgets,
             alerts=list(self.alerts),
             burn=self._total.burn(),
@@ -218,12 +255,9 @@ class LiveFigures:
 
 
 def agent_budget_fraction(name: str, budgets: Iterable[BudgetStatus]) -> float | None:
-    """The fullest budget scoped to this agent (or global), as a fraction of its limit."""
-    fractions = [
-        b.fraction
-        for b in budgets
-        if (b.scope == "agent" and _matches(b.target, name)) or b.scope == "global"
-    ]
+    """The fullest of the agent's own budgets (`agent:` ones and its run's), as a fraction of its
+    limit; None when it has none. The global budget is not its own: every row would show it."""
+    fractions = [b.fraction for b in budgets if b.scope == "agent" and _matches(b.target, name)]
     return max(fractions) if fractions else None
 
 

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tokenwatch.config import OtlpSettings
 from tokenwatch.core.models import Action, Alert, Snapshot, UsageEvent
+from tokenwatch.core.pricing import is_estimated
 
 EXPORT_TIMEOUT_S = 5.0
 """An unreachable collector costs the export thread at most this long per attempt, never the loop."""
@@ -72,6 +73,8 @@ def span_attributes(event: UsageEvent) -> dict[str, Any]:
     }
     if event.cost_usd is not None:
         attrs["tokenwatch.cost_usd"] = event.cost_usd
+        # which table priced it; `estimated:MODEL` when no table knew the model
+        attrs["tokenwatch.price_source"] = event.price_source
     if event.http_status is not None:
         attrs["http.response.status_code"] = event.http_status
     if event.ttft_ms is not None:
@@ -278,8 +281,9 @@ class OtlpExporter:
                 timing["error.type"] = str(event.http_status or event.status)
             self.duration.record(event.latency_ms / 1000.0, timing)
         self.requests.add(1, {**attrs, "tokenwatch.status": event.status})
-        if event.cost_usd is not None:
-            self.cost.add(event.cost_usd, attrs)
+        if event.cost_usd is not None:  # an estimated price is told apart: a partial total
+            estimated = is_estimated(event.price_source)
+            self.cost.add(event.cost_usd, {**attrs, "tokenwatch.price_estimated": estimated})
         if event.cache_read_tokens:
             self.cached.add(event.cache_read_tokens, attrs)
         if event.reasoning_tokens:

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from tokenwatch.config import PrometheusSettings, parse_listen
 from tokenwatch.core.models import Action, AgentState, Alert, Snapshot, UsageEvent
+from tokenwatch.core.pricing import ESTIMATED, is_estimated
 from tokenwatch.export.labels import LabelFolder
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -105,14 +106,23 @@ class PrometheusExporter:
             registry=reg,
         )
         self.cost = Counter(
-            "tokenwatch_cost_usd", "Spend in USD (priced calls)", CALL_LABELS, registry=reg
+            "tokenwatch_cost_usd",
+            "Spend in USD, estimates for unknown models included (see tokenwatch_estimated_cost_usd)",
+            CALL_LABELS,
+            registry=reg,
+        )
+        self.estimated = Counter(
+            "tokenwatch_estimated_cost_usd",
+            "The part of tokenwatch_cost_usd priced by estimate (models no price table knows)",
+            [*CALL_LABELS, "estimated_from"],
+            registry=reg,
         )
         self.requests = Counter(
             "tokenwatch_requests", "LLM calls recorded", CALL_LABELS, registry=reg
         )
         self.unpriced = Counter(
             "tokenwatch_unpriced_requests",
-            "Calls to models with no known price",
+            "Calls to models no price table knows (priced by estimate, or not at all)",
             ["model"],
             registry=reg,
         )
@@ -121,6 +131,18 @@ class PrometheusExporter:
         )
         self.alerts = Counter(
             "tokenwatch_alerts", "Alerts raised", ["rule", "severity"], registry=reg
+        )
+        self.saved_usd = Counter(
+            "tokenwatch_saved_usd",
+            "USD the optimisation levers saved (cache, switch, trim)",
+            ["agent", "lever"],
+            registry=reg,
+        )
+        self.saved_calls = Counter(
+            "tokenwatch_lever_requests",
+            "Calls a lever touched (cache: answered from the cache)",
+            ["agent", "lever"],
+            registry=reg,
         )
         reg.register(SnapshotCollector(snapshot))
         self._port = 0
@@ -153,10 +175,18 @@ class PrometheusExporter:
             if count:
                 self.tokens.labels(*labels, token_type).inc(count)
         self.requests.labels(*labels).inc()
-        if event.cost_usd is None:
+        estimated = is_estimated(event.price_source)
+        if event.cost_usd is None or estimated:
             self.unpriced.labels(event.model).inc()
-        else:
+        if event.cost_usd is not None:
             self.cost.labels(*labels).inc(event.cost_usd)
+        if estimated and event.cost_usd is not None:
+            source = event.price_source.removeprefix(ESTIMATED)
+            self.estimated.labels(*labels, source).inc(event.cost_usd)
+        if event.lever:
+            self.saved_calls.labels(event.agent, event.lever).inc()
+            if event.saved_usd:
+                self.saved_usd.labels(event.agent, event.lever).inc(max(0.0, event.saved_usd))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,13 +13,23 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwatch.core.models import FIELD_ALIASES, MAX_CLOCK_SKEW, Source, Status, UsageEvent
+from tokenwatch.core.models import (
+    FIELD_ALIASES,
+    MAX_CALL_TOKENS,
+    MAX_CLOCK_SKEW,
+    Source,
+    Status,
+    UsageEvent,
+    over_call_limit,
+)
+from tokenwatch.core.nesting import MAX_NESTING, nested_deeper_than
 
 _HINTS = typing.get_type_hints(UsageEvent)
 _FIELDS = {f.name for f in dataclasses.fields(UsageEvent)}
 _ALIASES = {alias: name for name, aliases in FIELD_ALIASES.items() for alias in aliases}
 _DERIVED = {"total_tokens"}
 _STATUSES = {s.value for s in Status}
+_COUNTS = {name for name in _FIELDS if name.endswith("_tokens")}
 _MAX_UNIX_SECONDS = 1e11
 """Beyond year 5000: such a `ts` is almost surely milliseconds, which we refuse to guess."""
 
@@ -97,6 +107,8 @@ def _checked(name: str, value: object) -> object:
             raise BadLine(f"{name}: too large: {value}")
     if value < 0 and name != "pid":
         raise BadLine(f"{name}: must not be negative, got {value!r}")
+    if name in _COUNTS and value > MAX_CALL_TOKENS:
+        raise BadLine(over_call_limit(name, int(value)))
     return base(value)
 
 
@@ -147,6 +159,10 @@ def parse_lines(
     for number, raw in enumerate(lines, start=1):
         text = raw.strip()
         if not text:
+            continue
+        if nested_deeper_than(text):
+            # the standard library's decoder would recurse until RecursionError
+            yield number, LineError(number, f"nested deeper than {MAX_NESTING} levels")
             continue
         try:
             data = json.loads(text)

@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tokenwatch.core.quantities import format_usd
+from tokenwatch.core.quantities import PARTIAL_MARK, format_usd
 
 if TYPE_CHECKING:
-    from tokenwatch.ledger.store import GroupTotals, Store, Totals
+    from tokenwatch.ledger.store import GroupTotals, SessionTotals, Store, Totals
 
 FORMATS = ("table", "json", "csv")
 
@@ -27,6 +27,7 @@ COLUMNS: tuple[str, ...] = (
     "total_tokens",
     "cost_usd",
     "unpriced_requests",
+    "estimated_usd",
     "avg_tokens_per_call",
     "output_input_ratio",
     "tasks",
@@ -41,6 +42,7 @@ _TABLE: tuple[tuple[str, str], ...] = (
     ("REQ", "requests"),
     ("INPUT", "input_tokens"),
     ("CACHED", "cache_read_tokens"),
+    ("WRITE", "cache_write_tokens"),
     ("OUTPUT", "output_tokens"),
     ("REASON", "reasoning_tokens"),
     ("COST", "cost_usd"),
@@ -49,7 +51,11 @@ _TABLE: tuple[tuple[str, str], ...] = (
     ("$/TASK", "cost_per_task"),
     ("ERR", "errors"),
 )
-UNPRICED_MARK = "*"
+UNPRICED_MARK = PARTIAL_MARK
+"""After a cost holding calls to models no price table knows (estimated, or with no cost)."""
+ESTIMATED_TOKENS_MARK = "~"
+"""After token counts holding calls whose tokens were counted locally (no usage reported)."""
+_TOKEN_CELLS = frozenset({"input_tokens", "output_tokens"})
 
 
 @dataclass(slots=True)
@@ -69,7 +75,9 @@ class Report:
             "by": self.by,
             "since": _iso(self.since),
             "until": _iso(self.until) if self.until is not None else None,
-            "groups": [{self.by: row.key, **_figures(row)} for row in self.rows],
+            "groups": [
+                {self.by: row.key, **_session_fields(row), **_figures(row)} for row in self.rows
+            ],
             "total": _figures(self.total),
             "unpriced_models": self.unpriced_models,
         }
@@ -85,15 +93,51 @@ async def build_report(
     tz: datetime.tzinfo | None = None,
     **filters: str,
 ) -> Report:
-    """Group rows (largest cost first, or by date), the window's total, and unpriced models."""
-    # mypy cannot tell that no filter is named `top` or `tz` (the store refuses such filters).
-    rows = await store.aggregate(by, since, until, top=top, tz=tz, **filters)  # type: ignore[arg-type]
+    """Group rows (largest cost first, or by date; sessions by start), the window's total, and
+    unpriced models."""
+    rows: list[GroupTotals]
+    if by == "session":
+        rows = _labelled(await store.sessions(since, until, **filters), top, tz)
+    else:
+        # mypy cannot tell that no filter is named `top` or `tz` (the store refuses such filters).
+        rows = await store.aggregate(by, since, until, top=top, tz=tz, **filters)  # type: ignore[arg-type]
     total = await store.totals(since, until, **filters)
     unpriced: list[str] = []
     if total.unpriced_requests:
         models = await store.aggregate("model", since, until, **filters)  # type: ignore[arg-type]
         unpriced = sorted(m.key or "(no model)" for m in models if m.unpriced_requests)
     return Report(by, since, until, rows, total, unpriced)
+
+
+def _labelled(
+    sessions: list[SessionTotals], top: int | None, tz: datetime.tzinfo | None
+) -> list[GroupTotals]:
+    """Sessions oldest first (the `top` costliest of them), each named for a person:
+    `researcher 3f2a9c1e 2026-12-05 09:12-09:40`."""
+    if top is not None:
+        costliest = sorted(sessions, key=lambda s: (-s.cost_usd, -s.total_tokens))[:top]
+        sessions = [s for s in sessions if s in costliest]
+    for s in sessions:
+        first = datetime.datetime.fromtimestamp(s.first_ts, tz)
+        last = datetime.datetime.fromtimestamp(s.last_ts, tz)
+        until = f"{last:%H:%M}" if last.date() == first.date() else f"{last:%Y-%m-%d %H:%M}"
+        s.key = (
+            f"{s.agent or '(no agent)'} {s.run_id[:8] or '(no run)'} {first:%Y-%m-%d %H:%M}-{until}"
+        )
+    return list(sessions)
+
+
+def _session_fields(row: GroupTotals) -> dict[str, Any]:
+    from tokenwatch.ledger.store import SessionTotals
+
+    if not isinstance(row, SessionTotals):
+        return {}
+    return {
+        "agent": row.agent,
+        "run_id": row.run_id,
+        "started": _iso(row.first_ts),
+        "last_activity": _iso(row.last_ts),
+    }
 
 
 def _figures(totals: Totals) -> dict[str, Any]:
@@ -104,7 +148,13 @@ def _figures(totals: Totals) -> dict[str, Any]:
 
 
 def _all_unpriced(totals: Totals) -> bool:
-    return totals.requests > 0 and totals.unpriced_requests == totals.requests
+    """Every call is to a model no table priced, and none has even an estimate (stored before
+    tokenwatch had a fallback): the cost is unknown, not zero."""
+    return (
+        totals.requests > 0
+        and totals.unpriced_requests == totals.requests
+        and totals.estimated_usd == 0
+    )
 
 
 def _iso(ts: float) -> str:
@@ -150,14 +200,34 @@ def render_table(report: Report) -> str:
     lines = [line(header), *(line(r) for r in body), rule, line(total)]
     if not report.rows:
         lines.insert(1, "(no usage in this window)")
-    if report.total.unpriced_requests:
-        models = ", ".join(report.unpriced_models)
-        count = report.total.unpriced_requests
-        lines.append(
-            f"{UNPRICED_MARK} {count:,} call{'s' if count != 1 else ''} unpriced (unknown model: "
-            f'{models}): not in COST. Price them with [prices."MODEL"] in tokenwatch.toml.'
-        )
+    lines += _footnotes(report)
     return "\n".join(lines) + "\n"
+
+
+def _footnotes(report: Report) -> list[str]:
+    t = report.total
+    notes = []
+    if t.unpriced_requests:
+        models = ", ".join(report.unpriced_models)
+        count = f"{t.unpriced_requests:,} call{'s' if t.unpriced_requests != 1 else ''}"
+        if t.estimated_usd > 0:
+            how = (
+                f"COST includes {format_usd(t.estimated_usd)} at an estimated price "
+                "(`tokenwatch prices MODEL` shows from what)"
+            )
+        else:
+            how = "not in COST"
+        notes.append(
+            f"{UNPRICED_MARK} {count} unpriced (unknown model: {models}): {how}. "
+            'Price them with [prices."MODEL"] in tokenwatch.toml.'
+        )
+    if t.estimated_requests:
+        count = f"{t.estimated_requests:,} call{'s' if t.estimated_requests != 1 else ''}"
+        notes.append(
+            f"{ESTIMATED_TOKENS_MARK} {count} with tokens counted locally (the provider "
+            "reported no usage): an estimate"
+        )
+    return notes
 
 
 def _cells(t: Totals) -> list[str]:
@@ -173,6 +243,8 @@ def _cells(t: Totals) -> list[str]:
             cells.append("-" if value is None else f"{value:.2f}")
         elif name == "avg_tokens_per_call":
             cells.append(f"{value:,.0f}")
+        elif name in _TOKEN_CELLS and t.estimated_requests:
+            cells.append(f"{value:,}{ESTIMATED_TOKENS_MARK}")
         else:
             cells.append(f"{value:,}")
     return cells

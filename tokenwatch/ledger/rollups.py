@@ -7,14 +7,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenwatch.core.periods import period_end
-from tokenwatch.ledger.schema import MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
+from tokenwatch.core.periods import period_end, period_start
+from tokenwatch.ledger.schema import ESTIMATED_PRICE_SQL, MEASURES, ROLLUP_DIMS, ROLLUPS, quoted
 
 # How a raw event row contributes to each rollup measure (one row, so a count of 1).
 _RAW_MEASURES = {
     "requests": "1",
     "cost_usd": "COALESCE(cost_usd, 0)",
-    "unpriced": "cost_usd IS NULL",
+    "unpriced": f"cost_usd IS NULL OR {ESTIMATED_PRICE_SQL}",
+    "estimated_usd": f"CASE WHEN {ESTIMATED_PRICE_SQL} THEN cost_usd ELSE 0 END",
     "errors": "status = 'error'",
     "denied": "status = 'denied'",
     "estimated": "estimated != 0",
@@ -135,24 +136,42 @@ def window_batches(
     return batches
 
 
-def day_windows(
-    since: float, until: float, tz: datetime.tzinfo, now: float
+def period_windows(
+    since: float, until: float, period: str, tz: datetime.tzinfo, now: float
 ) -> list[tuple[str, float, float]]:
-    """One window per local day of [since, until), none past `now`: the window holding `now`
-    (or the last one) runs to `until`, so events stamped later still add up to the total
-    without a ledger's far-future event making a window for every day up to it."""
+    """One window per local day, week (from Monday) or month of [since, until), none past
+    `now`: the window holding `now` (or the last one) runs to `until`, so events stamped later
+    still add up to the total without a ledger's far-future event making a window for every
+    period up to it."""
     end = min(until, now)
     windows: list[tuple[str, float, float]] = []
     lo = since
     while lo < end:
-        hi = min(period_end(lo, "day", tz), end)
-        windows.append((_date(lo, tz), lo, hi))
+        hi = min(period_end(lo, period, tz), end)
+        windows.append((period_label(lo, period, tz), lo, hi))
         lo = hi
     if until > end:
-        label, lo = (windows[-1][0], windows[-1][1]) if windows else (_date(since, tz), since)
+        if windows:
+            label, lo = windows[-1][0], windows[-1][1]
+        else:
+            label, lo = period_label(since, period, tz), since
         windows[-1:] = [(label, lo, until)]
     return windows
 
 
-def _date(ts: float, tz: datetime.tzinfo) -> str:
-    return datetime.datetime.fromtimestamp(ts, tz).date().isoformat()
+def period_label(ts: float, period: str, tz: datetime.tzinfo) -> str:
+    """`2026-12-05` for a day, the Monday `2026-11-30` for its week, `2026-12` for a month."""
+    start = datetime.datetime.fromtimestamp(period_start(ts, period, tz), tz).date()
+    return start.isoformat()[:7] if period == "month" else start.isoformat()
+
+
+def session_sql(since: float, until: float, filters: Mapping[str, str]) -> tuple[str, list[Any]]:
+    """Sums per run of an agent (`agent`, `run_id`) over raw events, with its first and last
+    call: runs are not a rollup dimension."""
+    where, params = filter_sql(filters)
+    sums = ", ".join(expr for _, expr in MEASURES)
+    sql = (
+        f"SELECT {sums}, COUNT(DISTINCT NULLIF(task, '')), agent, run_id, MIN(ts), MAX(ts) "
+        f"FROM events INDEXED BY events_ts WHERE ts >= ? AND ts < ?{where} GROUP BY agent, run_id"
+    )
+    return sql, [since, until, *params]

@@ -36,6 +36,17 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "estimated",
     "call_id",
     "prompt_shape",
+    "turn_hash",
+    "turn_shape",
+    "tool_hash",
+    "tool_call",
+    "answer_hash",
+    "overlap",
+    "price_source",
+    "requested_model",
+    "lever",
+    "saved_tokens",
+    "saved_usd",
 )
 
 # The dimensions a rollup row is keyed by (besides its time bucket); every filter must be one.
@@ -44,8 +55,8 @@ ROLLUP_DIMS: tuple[str, ...] = ("agent", "task", "model", "user", "provider")
 # Rollup tables and the width of their time buckets in seconds, coarsest first.
 ROLLUPS: tuple[tuple[str, int], ...] = (("rollup_hour", 3600), ("rollup_minute", 60))
 
-# Summed measures of a rollup row, with the SQL that computes each from raw event rows.
-MEASURES: tuple[tuple[str, str], ...] = (
+# The measures of the rollup tables as version 2 created them (its migration must not change).
+_V2_MEASURES: tuple[tuple[str, str], ...] = (
     ("requests", "COUNT(*)"),
     ("input_tokens", "SUM(input_tokens)"),
     ("cache_read_tokens", "SUM(cache_read_tokens)"),
@@ -58,6 +69,21 @@ MEASURES: tuple[tuple[str, str], ...] = (
     ("denied", "SUM(status = 'denied')"),
     ("estimated", "SUM(estimated != 0)"),
 )
+
+ESTIMATED_PRICE_SQL = "price_source LIKE 'estimated:%'"
+"""A call to a model no price table knows, priced at the fallback's rates (see core.pricing)."""
+
+# Summed measures of a rollup row, with the SQL that computes each from raw event rows:
+# `unpriced` counts calls no table priced (at the fallback's rates, or with no cost at all, as
+# before version 5), `estimated_usd` the part of `cost_usd` that is such an estimate.
+MEASURES: tuple[tuple[str, str], ...] = (
+    *(
+        (name, f"SUM(cost_usd IS NULL OR {ESTIMATED_PRICE_SQL})" if name == "unpriced" else sql)
+        for name, sql in _V2_MEASURES
+    ),
+    ("estimated_usd", f"TOTAL(CASE WHEN {ESTIMATED_PRICE_SQL} THEN cost_usd END)"),
+)
+DOLLAR_MEASURES = frozenset({"cost_usd", "estimated_usd"})
 
 
 def quoted(column: str) -> str:
@@ -111,20 +137,24 @@ def _v1_events(db: sqlite3.Connection) -> None:
     )
 
 
-def _rollup_parts() -> tuple[str, str, str, str]:
+def _rollup_parts(
+    measures: tuple[tuple[str, str], ...] = MEASURES,
+) -> tuple[str, str, str, str]:
     """(dimension columns, measure columns, measures from raw rows, upsert SET clause)."""
     return (
         ", ".join(quoted(d) for d in ROLLUP_DIMS),
-        ", ".join(name for name, _ in MEASURES),
-        ", ".join(expr for _, expr in MEASURES),
-        ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in MEASURES),
+        ", ".join(name for name, _ in measures),
+        ", ".join(expr for _, expr in measures),
+        ", ".join(f"{name} = {name} + excluded.{name}" for name, _ in measures),
     )
 
 
-def rollup_refresh_sql(table: str, width: int) -> str:
+def rollup_refresh_sql(
+    table: str, width: int, measures: tuple[tuple[str, str], ...] = MEASURES
+) -> str:
     """Fold event rows with `id > ?` into a rollup table straight from the raw rows (backfills;
     the writer folds its batches through `batch_rollup_sql`)."""
-    dims, names, exprs, updates = _rollup_parts()
+    dims, names, exprs, updates = _rollup_parts(measures)
     return (
         f"INSERT INTO {table} (bucket, {dims}, {names}) "
         f"SELECT CAST(ts / {width} AS INTEGER) * {width}, {dims}, {exprs} "
@@ -141,7 +171,7 @@ rows are grouped once per batch rather than once per rollup table."""
 def batch_rollup_sql() -> tuple[str, str, str, list[str]]:
     """(create, clear, fill with events `id > ?`, fold into each rollup table) for the writer."""
     dims, names, exprs, updates = _rollup_parts()
-    sums = ", ".join(f"TOTAL({n})" if n == "cost_usd" else f"SUM({n})" for n, _ in MEASURES)
+    sums = ", ".join(f"TOTAL({n})" if n in DOLLAR_MEASURES else f"SUM({n})" for n, _ in MEASURES)
     finest = min(width for _, width in ROLLUPS)
     if any(width % finest for _, width in ROLLUPS):
         raise ValueError("every rollup width must be a multiple of the finest")
@@ -160,12 +190,13 @@ def batch_rollup_sql() -> tuple[str, str, str, list[str]]:
 
 
 def _create_rollup(db: sqlite3.Connection, table: str) -> None:
+    """A rollup table as version 2 made it (later versions add columns)."""
     dims = ", ".join(f"{quoted(d)} TEXT NOT NULL" for d in ROLLUP_DIMS)
     measures = ", ".join(
         f"{name} REAL NOT NULL DEFAULT 0"
-        if name == "cost_usd"
+        if name in DOLLAR_MEASURES
         else f"{name} INTEGER NOT NULL DEFAULT 0"
-        for name, _ in MEASURES
+        for name, _ in _V2_MEASURES
     )
     key = ", ".join(quoted(d) for d in ROLLUP_DIMS)
     db.execute(
@@ -211,7 +242,7 @@ def _v2_dedup_rollups_and_supervision(db: sqlite3.Connection) -> None:
     )
     for table, width in ROLLUPS:
         _create_rollup(db, table)
-        db.execute(rollup_refresh_sql(table, width), (0,))
+        db.execute(rollup_refresh_sql(table, width, _V2_MEASURES), (0,))
 
 
 def _v3_prompt_shape(db: sqlite3.Connection) -> None:
@@ -219,10 +250,44 @@ def _v3_prompt_shape(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE events ADD COLUMN prompt_shape TEXT NOT NULL DEFAULT ''")
 
 
+def _v4_conversation_signals(db: sqlite3.Connection) -> None:
+    """Conversation signals (hashes of new turns, tool calls, answers; overlap), so `rules test`
+    replays the loop detectors as live enforcement ran them."""
+    for column in ("turn_hash", "turn_shape", "tool_hash", "tool_call", "answer_hash"):
+        db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE events ADD COLUMN overlap INTEGER NOT NULL DEFAULT 0")
+
+
+def _v5_price_source(db: sqlite3.Connection) -> None:
+    """Which table priced each call (or that the provider reported it, or that it is an
+    estimate), and the estimated part of each rollup's cost. Calls stored before keep an empty
+    source: the bundled table priced them (`price_version` says which) or none did (no cost)."""
+    db.execute("ALTER TABLE events ADD COLUMN price_source TEXT NOT NULL DEFAULT ''")
+    for table, _ in ROLLUPS:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN estimated_usd REAL NOT NULL DEFAULT 0")
+
+
+def _v6_savings(db: sqlite3.Connection) -> None:
+    """What the optimisation levers did: the model asked for, the lever, what it saved."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE events ADD COLUMN requested_model TEXT NOT NULL DEFAULT '';
+        ALTER TABLE events ADD COLUMN lever TEXT NOT NULL DEFAULT '';
+        ALTER TABLE events ADD COLUMN saved_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE events ADD COLUMN saved_usd REAL;
+        CREATE INDEX events_lever_ts ON events (ts) WHERE lever != ''
+        """,
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_events,
     _v2_dedup_rollups_and_supervision,
     _v3_prompt_shape,
+    _v4_conversation_signals,
+    _v5_price_source,
+    _v6_savings,
 )
 """MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
 

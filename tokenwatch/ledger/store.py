@@ -9,18 +9,20 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import aiosqlite
 import anyio
 import anyio.to_thread
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import Action, Agent, Alert, UsageEvent
 from tokenwatch.core.periods import CALENDAR_PERIODS, period_end, period_start, zone
-from tokenwatch.ledger.rollups import day_windows, summary_sql, window_batches
+from tokenwatch.ledger.rollups import period_windows, session_sql, summary_sql, window_batches
+from tokenwatch.ledger.savings import savings_sql
 from tokenwatch.ledger.schema import (
     EVENT_COLUMNS,
     ROLLUP_DIMS,
@@ -29,12 +31,19 @@ from tokenwatch.ledger.schema import (
     migrate,
     quoted,
 )
+from tokenwatch.ledger.totals import (
+    GroupTotals,
+    Rates,
+    SessionTotals,
+    StoredEvent,
+    Totals,
+    as_totals,
+)
 from tokenwatch.ledger.transaction import (
     BUSY_TIMEOUT,
     CACHE_KIB,
     Committer,
     Statement,
-    StoreUnavailable,
     connect_writer,
     describe,
 )
@@ -45,6 +54,7 @@ __all__ = [
     "GROUPINGS",
     "GroupTotals",
     "Rates",
+    "SessionTotals",
     "Store",
     "StoreStatistics",
     "StoreUnavailable",
@@ -52,7 +62,7 @@ __all__ = [
     "Totals",
 ]
 
-GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day")
+GROUPINGS: tuple[str, ...] = (*ROLLUP_DIMS, "day", "week", "month")
 """What `aggregate(by=...)` accepts."""
 MAX_ROWS = 2**63 - 1
 """The largest row count SQLite binds (a signed 64-bit integer): a larger `limit` means the same."""
@@ -60,86 +70,6 @@ MAX_ROWS = 2**63 - 1
 _SELECT_EVENT = f"SELECT id, {', '.join(quoted(c) for c in EVENT_COLUMNS)} FROM events"
 _ALERT_COLUMNS = ("id", "ts", "rule", "agent", "message", "severity", "action", "acknowledged")
 _ACTION_COLUMNS = ("id", "ts", "kind", "agent", "who", "why", "detail", "ok")
-
-T = TypeVar("T", bound="Totals")
-
-
-@dataclass(slots=True)
-class Totals:
-    """Sums over a set of usage events, with the ratios reports show."""
-
-    requests: int = 0
-    input_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float = 0.0
-    """Cost of the priced events only; see `unpriced_requests`."""
-    unpriced_requests: int = 0
-    """Events whose model had no price: their cost is unknown, not zero."""
-    errors: int = 0
-    denied: int = 0
-    estimated_requests: int = 0
-    tasks: int = 0
-    """Distinct non-empty task names."""
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    @property
-    def avg_tokens_per_call(self) -> float:
-        return self.total_tokens / self.requests if self.requests else 0.0
-
-    @property
-    def output_input_ratio(self) -> float | None:
-        return self.output_tokens / self.input_tokens if self.input_tokens else None
-
-    @property
-    def cost_per_task(self) -> float | None:
-        return self.cost_usd / self.tasks if self.tasks else None
-
-    @property
-    def fully_priced(self) -> bool:
-        return self.unpriced_requests == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(
-            total_tokens=self.total_tokens,
-            avg_tokens_per_call=self.avg_tokens_per_call,
-            output_input_ratio=self.output_input_ratio,
-            cost_per_task=self.cost_per_task,
-        )
-        return d
-
-
-@dataclass(slots=True)
-class GroupTotals(Totals):
-    """Totals of one group (`key` is the agent, task, model, user, provider or local date)."""
-
-    key: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Rates:
-    """Rates over a rolling window ending now."""
-
-    window: float
-    """Seconds."""
-    tokens_per_min: float
-    usd_per_hour: float
-    requests_per_min: float
-    totals: Totals
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """A usage event with its row id (for paging history)."""
-
-    id: int
-    event: UsageEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +253,7 @@ class Store:
     async def totals(self, since: float, until: float | None = None, **filters: str) -> Totals:
         """Sums over events with `since <= ts < until` (no upper bound when None)."""
         rows = await self._grouped(None, [("", since, _upper(until))], filters)
-        return _as_totals(Totals, rows[0] if rows else None)
+        return as_totals(Totals, rows[0] if rows else None)
 
     async def window_rates(self, window: float, now: float | None = None, **filters: str) -> Rates:
         """Tokens/min, USD/hour and requests/min over the `window` seconds up to `now` inclusive."""
@@ -364,25 +294,46 @@ class Store:
         tz: datetime.tzinfo | None = None,
         **filters: str,
     ) -> list[GroupTotals]:
-        """Totals per agent, task, model, user, provider, or local `day` (in `tz`).
+        """Totals per agent, task, model, user, provider, or local `day`, `week` (from Monday)
+        or `month` (in `tz`).
 
-        Groups come largest cost first (then tokens); days come in date order.
+        Groups come largest cost first (then tokens); periods come in date order.
         """
         if by not in GROUPINGS:
             raise ValueError(f"cannot group by {by!r} (one of: {', '.join(GROUPINGS)})")
         hi = _upper(until)
-        if by == "day":
+        if by in ("day", "week", "month"):
             now = self._clock()
             rows = []
-            for batch in window_batches(day_windows(since, hi, tz or zone("local"), now), now):
+            windows = period_windows(since, hi, by, tz or zone("local"), now)
+            for batch in window_batches(windows, now):
                 rows += await self._grouped("label", batch, filters)
-            groups = [_as_totals(GroupTotals, row) for row in rows]
+            groups = [as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: g.key)
         else:
             rows = await self._grouped(quoted(by), [("", since, hi)], filters)
-            groups = [_as_totals(GroupTotals, row) for row in rows]
+            groups = [as_totals(GroupTotals, row) for row in rows]
             groups.sort(key=lambda g: (-g.cost_usd, -g.total_tokens, g.key))
         return groups[:top] if top is not None else groups
+
+    async def sessions(
+        self, since: float, until: float | None = None, **filters: str
+    ) -> list[SessionTotals]:
+        """Totals per run of an agent (`tokenwatch run`; calls of no run are one per agent),
+        oldest first."""
+        sql, params = session_sql(since, _upper(until), filters)
+        found = []
+        for row in await self._rows(sql, params):
+            *sums, agent, run_id, first, last = row
+            totals = as_totals(SessionTotals, (*sums, f"{agent} {run_id}".strip()))
+            totals.agent, totals.run_id, totals.first_ts, totals.last_ts = (
+                agent,
+                run_id,
+                first,
+                last,
+            )
+            found.append(totals)
+        return sorted(found, key=lambda s: (s.first_ts, s.key))
 
     async def _grouped(
         self,
@@ -391,6 +342,11 @@ class Store:
         filters: Mapping[str, str],
     ) -> list[tuple[Any, ...]]:
         sql, params = summary_sql(key, windows, filters, self._clock())
+        return [tuple(row) for row in await self._rows(sql, params)]
+
+    async def savings(self, since: float, until: float | None = None) -> list[tuple[Any, ...]]:
+        """(agent, lever, calls, saved tokens, saved USD, the agent's calls) per agent and lever."""
+        sql, params = savings_sql(since, _upper(until))
         return [tuple(row) for row in await self._rows(sql, params)]
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -611,43 +567,6 @@ def _start_child(path: Path) -> ChildCommitter:
 
 def _upper(until: float | None) -> float:
     return math.inf if until is None else until
-
-
-def _as_totals(cls: type[T], row: tuple[Any, ...] | None) -> T:
-    if row is None:
-        return cls()
-    (
-        requests,
-        input_tokens,
-        cache_read,
-        cache_write,
-        output,
-        reasoning,
-        cost,
-        unpriced,
-        errors,
-        denied,
-        estimated,
-        tasks,
-        key,
-    ) = row
-    totals = cls(
-        requests=int(requests),
-        input_tokens=int(input_tokens),
-        cache_read_tokens=int(cache_read),
-        cache_write_tokens=int(cache_write),
-        output_tokens=int(output),
-        reasoning_tokens=int(reasoning),
-        cost_usd=float(cost),
-        unpriced_requests=int(unpriced),
-        errors=int(errors),
-        denied=int(denied),
-        estimated_requests=int(estimated),
-        tasks=int(tasks),
-    )
-    if isinstance(totals, GroupTotals):
-        totals.key = str(key)
-    return totals
 
 
 def _event(row: Sequence[Any]) -> UsageEvent:

@@ -3,6 +3,7 @@ write connection; light enough to load in the ledger's writer process."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,12 +11,19 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
+from tokenwatch.core.errors import StoreUnavailable
+from tokenwatch.core.models import MAX_CALL_TOKENS, over_call_limit
 from tokenwatch.ledger.schema import EVENT_COLUMNS, batch_rollup_sql, quoted
 
 BUSY_TIMEOUT: Final = 10.0
 """Seconds a connection waits for another process's lock before giving up."""
 CACHE_KIB: Final = 16 * 1024
 """SQLite page cache per connection."""
+WAL_AUTOCHECKPOINT: Final = 4000
+"""WAL pages (4 KiB each) written before SQLite checkpoints by itself: ~16 MB of WAL."""
+LOW_DISK_BYTES: Final = 64 * 1024 * 1024
+"""Free space under which the WAL is checkpointed after every commit: room for a WAL that
+checkpoints by itself (WAL_AUTOCHECKPOINT) with plenty to spare."""
 ROWS_PER_INSERT: Final = 256
 """Rows one INSERT statement carries (fewer where SQLite allows fewer bound values)."""
 
@@ -27,13 +35,11 @@ _ROW_PLACES = f"({', '.join('?' for _ in EVENT_COLUMNS)})"
 _CALL_ID = EVENT_COLUMNS.index("call_id")
 _CREATE_BATCH, _CLEAR_BATCH, _FILL_BATCH, _FOLDS = batch_rollup_sql()
 _INT64 = 2**63
+_COUNTS = [EVENT_COLUMNS.index(name) for name in EVENT_COLUMNS if name.endswith("_tokens")]
+OVERFLOW: Final = "integer overflow"
+"""SQLite's message when a SUM passes 64 bits."""
 # What sqlite3 raises when a value cannot be bound (wrong type, int too large).
 BIND_ERRORS = (sqlite3.ProgrammingError, sqlite3.InterfaceError, OverflowError, TypeError)
-
-
-class StoreUnavailable(Exception):
-    """The ledger file cannot be read or written (damaged, disk full, read-only, locked too long);
-    the message names the path and which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +90,9 @@ def connect_writer(path: Path) -> sqlite3.Connection:
         # NORMAL survives a killed process (the WAL is in the OS's hands); see docs/ledger.md.
         conn.execute("PRAGMA synchronous = NORMAL")
         # Index pages of a big ledger stay cached, and checkpoints (which fsync) come every
-        # ~16 MB of WAL rather than every 4 MB.
+        # ~16 MB of WAL rather than every 4 MB (on a full disk, sooner: Committer._attempt).
         conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
-        conn.execute("PRAGMA wal_autocheckpoint = 4000")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
     except BaseException:
         conn.close()
         raise
@@ -117,26 +123,53 @@ class Committer:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._batch_table = False
+        self._directory = _directory_of(conn)
 
     def commit(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
         try:
-            return self._transaction(rows, statements)
+            return self._attempt(rows, statements)
         except BIND_ERRORS:
             pass  # some row has a field of the wrong type: set those aside, write the rest
+        except sqlite3.OperationalError as exc:
+            if str(exc) != OVERFLOW:
+                raise  # the file itself is in trouble
+            # Token counts past what a call can use (the capture paths refuse them) summed past
+            # 64 bits in the rollups: set those rows aside, or every retry would fail the same.
         kept, rejected = split_unbindable(rows)
-        return widen(self._transaction([rows[i] for i in kept], statements), kept, rejected)
+        return widen(self._attempt([rows[i] for i in kept], statements), kept, rejected)
 
     def close(self) -> None:
         self._conn.close()
 
+    def _attempt(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
+        """The batch's transaction (on a full disk, once more after a checkpoint). On a disk
+        with less than LOW_DISK_BYTES free, every commit is followed by a checkpoint that moves
+        the WAL into the database file and truncates it: left to checkpoint by itself every
+        ~16 MB, the WAL filled a nearly full disk long before the data did (79 events on a 2 MB
+        disk), and a full WAL cannot be checkpointed into a database that cannot grow."""
+        try:
+            done = self._transaction(rows, statements)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL or not checkpoint(self._conn):
+                raise
+            done = self._transaction(rows, statements)
+        if self._directory and free_bytes(self._directory) < LOW_DISK_BYTES:
+            checkpoint(self._conn)
+        return done
+
     def _transaction(self, rows: Sequence[Row], statements: Sequence[Statement]) -> Committed:
         conn = self._conn
+        if not self._batch_table:
+            # Outside the transaction: made inside one, a rollback would take it away again.
+            prepare_rollups(conn)
+            self._batch_table = True
         conn.execute("BEGIN IMMEDIATE")
         try:
             outcomes = [_run(conn, s) for s in statements]
             done = self._insert(rows)
             conn.execute("COMMIT")
         except BaseException:
+            self._batch_table = False  # whatever failed, the next batch starts from scratch
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
@@ -149,9 +182,6 @@ class Committer:
         conn = self._conn
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
         inserted = insert_rows(conn, rows)
-        if not self._batch_table:
-            prepare_rollups(conn)
-            self._batch_table = True
         fold_rollups(conn, last_id)
         duplicates = [] if inserted == len(rows) else self._duplicates(rows, last_id)
         return Committed(inserted=inserted, duplicates=duplicates)
@@ -173,6 +203,33 @@ class Committer:
             else:
                 duplicates.append(i)
         return duplicates
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes an unprivileged process may still write on the disk holding `directory`."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return LOW_DISK_BYTES  # cannot tell: assume the disk is tight
+    return st.f_bavail * st.f_frsize
+
+
+def _directory_of(conn: sqlite3.Connection) -> str:
+    """The directory of the connection's main database file ('' in memory)."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return str(os.path.dirname(file))
+    return ""
+
+
+def checkpoint(conn: sqlite3.Connection) -> bool:
+    """Move the whole WAL into the database file and truncate it to nothing; False when that
+    could not be done (a reader still needs the WAL, or the disk has no room even for that)."""
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error:
+        return False
+    return not busy
 
 
 def _run(conn: sqlite3.Connection, statement: Statement) -> Outcome:
@@ -242,20 +299,33 @@ def bindable(value: object) -> bool:
 
 
 def split_unbindable(rows: Sequence[Row]) -> tuple[list[int], dict[int, str]]:
-    """(indices of the rows that can be stored, why each other row cannot, by index)."""
+    """(indices of the rows that can be stored, why each other row cannot, by index): a field
+    of the wrong type, or a token count past what one call can use."""
     kept: list[int] = []
     rejected: dict[int, str] = {}
     for i, row in enumerate(rows):
-        bad = [
-            f"{name}={value!r}"
-            for name, value in zip(EVENT_COLUMNS, row, strict=True)
-            if not bindable(value)
-        ]
-        if bad:
-            rejected[i] = f"usage event has fields of the wrong type: {', '.join(bad)}"
+        problem = _unstorable(row)
+        if problem:
+            rejected[i] = problem
         else:
             kept.append(i)
     return kept, rejected
+
+
+def _unstorable(row: Row) -> str:
+    bad = [
+        f"{name}={value!r}"
+        for name, value in zip(EVENT_COLUMNS, row, strict=True)
+        if not bindable(value)
+    ]
+    if bad:
+        return f"usage event has fields of the wrong type: {', '.join(bad)}"
+    over = [
+        over_call_limit(EVENT_COLUMNS[c], row[c])
+        for c in _COUNTS
+        if isinstance(row[c], int) and row[c] > MAX_CALL_TOKENS
+    ]
+    return f"usage event not stored: {'; '.join(over)}" if over else ""
 
 
 def widen(done: Committed, kept: list[int], rejected: dict[int, str]) -> Committed:

@@ -20,6 +20,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.lowlevel import EventLoopToken, current_token
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.ledger.schema import EVENT_COLUMNS
 from tokenwatch.ledger.transaction import (
@@ -27,7 +28,6 @@ from tokenwatch.ledger.transaction import (
     Outcome,
     Row,
     Statement,
-    StoreUnavailable,
     describe,
 )
 

@@ -22,13 +22,13 @@ from typing import Any, Final, NoReturn
 
 import msgspec
 
+from tokenwatch.core.errors import StoreUnavailable
 from tokenwatch.ledger.transaction import (
     Committed,
     Committer,
     Outcome,
     Row,
     Statement,
-    StoreUnavailable,
     connect_writer,
     split_unbindable,
     widen,

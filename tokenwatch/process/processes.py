@@ -1,8 +1,7 @@
-"""Process control through pidfds: attach or spawn an agent, walk its tree, pause, resume, kill, duty-cycle."""
+"""Process control through pidfds: attach or spawn an agent, walk its tree, pause, resume, kill."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
@@ -130,7 +129,7 @@ def _stop_pending(pid: int) -> bool:
     return False
 
 
-def _stopped_quietly(pid: int) -> bool:
+def stopped_quietly(pid: int) -> bool:
     try:
         return _read_stat(pid).state in "Tt"
     except ProcessGone:
@@ -277,6 +276,7 @@ class ProcessHandle:
         self._popen = popen
         self._clock = clock
         self._sleep = sleep
+        self._killing, self._close_after_kill = 0, False
 
     @property
     def pid(self) -> int:
@@ -400,7 +400,7 @@ class ProcessHandle:
     def stopped(self) -> bool:
         """The root process is stopped, by whoever (False once it has exited: the rest of the
         tree may live on, and is then ours to continue)."""
-        return _stopped_quietly(self.pid)
+        return stopped_quietly(self.pid)
 
     def stop_pending(self) -> bool:
         """A job-control stop waits on the (stopped) root: its user pressed Ctrl-Z meanwhile."""
@@ -408,7 +408,17 @@ class ProcessHandle:
 
     async def kill(self, grace: float = KILL_GRACE_PERIOD) -> KillReport:
         """SIGTERM (and SIGCONT, so a paused tree can act on it) every process, SIGKILL who is
-        left after `grace` seconds, reap our own child. Never raises ProcessGone."""
+        left after `grace` seconds, reap our own child. Never raises ProcessGone. A `close()`
+        meanwhile waits for the end: a closed pidfd would read as a process that ended."""
+        self._killing += 1
+        try:
+            return await self._kill(grace)
+        finally:
+            self._killing -= 1
+            if self._close_after_kill and not self._killing:
+                self.close()
+
+    async def _kill(self, grace: float) -> KillReport:
         targets: dict[int, _Member] = {}
         self._terminate_new(targets)
         deadline = self._clock() + grace
@@ -459,8 +469,12 @@ class ProcessHandle:
         return self.wait_exit_nowait()
 
     def close(self) -> None:
-        """Close every pidfd (reaping our child if it has exited). The processes are left alone."""
+        """Close every pidfd (reaping our child if it has exited); during a `kill`, at its end.
+        The processes are left alone."""
         self.wait_exit_nowait()
+        if self._killing:
+            self._close_after_kill = True
+            return
         self._root.close()
         for member in self._members.values():
             member.close()
@@ -513,95 +527,3 @@ def spawn(
 
 Spawner = Callable[..., ProcessHandle]
 """What the supervisor calls to launch an agent: `spawn` itself, or a fake in tests."""
-
-
-@dataclass(slots=True)
-class DutyCycleStatistics:
-    cycles: int
-    run_fraction: float
-    period: float
-
-
-class DutyCycle:
-    """Throttle of last resort: let the tree run `run_fraction` of every `period`, stopped otherwise.
-
-    Cancel `run()` before pausing the agent by other means: the cycle resumes it each period.
-    """
-
-    def __init__(
-        self,
-        handle: ProcessHandle,
-        run_fraction: float,
-        period: float = 1.0,
-        sleep: Sleep = anyio.sleep,
-    ) -> None:
-        self._handle = handle
-        self._sleep = sleep
-        self._cycles = 0
-        self._user_stopped = False
-        self._users_job: set[int] = set()
-        """Processes a Ctrl-Z was handed on to, held for their user until they run again."""
-        self.continue_at_end = True
-        """Leave the tree continued when cancelled; False when it is being paused or killed."""
-        self.run_fraction = run_fraction
-        self.period = period
-        self.set_fraction(run_fraction)
-        if period <= 0:
-            raise ValueError(f"a duty-cycle period must be positive: {period}")
-
-    def set_fraction(self, run_fraction: float) -> None:
-        """Change the share of time the tree runs; takes effect at the next phase."""
-        if not 0 < run_fraction <= 1:
-            raise ValueError(f"a run fraction must be above 0 and at most 1: {run_fraction}")
-        self.run_fraction = run_fraction
-
-    def statistics(self) -> DutyCycleStatistics:
-        return DutyCycleStatistics(self._cycles, self.run_fraction, self.period)
-
-    async def run(self) -> None:
-        """Cycle until cancelled or the tree is gone; leaves the tree continued, unless its user
-        stopped it (Ctrl-Z): a job stopped by its user is theirs to continue, so while the root
-        is stopped by someone else the cycle leaves it alone, and takes up again once it runs."""
-        try:
-            while True:
-                self._continue()
-                await self._sleep(self.run_fraction * self.period)
-                while self._held_by_user():  # stopped meanwhile, and not by us
-                    self._user_stopped = True
-                    await self._sleep(self.period)
-                self._user_stopped = False
-                self._users_job.clear()
-                if self.run_fraction < 1:
-                    self._handle.pause()
-                    await self._sleep((1 - self.run_fraction) * self.period)
-                self._cycles += 1
-        except ProcessGone:
-            return
-        finally:
-            if self.continue_at_end and not self._user_stopped:
-                try:
-                    self._continue()
-                except ProcessGone:
-                    pass
-
-    def continue_now(self) -> None:
-        """Continue the tree at once, as the cycle's end would (unless its user stopped it), for
-        a caller that is about to act on it and must not have the end come after."""
-        self.continue_at_end = False
-        if not self._user_stopped:
-            with contextlib.suppress(ProcessGone):
-                self._continue()
-
-    def _continue(self) -> None:
-        """SIGCONT after our stop; a Ctrl-Z that came meanwhile is handed on (the job is then
-        its user's: the cycle holds off)."""
-        _, handed_on = self._handle.continue_tree()
-        if handed_on:
-            self._users_job.update(handed_on)
-            self._user_stopped = True
-
-    def _held_by_user(self) -> bool:
-        """The root, or a job its user stopped (the Ctrl-Z handed on), is stopped: not by us."""
-        if self._handle.stopped():
-            return True
-        return any(_stopped_quietly(pid) for pid in self._users_job)

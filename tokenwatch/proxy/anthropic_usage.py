@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tokenwatch.core import tokens
+from tokenwatch.core import conversation
+from tokenwatch.core.request_tokens import MESSAGES, count_request
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
     BadCount,
@@ -21,8 +22,6 @@ from tokenwatch.proxy.usage import (
 
 log = logging.getLogger(__name__)
 
-MESSAGES = "/v1/messages"
-
 
 def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
     """The model, stream flag, max_tokens, prompt hash and prompt counter of a request."""
@@ -33,8 +32,8 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
         return facts
     system, messages = body.get("system"), body.get("messages")
     facts.max_output_tokens = int_field(body, "max_tokens")
-    fingerprint(facts, [system, messages] if system else messages)
-    facts.prompt = lambda: tokens.count_anthropic(system, messages, model)  # type: ignore[arg-type]
+    fingerprint(facts, [system, messages] if system else messages, conversation.ANTHROPIC, body)
+    facts.prompt = lambda: count_request(MESSAGES, body, model)
     return facts
 
 
@@ -74,6 +73,7 @@ def _usage(doc: dict[str, Any], known: Usage) -> Usage:
 
 
 _USAGE_EVENTS = frozenset({"message_start", "message_delta", "message_stop"})
+_CONTENT_EVENTS = frozenset({"content_block_start", "content_block_delta"})
 
 
 class AnthropicReader:
@@ -83,24 +83,26 @@ class AnthropicReader:
     text deltas are kept as bytes and decoded only when the usage must be estimated.
     """
 
-    __slots__ = ("_raw", "complete", "usage")
+    __slots__ = ("_message", "_raw", "complete", "usage")
 
     def __init__(self) -> None:
         self._raw: list[bytes] = []
+        self._message: dict[str, Any] | None = None
         self.usage: Usage | None = None
         self.complete = False
 
     def read_json(self, body: bytes) -> None:
         doc = json_object(body)
         if doc is not None and doc.get("type") == "message":
+            self._message = doc
             self.usage = usage_from(doc.get("usage"))
             self.complete = True
 
     def read_event(self, event: SseEvent) -> bool:
         if not event.data:
             return True
-        if event.name == "content_block_delta":
-            self._raw.append(event.data)
+        if event.name in _CONTENT_EVENTS:
+            self._raw.append(event.data)  # decoded only for an estimate or the answer's hash
             return True
         if event.name and event.name not in _USAGE_EVENTS:
             return True
@@ -114,11 +116,21 @@ class AnthropicReader:
                 self.usage = usage_from(message.get("usage"))
         elif kind == "message_delta":
             self.usage = usage_from(doc.get("usage"), self.usage)
-        elif kind == "content_block_delta":
+        elif kind in _CONTENT_EVENTS:
             self._raw.append(event.data)
         elif kind == "message_stop":
             self.complete = True
         return True
+
+    def answer_hash(self) -> str:
+        if self._message is not None:
+            return conversation.answer_hash(
+                conversation.answer_of(conversation.ANTHROPIC, self._message)
+            )
+        stream = conversation.StreamAnswer(conversation.ANTHROPIC)
+        for data in self._raw:
+            stream.feed(json_object(data))
+        return conversation.answer_hash(stream.parts())
 
     def output_text(self) -> str:
         text = TextParts()

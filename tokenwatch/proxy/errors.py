@@ -6,7 +6,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from tokenwatch.proxy.routes import ANTHROPIC
+from tokenwatch.core.admission import Admission
+from tokenwatch.proxy.routes import ANTHROPIC, OPENAI
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -73,3 +74,20 @@ def error_reply(
         # both official SDKs obey this before their own status-based retry rules
         headers.append(("x-should-retry", "true" if retry else "false"))
     return ErrorReply(status, headers, error_body(provider, status, message, code))
+
+
+def refusal(provider: str, admission: Admission) -> ErrorReply:
+    """The reply to an agent whose call tokenwatch refused (budget, pause, store down)."""
+    status = admission.status if admission.status >= 400 else 429
+    message = admission.message or "refused by tokenwatch"
+    code = "budget_exceeded" if admission.budget else "tokenwatch_refused"
+    # without a retry-after, waiting will not help: tell the SDK not to retry on its own
+    retry = None if admission.retry_after is not None else False
+    return error_reply(
+        provider, status, message, code=code, retry_after=admission.retry_after, retry=retry
+    )
+
+
+def protocol_error_page(status: int, message: str) -> tuple[bytes, str]:
+    """The page for a request too broken to route: in the OpenAI shape most clients read."""
+    return error_body(OPENAI, status, message), JSON

@@ -209,12 +209,27 @@ class _Protocol(RequestHandler):
             text = "internal error in tokenwatch's proxy"
         else:
             text = "malformed HTTP request"
-        log.debug("refused a request: %s (%s)", text, type(exc).__name__)
+        if status == 500:
+            # A bug: logged where it happened, never with the exception's text (it may quote
+            # the request, and requests carry keys).
+            log.error("%s: %s at %s", text, type(exc).__name__, _where(exc))
+        else:
+            log.debug("refused a request: %s (%s)", text, type(exc).__name__)
         body, ctype = self.error_page(status, text)
         response = web.Response(status=status, body=body, content_type=None)
         response.headers["Content-Type"] = ctype
         response.force_close()
         return response
+
+
+def _where(exc: BaseException | None) -> str:
+    """file:line of the innermost frame `exc` was raised in."""
+    tb = exc.__traceback__ if exc is not None else None
+    if tb is None:
+        return "an unknown place"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
 
 
 class _Server(web.Server):

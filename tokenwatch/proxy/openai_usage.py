@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 
-from tokenwatch.core import tokens
+from tokenwatch.core import conversation
+from tokenwatch.core.request_tokens import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, count_request
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
     BadCount,
@@ -19,17 +20,15 @@ from tokenwatch.proxy.usage import (
     json_object,
     model_of,
     number,
+    reported_cost,
 )
 
 log = logging.getLogger(__name__)
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-EMBEDDINGS = "/v1/embeddings"
 METERED = frozenset({CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS})
 _STREAM_USAGE = frozenset({CHAT, COMPLETIONS})
 """Endpoints whose streams carry usage only when asked with `stream_options.include_usage`."""
+_WIRE = {CHAT: conversation.CHAT, RESPONSES: conversation.RESPONSES}
 _FINAL_RESPONSE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -43,36 +42,17 @@ def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
     if endpoint == CHAT:
         messages = body.get("messages")
         facts.max_output_tokens = int_field(body, "max_completion_tokens", "max_tokens")
-        fingerprint(facts, messages)
-        facts.prompt = lambda: tokens.count_messages(messages, model)  # type: ignore[arg-type]
+        fingerprint(facts, messages, conversation.CHAT, body)
     elif endpoint == RESPONSES:
         given, instructions = body.get("input", ""), body.get("instructions")
         facts.max_output_tokens = int_field(body, "max_output_tokens")
-        fingerprint(facts, [instructions, given] if instructions else given)
-        facts.prompt = lambda: tokens.count_responses_input(given, instructions, model)
+        fingerprint(facts, [instructions, given] if instructions else given, _WIRE[RESPONSES], body)
     else:
         text = body.get("prompt" if endpoint == COMPLETIONS else "input")
         facts.max_output_tokens = int_field(body, "max_tokens") if endpoint == COMPLETIONS else 0
         fingerprint(facts, text)
-        facts.prompt = lambda: _count_texts(text, model)
+    facts.prompt = lambda: count_request(endpoint, body, model)
     return facts
-
-
-def _count_texts(value: Any, model: str) -> tokens.TokenCount:
-    """A prompt or embedding input: text, list of texts, or token ids (counted as given)."""
-    items = value if isinstance(value, list) else [value]
-    total, estimated, encoding = 0, False, ""
-    for item in items:
-        if isinstance(item, str):
-            count = tokens.count_text(item, model)
-            total, estimated, encoding = total + count.tokens, count.estimated, count.encoding
-        elif isinstance(item, int):
-            total += 1
-        elif isinstance(item, list):
-            total += len(item)
-        else:
-            raise TypeError("prompt must be text, texts or token ids")
-    return tokens.TokenCount(total, estimated, encoding or "token ids")
 
 
 def ask_for_usage(endpoint: str, body: dict[str, Any]) -> bytes | None:
@@ -101,18 +81,22 @@ def usage_from(doc: Any, endpoint: str) -> Usage | None:
 
 
 def _usage(doc: dict[str, Any], endpoint: str) -> Usage:
+    # OpenRouter (and gateways speaking its dialect) add what the call cost: `usage.cost`.
+    cost = reported_cost(doc.get("cost"))
     if endpoint == RESPONSES:
         return Usage(
             input_tokens=number(doc, "input_tokens"),
             output_tokens=number(doc, "output_tokens"),
             cache_read_tokens=number(doc, "input_tokens_details", "cached_tokens"),
             reasoning_tokens=number(doc, "output_tokens_details", "reasoning_tokens"),
+            cost_usd=cost,
         )
     return Usage(
         input_tokens=number(doc, "prompt_tokens"),
         output_tokens=number(doc, "completion_tokens"),
         cache_read_tokens=number(doc, "prompt_tokens_details", "cached_tokens"),
         reasoning_tokens=number(doc, "completion_tokens_details", "reasoning_tokens"),
+        cost_usd=cost,
     )
 
 
@@ -128,18 +112,21 @@ class OpenAIReader:
     others are kept as bytes and decoded only if the usage never comes and must be estimated.
     """
 
-    __slots__ = ("_endpoint", "_raw", "_strip", "complete", "usage")
+    __slots__ = ("_answer", "_endpoint", "_raw", "_strip", "complete", "usage")
 
     def __init__(self, endpoint: str, strip_usage: bool = False) -> None:
         self._endpoint = endpoint
         self._strip = strip_usage
         self._raw: list[bytes] = []
+        self._answer: Any = None
+        """The whole answer (a JSON body, the final Responses event's response), once seen."""
         self.usage: Usage | None = None
         self.complete = False
 
     def read_json(self, body: bytes) -> None:
         doc = json_object(body)
         if doc is not None:
+            self._answer = doc
             self.usage = usage_from(doc.get("usage"), self._endpoint)
             self.complete = True
             if self.usage is None:
@@ -177,9 +164,21 @@ class OpenAIReader:
             return True
         response = doc.get("response")
         if isinstance(response, dict):
+            self._answer = response
             self.usage = usage_from(response.get("usage"), RESPONSES)
         self.complete = True
         return True
+
+    def answer_hash(self) -> str:
+        wire = _WIRE.get(self._endpoint)
+        if wire is None:
+            return ""
+        if self._answer is not None:
+            return conversation.answer_hash(conversation.answer_of(wire, self._answer))
+        stream = conversation.StreamAnswer(wire)
+        for data in self._raw:
+            stream.feed(json_object(data))
+        return conversation.answer_hash(stream.parts())
 
     def output_text(self) -> str:
         text = TextParts()

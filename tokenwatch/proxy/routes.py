@@ -196,7 +196,9 @@ def upstream_url(
     else:
         base = base or route.openai_upstream or settings.openai_upstream or OPENAI_PUBLIC
         path = target.path[3:] if target.path.startswith("/v1/") else target.path
+    base, _, fixed = base.partition("?")  # `https://host/v1?api-version=x`: the path goes first
     url = base.rstrip("/") + path
+    query = "&".join(q for q in (fixed, query) if q)
     return f"{url}?{query}" if query else url
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +15,12 @@ import anyio.abc
 from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
 from tokenwatch.core.admission import Admission, CallRequest, Gate
-from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent
+from tokenwatch.core.nesting import MAX_NESTING
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
-from tokenwatch.proxy.errors import JSON, ErrorReply, error_body, error_reply
+from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
     ClientGone,
@@ -30,6 +31,16 @@ from tokenwatch.proxy.http import (
     RequestTooSlow,
     relayable,
 )
+from tokenwatch.proxy.lever_calls import (
+    CALL_ID_HEADER,
+    LeverCalls,
+    call_id,
+    looks_json,
+    nested_too_deep,
+    read_request,
+)
+from tokenwatch.proxy.levers import Levers, Prepared
+from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
     OPENAI,
@@ -42,7 +53,7 @@ from tokenwatch.proxy.routes import (
     split_path,
     upstream_url,
 )
-from tokenwatch.proxy.sse import SseSplitter
+from tokenwatch.proxy.sse import SseSplitter, is_sse, without_null_usage
 from tokenwatch.proxy.upstream import (
     UpstreamClient,
     UpstreamCut,
@@ -50,13 +61,22 @@ from tokenwatch.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tokenwatch.proxy.usage import CallFacts, Reader, Usage, count_prompt, json_object
+from tokenwatch.proxy.usage import (
+    CallFacts,
+    Reader,
+    Usage,
+    answer_hash,
+    cost_from_headers,
+    count_prompt,
+    fill_event,
+    json_object,
+)
 
 __all__ = ["AgentRoute", "ProxyServer", "ProxyStatistics", "RouteTable"]
 
 log = logging.getLogger("tokenwatch.proxy")
 
-CALL_ID_HEADER = "x-tokenwatch-call-id"
+"""Which attempt of a call this is: the official openai and anthropic SDKs send it, 0 first."""
 MAX_HEADER_BYTES = 16_384
 """Longest request line or header field accepted (431 beyond)."""
 MAX_CAPTURE_BYTES = 16 * 1024 * 1024
@@ -96,13 +116,24 @@ class _Call:
     event: UsageEvent
     reader: Reader
     strip_usage: bool = False
+    doc: dict[str, Any] | None = None
+    plan: Prepared | None = None
+    """What the levers did to the request (None when none could)."""
+    trimmed_tokens: int = 0
+    capture: list[bytes] | None = None
+    """The answer's bytes as the agent got them, kept for the response cache."""
+    answer_headers: Headers | None = None
     started: float = 0.0
     first_byte: float | None = None
+    gateway_cost: float | None = None
+    """What an upstream gateway said the call cost, in a response header."""
     ended: float | None = None
     """Set when the exchange is over; the event is then finished in the settle task."""
+    cut_body: bytes = b""
+    """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
 
 
-class ProxyServer:
+class ProxyServer(LeverCalls):
     """The local reverse proxy. `port = await tg.start(proxy.serve)`; cancel the scope to stop."""
 
     def __init__(
@@ -112,19 +143,23 @@ class ProxyServer:
         settings: ProxySettings,
         *,
         clock: Callable[[], float] = time.time,
+        levers: Levers | None = None,
     ) -> None:
         self._gate = gate
+        self._levers = levers or Levers(clock=clock)
         self._routes = routes
         self._settings = settings
         self._clock = clock
         self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
-        self._http = HttpServer(self._handle, self._limits, _protocol_error_page)
+        self._http = HttpServer(self._handle, self._limits, protocol_error_page)
         self._client: UpstreamClient | None = None
         self._settles: set[asyncio.Task[None]] = set()
         self._host = settings.host
         self.port = 0
         self._in_flight = self._held = self._total = self._errors = self._refused = 0
         self._settling = self._settle_failures = 0
+        self._flying: dict[tuple[str, str], int] = {}
+        """Calls in flight by (agent, prompt hash): a copy sent alongside is not a next step."""
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
@@ -137,6 +172,7 @@ class ProxyServer:
         try:
             async with UpstreamClient(*timeouts) as client, anyio.create_task_group() as tg:
                 self._client = client
+                await tg.start(self._levers.run, name="proxy levers")
                 self.port = await tg.start(self._http.serve, hosts, self._settings.port)
                 task_status.started(self.port)
         finally:
@@ -195,37 +231,63 @@ class ProxyServer:
     async def _dispatch(
         self, req: Incoming, target: Target, route: AgentRoute, body: bytes
     ) -> None:
-        doc = _json_object(body) if req.method == "POST" else None
-        facts = _read_request(target, doc)
+        doc = None
+        if req.method == "POST" and looks_json(body):
+            if await nested_too_deep(body):
+                return await self._too_deep(req, target, route)
+            doc = json_object(body)
+        facts = read_request(target, doc)
         if req.method != "POST" or not facts.metered:
             return await self._pass_through(req, target, route, body, facts.model)
+        plan = None
+        if self._levers.rewrites and doc is not None:
+            plan = await self._prepare(req, target, route, body, doc, facts)
+            body, doc, facts = plan.body, plan.doc, plan.facts
         prompt = await count_prompt(facts, len(body))
         admission = await self._admit(req, target, route, facts, prompt)
         if admission is None:
             return
         call = self._new_call(req, target, route, facts, prompt, admission)
+        call.doc, call.plan = doc, plan
+        if plan is not None:
+            await self._planned(call, plan, prompt)
         if not admission.allowed:
             self._refused += 1
             call.event.status = Status.DENIED.value
             call.event.http_status = admission.status
             self._settle_soon(admission, call.event)
-            return await self._refuse(req, _refusal(target.provider, admission))
+            return await self._refuse(req, refusal(target.provider, admission))
         if req.client_gone:
             # hung up while held: nothing is sent, the reservation is given back by settling
             call.event.status = Status.CANCELLED.value
             self._settle_soon(admission, call.event)
             return None
         self._in_flight += 1
+        flying = self._take_off(call.event)
         try:
-            await self._forward(req, call, body, doc)
+            if plan is not None and plan.hit is not None:
+                await self._replay(req, call, plan)
+            else:
+                await self._forward(req, call, body, doc)
         except BaseException:
             # stopped from outside (shutdown): recorded as cancelled, estimated like a hang-up
             call.event.status = Status.CANCELLED.value
             raise
         finally:
             self._in_flight -= 1
+            self._land(flying)
             call.ended = _now()
             self._settle_soon(admission, call.event, call)
+
+    async def _too_deep(self, req: Incoming, target: Target, route: AgentRoute) -> None:
+        # Refused before any reader recurses into it (RecursionError, an unlogged 500 before).
+        log.warning(
+            "refused a call of agent %s: its body nests deeper than %d levels",
+            route.agent,
+            MAX_NESTING,
+        )
+        message = f"request body nested deeper than {MAX_NESTING} levels"
+        await self._guard(req, target.provider, 400, message, "too_deep")
 
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
@@ -276,8 +338,12 @@ class ProxyServer:
             wait_ms=admission.waited_ms,
             prompt_hash=facts.prompt_hash,
             prompt_shape=facts.prompt_shape,
+            turn_hash=facts.signals.turn_hash,
+            turn_shape=facts.signals.turn_shape,
+            tool_hash=facts.signals.tool_hash,
+            tool_call=facts.signals.tool_call,
             source=Source.PROXY.value,
-            call_id=req.headers.get(CALL_ID_HEADER) or os.urandom(16).hex(),
+            call_id=call_id(req.headers),
         )
         reader: Reader
         if target.provider == ANTHROPIC:
@@ -308,7 +374,10 @@ class ProxyServer:
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
             call.event.status = Status.ERROR.value
             status = await self._upstream_failed(req, call.target.provider, exc)
-            call.event.http_status = status or call.event.http_status
+            if call.event.http_status is None:
+                # never answered: what the agent got. One that answered and stopped short
+                # keeps its status, so the call is estimated like a cut stream (it was billed).
+                call.event.http_status = status
 
     async def _exchange(
         self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
@@ -316,9 +385,10 @@ class ProxyServer:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
             call.event.http_status = upstream.status
-            answer = relayable(upstream.headers)
+            call.gateway_cost = cost_from_headers(upstream.headers)
+            answer = call.answer_headers = relayable(upstream.headers)
             length = upstream.content_length
-            sse = _is_sse(answer)
+            sse = is_sse(answer)
             if length is not None and length <= MAX_CAPTURE_BYTES and not sse:
                 return await self._relay_whole(req, call, upstream, answer)
             length = None if call.strip_usage else length
@@ -338,7 +408,13 @@ class ProxyServer:
     ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
-        body = await upstream.read(lambda: self._first_byte(call))
+        try:
+            body = await upstream.read(lambda: self._first_byte(call))
+        except (UpstreamCut, UpstreamTimeout) as exc:
+            call.cut_body = exc.received
+            raise
+        if call.capture is not None:
+            call.capture.append(body)
         try:
             await req.respond(upstream.status, headers, body)
         finally:
@@ -348,14 +424,20 @@ class ProxyServer:
     async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
         size = 0
-        async for chunk in upstream.chunks():
-            self._first_byte(call)
-            await req.write(chunk)
-            size += len(chunk)
-            if size <= MAX_CAPTURE_BYTES:
-                kept.append(chunk)
+        try:
+            async for chunk in upstream.chunks():
+                self._first_byte(call)
+                await req.write(chunk)
+                size += len(chunk)
+                if size <= MAX_CAPTURE_BYTES:
+                    kept.append(chunk)
+        except (UpstreamCut, UpstreamTimeout):
+            call.cut_body = b"".join(kept)
+            raise
         if size <= MAX_CAPTURE_BYTES:
             call.reader.read_json(b"".join(kept))
+            if call.capture is not None:
+                call.capture.extend(kept)
 
     async def _relay_stream(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
         splitter = SseSplitter()
@@ -366,9 +448,14 @@ class ProxyServer:
                 # whole events only, so the usage chunk the client did not ask for can be left out
                 out = b"".join(e.raw for e in splitter.feed(chunk) if read(e))
                 if out:
-                    await req.write(_without_null_usage(out))
+                    out = without_null_usage(out)
+                    await req.write(out)
+                    if call.capture is not None:
+                        call.capture.append(out)
                 continue
             await req.write(chunk)  # relay first: parsing must not delay the agent's tokens
+            if call.capture is not None:
+                call.capture.append(chunk)
             for event in splitter.feed(chunk):
                 read(event)
         rest = splitter.rest()
@@ -400,10 +487,19 @@ class ProxyServer:
 
     async def _finish_event(self, call: _Call) -> None:
         """Fill in timing and usage: the upstream's figures, else a local count marked estimated."""
-        event, reader, end = call.event, call.reader, call.ended or _now()
+        event, end = call.event, call.ended or _now()
         event.latency_ms = (end - call.started) * 1000
         if call.first_byte is not None:
             event.ttft_ms = (call.first_byte - call.started) * 1000
+        plan = call.plan
+        if plan is not None and plan.hit is not None:
+            return self._levers.hit_event(event, plan.hit)
+        await self._read_usage(call)
+        if plan is not None and plan.lever:
+            self._levers.account(event, plan, call.trimmed_tokens)
+
+    async def _read_usage(self, call: _Call) -> None:
+        event, reader = call.event, call.reader
         failed = event.http_status is None or event.http_status >= 400
         if failed:
             # an upstream error costs nothing unless its body says it was billed
@@ -411,19 +507,26 @@ class ProxyServer:
                 event.status = Status.ERROR.value
                 self._errors += 1
             if reader.usage is not None:
-                _fill(event, reader.usage)
+                fill_event(event, reader.usage)
         elif reader.usage is not None and reader.complete:
-            _fill(event, reader.usage)
+            fill_event(event, reader.usage)
         else:
             await self._estimate(call, reader.usage)
+        if event.price_source != PROVIDER and call.gateway_cost is not None:
+            event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
+        if not failed:
+            event.answer_hash = answer_hash(reader)
 
     async def _estimate(self, call: _Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
-        output = await tokens.count_text_async(call.reader.output_text(), call.facts.model)
-        _fill(call.event, known)
-        call.event.input_tokens = known.input_tokens or call.prompt.tokens
-        call.event.output_tokens = max(known.output_tokens, output.tokens)
+        text = call.reader.output_text() or cut_text(call.cut_body)
+        output = await tokens.count_text_async(text, call.facts.model)
+        fill_event(call.event, known)
+        # Counted here, so within what one call can use whatever the body's size (the ledger
+        # refuses more).
+        call.event.input_tokens = min(known.input_tokens or call.prompt.tokens, MAX_CALL_TOKENS)
+        call.event.output_tokens = min(max(known.output_tokens, output.tokens), MAX_CALL_TOKENS)
         call.event.estimated = True
 
     # -- pass-through, refusals, settling --------------------------------------------------------
@@ -474,6 +577,7 @@ class ProxyServer:
     async def _settle(self, admission: Admission, event: UsageEvent, call: _Call | None) -> None:
         if call is not None:
             await self._finish_quietly(call)
+            self._after(call)
         try:
             await self._gate.settle(admission, event)
         except Exception as exc:
@@ -489,53 +593,3 @@ class ProxyServer:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    return json_object(body) if body.lstrip()[:1] == b"{" else None
-
-
-def _read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
-    if doc is None:
-        metered = target.endpoint in openai_usage.METERED or target.endpoint == "/v1/messages"
-        return CallFacts(metered=metered)
-    if target.provider == ANTHROPIC:
-        return anthropic_usage.read_request(target.endpoint, doc)
-    return openai_usage.read_request(target.endpoint, doc)
-
-
-def _without_null_usage(events: bytes) -> bytes:
-    """Chunks as the client would have had them without the usage we asked for: OpenAI adds
-    `"usage":null` to every chunk once asked (inside a JSON string the quotes would be escaped,
-    so this never touches content)."""
-    return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
-
-
-def _is_sse(headers: Headers) -> bool:
-    for name, value in headers:
-        if name.lower() == "content-type":
-            return value.lower().startswith("text/event-stream")
-    return False
-
-
-def _fill(event: UsageEvent, usage: Usage) -> None:
-    event.input_tokens = usage.input_tokens
-    event.output_tokens = usage.output_tokens
-    event.cache_read_tokens = usage.cache_read_tokens
-    event.cache_write_tokens = usage.cache_write_tokens
-    event.reasoning_tokens = usage.reasoning_tokens
-
-
-def _refusal(provider: str, admission: Admission) -> ErrorReply:
-    status = admission.status if admission.status >= 400 else 429
-    message = admission.message or "refused by tokenwatch"
-    code = "budget_exceeded" if admission.budget else "tokenwatch_refused"
-    # without a retry-after, waiting will not help: tell the SDK not to retry on its own
-    retry = None if admission.retry_after is not None else False
-    return error_reply(
-        provider, status, message, code=code, retry_after=admission.retry_after, retry=retry
-    )
-
-
-def _protocol_error_page(status: int, message: str) -> tuple[bytes, str]:
-    return error_body(OPENAI, status, message), JSON

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
@@ -71,3 +72,18 @@ def parse_event(raw: bytes) -> SseEvent:
         elif field == b"event":
             name = value.decode("utf-8", "replace")
     return SseEvent(raw, name, b"\n".join(data))
+
+
+def without_null_usage(events: bytes) -> bytes:
+    """Chunks as the client would have had them without the usage we asked for: OpenAI adds
+    `"usage":null` to every chunk once asked (inside a JSON string the quotes would be escaped,
+    so this never touches content)."""
+    return events.replace(b',"usage":null', b"").replace(b', "usage": null', b"")
+
+
+def is_sse(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether an answer's headers say it is a server-sent event stream."""
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.lower().startswith("text/event-stream")
+    return False

@@ -43,9 +43,15 @@ class UpstreamUnreachable(Exception):
 class UpstreamTimeout(Exception):
     """The upstream did not connect or answer in time (answered with 504)."""
 
+    received: bytes = b""
+    """What `UpstreamResponse.read` had of the body by then."""
+
 
 class UpstreamCut(Exception):
     """The upstream closed the connection before the end of its response."""
+
+    received: bytes = b""
+    """What `UpstreamResponse.read` had of the body by then."""
 
 
 class _Origin(NamedTuple):
@@ -302,15 +308,18 @@ class UpstreamResponse:
             yield chunk
 
     async def read(self, first_byte: Callable[[], None]) -> bytes:
-        """The whole body (for one of known, bounded size); `first_byte` is called as it starts."""
-        first = await self._conn.next_chunk()
-        if not first:
-            return b""
-        first_byte()
-        parts = [first]
-        while chunk := await self._conn.next_chunk():
-            parts.append(chunk)
-        return b"".join(parts) if len(parts) > 1 else first
+        """The whole body (for one of known, bounded size); `first_byte` is called as it starts.
+        A body that stops short raises with what did arrive as the exception's `received`."""
+        parts: list[bytes] = []
+        try:
+            while chunk := await self._conn.next_chunk():
+                if not parts:
+                    first_byte()
+                parts.append(chunk)
+        except (UpstreamCut, UpstreamTimeout) as exc:
+            exc.received = b"".join(parts)
+            raise
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
         """Stop reading and drop the upstream connection (an abandoned stream stops costing)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -9,12 +11,17 @@ from typing import Any, Final, Protocol
 import anyio.to_thread
 import orjson
 
-from tokenwatch.core import tokens
+from tokenwatch.core import conversation, tokens
+from tokenwatch.core.conversation import Signals
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent
+from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.sse import SseEvent
 
 INLINE_CHARS = 16_384
 """Request bodies smaller than this are counted on the event loop; bigger ones in a thread."""
+
+log = logging.getLogger("tokenwatch.proxy")
 
 
 @dataclass(slots=True)
@@ -26,6 +33,34 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    """What the provider says it billed (OpenRouter's `usage.cost`), stored as reported."""
+
+
+COST_HEADERS: Final = ("x-litellm-response-cost",)
+"""Response headers in which an upstream gateway reports what a call cost, in USD."""
+
+
+def reported_cost(value: Any) -> float | None:
+    """A cost as reported (a number of USD, or its text in a header); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+def cost_from_headers(headers: Any) -> float | None:
+    """The cost a gateway put in the response's headers (`COST_HEADERS`), if any."""
+    for name, value in headers:
+        if name.lower() in COST_HEADERS:
+            return reported_cost(value)
+    return None
 
 
 @dataclass(slots=True)
@@ -45,11 +80,17 @@ class CallFacts:
     """Counts the prompt locally (tiktoken); None when there is nothing to count."""
     hashes: Callable[[], tuple[str, str]] | None = None
     """The exact and near-duplicate hashes of the prompt (the shape's regexes cost ms per 100 KB)."""
+    signals: Signals = field(default_factory=Signals)
+    """The conversation signals (core.conversation), worked out with the hashes."""
+    conversation: Callable[[], Signals] | None = None
 
 
-def fingerprint(facts: CallFacts, prompt: Any) -> None:
-    """Hash the prompt when it is measured (`count_prompt`): off the loop when it is big."""
+def fingerprint(facts: CallFacts, prompt: Any, wire: str = "", body: Any = None) -> None:
+    """Hash the prompt (and read the conversation of a `wire` request `body`) when it is
+    measured (`count_prompt`): off the loop when it is big."""
     facts.hashes = lambda: tokens.prompt_hashes(prompt)
+    if wire:
+        facts.conversation = lambda: conversation.request_signals(wire, body)
 
 
 class Reader(Protocol):
@@ -67,6 +108,10 @@ class Reader(Protocol):
 
     def output_text(self) -> str: ...
 
+    def answer_hash(self) -> str:
+        """Hash of what the model answered (core.conversation.answer_hash); '' if unknown."""
+        ...
+
 
 @dataclass(slots=True)
 class TextParts:
@@ -82,17 +127,14 @@ class TextParts:
         return "".join(self.parts)
 
 
-MAX_COUNT: Final = 10**12
-"""No call uses a trillion tokens: a bigger figure from an upstream is garbage, not usage."""
-
-
 class BadCount(ValueError):
     """A usage figure that is there but is not a count of tokens: the call is estimated instead."""
 
 
 def number(doc: Any, *keys: str) -> int:
     """The count found by walking `keys` into nested objects; 0 when absent (or null). Raises
-    BadCount for a figure that is present but negative, fractional, not a number or absurd."""
+    BadCount for a figure that is present but negative, fractional, not a number, or more than
+    one call can use (MAX_CALL_TOKENS: garbage, not usage)."""
     for key in keys:
         if not isinstance(doc, dict):
             return 0
@@ -101,7 +143,7 @@ def number(doc: Any, *keys: str) -> int:
         return 0
     if isinstance(doc, float) and doc.is_integer():
         doc = int(doc)
-    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_COUNT:
+    if isinstance(doc, int) and not isinstance(doc, bool) and 0 <= doc <= MAX_CALL_TOKENS:
         return doc
     raise BadCount(f"usage {'.'.join(keys)} is {doc!r}")
 
@@ -138,6 +180,8 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
     def measure() -> TokenCount:
         if facts.hashes is not None:
             facts.prompt_hash, facts.prompt_shape = facts.hashes()
+        if facts.conversation is not None:
+            facts.signals = facts.conversation()
         return count()
 
     try:
@@ -146,3 +190,24 @@ async def count_prompt(facts: CallFacts, body_size: int) -> TokenCount:
         return await anyio.to_thread.run_sync(measure)
     except (TypeError, ValueError, AttributeError):
         return TokenCount(max(1, body_size // tokens.CHARS_PER_TOKEN), True, "chars/4")
+
+
+def fill_event(event: UsageEvent, usage: Usage) -> None:
+    """Put the token figures an answer reported on its call's event (and its cost, when the
+    provider reported one)."""
+    event.input_tokens = usage.input_tokens
+    event.output_tokens = usage.output_tokens
+    event.cache_read_tokens = usage.cache_read_tokens
+    event.cache_write_tokens = usage.cache_write_tokens
+    event.reasoning_tokens = usage.reasoning_tokens
+    if usage.cost_usd is not None:  # the provider's own bill wins over our price tables
+        event.cost_usd, event.price_source = usage.cost_usd, PROVIDER
+
+
+def answer_hash(reader: Reader) -> str:
+    """The answer's hash; '' for an answer it cannot make out (the usage is still good)."""
+    try:
+        return reader.answer_hash()
+    except Exception as exc:
+        log.debug("could not hash an answer (%s)", type(exc).__name__)
+        return ""

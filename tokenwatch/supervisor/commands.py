@@ -8,19 +8,26 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tokenwatch.config import Config, ConfigError, parse_config
 from tokenwatch.core.admission import Admission, CallRequest
 from tokenwatch.core.budgets import budget_name, is_run_budget
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.errors import (
+    EngineError,
+    InvalidRequest,
+    NameTaken,
+    NotAllowed,
+    StoreUnavailable,
+    UnknownAgent,
+)
+from tokenwatch.core.models import MAX_CALL_TOKENS, UsageEvent, over_call_limit
 from tokenwatch.core.periods import MAX_TS
 from tokenwatch.core.protocol import PUSH_KINDS, ErrorCode, ProtocolError
 from tokenwatch.core.usage_wire import usage_from_wire
 from tokenwatch.engine.agents import AgentRecord
 from tokenwatch.engine.engine import Engine
 from tokenwatch.ledger.store import MAX_ROWS
-from tokenwatch.ledger.transaction import StoreUnavailable
 from tokenwatch.supervisor.overlay import overlay_file, remove_budget, set_budget
 from tokenwatch.supervisor.reload import seed_quietly
 from tokenwatch.supervisor.server import Session
@@ -40,6 +47,15 @@ def _registered(engine: Engine, rec: AgentRecord) -> dict[str, Any]:
     return {"name": rec.name, "run_id": rec.agent.run_id, "env": engine.env_for(rec)}
 
 
+_CODES: Final = {
+    InvalidRequest: ErrorCode.BAD_MESSAGE,
+    UnknownAgent: ErrorCode.UNKNOWN_AGENT,
+    NameTaken: ErrorCode.NAME_TAKEN,
+    NotAllowed: ErrorCode.NOT_PERMITTED,
+}
+"""The protocol's code for each refusal of the engine's (mapped here, once, at the socket)."""
+
+
 class Commands:
     """Implements server.Handler on top of the engine (and the config for budget edits)."""
 
@@ -53,8 +69,11 @@ class Commands:
         info: Callable[[], dict[str, Any]] = dict,
         store: Any = None,
         logs_dir: Path | None = None,
+        switch: Any = None,
     ) -> None:
         self.engine = engine
+        self._switch = switch
+        """The proxy's ModelSwitch (None without a proxy)."""
         self.config = config
         self._store = store
         self._logs_dir = logs_dir
@@ -77,6 +96,8 @@ class Commands:
             return await handler(session, msg)
         except StoreUnavailable as exc:  # a damaged or unreadable ledger is not our bug
             raise ProtocolError(ErrorCode.STORE_UNAVAILABLE, str(exc)) from None
+        except EngineError as exc:
+            raise ProtocolError(_CODES.get(type(exc), ErrorCode.BAD_MESSAGE), exc.message) from None
 
     async def ingest(self, session: Session, events: list[UsageEvent]) -> None:
         for event in events:
@@ -140,8 +161,8 @@ class Commands:
             run_id=rec.agent.run_id if rec else "",
             task=rec.agent.task if rec else "",
             tags=dict(rec.agent.tags) if rec else {},
-            input_tokens=max(0, msg.get("input_tokens", 0)),
-            max_output_tokens=max(0, msg.get("max_output_tokens", 0)),
+            input_tokens=_call_tokens(msg, "input_tokens"),
+            max_output_tokens=_call_tokens(msg, "max_output_tokens"),
             prompt_hash=msg.get("prompt_hash", ""),
         )
         admission, wait = self.engine.admit_nowait(call)
@@ -227,6 +248,8 @@ class Commands:
             "tokens_per_min": snap.tokens_per_min,
             "usd_per_hour": snap.usd_per_hour,
             "spend_today_usd": snap.spend_today_usd,
+            "unpriced_requests": snap.unpriced_today,
+            "estimated_usd": snap.estimated_today_usd,
             "agents": agents,
         }
 
@@ -262,12 +285,45 @@ class Commands:
         )
         return action.to_dict()
 
+    async def on_route(self, session: Session, msg: dict[str, Any]) -> Any:
+        """Serve an agent's next calls with another model (`model`), or stop (`undo`); either
+        way the switch in force after it (null for none)."""
+        from tokenwatch.proxy.switch import LiveSwitch
+
+        if self._switch is None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this supervisor runs no proxy")
+        name, who = msg["agent"], _who(msg)
+        rec = self.engine.roster.find(name)
+        if msg.get("undo"):
+            gone = self._switch.undo(rec.name)
+            if gone is not None:
+                self._told(
+                    rec.name, f"{rec.name}'s calls go to the models it asks for again ({who})"
+                )
+        elif msg.get("model"):
+            switch = LiveSwitch(rec.name, msg["model"], msg.get("only") or "*", who)
+            self._switch.set(switch)
+            asked = "" if switch.only == "*" else f" asked of {switch.only}"
+            self._told(rec.name, f"{rec.name}'s calls{asked} now go to {switch.model} ({who})")
+        live = {s.agent: s for s in self._switch.live()}.get(rec.name)
+        return None if live is None else dataclasses.asdict(live)
+
+    def _told(self, agent: str, message: str) -> None:
+        from tokenwatch.core.models import Alert, Severity
+
+        alert = Alert(rule="route", agent=agent, message=message, severity=Severity.INFO.value)
+        self.engine.alert_nowait(alert)
+
     async def on_pause_all(self, session: Session, msg: dict[str, Any]) -> Any:
         actions = await self.engine.pause_all(who=_who(msg), why=msg.get("why", ""))
         return [a.to_dict() for a in actions]
 
+    async def on_resume_all(self, session: Session, msg: dict[str, Any]) -> Any:
+        actions = await self.engine.resume_all(who=_who(msg), why=msg.get("why", ""))
+        return [a.to_dict() for a in actions]
+
     async def on_budgets(self, session: Session, msg: dict[str, Any]) -> Any:
-        return [s.to_dict() for s in self.engine.budgets.statuses()]
+        return [s.to_dict() for s in self.engine.budget_statuses()]
 
     async def on_set_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         try:
@@ -279,7 +335,7 @@ class Commands:
             await self._apply_budgets(_saved(set_budget, self.config, budget))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
-        return {"name": name}
+        return {"name": name, "saved_to": str(overlay_file(self.config))}
 
     async def on_remove_budget(self, session: Session, msg: dict[str, Any]) -> Any:
         name = msg["name"]
@@ -293,11 +349,11 @@ class Commands:
             await self._apply_budgets(_saved(remove_budget, self.config, name))
         except ConfigError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
-        return {"name": name}
+        return {"name": name, "saved_to": str(overlay_file(self.config))}
 
     async def _apply_budgets(self, config: Config) -> None:
         self.config = config
-        fresh = self.engine.budgets.replace(config.budget)
+        fresh = self.engine.use_budgets(config.budget)
         if fresh and self._store is not None:
             # a budget added today counts today's usage so far, not from zero
             await seed_quietly(self.engine, self._store, fresh)
@@ -327,7 +383,8 @@ class Commands:
         }
 
     async def on_report(self, session: Session, msg: dict[str, Any]) -> Any:
-        """Totals grouped by agent, task, model, user, provider or day since `since` (default 24 h)."""
+        """Totals grouped by agent, task, model, user, provider, day, week, month or session
+        since `since` (default 24 h)."""
         from tokenwatch.ledger.report import build_report
 
         by = msg.get("by", "agent")
@@ -382,6 +439,14 @@ def _count(msg: dict[str, Any], field: str, default: int, most: int) -> int:
             ErrorCode.BAD_MESSAGE, f"{msg.get('type')}: {field!r} must be a whole number from 1"
         )
     return min(value, most)
+
+
+def _call_tokens(msg: dict[str, Any], field: str) -> int:
+    """A call's token figure (absent or negative: 0); more than one call can use is refused."""
+    value: int = max(0, msg.get(field, 0))
+    if value > MAX_CALL_TOKENS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"admit: {over_call_limit(field, value)}")
+    return value
 
 
 def _log_tail(logs_dir: Path | None, name: str, lines: int = LOG_TAIL_LINES) -> list[str]:

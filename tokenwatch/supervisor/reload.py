@@ -12,17 +12,17 @@ from typing import Final
 import anyio
 import anyio.abc
 
-from tokenwatch.config import Config, ConfigError
+from tokenwatch.config import Config
 from tokenwatch.core.models import Alert
-from tokenwatch.core.pricing import PriceError, PriceTable
-from tokenwatch.core.rules import DEFAULT_RULES, Rules
+from tokenwatch.core.rules import DEFAULT_RULES
 from tokenwatch.engine.engine import Engine
+from tokenwatch.supervisor.policy import build_policy, worded
 
 log = logging.getLogger("tokenwatch.supervisor")
 
 LIVE: Final = ("budget", "rule", "prices", "agents")
 """Sections a running supervisor applies at once (agents: for launches after the edit)."""
-AT_RESTART: Final = ("supervisor", "proxy", "alerts", "export")
+AT_RESTART: Final = ("supervisor", "proxy", "alerts", "export", "optimize")
 """Sections that take effect when the supervisor is next started."""
 POLL_INTERVAL: Final = 2.0
 """Seconds between looks at the config files for an edit."""
@@ -58,17 +58,12 @@ def apply(engine: Engine, old: Config, new: Config) -> Reloaded:
     when one of them is refused)."""
     changed = [name for name in (*LIVE, *AT_RESTART) if getattr(old, name) != getattr(new, name)]
     rules = new.rule or DEFAULT_RULES
-    try:
-        prices = PriceTable.load(new.prices)
-        Rules(rules)  # refused here, before anything changes
-        fresh = engine.budgets.replace(new.budget)
-    except PriceError as exc:
-        raise ConfigError(f"{new.source}: {exc}") from None  # it names prices."MODEL"
-    except ConfigError as exc:
-        raise exc.in_file(new.source) from None
-    engine.rules.replace(rules)
-    engine.use_prices(prices)
-    engine.agent_settings = dict(new.agents)
+    policy = build_policy(new)  # refused here, before anything changes
+    with worded(new):
+        fresh = engine.use_budgets(new.budget)
+    engine.use_rules(rules)
+    engine.use_prices(policy.prices)
+    engine.use_agent_settings(new.agents)
     return Reloaded(
         new.source,
         [name for name in changed if name in LIVE],
@@ -81,7 +76,7 @@ async def seed_quietly(engine: Engine, store: object, fresh: Sequence[str]) -> N
     """Count the ledger's usage into budgets an edit left empty; one that cannot be read leaves
     them counting from now (said in the log and an alert), and the edit stands."""
     try:
-        await engine.budgets.seed(store, only=fresh)
+        await engine.seed_budgets(store, only=fresh)
     except Exception as exc:
         names = ", ".join(fresh)
         why = f"{type(exc).__name__}: {exc}"

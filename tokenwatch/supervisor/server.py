@@ -26,8 +26,8 @@ from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.core.protocol import ErrorCode, ProtocolError
 from tokenwatch.core.usage_wire import decode_usage_line, usage_from_wire
+from tokenwatch.instance import socket_answers
 from tokenwatch.paths import socket_path_problem
-from tokenwatch.supervisor.daemon import socket_answers
 
 log = logging.getLogger("tokenwatch.server")
 
@@ -39,7 +39,7 @@ MAX_REPLY_BACKLOG: Final = 4096
 MAX_QUEUED_EVENTS: Final = 20_000
 """Usage events one connection may have waiting for the store before the server stops reading it."""
 CONCURRENT_TYPES: Final = frozenset(
-    {"admit", "settle", "kill", "launch", "pause_all", "adopt", "shutdown", "exited"}
+    {"admit", "settle", "kill", "launch", "pause_all", "resume_all", "adopt", "shutdown", "exited"}
 )
 """Requests that may take long: run beside the connection's other traffic, replies by id."""
 MIN_SNAPSHOT_INTERVAL: Final = 0.1

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -17,23 +17,25 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from tokenwatch.config import Config, ConfigError, load_config
-from tokenwatch.core.budgets import Budgets
+from tokenwatch.config import Config, ConfigError
+from tokenwatch.core.maintained_prices import INSTALLED
 from tokenwatch.core.models import Agent, Alert, UsageEvent
-from tokenwatch.core.pricing import PriceError, PriceTable
-from tokenwatch.core.rules import DEFAULT_RULES, Rules
 from tokenwatch.engine.engine import Engine
 from tokenwatch.engine.figures import GROUPS
 from tokenwatch.export.alerting import Notifier
+from tokenwatch.instance import instance_lock, remove_pid, write_pid
 from tokenwatch.paths import Paths
 from tokenwatch.process.processes import Spawner, spawn
 from tokenwatch.supervisor.commands import Commands
-from tokenwatch.supervisor.daemon import instance_lock, remove_pid, write_pid
+from tokenwatch.supervisor.optimize import build_levers
+from tokenwatch.supervisor.policy import build_policy, load_config
 from tokenwatch.supervisor.reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.supervisor.server import SocketServer
 
 if TYPE_CHECKING:
+    from tokenwatch.engine.agents import AgentRecord
     from tokenwatch.ledger.store import Store
+    from tokenwatch.proxy.levers import Levers
 
 log = logging.getLogger("tokenwatch.supervisor")
 
@@ -128,12 +130,17 @@ class Supervisor:
         self._stop = anyio.Event()
         self.started_at = clock()
         self.engine: Engine | None = None
+        self.notifier: Notifier | None = None
         self.server: SocketServer | None = None
         self.commands: Commands | None = None
         self.store: Store | None = None
         self.proxy_url = ""
         self.metrics_url = ""
         self.recovered: list[str] = []
+        self.levers: Levers | None = None
+
+    def _config_in_use(self) -> Config:
+        return self.commands.config if self.commands is not None else self.config
 
     def request_shutdown(self) -> None:
         self._stop.set()
@@ -157,20 +164,38 @@ class Supervisor:
     ) -> None:
         """Serve until asked to stop; then resume what it paused and flush the ledger."""
         from tokenwatch.ledger.store import Store
+        from tokenwatch.ledger.unstored import store_kept
 
         with instance_lock(self.paths):
             self.paths.ensure_state()
             store = self.store = await Store.open(self.paths.db, writer_process=True)
+            await store_kept(store, self.paths.unstored)  # before budgets are counted from it
             try:
                 await self._serve(store, task_status)
             finally:
                 with anyio.CancelScope(shield=True):
-                    await store.aclose()
+                    await self._close_ledger(store)
                 remove_pid(self.paths)
                 log.info("supervisor stopped")
 
+    async def _close_ledger(self, store: Store) -> None:
+        """Keep the usage the engine could not store (the proxy's last settlements included)
+        for the next start, then flush and close: nothing is lost without a line saying so."""
+        from tokenwatch.ledger.store import StoreUnavailable
+        from tokenwatch.ledger.unstored import keep_unstored
+
+        if self.engine is not None:
+            left, error = self.engine.take_unstored(), self.engine.statistics().store_error
+            await anyio.to_thread.run_sync(keep_unstored, self.paths.unstored, left, error)
+        try:
+            await store.aclose()
+        except StoreUnavailable as exc:
+            log.error("the ledger was not closed cleanly: %s", exc)
+
     async def _serve(self, store: Store, task_status: anyio.abc.TaskStatus[Supervisor]) -> None:
         engine = self.engine = self._build_engine(store)
+        if self._with_proxy:
+            self.levers = build_levers(self.paths, self._config_in_use, engine, self._clock)
         commands = self.commands = Commands(
             engine,
             self.config,
@@ -179,14 +204,17 @@ class Supervisor:
             info=self.info,
             store=store,
             logs_dir=self.paths.logs_dir,
+            switch=self.levers.switch if self.levers is not None else None,
         )
         server = self.server = SocketServer(self.paths.socket, commands)
         engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             await self._seed(engine, store)
-            self.recovered = [rec.name for rec in await engine.recover()]
-            await self._start_notifier(tg, engine)
+            found = await engine.recover()
+            await _count_runs_so_far(found, store)
+            self.recovered = [rec.name for rec in found]
+            await self._start_notifier(tg)
             if self._with_proxy:
                 await self._start_proxy(tg, engine)
             if self._with_exporters:
@@ -196,6 +224,8 @@ class Supervisor:
                 await tg.start(watch.run)
             write_pid(self.paths)  # before the socket answers: whoever connects can read it
             await tg.start(server.serve)
+            # genai-prices takes ~0.2 s to load: in a thread now, not on the loop at a first call
+            tg.start_soon(anyio.to_thread.run_sync, INSTALLED.warm, name="load genai-prices")
             log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
             task_status.started(self)
             await self._stop.wait()
@@ -256,49 +286,45 @@ class Supervisor:
 
     def _build_engine(self, store: Store) -> Engine:
         cfg = self.config
-        try:
-            prices = PriceTable.load(cfg.prices)
-            budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=self._clock)
-            rules = Rules(
-                cfg.rule or DEFAULT_RULES,
-                clock=self._clock,
-                is_critical=lambda name: _is_critical(engine, name),
-                budgets=budgets.statuses,  # forecast and spike rules read budget status
-            )
-        except PriceError as exc:
-            raise ConfigError(f"{cfg.source}: {exc}") from None  # it names prices."MODEL"
-        except ConfigError as exc:
-            raise exc.in_file(cfg.source) from None
-        notify = cfg.alerts.webhook or cfg.alerts.desktop
+        policy = build_policy(
+            cfg, clock=self._clock, is_critical=lambda name: _is_critical(engine, name)
+        )
         engine = Engine(
             store,
-            prices,
-            budgets,
-            rules,
+            policy.prices,
+            policy.budgets,
+            policy.rules,
             settings=cfg.supervisor,
             clock=self._clock,
             spawner=self._spawner,
-            notifier=Notifier(cfg.alerts) if notify else None,
+            child_env=child_env,
             agents=cfg.agents,
             logs_dir=self.paths.logs_dir,
             socket_path=str(self.paths.socket),
         )
+        if cfg.alerts.webhook or cfg.alerts.desktop:
+            notifier = self.notifier = Notifier(cfg.alerts)
+            engine.add_listener(lambda kind, obj: _notify(notifier, kind, obj))
         return engine
 
     async def _seed(self, engine: Engine, store: Store) -> None:
         """What is already in the ledger for today, so budgets and figures start where they were."""
-        seed = getattr(engine.budgets, "seed", None)
-        if seed is not None:
-            await seed(store)
+        await engine.seed_budgets(store)
         since = engine.live.day_start
         for group in GROUPS:
             for row in await store.aggregate(group, since):
-                engine.live.today.seed(group, row.key, row.total_tokens, row.cost_usd)
+                engine.seed_today(
+                    group,
+                    row.key,
+                    row.total_tokens,
+                    row.cost_usd,
+                    row.estimated_usd,
+                    row.unpriced_requests,
+                )
 
-    async def _start_notifier(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
-        notifier = engine.notifier
-        if notifier is not None:
-            await tg.start(notifier.run)
+    async def _start_notifier(self, tg: anyio.abc.TaskGroup) -> None:
+        if self.notifier is not None:
+            await tg.start(self.notifier.run, name="alert notifier")
 
     async def _start_proxy(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         from tokenwatch.proxy.routes import load_routes
@@ -329,7 +355,11 @@ class Supervisor:
         settings = self.config.proxy
         if not settings.port and saved_port:
             again = ProxyServer(
-                engine, table, replace(settings, port=saved_port), clock=self._clock
+                engine,
+                table,
+                replace(settings, port=saved_port),
+                clock=self._clock,
+                levers=self.levers,
             )
             try:
                 port = await tg.start(again.serve)
@@ -339,7 +369,7 @@ class Supervisor:
                 )
             else:
                 return again, port
-        proxy = ProxyServer(engine, table, settings, clock=self._clock)
+        proxy = ProxyServer(engine, table, settings, clock=self._clock, levers=self.levers)
         return proxy, await tg.start(proxy.serve)
 
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
@@ -371,9 +401,36 @@ async def _shut_down_at_exit(exporter: Any) -> None:
             await anyio.to_thread.run_sync(exporter.shutdown)
 
 
+async def _count_runs_so_far(found: list[AgentRecord], store: Store) -> None:
+    """What the ledger holds for each run a previous supervisor supervised part of: `status`
+    and `tokenwatch run`'s summary count the whole run, whoever supervised which part."""
+    for rec in found:
+        agent = rec.agent
+        if not agent.run_id:
+            continue
+        for run in await store.sessions(agent.started_at - 1.0, agent=agent.name):
+            if run.run_id == agent.run_id:
+                rec.requests, rec.tokens = run.requests, run.total_tokens
+                priced = run.requests > run.unpriced_requests
+                rec.cost_usd = run.cost_usd if priced else None
+
+
 def _config_file(config: Config) -> Path | None:
     """The file a config was read from; None for one built on defaults or in code."""
     return None if config.source in ("", "<defaults>") else Path(config.source)
+
+
+def _notify(notifier: Notifier, kind: str, obj: object) -> None:
+    """The alert notifier hears alerts only (webhook, desktop)."""
+    if kind == "alert" and isinstance(obj, Alert):
+        notifier.notify_nowait(obj)
+
+
+def child_env(env: Mapping[str, str]) -> Mapping[str, str]:
+    """A launched agent's environment, with the SDK auto-instrumentation on its path."""
+    from tokenwatch.client.autoinstrument import child_env as instrumented
+
+    return instrumented(env)
 
 
 def _is_critical(engine: Engine | None, name: str) -> bool:

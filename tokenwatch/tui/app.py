@@ -40,6 +40,7 @@ _DONE_VERBS = {
     "resume": "resumed",
     "kill": "killed",
     "pause_all": "paused all non-critical agents",
+    "resume_all": "resumed all paused agents",
     "ack_alerts": "alerts acknowledged",
     "set_budget": "budget saved",
     "launch": "launched",
@@ -65,7 +66,11 @@ class TokenwatchApp(App[None]):
 
     CSS_PATH = "dashboard.tcss"
     TITLE = "tokenwatch"
-    BINDINGS: ClassVar[list[Any]] = [Binding("q", "quit", "Quit")]
+    BINDINGS: ClassVar[list[Any]] = [
+        Binding("q", "quit", "Quit"),
+        # Textual 8 only says "press ctrl+q"; a box with text selected still copies it first.
+        Binding("ctrl+c", "quit", show=False),
+    ]
 
     def __init__(
         self,

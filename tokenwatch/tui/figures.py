@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+from rich.cells import cell_len
 from rich.text import Text
 
 from tokenwatch.core.models import AgentState, Severity
-from tokenwatch.core.quantities import format_tokens, format_usd
+from tokenwatch.core.quantities import PARTIAL_MARK, format_tokens, format_usd
 
-__all__ = ["format_tokens", "format_usd"]
+__all__ = ["PARTIAL_MARK", "format_tokens", "format_usd"]
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -49,14 +51,18 @@ def gauge_style(fraction: float) -> str:
     return "green"
 
 
-def gauge(fraction: float | None, width: int = 8) -> Text:
-    """A bar and a percentage (`█████░░░ 62%`); empty text when there is no budget."""
+def gauge(fraction: float | None, width: int = 8, partial: bool = False) -> Text:
+    """A bar and a percentage (`█████░░░ 62%`); empty text when there is no budget; marked
+    `█████░░░* 62%` when `partial` (some of what it measures is priced by estimate), in the
+    same width."""
     if fraction is None:
         return Text("-", style="dim")
     filled = max(0, min(width, round(fraction * width)))
     text = Text("█" * filled, style=gauge_style(fraction))
     text.append("░" * (width - filled), style="dim")
-    text.append(f" {fraction * 100:3.0f}%")
+    if partial:
+        text.append(PARTIAL_MARK, style="bold yellow")
+    text.append(f"{'' if partial else ' '}{fraction * 100:3.0f}%")
     return text
 
 
@@ -69,6 +75,35 @@ def state_label(state: str, exit_code: int | None = None, throttle: str = "") ->
     return Text(label, style=STATE_STYLES.get(state, ""))
 
 
+def fit_middle(text: str, width: int) -> str:
+    """`literatu…er-alpha`: a name cut in the middle, so names sharing a prefix stay apart."""
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    head, tail = (width - 1) // 2, width - 1 - (width - 1) // 2
+    while cell_len(text[:head]) > (width - 1) // 2:
+        head -= 1
+    while tail and cell_len(text[-tail:]) > width - 1 - cell_len(text[:head]):
+        tail -= 1
+    return text[:head] + "…" + (text[-tail:] if tail else "")
+
+
+def fit_end(cell: str | Text, width: int) -> str | Text:
+    """A cell cut to `width` with `…` at the end (never cut silently)."""
+    if isinstance(cell, Text):
+        if cell.cell_len <= width:
+            return cell
+        cut = cell.copy()
+        cut.truncate(width, overflow="ellipsis")
+        return cut
+    if cell_len(cell) <= width:
+        return cell
+    while cell and cell_len(cell) > width - 1:
+        cell = cell[:-1]
+    return cell + "…"
+
+
 def age(seconds: float) -> str:
     """`12s`, `5m`, `3h`, `2d`: how long ago, in the fewest characters."""
     seconds = max(0.0, seconds)
@@ -76,6 +111,12 @@ def age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size:.0f}{unit}"
     return f"{seconds:.0f}s"
+
+
+def clock_time(ts: float, now: float) -> str:
+    """`14:32` within a day of `now`, `Dec 07 14:32` further away (local time)."""
+    fmt = "%H:%M" if abs(ts - now) < 86400 else "%b %d %H:%M"
+    return time.strftime(fmt, time.localtime(ts))
 
 
 def rate(value: float, unit: str) -> str:

@@ -251,6 +251,12 @@ class ScriptedSource:
             self._set_state(name, AgentState.PAUSED)
         return {"paused": paused}
 
+    def _apply_resume_all(self, **_: Any) -> dict[str, Any]:
+        paused = [v.agent.name for v in self.snapshot.agents if v.agent.state == AgentState.PAUSED]
+        for name in paused:
+            self._set_state(name, AgentState.RUNNING)
+        return {"resumed": paused}
+
     def _apply_ack_alerts(self, ids: list[int] | None = None, **_: Any) -> dict[str, Any]:
         count = 0
         for alert in self.snapshot.alerts:

@@ -215,8 +215,9 @@ def _figures(view: AgentView) -> Text:
     text.append(f"{format_usd(view.usd_per_hour)}/h  ")
     text.append(f"{view.requests_per_min:.0f} req/min\n")
     text.append(f"period: {format_tokens(view.period_tokens)} tokens, ")
-    text.append(f"{format_usd(view.period_cost_usd)}  budget ")
-    text.append_text(gauge(view.budget_fraction))
+    partial = view.unpriced_requests > 0
+    text.append(f"{format_usd(view.period_cost_usd, partial)}  budget ")
+    text.append_text(gauge(view.budget_fraction, partial=partial))
     models = ", ".join(view.models) or "-"
     text.append(f"\nmodels: {models}")
     return text
@@ -227,10 +228,11 @@ def _budgets(budgets: Sequence[BudgetStatus]) -> Text:
     if not budgets:
         text.append("none (b sets one)", style="dim")
     for b in budgets:
-        used = format_usd(b.used) if b.unit == "usd" else format_tokens(b.used)
+        partial = b.estimated_usd > 0
+        used = format_usd(b.used, partial) if b.unit == "usd" else format_tokens(b.used)
         limit = format_usd(b.limit) if b.unit == "usd" else format_tokens(b.limit)
         text.append(f"{b.name}: {used} of {limit} per {b.period} → {b.action}  ")
-        text.append_text(gauge(b.fraction))
+        text.append_text(gauge(b.fraction, partial=partial))
         text.append("\n")
     text.rstrip()
     return text

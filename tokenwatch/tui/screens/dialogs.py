@@ -13,18 +13,19 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, Select, Static
 
+from tokenwatch.core.actions import ACTIONS
 from tokenwatch.core.models import BudgetStatus
 from tokenwatch.core.quantities import (
     QuantityError,
     RateKind,
     Unit,
     format_tokens,
-    parse_amount,
     parse_rate,
+    parse_typed_limit,
 )
 
 PERIODS = ("hour", "day", "week", "month", "total")
-BUDGET_ACTIONS = ("alert", "throttle", "pause", "kill", "deny")
+BUDGET_ACTIONS = ACTIONS
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -106,7 +107,7 @@ class ThrottleScreen(_FormScreen):
 
 def budget_settings(agent: str, limit: str, period: str, action: str) -> dict[str, Any]:
     """The `set_budget` payload (BudgetSettings fields) for an agent budget; raises QuantityError."""
-    amount = parse_amount(limit)
+    amount = parse_typed_limit(limit)
     if amount.value <= 0:
         raise QuantityError("a budget limit must be above zero")
     if period not in PERIODS:

@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.events import Resize
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input
+from textual.widgets import DataTable, Input
 
 from tokenwatch.core.models import Action, AgentState, AgentView, Alert, Snapshot
 from tokenwatch.tui.screens.dialogs import (
@@ -22,9 +22,10 @@ from tokenwatch.tui.screens.dialogs import (
     LaunchScreen,
     ThrottleScreen,
 )
-from tokenwatch.tui.widgets.agents import WIDE_MIN_WIDTH, AgentsTable
+from tokenwatch.tui.widgets.agents import LEGEND, WIDE_MIN_WIDTH, AgentsTable
 from tokenwatch.tui.widgets.alerts import AlertFeed
 from tokenwatch.tui.widgets.burn import BurnChart
+from tokenwatch.tui.widgets.footer import KeysFooter
 from tokenwatch.tui.widgets.spenders import TopSpenders
 from tokenwatch.tui.widgets.summary import SummaryBar
 
@@ -35,6 +36,10 @@ SHORT_MAX_HEIGHT = 30
 """Below this many lines the burn chart folds into the summary bar's sparkline."""
 
 
+ESSENTIAL_KEYS = ("question_mark", "q", "p", "k", "P", "t", "R", "b", "slash")
+"""The footer's keys in order of need: on a narrow terminal the rest are in `?` help."""
+
+
 class MainScreen(Screen[None]):
     BINDINGS = [
         Binding("p", "pause", "Pause/resume"),
@@ -42,6 +47,7 @@ class MainScreen(Screen[None]):
         Binding("t", "throttle", "Throttle"),
         Binding("b", "budget", "Budget"),
         Binding("P", "pause_all", "Pause all"),
+        Binding("R", "resume_all", "Resume all"),
         Binding("a", "ack", "Ack alerts"),
         Binding("enter", "detail", "Detail"),
         Binding("g", "group", "Group"),
@@ -77,9 +83,10 @@ class MainScreen(Screen[None]):
             placeholder="filter agents (name, state, model, task, tag); enter keeps, esc clears",
             id="filter",
         )
-        yield Footer()
+        yield KeysFooter(first=ESSENTIAL_KEYS)
 
     def on_mount(self) -> None:
+        self.table.border_subtitle = LEGEND
         self.table.focus()
 
     def on_resize(self, event: Resize) -> None:
@@ -91,7 +98,7 @@ class MainScreen(Screen[None]):
     def show_snapshot(self, snap: Snapshot) -> None:
         self.summary.show(snap)
         self.table.show(snap.agents)
-        self.spenders.show(snap.top)
+        self.spenders.show(snap.top, snap.top_partial)
         self.feed.add_alerts(snap.alerts)
         self.burn.show(snap.burn)
         self._retitle_table()
@@ -112,6 +119,8 @@ class MainScreen(Screen[None]):
         table = self.table
         arrow = "↓" if table.sort_descending else "↑"
         parts = [f"agents · sort {table.sort_key}{arrow} (s)"]
+        if table.order_held:
+            parts.append("order held while you move")
         if table.filter_text:
             parts.append(f"filter '{escape(table.filter_text)}'")
         if table.hidden_rows:
@@ -183,6 +192,9 @@ class MainScreen(Screen[None]):
 
     def action_pause_all(self) -> None:
         self.tw.send("pause_all", who="key", why="P pressed on the dashboard")
+
+    def action_resume_all(self) -> None:
+        self.tw.send("resume_all", who="key", why="R pressed on the dashboard")
 
     def action_ack(self) -> None:
         ids = [e.alert_id for e in self.feed.unacknowledged if e.alert_id is not None]

@@ -27,6 +27,7 @@ FIGURES: tuple[tuple[str, str, bool], ...] = (
     ("requests", "requests", False),
     ("input", "input_tokens", False),
     ("cached", "cache_read_tokens", False),
+    ("write", "cache_write_tokens", False),
     ("output", "output_tokens", False),
     ("reasoning", "reasoning_tokens", False),
     ("cost", "cost_usd", True),
@@ -46,7 +47,9 @@ def figure(row: dict[str, Any], field: str, money: bool) -> str:
     value = row.get(field)
     if value is None:
         return "unpriced" if money else "-"
-    return format_usd(float(value)) if money else format_tokens(float(value))
+    if money:  # marked when some of it is priced by estimate (models no table knows)
+        return format_usd(float(value), bool(row.get("unpriced_requests")))
+    return format_tokens(float(value))
 
 
 class ReportScreen(Screen[None]):

@@ -20,7 +20,9 @@ class TopSpenders(Static):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.grouping = GROUPINGS[0]
         self._top: dict[str, list[tuple[str, float]]] = {}
+        self._partial: dict[str, list[str]] = {}
         self._shown: object = None
+        self._shown_marked: set[str] = set()
 
     def on_mount(self) -> None:
         self._retitle()
@@ -31,8 +33,12 @@ class TopSpenders(Static):
         self._redraw()
         return self.grouping
 
-    def show(self, top: dict[str, list[tuple[str, float]]]) -> None:
+    def show(
+        self, top: dict[str, list[tuple[str, float]]], partial: dict[str, list[str]] | None = None
+    ) -> None:
+        """Show the top spenders; names in `partial` hold estimated prices and are marked."""
         self._top = top
+        self._partial = partial or {}
         self._redraw()
 
     def _retitle(self) -> None:
@@ -40,13 +46,14 @@ class TopSpenders(Static):
 
     def _redraw(self) -> None:
         rows = self._top.get(self.grouping, [])
-        if rows == self._shown:
+        marked = set(self._partial.get(self.grouping, []))
+        if (rows, marked) == (self._shown, self._shown_marked):
             return  # nothing changed: no repaint
-        self._shown = list(rows)
-        self.update(_table(rows))
+        self._shown, self._shown_marked = list(rows), marked
+        self.update(_table(rows, marked))
 
 
-def _table(rows: list[tuple[str, float]]) -> Table | Text:
+def _table(rows: list[tuple[str, float]], partial: set[str]) -> Table | Text:
     if not rows:
         return Text("no spending yet", style="dim")
     total = sum(cost for _, cost in rows) or 1.0
@@ -55,5 +62,6 @@ def _table(rows: list[tuple[str, float]]) -> Table | Text:
     table.add_column(justify="right", no_wrap=True)
     table.add_column(justify="right", no_wrap=True)
     for name, cost in rows[:12]:
-        table.add_row(name or "(none)", format_usd(cost), f"{cost / total * 100:3.0f}%")
+        shown = format_usd(cost, (name or "-") in partial)
+        table.add_row(name or "(none)", shown, f"{cost / total * 100:3.0f}%")
     return table
