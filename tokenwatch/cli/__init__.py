@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "budget",
     "route",
     "ledger",
+    "prices",
     "count",
     "fakellm",
     "export",
