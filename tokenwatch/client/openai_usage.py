@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tokenwatch.core.openai_wire import FINAL_RESPONSE_EVENTS, choice_texts, usage_paths_of
+
 _TEXT_EVENTS = {
     "response.output_text.delta",
     "response.refusal.delta",
     "response.function_call_arguments.delta",
     "response.reasoning_summary_text.delta",
 }
-_FINAL_EVENTS = {"response.completed", "response.incomplete", "response.failed"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,30 +45,24 @@ def _int(value: Any) -> int:
 
 
 def counted(usage: Any) -> Counted | None:
-    """Chat/legacy usage (prompt_tokens...) or Responses usage (input_tokens...); None if absent.
-
-    OpenAI already counts cached tokens inside the prompt figure and reasoning inside the
-    completion figure, which is the normalised shape.
-    """
+    """Chat/legacy usage (prompt_tokens...) or Responses usage (input_tokens...); None if absent."""
     if usage is None:
         return None
-    if field(usage, "prompt_tokens") is not None:
-        prompt_details = field(usage, "prompt_tokens_details")
-        completion_details = field(usage, "completion_tokens_details")
-        return Counted(
-            input_tokens=_int(field(usage, "prompt_tokens")),
-            output_tokens=_int(field(usage, "completion_tokens")),
-            cache_read_tokens=_int(field(prompt_details, "cached_tokens")),
-            reasoning_tokens=_int(field(completion_details, "reasoning_tokens")),
-        )
-    if field(usage, "input_tokens") is not None:
-        return Counted(
-            input_tokens=_int(field(usage, "input_tokens")),
-            output_tokens=_int(field(usage, "output_tokens")),
-            cache_read_tokens=_int(field(field(usage, "input_tokens_details"), "cached_tokens")),
-            reasoning_tokens=_int(field(field(usage, "output_tokens_details"), "reasoning_tokens")),
-        )
-    return None
+    paths = usage_paths_of(usage, field)
+    if paths is None:
+        return None
+    return Counted(
+        input_tokens=_int(_walk(usage, paths.input_tokens)),
+        output_tokens=_int(_walk(usage, paths.output_tokens)),
+        cache_read_tokens=_int(_walk(usage, paths.cache_read_tokens)),
+        reasoning_tokens=_int(_walk(usage, paths.reasoning_tokens)),
+    )
+
+
+def _walk(obj: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        obj = field(obj, name)
+    return obj
 
 
 class StreamReading:
@@ -103,20 +98,9 @@ class StreamReading:
         return self._content_seen(before)
 
     def _take_choice(self, choice: Any) -> None:
-        text = field(choice, "text")  # legacy completions
-        if isinstance(text, str) and text:
-            self.parts.append(text)
-        delta = field(choice, "delta")
-        for name in ("content", "refusal"):
-            value = field(delta, name)
+        for value in choice_texts(choice, field):
             if isinstance(value, str) and value:
                 self.parts.append(value)
-        for tool_call in items(delta, "tool_calls"):
-            function = field(tool_call, "function")
-            for name in ("name", "arguments"):
-                value = field(function, name)
-                if isinstance(value, str) and value:
-                    self.parts.append(value)
 
     def _see_response_event(self, kind: str, event: Any) -> bool:
         before = len(self.parts)
@@ -128,7 +112,7 @@ class StreamReading:
         model = field(response, "model")
         if isinstance(model, str) and model:
             self.model = model
-        if kind in _FINAL_EVENTS:
+        if kind in FINAL_RESPONSE_EVENTS:
             found = counted(field(response, "usage"))
             if found is not None:
                 self.usage = found

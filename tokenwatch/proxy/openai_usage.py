@@ -8,6 +8,12 @@ from typing import Any
 import orjson
 
 from tokenwatch.core import conversation
+from tokenwatch.core.openai_wire import (
+    CHAT_USAGE,
+    FINAL_RESPONSE_EVENTS,
+    RESPONSES_USAGE,
+    choice_texts,
+)
 from tokenwatch.core.request_tokens import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, count_request
 from tokenwatch.proxy.sse import SseEvent
 from tokenwatch.proxy.usage import (
@@ -29,7 +35,6 @@ METERED = frozenset({CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS})
 _STREAM_USAGE = frozenset({CHAT, COMPLETIONS})
 """Endpoints whose streams carry usage only when asked with `stream_options.include_usage`."""
 _WIRE = {CHAT: conversation.CHAT, RESPONSES: conversation.RESPONSES}
-_FINAL_RESPONSE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def read_request(endpoint: str, body: dict[str, Any]) -> CallFacts:
@@ -81,22 +86,14 @@ def usage_from(doc: Any, endpoint: str) -> Usage | None:
 
 
 def _usage(doc: dict[str, Any], endpoint: str) -> Usage:
-    # OpenRouter (and gateways speaking its dialect) add what the call cost: `usage.cost`.
-    cost = reported_cost(doc.get("cost"))
-    if endpoint == RESPONSES:
-        return Usage(
-            input_tokens=number(doc, "input_tokens"),
-            output_tokens=number(doc, "output_tokens"),
-            cache_read_tokens=number(doc, "input_tokens_details", "cached_tokens"),
-            reasoning_tokens=number(doc, "output_tokens_details", "reasoning_tokens"),
-            cost_usd=cost,
-        )
+    paths = RESPONSES_USAGE if endpoint == RESPONSES else CHAT_USAGE
     return Usage(
-        input_tokens=number(doc, "prompt_tokens"),
-        output_tokens=number(doc, "completion_tokens"),
-        cache_read_tokens=number(doc, "prompt_tokens_details", "cached_tokens"),
-        reasoning_tokens=number(doc, "completion_tokens_details", "reasoning_tokens"),
-        cost_usd=cost,
+        input_tokens=number(doc, *paths.input_tokens),
+        output_tokens=number(doc, *paths.output_tokens),
+        cache_read_tokens=number(doc, *paths.cache_read_tokens),
+        reasoning_tokens=number(doc, *paths.reasoning_tokens),
+        # OpenRouter (and gateways speaking its dialect) add what the call cost: `usage.cost`.
+        cost_usd=reported_cost(doc.get("cost")),
     )
 
 
@@ -155,11 +152,11 @@ class OpenAIReader:
         return not (self._strip and not choices)
 
     def _read_responses_event(self, name: str, data: bytes) -> bool:
-        if name and name not in _FINAL_RESPONSE:
+        if name and name not in FINAL_RESPONSE_EVENTS:
             self._raw.append(data)
             return True
         doc = json_object(data)
-        if doc is None or doc.get("type") not in _FINAL_RESPONSE:
+        if doc is None or doc.get("type") not in FINAL_RESPONSE_EVENTS:
             self._raw.append(data)
             return True
         response = doc.get("response")
@@ -197,17 +194,9 @@ class OpenAIReader:
 
 
 def _choice_text(choice: Any, text: TextParts) -> None:
-    if not isinstance(choice, dict):
-        return
-    text.add(choice.get("text"))
-    delta = choice.get("delta") or choice.get("message")  # a stream's chunk, or a whole answer
-    if not isinstance(delta, dict):
-        return
-    for key in ("content", "reasoning_content", "refusal"):
-        text.add(delta.get(key))
-    calls = delta.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            text.add(function.get("name"))
-            text.add(function.get("arguments"))
+    for value in choice_texts(choice, _key):
+        text.add(value)
+
+
+def _key(doc: Any, name: str) -> Any:
+    return doc.get(name) if isinstance(doc, dict) else None
