@@ -115,7 +115,7 @@ async def run_dashboard(
                     app.exit(return_code=0)
                     return
 
-        tg.start_soon(exit_on_signal)
+        tg.start_soon(exit_on_signal, name="dashboard.signals")
         await app.run_async()
         tg.cancel_scope.cancel()
     return app.return_code or 0

@@ -184,7 +184,7 @@ async def _screenshot(source: Any, path: Path, duration: float) -> None:
         app.exit()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(shoot)
+        tg.start_soon(shoot, name="demo.screenshot")
         await app.run_async(headless=True, size=(150, 40))
 
 

@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             try:
-                url = await tg.start(fake.serve, args.host, args.port)
+                url = await tg.start(fake.serve, args.host, args.port, name="fake-llm")
             except OSError as exc:
                 raise CliError(
                     f"cannot listen on {args.host}:{args.port}: {exc.strerror}"

@@ -74,7 +74,7 @@ _MESSAGES = {
 
 
 class FakeLLM:
-    """The fake provider: create, `await tg.start(fake.serve)`, point SDKs at `fake.url + "/v1"`."""
+    """The fake provider: create, `await tg.start(fake.serve, name="fake-llm")`, point SDKs at `fake.url + "/v1"`."""
 
     def __init__(
         self,
@@ -285,7 +285,7 @@ async def running_fake_llm(**kwargs: Any) -> AsyncIterator[FakeLLM]:
     """An in-process fake LLM on 127.0.0.1 for async tests; stopped on exit."""
     fake = FakeLLM(**kwargs)
     async with anyio.create_task_group() as tg:
-        await tg.start(fake.serve)
+        await tg.start(fake.serve, name="fake-llm")
         try:
             yield fake
         finally:
@@ -302,7 +302,7 @@ def fake_llm_in_thread(**kwargs: Any) -> Iterator[FakeLLM]:
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            await tg.start(fake.serve)
+            await tg.start(fake.serve, name="fake-llm")
             token = anyio.lowlevel.current_token()
             stop.append(lambda: anyio.from_thread.run_sync(tg.cancel_scope.cancel, token=token))
             ready.set()

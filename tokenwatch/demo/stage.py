@@ -182,7 +182,7 @@ async def stop_agents(client: SupervisorClient, names: list[str]) -> None:
 
     async with anyio.create_task_group() as tg:
         for name in names:
-            tg.start_soon(kill, name)
+            tg.start_soon(kill, name, name=f"demo.kill-{name}")
 
 
 def write_config(home: Path, data: dict[str, Any]) -> Path:

@@ -282,12 +282,12 @@ class SocketServer:
         listener = self._listener = await anyio.abc.SocketListener.from_socket(sock)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._snapshot_ticker)
+                tg.start_soon(self._snapshot_ticker, name="server.snapshot-ticker")
                 task_status.started(self.path)
                 async with listener:
                     while True:
                         stream = await listener.accept()
-                        tg.start_soon(self._serve_connection, stream)
+                        tg.start_soon(self._serve_connection, stream, name="server.connection")
         finally:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == inode:  # not a newer supervisor's socket
@@ -329,7 +329,7 @@ class SocketServer:
             self._sessions.add(session)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._write, outbox, stream)
+                    tg.start_soon(self._write, outbox, stream, name="server.connection-writer")
                     await self._read(session, stream, tg)
                     outbox.close_nowait()
             finally:
@@ -415,7 +415,7 @@ class SocketServer:
             if msg["type"] != "heartbeat":
                 await ingests.wait_idle()  # keep order: usage before e.g. the task end after it
             if msg["type"] in CONCURRENT_TYPES:
-                tg.start_soon(self._dispatch, session, msg)
+                tg.start_soon(self._dispatch, session, msg, name="server.dispatch")
             else:
                 await self._dispatch(session, msg)
         if batch:
@@ -491,7 +491,7 @@ class _Ingestor:
             if not self._running:
                 self._idle = anyio.Event()
             self._running += 1
-            tg.start_soon(self._drain)
+            tg.start_soon(self._drain, name="server.drain")
 
     async def _drain(self) -> None:
         # The store commits in the order batches reach it, so acks keep the order of the lines.

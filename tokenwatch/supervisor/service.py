@@ -209,7 +209,7 @@ class Supervisor:
         server = self.server = SocketServer(self.paths.socket, commands)
         engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
         async with anyio.create_task_group() as tg:
-            await tg.start(engine.run)
+            await tg.start(engine.run, name="tokenwatch.engine")
             await self._seed(engine, store)
             found = await engine.recover()
             await _count_runs_so_far(found, store)
@@ -221,9 +221,9 @@ class Supervisor:
                 await self._start_exporters(tg, engine)
             if self.config.overlay:  # read from files (not built in code): watch them
                 watch = ConfigWatch(self._config_files, self._config_edited)
-                await tg.start(watch.run)
+                await tg.start(watch.run, name="tokenwatch.config-watch")
             write_pid(self.paths)  # before the socket answers: whoever connects can read it
-            await tg.start(server.serve)
+            await tg.start(server.serve, name="tokenwatch.socket-server")
             # genai-prices takes ~0.2 s to load: in a thread now, not on the loop at a first call
             tg.start_soon(anyio.to_thread.run_sync, INSTALLED.warm, name="load genai-prices")
             log.info("supervisor %d serving on %s", os.getpid(), self.paths.socket)
@@ -362,7 +362,7 @@ class Supervisor:
                 levers=self.levers,
             )
             try:
-                port = await tg.start(again.serve)
+                port = await tg.start(again.serve, name="tokenwatch.proxy")
             except* OSError as group:  # the bind fails inside the proxy's own task group
                 log.info(
                     "the previous proxy port %d is taken (%s)", saved_port, group.exceptions[0]
@@ -370,7 +370,7 @@ class Supervisor:
             else:
                 return again, port
         proxy = ProxyServer(engine, table, settings, clock=self._clock, levers=self.levers)
-        return proxy, await tg.start(proxy.serve)
+        return proxy, await tg.start(proxy.serve, name="tokenwatch.proxy")
 
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         settings = self.config.export
@@ -380,7 +380,7 @@ class Supervisor:
 
             prom = PrometheusExporter(settings.prometheus, engine.snapshot)
             engine.add_listener(prom.observe)
-            port = await tg.start(prom.serve)
+            port = await tg.start(prom.serve, name="tokenwatch.prometheus")
             host, _ = parse_listen(settings.prometheus.listen)
             self.metrics_url = f"http://{host}:{port}/metrics"
             log.info("metrics on %s", self.metrics_url)
@@ -389,7 +389,7 @@ class Supervisor:
 
             otlp = OtlpExporter(settings.otlp, engine.snapshot)
             engine.add_listener(otlp.observe)
-            tg.start_soon(_shut_down_at_exit, otlp)
+            tg.start_soon(_shut_down_at_exit, otlp, name="tokenwatch.otlp-shutdown")
 
 
 async def _shut_down_at_exit(exporter: Any) -> None:
@@ -445,9 +445,9 @@ async def serve_until_signalled(paths: Paths, config: Config) -> None:
     try:
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                tg.start_soon(_stop_on_signal, sigs, sup)
+                tg.start_soon(_stop_on_signal, sigs, sup, name="tokenwatch.signals")
                 async with anyio.create_task_group() as serving:
-                    await serving.start(sup.run)
+                    await serving.start(sup.run, name="tokenwatch.supervisor")
                     # What start-up built (modules, config, the seeded engine) lives as long as
                     # the process: keep it out of every later collection.
                     gc.freeze()
