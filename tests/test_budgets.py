@@ -584,6 +584,21 @@ def test_forecast_says_when_a_steady_burn_runs_out_before_the_reset() -> None:
     assert status(slow, "d").forecast_exhausted_at is None  # lasts well past midnight
 
 
+def test_a_new_period_forecasts_from_its_own_calls_only() -> None:
+    clock = Clock(at("2026-11-22 12:00"))
+    budgets = Budgets([BudgetSettings(name="d", limit="10k")], tz="UTC", clock=clock)
+    for _ in range(500):  # yesterday: a busy afternoon of small calls
+        budgets.record(event(clock.now, tokens=1))
+        clock.advance(10)
+    clock.now = at("2026-11-23 00:00")
+    for _ in range(5):  # today: 1k tokens an hour, a steady pace
+        budgets.record(event(clock.now, tokens=1000))
+        clock.advance(3600)
+    clock.now = at("2026-11-23 05:00")
+    # An hour since the last call is the usual gap today, not idleness.
+    assert status(budgets, "d").forecast_exhausted_at == at("2026-11-23 10:00")
+
+
 def test_nothing_spending_means_no_runs_out_time() -> None:
     clock = Clock(at("2026-11-23 08:00"))
     budgets = Budgets([BudgetSettings(name="d", limit="10k")], tz="UTC", clock=clock)

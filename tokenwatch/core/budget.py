@@ -205,7 +205,7 @@ class Budget:
         if c is None:
             c = self.counters[key] = Counter(start)
         elif start > c.start:
-            c.start, c.used, c.first_ts, c.exhausted_at = start, 0.0, None, None
+            c.start, c.used, c.first_ts, c.exhausted_at, c.calls = start, 0.0, None, None, 0
             c.estimated, c.estimated_from = 0.0, ""
             c.fired.clear()
         elif start < c.start:
