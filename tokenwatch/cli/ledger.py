@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from tokenwatch.cli import settings
 from tokenwatch.cli.errors import CliError
 
 if TYPE_CHECKING:
     import datetime
 
-    from tokenwatch.config import Config
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.pricing import PriceTable
     from tokenwatch.ledger.importer import LineError
@@ -140,31 +140,6 @@ def moment(option: str, text: str, tz: datetime.tzinfo | None = None, *, start: 
 # -- shared ----------------------------------------------------------------------------------
 
 
-def _config() -> Config:
-    from tokenwatch.supervisor.policy import load_config
-
-    return load_config()
-
-
-def _zone(cfg: Config) -> datetime.tzinfo:
-    from tokenwatch.core.periods import zone
-    from tokenwatch.core.quantities import QuantityError
-
-    try:
-        return zone(cfg.supervisor.timezone)
-    except QuantityError as exc:
-        raise CliError(f"{cfg.source}: supervisor.timezone: {exc}", 2) from None
-
-
-def _price_table(cfg: Config) -> PriceTable:
-    from tokenwatch.core.pricing import PriceError, PriceTable
-
-    try:
-        return PriceTable.load(cfg.prices)
-    except PriceError as exc:
-        raise CliError(f"{cfg.source}: {exc}", 2) from None
-
-
 def _db_path() -> Path:
     from tokenwatch.paths import Paths
 
@@ -203,9 +178,9 @@ async def _open_for_reading(path: Path) -> Store:
 def run_import(args: argparse.Namespace) -> int:
     import anyio
 
-    cfg = _config()
-    tz = _zone(cfg)
-    table = None if args.no_price else _price_table(cfg)
+    cfg = settings.config()
+    tz = settings.zone(cfg)
+    table = None if args.no_price else settings.price_table(cfg)
     if (args.file is None) == (args.agent_logs is None):
         raise CliError("import: give FILE or --from AGENT (one of them)", 2)
     if args.agent_logs is not None:
@@ -426,8 +401,8 @@ def run_report(args: argparse.Namespace) -> int:
 
     from tokenwatch.ledger.report import render
 
-    cfg = _config()
-    tz = _zone(cfg)
+    cfg = settings.config()
+    tz = settings.zone(cfg)
     since = moment("--since", args.since, tz, start=True)
     until = moment("--until", args.until, tz, start=False) if args.until else None
     if until is not None and until <= since:

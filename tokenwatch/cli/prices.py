@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from tokenwatch.cli import settings
 from tokenwatch.cli.errors import CliError
-from tokenwatch.cli.ledger import _config, _price_table
 
 if TYPE_CHECKING:
     from tokenwatch.core.pricing import PriceTable, Resolution
@@ -36,7 +36,7 @@ def _register_prices(subparsers: Any) -> None:
 def run_prices(args: argparse.Namespace) -> int:
     import json
 
-    table = _price_table(_config())
+    table = settings.price_table(settings.config())
     if args.model is None:
         rows = [{**p.to_dict(), "overridden": table.is_overridden(p.model)} for p in table.models()]
         if args.json:
