@@ -178,23 +178,18 @@ def _chat_entries(messages: Any) -> list[_Entry]:
                 out.append(_Entry(_MODEL, _TEXT, "assistant", content))
             for call in _list(get(m, "tool_calls")):
                 fn = get(call, "function")
-                out.append(
-                    _Entry(
-                        _MODEL,
-                        _CALL,
-                        "",
-                        None,
-                        str(get(call, "id") or ""),
-                        str(get(fn, "name") or ""),
-                        get(fn, "arguments"),
-                    )
-                )
+                out.append(_call(get(call, "id"), get(fn, "name"), get(fn, "arguments")))
         elif role in ("tool", "function"):
             ref = get(m, "tool_call_id") or ""
             out.append(_Entry(_CLIENT, _RESULT, "tool", get(m, "content"), str(ref)))
         else:
             out.append(_Entry(_CLIENT, _TEXT, str(role or ""), get(m, "content")))
     return out
+
+
+def _call(ref: Any, name: Any, arguments: Any) -> _Entry:
+    """A tool call the model made: its id (which its result refers to), name and arguments."""
+    return _Entry(_MODEL, _CALL, "", None, str(ref or ""), str(name or ""), arguments)
 
 
 _RESPONSE_CALLS: Final = frozenset({"function_call", "custom_tool_call"})
@@ -209,17 +204,7 @@ def _responses_entries(given: Any) -> list[_Entry]:
         kind, role = _string(item), get(item, "role")
         if kind in _RESPONSE_CALLS:
             args = get(item, "arguments") if kind == "function_call" else get(item, "input")
-            out.append(
-                _Entry(
-                    _MODEL,
-                    _CALL,
-                    "",
-                    None,
-                    str(get(item, "call_id") or ""),
-                    str(get(item, "name") or ""),
-                    args,
-                )
-            )
+            out.append(_call(get(item, "call_id"), get(item, "name"), args))
         elif kind in _RESPONSE_RESULTS:
             ref = str(get(item, "call_id") or "")
             out.append(_Entry(_CLIENT, _RESULT, "tool", get(item, "output"), ref))
@@ -243,17 +228,7 @@ def _anthropic_entries(messages: Any) -> list[_Entry]:
         for block in _list(content):
             kind = get(block, "type")
             if kind == "tool_use":
-                out.append(
-                    _Entry(
-                        _MODEL,
-                        _CALL,
-                        "",
-                        None,
-                        str(get(block, "id") or ""),
-                        str(get(block, "name") or ""),
-                        get(block, "input"),
-                    )
-                )
+                out.append(_call(get(block, "id"), get(block, "name"), get(block, "input")))
             elif kind == "tool_result":
                 ref = str(get(block, "tool_use_id") or "")
                 out.append(_Entry(_CLIENT, _RESULT, "tool", get(block, "content"), ref))
