@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics.export import (
     NumberDataPoint,
     Sum,
 )
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_export_metrics import EVENTS, snapshot
@@ -148,6 +149,34 @@ def test_old_names_join_the_current_ones_under_the_opt_in(
     assert by_model(metrics["gen_ai.client.operation.duration"]) == by_model(
         metrics["gen_ai.client.inference.duration"]
     )
+
+
+@pytest.mark.parametrize("opt_in", [None, "gen_ai/dup"])
+def test_spans_carry_the_current_usage_attributes(
+    opt_in: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if opt_in is None:
+        monkeypatch.delenv(OPT_IN_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(OPT_IN_VARIABLE, opt_in)
+    spans = InMemorySpanExporter()
+    exporter = OtlpExporter(
+        OtlpSettings(spans=True, interval=3600),
+        snapshot,
+        metric_reader=InMemoryMetricReader(),
+        span_exporter=spans,
+    )
+    for event in [*EVENTS, REASONING]:
+        exporter.observe("usage", event)
+    exporter.shutdown()
+    by_name = {s.name: dict(s.attributes or {}) for s in spans.get_finished_spans()}
+    claude, o3 = by_name["chat claude-sonnet-4-5"], by_name["chat o3-mini"]
+    assert claude["gen_ai.usage.cache_write.input_tokens"] == 4000
+    assert o3["gen_ai.usage.reasoning.output_tokens"] == 700
+    assert by_name["chat my-local-llm"]["error.type"] == "500"
+    old = {"gen_ai.usage.cache_creation.input_tokens", "gen_ai.system"}
+    assert (old <= claude.keys()) is (opt_in is not None)
+    assert old.isdisjoint(claude) is (opt_in is None)
 
 
 def test_host_is_on_every_otlp_series(monkeypatch: pytest.MonkeyPatch) -> None:
