@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gzip
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 
 
 @dataclass
@@ -67,3 +68,39 @@ def histogram_sums(
                             point.sum
                         )
     return out
+
+
+def _metrics(requests: list[ExportMetricsServiceRequest]) -> Iterator[Metric]:
+    for req in requests:
+        for rm in req.resource_metrics:
+            for sm in rm.scope_metrics:
+                yield from sm.metrics
+
+
+def counter_sums(requests: list[ExportMetricsServiceRequest], name: str) -> dict[str, float]:
+    """model -> the counter's value (summed over its other attributes), last export wins."""
+    last: dict[tuple[tuple[str, str], ...], float] = {}
+    for metric in _metrics(requests):
+        if metric.name != name:
+            continue
+        assert metric.sum.is_monotonic, name
+        for point in metric.sum.data_points:
+            key = tuple(sorted((a.key, a.value.string_value) for a in point.attributes))
+            last[key] = point.as_int or point.as_double
+    out: dict[str, float] = {}
+    for key, value in last.items():
+        model = dict(key)["gen_ai.request.model"]
+        out[model] = out.get(model, 0) + value
+    return out
+
+
+def points_without(requests: list[ExportMetricsServiceRequest], key: str, value: str) -> list[str]:
+    """Names of the metrics with a data point whose attribute `key` is not `value`."""
+    missing = []
+    for metric in _metrics(requests):
+        data = metric.WhichOneof("data")
+        for point in getattr(metric, data).data_points:
+            attrs = {a.key: a.value.string_value for a in point.attributes}
+            if attrs.get(key) != value:
+                missing.append(metric.name)
+    return missing

@@ -9,7 +9,7 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.otlp_fixtures import Collector, histogram_sums
+from tests.otlp_fixtures import Collector, counter_sums, histogram_sums, points_without
 from tokenwatch.config import OtlpSettings, PrometheusSettings, parse_listen
 from tokenwatch.core.models import (
     Action,
@@ -23,6 +23,7 @@ from tokenwatch.core.models import (
 from tokenwatch.export.labels import OTHER, LabelFolder
 from tokenwatch.export.otlp import OtlpExporter
 from tokenwatch.export.prometheus import PrometheusExporter
+from tokenwatch.export.semconv import OPT_IN_VARIABLE
 
 EVENTS = [
     UsageEvent(
@@ -225,19 +226,27 @@ def test_bad_listen_address_is_refused(listen: str) -> None:
         parse_listen(listen)
 
 
-async def test_otlp_collector_receives_genai_metrics_and_spans(collector: Collector) -> None:
+async def test_otlp_collector_receives_genai_metrics_and_spans(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(OPT_IN_VARIABLE, raising=False)
     exporter = OtlpExporter(
-        OtlpSettings(endpoint=collector.url, spans=True, interval=3600), snapshot
+        OtlpSettings(endpoint=collector.url, spans=True, interval=3600), snapshot, host="agents-1"
     )
     for event in EVENTS:
         exporter.observe("usage", event)
     assert await anyio.to_thread.run_sync(exporter.force_flush)
     await anyio.to_thread.run_sync(exporter.shutdown)
 
-    sums = histogram_sums(collector.metrics, "gen_ai.client.token.usage")
-    assert sums[("gpt-4o", "input")] == 2000
-    assert sums[("gpt-4o", "output")] == 400
-    assert sums[("claude-sonnet-4-5", "input")] == 5000
+    inputs = counter_sums(collector.metrics, "gen_ai.client.inference.usage.input_tokens")
+    assert inputs["gpt-4o"] == 2000
+    assert inputs["claude-sonnet-4-5"] == 5000
+    outputs = counter_sums(collector.metrics, "gen_ai.client.inference.usage.output_tokens")
+    assert outputs["gpt-4o"] == 400
+    cache_write = "gen_ai.client.inference.usage.cache_write.input_tokens"
+    assert counter_sums(collector.metrics, cache_write)["claude-sonnet-4-5"] == 4000
+    assert not histogram_sums(collector.metrics, "gen_ai.client.token.usage")
+    assert points_without(collector.metrics, "host.name", "agents-1") == []
     names = {
         m.name
         for r in collector.metrics
@@ -246,7 +255,8 @@ async def test_otlp_collector_receives_genai_metrics_and_spans(collector: Collec
         for m in sm.metrics
     }
     assert {
-        "gen_ai.client.operation.duration",
+        "gen_ai.client.inference.duration",
+        "gen_ai.client.inference.operation.input_tokens",
         "tokenwatch.cost",
         "tokenwatch.budget.used",
     } <= names
@@ -265,6 +275,9 @@ async def test_otlp_collector_receives_genai_metrics_and_spans(collector: Collec
     assert attrs["gen_ai.usage.input_tokens"].int_value == 5000
     assert attrs["gen_ai.usage.output_tokens"].int_value == 700
     assert attrs["gen_ai.provider.name"].string_value == "anthropic"
+    assert attrs["gen_ai.usage.cache_write.input_tokens"].int_value == 4000
+    assert "gen_ai.usage.cache_creation.input_tokens" not in attrs
+    assert "gen_ai.system" not in attrs
     assert attrs["tokenwatch.cost_usd"].double_value == pytest.approx(0.0285)
     assert claude.end_time_unix_nano - claude.start_time_unix_nano == 1_200_000_000
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.otlp_fixtures import Collector, histogram_sums
+from tests.otlp_fixtures import Collector, counter_sums, points_without
 from tests.supervisor_fixtures import quiet_config, raw_client, running_supervisor, usage_event
 from tokenwatch.config import ExportSettings, OtlpSettings, PrometheusSettings
+from tokenwatch.export.semconv import OPT_IN_VARIABLE
 from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
@@ -67,6 +70,7 @@ async def test_scraped_metrics_equal_the_ledger() -> None:
         by_agent = {row.key: row for row in await store.aggregate("agent", 0)}
 
     assert metric_sum(text, "tokenwatch_requests_total") == totals.requests == len(CALLS)
+    assert metric_sum(text, "tokenwatch_requests_total", host=socket.gethostname()) == len(CALLS)
     for token_type, field in [
         ("input", "input_tokens"),
         ("output", "output_tokens"),
@@ -87,8 +91,9 @@ async def test_scraped_metrics_equal_the_ledger() -> None:
 
 
 async def test_supervisor_ships_spans_and_metrics_to_an_otlp_collector(
-    collector: Collector,
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv(OPT_IN_VARIABLE, raising=False)
     paths = Paths.discover()
     otlp = OtlpSettings(endpoint=collector.url, spans=True, interval=3600)
     config = quiet_config(export=ExportSettings(otlp=otlp))
@@ -109,6 +114,11 @@ async def test_supervisor_ships_spans_and_metrics_to_an_otlp_collector(
         for s in ss.spans
     ]
     assert sorted(s.name for s in spans) == sorted(f"chat {model}" for _, model, _ in CALLS)
-    sums = histogram_sums(collector.metrics, "gen_ai.client.token.usage")
-    assert sums[("gpt-4o", "input")] == 1200
-    assert sums[("o3-mini", "output")] == 900
+    inputs = counter_sums(collector.metrics, "gen_ai.client.inference.usage.input_tokens")
+    assert inputs["gpt-4o"] == 1200
+    outputs = counter_sums(collector.metrics, "gen_ai.client.inference.usage.output_tokens")
+    assert outputs["o3-mini"] == 900
+    reasoning = "gen_ai.client.inference.usage.reasoning.output_tokens"
+    assert counter_sums(collector.metrics, reasoning)["o3-mini"] == 700
+    # One board over several supervisors splits by machine: every series names this one.
+    assert points_without(collector.metrics, "host.name", socket.gethostname()) == []

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
     MetricExportResult,
+    MetricReader,
     MetricsData,
     PeriodicExportingMetricReader,
 )
@@ -25,6 +25,21 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from tokenwatch.config import OtlpSettings
 from tokenwatch.core.models import Action, Alert, Snapshot, UsageEvent
 from tokenwatch.core.pricing import is_estimated
+from tokenwatch.export.host import host_name
+from tokenwatch.export.semconv import (
+    DURATION,
+    OLD_DURATION,
+    OLD_TOKEN_USAGE,
+    OPERATION_HISTOGRAMS,
+    TOKEN_BUCKETS,
+    TOKEN_MODALITY_UNKNOWN,
+    USAGE_COUNTERS,
+    emit_old_names,
+)
+
+HOST = "host.name"
+"""The machine on every series: OpenTelemetry's name for it (a bare `host` would clash with the
+`host.*` namespace); a Prometheus-bound collector turns it into a `host_name` label."""
 
 EXPORT_TIMEOUT_S = 5.0
 """An unreachable collector costs the export thread at most this long per attempt, never the loop."""
@@ -45,25 +60,32 @@ def operation_name(endpoint: str) -> str:
     return "chat"
 
 
-def genai_attributes(event: UsageEvent) -> dict[str, str]:
+def genai_attributes(event: UsageEvent, *, old: bool = False) -> dict[str, str]:
     """The GenAI semantic-convention attributes that identify a call's kind, provider and model."""
-    return {
+    attrs = {
         "gen_ai.operation.name": operation_name(event.endpoint),
         "gen_ai.provider.name": event.provider,
-        "gen_ai.system": event.provider,
         "gen_ai.request.model": event.model,
         "tokenwatch.agent": event.agent,
     }
+    if old:  # `gen_ai.system` gave way to `gen_ai.provider.name` in v1.37
+        attrs["gen_ai.system"] = event.provider
+    return attrs
 
 
-def span_attributes(event: UsageEvent) -> dict[str, Any]:
+def error_type(event: UsageEvent) -> str | None:
+    """`error.type` for a failed call (its HTTP status, else tokenwatch's status); None when it went well."""
+    return None if event.status == "ok" else str(event.http_status or event.status)
+
+
+def span_attributes(event: UsageEvent, *, old: bool = False) -> dict[str, Any]:
     attrs: dict[str, Any] = {
-        **genai_attributes(event),
+        **genai_attributes(event, old=old),
         "gen_ai.usage.input_tokens": event.input_tokens,
         "gen_ai.usage.output_tokens": event.output_tokens,
         "gen_ai.usage.cache_read.input_tokens": event.cache_read_tokens,
-        "gen_ai.usage.cache_creation.input_tokens": event.cache_write_tokens,
-        "tokenwatch.usage.reasoning_tokens": event.reasoning_tokens,
+        "gen_ai.usage.cache_write.input_tokens": event.cache_write_tokens,
+        "gen_ai.usage.reasoning.output_tokens": event.reasoning_tokens,
         "tokenwatch.task": event.task,
         "tokenwatch.user": event.user,
         "tokenwatch.run_id": event.run_id,
@@ -71,13 +93,19 @@ def span_attributes(event: UsageEvent) -> dict[str, Any]:
         "tokenwatch.source": event.source,
         "tokenwatch.status": event.status,
     }
+    if old:  # the names these had before the GenAI conventions renamed or adopted them
+        attrs["gen_ai.usage.cache_creation.input_tokens"] = event.cache_write_tokens
+        attrs["tokenwatch.usage.reasoning_tokens"] = event.reasoning_tokens
     if event.cost_usd is not None:
         attrs["tokenwatch.cost_usd"] = event.cost_usd
         # which table priced it; `estimated:MODEL` when no table knew the model
         attrs["tokenwatch.price_source"] = event.price_source
+    if (error := error_type(event)) is not None:
+        attrs["error.type"] = error
     if event.http_status is not None:
         attrs["http.response.status_code"] = event.http_status
     if event.ttft_ms is not None:
+        attrs["gen_ai.response.time_to_first_chunk"] = event.ttft_ms / 1000.0
         attrs["tokenwatch.ttft_ms"] = event.ttft_ms
     return attrs
 
@@ -175,18 +203,22 @@ class OtlpExporter:
         snapshot: Callable[[], Snapshot],
         *,
         metric_exporter: MetricExporter | None = None,
+        metric_reader: MetricReader | None = None,
         span_exporter: SpanExporter | None = None,
+        host: str | None = None,
+        old_names: bool | None = None,
     ) -> None:
         self.settings = settings
+        self.host = host or host_name()
+        """`host.name` on every series (and the resource), so a team's board can split by machine."""
+        self.old_names = emit_old_names() if old_names is None else old_names
+        """Also emit the GenAI names of before the 2026 move (OTEL_SEMCONV_STABILITY_OPT_IN)."""
         self.stats = OtlpStatistics()
         self._lock = threading.Lock()
         self._snapshot = snapshot
-        resource = Resource.create(
-            {"service.name": "tokenwatch", "host.name": socket.gethostname()}
-        )
-        metric_exporter = metric_exporter or self._otlp_metric_exporter()
-        reader = PeriodicExportingMetricReader(
-            _CountingMetricExporter(metric_exporter, self.stats),
+        resource = Resource.create({"service.name": "tokenwatch", HOST: self.host})
+        reader = metric_reader or PeriodicExportingMetricReader(
+            _CountingMetricExporter(metric_exporter or self._otlp_metric_exporter(), self.stats),
             export_interval_millis=settings.interval * 1000,
             export_timeout_millis=EXPORT_TIMEOUT_S * 1000,
         )
@@ -223,20 +255,27 @@ class OtlpExporter:
 
     def _instruments(self) -> None:
         meter = self.meter_provider.get_meter("tokenwatch")
-        self.token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage",
-            unit="{token}",
-            description="Input and output tokens used per LLM call",
-        )
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration", unit="s", description="LLM call duration"
-        )
+        self.usage = [
+            (meter.create_counter(name, unit="{token}", description=text), field)
+            for name, field, text in USAGE_COUNTERS
+        ]
+        self.per_call = [
+            (
+                meter.create_histogram(
+                    name,
+                    unit="{token}",
+                    description=text,
+                    explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+                ),
+                field,
+            )
+            for name, field, text in OPERATION_HISTOGRAMS
+        ]
+        self.duration = meter.create_histogram(DURATION, unit="s", description="LLM call duration")
         self.cost = meter.create_counter(
             "tokenwatch.cost", unit="USD", description="Spend on LLM calls"
         )
         self.requests = meter.create_counter("tokenwatch.requests", unit="{request}")
-        self.cached = meter.create_counter("tokenwatch.tokens.cache_read", unit="{token}")
-        self.reasoning = meter.create_counter("tokenwatch.tokens.reasoning", unit="{token}")
         self.actions = meter.create_counter("tokenwatch.actions", unit="{action}")
         self.alerts = meter.create_counter("tokenwatch.alerts", unit="{alert}")
         meter.create_observable_gauge(
@@ -249,12 +288,28 @@ class OtlpExporter:
             callbacks=[self._budget_remaining],
             description="Budget left this period",
         )
+        if self.old_names:
+            self._old_instruments(meter)
+
+    def _old_instruments(self, meter: Meter) -> None:
+        """The names tokenwatch emitted before the GenAI conventions split token usage into counters."""
+        self.token_usage = meter.create_histogram(
+            OLD_TOKEN_USAGE,
+            unit="{token}",
+            description="Input and output tokens used per LLM call",
+        )
+        self.old_duration = meter.create_histogram(
+            OLD_DURATION, unit="s", description="LLM call duration"
+        )
+        self.cached = meter.create_counter("tokenwatch.tokens.cache_read", unit="{token}")
+        self.reasoning = meter.create_counter("tokenwatch.tokens.reasoning", unit="{token}")
 
     def _budget_observations(self, attr: str) -> Iterable[Observation]:
         for b in self._snapshot().budgets:
             value = b.used if attr == "used" else b.remaining
             yield Observation(
-                value, {"tokenwatch.budget": b.name, "tokenwatch.budget.unit": b.unit}
+                value,
+                {"tokenwatch.budget": b.name, "tokenwatch.budget.unit": b.unit, HOST: self.host},
             )
 
     def _budget_used(self, _: CallbackOptions) -> Iterable[Observation]:
@@ -267,29 +322,45 @@ class OtlpExporter:
         if kind == "usage" and isinstance(obj, UsageEvent):
             self._usage(obj)
         elif kind == "action" and isinstance(obj, Action):
-            self.actions.add(1, {"tokenwatch.action": obj.kind, "tokenwatch.agent": obj.agent})
+            attrs = {"tokenwatch.action": obj.kind, "tokenwatch.agent": obj.agent, HOST: self.host}
+            self.actions.add(1, attrs)
         elif kind == "alert" and isinstance(obj, Alert):
-            self.alerts.add(1, {"tokenwatch.rule": obj.rule, "tokenwatch.severity": obj.severity})
+            rule = {"tokenwatch.rule": obj.rule, "tokenwatch.severity": obj.severity}
+            self.alerts.add(1, {**rule, HOST: self.host})
 
     def _usage(self, event: UsageEvent) -> None:
-        attrs = genai_attributes(event)
-        self.token_usage.record(event.input_tokens, {**attrs, "gen_ai.token.type": "input"})
-        self.token_usage.record(event.output_tokens, {**attrs, "gen_ai.token.type": "output"})
+        attrs: dict[str, Any] = {**genai_attributes(event, old=self.old_names), HOST: self.host}
+        per_call = dict(attrs)
+        if (error := error_type(event)) is not None:
+            per_call["error.type"] = error
+        # Every call counts, a failed one too (0 tokens then), as the conventions ask.
+        counted = {**attrs, "gen_ai.token.modality": TOKEN_MODALITY_UNKNOWN}
+        for counter, field in self.usage:
+            counter.add(getattr(event, field), counted)
+        for histogram, field in self.per_call:
+            histogram.record(getattr(event, field), per_call)
         if event.latency_ms is not None:
-            timing = dict(attrs)
-            if event.status != "ok":
-                timing["error.type"] = str(event.http_status or event.status)
-            self.duration.record(event.latency_ms / 1000.0, timing)
+            self.duration.record(event.latency_ms / 1000.0, per_call)
         self.requests.add(1, {**attrs, "tokenwatch.status": event.status})
         if event.cost_usd is not None:  # an estimated price is told apart: a partial total
             estimated = is_estimated(event.price_source)
             self.cost.add(event.cost_usd, {**attrs, "tokenwatch.price_estimated": estimated})
+        if self.old_names:
+            self._old_usage(event, attrs, per_call)
+        if self.tracer_provider is not None:
+            self._span(event)
+
+    def _old_usage(
+        self, event: UsageEvent, attrs: dict[str, Any], per_call: dict[str, Any]
+    ) -> None:
+        self.token_usage.record(event.input_tokens, {**attrs, "gen_ai.token.type": "input"})
+        self.token_usage.record(event.output_tokens, {**attrs, "gen_ai.token.type": "output"})
+        if event.latency_ms is not None:
+            self.old_duration.record(event.latency_ms / 1000.0, per_call)
         if event.cache_read_tokens:
             self.cached.add(event.cache_read_tokens, attrs)
         if event.reasoning_tokens:
             self.reasoning.add(event.reasoning_tokens, attrs)
-        if self.tracer_provider is not None:
-            self._span(event)
 
     def _span(self, event: UsageEvent) -> None:
         assert self.tracer_provider is not None
@@ -298,7 +369,10 @@ class OtlpExporter:
         start_ns = end_ns - int((event.latency_ms or 0.0) * 1e6)
         name = f"{operation_name(event.endpoint)} {event.model}".strip()
         span = tracer.start_span(
-            name, kind=SpanKind.CLIENT, start_time=start_ns, attributes=span_attributes(event)
+            name,
+            kind=SpanKind.CLIENT,
+            start_time=start_ns,
+            attributes=span_attributes(event, old=self.old_names),
         )
         if event.status != "ok":
             span.set_status(Status(StatusCode.ERROR, event.status))

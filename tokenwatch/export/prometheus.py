@@ -14,74 +14,85 @@ from prometheus_client.registry import Collector
 from tokenwatch.config import PrometheusSettings, parse_listen
 from tokenwatch.core.models import Action, AgentState, Alert, Snapshot, UsageEvent
 from tokenwatch.core.pricing import ESTIMATED, is_estimated
+from tokenwatch.export.host import host_name
 from tokenwatch.export.labels import LabelFolder
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-CALL_LABELS = ("agent", "model", "provider", "task", "user", "status")
+CALL_LABELS = ("host", "agent", "model", "provider", "task", "user", "status")
+"""`host` first, on every series: the machine, so one board over many supervisors can split by it."""
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning")
 
 
 class SnapshotCollector(Collector):
     """Gauges read from the engine's latest snapshot when Prometheus scrapes."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], host: str) -> None:
         self._snapshot = snapshot
+        self._host = host
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        yield from self._rates(snap)
-        yield from self._agents(snap)
-        yield from self._budgets(snap)
+        yield from self._rates(snap, self._host)
+        yield from self._agents(snap, self._host)
+        yield from self._budgets(snap, self._host)
 
     def describe(self) -> Iterable[Metric]:
         return []
 
     @staticmethod
-    def _rates(snap: Snapshot) -> Iterator[Metric]:
+    def _rates(snap: Snapshot, host: str) -> Iterator[Metric]:
         tpm = GaugeMetricFamily(
-            "tokenwatch_tokens_per_minute", "Tokens per minute, all agents, now"
+            "tokenwatch_tokens_per_minute", "Tokens per minute, all agents, now", labels=["host"]
         )
-        tpm.add_metric([], snap.tokens_per_min)
+        tpm.add_metric([host], snap.tokens_per_min)
         uph = GaugeMetricFamily(
-            "tokenwatch_usd_per_hour", "Spend rate in USD per hour, all agents, now"
+            "tokenwatch_usd_per_hour",
+            "Spend rate in USD per hour, all agents, now",
+            labels=["host"],
         )
-        uph.add_metric([], snap.usd_per_hour)
+        uph.add_metric([host], snap.usd_per_hour)
         yield tpm
         yield uph
 
     @staticmethod
-    def _agents(snap: Snapshot) -> Iterator[Metric]:
+    def _agents(snap: Snapshot, host: str) -> Iterator[Metric]:
         state = GaugeMetricFamily(
-            "tokenwatch_agent_state", "1 for the state each agent is in", labels=["agent", "state"]
+            "tokenwatch_agent_state",
+            "1 for the state each agent is in",
+            labels=["host", "agent", "state"],
         )
         tpm = GaugeMetricFamily(
-            "tokenwatch_agent_tokens_per_minute", "Tokens per minute by agent", labels=["agent"]
+            "tokenwatch_agent_tokens_per_minute",
+            "Tokens per minute by agent",
+            labels=["host", "agent"],
         )
         uph = GaugeMetricFamily(
-            "tokenwatch_agent_usd_per_hour", "Spend rate in USD per hour by agent", labels=["agent"]
+            "tokenwatch_agent_usd_per_hour",
+            "Spend rate in USD per hour by agent",
+            labels=["host", "agent"],
         )
         for view in snap.agents:
             name = view.agent.name
             for candidate in AgentState:
                 state.add_metric(
-                    [name, candidate.value], float(view.agent.state == candidate.value)
+                    [host, name, candidate.value], float(view.agent.state == candidate.value)
                 )
-            tpm.add_metric([name], view.tokens_per_min)
-            uph.add_metric([name], view.usd_per_hour)
+            tpm.add_metric([host, name], view.tokens_per_min)
+            uph.add_metric([host, name], view.usd_per_hour)
         yield state
         yield tpm
         yield uph
 
     @staticmethod
-    def _budgets(snap: Snapshot) -> Iterator[Metric]:
-        labels = ["budget", "scope", "target", "period", "unit"]
+    def _budgets(snap: Snapshot, host: str) -> Iterator[Metric]:
+        labels = ["host", "budget", "scope", "target", "period", "unit"]
         used = GaugeMetricFamily("tokenwatch_budget_used", "Budget used this period", labels=labels)
         remaining = GaugeMetricFamily(
             "tokenwatch_budget_remaining", "Budget left this period", labels=labels
         )
         limit = GaugeMetricFamily("tokenwatch_budget_limit", "Budget limit", labels=labels)
         for b in snap.budgets:
-            values = [b.name, b.scope, b.target, b.period, b.unit]
+            values = [host, b.name, b.scope, b.target, b.period, b.unit]
             used.add_metric(values, b.used)
             remaining.add_metric(values, b.remaining)
             limit.add_metric(values, b.limit)
@@ -93,8 +104,16 @@ class SnapshotCollector(Collector):
 class PrometheusExporter:
     """Turns engine events into Prometheus series; `observe` is an engine listener."""
 
-    def __init__(self, settings: PrometheusSettings, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        settings: PrometheusSettings,
+        snapshot: Callable[[], Snapshot],
+        *,
+        host: str | None = None,
+    ) -> None:
         self.settings = settings
+        self.host = host or host_name()
+        """The `host` label on every series (this machine's name unless told otherwise)."""
         self.registry = CollectorRegistry()
         self._task = LabelFolder(settings.max_label_values)
         self._user = LabelFolder(settings.max_label_values)
@@ -123,40 +142,41 @@ class PrometheusExporter:
         self.unpriced = Counter(
             "tokenwatch_unpriced_requests",
             "Calls to models no price table knows (priced by estimate, or not at all)",
-            ["model"],
+            ["host", "model"],
             registry=reg,
         )
         self.actions = Counter(
-            "tokenwatch_actions", "Actions taken on agents", ["kind", "agent"], registry=reg
+            "tokenwatch_actions", "Actions taken on agents", ["host", "kind", "agent"], registry=reg
         )
         self.alerts = Counter(
-            "tokenwatch_alerts", "Alerts raised", ["rule", "severity"], registry=reg
+            "tokenwatch_alerts", "Alerts raised", ["host", "rule", "severity"], registry=reg
         )
         self.saved_usd = Counter(
             "tokenwatch_saved_usd",
             "USD the optimisation levers saved (cache, switch, trim)",
-            ["agent", "lever"],
+            ["host", "agent", "lever"],
             registry=reg,
         )
         self.saved_calls = Counter(
             "tokenwatch_lever_requests",
             "Calls a lever touched (cache: answered from the cache)",
-            ["agent", "lever"],
+            ["host", "agent", "lever"],
             registry=reg,
         )
-        reg.register(SnapshotCollector(snapshot))
+        reg.register(SnapshotCollector(snapshot, self.host))
         self._port = 0
 
     def observe(self, kind: str, obj: Any) -> None:
         if kind == "usage" and isinstance(obj, UsageEvent):
             self._usage(obj)
         elif kind == "action" and isinstance(obj, Action):
-            self.actions.labels(obj.kind, obj.agent).inc()
+            self.actions.labels(self.host, obj.kind, obj.agent).inc()
         elif kind == "alert" and isinstance(obj, Alert):
-            self.alerts.labels(obj.rule, obj.severity).inc()
+            self.alerts.labels(self.host, obj.rule, obj.severity).inc()
 
     def _usage(self, event: UsageEvent) -> None:
         labels = (
+            self.host,
             event.agent,
             event.model,
             event.provider,
@@ -177,16 +197,17 @@ class PrometheusExporter:
         self.requests.labels(*labels).inc()
         estimated = is_estimated(event.price_source)
         if event.cost_usd is None or estimated:
-            self.unpriced.labels(event.model).inc()
+            self.unpriced.labels(self.host, event.model).inc()
         if event.cost_usd is not None:
             self.cost.labels(*labels).inc(event.cost_usd)
         if estimated and event.cost_usd is not None:
             source = event.price_source.removeprefix(ESTIMATED)
             self.estimated.labels(*labels, source).inc(event.cost_usd)
         if event.lever:
-            self.saved_calls.labels(event.agent, event.lever).inc()
+            self.saved_calls.labels(self.host, event.agent, event.lever).inc()
             if event.saved_usd:
-                self.saved_usd.labels(event.agent, event.lever).inc(max(0.0, event.saved_usd))
+                saved = max(0.0, event.saved_usd)
+                self.saved_usd.labels(self.host, event.agent, event.lever).inc(saved)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
