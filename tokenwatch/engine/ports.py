@@ -93,6 +93,10 @@ class SharedBudgets(Protocol):
         """The budgets' rows with the team's figures and the fleet's state on shared ones."""
         ...
 
+    def replace(self, settings: Sequence[BudgetSettings]) -> None:
+        """The budgets in force after an edit: the shared ones among them are shared now."""
+        ...
+
 
 class Routes(Protocol):
     """The proxy's route table and URLs, as far as the engine needs them."""
