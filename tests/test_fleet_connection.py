@@ -3,6 +3,10 @@ migrations, and errors that never show a password; against the throwaway cluster
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import anyio
 import pytest
 
@@ -101,3 +105,18 @@ class TestOnARealServer:
                 await connect(FleetSettings(url=pg_db.url, connect_timeout=1))
         finally:
             pg_cluster.start()
+
+
+def test_a_password_in_the_url_stops_serve_in_one_line(tokenwatch_home: Path) -> None:
+    config = tokenwatch_home / "tokenwatch.toml"
+    config.write_text('[fleet]\nurl = "postgresql://team:Hunter2-pw@db.example/team"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "Hunter2-pw" not in done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"tokenwatch: {config}: fleet.url: holds a password; give it in PGPASSWORD or "
+        "~/.pgpass (or a PGSERVICE file), never in the config"
+    ]
