@@ -132,8 +132,11 @@ class SharedBook:
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
+            self.link.closing = True
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(CLOSE_FLUSH):
+                    if self._jobs and not self.link.up:
+                        await self.link.open()
                     await self._send_queued()
                 await self.link.aclose()
 

@@ -37,6 +37,8 @@ class Link:
         self._down.set()
         self.error = "not connected yet"
         """Why the database is unreachable now; empty while it is up."""
+        self.closing = False
+        """Set by a supervisor on its way out: a statement it cancelled is no outage to log."""
 
     @property
     def up(self) -> bool:
@@ -52,12 +54,12 @@ class Link:
         try:
             with anyio.fail_after(self.settings.connect_timeout * 10):
                 await migrate(conn)
-        except (TimeoutError, Exception) as exc:
+        except Exception as exc:  # a timeout, or a server that refuses the statements
             await conn.close()
             self._went_down(f"cannot prepare the fleet tables in {where(self.settings)}: "
                             f"{describe(exc)}")  # fmt: skip
             return False
-        if self.error and self.error != "not connected yet":
+        if self.error and self.error != "not connected yet" and not self.closing:
             log.warning("the fleet database %s is reachable again", where(self.settings))
         self._conn, self.error = conn, ""
         self._down = anyio.Event()
@@ -82,10 +84,15 @@ class Link:
         conn = self._conn
         if conn is None:
             raise FleetUnreachable(self.error)
+        if conn.closed:  # closed under a cancelled statement
+            await self._drop(conn, "the connection was closed")
+            raise FleetUnreachable(self.error)
         import psycopg
 
         try:
-            with anyio.fail_after(self.settings.connect_timeout):
+            # Shielded: a task cancelled mid-statement would make psycopg close the connection
+            # every task shares (and a stopping supervisor could not send its last settlements).
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.settings.connect_timeout):
                 cur = await conn.execute(sql, params)  # type: ignore[arg-type]
                 return await cur.fetchall() if cur.description is not None else []
         except TimeoutError:
@@ -104,7 +111,7 @@ class Link:
             await conn.close()
 
     def _went_down(self, why: str) -> None:
-        if self.error != why:
+        if self.error != why and not self.closing:
             log.warning("%s", why)
         self.error = why
         self._down.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,8 +59,12 @@ def build_policy(
 
 
 def check_fleet(cfg: Config) -> None:
-    """A shared budget needs the [fleet] it is shared in."""
+    """A shared budget needs the [fleet] it is shared in, and [fleet] needs its driver."""
     if cfg.fleet is not None:
+        if importlib.util.find_spec("psycopg") is None:
+            raise ConfigError(
+                "[fleet] needs PostgreSQL's driver: pip install 'tokenwatch[fleet]' (psycopg)"
+            )
         return
     for settings in cfg.budget:
         if settings.shared:
