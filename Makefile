@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/processes.py
 	$(BIN)/python bench/tui.py --seconds 10
 	$(BIN)/python bench/bench_tokens.py
+	$(BIN)/python bench/fleet.py --rounds 2 --calls 500
 
 clean:
 	rm -rf $(VENV) $(AGENTS_DIR) build *.egg-info

@@ -204,3 +204,37 @@ def test_shared_budgets_are_checked_in_the_config() -> None:
     assert 'give a slice like "$1"' in refused(
         {"limit": "$5", "shared": True, "when_unreachable": "local-slice", "slice": "5k"}, fleet={}
     )
+
+
+async def test_sdk_admissions_over_the_socket_are_held_in_the_shared_budget(
+    pg_env: PgDatabase,
+) -> None:
+    # The SDK path (`admit` / `settle` on the socket) takes the same shared step as the proxy.
+    from pathlib import Path
+
+    from tests.supervisor_fixtures import quiet_config, raw_client, running_supervisor
+    from tokenwatch.paths import Paths
+
+    config = quiet_config(budget=[TEAM], fleet=FleetSettings(url=pg_env.url))
+    async with (
+        book(pg_env, host="other") as other,
+        running_supervisor(Paths.discover(), config, proxy=False, exporters=False) as sup,
+        raw_client(Path(sup.paths.socket)) as raw,
+    ):
+        assert await other.reserve(call(), 600, None, "", "b1") is None
+        name = (await raw.call("register", name="sdk"))["data"]["name"]
+        await raw.call("hello", name=name)
+        first = (await raw.call("admit", model="gpt-4o-mini", input_tokens=300))["data"]
+        assert first["allowed"] is True
+        assert await team_spent(pg_env) == (0.0, 900.0)
+        second = (await raw.call("admit", model="gpt-4o-mini", input_tokens=300))["data"]
+        assert second["allowed"] is False  # this supervisor alone would have let it go
+        assert second["status"] == 429
+        assert second["budget"] == "team"
+        assert second["message"].startswith("shared budget team (1k tokens per day")
+        event = {"agent": name, "call_id": "s1", "provider": "openai", "model": "gpt-4o-mini",
+                 "input_tokens": 200, "output_tokens": 0}  # fmt: skip
+        await raw.call("settle", reservation=first["reservation"], event=event)
+        with anyio.fail_after(30):
+            while await team_spent(pg_env) != (200.0, 600.0):
+                await anyio.sleep(0.02)
