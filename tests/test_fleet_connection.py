@@ -9,6 +9,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.postgres_fixtures import PgCluster, PgDatabase, pytestmark_postgres
 from tokenwatch.config import ConfigError, FleetSettings, parse_config
@@ -30,6 +32,36 @@ def test_a_url_with_a_password_is_refused_in_one_line_without_it(url: str) -> No
     assert "\n" not in message
     assert "s3cr3t-pw" not in message
     assert message.startswith("team.toml: fleet.url: holds a password; give it in PGPASSWORD")
+
+
+@given(
+    st.text(
+        alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="@/?#:%[]"),
+        min_size=4,
+    )
+)
+def test_no_password_is_ever_echoed(password: str) -> None:
+    for url in (
+        f"postgresql://team:{password}@db/team",
+        f"postgresql://team@db/team?password={password}",
+    ):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"fleet": {"url": url}}, "t.toml")
+        assert password not in str(err.value).removeprefix("t.toml: fleet.url: holds a password")
+    assert password not in scrub(f"failed: password={password}", {"PGPASSWORD": password})
+
+
+def test_missing_server_binaries_skip_locally_and_fail_in_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.postgres_fixtures import missing
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no initdb"):
+        missing("no initdb")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no initdb \(CI must run the PostgreSQL"):
+        missing("no initdb")
 
 
 def test_without_fleet_nothing_is_shared_and_the_host_defaults_to_the_machine() -> None:

@@ -88,7 +88,7 @@ def _postgres_url(value: str) -> str | None:
     if not value:
         return None
     parts = urlsplit(value)
-    if parts.password is not None or "password" in parse_qs(parts.query):
+    if parts.password is not None or "password" in parse_qs(parts.query, keep_blank_values=True):
         return (
             "holds a password; give it in PGPASSWORD or ~/.pgpass (or a PGSERVICE file), "
             "never in the config"
