@@ -238,3 +238,20 @@ async def test_sdk_admissions_over_the_socket_are_held_in_the_shared_budget(
         with anyio.fail_after(30):
             while await team_spent(pg_env) != (200.0, 600.0):
                 await anyio.sleep(0.02)
+
+
+async def test_the_team_spending_a_budget_makes_its_action_due_once(pg_env: PgDatabase) -> None:
+    pausing = BudgetSettings(name="team", limit=1000, action="pause", shared=True)
+    async with book(pg_env, pausing, host="one") as one, book(pg_env, pausing, host="two") as two:
+        assert await one.reserve(call(), 500, None, "", "b1") is None
+        assert await two.reserve(call("b"), 600, None, "", "b1") is not None
+        assert two.signals_nowait() == []  # refused for calls in flight only: nothing is due
+        one.settle("b1", used(900, "c1"))
+        await settled(one)
+        refusal = await two.reserve(call("b"), 200, None, "", "b2")
+        assert refusal is not None
+        (signal,) = two.signals_nowait()
+        assert (signal.agent, signal.action) == ("b", "pause")
+        assert signal.alert.message == f"b: {refusal.message}; paused"
+        assert await two.reserve(call("b"), 200, None, "", "b3") is not None
+        assert two.signals_nowait() == []  # once a period

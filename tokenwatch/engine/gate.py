@@ -53,6 +53,8 @@ class Gate:
             return admission
         self.reservations.pop(held.id, None)
         self._ctx.budgets.release(held)
+        for signal in shared.signals_nowait():  # the team spent it: its action is due
+            self._act(signal)
         return Admission(
             False,
             status=refusal.status,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from tokenwatch.config import BudgetSettings
-from tokenwatch.core.admission import BudgetBook, CallRequest, Refusal
+from tokenwatch.core.admission import BudgetBook, CallRequest, Refusal, Signal
 from tokenwatch.core.models import Action, Agent, Alert, BudgetStatus, UsageEvent
 from tokenwatch.process.processes import ProcessHandle
 
@@ -95,6 +95,10 @@ class SharedBudgets(Protocol):
 
     def replace(self, settings: Sequence[BudgetSettings]) -> None:
         """The budgets in force after an edit: the shared ones among them are shared now."""
+        ...
+
+    def signals_nowait(self) -> list[Signal]:
+        """Limit actions due because the team spent a shared budget (once a period)."""
         ...
 
 

@@ -17,9 +17,9 @@ import anyio.abc
 
 from tokenwatch.config import BudgetSettings, FleetSettings
 from tokenwatch.core.actions import HARD_ACTIONS
-from tokenwatch.core.admission import CallRequest, Refusal
-from tokenwatch.core.budget import Budget, budget_name
-from tokenwatch.core.models import BudgetStatus, UsageEvent
+from tokenwatch.core.admission import CallRequest, Refusal, Signal
+from tokenwatch.core.budget import DONE, Budget, budget_name
+from tokenwatch.core.models import ActionKind, Alert, BudgetStatus, Severity, UsageEvent
 from tokenwatch.core.periods import zone
 from tokenwatch.core.pricing import is_estimated
 from tokenwatch.core.quantities import parse_amount
@@ -95,6 +95,9 @@ class SharedBook:
         self._jobs: deque[_Job] = deque()
         self._wakeup = anyio.Event()
         self._seen: dict[tuple[str, str], _Seen] = {}
+        self._fired: set[tuple[str, str, float]] = set()
+        """(budget, key, period) whose limit the team reached: its action is done."""
+        self._pending: list[Signal] = []
         self.replace(budgets)
 
     def replace(self, settings: Sequence[BudgetSettings]) -> None:
@@ -159,6 +162,7 @@ class SharedBook:
                     for held in done:
                         self._give_back(held, rid)
                     self._wake()
+                    self._limit_reached(budget, hold, call.agent, refusal)
                     return refusal
             done.append(hold)
         self._holds[rid] = done
@@ -210,6 +214,27 @@ class SharedBook:
         spent, reserved = (figures[0][0], figures[0][1]) if figures else (0.0, 0.0)
         self._see(budget.name, hold.key, period, (spent, reserved))
         return self._over(budget, hold, float(spent), float(reserved))
+
+    def _limit_reached(self, budget: Budget, hold: _Hold, agent: str, refusal: Refusal) -> None:
+        """When the team has spent the budget (the call would not fit with nothing in flight),
+        its action is due once a period, as for a local budget; its alert is the refusal."""
+        seen = self._seen.get((budget.name, hold.key))
+        if refusal.status != 429 or seen is None or seen.spent + hold.amount <= budget.limit:
+            return
+        mark = (budget.name, hold.key, seen.period)
+        if mark in self._fired:
+            return
+        self._fired.add(mark)
+        action = budget.settings.action
+        act = ActionKind.ALERT.value if action in ("alert", "deny") else action
+        alert = Alert(f"budget:{budget.name}", agent, f"{agent}: {refusal.message}{DONE[action]}",
+                      Severity.CRITICAL.value, action, self._clock())  # fmt: skip
+        self._pending.append(Signal(alert=alert, action=act, agent=agent))
+
+    def signals_nowait(self) -> list[Signal]:
+        """Limit actions due from the team's spending since the last call."""
+        pending, self._pending = self._pending, []
+        return pending
 
     def _over(self, budget: Budget, hold: _Hold, spent: float, reserved: float) -> Refusal:
         whose = f" for {hold.key}" if hold.key else ""
