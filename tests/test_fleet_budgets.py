@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -40,11 +41,15 @@ def pg_env(pg_db: PgDatabase, monkeypatch: pytest.MonkeyPatch) -> PgDatabase:
 
 @contextlib.asynccontextmanager
 async def book(
-    db: PgDatabase, *budgets: BudgetSettings, host: str = "one", lease: float = 30
+    db: PgDatabase,
+    *budgets: BudgetSettings,
+    host: str = "one",
+    lease: float = 30,
+    keep: Path | None = None,
 ) -> AsyncIterator[SharedBook]:
     settings = FleetSettings(url=db.url, host=host, lease=lease, retry_interval=0.1,
                              connect_timeout=2)  # fmt: skip
-    shared = SharedBook(settings, list(budgets or [TEAM]), tz="UTC")
+    shared = SharedBook(settings, list(budgets or [TEAM]), tz="UTC", keep=keep)
     async with anyio.create_task_group() as tg:
         await tg.start(shared.run)
         try:
@@ -255,3 +260,23 @@ async def test_the_team_spending_a_budget_makes_its_action_due_once(pg_env: PgDa
         assert signal.alert.message == f"b: {refusal.message}; paused"
         assert await two.reserve(call("b"), 200, None, "", "b3") is not None
         assert two.signals_nowait() == []  # once a period
+
+
+async def test_settlements_unsent_at_exit_are_sent_by_the_next_start(
+    pg_cluster: PgCluster, pg_env: PgDatabase, short_tmp: Path
+) -> None:
+    keep = short_tmp / "fleet-unsent.jsonl"
+    async with book(pg_env, keep=keep) as first:
+        await first.reserve(call(), 300, None, "", "b1")
+        pg_cluster.stop()
+        first.settle("b1", used(250, "c1"))
+        first.settle("", used(40, "c2"))
+    assert len(keep.read_text().splitlines()) == 2  # kept, not lost
+    pg_cluster.start()
+    async with book(pg_env, keep=keep) as second:
+        await settled(second)
+        assert not keep.exists()
+        second.settle("", used(40, "c2"))  # arriving again changes nothing
+        await settled(second)
+    spent, _ = await team_spent(pg_env)
+    assert spent == 290.0

@@ -4,12 +4,14 @@ database is unreachable each budget refuses its calls or spends from a local sli
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -83,8 +85,11 @@ class SharedBook:
         *,
         tz: str = "local",
         clock: Callable[[], float] = time.time,
+        keep: Path | None = None,
     ) -> None:
         self.settings = settings
+        self._keep = keep
+        """Where settlements unsent at exit wait for the next start (None: nowhere)."""
         self._tz = zone(tz)
         self._clock = clock
         self.link = Link(settings, on_up=self._wake)
@@ -127,6 +132,7 @@ class SharedBook:
     ) -> None:
         """Connect (the supervisor starts either way), then renew leases and send settlements
         until cancelled; on the way out, give queued settlements a moment to arrive."""
+        self._restore_unsent()
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self.link.keep_connected, name="fleet: keep connected")
@@ -142,6 +148,45 @@ class SharedBook:
                         await self.link.open()
                     await self._send_queued()
                 await self.link.aclose()
+                self._keep_unsent()
+
+    def _keep_unsent(self) -> None:
+        """Settlements still queued, written for the next start (a restart during an outage
+        would otherwise leave them out of the team's figures)."""
+        settles = [job for job in self._jobs if job.statement is sql.SETTLE]
+        if self._keep is None or not settles:
+            return
+        lines = "".join(
+            json.dumps({"budget": j.budget, "params": j.params}) + "\n" for j in settles
+        )
+        try:
+            part = self._keep.with_suffix(".part")
+            part.write_text(lines)
+            part.replace(self._keep)
+        except OSError as exc:
+            log.error("%d shared budget settlements are lost to the team's figures: %s",
+                      len(settles), exc.strerror or exc)  # fmt: skip
+            return
+        log.warning("%d shared budget settlements kept in %s for the next start",
+                    len(settles), self._keep)  # fmt: skip
+
+    def _restore_unsent(self) -> None:
+        """Queue what the last run kept (sent once the database answers; counted once by call
+        id, should some of it have arrived after all)."""
+        if self._keep is None or not self._keep.exists():
+            return
+        try:
+            lines = self._keep.read_text().splitlines()
+            self._keep.unlink()
+        except OSError as exc:
+            log.error("cannot read %s: %s", self._keep, exc.strerror or exc)
+            return
+        for line in lines:
+            try:
+                kept = json.loads(line)
+                self._jobs.append(_Job(sql.SETTLE, dict(kept["params"]), str(kept["budget"])))
+            except (ValueError, KeyError, TypeError):
+                log.error("a kept settlement in %s cannot be read: %r", self._keep, line[:200])
 
     # -- admission ------------------------------------------------------------------------------
 

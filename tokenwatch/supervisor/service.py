@@ -332,7 +332,7 @@ class Supervisor:
         from tokenwatch.fleet.budgets import SharedBook
 
         book = SharedBook(fleet, self.config.budget, tz=self.config.supervisor.timezone,
-                          clock=self._clock)  # fmt: skip
+                          clock=self._clock, keep=self.paths.fleet_unsent)  # fmt: skip
         await tg.start(book.run, name="fleet: shared budgets")
         engine.use_shared_budgets(book)
 
