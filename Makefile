@@ -9,7 +9,7 @@ AGENTS_STAMP := $(AGENTS_DIR)/.installed
 AGENTS := @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332 @google/gemini-cli@0.61.0
 RUNTIME := $(VENV)/.installed-runtime
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test lint typecheck check bench clean postgres-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,22 @@ $(AGENTS_STAMP): Makefile
 		echo "npm not found: the tests with real coding agents will be skipped"; \
 	fi
 
+# The fleet tests start a throwaway PostgreSQL cluster of their own (tests/postgres_fixtures.py):
+# they need the server's binaries, not a running server. As root on Debian this installs them;
+# elsewhere it says what to install (without them those tests skip, and fail under CI=true).
+postgres-server:
+	@if ls /usr/lib/postgresql/*/bin/postgres > /dev/null 2>&1 || command -v postgres > /dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	else \
+		echo "PostgreSQL's server is not installed: the fleet tests will skip (install Debian's postgresql package, or your system's PostgreSQL server, as root)"; \
+	fi
+
 demo: $(RUNTIME)
 	$(BIN)/tokenwatch demo
 
-test: $(STAMP) $(AGENTS_STAMP)
+test: $(STAMP) $(AGENTS_STAMP) postgres-server
 	$(BIN)/ruff check tokenwatch tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
@@ -61,6 +73,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/processes.py
 	$(BIN)/python bench/tui.py --seconds 10
 	$(BIN)/python bench/bench_tokens.py
+	$(BIN)/python bench/fleet.py --rounds 2 --calls 500
 
 clean:
 	rm -rf $(VENV) $(AGENTS_DIR) build *.egg-info

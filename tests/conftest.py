@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["tests.otlp_fixtures"]
+pytest_plugins = ["tests.otlp_fixtures", "tests.postgres_fixtures"]
 
 # No timing limits in tests (the machines are shared and noisy): a slow example on a loaded CI
 # machine is not a failure.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from tokenwatch.paths import OVERLAY_NAME, Paths
 
@@ -82,6 +83,21 @@ def _http_url(value: str) -> str | None:
     return None
 
 
+def _postgres_url(value: str) -> str | None:
+    """A PostgreSQL URL without a password (the password's value is never echoed)."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.password is not None or "password" in parse_qs(parts.query, keep_blank_values=True):
+        return (
+            "holds a password; give it in PGPASSWORD or ~/.pgpass (or a PGSERVICE file), "
+            "never in the config"
+        )
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "expected a postgresql:// URL (like postgresql://tokenwatch@db.example/team)"
+    return None
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """`127.0.0.1:9464`, `:9464` or `[::1]:9464` -> (host, port); ValueError for anything else."""
     host, sep, port = listen.rpartition(":")
@@ -115,6 +131,8 @@ UsdPerMillion = Annotated[float | None, Range(0)]
 """USD per 1M tokens."""
 HttpUrl = Annotated[str, Check(_http_url)]
 """An http(s) URL, or empty for none."""
+PostgresUrl = Annotated[str, Check(_postgres_url)]
+"""A postgresql:// URL without a password, or empty for libpq's PG* variables."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +194,15 @@ class BudgetSettings:
     unpriced: str = "estimate"
     """A dollar budget counts calls to models no price table knows at the fallback's price
     (`estimate`), or as $0 (`free`, what tokenwatch did before it had a fallback)."""
+    shared: bool = False
+    """Counted and enforced across every supervisor of the team, in the [fleet] PostgreSQL
+    database (docs/fleet.md); needs a [fleet] section."""
+    when_unreachable: str = "refuse"
+    """What a shared budget does while PostgreSQL cannot be reached: `refuse` its calls (fail
+    closed), or `local-slice` (spend up to `slice` here, counted in when the server is back)."""
+    slice: str | int | float = 0
+    """With `local-slice`: what this supervisor may spend of a shared budget while PostgreSQL is
+    unreachable (`"$1"`, `50k`), in the budget's unit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +302,23 @@ class ExportSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetSettings:
+    url: PostgresUrl = ""
+    """PostgreSQL the team's supervisors share (`postgresql://USER@HOST/DB`); never a password
+    (PGPASSWORD, ~/.pgpass or PGSERVICE give it). Empty: libpq's PG* variables say where."""
+    host: str = field(default_factory=lambda: os.uname().nodename)
+    """This supervisor's name in the team's tables; default: the machine's host name."""
+    lease: Annotated[float, Range(1, 3600)] = 30.0
+    """Seconds a shared reservation holds unless renewed (1 to 3600): a supervisor that dies
+    stops holding the team's budget after this long."""
+    connect_timeout: Annotated[float, Range(0.5, 60)] = 3.0
+    """Seconds to connect, and at most to wait on a statement, before the server counts as
+    unreachable (0.5 to 60)."""
+    retry_interval: Annotated[float, Range(0.1, 3600)] = 2.0
+    """Seconds between attempts to reconnect while the server is unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
 class CacheSettings:
     enabled: bool = False
     """Answer an identical request from a local store instead of the upstream (docs/optimize.md)."""
@@ -353,6 +397,8 @@ class Config:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
+    fleet: FleetSettings | None = None
+    """Shared budgets and the team ledger in PostgreSQL (docs/fleet.md); None: this machine only."""
     source: str = ""
     """The file this was read from (empty for built-in defaults)."""
     overlay: str = ""
@@ -387,6 +433,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is Annotated:
         return _checked(value, tp, key, where)
     if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own error names the key inside a table
+            return _convert(value, options[0], key, where)
         for arg in typing.get_args(tp):
             if arg is type(None):
                 continue

@@ -85,6 +85,12 @@ class Paths:
         return self.state_dir / "unstored-usage.jsonl"
 
     @property
+    def fleet_unsent(self) -> Path:
+        """Shared budgets' settlements a stopping supervisor could not send (the team's database
+        unreachable); the next start sends them (each counted once) and removes the file."""
+        return self.state_dir / "fleet-unsent.jsonl"
+
+    @property
     def socket(self) -> Path:
         return self.runtime_dir / SOCKET_NAME
 

@@ -271,6 +271,7 @@ def render_status(status: dict[str, Any]) -> str:
         + (f" · proxy {sup['proxy_url']}" if sup.get("proxy_url") else "")
         + f" · {format_usd(status['spend_today_usd'], _partial(status))} today"
     ]
+    lines += status.get("fleet", [])  # shared budgets while the team's database is unreachable
     rows = [("NAME", "STATE", "PID", "TOKENS", "COST", "TOK/MIN", "$/HOUR", "THROTTLE")]
     for view in status["agents"]:
         agent, summary = view["agent"], view.get("summary", {})

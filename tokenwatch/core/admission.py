@@ -79,6 +79,8 @@ class Refusal:
     budget: str
     message: str
     retry_after: float | None = None
+    status: int = 429
+    """HTTP status the agent gets: 429 over budget, 503 when a shared budget cannot be checked."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,10 @@ SCOPES: Final = ("global", "agent", "task", "model", "user", "tag")
 DEFAULT_THROTTLE_RATE: Final = "50%"
 UNPRICED_MODES: Final = ("estimate", "free")
 """How a dollar budget counts calls to models no price table knows (see BudgetSettings)."""
+WHEN_UNREACHABLE: Final = ("refuse", "local-slice")
+"""What a shared budget does while the team's database cannot be reached (docs/fleet.md)."""
+SHARED_PERIODS: Final = ("hour", "day", "week", "month", "total")
+"""The periods a shared budget can count: one row per period in the team's database."""
 RUN_BUDGET_PREFIX: Final = "run:"
 """Names kept for the budgets of `tokenwatch run --budget` (they live and end with their run)."""
 
@@ -86,7 +90,36 @@ def check_budget(settings: BudgetSettings) -> Amount:
         raise BudgetError(f"budget {name}: {exc}") from None
     if amount.value <= 0:
         raise BudgetError(f"budget {name}: the limit must be above zero")
+    if settings.when_unreachable not in WHEN_UNREACHABLE:
+        raise BudgetError(
+            f"budget {name}: when_unreachable must be one of {', '.join(WHEN_UNREACHABLE)}, "
+            f"not {settings.when_unreachable!r}"
+        )
+    if settings.shared:
+        _check_shared(name, settings, amount)
     return amount
+
+
+def _check_shared(name: str, settings: BudgetSettings, limit: Amount) -> None:
+    """A shared budget counts calendar periods (every supervisor finds the same row) and, with
+    `local-slice`, has a slice in its own unit."""
+    if settings.period not in SHARED_PERIODS or settings.rolling:
+        raise BudgetError(
+            f"budget {name}: a shared budget counts a calendar {', '.join(SHARED_PERIODS[:-1])} "
+            f"or total, not a {'rolling ' if settings.rolling else ''}{settings.period}"
+        )
+    if settings.when_unreachable != "local-slice":
+        return
+    try:
+        piece = parse_amount(settings.slice)
+    except QuantityError as exc:
+        raise BudgetError(f"budget {name}: slice: {exc}") from None
+    if piece.unit is not limit.unit or piece.value <= 0:
+        like = '"$1"' if limit.unit is Unit.USD else "50k"
+        raise BudgetError(
+            f"budget {name}: with local-slice, give a slice like {like}, in the limit's unit: "
+            "what this supervisor may spend while the fleet database is unreachable"
+        )
 
 
 def _check_tag_target(name: str, target: str) -> None:

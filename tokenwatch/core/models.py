@@ -248,6 +248,11 @@ class BudgetStatus(Plain):
     total, marked wherever it is shown."""
     estimated_from: str = ""
     """The fallback model whose rates stood in for them."""
+    fleet: str = ""
+    """A shared budget's state: `shared`, or while the fleet database is unreachable
+    `refusing` or `local-slice`; empty for a budget of this machine only."""
+    fleet_note: str = ""
+    """What status and the dashboard say of it while the fleet database is unreachable."""
 
     @property
     def remaining(self) -> float:

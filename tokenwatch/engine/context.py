@@ -16,7 +16,7 @@ from tokenwatch.core.models import Agent, AgentState
 from tokenwatch.engine.agents import AgentRecord, Roster
 from tokenwatch.engine.events import Publisher
 from tokenwatch.engine.figures import LiveFigures
-from tokenwatch.engine.ports import Budgeting, Ledger, Pricer
+from tokenwatch.engine.ports import Budgeting, Ledger, Pricer, SharedBudgets
 
 log = logging.getLogger("tokenwatch.engine")
 
@@ -49,6 +49,8 @@ class EngineContext:
         self.store_error = ""
         """Why the ledger last refused a write; empty once a write has gone through."""
         self.tg: anyio.abc.TaskGroup | None = None
+        self.shared: SharedBudgets | None = None
+        """The team's shared budgets ([fleet]); None: this machine's budgets only."""
 
     def start_soon(self, fn: Callable[..., Any], *args: Any, name: str) -> None:
         """Run `fn(*args)` in the engine's task group (it must be running: `Engine.run`)."""

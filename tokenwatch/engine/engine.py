@@ -33,7 +33,15 @@ from tokenwatch.engine.events import Listener
 from tokenwatch.engine.figures import LiveFigures
 from tokenwatch.engine.gate import Gate
 from tokenwatch.engine.lifecycle import Lifecycle
-from tokenwatch.engine.ports import Attacher, Budgeting, ChildEnv, Ledger, Pricer, Routes
+from tokenwatch.engine.ports import (
+    Attacher,
+    Budgeting,
+    ChildEnv,
+    Ledger,
+    Pricer,
+    Routes,
+    SharedBudgets,
+)
 from tokenwatch.engine.recorder import Recorder
 from tokenwatch.process.processes import NotPermitted, ProcessGone, ProcessHandle, Spawner
 
@@ -90,6 +98,7 @@ class Engine:
         gate, recorder, control, life = self._gate, self._recorder, self._control, self._lifecycle
         self.admit = gate.admit
         self.admit_nowait = gate.admit_nowait
+        self.share = gate.share
         self.settle = gate.settle
         self.release = gate.release
         self.ingest = recorder.ingest
@@ -153,13 +162,20 @@ class Engine:
     def use_routes(self, routes: Routes) -> None:
         self._lifecycle.routes = routes
 
+    def use_shared_budgets(self, shared: SharedBudgets) -> None:
+        """Hold calls in the team's shared budgets too ([fleet]), after the local ones."""
+        self._ctx.shared = shared
+
     def use_prices(self, prices: Pricer) -> None:
         """Price calls recorded from now on with `prices` (an edited price table)."""
         self._ctx.prices = prices
 
     def use_budgets(self, settings: Sequence[BudgetSettings]) -> list[str]:
         """Enforce these budgets from now on (usage kept by name); the names that start empty."""
-        return self._ctx.budgets.replace(settings)
+        fresh = self._ctx.budgets.replace(settings)
+        if self._ctx.shared is not None:
+            self._ctx.shared.replace(settings)
+        return fresh
 
     def use_rules(self, settings: Sequence[RuleSettings]) -> None:
         replace: Callable[[Sequence[RuleSettings]], Any] = self._ctx.rules.replace
@@ -245,7 +261,9 @@ class Engine:
         return self.live.snapshot(self.views(), self.budget_statuses(), supervisor=self.socket_path)
 
     def budget_statuses(self) -> list[BudgetStatus]:
-        return self._ctx.budgets.statuses()
+        rows = self._ctx.budgets.statuses()
+        shared = self._ctx.shared
+        return rows if shared is None else shared.statuses(rows)
 
     async def alerts(self, since: float = 0, limit: int = 200) -> list[Alert]:
         return await self._ctx.store.list_alerts(since=since, limit=limit)

@@ -36,7 +36,33 @@ class Gate:
             if refused is not None:
                 refused.waited_ms = (clock() - start) * 1000
                 return refused
-        return self._reserve(call, waited_ms=(clock() - start) * 1000)
+        return await self.share(call, self._reserve(call, waited_ms=(clock() - start) * 1000))
+
+    async def share(self, call: CallRequest, admission: Admission) -> Admission:
+        """After the local budgets admitted a call, hold it in the team's shared budgets too
+        (docs/fleet.md); without a [fleet] it is the admission as it was."""
+        shared = self._ctx.shared
+        if shared is None or not admission.allowed:
+            return admission
+        held = self.reservations.get(admission.reservation)
+        if held is None:
+            return admission
+        fallback = self._ctx.prices.estimated_from(call.model, call.provider)
+        refusal = await shared.reserve(call, held.tokens, held.usd or None, fallback, held.id)
+        if refusal is None:
+            return admission
+        self.reservations.pop(held.id, None)
+        self._ctx.budgets.release(held)
+        for signal in shared.signals_nowait():  # the team spent it: its action is due
+            self._act(signal)
+        return Admission(
+            False,
+            status=refusal.status,
+            message=refusal.message,
+            budget=refusal.budget,
+            retry_after=refusal.retry_after,
+            waited_ms=admission.waited_ms,
+        )
 
     def admit_nowait(self, call: CallRequest) -> tuple[Admission, float]:
         """For SDK clients, which wait on their own: the admission and seconds to wait first."""
@@ -95,7 +121,7 @@ class Gate:
                 self._act(signal)
             return Admission(
                 False,
-                status=429,
+                status=got.status,
                 message=got.message,
                 budget=got.budget,
                 retry_after=got.retry_after,
@@ -113,11 +139,15 @@ class Gate:
         if not self._recorder.accept(event):
             if reservation is not None:
                 ctx.budgets.release(reservation)
+                if ctx.shared is not None:
+                    ctx.shared.release(reservation.id)
             return
         ctx.prices.price(event)
         if event.status == Status.OK.value and not event.estimated:
             self.outputs.observe(event.agent, event.model, event.output_tokens)
         self._recorder.count(event, ctx.budgets.settle(reservation, event))
+        if ctx.shared is not None:
+            ctx.shared.settle(reservation.id if reservation is not None else "", event)
         self._charge_output(event)
         await self._recorder.persist([event], wait=False)
 
@@ -126,6 +156,8 @@ class Gate:
         reservation = self.reservations.pop(admission.reservation, None)
         if reservation is not None:
             self._ctx.budgets.release(reservation)
+            if self._ctx.shared is not None:
+                self._ctx.shared.release(reservation.id)
 
     def _charge_output(self, event: UsageEvent) -> None:
         rec = self._ctx.roster.get(event.agent)

@@ -1,5 +1,5 @@
-"""What the engine needs of the ledger, the price table, the budgets and the proxy's routes: ports
-the composition root fills, so the engine imports none of them."""
+"""What the engine needs of the ledger, the price table, the budgets, the team's shared budgets and
+the proxy's routes: ports the composition root fills, so the engine imports none of them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from tokenwatch.config import BudgetSettings
-from tokenwatch.core.admission import BudgetBook
+from tokenwatch.core.admission import BudgetBook, CallRequest, Refusal, Signal
 from tokenwatch.core.models import Action, Agent, Alert, BudgetStatus, UsageEvent
 from tokenwatch.process.processes import ProcessHandle
 
@@ -66,6 +66,40 @@ class Budgeting(BudgetBook, Protocol):
     def remove_ephemeral(self, name: str) -> bool: ...
 
     def set_run_limit(self, name: str, limit: str) -> BudgetStatus: ...
+
+
+class SharedBudgets(Protocol):
+    """tokenwatch.fleet's shared budgets: reserved and settled in the team's PostgreSQL, after
+    the local budgets admitted the call (the engine has none when no [fleet] is configured)."""
+
+    async def reserve(
+        self, call: CallRequest, tokens: int, usd: float | None, estimated_from: str, rid: str
+    ) -> Refusal | None:
+        """Hold the call's likely use against every shared budget covering it, under `rid`;
+        a Refusal when one would be exceeded, or the server is unreachable and its policy
+        refuses. Returns at once for a call no shared budget covers."""
+        ...
+
+    def settle(self, rid: str, event: UsageEvent) -> None:
+        """Replace the hold `rid` (empty: none) with the call's real use; never waits on the
+        server (queued, and sent again after an outage)."""
+        ...
+
+    def release(self, rid: str) -> None:
+        """Give back the hold of a call that never went."""
+        ...
+
+    def statuses(self, local: list[BudgetStatus]) -> list[BudgetStatus]:
+        """The budgets' rows with the team's figures and the fleet's state on shared ones."""
+        ...
+
+    def replace(self, settings: Sequence[BudgetSettings]) -> None:
+        """The budgets in force after an edit: the shared ones among them are shared now."""
+        ...
+
+    def signals_nowait(self) -> list[Signal]:
+        """Limit actions due because the team spent a shared budget (once a period)."""
+        ...
 
 
 class Routes(Protocol):

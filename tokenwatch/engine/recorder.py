@@ -54,6 +54,8 @@ class Recorder:
                 continue
             ctx.prices.price(event)
             self.count(event, ctx.budgets.record(event))
+            if ctx.shared is not None:
+                ctx.shared.settle("", event)
             fresh.append(event)
         await self.persist(fresh, wait=True)
 

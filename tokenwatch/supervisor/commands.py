@@ -166,6 +166,7 @@ class Commands:
             prompt_hash=msg.get("prompt_hash", ""),
         )
         admission, wait = self.engine.admit_nowait(call)
+        admission = await self.engine.share(call, admission)
         return {
             "allowed": admission.allowed,
             "wait": wait,
@@ -251,6 +252,7 @@ class Commands:
             "unpriced_requests": snap.unpriced_today,
             "estimated_usd": snap.estimated_today_usd,
             "agents": agents,
+            "fleet": [b.fleet_note for b in snap.budgets if b.fleet_note],
         }
 
     async def on_subscribe(self, session: Session, msg: dict[str, Any]) -> Any:

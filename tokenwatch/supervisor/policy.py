@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenwatch.config import Config, ConfigError, read_config
-from tokenwatch.core.budgets import Budgets
+from tokenwatch.core.budgets import Budgets, budget_name
 from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
 from tokenwatch.paths import Paths
@@ -46,6 +47,7 @@ def build_policy(
     with worded(cfg):
         prices = PriceTable.load(cfg.prices)
         budgets = Budgets(cfg.budget, tz=cfg.supervisor.timezone, clock=clock)
+        check_fleet(cfg)
         # forecast and spike rules read the budgets' status
         rules = Rules(
             cfg.rule or DEFAULT_RULES,
@@ -54,6 +56,22 @@ def build_policy(
             budgets=budgets.statuses,
         )
     return Policy(prices, budgets, rules)
+
+
+def check_fleet(cfg: Config) -> None:
+    """A shared budget needs the [fleet] it is shared in, and [fleet] needs its driver."""
+    if cfg.fleet is not None:
+        if importlib.util.find_spec("psycopg") is None:
+            raise ConfigError(
+                "[fleet] needs PostgreSQL's driver: pip install 'tokenwatch[fleet]' (psycopg)"
+            )
+        return
+    for settings in cfg.budget:
+        if settings.shared:
+            raise ConfigError(
+                f"budget {budget_name(settings)} is shared, but there is no [fleet] section to "
+                "share it in (docs/fleet.md)"
+            )
 
 
 def load_config(

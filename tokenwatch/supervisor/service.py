@@ -210,6 +210,7 @@ class Supervisor:
         engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run, name="tokenwatch.engine")
+            await self._start_fleet(tg, engine)
             await self._seed(engine, store)
             found = await engine.recover()
             await _count_runs_so_far(found, store)
@@ -321,6 +322,19 @@ class Supervisor:
                     row.estimated_usd,
                     row.unpriced_requests,
                 )
+
+    async def _start_fleet(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
+        """With [fleet]: shared budgets on the team's database (the supervisor starts even
+        while it is unreachable: each shared budget then does what its policy says)."""
+        fleet = self.config.fleet
+        if fleet is None:
+            return
+        from tokenwatch.fleet.budgets import SharedBook
+
+        book = SharedBook(fleet, self.config.budget, tz=self.config.supervisor.timezone,
+                          clock=self._clock, keep=self.paths.fleet_unsent)  # fmt: skip
+        await tg.start(book.run, name="fleet: shared budgets")
+        engine.use_shared_budgets(book)
 
     async def _start_notifier(self, tg: anyio.abc.TaskGroup) -> None:
         if self.notifier is not None:

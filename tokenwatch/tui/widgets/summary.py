@@ -57,6 +57,9 @@ class SummaryBar(Static):
             fraction = snap.spend_today_usd / snap.daily_budget_usd
             text.append_text(gauge(fraction, width=10, partial=partial))
         text.append_text(_runs_out(snap.budgets, snap.ts))
+        # before the address: on a narrow terminal the line's end is cut
+        for note in dict.fromkeys(b.fleet_note for b in snap.budgets if b.fleet_note):
+            text.append(f" · {note}", style="bold red")
         address = snap.supervisor or self.address
         if address:
             text.append(f" · supervisor {address}", style="dim")
