@@ -20,6 +20,7 @@ from tokenwatch.core.nesting import MAX_NESTING
 from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
+from tokenwatch.proxy.call import Call
 from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
@@ -39,7 +40,7 @@ from tokenwatch.proxy.lever_calls import (
     nested_too_deep,
     read_request,
 )
-from tokenwatch.proxy.levers import Levers, Prepared
+from tokenwatch.proxy.levers import Levers
 from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
@@ -103,34 +104,6 @@ class ProxyStatistics:
     """Recorded calls whose settlement has not returned yet."""
     settle_failures: int
     """Settlements that raised (the engine keeps the record and retries; the proxy only counts)."""
-
-
-@dataclass(slots=True)
-class _Call:
-    """One metered call on its way: what is known so far and the event being filled."""
-
-    target: Target
-    route: AgentRoute
-    facts: CallFacts
-    prompt: TokenCount
-    event: UsageEvent
-    reader: Reader
-    strip_usage: bool = False
-    doc: dict[str, Any] | None = None
-    plan: Prepared | None = None
-    """What the levers did to the request (None when none could)."""
-    trimmed_tokens: int = 0
-    capture: list[bytes] | None = None
-    """The answer's bytes as the agent got them, kept for the response cache."""
-    answer_headers: Headers | None = None
-    started: float = 0.0
-    first_byte: float | None = None
-    gateway_cost: float | None = None
-    """What an upstream gateway said the call cost, in a response header."""
-    ended: float | None = None
-    """Set when the exchange is over; the event is then finished in the settle task."""
-    cut_body: bytes = b""
-    """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
 
 
 class ProxyServer(LeverCalls):
@@ -325,7 +298,7 @@ class ProxyServer(LeverCalls):
         facts: CallFacts,
         prompt: TokenCount,
         admission: Admission,
-    ) -> _Call:
+    ) -> Call:
         event = UsageEvent(
             ts=self._clock(),
             agent=route.agent,
@@ -350,12 +323,12 @@ class ProxyServer(LeverCalls):
             reader = anthropic_usage.AnthropicReader()
         else:
             reader = openai_usage.OpenAIReader(target.endpoint)
-        return _Call(target, route, facts, prompt, event, reader)
+        return Call(target, route, facts, prompt, event, reader)
 
     # -- forwarding ----------------------------------------------------------------------------
 
     async def _forward(
-        self, req: Incoming, call: _Call, body: bytes, doc: dict[str, Any] | None
+        self, req: Incoming, call: Call, body: bytes, doc: dict[str, Any] | None
     ) -> None:
         if call.target.provider == OPENAI and doc is not None:
             asked = openai_usage.ask_for_usage(call.target.endpoint, doc)
@@ -380,7 +353,7 @@ class ProxyServer(LeverCalls):
                 call.event.http_status = status
 
     async def _exchange(
-        self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
+        self, req: Incoming, call: Call, url: str, headers: Headers, body: bytes
     ) -> None:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
@@ -404,7 +377,7 @@ class ProxyServer(LeverCalls):
                 raise
 
     async def _relay_whole(
-        self, req: Incoming, call: _Call, upstream: UpstreamResponse, headers: Headers
+        self, req: Incoming, call: Call, upstream: UpstreamResponse, headers: Headers
     ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
@@ -421,7 +394,7 @@ class ProxyServer(LeverCalls):
             # usage is read after the answer is sent: parsing must not delay the agent
             call.reader.read_json(body)
 
-    async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+    async def _relay_body(self, req: Incoming, call: Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
         size = 0
         try:
@@ -439,7 +412,7 @@ class ProxyServer(LeverCalls):
             if call.capture is not None:
                 call.capture.extend(kept)
 
-    async def _relay_stream(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+    async def _relay_stream(self, req: Incoming, call: Call, upstream: UpstreamResponse) -> None:
         splitter = SseSplitter()
         read = call.reader.read_event
         async for chunk in upstream.chunks():
@@ -462,7 +435,7 @@ class ProxyServer(LeverCalls):
         if rest and call.strip_usage:
             await req.write(rest)
 
-    def _first_byte(self, call: _Call) -> None:
+    def _first_byte(self, call: Call) -> None:
         if call.first_byte is None:
             call.first_byte = _now()
 
@@ -477,7 +450,7 @@ class ProxyServer(LeverCalls):
         await self._refuse(req, error_reply(provider, status, message, code="upstream"))
         return status
 
-    async def _finish_quietly(self, call: _Call) -> None:
+    async def _finish_quietly(self, call: Call) -> None:
         """`_finish_event`, but a failure there must not cost the record: settle what is known."""
         try:
             await self._finish_event(call)
@@ -485,7 +458,7 @@ class ProxyServer(LeverCalls):
             call.event.estimated = True
             log.warning("could not read the usage of a call (%s)", type(exc).__name__)
 
-    async def _finish_event(self, call: _Call) -> None:
+    async def _finish_event(self, call: Call) -> None:
         """Fill in timing and usage: the upstream's figures, else a local count marked estimated."""
         event, end = call.event, call.ended or _now()
         event.latency_ms = (end - call.started) * 1000
@@ -498,7 +471,7 @@ class ProxyServer(LeverCalls):
         if plan is not None and plan.lever:
             self._levers.account(event, plan, call.trimmed_tokens)
 
-    async def _read_usage(self, call: _Call) -> None:
+    async def _read_usage(self, call: Call) -> None:
         event, reader = call.event, call.reader
         failed = event.http_status is None or event.http_status >= 400
         if failed:
@@ -517,7 +490,7 @@ class ProxyServer(LeverCalls):
         if not failed:
             event.answer_hash = answer_hash(reader)
 
-    async def _estimate(self, call: _Call, usage: Usage | None) -> None:
+    async def _estimate(self, call: Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
         text = call.reader.output_text() or cut_text(call.cut_body)
@@ -563,7 +536,7 @@ class ProxyServer(LeverCalls):
             pass
 
     def _settle_soon(
-        self, admission: Admission, event: UsageEvent, call: _Call | None = None
+        self, admission: Admission, event: UsageEvent, call: Call | None = None
     ) -> None:
         """Finish the event (`call`, when it went upstream) and settle it in a task of its own:
         the agent's connection is not held while the store writes. A bare asyncio task, not the
@@ -574,7 +547,7 @@ class ProxyServer(LeverCalls):
         self._settles.add(task)
         task.add_done_callback(self._settles.discard)
 
-    async def _settle(self, admission: Admission, event: UsageEvent, call: _Call | None) -> None:
+    async def _settle(self, admission: Admission, event: UsageEvent, call: Call | None) -> None:
         if call is not None:
             await self._finish_quietly(call)
             self._after(call)
