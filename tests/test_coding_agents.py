@@ -21,8 +21,8 @@ from tests.supervisor_fixtures import (
     clean_supervisor,
     tokenwatch_env,
 )
-from tokenwatch.cli.coding_agents import find_agent, plan
 from tokenwatch.client.control import SupervisorClient
+from tokenwatch.core.coding_agents import find_agent, plan
 from tokenwatch.demo.fake_exchange import CountedCall
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
 

@@ -21,6 +21,7 @@ from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
 from tokenwatch.proxy.call import Call
+from tokenwatch.proxy.endpoint import Callers, StableEndpoint
 from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
@@ -117,6 +118,7 @@ class ProxyServer(LeverCalls):
         *,
         clock: Callable[[], float] = time.time,
         levers: Levers | None = None,
+        callers: Callers | None = None,
     ) -> None:
         self._gate = gate
         self._levers = levers or Levers(clock=clock)
@@ -125,6 +127,12 @@ class ProxyServer(LeverCalls):
         self._clock = clock
         self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
         self._http = HttpServer(self._handle, self._limits, protocol_error_page)
+        self.endpoint: StableEndpoint | None = None
+        """The stable endpoint, with `callers` to attribute its calls and a port configured."""
+        if callers is not None and settings.endpoint_port:
+            self.endpoint = StableEndpoint(
+                self._serve, routes, callers, self._limits, settings.endpoint_port
+            )
         self._client: UpstreamClient | None = None
         self._settles: set[asyncio.Task[None]] = set()
         self._host = settings.host
@@ -147,6 +155,8 @@ class ProxyServer(LeverCalls):
                 self._client = client
                 await tg.start(self._levers.run, name="proxy levers")
                 self.port = await tg.start(self._http.serve, hosts, self._settings.port)
+                if self.endpoint is not None:
+                    await tg.start(self.endpoint.serve, hosts, name="tokenwatch.endpoint")
                 task_status.started(self.port)
         finally:
             with anyio.CancelScope(shield=True):
@@ -158,6 +168,11 @@ class ProxyServer(LeverCalls):
         host = "[::1]" if self._host == "::1" else "127.0.0.1"
         root = f"http://{host}:{self.port}/a/{token}"
         return {"OPENAI_BASE_URL": root + "/v1", "ANTHROPIC_BASE_URL": root}
+
+    def endpoint_url(self) -> str:
+        """The stable endpoint's URL (no route token), or "" when it is not listening."""
+        port = self.endpoint.port if self.endpoint is not None else 0
+        return f"http://{'[::1]' if self._host == '::1' else '127.0.0.1'}:{port}" if port else ""
 
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(
@@ -173,13 +188,22 @@ class ProxyServer(LeverCalls):
     # -- one request ---------------------------------------------------------------------------
 
     async def _handle(self, req: Incoming) -> None:
-        self._total += 1
         target = split_path(req.path, req.headers)
+        route = self._routes.get(target.token) if target is not None else None
+        await self._serve(req, target, route, self.port)
+
+    async def _serve(
+        self, req: Incoming, target: Target | None, route: AgentRoute | None, port: int
+    ) -> None:
+        """A request on `port` (the routed or the stable one) from its guards on."""
+        self._total += 1
         provider = target.provider if target is not None else provider_of(req.path, req.headers)
-        if not loopback_host(req.headers.get("Host"), self.port):
+        if not loopback_host(req.headers.get("Host"), port):
             message = "tokenwatch's proxy only answers requests addressed to localhost"
             return await self._guard(req, provider, 403, message, "bad_host")
-        route = self._routes.get(target.token) if target is not None else None
+        if target is not None and not target.token:
+            message = "tokenwatch could not tell which of your processes made this call"
+            return await self._guard(req, provider, 403, message, "unknown_caller")
         if target is None or route is None:
             message = "unknown tokenwatch route: use the base URL `tokenwatch env` or `run` gave"
             return await self._guard(req, provider, 404, message, "no_route")
