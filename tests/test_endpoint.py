@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from tests.process_fixtures import state_soon
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
+from tests.test_coding_agents import agent_program, assert_recorded_exactly, run_agent
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
 
@@ -227,3 +229,42 @@ def test_a_taken_endpoint_port_is_one_log_line_and_an_alert(short_tmp: Path) -> 
     assert len(lines) == 1, sp.output()
     assert f"port {port}" in lines[0]
     assert [a["rule"] for a in alerts if a["rule"] == "endpoint"] == ["endpoint"]
+
+
+def codex_command_lines(seen: list[str], stop: threading.Event) -> None:
+    """Every command line that gives Codex tokenwatch's provider, as `ps` shows it, until `stop`."""
+    while not stop.is_set():
+        for entry in Path("/proc").iterdir():
+            try:
+                line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "model_providers.tokenwatch.base_url" in line and line not in seen:
+                seen.append(line)
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_codex_under_run_calls_the_endpoint_with_no_route_token_in_ps(
+    supervisor: ServeProcess, fake: Any, short_tmp: Path
+) -> None:
+    codex = agent_program("codex")
+    seen: list[str] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=codex_command_lines, args=(seen, stop), daemon=True)
+    watcher.start()
+    before = len(fake.calls)
+    try:
+        done = run_agent(
+            supervisor, short_tmp, "codex-stable",
+            [codex, "exec", "--skip-git-repo-check", "-m", "gpt-4o-mini", "say hi"],
+            OPENAI_BASE_URL=fake.url + "/v1", OPENAI_API_KEY=API_KEY,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    served = fake.calls[before:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_recorded_exactly(supervisor, "codex-stable", served)
+    assert seen, "Codex was given no provider of tokenwatch's"
+    assert all(endpoint(supervisor) + "/v1" in line and "/a/" not in line for line in seen), seen
