@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenwatch.engine.agents import check_name
-from tokenwatch.process.peers import find_peer, program_name, socket_inode
+from tokenwatch.process.peers import _table_inode, find_peer, program_name, socket_inode
 
 CONNECT = "import socket, sys, time; s = socket.create_connection((sys.argv[1], int(sys.argv[2]))); print('on', flush=True); time.sleep(30)"
 
@@ -30,12 +30,17 @@ def test_the_peer_of_a_connection_is_the_process_that_opened_it(family: int, hos
         try:
             conn, _ = server.accept()
             with conn:
-                peer = find_peer(conn.getsockname()[:2], conn.getpeername()[:2])
+                ends = conn.getsockname()[:2], conn.getpeername()[:2]
+                peer = find_peer(*ends)
+                by_table = _table_inode(*ends)  # the fallback where netlink is refused
+                by_netlink = socket_inode(*ends)
                 ours = find_peer(conn.getpeername()[:2], conn.getsockname()[:2])
         finally:
             child.kill()
             child.wait()
     assert peer is not None
+    assert by_netlink is not None
+    assert by_table == by_netlink
     assert peer.pid == child.pid
     assert [pid for pid, _ in peer.lineage[:2]] == [child.pid, os.getpid()]
     assert peer.name == os.path.basename(sys.executable)  # `python -c`: the interpreter's name
@@ -45,6 +50,7 @@ def test_the_peer_of_a_connection_is_the_process_that_opened_it(family: int, hos
 
 def test_a_connection_that_is_not_there_has_no_peer() -> None:
     assert socket_inode(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
+    assert _table_inode(("127.0.0.1", 1), ("127.0.0.1", 2)) is None
     assert find_peer(("::1", 1), ("::1", 2)) is None
 
 
