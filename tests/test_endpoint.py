@@ -21,7 +21,12 @@ import pytest
 
 from tests.process_fixtures import state_soon
 from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
-from tests.test_coding_agents import agent_program, assert_recorded_exactly, run_agent
+from tests.test_coding_agents import (
+    agent_env,
+    agent_program,
+    assert_recorded_exactly,
+    run_agent,
+)
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
 
@@ -268,3 +273,22 @@ def test_codex_under_run_calls_the_endpoint_with_no_route_token_in_ps(
     assert_recorded_exactly(supervisor, "codex-stable", served)
     assert seen, "Codex was given no provider of tokenwatch's"
     assert all(endpoint(supervisor) + "/v1" in line and "/a/" not in line for line in seen), seen
+
+
+@pytest.mark.slow
+def test_claude_code_outside_tokenwatch_is_shown_as_claude_and_recorded_exactly(
+    supervisor: ServeProcess, fake: Any, short_tmp: Path
+) -> None:
+    claude = agent_program("claude")
+    before = len(fake.calls)
+    env = agent_env(supervisor, short_tmp, ANTHROPIC_BASE_URL=endpoint(supervisor),
+                    ANTHROPIC_API_KEY="sk-ant-test-not-a-secret")  # fmt: skip
+    done = subprocess.run(
+        [claude, "-p", "--model", "claude-haiku-4-5", "say hi"], env=env, cwd=short_tmp,
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    served = fake.calls[before:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = [name for name in agents(supervisor) if name.startswith("claude")]
+    assert names == ["claude"], names
+    assert_recorded_exactly(supervisor, "claude", served)
