@@ -133,6 +133,41 @@ def test_a_grandchild_of_a_run_agent_calling_the_endpoint_counts_for_that_agent(
     assert (call["input_tokens"], call["output_tokens"]) == (bill.input_tokens, bill.output_tokens)
 
 
+DOUBLE_FORK = """
+import os, subprocess, sys, time
+if os.fork() == 0:  # the caller leaves the agent's tree: its parent exits, init adopts it
+    os.setsid()
+    if os.fork() == 0:
+        subprocess.run([sys.executable, "-c", sys.argv[1]])
+    os._exit(0)
+os.wait()
+while not os.path.exists(sys.argv[2]):  # the agent lives until the call is answered
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.slow
+def test_a_caller_that_left_the_run_agents_tree_still_counts_for_it(
+    supervisor: ServeProcess, fake: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "answer"
+    call = OPENAI_CALL.replace(
+        "print(reply.usage.total_tokens, flush=True)",
+        f"open({str(out)!r}, 'w').write(str(reply.usage.total_tokens))",
+    )
+    before = len(fake.calls)
+    done = tokenwatch(
+        supervisor, "run", "--name", "forker", "--", sys.executable, "-c", DOUBLE_FORK,
+        call, str(out), OPENAI_BASE_URL=fake.url + "/v1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    bill = fake.calls[before]
+    assert out.read_text() == str(bill.input_tokens + bill.output_tokens)
+    [call_seen] = recorded(supervisor, "forker", 1)
+    assert call_seen["output_tokens"] == bill.output_tokens
+    assert not [name for name in agents(supervisor) if name.startswith("python")]
+
+
 @pytest.mark.slow
 def test_curl_outside_tokenwatch_becomes_an_agent_named_after_it(
     supervisor: ServeProcess, fake: Any

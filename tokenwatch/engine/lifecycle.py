@@ -210,7 +210,10 @@ class Lifecycle:
             rec = self._ctx.roster.by_pid(pid)
             if rec is not None and rec.live and rec.agent.start_time in (None, 0, start_time):
                 return rec
-        return None
+        # one that left the tree (double fork to init) still has the run's variables
+        agent, run_id = peer.run
+        rec = self._ctx.roster.get(agent) if agent and run_id else None
+        return rec if rec is not None and rec.live and rec.agent.run_id == run_id else None
 
     def hello(
         self,

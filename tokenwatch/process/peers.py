@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from tokenwatch import environ
 from tokenwatch.process.processes import PROC, ProcessGone, process_info
 
 MAX_ANCESTORS: Final = 64
@@ -32,6 +33,8 @@ class Peer:
     """What an agent of its own is called (`program_name`)."""
     lineage: tuple[tuple[int, int], ...]
     """(pid, start time) of the process itself, then of its parent, and so on up."""
+    run: tuple[str, str] = ("", "")
+    """The agent and run id its environment names (`tokenwatch run` sets both for its tree)."""
 
 
 def find_peer(server_end: Address, client_end: Address) -> Peer | None:
@@ -45,7 +48,7 @@ def find_peer(server_end: Address, client_end: Address) -> Peer | None:
         return None
     try:
         argv = process_info(pid).argv
-        return Peer(pid, program_name(argv) or f"pid-{pid}", lineage(pid))
+        return Peer(pid, program_name(argv) or f"pid-{pid}", lineage(pid), run_of(pid))
     except ProcessGone:
         return None
 
@@ -159,6 +162,21 @@ def lineage(pid: int) -> tuple[tuple[int, int], ...]:
         chain.append((pid, info.start_time))
         pid = info.ppid
     return tuple(chain)
+
+
+def run_of(pid: int) -> tuple[str, str]:
+    """TOKENWATCH_AGENT and TOKENWATCH_RUN_ID from the process's environment at its start."""
+    try:
+        with open(f"{PROC}/{pid}/environ", "rb") as f:
+            env = f.read()
+    except OSError:
+        return "", ""
+    found = {environ.AGENT: "", environ.RUN_ID: ""}
+    for entry in env.split(b"\0"):
+        key, _, value = entry.decode(errors="replace").partition("=")
+        if key in found:
+            found[key] = value
+    return found[environ.AGENT], found[environ.RUN_ID]
 
 
 def program_name(argv: list[str]) -> str:
