@@ -436,9 +436,11 @@ def _endpoint_override(settings: ProxySettings) -> ProxySettings:
     """`[proxy]` with the stable endpoint's port from TOKENWATCH_ENDPOINT_PORT, when set."""
     from tokenwatch import environ
 
-    port = os.environ.get(environ.ENDPOINT_PORT, "").strip()
-    if port.isdigit() and int(port) <= 65535:
-        return replace(settings, endpoint_port=int(port))
+    port = os.environ.get(environ.ENDPOINT_PORT, "").strip().lower()
+    if port in ("off", "0") or (port.isdigit() and int(port) <= 65535):
+        return replace(settings, endpoint_port=0 if port == "off" else int(port))
+    if port:
+        log.warning("ignoring %s=%r: a port (0 to 65535) or off", environ.ENDPOINT_PORT, port)
     return settings
 
 
