@@ -56,6 +56,9 @@ _OWN_TOKENIZER_CACHE = "TOKENWATCH_TEST_TOKENIZER_CACHE"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # No stable endpoint in any supervisor a test starts (in-process, `serve`, or started by
+    # `tokenwatch run`) unless the test asks for one: its fixed port is one per machine.
+    os.environ.setdefault("TOKENWATCH_ENDPOINT_PORT", "0")
     # One tokenizer cache for the whole run (each test's own home would convert o200k again),
     # made once, by the first process, and removed by it at the end.
     if "TIKTOKEN_CACHE_DIR" not in os.environ:

@@ -19,12 +19,16 @@ import pytest
 from tests.supervisor_fixtures import (
     ServeProcess,
     clean_supervisor,
+    quiet_config,
+    running_supervisor,
     tokenwatch_env,
 )
-from tokenwatch.cli.coding_agents import find_agent, plan
 from tokenwatch.client.control import SupervisorClient
+from tokenwatch.config import AgentSettings
+from tokenwatch.core.coding_agents import find_agent, plan
 from tokenwatch.demo.fake_exchange import CountedCall
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
+from tokenwatch.paths import Paths
 
 AGENTS_BIN = Path(__file__).resolve().parent.parent / ".coding-agents" / "node_modules" / ".bin"
 URLS = {
@@ -54,6 +58,40 @@ def test_codex_gets_a_provider_of_its_own_on_the_proxy() -> None:
     assert setup.command[-2:] == ["exec", "fix it"]
     assert 'model_providers.tokenwatch.base_url="http://127.0.0.1:9/a/T/v1"' in setup.command
     assert 'model_providers.tokenwatch.wire_api="responses"' in setup.command
+
+
+def test_codex_on_the_stable_endpoint_has_no_route_token_on_its_command_line() -> None:
+    setup = plan(["codex", "exec", "x"], {**URLS, "TOKENWATCH_ENDPOINT": "http://127.0.0.1:8"})
+    assert 'model_providers.tokenwatch.base_url="http://127.0.0.1:8/v1"' in setup.command
+    assert not [word for word in setup.command if "/a/" in word], "ps would show the token"
+    assert not [note for note in setup.notes if "route token" in note]
+    without = plan(["codex", "exec", "x"], URLS)
+    assert "no stable endpoint: the run's route token is on its command line" in without.notes
+
+
+FAKE_CODEX = """#!/bin/sh
+printf '%s\n' "$@" > "$0.args"
+"""
+
+
+async def test_launch_gives_codex_the_flags_run_gives(short_tmp: Path) -> None:
+    codex = short_tmp / "codex"
+    codex.write_text(FAKE_CODEX)
+    codex.chmod(0o755)
+    config = quiet_config(agents={"cx": AgentSettings(command=[str(codex), "exec", "hi"])})
+    paths = Paths.discover()
+    async with (
+        running_supervisor(paths, config, exporters=False),
+        await SupervisorClient.connect(paths, start=False) as client,
+    ):
+        await client.request("launch", name="cx")
+        with anyio.fail_after(30):
+            while not (short_tmp / "codex.args").exists():
+                await anyio.sleep(0.02)
+    args = (short_tmp / "codex.args").read_text().splitlines()
+    assert args[-2:] == ["exec", "hi"]
+    assert 'model_provider="tokenwatch"' in args
+    assert 'model_providers.tokenwatch.wire_api="responses"' in args
 
 
 def test_codex_with_a_provider_of_its_own_is_left_alone() -> None:

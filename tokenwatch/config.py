@@ -147,12 +147,21 @@ class SupervisorSettings:
     """Admit calls when the store cannot be written (default: refuse them with 503)."""
 
 
+DEFAULT_ENDPOINT_PORT = 24680
+"""Below Linux's ephemeral range (32768-60999, so no outgoing connection holds it), in no
+/etc/services entry, and none of the ports local model servers and dev servers take."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     host: str = "127.0.0.1"
     """Loopback address the proxy binds to; anything else is refused."""
     port: Port = 0
     """TCP port (0 to 65535); 0 lets the supervisor choose a free one."""
+    endpoint_port: Port = DEFAULT_ENDPOINT_PORT
+    """The stable endpoint: a fixed port, on the same host, that needs no route token
+    (`OPENAI_BASE_URL=http://127.0.0.1:PORT/v1` in a tool's own settings); calls are
+    attributed to the calling process's agent. 0 turns it off (docs/proxy.md)."""
     openai_upstream: HttpUrl = ""
     """Where OpenAI-shaped calls go when the agent had no OPENAI_BASE_URL (default: api.openai.com)."""
     anthropic_upstream: HttpUrl = ""

@@ -9,8 +9,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tokenwatch import environ
-from tokenwatch.cli.coding_agents import DOC, plan
 from tokenwatch.cli.errors import CliError
+from tokenwatch.core.coding_agents import DOC, plan
 
 if TYPE_CHECKING:
     from tokenwatch.cli.notices import ActionNotices
@@ -388,7 +388,8 @@ def dry_run(command: list[str], name: str) -> str:
     env = {
         "OPENAI_BASE_URL": "http://127.0.0.1:PORT/a/TOKEN/v1",
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:PORT/a/TOKEN",
-        "TOKENWATCH_AGENT": name,
+        environ.AGENT: name,
+        environ.ENDPOINT: "http://127.0.0.1:EPORT",
     }
     setup = plan(command, env)
     lines = [
@@ -396,7 +397,8 @@ def dry_run(command: list[str], name: str) -> str:
         f"command: {shlex.join(setup.command)}",
         *[f"env:     {key}={value}" for key, value in sorted({**env, **setup.env}.items())],
         *[f"note:    {note}" for note in setup.notes],
-        f"(PORT and TOKEN are given when it starts; see {DOC})",
+        f"(PORT and TOKEN are given when it starts; EPORT is the stable endpoint's, "
+        f"[proxy] endpoint_port, when it listens; see {DOC})",
     ]
     return "\n".join(lines)
 

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Run the supervisor (socket server, proxy, ledger, budgets, rules) in the foreground "
             "until SIGTERM or Ctrl-C; it then resumes any agent it paused and flushes the ledger. "
+            "The proxy also listens on a stable endpoint, http://127.0.0.1:24680 by default "
+            "([proxy] endpoint_port; 0 turns it off): a base URL with no token, for a tool's own "
+            "settings, whose calls count for the calling process's agent (docs/proxy.md). "
             "Clients start one in the background when none runs, so this is for systemd or a "
             "terminal of its own."
         ),
@@ -269,6 +272,7 @@ def render_status(status: dict[str, Any]) -> str:
     lines = [
         f"supervisor pid {sup['pid']} · socket {sup['socket']}"
         + (f" · proxy {sup['proxy_url']}" if sup.get("proxy_url") else "")
+        + (f" · endpoint {sup['endpoint_url']}" if sup.get("endpoint_url") else "")
         + f" · {format_usd(status['spend_today_usd'], _partial(status))} today"
     ]
     lines += status.get("fleet", [])  # shared budgets while the team's database is unreachable

@@ -115,6 +115,7 @@ class Engine:
         self.exited = life.exited
         self.attach = life.attach
         self.hello = life.hello
+        self.caller = life.caller
         self.task = life.task
         self.connection_lost = life.connection_lost
         self.launch = life.launch

@@ -14,6 +14,7 @@ import anyio
 
 from tokenwatch import environ
 from tokenwatch.config import AgentSettings, BudgetSettings
+from tokenwatch.core import coding_agents
 from tokenwatch.core.admission import Signal
 from tokenwatch.core.budgets import run_budget_name
 from tokenwatch.core.errors import EngineError, InvalidRequest, NameTaken, NotAllowed, UnknownAgent
@@ -24,6 +25,7 @@ from tokenwatch.engine.agents import AgentRecord, check_name
 from tokenwatch.engine.context import EngineContext
 from tokenwatch.engine.control import Control
 from tokenwatch.engine.ports import Attacher, ChildEnv, Routes
+from tokenwatch.process.peers import Peer
 from tokenwatch.process.processes import NotPermitted, ProcessGone, ProcessHandle, Spawner
 
 log = logging.getLogger("tokenwatch.engine")
@@ -187,6 +189,32 @@ class Lifecycle:
         self._ctx.agent_changed(rec)
         return rec
 
+    def caller(self, peer: Peer) -> str:
+        """The route token for calls from `peer` on the stable endpoint: the live agent whose
+        process is `peer` or one of its ancestors, else a new agent named after its program and
+        holding its pid (so it can be paused and killed), else one that ends with it."""
+        rec = self._supervising(peer)
+        if rec is None:
+            log.info("a call from pid %d (%s) on the stable endpoint", peer.pid, peer.name)
+            try:
+                rec = self.attach(peer.pid, peer.name)
+            except EngineError:  # not ours to signal (tokenwatch's own group): show it still
+                rec = self.register(peer.name, owner_pid=peer.pid)
+                rec.agent.pid = peer.pid
+        if not rec.route and self.routes is not None:
+            rec.route = self.routes.add_route(rec.agent, "", "")
+        return rec.route
+
+    def _supervising(self, peer: Peer) -> AgentRecord | None:
+        for pid, start_time in peer.lineage:
+            rec = self._ctx.roster.by_pid(pid)
+            if rec is not None and rec.live and rec.agent.start_time in (None, 0, start_time):
+                return rec
+        # one that left the tree (double fork to init) still has the run's variables
+        agent, run_id = peer.run
+        rec = self._ctx.roster.get(agent) if agent and run_id else None
+        return rec if rec is not None and rec.live and rec.agent.run_id == run_id else None
+
     def hello(
         self,
         name: str,
@@ -257,9 +285,11 @@ class Lifecycle:
             **settings.env,
             **self.env_for(rec),
         }
+        setup = coding_agents.plan(list(settings.command), child_env)  # what `run` adds too
+        child_env.update(setup.env)
         log_path = self._logs_dir / f"{rec.name}.log" if self._logs_dir else None
         try:
-            handle = self._spawner(list(settings.command), env=dict(self._child_env(child_env)),
+            handle = self._spawner(setup.command, env=dict(self._child_env(child_env)),
                                    cwd=settings.cwd or None, log_path=log_path)  # fmt: skip
         except OSError as exc:
             self.ended(rec, None)
@@ -283,6 +313,8 @@ class Lifecycle:
                 rec.route = self.routes.add_route(rec.agent, "", "")
             env[environ.PROXY_URL] = self.routes.url
             env.update(self.routes.base_urls(rec.route))
+            if self.routes.endpoint:
+                env[environ.ENDPOINT] = self.routes.endpoint
         return env
 
     def restore_route(

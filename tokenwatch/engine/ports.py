@@ -117,3 +117,8 @@ class Routes(Protocol):
 
     @property
     def url(self) -> str: ...
+
+    @property
+    def endpoint(self) -> str:
+        """The stable endpoint's URL (`http://127.0.0.1:PORT`), or "" when it is off."""
+        ...

@@ -115,6 +115,28 @@ class Incoming:
         return b"".join(parts)
 
     @property
+    def ends(self) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """(the server's, the client's) address of the request's connection; None once closed."""
+        transport = self._request.transport
+        if transport is None:
+            return None
+        here, there = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if not here or not there:
+            return None
+        return (str(here[0]), int(here[1])), (str(there[0]), int(there[1]))
+
+    @property
+    def note(self) -> Any:
+        """What the handler noted about the request's connection (there for its next requests)."""
+        return getattr(self._request.protocol, "note", None)
+
+    @note.setter
+    def note(self, value: Any) -> None:
+        protocol = self._request.protocol
+        if isinstance(protocol, _Protocol):
+            protocol.note = value
+
+    @property
     def client_gone(self) -> bool:
         """True when the client has hung up (e.g. while its call was held)."""
         transport = self._request.transport
@@ -195,6 +217,8 @@ class _Protocol(RequestHandler):
     """
 
     error_page: ErrorPage
+    note: Any = None
+    """Kept with the connection for the handler (`Incoming.note`)."""
 
     def handle_error(
         self,

@@ -142,7 +142,11 @@ def split_path(path: str, headers: Mapping[str, str]) -> Target | None:
     token, slash, rest = path[len(PREFIX) :].partition("/")
     if not token:
         return None
-    rest = slash + rest
+    return token_target(token, slash + rest, headers)
+
+
+def token_target(token: str, rest: str, headers: Mapping[str, str]) -> Target:
+    """The Target of a provider-relative path (`/v1/messages`) for the route `token`."""
     provider = ANTHROPIC if _is_anthropic(rest, headers) else OPENAI
     endpoint = rest if rest.startswith("/v1/") else "/v1" + rest
     return Target(token, provider, rest, endpoint.rstrip("/"))

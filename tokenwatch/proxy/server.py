@@ -20,6 +20,8 @@ from tokenwatch.core.nesting import MAX_NESTING
 from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
+from tokenwatch.proxy.call import Call
+from tokenwatch.proxy.endpoint import Callers, StableEndpoint
 from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
     BodyTooLarge,
@@ -39,7 +41,7 @@ from tokenwatch.proxy.lever_calls import (
     nested_too_deep,
     read_request,
 )
-from tokenwatch.proxy.levers import Levers, Prepared
+from tokenwatch.proxy.levers import Levers
 from tokenwatch.proxy.partial import cut_text
 from tokenwatch.proxy.routes import (
     ANTHROPIC,
@@ -105,34 +107,6 @@ class ProxyStatistics:
     """Settlements that raised (the engine keeps the record and retries; the proxy only counts)."""
 
 
-@dataclass(slots=True)
-class _Call:
-    """One metered call on its way: what is known so far and the event being filled."""
-
-    target: Target
-    route: AgentRoute
-    facts: CallFacts
-    prompt: TokenCount
-    event: UsageEvent
-    reader: Reader
-    strip_usage: bool = False
-    doc: dict[str, Any] | None = None
-    plan: Prepared | None = None
-    """What the levers did to the request (None when none could)."""
-    trimmed_tokens: int = 0
-    capture: list[bytes] | None = None
-    """The answer's bytes as the agent got them, kept for the response cache."""
-    answer_headers: Headers | None = None
-    started: float = 0.0
-    first_byte: float | None = None
-    gateway_cost: float | None = None
-    """What an upstream gateway said the call cost, in a response header."""
-    ended: float | None = None
-    """Set when the exchange is over; the event is then finished in the settle task."""
-    cut_body: bytes = b""
-    """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
-
-
 class ProxyServer(LeverCalls):
     """The local reverse proxy. `port = await tg.start(proxy.serve)`; cancel the scope to stop."""
 
@@ -144,6 +118,7 @@ class ProxyServer(LeverCalls):
         *,
         clock: Callable[[], float] = time.time,
         levers: Levers | None = None,
+        callers: Callers | None = None,
     ) -> None:
         self._gate = gate
         self._levers = levers or Levers(clock=clock)
@@ -152,6 +127,12 @@ class ProxyServer(LeverCalls):
         self._clock = clock
         self._limits = Limits(settings.max_body_bytes, MAX_HEADER_BYTES, settings.request_timeout)
         self._http = HttpServer(self._handle, self._limits, protocol_error_page)
+        self.endpoint: StableEndpoint | None = None
+        """The stable endpoint, with `callers` to attribute its calls and a port configured."""
+        if callers is not None and settings.endpoint_port:
+            self.endpoint = StableEndpoint(
+                self._serve, routes, callers, self._limits, settings.endpoint_port
+            )
         self._client: UpstreamClient | None = None
         self._settles: set[asyncio.Task[None]] = set()
         self._host = settings.host
@@ -174,6 +155,8 @@ class ProxyServer(LeverCalls):
                 self._client = client
                 await tg.start(self._levers.run, name="proxy levers")
                 self.port = await tg.start(self._http.serve, hosts, self._settings.port)
+                if self.endpoint is not None:
+                    await tg.start(self.endpoint.serve, hosts, name="tokenwatch.endpoint")
                 task_status.started(self.port)
         finally:
             with anyio.CancelScope(shield=True):
@@ -185,6 +168,11 @@ class ProxyServer(LeverCalls):
         host = "[::1]" if self._host == "::1" else "127.0.0.1"
         root = f"http://{host}:{self.port}/a/{token}"
         return {"OPENAI_BASE_URL": root + "/v1", "ANTHROPIC_BASE_URL": root}
+
+    def endpoint_url(self) -> str:
+        """The stable endpoint's URL (no route token), or "" when it is not listening."""
+        port = self.endpoint.port if self.endpoint is not None else 0
+        return f"http://{'[::1]' if self._host == '::1' else '127.0.0.1'}:{port}" if port else ""
 
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(
@@ -200,13 +188,22 @@ class ProxyServer(LeverCalls):
     # -- one request ---------------------------------------------------------------------------
 
     async def _handle(self, req: Incoming) -> None:
-        self._total += 1
         target = split_path(req.path, req.headers)
+        route = self._routes.get(target.token) if target is not None else None
+        await self._serve(req, target, route, self.port)
+
+    async def _serve(
+        self, req: Incoming, target: Target | None, route: AgentRoute | None, port: int
+    ) -> None:
+        """A request on `port` (the routed or the stable one) from its guards on."""
+        self._total += 1
         provider = target.provider if target is not None else provider_of(req.path, req.headers)
-        if not loopback_host(req.headers.get("Host"), self.port):
+        if not loopback_host(req.headers.get("Host"), port):
             message = "tokenwatch's proxy only answers requests addressed to localhost"
             return await self._guard(req, provider, 403, message, "bad_host")
-        route = self._routes.get(target.token) if target is not None else None
+        if target is not None and not target.token:
+            message = "tokenwatch could not tell which of your processes made this call"
+            return await self._guard(req, provider, 403, message, "unknown_caller")
         if target is None or route is None:
             message = "unknown tokenwatch route: use the base URL `tokenwatch env` or `run` gave"
             return await self._guard(req, provider, 404, message, "no_route")
@@ -325,7 +322,7 @@ class ProxyServer(LeverCalls):
         facts: CallFacts,
         prompt: TokenCount,
         admission: Admission,
-    ) -> _Call:
+    ) -> Call:
         event = UsageEvent(
             ts=self._clock(),
             agent=route.agent,
@@ -350,12 +347,12 @@ class ProxyServer(LeverCalls):
             reader = anthropic_usage.AnthropicReader()
         else:
             reader = openai_usage.OpenAIReader(target.endpoint)
-        return _Call(target, route, facts, prompt, event, reader)
+        return Call(target, route, facts, prompt, event, reader)
 
     # -- forwarding ----------------------------------------------------------------------------
 
     async def _forward(
-        self, req: Incoming, call: _Call, body: bytes, doc: dict[str, Any] | None
+        self, req: Incoming, call: Call, body: bytes, doc: dict[str, Any] | None
     ) -> None:
         if call.target.provider == OPENAI and doc is not None:
             asked = openai_usage.ask_for_usage(call.target.endpoint, doc)
@@ -380,7 +377,7 @@ class ProxyServer(LeverCalls):
                 call.event.http_status = status
 
     async def _exchange(
-        self, req: Incoming, call: _Call, url: str, headers: Headers, body: bytes
+        self, req: Incoming, call: Call, url: str, headers: Headers, body: bytes
     ) -> None:
         assert self._client is not None
         async with self._client.open(req.method, url, headers, body) as upstream:
@@ -404,7 +401,7 @@ class ProxyServer(LeverCalls):
                 raise
 
     async def _relay_whole(
-        self, req: Incoming, call: _Call, upstream: UpstreamResponse, headers: Headers
+        self, req: Incoming, call: Call, upstream: UpstreamResponse, headers: Headers
     ) -> None:
         """A JSON body of known size: read it, then answer in one write (the agent cannot use
         half a JSON document anyway, and one write costs the proxy far less than many)."""
@@ -421,7 +418,7 @@ class ProxyServer(LeverCalls):
             # usage is read after the answer is sent: parsing must not delay the agent
             call.reader.read_json(body)
 
-    async def _relay_body(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+    async def _relay_body(self, req: Incoming, call: Call, upstream: UpstreamResponse) -> None:
         kept: list[bytes] = []
         size = 0
         try:
@@ -439,7 +436,7 @@ class ProxyServer(LeverCalls):
             if call.capture is not None:
                 call.capture.extend(kept)
 
-    async def _relay_stream(self, req: Incoming, call: _Call, upstream: UpstreamResponse) -> None:
+    async def _relay_stream(self, req: Incoming, call: Call, upstream: UpstreamResponse) -> None:
         splitter = SseSplitter()
         read = call.reader.read_event
         async for chunk in upstream.chunks():
@@ -462,7 +459,7 @@ class ProxyServer(LeverCalls):
         if rest and call.strip_usage:
             await req.write(rest)
 
-    def _first_byte(self, call: _Call) -> None:
+    def _first_byte(self, call: Call) -> None:
         if call.first_byte is None:
             call.first_byte = _now()
 
@@ -477,7 +474,7 @@ class ProxyServer(LeverCalls):
         await self._refuse(req, error_reply(provider, status, message, code="upstream"))
         return status
 
-    async def _finish_quietly(self, call: _Call) -> None:
+    async def _finish_quietly(self, call: Call) -> None:
         """`_finish_event`, but a failure there must not cost the record: settle what is known."""
         try:
             await self._finish_event(call)
@@ -485,7 +482,7 @@ class ProxyServer(LeverCalls):
             call.event.estimated = True
             log.warning("could not read the usage of a call (%s)", type(exc).__name__)
 
-    async def _finish_event(self, call: _Call) -> None:
+    async def _finish_event(self, call: Call) -> None:
         """Fill in timing and usage: the upstream's figures, else a local count marked estimated."""
         event, end = call.event, call.ended or _now()
         event.latency_ms = (end - call.started) * 1000
@@ -498,7 +495,7 @@ class ProxyServer(LeverCalls):
         if plan is not None and plan.lever:
             self._levers.account(event, plan, call.trimmed_tokens)
 
-    async def _read_usage(self, call: _Call) -> None:
+    async def _read_usage(self, call: Call) -> None:
         event, reader = call.event, call.reader
         failed = event.http_status is None or event.http_status >= 400
         if failed:
@@ -517,7 +514,7 @@ class ProxyServer(LeverCalls):
         if not failed:
             event.answer_hash = answer_hash(reader)
 
-    async def _estimate(self, call: _Call, usage: Usage | None) -> None:
+    async def _estimate(self, call: Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""
         known = usage or Usage()
         text = call.reader.output_text() or cut_text(call.cut_body)
@@ -563,7 +560,7 @@ class ProxyServer(LeverCalls):
             pass
 
     def _settle_soon(
-        self, admission: Admission, event: UsageEvent, call: _Call | None = None
+        self, admission: Admission, event: UsageEvent, call: Call | None = None
     ) -> None:
         """Finish the event (`call`, when it went upstream) and settle it in a task of its own:
         the agent's connection is not held while the store writes. A bare asyncio task, not the
@@ -574,7 +571,7 @@ class ProxyServer(LeverCalls):
         self._settles.add(task)
         task.add_done_callback(self._settles.discard)
 
-    async def _settle(self, admission: Admission, event: UsageEvent, call: _Call | None) -> None:
+    async def _settle(self, admission: Admission, event: UsageEvent, call: Call | None) -> None:
         if call is not None:
             await self._finish_quietly(call)
             self._after(call)

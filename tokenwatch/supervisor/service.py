@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from tokenwatch.config import Config, ConfigError
+from tokenwatch.config import Config, ConfigError, ProxySettings
 from tokenwatch.core.maintained_prices import INSTALLED
 from tokenwatch.core.models import Agent, Alert, UsageEvent
 from tokenwatch.engine.engine import Engine
@@ -65,6 +65,8 @@ class ProxyRoutes:
     proxy: Any
     url: str
     save_to: Path | None = None
+    endpoint: str = ""
+    """The stable endpoint's URL, or "" when it is off or could not listen."""
 
     def add_route(
         self, agent: Agent, openai_upstream: str, anthropic_upstream: str, token: str = ""
@@ -135,6 +137,7 @@ class Supervisor:
         self.commands: Commands | None = None
         self.store: Store | None = None
         self.proxy_url = ""
+        self.endpoint_url = ""
         self.metrics_url = ""
         self.recovered: list[str] = []
         self.levers: Levers | None = None
@@ -153,6 +156,7 @@ class Supervisor:
             "version": __version__,
             "socket": str(self.paths.socket),
             "proxy_url": self.proxy_url,
+            "endpoint_url": self.endpoint_url,
             "metrics_url": self.metrics_url,
             "db": str(self.paths.db),
             "config": self.config.source,
@@ -348,7 +352,12 @@ class Supervisor:
         table = RouteTable()
         proxy, port = await self._listen(tg, engine, table, saved.port)
         self.proxy_url = f"http://{self.config.proxy.host}:{port}"
-        routes = ProxyRoutes(table, proxy, self.proxy_url, self.paths.proxy_routes)
+        self.endpoint_url = proxy.endpoint_url()
+        routes = ProxyRoutes(
+            table, proxy, self.proxy_url, self.paths.proxy_routes, self.endpoint_url
+        )
+        if proxy.endpoint is not None and proxy.endpoint.error:
+            engine.alert_nowait(Alert(rule="endpoint", agent="", message=proxy.endpoint.error))
         engine.use_routes(routes)
         if port == saved.port:
             for token, r in saved.routes.items():
@@ -357,7 +366,11 @@ class Supervisor:
                 ):
                     log.info("%s's proxy route restored", r.agent)
         routes.save()
-        log.info("proxy listening on %s", self.proxy_url)
+        log.info(
+            "proxy listening on %s (stable endpoint: %s)",
+            self.proxy_url,
+            self.endpoint_url or "off",
+        )
 
     async def _listen(
         self, tg: anyio.abc.TaskGroup, engine: Engine, table: Any, saved_port: int
@@ -366,7 +379,8 @@ class Supervisor:
         previous supervisor had (its agents' base URLs name it) when that port is free."""
         from tokenwatch.proxy.server import ProxyServer
 
-        settings = self.config.proxy
+        settings = _endpoint_override(self.config.proxy)
+        callers = engine.caller
         if not settings.port and saved_port:
             again = ProxyServer(
                 engine,
@@ -374,6 +388,7 @@ class Supervisor:
                 replace(settings, port=saved_port),
                 clock=self._clock,
                 levers=self.levers,
+                callers=callers,
             )
             try:
                 port = await tg.start(again.serve, name="tokenwatch.proxy")
@@ -383,7 +398,9 @@ class Supervisor:
                 )
             else:
                 return again, port
-        proxy = ProxyServer(engine, table, settings, clock=self._clock, levers=self.levers)
+        proxy = ProxyServer(
+            engine, table, settings, clock=self._clock, levers=self.levers, callers=callers
+        )
         return proxy, await tg.start(proxy.serve, name="tokenwatch.proxy")
 
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
@@ -427,6 +444,18 @@ async def _count_runs_so_far(found: list[AgentRecord], store: Store) -> None:
                 rec.requests, rec.tokens = run.requests, run.total_tokens
                 priced = run.requests > run.unpriced_requests
                 rec.cost_usd = run.cost_usd if priced else None
+
+
+def _endpoint_override(settings: ProxySettings) -> ProxySettings:
+    """`[proxy]` with the stable endpoint's port from TOKENWATCH_ENDPOINT_PORT, when set."""
+    from tokenwatch import environ
+
+    port = os.environ.get(environ.ENDPOINT_PORT, "").strip().lower()
+    if port in ("off", "0") or (port.isdigit() and int(port) <= 65535):
+        return replace(settings, endpoint_port=0 if port == "off" else int(port))
+    if port:
+        log.warning("ignoring %s=%r: a port (0 to 65535) or off", environ.ENDPOINT_PORT, port)
+    return settings
 
 
 def _config_file(config: Config) -> Path | None:

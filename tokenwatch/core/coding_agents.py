@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from tokenwatch import environ
+
 DOC = "docs/agents.md"
 CODEX_PROVIDER = "tokenwatch"
 
@@ -41,15 +43,20 @@ def _codex(command: list[str], at: int, env: Mapping[str, str]) -> Plan:
         else ("OPENAI_API_KEY")
     )
     provider = f"model_providers.{CODEX_PROVIDER}"
+    # the stable endpoint tells the run's calls by process: no route token where `ps` shows it
+    endpoint = env.get(environ.ENDPOINT, "")
+    base_url = endpoint + "/v1" if endpoint else env.get("OPENAI_BASE_URL", "")
     flags = [
         f"model_provider={json.dumps(CODEX_PROVIDER)}",
         f"{provider}.name={json.dumps(CODEX_PROVIDER)}",
-        f"{provider}.base_url={json.dumps(env.get('OPENAI_BASE_URL', ''))}",
+        f"{provider}.base_url={json.dumps(base_url)}",
         f'{provider}.wire_api="responses"',
         f"{provider}.env_key={json.dumps(key)}",
     ]
     added = [word for flag in flags for word in ("-c", flag)]
     notes = [f"its API key is read from {key}"]
+    if not endpoint:
+        notes.append("no stable endpoint: the run's route token is on its command line")
     return Plan(title, [*command[: at + 1], *added, *words], notes=notes)
 
 
