@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenwatch.supervisor")
 CACHE_HEALTH_RULE = "prompt_cache"
 """The rule name prompt-cache health alerts carry."""
+TRIM_RULE = "trim"
+"""The rule name of the alert that trimmed turns were dropped without their summary."""
 
 
 class ConfigPrices:
@@ -50,12 +52,16 @@ def build_levers(
             Alert(rule=CACHE_HEALTH_RULE, agent=agent, message=message, severity=severity)
         )
 
+    def trim_alert(agent: str, message: str) -> None:
+        engine.alert_nowait(Alert(rule=TRIM_RULE, agent=agent, message=message))
+
     return Levers(
         config().optimize,
         cache_path=paths.response_cache,
         price=ConfigPrices(config).cost,
         statuses=engine.budgets.statuses,
         alert=alert,
+        trim_alert=trim_alert,
         clock=clock,
     )
 
