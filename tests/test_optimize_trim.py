@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from hypothesis import given
@@ -243,3 +244,46 @@ async def test_a_summary_that_fails_drops_the_turns_plainly_with_an_alert() -> N
             "(TimeoutError)",
         )
     ]
+
+
+async def test_an_anthropic_conversation_is_summarised_on_its_own_wire() -> None:
+    trim = TrimSettings(enabled=True, keep_turns=1, summary_model="claude-3-5-haiku-latest")
+    levers = Levers(OptimizeSettings(trim=trim), price=price)
+    messages: list[dict[str, Any]] = []
+    for i in range(4):
+        uses = [{"type": "tool_use", "id": f"toolu_{i}", "name": "f", "input": {}}]
+        messages += [
+            {"role": "user", "content": f"Question {i}: " + "tell me more " * 30},
+            {"role": "assistant", "content": [{"type": "text", "text": "Looking."}, *uses]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}", "content": "ok"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "More. " * 30}]},
+        ]
+    messages.append({"role": "user", "content": "And finally?"})
+    async with running_proxy(levers=levers) as rig:
+        async with anthropic.AsyncAnthropic(
+            base_url=rig.anthropic_url, api_key=API_KEY, max_retries=0
+        ) as client:
+            await client.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=50,
+                system="You are terse.",
+                messages=messages,  # type: ignore[arg-type]
+            )
+        summary, trimmed = await rig.gate.wait_settled(2)
+        billed = list(rig.fake.calls)
+    cut = cut_request({"messages": messages}, 1)
+    assert cut is not None
+    covered, text = levers.summaries.best("coder", "claude-3-5-haiku-latest", cut.dropped)
+    assert covered == 4
+    assert made_by_fake(text)
+    assert [(c.endpoint, c.model) for c in billed] == [
+        ("/v1/messages", "claude-3-5-haiku-latest"),
+        ("/v1/messages", "claude-sonnet-4-5"),
+    ]
+    assert (summary.provider, summary.lever, summary.status) == ("anthropic", "summary", "ok")
+    assert summary.input_tokens == billed[0].input_tokens
+    assert trimmed.lever == "trim"
+    assert trimmed.saved_tokens > 0
