@@ -246,8 +246,10 @@ class ScriptedSource:
     ) -> dict[str, Any] | None:
         """Like the supervisor: the record shows the switch; the reply is the switch in force."""
         record = self._view(agent).agent
-        record.route_model = "" if undo else model or record.route_model
-        record.route_only = "" if undo or only == "*" else only
+        if undo:
+            record.route_model = record.route_only = ""
+        elif model:
+            record.route_model, record.route_only = model, "" if only == "*" else only
         self.push_nowait("agent", dataclasses.replace(record))
         if not record.route_model:
             return None
