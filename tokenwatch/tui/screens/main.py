@@ -46,7 +46,7 @@ class MainScreen(Screen[None]):
         Binding("p", "pause", "Pause/resume"),
         Binding("k", "kill", "Kill"),
         Binding("t", "throttle", "Throttle"),
-        Binding("m", "model", "Model switch"),
+        Binding("m", "model", "Model switch", show=False),  # in `?` help; the footer is full
         Binding("b", "budget", "Budget"),
         Binding("P", "pause_all", "Pause all"),
         Binding("R", "resume_all", "Resume all"),
