@@ -18,6 +18,9 @@ ramp, whose own CPU caps the figure at a few thousand requests/s.
     .venv/bin/python bench/proxy.py            # full run (about two minutes)
     .venv/bin/python bench/proxy.py --quick    # smaller samples
     .venv/bin/python bench/proxy.py --in-process   # one loop: the proxy's own CPU cost
+    .venv/bin/python bench/proxy.py --quick --cache-miss   # response cache on, every call a miss
+
+`--cache-miss` goes with either mode; alternate runs with and without it to see its cost.
 """
 
 from __future__ import annotations
@@ -264,9 +267,10 @@ def _stream_body() -> bytes:
     return json.dumps({**BODY, "stream": True, "stream_options": {"include_usage": True}}).encode()
 
 
-async def bench_in_process(quick: bool) -> None:
+async def bench_in_process(quick: bool, cache_dir: str = "") -> None:
     """Upstream, proxy and client on one event loop: the difference is the proxy's own CPU time,
-    free of the scheduler delays a loaded machine adds to every extra process hop."""
+    free of the scheduler delays a loaded machine adds to every extra process hop (with
+    `cache_dir`, the response cache's miss path is paid on every call)."""
     import anyio
 
     from tokenwatch.config import ProxySettings
@@ -276,7 +280,8 @@ async def bench_in_process(quick: bool) -> None:
     upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
     routes = RouteTable()
     token = routes.add(AgentRoute(agent="bench"))
-    proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream))
+    levers = _cache_on_miss_path(cache_dir) if cache_dir else None
+    proxy = ProxyServer(_OpenGate(), routes, ProxySettings(openai_upstream=upstream), levers=levers)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(proxy.serve)
@@ -526,13 +531,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve_proxy:
         _run_loop(run_proxy(args.serve_proxy, args.cache_dir), args.loop)
-    elif args.in_process:
-        print("mode: in-process (one event loop for client, proxy and upstream)")
-        asyncio.run(bench_in_process(args.quick))
-    else:
-        print("mode: three processes (client here, proxy and upstream each in their own)")
-        with tempfile.TemporaryDirectory(prefix="tw-bench-") as directory:
-            cache_dir = directory if args.cache_miss else ""
+        return
+    if args.cache_miss:
+        print("response cache on, every request a miss (TTL of a microsecond)")
+    with tempfile.TemporaryDirectory(prefix="tw-bench-") as directory:
+        cache_dir = directory if args.cache_miss else ""
+        if args.in_process:
+            print("mode: in-process (one event loop for client, proxy and upstream)")
+            asyncio.run(bench_in_process(args.quick, cache_dir))
+        else:
+            print("mode: three processes (client here, proxy and upstream each in their own)")
             asyncio.run(bench(args.quick, args.nice, args.pin, args.loop, cache_dir))
 
 

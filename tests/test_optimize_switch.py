@@ -10,7 +10,9 @@ from typing import Any
 
 import anyio
 import openai
+import pytest
 
+from tests.process_fixtures import start_sleeper
 from tests.proxy_fixtures import API_KEY
 from tests.supervisor_fixtures import running_supervisor, stored
 from tokenwatch.client.control import SupervisorClient
@@ -28,9 +30,9 @@ from tokenwatch.proxy.switch import STATUS_TTL
 MESSAGES = [{"role": "user", "content": "Summarise the plot of Hamlet."}]
 
 
-async def register(sup: Any, name: str) -> str:
+async def register(sup: Any, name: str, **fields: Any) -> str:
     async with await SupervisorClient.connect(socket_path=Path(sup.paths.socket), start=False) as c:
-        registered = await c.request("register", name=name)
+        registered = await c.request("register", name=name, **fields)
     return str(registered["env"]["OPENAI_BASE_URL"])
 
 
@@ -71,6 +73,39 @@ async def test_route_switches_the_model_and_undo_restores_it() -> None:
     assert events[1].saved_usd is not None
     assert events[1].saved_usd > 0  # gpt-4o-mini is the cheaper of the two
     assert any("now go to gpt-4o-mini (cli)" in a.message for a in alerts)
+
+
+@pytest.mark.slow
+async def test_a_switch_survives_a_supervisor_restart() -> None:
+    sleeper = start_sleeper()  # the agent: it outlives the first supervisor
+    try:
+        async with running_fake_llm() as fake:
+            config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+            paths = Paths.discover()
+            async with running_supervisor(paths, config, proxy=True, exporters=False) as first:
+                url = await register(first, "researcher", pid=sleeper.pid)
+                await tokenwatch(
+                    "route", "researcher", "--model", "gpt-4o-mini", "--only", "gpt-4o"
+                )
+            async with running_supervisor(paths, config, proxy=True, exporters=False) as second:
+                assert second.recovered == ["researcher"]
+                shown = await tokenwatch("route", "researcher")
+                await ask(url)
+                await ask(url, "o3-mini")  # not a model the switch names
+                await tokenwatch("route", "researcher", "--undo")
+            async with running_supervisor(paths, config, proxy=True, exporters=False) as third:
+                await ask(url)  # undone: a third supervisor serves it as asked
+                records = (
+                    {a.name: a for a in await third.store.load_agents()} if third.store else {}
+                )
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert shown == (
+        "researcher: calls asking for gpt-4o go to gpt-4o-mini (tokenwatch route researcher --undo)\n"
+    )
+    assert [c.model for c in fake.calls] == ["gpt-4o-mini", "o3-mini", "gpt-4o"]
+    assert (records["researcher"].route_model, records["researcher"].route_only) == ("", "")
 
 
 async def test_route_names_an_unknown_agent_in_one_line() -> None:

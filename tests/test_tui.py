@@ -29,7 +29,12 @@ from tests.tui_fixtures import (
 from tokenwatch.core.models import Action, Alert
 from tokenwatch.process.processes import ProcessHandle
 from tokenwatch.tui.screens.detail import AgentDetailScreen
-from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen, ThrottleScreen
+from tokenwatch.tui.screens.dialogs import (
+    BudgetScreen,
+    ConfirmScreen,
+    ModelScreen,
+    ThrottleScreen,
+)
 from tokenwatch.tui.screens.report import ReportScreen
 from tokenwatch.tui.source import CommandError, ScriptedSource
 from tokenwatch.tui.widgets.spenders import TopSpenders
@@ -158,6 +163,32 @@ async def test_throttle_validates_the_rate_and_t_again_turns_it_off() -> None:
         await pilot.press("t")
         await wait_for(pilot, lambda: len(source.commands_of("throttle")) == 2, "off sent")
         assert source.commands_of("throttle")[1]["rate"] == "off"
+
+
+async def test_model_key_switches_esc_leaves_it_and_an_empty_prompt_undoes() -> None:
+    source = ScriptedSource(sample_snapshot())
+    app = scripted_app(source)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await select(pilot, "coder")
+        await pilot.press("m", *"gpt 4o", "enter")
+        assert "no spaces" in str(app.screen.query_one(".error", Label).render())
+        await pilot.press("escape")  # cancelled: nothing sent
+        assert source.commands_of("route") == []
+        await pilot.press("m", *"gpt-4o-mini", "enter")
+        await wait_for(pilot, lambda: "coder: calls go to gpt-4o-mini" in notifications(app), "ok")
+        assert app.view_of("coder").agent.route_model == "gpt-4o-mini"
+        await pilot.press("enter")  # the agent screen says so too
+        await wait_for(pilot, lambda: isinstance(app.screen, AgentDetailScreen), "detail")
+        identity = app.screen.query_one("#identity")
+        await wait_for(pilot, lambda: "served by gpt-4o-mini" in widget_text(identity), "shown")
+        await pilot.press("escape", "m")
+        await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), "prompt open")
+        await pilot.press("ctrl+u", "enter")
+        await wait_for(pilot, lambda: not app.view_of("coder").agent.route_model, "undone")
+    assert source.commands_of("route") == [
+        {"agent": "coder", "model": "gpt-4o-mini", "who": "key"},
+        {"agent": "coder", "undo": True, "who": "key"},
+    ]
 
 
 @pytest.mark.parametrize("bad", ["lots", "-5", "0", "$"])

@@ -1,5 +1,6 @@
 """The dashboard against a real supervisor (in-process) over its socket: launch, budget form
-persisted to the overlay, pause and resume all on a real process, detail and report screens with real replies."""
+persisted to the overlay, pause and resume all on a real process, detail and report screens with real replies,
+the model switch key changing the model fake-llm receives."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import openai
 import pytest
+from textual.widgets import Input
 
 from tests.process_fixtures import dead
 from tests.process_fixtures import state as proc_state
+from tests.proxy_fixtures import API_KEY
 from tests.supervisor_fixtures import quiet_config, running_supervisor
 from tests.tui_fixtures import notifications, row_names, wait_for
 from tokenwatch.client.control import SupervisorClient
+from tokenwatch.config import Config, ProxySettings
+from tokenwatch.demo.fake_llm import running_fake_llm
 from tokenwatch.paths import Paths
 from tokenwatch.supervisor.policy import load_config
 from tokenwatch.tui.app import build_app
 from tokenwatch.tui.screens.detail import AgentDetailScreen
-from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen
+from tokenwatch.tui.screens.dialogs import BudgetScreen, ConfirmScreen, ModelScreen
 from tokenwatch.tui.screens.report import ReportScreen
 from tokenwatch.tui.source import SupervisorSource
 
@@ -137,3 +143,47 @@ async def test_the_dashboard_waits_for_a_restarted_supervisor_and_goes_on() -> N
         await source.aclose()
         await client.aclose()
         await first.aclose()
+
+
+@pytest.mark.slow
+async def test_the_model_key_switches_the_model_fake_llm_receives() -> None:
+    async with running_fake_llm() as fake:
+        config = Config(proxy=ProxySettings(openai_upstream=fake.url + "/v1"))
+        paths = Paths.discover()
+        async with (
+            running_supervisor(paths, config, proxy=True, exporters=False),
+            await SupervisorClient.connect(paths, start=False) as client,
+        ):
+            registered = await client.request("register", name="researcher")
+            url = registered["env"]["OPENAI_BASE_URL"]
+            app = build_app(
+                SupervisorSource(client, interval=0.2),
+                address=str(client.socket_path),
+                min_refresh=0.0,
+            )
+            async with app.run_test(size=(120, 36)) as pilot:
+                await wait_for(pilot, lambda: "researcher" in row_names(app), "agent shown")
+                await pilot.press("m")
+                await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), "prompt open")
+                await pilot.press(*"gpt-4o-mini", "enter")
+                await wait_for(pilot, lambda: "→gpt-4o-mini" in state_cell(app), "row shows it")
+                assert "researcher: calls go to gpt-4o-mini" in notifications(app)
+                await ask(url)
+
+                await pilot.press("m")  # again: the prompt holds the model in force; emptied, undo
+                await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), "prompt open")
+                assert app.screen.query_one(Input).value == "gpt-4o-mini"
+                await pilot.press("ctrl+u", "enter")
+                await wait_for(pilot, lambda: "→" not in state_cell(app), "row shows it undone")
+                await ask(url)
+    assert [c.model for c in fake.calls] == ["gpt-4o-mini", "gpt-4o"]
+
+
+def state_cell(app: Any) -> str:
+    return str(app.main.table.get_cell("slot-0", "state"))
+
+
+async def ask(url: str) -> None:
+    messages = [{"role": "user", "content": "Which model answers?"}]
+    async with openai.AsyncOpenAI(base_url=url, api_key=API_KEY, max_retries=0) as oai:
+        await oai.chat.completions.create(model="gpt-4o", messages=messages)  # type: ignore[arg-type]

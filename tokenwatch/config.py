@@ -371,6 +371,11 @@ class TrimSettings:
     """Glob of agent names whose prompts are trimmed."""
     keep_turns: Annotated[int, Range(1, 10_000)] = 6
     """Latest turns kept (1 to 10000); the system prompt is always kept."""
+    summary_model: str = ""
+    """A cheap model (same provider and wire) that summarises the dropped turns into one message
+    in their place; empty drops them without a summary."""
+    summary_timeout: Annotated[float, Range(0, 600, above=True)] = 30.0
+    """Seconds a summary may take; past them the turns are dropped without one."""
 
 
 @dataclass(frozen=True, slots=True)

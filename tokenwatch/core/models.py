@@ -194,6 +194,10 @@ class Agent(Plain):
     exit_code: int | None = None
     throttle: str = ""
     """Active throttle rate as the user wrote it (`20k/min`, `$1/h`, `50%`), empty when off."""
+    route_model: str = ""
+    """The model its proxied calls are served by instead (`tokenwatch route`), empty when off."""
+    route_only: str = ""
+    """Glob of the requested models that switch applies to; empty for every call."""
     started_at: float = field(default_factory=time.time)
     start_time: int = 0
     """The process's start time (clock ticks after boot): a restarted supervisor re-adopts the

@@ -123,6 +123,7 @@ class Engine:
         self.adopt = life.adopt
         self.recover = life.recover
         self.restore_route = life.restore_route
+        self.agent_changed = ctx.agent_changed
 
     # -- lifetime -----------------------------------------------------------------------------
 

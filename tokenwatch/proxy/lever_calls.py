@@ -4,31 +4,47 @@ learn from a finished call. A part of ProxyServer, kept apart so the server stay
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
 import anyio.to_thread
+import orjson
 
 from tokenwatch.config import ProxySettings
-from tokenwatch.core.models import Status, UsageEvent
+from tokenwatch.core.admission import CallRequest, Gate
+from tokenwatch.core.models import Source, Status, UsageEvent
 from tokenwatch.core.nesting import nested_deeper_than
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
 from tokenwatch.proxy.cache import HIT_HEADER
-from tokenwatch.proxy.http import ClientGone, Incoming
+from tokenwatch.proxy.http import ClientGone, Incoming, relayable
 from tokenwatch.proxy.levers import Levers, Prepared
 from tokenwatch.proxy.routes import ANTHROPIC, AgentRoute, Target, upstream_url
-from tokenwatch.proxy.usage import INLINE_CHARS, CallFacts, count_prompt
+from tokenwatch.proxy.summary import MAX_SUMMARY_TOKENS, Made, SummaryFailed, answer_text
+from tokenwatch.proxy.upstream import (
+    UpstreamClient,
+    UpstreamCut,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from tokenwatch.proxy.usage import INLINE_CHARS, CallFacts, count_prompt, fill_event, json_object
 
 CALL_ID_HEADER = "x-tokenwatch-call-id"
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
+_SUMMARY_DROP = frozenset({CALL_ID_HEADER, "accept-encoding", "content-type", "content-length"})
+"""The agent's headers not sent with a summary request (its credentials and API version are)."""
 
 
 class LeverCalls:
     _levers: Levers
     _settings: ProxySettings
     _flying: dict[tuple[str, str], int]
+    _gate: Gate
+    _client: UpstreamClient | None
+    _clock: Callable[[], float]
 
     def _take_off(self, event: UsageEvent) -> tuple[str, str]:
         """Count the call in flight; its event says how many identical ones already were."""
@@ -57,9 +73,94 @@ class LeverCalls:
     ) -> Prepared:
         url = upstream_url(self._settings, route, target, facts.model, req.query)
         scope = (route.user, target.provider, target.endpoint, url)
+        summarise = None
+        if self._levers.summarising:
+            summarise = functools.partial(self._summary_call, req, target, route)
         return await self._levers.prepare(
-            route.agent, scope, req.headers, body, doc, facts, lambda d: read_request(target, d)
+            route.agent,
+            scope,
+            req.headers,
+            body,
+            doc,
+            facts,
+            lambda d: read_request(target, d),
+            summarise,
         )
+
+    async def _summary_call(
+        self, req: Incoming, target: Target, route: AgentRoute, doc: dict[str, Any]
+    ) -> Made:
+        """Ask for a summary of trimmed turns through the agent's upstream, with its credentials:
+        a call of the agent's own, admitted, recorded and charged like any other (`lever`
+        "summary"). Raises SummaryFailed."""
+        body = orjson.dumps(doc)
+        facts = read_request(target, doc)
+        prompt = await count_prompt(facts, len(body))
+        ask = CallRequest(
+            agent=route.agent,
+            provider=target.provider,
+            model=facts.model,
+            endpoint=target.endpoint,
+            run_id=route.run_id,
+            task=route.task,
+            user=route.user,
+            tags=dict(route.tags),
+            input_tokens=prompt.tokens,
+            max_output_tokens=MAX_SUMMARY_TOKENS,
+        )
+        admission = await self._gate.admit(ask)
+        event = UsageEvent(
+            ts=self._clock(),
+            agent=route.agent,
+            run_id=route.run_id,
+            user=route.user,
+            task=route.task,
+            provider=target.provider,
+            model=facts.model,
+            endpoint=target.endpoint,
+            wait_ms=admission.waited_ms,
+            source=Source.PROXY.value,
+            call_id=os.urandom(16).hex(),
+            lever="summary",
+        )
+        try:
+            if not admission.allowed:
+                event.status, event.http_status = Status.DENIED.value, admission.status
+                raise SummaryFailed(admission.message or "refused")
+            text = await self._summary_exchange(req, target, route, body, event)
+        except BaseException:
+            if event.status == Status.OK.value and event.http_status is None:
+                event.status = Status.CANCELLED.value  # timed out or stopped before an answer
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._gate.settle(admission, event)
+        return Made(text, event)
+
+    async def _summary_exchange(
+        self, req: Incoming, target: Target, route: AgentRoute, body: bytes, event: UsageEvent
+    ) -> str:
+        assert self._client is not None
+        headers = relayable(req.header_items(), _SUMMARY_DROP)
+        headers += [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
+        url = upstream_url(self._settings, route, target, event.model, req.query)
+        try:
+            async with self._client.open("POST", url, headers, body) as answer:
+                event.http_status = answer.status
+                data = await answer.read(lambda: None)
+        except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
+            event.status = Status.ERROR.value
+            raise SummaryFailed(f"its upstream failed: {type(exc).__name__}") from None
+        reader = read_answer(target, data)
+        if reader.usage is not None:
+            fill_event(event, reader.usage)
+        if event.http_status != 200:
+            event.status = Status.ERROR.value
+            raise SummaryFailed(f"HTTP {event.http_status}")
+        text = answer_text(target.provider == ANTHROPIC, json_object(data))
+        if not text:
+            raise SummaryFailed("an answer without text")
+        return text
 
     async def _planned(self, call: Any, plan: Prepared, prompt: TokenCount) -> None:
         """Note what trimming cut (the prompt counted before and after) and whether the answer
@@ -100,6 +201,17 @@ def read_request(target: Target, doc: dict[str, Any] | None) -> CallFacts:
     if target.provider == ANTHROPIC:
         return anthropic_usage.read_request(target.endpoint, doc)
     return openai_usage.read_request(target.endpoint, doc)
+
+
+def read_answer(target: Target, body: bytes) -> Any:
+    """A reader that has read a whole JSON answer (its usage, when it reports one)."""
+    reader: Any
+    if target.provider == ANTHROPIC:
+        reader = anthropic_usage.AnthropicReader()
+    else:
+        reader = openai_usage.OpenAIReader(target.endpoint)
+    reader.read_json(body)
+    return reader
 
 
 def looks_json(body: bytes) -> bool:

@@ -4,6 +4,7 @@ change in it, and what they saved."""
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,9 +19,19 @@ from tokenwatch.config import OptimizeSettings
 from tokenwatch.core.models import BudgetStatus, UsageEvent
 from tokenwatch.proxy.cache import CachedAnswer, ResponseCache, cache_key, storable_headers
 from tokenwatch.proxy.cache_health import CacheHealth
+from tokenwatch.proxy.routes import ANTHROPIC
+from tokenwatch.proxy.summary import (
+    Summaries,
+    Summarise,
+    summary_message,
+    summary_request,
+    transcript,
+)
 from tokenwatch.proxy.switch import STATUS_TTL, BudgetFractions, ModelSwitch
-from tokenwatch.proxy.trim import trimmed_request
+from tokenwatch.proxy.trim import Cut, cut_request
 from tokenwatch.proxy.usage import CallFacts
+
+log = logging.getLogger("tokenwatch.proxy")
 
 Price = Callable[[UsageEvent], float | None]
 """USD a call with these figures costs at today's prices; None when the model is unknown."""
@@ -28,6 +39,8 @@ CACHED_ENDPOINTS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"}
 )
 """Responses (`/v1/responses`) are left out: they can name server-side state by id."""
+SUMMARY_ALERT_EVERY = 600.0
+"""Seconds between two alerts about an agent's summaries failing (each failure is logged)."""
 
 
 @dataclass(slots=True)
@@ -43,6 +56,8 @@ class Prepared:
     cache_key: bytes | None = None
     """Set when the answer may be kept for the next identical request."""
     hit: CachedAnswer | None = None
+    summary_usd: float = 0.0
+    """What summarising the trimmed turns cost (counted against what trimming saved)."""
 
     @property
     def lever(self) -> str:
@@ -62,6 +77,7 @@ class Levers:
         price: Price = lambda event: None,
         statuses: Callable[[], list[BudgetStatus]] = list,
         alert: Callable[[str, str], None] = lambda agent, message: None,
+        trim_alert: Callable[[str, str], None] = lambda agent, message: None,
         clock: Callable[[], float] = time.time,
         status_ttl: float = STATUS_TTL,
     ) -> None:
@@ -74,6 +90,11 @@ class Levers:
         if settings.cache.enabled and cache_path is not None:
             self.cache = ResponseCache(cache_path, settings.cache, clock)
         self.trim = settings.trim if settings.trim.enabled else None
+        self.summarising = self.trim is not None and bool(self.trim.summary_model)
+        self.summaries = Summaries()
+        self._trim_alert = trim_alert
+        self._clock = clock
+        self._alerted: dict[str, float] = {}
         self.health: CacheHealth | None = None
         if settings.cache_health.enabled:
             self.health = CacheHealth(settings.cache_health, alert, price, clock)
@@ -101,25 +122,62 @@ class Levers:
         doc: dict[str, Any],
         facts: CallFacts,
         read: Callable[[dict[str, Any]], CallFacts],
+        summarise: Summarise | None = None,
     ) -> Prepared:
         """Apply the switch and trimming to a request, then look it up in the cache. `scope` is
-        who may share a cached answer (user, provider, endpoint, upstream URL)."""
+        who may share a cached answer (user, provider, endpoint, upstream URL); `summarise`
+        makes a summary of trimmed turns (given when `summarising`)."""
         plan = Prepared(body, doc, facts)
         served = self.switch.model_for(agent, facts.model) if self.switch.active else ""
         if served:
             plan.requested_model = facts.model
             self._rewrite(plan, {**plan.doc, "model": served}, read)
         if self.trim is not None and self._trimming(agent):
-            trimmed = trimmed_request(plan.doc, self.trim.keep_turns)
-            if trimmed is not None:
+            cut = cut_request(plan.doc, self.trim.keep_turns)
+            if cut is not None:
                 plan.trimmed = plan.facts
-                self._rewrite(plan, trimmed[0], read)
+                doc = cut.doc
+                if summarise is not None and self.summarising:
+                    doc = await self._summarised(agent, scope[1] == ANTHROPIC, cut, summarise, plan)
+                self._rewrite(plan, doc, read)
         if self.cache is not None and self._cacheable(agent, scope[1:3], headers, plan.doc):
             who = scope if self.cache.settings.shared else (agent, *scope)
             plan.cache_key = cache_key(who, headers, plan.body)
             if "no-cache" not in headers.get("cache-control", ""):
                 plan.hit = await self.cache.get(plan.cache_key)
         return plan
+
+    async def _summarised(
+        self, agent: str, anthropic: bool, cut: Cut, summarise: Summarise, plan: Prepared
+    ) -> dict[str, Any]:
+        """The trimmed request with one message summarising the dropped turns in their place;
+        the plainly trimmed one when no summary can be made (an alert says so): a summary never
+        stops the call. Only turns no earlier summary covers are sent to the model."""
+        assert self.trim is not None
+        model = self.trim.summary_model
+        try:
+            covered, text = self.summaries.best(agent, model, cut.dropped)
+            if covered < len(cut.dropped):
+                ask = summary_request(anthropic, model, transcript(cut.dropped[covered:]), text)
+                with anyio.fail_after(self.trim.summary_timeout):
+                    made = await summarise(ask)
+                text = made.text
+                plan.summary_usd += self.price(made.event) or 0.0
+                self.summaries.keep(agent, model, cut.dropped, text)
+        except Exception as exc:  # whatever went wrong, the call goes on without a summary
+            self._summary_failed(agent, model, str(exc) or type(exc).__name__)
+            return cut.doc
+        return cut.summarised(summary_message(text))
+
+    def _summary_failed(self, agent: str, model: str, why: str) -> None:
+        log.warning("%s's trimmed turns were not summarised by %s: %s", agent, model, why)
+        now = self._clock()
+        if now - self._alerted.get(agent, -SUMMARY_ALERT_EVERY) < SUMMARY_ALERT_EVERY:
+            return
+        self._alerted[agent] = now
+        self._trim_alert(
+            agent, f"{agent}'s trimmed turns were dropped without a summary: {model} failed ({why})"
+        )
 
     @staticmethod
     def _rewrite(
@@ -199,6 +257,8 @@ class Levers:
             cut = self.price(UsageEvent(model=event.model, input_tokens=trimmed_tokens))
             if cut is not None:
                 saved = (saved or 0.0) + cut
+        if plan.summary_usd:
+            saved = (saved or 0.0) - plan.summary_usd
         event.saved_usd = saved
 
 

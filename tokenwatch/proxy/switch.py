@@ -77,6 +77,9 @@ class ModelSwitch:
         self.active = bool(self._live or self._rules)
         return gone
 
+    def live_of(self, agent: str) -> LiveSwitch | None:
+        return self._live.get(agent)
+
     def live(self) -> list[LiveSwitch]:
         return sorted(self._live.values(), key=lambda s: s.agent)
 

@@ -3,6 +3,7 @@ every tool call with its result."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -55,13 +56,32 @@ def trim_messages(messages: list[Any], keep_turns: int) -> tuple[list[Any], int]
     return kept, len(drop)
 
 
-def trimmed_request(doc: dict[str, Any], keep_turns: int) -> tuple[dict[str, Any], int] | None:
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A trimmed request and what it lost: the dropped turns, whole, and where they stood."""
+
+    doc: dict[str, Any]
+    dropped: list[list[Any]]
+    at: int
+    """Index in the kept `messages` where the first dropped message was."""
+
+    def summarised(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The trimmed request with `message` standing where the dropped turns were."""
+        kept = self.doc["messages"]
+        return {**self.doc, "messages": [*kept[: self.at], message, *kept[self.at :]]}
+
+
+def cut_request(doc: dict[str, Any], keep_turns: int) -> Cut | None:
     """The request with its `messages` trimmed (OpenAI chat and Anthropic Messages both keep the
-    conversation there); None when there is nothing to drop."""
+    conversation there), and the turns it dropped; None when there is nothing to drop."""
     messages = doc.get("messages")
     if not isinstance(messages, list):
         return None
-    kept, dropped = trim_messages(messages, keep_turns)
-    if not dropped:
+    groups = turns(messages)
+    if len(groups) <= keep_turns:
         return None
-    return {**doc, "messages": kept}, dropped
+    gone = groups[:-keep_turns]
+    drop = {i for group in gone for i in group}
+    kept = [m for i, m in enumerate(messages) if i not in drop]
+    at = sum(1 for i in range(gone[0][0]) if i not in drop)
+    return Cut({**doc, "messages": kept}, [[messages[i] for i in g] for g in gone], at)

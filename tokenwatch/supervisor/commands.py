@@ -307,7 +307,8 @@ class Commands:
             self._switch.set(switch)
             asked = "" if switch.only == "*" else f" asked of {switch.only}"
             self._told(rec.name, f"{rec.name}'s calls{asked} now go to {switch.model} ({who})")
-        live = {s.agent: s for s in self._switch.live()}.get(rec.name)
+        self.engine.agent_changed(rec)  # its record shows (and keeps) the switch in force
+        live = self._switch.live_of(rec.name)
         return None if live is None else dataclasses.asdict(live)
 
     def _told(self, agent: str, message: str) -> None:

@@ -27,7 +27,7 @@ from tokenwatch.instance import instance_lock, remove_pid, write_pid
 from tokenwatch.paths import Paths
 from tokenwatch.process.processes import Spawner, spawn
 from tokenwatch.supervisor.commands import Commands
-from tokenwatch.supervisor.optimize import build_levers
+from tokenwatch.supervisor.optimize import build_levers, recover_switched, shows_switch
 from tokenwatch.supervisor.policy import build_policy, load_config
 from tokenwatch.supervisor.reload import ConfigWatch, apply, seed_quietly
 from tokenwatch.supervisor.server import SocketServer
@@ -211,12 +211,15 @@ class Supervisor:
             switch=self.levers.switch if self.levers is not None else None,
         )
         server = self.server = SocketServer(self.paths.socket, commands)
+        if self.levers is not None:  # first: records carry the switch when they are published
+            engine.add_listener(shows_switch(self.levers.switch))
         engine.add_listener(lambda kind, obj: server.publish_nowait(kind, wire(obj)))
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run, name="tokenwatch.engine")
             await self._start_fleet(tg, engine)
             await self._seed(engine, store)
-            found = await engine.recover()
+            switch = self.levers.switch if self.levers is not None else None
+            found = await recover_switched(engine, store, switch)
             await _count_runs_so_far(found, store)
             self.recovered = [rec.name for rec in found]
             await self._start_notifier(tg)

@@ -54,6 +54,10 @@ def describe_done(message: CommandDone) -> str:
     if message.kind == "throttle":
         rate = fields.get("rate", "")
         return f"throttle off for {target}" if rate == "off" else f"throttled {target} to {rate}"
+    if message.kind == "route":
+        if fields.get("undo"):
+            return f"{target}: calls go to the models it asks for"
+        return f"{target}: calls go to {fields.get('model', '')}"
     if message.kind == "set_budget":
         budget = fields.get("budget", {})
         return f"budget {budget.get('name', '')}: {budget.get('limit')} → {budget.get('action')}"

@@ -241,6 +241,20 @@ class ScriptedSource:
             return self._set_state(agent, AgentState.RUNNING, throttle="")
         return self._set_state(agent, AgentState.THROTTLED, throttle=rate)
 
+    def _apply_route(
+        self, agent: str, model: str = "", only: str = "*", undo: bool = False, **_: Any
+    ) -> dict[str, Any] | None:
+        """Like the supervisor: the record shows the switch; the reply is the switch in force."""
+        record = self._view(agent).agent
+        if undo:
+            record.route_model = record.route_only = ""
+        elif model:
+            record.route_model, record.route_only = model, "" if only == "*" else only
+        self.push_nowait("agent", dataclasses.replace(record))
+        if not record.route_model:
+            return None
+        return {"agent": agent, "model": record.route_model, "only": record.route_only or "*"}
+
     def _apply_pause_all(self, **_: Any) -> dict[str, Any]:
         paused = [
             v.agent.name

@@ -198,6 +198,9 @@ def _identity(view: AgentView) -> Text:
     text = Text(agent.name, style="bold")
     text.append("  ")
     text.append_text(state_label(agent.state, agent.exit_code, agent.throttle))
+    if agent.route_model:
+        only = f" (its {agent.route_only} calls)" if agent.route_only else ""
+        text.append(f"  served by {agent.route_model}{only}", style="magenta")
     if agent.pid:
         text.append(f"  pid {agent.pid}")
     if agent.task:

@@ -1,4 +1,5 @@
-"""Modal dialogs: kill confirmation, throttle rate, budget form, launch picker and key help."""
+"""Modal dialogs: kill confirmation, throttle rate, model switch, budget form, launch picker and
+key help."""
 
 from __future__ import annotations
 
@@ -103,6 +104,38 @@ class ThrottleScreen(_FormScreen):
             self.show_error("to turn a throttle off press t on a throttled agent")
             return
         self.dismiss(text)
+
+
+class ModelScreen(_FormScreen):
+    """Ask for the model to serve an agent's calls with (`tokenwatch route`); returns the name,
+    or an empty string to serve the models it asks for again."""
+
+    def __init__(self, agent: str, current: str = "") -> None:
+        super().__init__()
+        self._agent = agent
+        self._current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(f"Serve {self._agent}'s calls with", classes="question")
+            yield Input(value=self._current, placeholder="gpt-4o-mini", id="model")
+            yield Label("", classes="error")
+            yield Label(
+                "same provider and wire · enter to apply · empty to undo · esc to cancel",
+                classes="hint",
+            )
+
+    def on_mount(self) -> None:
+        self.show_error("")
+        self.query_one("#model", Input).focus()
+
+    @on(Input.Submitted, "#model")
+    def _submit(self, event: Input.Submitted) -> None:
+        model = event.value.strip()
+        if any(c.isspace() for c in model):
+            self.show_error("a model name has no spaces")
+            return
+        self.dismiss(model)
 
 
 def budget_settings(agent: str, limit: str, period: str, action: str) -> dict[str, Any]:

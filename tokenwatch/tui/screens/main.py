@@ -20,6 +20,7 @@ from tokenwatch.tui.screens.dialogs import (
     ConfirmScreen,
     HelpScreen,
     LaunchScreen,
+    ModelScreen,
     ThrottleScreen,
 )
 from tokenwatch.tui.widgets.agents import LEGEND, WIDE_MIN_WIDTH, AgentsTable
@@ -45,6 +46,7 @@ class MainScreen(Screen[None]):
         Binding("p", "pause", "Pause/resume"),
         Binding("k", "kill", "Kill"),
         Binding("t", "throttle", "Throttle"),
+        Binding("m", "model", "Model switch", show=False),  # in `?` help; the footer is full
         Binding("b", "budget", "Budget"),
         Binding("P", "pause_all", "Pause all"),
         Binding("R", "resume_all", "Resume all"),
@@ -174,6 +176,20 @@ class MainScreen(Screen[None]):
                 self.tw.send("throttle", agent=name, rate=rate, who="key")
 
         self.app.push_screen(ThrottleScreen(name), chosen)
+
+    def action_model(self) -> None:
+        view = self._selected()
+        if view is None:
+            return
+        name = view.agent.name
+
+        def chosen(model: str | None) -> None:
+            if model:
+                self.tw.send("route", agent=name, model=model, who="key")
+            elif model == "":  # emptied: undo (esc gives None and changes nothing)
+                self.tw.send("route", agent=name, undo=True, who="key")
+
+        self.app.push_screen(ModelScreen(name, view.agent.route_model), chosen)
 
     def action_budget(self) -> None:
         view = self._selected()

@@ -52,6 +52,8 @@ def _state(v: AgentView) -> Text:
     label = state_label(v.agent.state, v.agent.exit_code, v.agent.throttle)
     if v.agent.critical:
         label.append(" ★", style="bold")
+    if v.agent.route_model:  # its calls are served by another model (`m`, `tokenwatch route`)
+        label.append(f" →{v.agent.route_model}", style="magenta")
     return label
 
 
@@ -99,7 +101,8 @@ def matches(view: AgentView, needle: str) -> bool:
         return True
     a = view.agent
     haystack = " ".join(
-        [a.name, a.state, a.task, a.user, *view.models, *(f"{k}={v}" for k, v in a.tags.items())]
+        [a.name, a.state, a.task, a.user, a.route_model, *view.models]
+        + [f"{k}={v}" for k, v in a.tags.items()]
     )
     return needle.lower() in haystack.lower()
 
