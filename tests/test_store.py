@@ -69,6 +69,7 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         lever="switch+trim",
         saved_tokens=900,
         saved_usd=0.02,
+        response_id="msg_1",
         turn_hash="turn",
         turn_shape="turn-shape",
         tool_hash="tool",
