@@ -168,7 +168,10 @@ def _claude_fields(record: dict[str, Any]) -> dict[str, Any] | None:
     usage, model = message.get("usage"), message.get("model")
     if not isinstance(usage, dict) or not isinstance(model, str) or model.startswith("<"):
         return None  # "<synthetic>": a message Claude Code made up, never billed
-    reads, writes = count(usage, "cache_read_input_tokens"), count(usage, "cache_creation_input_tokens")
+    reads, writes = (
+        count(usage, "cache_read_input_tokens"),
+        count(usage, "cache_creation_input_tokens"),
+    )
     message_id = message.get("id")
     return {
         "ts": ts_of(record.get("timestamp")),
@@ -190,7 +193,12 @@ def _claude_fields(record: dict[str, Any]) -> dict[str, Any] | None:
 # -- Codex: ~/.codex/sessions/YYYY/MM/DD/rollout-*.jsonl -------------------------------------------
 
 
-_CODEX_KEYS: Final = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_output_tokens")
+_CODEX_KEYS: Final = (
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_output_tokens",
+)
 
 
 def _codex_line(record: dict[str, Any], state: dict[str, Any]) -> list[UsageEvent]:
@@ -229,7 +237,8 @@ def _codex_record(
     fields = _codex_fields(record, state, turn, f"codex:{answer}")
     fields["response_id"] = answer
     fields["cache_write_tokens"] = min(
-        count(usage, "cache_write_input_tokens"), fields["input_tokens"] - fields["cache_read_tokens"]
+        count(usage, "cache_write_input_tokens"),
+        fields["input_tokens"] - fields["cache_read_tokens"],
     )
     return UsageEvent(**fields)
 
@@ -250,7 +259,9 @@ def _codex_count(
         return None  # this version names each response: counted from its token_usage_record
     turn = [max(0, n - b) for n, b in zip(now, before, strict=True)]
     running = now[0] + now[2]
-    return UsageEvent(**_codex_fields(record, state, turn, f"codex:{state.get('session', '')}:{running}"))
+    return UsageEvent(
+        **_codex_fields(record, state, turn, f"codex:{state.get('session', '')}:{running}")
+    )
 
 
 def _codex_fields(
