@@ -97,7 +97,9 @@ class SessionFollower:
     async def poll(self, source: _Source) -> None:
         """Read what was written since the last poll; record it, then how far it was read."""
         if not source.looked and not source.root.is_dir():
-            return  # not there yet: whatever appears later is new
+            source.looked = True  # not there yet: whatever appears later is new
+            await self._store.save_log_offsets(source.name, [(FIRST_SEEN, 0, 0, "{}")])
+            return
         changed, found = await anyio.to_thread.run_sync(self._read, source)
         if not source.looked:
             source.looked = True
