@@ -458,6 +458,8 @@ async def test_two_writers_on_one_file_both_land(tokenwatch_home: Path) -> None:
 async def test_the_same_provider_answer_is_stored_once_whichever_path_saw_it(store: Store) -> None:
     # the proxy's call (its own call id) and the session log's (another) name one answer
     assert await store.append(ev(NOW, call_id="proxy-1", response_id="msg_1")) is True
-    assert await store.append(ev(NOW, call_id="claude-code:msg_1:req_1", response_id="msg_1")) is False
+    assert (
+        await store.append(ev(NOW, call_id="claude-code:msg_1:req_1", response_id="msg_1")) is False
+    )
     assert await store.stored_ids(["msg_1", "proxy-1", "other"]) == {"msg_1", "proxy-1"}
     assert (await store.totals(0)).requests == 1

@@ -5,6 +5,7 @@ many lines or files repeat it, and a line still being written read once it is co
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
 import time
@@ -60,11 +61,20 @@ def events(source: str, root: Path, since: float = 0.0) -> list[UsageEvent]:
 
 def log_files(source: str, root: Path) -> Iterator[Path]:
     """The log files of `source` under `root`, at any depth."""
+    return (Path(path) for path in log_paths(source, root))
+
+
+def log_paths(source: str, root: Path) -> Iterator[str]:
+    """The same as strings: a poll walks thousands of them (pathlib's objects cost more than
+    the stat each one needs)."""
     from tokenwatch.ledger.gemini_chats import is_chat
 
-    for path in root.rglob(PATTERNS[source]):
-        if source != "gemini" or is_chat(path):
-            yield path
+    pattern = PATTERNS[source]
+    for top, _, names in os.walk(root):  # scandir underneath: several times faster than rglob
+        for name in fnmatch.filter(names, pattern):
+            path = os.path.join(top, name)
+            if source != "gemini" or is_chat(Path(path)):
+                yield path
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -364,7 +364,9 @@ class Store:
         sql = "SELECT path, inode, offset, state FROM log_offsets WHERE source = ?"
         return {r[0]: (r[1], r[2], r[3]) for r in await self._rows(sql, (source,))}
 
-    async def save_log_offsets(self, source: str, rows: Iterable[tuple[str, int, int, str]]) -> None:
+    async def save_log_offsets(
+        self, source: str, rows: Iterable[tuple[str, int, int, str]]
+    ) -> None:
         """Record (path, inode, offset, state) per log."""
         sql = "INSERT OR REPLACE INTO log_offsets VALUES (?, ?, ?, ?, ?)"
         await self._changes(sql, [(source, *row) for row in rows])

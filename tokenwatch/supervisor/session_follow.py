@@ -22,7 +22,7 @@ import anyio.to_thread
 from tokenwatch.config import SessionLogSettings
 from tokenwatch.core.errors import EngineError
 from tokenwatch.core.models import Source, UsageEvent
-from tokenwatch.ledger.session_logs import LogFile, log_files, read_new
+from tokenwatch.ledger.session_logs import LogFile, log_paths, read_new
 from tokenwatch.paths import agent_logs
 from tokenwatch.process.session_owner import ancestors, find_owner
 
@@ -119,11 +119,13 @@ class SessionFollower:
             return [], []
         changed: list[LogFile] = []
         found: list[tuple[LogFile, UsageEvent]] = []
-        for path in log_files(source.name, source.root):
-            known = source.logs.get(str(path))
-            f = known or LogFile(path)
+        for path in log_paths(source.name, source.root):
+            known = source.logs.get(path)
+            if known is not None and _unchanged(path, known):
+                continue
+            f = known or LogFile(Path(path))
             if known is None:
-                source.logs[str(path)] = f
+                source.logs[path] = f
                 if not source.looked:
                     _skip_history(f)
             before = (f.inode, f.offset, len(f.state.get("pending", ())))
@@ -177,6 +179,17 @@ class SessionFollower:
         except EngineError as exc:
             log.info("%s session %s: its process %d not attached: %s", source, f.path, pid, exc)
             return source
+
+
+def _unchanged(path: str, f: LogFile) -> bool:
+    """A JSON-lines log read to its end, with nothing waiting: one stat, no read."""
+    if not path.endswith(".jsonl") or f.state.get("pending"):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return st.st_ino == f.inode and st.st_size == f.offset
 
 
 def _skip_history(f: LogFile) -> None:
