@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from tests.supervisor_fixtures import ServeProcess, clean_supervisor, state_of
-from tests.test_coding_agents import Pty, agent_program
+from tests.test_coding_agents import Pty, agent_program, run_agent
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.demo.fake_exchange import CountedCall
 from tokenwatch.demo.fake_llm import FakeLLM, fake_llm_in_thread
@@ -177,3 +177,23 @@ def test_an_interactive_codex_is_shown_on_its_own_process_which_can_be_paused(
         finally:
             code = term.close()
     assert code == 0, term.seen[-2000:]
+
+
+@pytest.mark.slow
+def test_a_call_seen_by_the_proxy_and_in_the_log_is_stored_once(supervisor: ServeProcess) -> None:
+    """Claude Code under `tokenwatch run` while its logs are followed: the proxy's record and
+    the log's line name one answer (`msg_...`), stored once, as the run's agent."""
+    claude = agent_program("claude")
+    home = Path(supervisor.env["HOME"])
+    with fake_llm_in_thread() as fake:
+        done = run_agent(
+            supervisor, home, "claude-run", [claude, "-p", "--model", "claude-haiku-4-5", "hi"],
+            ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="sk-ant-test-not-a-secret",
+        )  # fmt: skip
+        served = list(fake.calls)
+    assert done.returncode == 0, done.stderr[-2000:]
+    time.sleep(3 * LIVE_WITHIN)  # time for the follower to read the log too
+    calls = recorded(supervisor, "")
+    assert figures(calls) == figures(served)
+    assert {c["agent"] for c in calls} == {"claude-run"}
+    assert all(c["response_id"].startswith("msg_") for c in calls)
