@@ -20,7 +20,7 @@ import anyio.abc
 import anyio.to_thread
 
 from tokenwatch.config import SessionLogSettings
-from tokenwatch.core.errors import EngineError
+from tokenwatch.core.errors import EngineError, StoreUnavailable
 from tokenwatch.core.models import Source, UsageEvent
 from tokenwatch.ledger.session_logs import LogFile, log_paths, read_new
 from tokenwatch.paths import agent_logs
@@ -82,6 +82,9 @@ class SessionFollower:
             for source in self._sources:
                 try:
                     await self.poll(source)
+                except StoreUnavailable as exc:
+                    # the engine says so already (and keeps the calls); read again next poll
+                    log.debug("%s's session logs wait for the ledger: %s", source.name, exc)
                 except Exception:
                     # a log it cannot make out must not stop the supervisor; the next poll tries again
                     log.exception("reading %s's session logs failed", source.name)
