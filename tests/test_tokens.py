@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from tokenwatch.core.tokens import (
     count_responses_input,
     count_text,
     count_text_async,
+    normalise_prompt,
     prompt_hash,
     prompt_hashes,
     prompt_shape_hash,
@@ -199,6 +201,65 @@ def test_shape_hash_collides_for_near_duplicates() -> None:
     assert prompt_shape_hash([{"role": "user", "content": first}]) == prompt_shape_hash(
         [{"role": "user", "content": second}]
     )
+
+
+# The placeholder passes as first written: one `re.sub` each, in order, none skipped. The shape
+# hash of every stored call was made this way, so the faster `normalise_prompt` must agree.
+_PLAIN_PASSES = (
+    (r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", "<uuid>"),
+    (r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?", "<ts>"),
+    (r"\b\d{1,2}:\d{2}(?::\d{2})?\b", "<ts>"),
+    (r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{7,}\b", "<hex>"),
+    (r"\b(?:[a-z]+[_-])+[A-Za-z0-9]{12,}\b", "<id>"),
+    (r"\d+(?:\.\d+)?", "<n>"),
+    (r"\s+", " "),
+)
+
+
+def _plain_normalise(text: str) -> str:
+    for pattern, placeholder in _PLAIN_PASSES:
+        text = re.sub(pattern, placeholder, text)
+    return text
+
+
+# Pieces of what the passes replace, the characters each skipped pass depends on (digits,
+# Arabic-Indic too, "-", "_", ":"), whitespace of several kinds, and any text between them.
+_PIECES = st.sampled_from(
+    [
+        "0b7e1c2a-9f7d-4c62-8d2e-5e2f5b1a9c33",
+        "deadbeef42",
+        "2026-11-23",
+        "T10:00:01Z",
+        "+02:00",
+        "9:05",
+        "10:00",
+        " 23:59:59.5",
+        "call_",
+        "req-",
+        "AbCdEf123456",
+        "7",
+        "٣",
+        ".5",
+        "-",
+        "_",
+        ":",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "\u00a0",
+        "x",
+        "abcdef",
+        "ABC",
+    ]
+)
+_TRICKY = st.lists(_PIECES | st.text(max_size=6), max_size=16).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_TRICKY)
+def test_shape_normalising_skips_only_passes_that_cannot_match(text: str) -> None:
+    assert normalise_prompt(text) == _plain_normalise(text)
 
 
 def test_both_hashes_at_once_are_the_two_hashes() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tokenwatch.core.tokens import normalise_prompt, prompt_hash, prompt_hashes
+from tokenwatch.core.tokens import normalise_prompt, prompt_hash, prompt_hashes, prompt_shape_hash
 
 CHAT: Final = "chat"
 RESPONSES: Final = "responses"
@@ -245,7 +245,7 @@ def _anthropic_entries(messages: Any) -> list[_Entry]:
 def answer_hash(parts: Iterable[list[Any]]) -> str:
     """Hash of what the model answered (text and tool calls), by shape; '' for no answer."""
     kept = [p for p in parts if p[1:] != [""]]
-    return prompt_hashes(kept)[1] if kept else ""
+    return prompt_shape_hash(kept) if kept else ""
 
 
 def answer_of(wire: str, doc: Any) -> list[list[Any]]:
