@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from tokenwatch.core import conversation
 from tokenwatch.proxy.anthropic_usage import AnthropicReader
 from tokenwatch.proxy.openai_usage import CHAT, RESPONSES, OpenAIReader
 from tokenwatch.proxy.sse import SseEvent
+from tokenwatch.proxy.usage import answer_hash_off_loop
 
 SEARCH = {"pattern": "payment*.yaml"}
 
@@ -164,3 +167,30 @@ def test_a_tool_call_answer_hashes_alike_from_json_and_from_each_stream() -> Non
     whole = AnthropicReader()
     whole.read_json(orjson.dumps({"type": "message", "content": [{**block, "input": SEARCH}]}))
     assert whole.answer_hash() == expected
+
+
+async def test_a_long_answer_is_hashed_while_other_calls_go_on() -> None:
+    # a file written through a tool call: its shape hash takes milliseconds of regexes
+    content = "def step_%d(x):\n    return x + %d  # 2026-12-05T10:00:00Z\n" * 2000
+    reader = OpenAIReader(CHAT)
+    reader.read_json(orjson.dumps({"choices": [{"message": {"content": content}}]}))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        short = await answer_hash_off_loop(reader, output_tokens=10)  # taken as short: inline
+        inline_ticks, before = ticks - before, ticks
+        long = await answer_hash_off_loop(reader, output_tokens=len(content) // 4)
+        threaded_ticks = ticks - before
+        tg.cancel_scope.cancel()
+    assert long == short == reader.answer_hash() != ""
+    assert inline_ticks == 0
+    assert threaded_ticks > 0

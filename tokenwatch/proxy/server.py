@@ -67,7 +67,7 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     Reader,
     Usage,
-    answer_hash,
+    answer_hash_off_loop,
     cost_from_headers,
     count_prompt,
     fill_event,
@@ -512,7 +512,7 @@ class ProxyServer(LeverCalls):
         if event.price_source != PROVIDER and call.gateway_cost is not None:
             event.cost_usd, event.price_source = call.gateway_cost, PROVIDER
         if not failed:
-            event.answer_hash = answer_hash(reader)
+            event.answer_hash = await answer_hash_off_loop(reader, event.output_tokens)
 
     async def _estimate(self, call: Call, usage: Usage | None) -> None:
         """No usage, or a cut or abandoned stream: count what was sent and received."""

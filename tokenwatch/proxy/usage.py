@@ -217,6 +217,15 @@ def answer_hash(reader: Reader) -> str:
         return ""
 
 
+async def answer_hash_off_loop(reader: Reader, output_tokens: int) -> str:
+    """`answer_hash`, in a worker thread for a long answer: its shape hash costs about 0.13 us
+    per character of regexes (a file written through a tool call: milliseconds), and the event
+    loop carries every other agent's calls meanwhile."""
+    if output_tokens * 4 < tokens.ASYNC_INLINE_CHARS:
+        return answer_hash(reader)
+    return await anyio.to_thread.run_sync(answer_hash, reader)
+
+
 def answer_id(doc: Any) -> str:
     """The `id` a provider gave its answer (a JSON object's), or ""."""
     value = doc.get("id") if isinstance(doc, dict) else None
