@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwatch.core.models import UsageEvent
+from tokenwatch.core.admission import CallRequest
+from tokenwatch.core.models import Source, UsageEvent
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy.http import Headers
 from tokenwatch.proxy.levers import Prepared
@@ -39,3 +40,46 @@ class Call:
     """Set when the exchange is over; the event is then finished in the settle task."""
     cut_body: bytes = b""
     """What arrived of a JSON body the upstream cut short (its text is counted as output)."""
+
+
+def call_request(
+    route: AgentRoute,
+    target: Target,
+    facts: CallFacts,
+    tokens: tuple[int, int],
+    prompt_hash: str = "",
+) -> CallRequest:
+    """What the gate is asked to admit for a call of `route`'s agent: `tokens` are its input
+    and most output; `prompt_hash` lets the gate see copies in flight."""
+    return CallRequest(
+        agent=route.agent,
+        provider=target.provider,
+        model=facts.model,
+        endpoint=target.endpoint,
+        run_id=route.run_id,
+        task=route.task,
+        user=route.user,
+        tags=dict(route.tags),
+        input_tokens=tokens[0],
+        max_output_tokens=tokens[1],
+        prompt_hash=prompt_hash,
+    )
+
+
+def call_event(
+    ts: float, route: AgentRoute, target: Target, facts: CallFacts, waited_ms: float, call_id: str
+) -> UsageEvent:
+    """The record of a call through the proxy, before its answer fills it in."""
+    return UsageEvent(
+        ts=ts,
+        agent=route.agent,
+        run_id=route.run_id,
+        user=route.user,
+        task=route.task,
+        provider=target.provider,
+        model=facts.model,
+        endpoint=target.endpoint,
+        wait_ms=waited_ms,
+        source=Source.PROXY.value,
+        call_id=call_id,
+    )

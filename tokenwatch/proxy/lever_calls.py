@@ -14,12 +14,13 @@ import anyio.to_thread
 import orjson
 
 from tokenwatch.config import ProxySettings
-from tokenwatch.core.admission import CallRequest, Gate
-from tokenwatch.core.models import Source, Status, UsageEvent
+from tokenwatch.core.admission import Gate
+from tokenwatch.core.models import Status, UsageEvent
 from tokenwatch.core.nesting import nested_deeper_than
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
 from tokenwatch.proxy.cache import HIT_HEADER
+from tokenwatch.proxy.call import call_event, call_request
 from tokenwatch.proxy.http import ClientGone, Incoming, relayable
 from tokenwatch.proxy.levers import Levers, Prepared
 from tokenwatch.proxy.routes import ANTHROPIC, AgentRoute, Target, upstream_url
@@ -96,33 +97,11 @@ class LeverCalls:
         body = orjson.dumps(doc)
         facts = read_request(target, doc)
         prompt = await count_prompt(facts, len(body))
-        ask = CallRequest(
-            agent=route.agent,
-            provider=target.provider,
-            model=facts.model,
-            endpoint=target.endpoint,
-            run_id=route.run_id,
-            task=route.task,
-            user=route.user,
-            tags=dict(route.tags),
-            input_tokens=prompt.tokens,
-            max_output_tokens=MAX_SUMMARY_TOKENS,
-        )
+        ask = call_request(route, target, facts, (prompt.tokens, MAX_SUMMARY_TOKENS))
         admission = await self._gate.admit(ask)
-        event = UsageEvent(
-            ts=self._clock(),
-            agent=route.agent,
-            run_id=route.run_id,
-            user=route.user,
-            task=route.task,
-            provider=target.provider,
-            model=facts.model,
-            endpoint=target.endpoint,
-            wait_ms=admission.waited_ms,
-            source=Source.PROXY.value,
-            call_id=os.urandom(16).hex(),
-            lever="summary",
-        )
+        call = os.urandom(16).hex()
+        event = call_event(self._clock(), route, target, facts, admission.waited_ms, call)
+        event.lever = "summary"
         try:
             if not admission.allowed:
                 event.status, event.http_status = Status.DENIED.value, admission.status

@@ -14,13 +14,13 @@ import anyio.abc
 
 from tokenwatch.config import ProxySettings
 from tokenwatch.core import tokens
-from tokenwatch.core.admission import Admission, CallRequest, Gate
-from tokenwatch.core.models import MAX_CALL_TOKENS, Source, Status, UsageEvent
+from tokenwatch.core.admission import Admission, Gate
+from tokenwatch.core.models import MAX_CALL_TOKENS, Status, UsageEvent
 from tokenwatch.core.nesting import MAX_NESTING
 from tokenwatch.core.pricing import PROVIDER
 from tokenwatch.core.tokens import TokenCount
 from tokenwatch.proxy import anthropic_usage, openai_usage
-from tokenwatch.proxy.call import Call
+from tokenwatch.proxy.call import Call, call_event, call_request
 from tokenwatch.proxy.endpoint import Callers, StableEndpoint
 from tokenwatch.proxy.errors import ErrorReply, error_reply, protocol_error_page, refusal
 from tokenwatch.proxy.http import (
@@ -289,19 +289,8 @@ class ProxyServer(LeverCalls):
     async def _admit(
         self, req: Incoming, target: Target, route: AgentRoute, facts: CallFacts, prompt: TokenCount
     ) -> Admission | None:
-        call = CallRequest(
-            agent=route.agent,
-            provider=target.provider,
-            model=facts.model,
-            endpoint=target.endpoint,
-            run_id=route.run_id,
-            task=route.task,
-            user=route.user,
-            tags=dict(route.tags),
-            input_tokens=prompt.tokens,
-            max_output_tokens=facts.max_output_tokens or self._settings.default_max_output_tokens,
-            prompt_hash=facts.prompt_hash,
-        )
+        max_output = facts.max_output_tokens or self._settings.default_max_output_tokens
+        call = call_request(route, target, facts, (prompt.tokens, max_output), facts.prompt_hash)
         self._held += 1
         try:
             return await self._gate.admit(call)
@@ -323,25 +312,13 @@ class ProxyServer(LeverCalls):
         prompt: TokenCount,
         admission: Admission,
     ) -> Call:
-        event = UsageEvent(
-            ts=self._clock(),
-            agent=route.agent,
-            run_id=route.run_id,
-            user=route.user,
-            task=route.task,
-            provider=target.provider,
-            model=facts.model,
-            endpoint=target.endpoint,
-            wait_ms=admission.waited_ms,
-            prompt_hash=facts.prompt_hash,
-            prompt_shape=facts.prompt_shape,
-            turn_hash=facts.signals.turn_hash,
-            turn_shape=facts.signals.turn_shape,
-            tool_hash=facts.signals.tool_hash,
-            tool_call=facts.signals.tool_call,
-            source=Source.PROXY.value,
-            call_id=call_id(req.headers),
+        event = call_event(
+            self._clock(), route, target, facts, admission.waited_ms, call_id(req.headers)
         )
+        event.prompt_hash, event.prompt_shape = facts.prompt_hash, facts.prompt_shape
+        signals = facts.signals
+        event.turn_hash, event.turn_shape = signals.turn_hash, signals.turn_shape
+        event.tool_hash, event.tool_call = signals.tool_hash, signals.tool_call
         reader: Reader
         if target.provider == ANTHROPIC:
             reader = anthropic_usage.AnthropicReader()
