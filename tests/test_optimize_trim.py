@@ -237,6 +237,9 @@ async def test_a_summary_that_fails_drops_the_turns_plainly_with_an_alert() -> N
         ("gpt-4o", "trim", "ok"),
     ]
     assert served.input_tokens == plain  # trimmed without a summary: the call still went
+    # the summary request went out: its prompt may be billed, so it is counted, as estimated
+    summary = next(c for c in rig.fake.calls if c.model == "gpt-4o-mini")
+    assert (events[0].input_tokens, events[0].estimated) == (summary.input_tokens, True)
     assert alerts == [
         (
             "coder",

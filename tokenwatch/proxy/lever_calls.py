@@ -106,10 +106,11 @@ class LeverCalls:
             if not admission.allowed:
                 event.status, event.http_status = Status.DENIED.value, admission.status
                 raise SummaryFailed(admission.message or "refused")
-            text = await self._summary_exchange(req, target, route, body, event)
+            text = await self._summary_exchange(req, target, route, body, (event, prompt.tokens))
         except BaseException:
             if event.status == Status.OK.value and event.http_status is None:
                 event.status = Status.CANCELLED.value  # timed out or stopped before an answer
+                _sent_unanswered(event, prompt.tokens)
             raise
         finally:
             with anyio.CancelScope(shield=True):
@@ -117,9 +118,15 @@ class LeverCalls:
         return Made(text, event)
 
     async def _summary_exchange(
-        self, req: Incoming, target: Target, route: AgentRoute, body: bytes, event: UsageEvent
+        self,
+        req: Incoming,
+        target: Target,
+        route: AgentRoute,
+        body: bytes,
+        record: tuple[UsageEvent, int],
     ) -> str:
         assert self._client is not None
+        event, prompt_tokens = record
         headers = relayable(req.header_items(), _SUMMARY_DROP)
         headers += [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
         url = upstream_url(self._settings, route, target, event.model, req.query)
@@ -129,6 +136,8 @@ class LeverCalls:
                 data = await answer.read(lambda: None)
         except (UpstreamUnreachable, UpstreamTimeout, UpstreamCut) as exc:
             event.status = Status.ERROR.value
+            if not isinstance(exc, UpstreamUnreachable):
+                _sent_unanswered(event, prompt_tokens)
             raise SummaryFailed(f"its upstream failed: {type(exc).__name__}") from None
         reader = read_answer(target, data)
         if reader.usage is not None:
@@ -216,3 +225,10 @@ def call_id(headers: Mapping[str, str]) -> str:
     if not (attempt.isdigit() and len(attempt) <= 4):
         return os.urandom(16).hex()  # an attempt it cannot name is still its own call
     return f"{given}.retry{int(attempt)}"
+
+
+def _sent_unanswered(event: UsageEvent, prompt_tokens: int) -> None:
+    """A summary request that went out and got no answer may still be billed for its prompt:
+    counted, and marked estimated, as the proxy does for an agent's call cut short."""
+    event.input_tokens = prompt_tokens
+    event.estimated = True
