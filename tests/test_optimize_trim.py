@@ -16,7 +16,7 @@ from tests.proxy_fixtures import API_KEY, running_proxy
 from tokenwatch.config import OptimizeSettings, TrimSettings
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.proxy.levers import Levers
-from tokenwatch.proxy.summary import HEADER, summary_message
+from tokenwatch.proxy.summary import HEADER, length_key, summary_message, summary_request
 from tokenwatch.proxy.trim import cut_request, trim_messages, turns
 
 # -- random conversations, in both wires' shapes ----------------------------------------------
@@ -290,3 +290,27 @@ async def test_an_anthropic_conversation_is_summarised_on_its_own_wire() -> None
     assert summary.input_tokens == billed[0].input_tokens
     assert trimmed.lever == "trim"
     assert trimmed.saved_tokens > 0
+
+
+def test_a_summary_names_its_output_limit_as_the_agent_or_its_model_would() -> None:
+    # OpenAI's reasoning models refuse max_tokens on chat completions
+    asked = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"messages": asked, "max_completion_tokens": 500}, "gpt-4o-mini"),
+        ({"messages": asked, "max_tokens": 500}, "gpt-5-mini"),
+        ({"messages": asked}, "gpt-5-nano"),
+        ({"messages": asked}, "o4-mini"),
+        ({"messages": asked}, "gpt-4o-mini"),
+    ]
+    keys = [
+        sorted(set(summary_request(False, model, "t", "", length_key(doc, model))) - {"model"})
+        for doc, model in cases
+    ]
+    assert keys == [
+        ["max_completion_tokens", "messages"],
+        ["max_tokens", "messages"],  # what the agent's own upstream takes wins
+        ["max_completion_tokens", "messages"],
+        ["max_completion_tokens", "messages"],
+        ["max_tokens", "messages"],
+    ]
+    assert "max_tokens" in summary_request(True, "claude-3-5-haiku-latest", "t", "")

@@ -23,6 +23,7 @@ from tokenwatch.proxy.routes import ANTHROPIC
 from tokenwatch.proxy.summary import (
     Summaries,
     Summarise,
+    length_key,
     summary_message,
     summary_request,
     transcript,
@@ -158,7 +159,9 @@ class Levers:
         try:
             covered, text = self.summaries.best(agent, model, cut.dropped)
             if covered < len(cut.dropped):
-                ask = summary_request(anthropic, model, transcript(cut.dropped[covered:]), text)
+                new = transcript(cut.dropped[covered:])
+                limit = length_key(cut.doc, model)
+                ask = summary_request(anthropic, model, new, text, limit)
                 with anyio.fail_after(self.trim.summary_timeout):
                     made = await summarise(ask)
                 text = made.text

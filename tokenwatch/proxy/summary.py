@@ -63,9 +63,25 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def summary_request(anthropic: bool, model: str, new: str, previous: str) -> dict[str, Any]:
+# OpenAI's reasoning models refuse `max_tokens` on chat completions and ask for this one.
+_COMPLETION_LIMIT = "max_completion_tokens"
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+
+def length_key(agent_doc: dict[str, Any], model: str) -> str:
+    """The output limit's name for a summary on the OpenAI wire: the one the agent's own request
+    uses (its upstream takes it), else the one `model` takes."""
+    for key in (_COMPLETION_LIMIT, "max_tokens"):
+        if key in agent_doc:
+            return key
+    return _COMPLETION_LIMIT if model.startswith(_REASONING_PREFIXES) else "max_tokens"
+
+
+def summary_request(
+    anthropic: bool, model: str, new: str, previous: str, limit: str = "max_tokens"
+) -> dict[str, Any]:
     """The request for a summary of `new` (carrying on from a `previous` one, when there is one),
-    on the wire the agent uses."""
+    on the wire the agent uses; `limit` names the OpenAI wire's output limit (`length_key`)."""
     ask = f"Summary so far:\n{previous}\n\nThe conversation since:\n{new}" if previous else new
     if anthropic:
         return {
@@ -76,7 +92,7 @@ def summary_request(anthropic: bool, model: str, new: str, previous: str) -> dic
         }
     return {
         "model": model,
-        "max_tokens": MAX_SUMMARY_TOKENS,
+        limit: MAX_SUMMARY_TOKENS,
         "messages": [{"role": "system", "content": PROMPT}, {"role": "user", "content": ask}],
     }
 
