@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tokenwatch.export.semconv import OPT_IN_VARIABLE
+
 pytest_plugins = ["tests.otlp_fixtures", "tests.postgres_fixtures"]
 
 # No timing limits in tests (the machines are shared and noisy): a slow example on a loaded CI
@@ -39,6 +41,8 @@ def tokenwatch_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(home)
     for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
         monkeypatch.delenv(var, raising=False)
+    # a developer's own opt-in would add the old GenAI metric names to every export a test reads
+    monkeypatch.delenv(OPT_IN_VARIABLE, raising=False)
     yield home
     shutil.rmtree(home, ignore_errors=True)
 

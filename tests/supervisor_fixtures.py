@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import Config, RuleSettings
 from tokenwatch.core import protocol
 from tokenwatch.core.models import UsageEvent
@@ -109,6 +110,16 @@ def start_serve(env: dict[str, str], *args: str) -> ServeProcess:
             stderr=subprocess.STDOUT,
         )
     return ServeProcess(proc, paths, env, log)
+
+
+def ask(sp: ServeProcess, kind: str, **fields: Any) -> Any:
+    """One request to a `serve` process over its socket, from a test's own (non-async) thread."""
+
+    async def go() -> Any:
+        async with await SupervisorClient.connect(sp.paths, start=False) as client:
+            return await client.request(kind, **fields)
+
+    return anyio.run(go)
 
 
 def wait_answers(sp: ServeProcess, timeout: float = TIMEOUT) -> None:

@@ -4,20 +4,26 @@ and the real npm packages (Codex, Claude Code) recorded exactly against fake-llm
 from __future__ import annotations
 
 import os
-import select
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
+from tests.coding_agent_fixtures import (
+    Pty,
+    agent_env,
+    agent_program,
+    assert_recorded_exactly,
+    run_agent,
+    wait_until_answered,
+)
 from tests.supervisor_fixtures import (
     ServeProcess,
+    ask,
     clean_supervisor,
     quiet_config,
     running_supervisor,
@@ -26,11 +32,9 @@ from tests.supervisor_fixtures import (
 from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import AgentSettings
 from tokenwatch.core.coding_agents import find_agent, plan
-from tokenwatch.demo.fake_exchange import CountedCall
-from tokenwatch.demo.fake_llm import FakeLLM, fake_llm_in_thread
+from tokenwatch.demo.fake_llm import fake_llm_in_thread
 from tokenwatch.paths import Paths
 
-AGENTS_BIN = Path(__file__).resolve().parent.parent / ".coding-agents" / "node_modules" / ".bin"
 URLS = {
     "OPENAI_BASE_URL": "http://127.0.0.1:9/a/T/v1",
     "ANTHROPIC_BASE_URL": "http://127.0.0.1:9/a/T",
@@ -115,74 +119,10 @@ def test_dry_run_shows_what_would_run_and_registers_nothing(tokenwatch_home: Pat
 # -- the real packages ---------------------------------------------------------------------
 
 
-def agent_program(name: str) -> str:
-    program = AGENTS_BIN / name
-    if not program.exists():
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed: the real coding agents cannot be installed")
-        pytest.fail(f"{program} is missing: run `make .coding-agents/.installed` (needs npm)")
-    return str(program)
-
-
 @pytest.fixture(scope="module")
 def supervisor() -> Iterator[ServeProcess]:
     with clean_supervisor("twa-") as sp:
         yield sp
-
-
-def agent_env(sp: ServeProcess, home: Path, **env: str) -> dict[str, str]:
-    """The supervisor's environment with the agent's config, sessions and logs in `home`."""
-    (home / ".codex").mkdir(exist_ok=True)
-    return {
-        **sp.env, "HOME": str(home), "CODEX_HOME": str(home / ".codex"),
-        "CLAUDE_CONFIG_DIR": str(home / ".claude"), "XDG_CONFIG_HOME": str(home / ".config"),
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", **env,
-    }  # fmt: skip
-
-
-def run_agent(
-    sp: ServeProcess, home: Path, name: str, command: list[str], **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tokenwatch", "run", "--name", name, "--", *command],
-        capture_output=True, text=True, timeout=180, env=agent_env(sp, home, **env), cwd=home,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
-def recorded(sp: ServeProcess, name: str) -> list[dict[str, Any]]:
-    async def fetch() -> Any:
-        async with await SupervisorClient.connect(sp.paths, start=False) as client:
-            return await client.request("history", agent=name)
-
-    calls: list[dict[str, Any]] = anyio.run(fetch)["calls"]
-    return sorted(calls, key=lambda c: c["ts"])
-
-
-def assert_recorded_exactly(sp: ServeProcess, name: str, served: list[CountedCall]) -> None:
-    assert served, "the agent made no call"
-    deadline = time.monotonic() + 60
-    while len(calls := recorded(sp, name)) < len(served) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the ledger commits a moment after the call is counted
-    assert len(calls) == len(served)
-    # Concurrent calls (interactive Codex names its thread while it answers) may finish in either
-    # order, so each recorded call is matched to a served one, not zipped by position.
-    got = sorted(
-        (c["input_tokens"], c["output_tokens"], c["cache_read_tokens"], c["model"]) for c in calls
-    )
-    billed = sorted((b.input_tokens, b.output_tokens, b.cache_read_tokens, b.model) for b in served)
-    assert got == billed
-    assert not any(call["estimated"] for call in calls)
-
-
-def wait_until_answered(fake: FakeLLM) -> None:
-    """Until every request fake-llm took has been answered (two looks a second apart agree)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        first = fake.statistics()
-        time.sleep(1)
-        if first == fake.statistics() and first["requests"] == first["calls"]:
-            return
 
 
 @pytest.mark.slow
@@ -226,62 +166,15 @@ def test_an_agent_that_makes_no_call_through_tokenwatch_is_told_and_alerted(
     done = run_agent(supervisor, short_tmp, "quiet-one", ["sh", "-c", "exit 0"])
     assert "no LLM call went through tokenwatch (if it made any: docs/agents.md)" in done.stderr
 
-    async def alerts() -> Any:
-        async with await SupervisorClient.connect(supervisor.paths, start=False) as client:
-            return await client.request("alerts")
-
     deadline = time.monotonic() + 60
-    while ("quiet-one", "no-calls") not in [(a["agent"], a["rule"]) for a in anyio.run(alerts)]:
-        assert time.monotonic() < deadline, anyio.run(alerts)
+    while ("quiet-one", "no-calls") not in (alerted := rules_alerted(supervisor)):
+        assert time.monotonic() < deadline, alerted
         time.sleep(0.1)
 
 
-class Pty:
-    """A program on a pseudo-terminal, answering what a terminal is asked (cursor position,
-    colours, device attributes), so a full-screen agent runs as in a real one."""
-
-    ANSWERS = {
-        b"\x1b[6n": b"\x1b[1;1R",
-        b"\x1b]10;?": b"\x1b]10;rgb:ffff/ffff/ffff\x1b\\",
-        b"\x1b]11;?": b"\x1b]11;rgb:0000/0000/0000\x1b\\",
-        b"\x1b[c": b"\x1b[?62;c",
-    }
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        import fcntl
-        import pty
-        import struct
-        import termios
-
-        self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        self.proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
-        )
-        os.close(slave)
-        self.seen = b""
-
-    def wait_for(self, text: bytes, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.seen:
-            assert time.monotonic() < deadline, f"{text!r} never showed: {self.seen[-2000:]!r}"
-            if select.select([self.master], [], [], 0.5)[0]:
-                try:
-                    data = os.read(self.master, 65536)
-                except OSError:
-                    raise AssertionError(f"the terminal closed: {self.seen[-2000:]!r}") from None
-                self.seen += data
-                for ask, answer in self.ANSWERS.items():
-                    for _ in range(data.count(ask)):
-                        os.write(self.master, answer)
-
-    def close(self) -> int:
-        try:
-            return self.proc.wait(120)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            os.close(self.master)
+def rules_alerted(sp: ServeProcess) -> set[tuple[str, str]]:
+    """(agent, rule) of every alert the supervisor has raised."""
+    return {(a["agent"], a["rule"]) for a in ask(sp, "alerts")}
 
 
 @pytest.mark.slow
@@ -291,7 +184,7 @@ def test_codex_interactive_is_recorded_exactly_with_no_extra_flag(
     codex = agent_program("codex")
     with fake_llm_in_thread() as fake:
         env = agent_env(
-            supervisor, short_tmp, TERM="xterm-256color", OPENAI_BASE_URL=fake.url + "/v1",
+            supervisor.env, short_tmp, TERM="xterm-256color", OPENAI_BASE_URL=fake.url + "/v1",
             OPENAI_API_KEY="sk-test-not-a-secret",
         )  # fmt: skip
         argv = [sys.executable, "-m", "tokenwatch", "run", "--name", "codex-tui", "--"]

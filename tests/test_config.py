@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from tokenwatch.config import (
-    BudgetSettings,
-    Config,
-    ConfigError,
-    find_config,
-    parse_config,
-)
+from tokenwatch.config import BudgetSettings, Config, ConfigError, parse_config
+from tokenwatch.config_file import find_config
 from tokenwatch.core.pricing import PriceTable
 from tokenwatch.paths import Paths
 from tokenwatch.supervisor.policy import load_config

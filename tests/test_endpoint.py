@@ -16,18 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
+from tests.coding_agent_fixtures import agent_env, agent_program, assert_recorded_exactly, run_agent
 from tests.process_fixtures import state_soon
-from tests.supervisor_fixtures import ServeProcess, supervisor_process, tokenwatch_env
-from tests.test_coding_agents import (
-    agent_env,
-    agent_program,
-    assert_recorded_exactly,
-    run_agent,
-)
-from tokenwatch.client.control import SupervisorClient
+from tests.supervisor_fixtures import ServeProcess, ask, supervisor_process, tokenwatch_env
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
 
 TIMEOUT = 60
@@ -78,14 +71,6 @@ def supervisor(fake: Any) -> Iterator[ServeProcess]:
             yield sp
     finally:
         shutil.rmtree(home, ignore_errors=True)
-
-
-def ask(sp: ServeProcess, kind: str, **fields: Any) -> Any:
-    async def go() -> Any:
-        async with await SupervisorClient.connect(sp.paths, start=False) as client:
-            return await client.request(kind, **fields)
-
-    return anyio.run(go)
 
 
 def endpoint(sp: ServeProcess) -> str:
@@ -316,7 +301,7 @@ def test_claude_code_outside_tokenwatch_is_shown_as_claude_and_recorded_exactly(
 ) -> None:
     claude = agent_program("claude")
     before = len(fake.calls)
-    env = agent_env(supervisor, short_tmp, ANTHROPIC_BASE_URL=endpoint(supervisor),
+    env = agent_env(supervisor.env, short_tmp, ANTHROPIC_BASE_URL=endpoint(supervisor),
                     ANTHROPIC_API_KEY="sk-ant-test-not-a-secret")  # fmt: skip
     done = subprocess.run(
         [claude, "-p", "--model", "claude-haiku-4-5", "say hi"], env=env, cwd=short_tmp,

@@ -15,12 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
-from tests.supervisor_fixtures import ServeProcess, clean_supervisor, state_of
-from tests.test_coding_agents import Pty, agent_program, run_agent
-from tokenwatch.client.control import SupervisorClient
+from tests.coding_agent_fixtures import Pty, agent_env, agent_program, run_agent
+from tests.supervisor_fixtures import ServeProcess, ask, clean_supervisor, state_of
 from tokenwatch.demo.fake_exchange import CountedCall
 from tokenwatch.demo.fake_llm import FakeLLM, fake_llm_in_thread
 from tokenwatch.paths import Paths
@@ -35,23 +33,15 @@ def supervisor() -> Iterator[ServeProcess]:
         yield sp
 
 
-def request(sp: ServeProcess, kind: str, **fields: Any) -> Any:
-    async def ask() -> Any:
-        async with await SupervisorClient.connect(sp.paths, start=False) as client:
-            return await client.request(kind, **fields)
-
-    return anyio.run(ask)
-
-
 def agents(sp: ServeProcess, prefix: str) -> dict[str, dict[str, Any]]:
-    rows = request(sp, "status")["agents"]
+    rows = ask(sp, "status")["agents"]
     return {r["agent"]["name"]: r for r in rows if r["agent"]["name"].startswith(prefix)}
 
 
 def recorded(sp: ServeProcess, prefix: str) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
     for name in agents(sp, prefix):
-        calls += request(sp, "history", agent=name)["calls"]
+        calls += ask(sp, "history", agent=name)["calls"]
     return sorted(calls, key=lambda c: c["ts"])
 
 
@@ -77,12 +67,9 @@ def follow_live(sp: ServeProcess, fake: FakeLLM, prefix: str, done: Callable[[],
         shown = served
 
 
-def agent_env(home: Path, **extra: str) -> dict[str, str]:
-    (home / ".codex").mkdir(exist_ok=True)
-    return {
-        "PATH": os.environ["PATH"], "HOME": str(home), "TERM": "xterm-256color",
-        "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", **extra,
-    }  # fmt: skip
+def outside_env(home: Path, **extra: str) -> dict[str, str]:
+    """An agent's environment in a terminal of its own: no tokenwatch variable, no base URL."""
+    return agent_env({"PATH": os.environ["PATH"], "TERM": "xterm-256color"}, home, **extra)
 
 
 def import_totals(source: str, home: Path, root: Path) -> list[tuple[int, int, int]]:
@@ -106,7 +93,7 @@ def test_claude_code_outside_tokenwatch_is_shown_live_and_exactly(
     claude = agent_program("claude")
     home = Path(supervisor.env["HOME"])
     with fake_llm_in_thread() as fake:
-        env = agent_env(home, ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="sk-ant-test")
+        env = outside_env(home, ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY="sk-ant-test")
         for prompt in ("say hi", "say bye"):
             proc = subprocess.Popen(
                 [claude, "-p", "--model", "claude-haiku-4-5", prompt], env=env, cwd=home,
@@ -136,7 +123,7 @@ def test_codex_exec_outside_tokenwatch_is_shown_live_and_exactly(supervisor: Ser
     codex = agent_program("codex")
     home = Path(supervisor.env["HOME"])
     with fake_llm_in_thread() as fake:
-        env = agent_env(home, OPENAI_API_KEY="sk-test-not-a-secret")
+        env = outside_env(home, OPENAI_API_KEY="sk-test-not-a-secret")
         for prompt in ("say hi", "say bye"):
             argv = codex_argv(codex, fake, "exec", "--skip-git-repo-check", "-m", "gpt-4o-mini")
             proc = subprocess.Popen(
@@ -159,7 +146,7 @@ def test_an_interactive_codex_is_shown_on_its_own_process_which_can_be_paused(
     codex = agent_program("codex")
     home = Path(supervisor.env["HOME"])
     with fake_llm_in_thread() as fake:
-        env = agent_env(home, OPENAI_API_KEY="sk-test-not-a-secret")
+        env = outside_env(home, OPENAI_API_KEY="sk-test-not-a-secret")
         term = Pty(codex_argv(codex, fake, "-m", "gpt-4o-mini", "say hi"), env, home)
         try:
             term.wait_for(b"Worked for")
@@ -170,9 +157,9 @@ def test_an_interactive_codex_is_shown_on_its_own_process_which_can_be_paused(
             [(name, row)] = shown.items()
             assert row["agent"]["pid"] == term.proc.pid, row  # the launcher, over native codex
             assert row["summary"]["requests"] >= 1
-            request(supervisor, "pause", agent=name)
+            ask(supervisor, "pause", agent=name)
             assert state_of(term.proc.pid) in "Tt"
-            request(supervisor, "resume", agent=name)
+            ask(supervisor, "resume", agent=name)
             os.write(term.master, b"\x03")  # Ctrl-C at an idle prompt quits
         finally:
             code = term.close()

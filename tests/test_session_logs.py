@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_coding_agents import agent_program
+from tests.coding_agent_fixtures import agent_program
 from tokenwatch.cli import main
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.demo.fake_exchange import CountedCall

@@ -90,7 +90,7 @@ def _price_table() -> Any | None:
     except Exception:  # pricing is another module's job; without it costs are just unknown
         return None
     try:
-        from tokenwatch.config import read_config
+        from tokenwatch.config_file import read_config
 
         # The user's [prices.MODEL] overrides, as the supervisor prices with them.
         return PriceTable.load(read_config().prices)

@@ -13,15 +13,8 @@ from typing import Any
 
 import tomli_w
 
-from tokenwatch.config import (
-    BudgetSettings,
-    Config,
-    ConfigError,
-    merge_overlay,
-    overlay_path_for,
-    parse_config,
-    read_toml,
-)
+from tokenwatch.config import BudgetSettings, Config, ConfigError, parse_config
+from tokenwatch.config_file import merge_overlay, overlay_path_for, read_toml
 from tokenwatch.core.budgets import budget_name, check_budget
 from tokenwatch.paths import Paths
 

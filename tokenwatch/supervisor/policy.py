@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenwatch.config import Config, ConfigError, read_config
+from tokenwatch.config import Config, ConfigError
+from tokenwatch.config_file import read_config
 from tokenwatch.core.budgets import Budgets, budget_name
 from tokenwatch.core.pricing import PriceError, PriceTable
 from tokenwatch.core.rules import DEFAULT_RULES, Rules
