@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tokenwatch import environ
 from tokenwatch.export.semconv import OPT_IN_VARIABLE
 
 pytest_plugins = ["tests.otlp_fixtures", "tests.postgres_fixtures"]
@@ -39,7 +40,11 @@ def tokenwatch_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for var in ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "GEMINI_CLI_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(home)
-    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
+    # a developer running pytest under `tokenwatch run` passes its agent's context down: no test
+    # may report into that supervisor or inherit its run, task, user or session
+    run_context = (environ.SOCKET, environ.AGENT, environ.RUN_ID, environ.TASK, environ.USER)
+    run_context += (environ.SESSION, environ.PROXY_URL, environ.ENDPOINT, environ.FLUSH_TIMEOUT)
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", environ.DEBUG, *run_context):
         monkeypatch.delenv(var, raising=False)
     # a developer's own opt-in would add the old GenAI metric names to every export a test reads
     monkeypatch.delenv(OPT_IN_VARIABLE, raising=False)
