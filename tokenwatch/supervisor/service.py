@@ -217,6 +217,7 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run, name="tokenwatch.engine")
             await self._start_fleet(tg, engine)
+            await self._start_shipper(tg)
             await self._seed(engine, store)
             switch = self.levers.switch if self.levers is not None else None
             found = await recover_switched(engine, store, switch)
@@ -329,6 +330,15 @@ class Supervisor:
                     row.estimated_usd,
                     row.unpriced_requests,
                 )
+
+    async def _start_shipper(self, tg: anyio.abc.TaskGroup) -> None:
+        """With [fleet]: this ledger's events sent on to the team's table, from where the last
+        run left off (tokenwatch/fleet/shipper.py)."""
+        if self.config.fleet is None:
+            return
+        from tokenwatch.fleet.shipper import Shipper
+
+        await tg.start(Shipper(self.config.fleet, self.paths.db).run, name="fleet: ledger")
 
     async def _start_fleet(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         """With [fleet]: shared budgets on the team's database (the supervisor starts even
