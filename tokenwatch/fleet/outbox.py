@@ -27,12 +27,22 @@ _SELECT: Final = (
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One ledger row on its way: its local id, its key in the team's table, its columns."""
+class Batch:
+    """Ledger rows on their way, column by column as the INSERT takes them (built in a worker
+    thread: a backlog of thousands never holds the event loop)."""
 
-    local_id: int
-    key: str
-    values: tuple[Any, ...]
+    keys: list[str]
+    """Each row's key in the team's table (`event_key`)."""
+    local_ids: list[int]
+    columns: list[list[Any]]
+    """One list per SHIPPED column."""
+
+    @property
+    def last_id(self) -> int:
+        return self.local_ids[-1]
+
+    def __len__(self) -> int:
+        return len(self.local_ids)
 
 
 def event_key(local_id: int, call_id: str, ts: float) -> str:
@@ -73,11 +83,19 @@ def advance(conn: sqlite3.Connection, host: str, last_id: int) -> None:
     )
 
 
-def pending(conn: sqlite3.Connection, after: int, limit: int) -> list[Outgoing]:
-    """Up to `limit` events after id `after`, oldest first. Ids only grow: the ledger has one
-    writer, which commits whole batches, and never deletes events."""
+def pending(conn: sqlite3.Connection, after: int, limit: int) -> Batch | None:
+    """Up to `limit` events after id `after`, oldest first (None: none). Ids only grow: the
+    ledger has one writer, which commits whole batches, and never deletes events."""
     rows = conn.execute(_SELECT, (after, limit)).fetchall()
-    return [Outgoing(row[0], event_key(row[0], row[1], row[2]), tuple(row[2:])) for row in rows]
+    if not rows:
+        return None
+    columns = [list(column) for column in zip(*(row[2:] for row in rows), strict=True)]
+    columns[-1] = [bool(v) for v in columns[-1]]  # SQLite keeps `estimated` as 0/1
+    return Batch(
+        keys=[event_key(row[0], row[1], row[2]) for row in rows],
+        local_ids=[row[0] for row in rows],
+        columns=columns,
+    )
 
 
 def backlog(conn: sqlite3.Connection, after: int) -> int:
