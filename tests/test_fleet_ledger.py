@@ -89,16 +89,15 @@ def restart(member: Member) -> None:
     wait_answers(member.serve)
 
 
-def report_fleet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def report_fleet(member: Member, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tokenwatch report --fleet` as a user of that machine runs it (its tokenwatch.toml in
+    the working directory)."""
     return subprocess.run(
         [sys.executable, "-m", "tokenwatch", "report", "--fleet", *args],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=member.serve.env, cwd=member.home, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    reason="`report --fleet` is not built yet (fleet-ledger ran out of time)", strict=True
-)
 async def test_three_supervisors_ship_and_the_team_ledger_is_the_sum_of_theirs(
     pg_cluster: PgCluster, pg_env: dict[str, str]
 ) -> None:
@@ -113,9 +112,8 @@ async def test_three_supervisors_ship_and_the_team_ledger_is_the_sum_of_theirs(
                     tg.start_soon(fire, member, "shared-name", 10, outcomes)
             assert outcomes == Counter(ok=90)
             local = await caught_up(url, members, 90)
-            env = members[0].serve.env
-            by_agent = report_fleet(env, "--by", "agent", "--format", "json")
-            by_host = report_fleet(env, "--by", "host", "--format", "json")
+            by_agent = report_fleet(members[0], "--by", "agent", "--format", "json")
+            by_host = report_fleet(members[1], "--by", "host", "--format", "json")
     assert_same(await team_ledger(url), local)
     assert by_agent.returncode == 0, by_agent.stderr
     groups = {g["agent"]: g for g in json.loads(by_agent.stdout)["groups"]}
@@ -128,8 +126,13 @@ async def test_three_supervisors_ship_and_the_team_ledger_is_the_sum_of_theirs(
     total = json.loads(by_agent.stdout)["total"]
     assert total["requests"] == 90
     assert total["cost_usd"] == pytest.approx(sum(f[3] for f in local.values()), rel=1e-9)
-    hosts = {g["host"]: g["requests"] for g in json.loads(by_host.stdout)["groups"]}
-    assert hosts == {"a": 30, "b": 30, "c": 30}
+    hosts = {g["host"]: g for g in json.loads(by_host.stdout)["groups"]}
+    assert {h: g["requests"] for h, g in hosts.items()} == {"a": 30, "b": 30, "c": 30}
+    for host, group in hosts.items():  # each host's own local ledger, tokens and $
+        mine = [f for (h, _), f in local.items() if h == host]
+        assert group["input_tokens"] == sum(f[1] for f in mine)
+        assert group["output_tokens"] == sum(f[2] for f in mine)
+        assert group["cost_usd"] == pytest.approx(sum(f[3] for f in mine), rel=1e-9)
 
 
 async def test_a_supervisor_killed_before_shipping_ships_once_after_restart(
@@ -174,9 +177,6 @@ async def _cursor_at_end(member: Member) -> None:
             await anyio.sleep(0.1)
 
 
-@pytest.mark.xfail(
-    reason="`report --fleet` is not built yet (fleet-ledger ran out of time)", strict=True
-)
 async def test_database_stopped_mid_run_the_shipper_catches_up_without_doubles(
     pg_cluster: PgCluster, pg_env: dict[str, str]
 ) -> None:
@@ -192,7 +192,7 @@ async def test_database_stopped_mid_run_the_shipper_catches_up_without_doubles(
                 for member in members:  # calls go on: no shared budget depends on the server
                     await fire(member, "steady", 15, outcomes)
                 assert outcomes == Counter(ok=50)
-                failed = report_fleet(members[0].serve.env)
+                failed = report_fleet(members[0])
                 assert failed.returncode != 0
                 assert failed.stderr.count("\n") == 1, failed.stderr
                 assert "cannot reach the fleet database" in failed.stderr
