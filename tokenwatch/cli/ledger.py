@@ -464,18 +464,18 @@ def _fleet_report(
     tz: datetime.tzinfo,
 ) -> Report:
     """`report --fleet`: the team's ledger, every failure one line without a password."""
-    import importlib.util
-
     import anyio
 
     if args.savings:
         raise CliError("report --savings reads this machine's ledger only (drop --fleet)", 2)
     if fleet is None:
         raise CliError("report --fleet: no [fleet] section in tokenwatch.toml (docs/fleet.md)")
-    if importlib.util.find_spec("psycopg") is None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
         raise CliError(
             "report --fleet needs PostgreSQL's driver: pip install 'tokenwatch[fleet]' (psycopg)"
-        )
+        ) from None
     from tokenwatch.fleet.connection import FleetUnreachable
     from tokenwatch.fleet.history import team_report
 
