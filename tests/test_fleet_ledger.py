@@ -200,3 +200,19 @@ async def test_database_stopped_mid_run_the_shipper_catches_up_without_doubles(
                 pg_cluster.start()
             local = await caught_up(url, members, 50)
     assert_same(await team_ledger(url), local)
+
+
+async def test_a_clean_stop_ships_what_is_left(
+    pg_cluster: PgCluster, pg_env: dict[str, str]
+) -> None:
+    url = pg_cluster.url(pg_env["PGDATABASE"])
+    async with running_fake_llm(latency_ms=0) as fake:
+        # An hour between batches: only the stop itself can send these calls.
+        with team(["s"], pg_env, toml(url, fake.url, "s", ship_interval=3600)) as (member,):
+            outcomes: Counter[str] = Counter()
+            await fire(member, "last-words", 12, outcomes)
+            assert outcomes == Counter(ok=12)
+            member.stop()
+            local = local_figures([member])
+            assert local[("s", "last-words")][0] == 12
+            assert_same(await team_ledger(url), local)
