@@ -44,15 +44,22 @@ async def fill(ledger: Path, events: int) -> None:
     async with await Store.open(ledger) as store:
         for lo in range(0, events, 5000):
             await store.append_many(
-                [
-                    UsageEvent(
-                        ts=start + i * 3600 / events, agent=f"agent-{i % 4}", call_id=f"c{i}",
-                        provider="openai", model="gpt-4o-mini", input_tokens=500 + i % 97,
-                        output_tokens=40 + i % 13, cost_usd=0.0001 + (i % 7) * 1e-6,
-                    )  # fmt: skip
-                    for i in range(lo, min(events, lo + 5000))
-                ]
+                [event(i, start, events) for i in range(lo, min(events, lo + 5000))]
             )
+
+
+def event(i: int, start: float, events: int) -> UsageEvent:
+    """The i-th of `events` calls spread over the hour from `start`."""
+    return UsageEvent(
+        ts=start + i * 3600 / events,
+        agent=f"agent-{i % 4}",
+        call_id=f"c{i}",
+        provider="openai",
+        model="gpt-4o-mini",
+        input_tokens=500 + i % 97,
+        output_tokens=40 + i % 13,
+        cost_usd=0.0001 + (i % 7) * 1e-6,
+    )
 
 
 def cursor(ledger: Path) -> tuple[int, int]:

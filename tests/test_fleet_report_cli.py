@@ -38,7 +38,9 @@ def fleet_toml(home: Path, url: str) -> None:
 
 def test_without_fleet_it_says_where_to_configure_it(tokenwatch_home: Path) -> None:
     line = one_line(report(tokenwatch_home, {}, "--fleet"))
-    assert line == "tokenwatch: report --fleet: no [fleet] section in tokenwatch.toml (docs/fleet.md)"
+    assert (
+        line == "tokenwatch: report --fleet: no [fleet] section in tokenwatch.toml (docs/fleet.md)"
+    )
 
 
 def test_hosts_without_fleet_are_a_command_line_mistake(tokenwatch_home: Path) -> None:
