@@ -103,3 +103,76 @@ class TestOnARealServer:
             f"tokenwatch: the fleet database {pg_db.url} has no team ledger yet (no supervisor "
             "with [fleet] has connected to it)"
         )
+
+
+class TestSameAsTheLocalReport:
+    """One ledger's events shipped by the real shipper: the team's report of them equals the
+    local report, for every grouping and a glob filter."""
+
+    pytestmark = pytestmark_postgres
+
+    async def test_every_grouping_matches(
+        self, tokenwatch_home: Path, pg_db: PgDatabase, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import datetime
+
+        import anyio
+        import psycopg
+
+        from tokenwatch.config import FleetSettings
+        from tokenwatch.core.models import UsageEvent
+        from tokenwatch.fleet.history import TeamLedger
+        from tokenwatch.fleet.shipper import Shipper
+        from tokenwatch.ledger.report import build_report
+        from tokenwatch.ledger.store import Store
+
+        for key, value in pg_db.env().items():
+            monkeypatch.setenv(key, value)
+        now = 1_764_900_000.0
+        events = [
+            UsageEvent(
+                ts=now - i * 3917.0,
+                agent=f"writer-{i % 3}",
+                task=f"t{i % 5}" if i % 4 else "",
+                run_id=f"run{i % 6}",
+                model=("gpt-4o-mini", "mystery")[i % 7 == 0],
+                provider="openai",
+                input_tokens=100 + i,
+                output_tokens=10 + i % 9,
+                cost_usd=None if i % 11 == 0 else 0.001 * (i % 13),
+                price_source="estimated:gpt-4o" if i % 7 == 0 else "table",
+                status=("ok", "error", "denied")[i % 3 if i % 5 == 0 else 0],
+                estimated=i % 8 == 0,
+                call_id=f"c{i}",
+            )
+            for i in range(400)
+        ]
+        ledger = tokenwatch_home / "usage.db"
+        tz = datetime.timezone(datetime.timedelta(hours=-5))
+        async with await Store.open(ledger, clock=lambda: now) as store:
+            await store.append_many(events)
+            await store.flush()
+            shipper = Shipper(FleetSettings(url=pg_db.url, host="h"), ledger)
+            async with anyio.create_task_group() as tg:
+                await tg.start(shipper.run)
+                tg.cancel_scope.cancel()
+            await shipper.finish()
+            async with await psycopg.AsyncConnection.connect(pg_db.url) as conn:
+                team = TeamLedger(conn, clock=lambda: now)
+                for by in ("agent", "task", "model", "day", "week", "month", "session"):
+                    for filters in ({}, {"agent": "writer-[01]"}):
+                        kwargs = dict(by=by, since=now - 40 * 86400, until=None, tz=tz)
+                        mine = (await build_report(store, **kwargs, **filters)).to_dict()  # type: ignore[arg-type]
+                        ours = (await build_report(team, **kwargs, **filters)).to_dict()  # type: ignore[arg-type]
+                        assert _close(ours, mine), (by, filters, ours, mine)
+
+
+def _close(a: object, b: object) -> bool:
+    """Equal, floats within 1e-9 (sums in another order), anywhere in nested dicts and lists."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
