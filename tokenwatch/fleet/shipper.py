@@ -71,6 +71,8 @@ class Shipper:
                             return
                         after = sent[0]
             await self._left_behind()
+        except sqlite3.Error as exc:  # a stopping supervisor says so and goes on stopping
+            log.warning("the ledger's last events were not shipped: %s", exc)
         finally:
             self.link.closing = True
             with anyio.CancelScope(shield=True):
