@@ -137,8 +137,8 @@ async def fire(member: Member, agent: str, calls: int, outcomes: Counter[str],
             try:
                 await client.chat.completions.create(
                     model=MODEL,
-                    messages=[question(i)],
-                    max_tokens=MAX_TOKENS,  # type: ignore[list-item]
+                    messages=[question(i)],  # type: ignore[list-item]
+                    max_tokens=MAX_TOKENS,
                 )
                 outcomes["ok"] += 1
             except openai.RateLimitError as exc:

@@ -321,6 +321,9 @@ class FleetSettings:
     unreachable (0.5 to 60)."""
     retry_interval: Annotated[float, Range(0.1, 3600)] = 2.0
     """Seconds between attempts to reconnect while the server is unreachable."""
+    ship_interval: Annotated[float, Range(0.05, 3600)] = 1.0
+    """Seconds between sending this supervisor's new ledger events to the team's table
+    (`tokenwatch report --fleet`); while the server is away they wait in the local ledger."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from tokenwatch.cli.errors import CliError
 if TYPE_CHECKING:
     import datetime
 
+    from tokenwatch.config import FleetSettings
     from tokenwatch.core.models import UsageEvent
     from tokenwatch.core.pricing import PriceTable
     from tokenwatch.ledger.importer import LineError
@@ -73,13 +74,16 @@ def _register_import(subparsers: Any) -> None:
 def _register_report(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "report",
-        help="tokens and cost per agent, task, model, user, provider, day, week, month or session",
+        help="tokens and cost per agent, task, model, user, provider, day, week, month or session "
+        "(--fleet: the whole team's, per host too)",
         description=(
             "Summarise stored usage over a window: per group, requests, input/cached/output/"
             "reasoning tokens, cost, average tokens per call, output/input ratio, cost per "
             "task and errors, with a total row. Cost marked * leaves out calls to models "
             "the price table does not know. JSON and CSV use the usage event's field names "
-            "(input_tokens, ..., cost_usd) plus total_tokens."
+            "(input_tokens, ..., cost_usd) plus total_tokens. With --fleet the same report "
+            "over the team's ledger in PostgreSQL ([fleet] in tokenwatch.toml, docs/fleet.md): "
+            "every supervisor's shipped events, groupable --by host."
         ),
     )
     p.add_argument(
@@ -89,11 +93,17 @@ def _register_report(subparsers: Any) -> None:
     )
     p.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
     p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="the team's ledger: what every supervisor sharing [fleet] shipped to PostgreSQL "
+        "(each ships within [fleet] ship_interval; one still down ships when it is back)",
+    )
+    p.add_argument(
         "--by",
-        choices=GROUPS,
+        choices=(*GROUPS, "host"),
         default="agent",
         help="grouping (default agent); week starts on Monday; a session is one run of an agent "
-        "(`tokenwatch run`), with when it started and last called",
+        "(`tokenwatch run`), with when it started and last called; host: with --fleet",
     )
     p.add_argument(
         "--format",
@@ -108,7 +118,7 @@ def _register_report(subparsers: Any) -> None:
         help="what each lever (cache, switch, trim) saved per agent: calls, share, tokens, "
         "dollars (with --since, --until and --format table or json)",
     )
-    for name in FILTERS:
+    for name in (*FILTERS, "host"):
         p.add_argument(
             f"--{name}", default=None, metavar="NAME", help=f"only this {name} (glob allowed)"
         )
@@ -408,6 +418,11 @@ def run_report(args: argparse.Namespace) -> int:
     until = moment("--until", args.until, tz, start=False) if args.until else None
     if until is not None and until <= since:
         raise CliError("--until must be later than --since", 2)
+    if args.fleet:
+        sys.stdout.write(render(_fleet_report(args, cfg.fleet, since, until, tz), args.format))
+        return 0
+    if args.by == "host" or args.host:
+        raise CliError("report: hosts are in the team's ledger: add --fleet", 2)
     if args.savings:
         from tokenwatch.ledger.savings import render_savings
 
@@ -439,6 +454,40 @@ async def _report(
         raise CliError(str(exc)) from None
     finally:
         await store.aclose()
+
+
+def _fleet_report(
+    args: argparse.Namespace,
+    fleet: FleetSettings | None,
+    since: float,
+    until: float | None,
+    tz: datetime.tzinfo,
+) -> Report:
+    """`report --fleet`: the team's ledger, every failure one line without a password."""
+    import anyio
+
+    if args.savings:
+        raise CliError("report --savings reads this machine's ledger only (drop --fleet)", 2)
+    if fleet is None:
+        raise CliError("report --fleet: no [fleet] section in tokenwatch.toml (docs/fleet.md)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise CliError(
+            "report --fleet needs PostgreSQL's driver: pip install 'tokenwatch[fleet]' (psycopg)"
+        ) from None
+    from tokenwatch.fleet.connection import FleetUnreachable
+    from tokenwatch.fleet.history import team_report
+
+    filters = {name: getattr(args, name) for name in (*FILTERS, "host") if getattr(args, name)}
+    try:
+        return anyio.run(
+            lambda: team_report(
+                fleet, by=args.by, since=since, until=until, top=args.top, tz=tz, filters=filters
+            )
+        )
+    except FleetUnreachable as exc:
+        raise CliError(str(exc)) from None
 
 
 async def _savings(since: float, until: float | None) -> list[Any]:

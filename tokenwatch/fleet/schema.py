@@ -63,6 +63,39 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "one ledger for the team: every supervisor's usage events",
+        (
+            # One row per call a supervisor recorded, keyed by (host, key): the call's id, or for
+            # an event without one `row:ROWID:TS` of its local ledger (docs/fleet.md), so a batch
+            # sent again after a lost answer or a restart is stored once.
+            """CREATE TABLE fleet_events (
+                host text NOT NULL,
+                key text NOT NULL,
+                local_id bigint NOT NULL,
+                ts double precision NOT NULL,
+                agent text NOT NULL,
+                run_id text NOT NULL,
+                "user" text NOT NULL,
+                task text NOT NULL,
+                provider text NOT NULL,
+                model text NOT NULL,
+                input_tokens bigint NOT NULL,
+                output_tokens bigint NOT NULL,
+                cache_read_tokens bigint NOT NULL,
+                cache_write_tokens bigint NOT NULL,
+                reasoning_tokens bigint NOT NULL,
+                cost_usd double precision,
+                price_source text NOT NULL,
+                status text NOT NULL,
+                estimated boolean NOT NULL,
+                shipped_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (host, key)
+            )""",
+            "CREATE INDEX fleet_events_ts ON fleet_events (ts)",
+        ),
+    ),
 )
 """Append only: a released migration is never edited (a team's database has run it)."""
 

@@ -7,12 +7,12 @@ import datetime
 import io
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenwatch.core.quantities import PARTIAL_MARK, format_usd
 
 if TYPE_CHECKING:
-    from tokenwatch.ledger.store import GroupTotals, SessionTotals, Store, Totals
+    from tokenwatch.ledger.store import GroupTotals, SessionTotals, Totals
 
 FORMATS = ("table", "json", "csv")
 
@@ -83,8 +83,29 @@ class Report:
         }
 
 
+class ReportSource(Protocol):
+    """What a report reads: the local Store, or the team's ledger (fleet/history.py)."""
+
+    async def totals(self, since: float, until: float | None = None, **filters: str) -> Totals: ...
+
+    async def aggregate(
+        self,
+        by: str,
+        since: float,
+        until: float | None = None,
+        *,
+        top: int | None = None,
+        tz: datetime.tzinfo | None = None,
+        **filters: str,
+    ) -> list[GroupTotals]: ...
+
+    async def sessions(
+        self, since: float, until: float | None = None, **filters: str
+    ) -> list[SessionTotals]: ...
+
+
 async def build_report(
-    store: Store,
+    store: ReportSource,
     *,
     by: str,
     since: float,

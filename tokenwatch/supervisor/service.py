@@ -34,6 +34,7 @@ from tokenwatch.supervisor.server import SocketServer
 
 if TYPE_CHECKING:
     from tokenwatch.engine.agents import AgentRecord
+    from tokenwatch.fleet.shipper import Shipper
     from tokenwatch.ledger.store import Store
     from tokenwatch.proxy.levers import Levers
 
@@ -141,6 +142,7 @@ class Supervisor:
         self.metrics_url = ""
         self.recovered: list[str] = []
         self.levers: Levers | None = None
+        self.shipper: Shipper | None = None
 
     def _config_in_use(self) -> Config:
         return self.commands.config if self.commands is not None else self.config
@@ -179,6 +181,8 @@ class Supervisor:
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._close_ledger(store)
+                    if self.shipper is not None:  # the flushed ledger's last events
+                        await self.shipper.finish()
                 remove_pid(self.paths)
                 log.info("supervisor stopped")
 
@@ -217,6 +221,7 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run, name="tokenwatch.engine")
             await self._start_fleet(tg, engine)
+            await self._start_shipper(tg)
             await self._seed(engine, store)
             switch = self.levers.switch if self.levers is not None else None
             found = await recover_switched(engine, store, switch)
@@ -331,6 +336,16 @@ class Supervisor:
                     row.estimated_usd,
                     row.unpriced_requests,
                 )
+
+    async def _start_shipper(self, tg: anyio.abc.TaskGroup) -> None:
+        """With [fleet]: this ledger's events sent on to the team's table, from where the last
+        run left off, the last of them once the ledger is closed (tokenwatch/fleet/shipper.py)."""
+        if self.config.fleet is None:
+            return
+        from tokenwatch.fleet.shipper import Shipper
+
+        self.shipper = Shipper(self.config.fleet, self.paths.db)
+        await tg.start(self.shipper.run, name="fleet: ledger")
 
     async def _start_fleet(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         """With [fleet]: shared budgets on the team's database (the supervisor starts even
