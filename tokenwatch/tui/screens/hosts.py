@@ -22,6 +22,7 @@ REFRESH: Final = 3.0
 """Seconds between reads of the team's database while the screen is open."""
 COLUMNS: Final = ("host", "agent", "spend today", "calls today", "last call", "last shipment")
 TITLE: Final = "other hosts · read-only: each host's agents are controlled on that host"
+NO_HOSTS: Final = "no other host shipped calls in the last 7 days"
 CONTROL_KEYS: Final = "p,k,t,m,b,P,R"
 """The main screen's keys that act on an agent: here they only say why they do not."""
 
@@ -91,7 +92,7 @@ class HostsScreen(Screen[None]):
             for agent in host["agents"]:
                 table.add_row(*_cells(host, agent, float(roster["read_at"])))
         count = len(roster["hosts"])
-        note = "no other host shipped calls in the last 7 days" if not count else f"{count} hosts"
+        note = f"{count} host{'s' if count > 1 else ''}" if count else NO_HOSTS
         title.update(Text(f"{TITLE} · {note}"))
 
     def action_read_only(self) -> None:
