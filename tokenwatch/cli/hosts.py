@@ -40,7 +40,7 @@ def run_fleet_status(args: argparse.Namespace) -> int:
 
 def render_hosts(roster: dict[str, Any]) -> str:
     """A table per host, busiest first: the `fleet_hosts` reply (docs/protocol.md) as text."""
-    from tokenwatch.core.quantities import format_usd
+    from tokenwatch.core.quantities import PARTIAL_MARK, format_usd
     from tokenwatch.tui.figures import age
 
     now = float(roster["read_at"])
@@ -66,4 +66,6 @@ def render_hosts(roster: dict[str, Any]) -> str:
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
         ]
         blocks.append("\n".join(lines))
+    if any(a["estimated_today"] for h in roster["hosts"] for a in h["agents"]):
+        blocks.append(f"{PARTIAL_MARK} some of today's calls are priced by estimate, or not at all")
     return "\n\n".join(blocks)
