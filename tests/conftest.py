@@ -26,11 +26,16 @@ def anyio_backend() -> str:
 
 @pytest.fixture(autouse=True)
 def tokenwatch_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private TOKENWATCH_HOME per test, short enough for Unix socket paths, and the working
-    directory: the checkout's tokenwatch.toml (and any overlay a tour left beside it) is never
+    """A private TOKENWATCH_HOME per test, short enough for Unix socket paths, with HOME inside
+    it, and the working directory: the checkout's tokenwatch.toml (and any overlay a tour left beside it) is never
     the config a test reads unless the test asks for it."""
     home = Path(tempfile.mkdtemp(prefix="tw-"))
     monkeypatch.setenv("TOKENWATCH_HOME", str(home))
+    # the user's own coding agents' logs (~/.claude, ~/.codex, ~/.gemini) are never read
+    (home / "user").mkdir()
+    monkeypatch.setenv("HOME", str(home / "user"))
+    for var in ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "GEMINI_CLI_HOME"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(home)
     for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "TOKENWATCH_SOCKET", "TOKENWATCH_AGENT"):
         monkeypatch.delenv(var, raising=False)

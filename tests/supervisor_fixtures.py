@@ -87,6 +87,9 @@ def tokenwatch_env(home: Path | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     if home is not None:
         env["TOKENWATCH_HOME"] = str(home)
+        env["HOME"] = str(home)  # set up outside a test (module scope): never the user's own logs
+        for var in ("CLAUDE_CONFIG_DIR", "CODEX_HOME", "GEMINI_CLI_HOME"):
+            env.pop(var, None)
     env.update(extra)
     return env
 

@@ -27,7 +27,7 @@ from tokenwatch.client.control import SupervisorClient
 from tokenwatch.config import AgentSettings
 from tokenwatch.core.coding_agents import find_agent, plan
 from tokenwatch.demo.fake_exchange import CountedCall
-from tokenwatch.demo.fake_llm import fake_llm_in_thread
+from tokenwatch.demo.fake_llm import FakeLLM, fake_llm_in_thread
 from tokenwatch.paths import Paths
 
 AGENTS_BIN = Path(__file__).resolve().parent.parent / ".coding-agents" / "node_modules" / ".bin"
@@ -165,12 +165,24 @@ def assert_recorded_exactly(sp: ServeProcess, name: str, served: list[CountedCal
     while len(calls := recorded(sp, name)) < len(served) and time.monotonic() < deadline:
         time.sleep(0.1)  # the ledger commits a moment after the call is counted
     assert len(calls) == len(served)
-    for call, bill in zip(calls, served, strict=True):
-        assert (call["input_tokens"], call["output_tokens"], call["cache_read_tokens"]) == (
-            bill.input_tokens, bill.output_tokens, bill.cache_read_tokens,
-        )  # fmt: skip
-        assert call["model"] == bill.model
-        assert not call["estimated"]
+    # Concurrent calls (interactive Codex names its thread while it answers) may finish in either
+    # order, so each recorded call is matched to a served one, not zipped by position.
+    got = sorted(
+        (c["input_tokens"], c["output_tokens"], c["cache_read_tokens"], c["model"]) for c in calls
+    )
+    billed = sorted((b.input_tokens, b.output_tokens, b.cache_read_tokens, b.model) for b in served)
+    assert got == billed
+    assert not any(call["estimated"] for call in calls)
+
+
+def wait_until_answered(fake: FakeLLM) -> None:
+    """Until every request fake-llm took has been answered (two looks a second apart agree)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        first = fake.statistics()
+        time.sleep(1)
+        if first == fake.statistics() and first["requests"] == first["calls"]:
+            return
 
 
 @pytest.mark.slow
@@ -286,6 +298,7 @@ def test_codex_interactive_is_recorded_exactly_with_no_extra_flag(
         term = Pty([*argv, codex, "-m", "gpt-4o-mini", "say hi"], env, short_tmp)
         try:
             term.wait_for(b"Worked for")
+            wait_until_answered(fake)  # its side call (the thread's title) may still be going
             os.write(term.master, b"\x03")  # Ctrl-C at an idle prompt quits
             term.wait_for(b"tokenwatch: codex-tui exited 0")
         finally:

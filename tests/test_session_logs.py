@@ -1,4 +1,4 @@
-"""`tokenwatch import --from claude-code|codex`: usage read from the agents' own session logs, each
+"""`tokenwatch import --from claude-code|codex|gemini`: usage read from the agents' own session logs, each
 call once; the real agents write the logs (against fake-llm, in a temporary HOME)."""
 
 from __future__ import annotations
@@ -7,17 +7,20 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.test_coding_agents import agent_program
 from tokenwatch.cli import main
 from tokenwatch.core.models import UsageEvent
 from tokenwatch.demo.fake_exchange import CountedCall
 from tokenwatch.demo.fake_llm import fake_llm_in_thread
-from tokenwatch.ledger.session_logs import events
+from tokenwatch.ledger.session_logs import LogFile, events, read_new
 from tokenwatch.ledger.store import Store
 from tokenwatch.paths import Paths
 
@@ -141,3 +144,76 @@ def test_import_from_a_missing_directory_is_one_line(
         err
         == f"tokenwatch: no codex logs in {tmp_path / 'nowhere'} (not a directory; see --path)\n"
     )
+
+
+def claude_line(message_id: str, output: int, stop: str | None = "end_turn") -> str:
+    message = {"id": message_id, "model": "claude-haiku-4-5", "stop_reason": stop,
+               "usage": {"input_tokens": 5, "cache_read_input_tokens": 20, "output_tokens": output}}  # fmt: skip
+    return json.dumps({"type": "assistant", "message": message, "requestId": f"req_{message_id}",
+                       "timestamp": "2026-12-01T10:00:00Z", "cwd": "/w"}) + "\n"  # fmt: skip
+
+
+@given(st.lists(st.integers(0, 10_000), max_size=6))
+def test_a_log_written_in_any_pieces_is_read_once_each_line_when_complete(cuts: list[int]) -> None:
+    text = "".join(claude_line(f"msg_{i}", i + 1) for i in range(4)).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.jsonl"
+        log, found = LogFile(path), []
+        points = sorted({min(c, len(text)) for c in cuts} | {len(text)})
+        written = 0
+        with open(path, "wb") as f:
+            for point in points:
+                f.write(text[written:point])
+                f.flush()
+                written = point
+                found += read_new("claude-code", log)
+        assert [e.output_tokens for e in found] == [1, 2, 3, 4]
+        assert [e.response_id for e in found] == [f"msg_{i}" for i in range(4)]
+
+
+def test_a_message_in_two_files_and_on_two_lines_counts_once(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    lines = claude_line("msg_1", 3, stop=None) + claude_line("msg_1", 7) + claude_line("msg_1", 7)
+    (tmp_path / "a" / "s.jsonl").write_text(lines)
+    (tmp_path / "a" / "s" / "subagents").mkdir(parents=True)
+    (tmp_path / "a" / "s" / "subagents" / "agent-1.jsonl").write_text(lines)
+    [event] = events("claude-code", tmp_path)
+    assert event.output_tokens == 7  # the final figures, not the streaming line's
+
+
+def test_gemini_chats_count_each_model_message_once(tmp_path: Path) -> None:
+    """A format sample of Gemini CLI 0.61's JSON lines (what the real CLI wrote, in
+    test_session_logs_gemini): a message is written again whenever it changes."""
+    chats = tmp_path / "proj" / "chats"
+    chats.mkdir(parents=True)
+    message = {"id": "m1", "timestamp": "2026-12-01T10:00:00Z", "type": "gemini", "content": "hi",
+               "tokens": {"input": 100, "output": 9, "cached": 40, "thoughts": 3, "tool": 0,
+                          "total": 112}, "model": "gemini-2.5-flash"}  # fmt: skip
+    lines = [{"sessionId": "s1", "kind": "main"}, message, {"$set": {"lastUpdated": "x"}},
+             {**message, "toolCalls": []}, {"$set": {"messages": [message]}}]  # fmt: skip
+    (chats / "session-2026-12-01T10-00-s1.jsonl").write_text(
+        "".join(json.dumps(x) + "\n" for x in lines)
+    )
+    [event] = events("gemini", tmp_path)
+    assert (event.input_tokens, event.output_tokens, event.cache_read_tokens) == (100, 12, 40)
+    assert (event.reasoning_tokens, event.model, event.session) == (3, "gemini-2.5-flash", "s1")
+
+
+@pytest.mark.slow
+def test_a_gemini_cli_chat_is_imported_as_it_was_served(tmp_path: Path) -> None:
+    gemini = agent_program("gemini")
+    (tmp_path / ".gemini").mkdir()
+    settings = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+    (tmp_path / ".gemini" / "settings.json").write_text(json.dumps(settings))
+    with fake_llm_in_thread() as fake:
+        env = agent_env(tmp_path, GEMINI_API_KEY="test-not-a-secret",
+                        GOOGLE_GEMINI_BASE_URL=fake.url, GEMINI_CLI_TRUST_WORKSPACE="true")  # fmt: skip
+        done = subprocess.run(
+            [gemini, "-m", "gemini-2.5-flash", "-p", "say hi"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        served = list(fake.calls)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert import_logs("gemini", tmp_path / ".gemini" / "tmp") == 0
+    assert figures(stored_events()) == figures(served)

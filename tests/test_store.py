@@ -69,6 +69,7 @@ async def test_round_trip_keeps_every_field(store: Store) -> None:
         lever="switch+trim",
         saved_tokens=900,
         saved_usd=0.02,
+        response_id="msg_1",
         turn_hash="turn",
         turn_shape="turn-shape",
         tool_hash="tool",
@@ -452,3 +453,13 @@ async def test_two_writers_on_one_file_both_land(tokenwatch_home: Path) -> None:
         # Each sees the other's rows, and the rollups agree with the raw rows.
         assert (await second.totals(0)).requests == 100
         assert (await second.totals(NOW - 30, NOW + 1)).requests == 62
+
+
+async def test_the_same_provider_answer_is_stored_once_whichever_path_saw_it(store: Store) -> None:
+    # the proxy's call (its own call id) and the session log's (another) name one answer
+    assert await store.append(ev(NOW, call_id="proxy-1", response_id="msg_1")) is True
+    assert (
+        await store.append(ev(NOW, call_id="claude-code:msg_1:req_1", response_id="msg_1")) is False
+    )
+    assert await store.stored_ids(["msg_1", "proxy-1", "other"]) == {"msg_1", "proxy-1"}
+    assert (await store.totals(0)).requests == 1

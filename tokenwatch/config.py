@@ -11,7 +11,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from tokenwatch.paths import OVERLAY_NAME, Paths
@@ -401,6 +401,38 @@ class OptimizeSettings:
     cache_health: CacheHealthSettings = field(default_factory=CacheHealthSettings)
 
 
+SESSION_LOG_SOURCES: Final = ("claude-code", "codex", "gemini")
+"""The coding agents whose own session logs tokenwatch can read (docs/agents.md)."""
+
+
+def _log_sources(value: list[str]) -> str | None:
+    unknown = [v for v in value if v not in SESSION_LOG_SOURCES]
+    if unknown:
+        return f"expected some of {', '.join(SESSION_LOG_SOURCES)}, got {unknown!r}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLogSettings:
+    follow: Annotated[list[str], Check(_log_sources)] = field(
+        default_factory=lambda: list(SESSION_LOG_SOURCES)
+    )
+    """Coding agents whose session logs the supervisor follows live (`claude-code`, `codex`,
+    `gemini`); `[]` follows none. A log directory not there yet is looked for at every poll."""
+    poll_interval: Annotated[float, Range(0.05, 60)] = 0.5
+    """Seconds between looks at the logs for new lines (0.05 to 60)."""
+    claude_code: str = ""
+    """Claude Code's projects dir; empty: $CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects."""
+    codex: str = ""
+    """Codex's sessions dir; empty: $CODEX_HOME/sessions, else ~/.codex/sessions."""
+    gemini: str = ""
+    """Gemini CLI's project dirs (holding chats/); empty: ~/.gemini/tmp ($GEMINI_CLI_HOME for ~)."""
+
+    def root(self, source: str) -> str:
+        """The configured dir of `source`, or "" for where the agent keeps it by default."""
+        return str(getattr(self, source.replace("-", "_")))
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole of tokenwatch.toml (plus tokenwatch's overlay), typed."""
@@ -416,6 +448,7 @@ class Config:
     optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     fleet: FleetSettings | None = None
     """Shared budgets and the team ledger in PostgreSQL (docs/fleet.md); None: this machine only."""
+    session_logs: SessionLogSettings = field(default_factory=SessionLogSettings)
     source: str = ""
     """The file this was read from (empty for built-in defaults)."""
     overlay: str = ""

@@ -28,11 +28,14 @@ def socket_path_problem(path: Path) -> str | None:
 
 def agent_logs(source: str, env: dict[str, str] | None = None) -> Path:
     """Where a coding agent keeps its session logs: Claude Code's projects (under
-    CLAUDE_CONFIG_DIR, else ~/.claude), Codex's sessions (under CODEX_HOME, else ~/.codex)."""
+    CLAUDE_CONFIG_DIR, else ~/.claude), Codex's sessions (under CODEX_HOME, else ~/.codex),
+    Gemini CLI's project dirs with their chats (under GEMINI_CLI_HOME, else ~, in .gemini/tmp)."""
     env = dict(os.environ) if env is None else env
     home = Path(env.get("HOME") or Path.home())
     if source == "claude-code":
         return Path(env.get("CLAUDE_CONFIG_DIR") or home / ".claude") / "projects"
+    if source == "gemini":
+        return Path(env.get("GEMINI_CLI_HOME") or home) / ".gemini" / "tmp"
     return Path(env.get("CODEX_HOME") or home / ".codex") / "sessions"
 
 

@@ -15,9 +15,11 @@ def register(subparsers: Any) -> None:
         description=(
             "Serve the OpenAI (/v1/chat/completions, /v1/responses, /v1/completions, "
             "/v1/embeddings, /v1/models) and Anthropic (/v1/messages, "
-            "/v1/messages/count_tokens) APIs offline, with deterministic replies and usage "
-            "counted with tiktoken. Prints 'fake-llm listening on URL' when ready; point "
-            "OPENAI_BASE_URL at URL/v1 and ANTHROPIC_BASE_URL at URL. Any non-empty API key "
+            "/v1/messages/count_tokens) and Gemini (/v1beta/models/MODEL:generateContent, "
+            ":streamGenerateContent, :countTokens) APIs offline, with deterministic replies and "
+            "usage counted with tiktoken. Prints 'fake-llm listening on URL' when ready; point "
+            "OPENAI_BASE_URL at URL/v1, ANTHROPIC_BASE_URL and GOOGLE_GEMINI_BASE_URL at URL. "
+            "Any non-empty API key "
             "is accepted. Per-request faults: header 'x-fake-llm-fault: 429|500|cut[:N]|slow[:MS]'. "
             "GET /_fake/calls lists what was billed."
         ),

@@ -53,9 +53,10 @@ def _register_import(subparsers: Any) -> None:
     p.add_argument(
         "--from",
         dest="agent_logs",
-        choices=("claude-code", "codex"),
+        choices=("claude-code", "codex", "gemini"),
         help="instead of FILE: a coding agent's session logs (~/.claude/projects, "
-        "~/.codex/sessions; see docs/agents.md), each call once however often it is logged",
+        "~/.codex/sessions, ~/.gemini/tmp; see docs/agents.md), each call once however often "
+        "it is logged (the supervisor follows them live: [session_logs])",
     )
     p.add_argument("--path", metavar="DIR", help="with --from: where its logs are")
     p.add_argument(

@@ -127,6 +127,10 @@ class UsageEvent(Plain):
     """Tokens not billed thanks to the lever (a cache hit: the whole call; trimming: the cut)."""
     saved_usd: float | None = None
     """Dollars the lever saved, at the prices of the time; None when it saved nothing or unpriced."""
+    response_id: str = ""
+    """The provider's id of the answer (Anthropic's `msg_...`, OpenAI's `resp_...`/`chatcmpl-...`),
+    as the proxy read it or an agent's session log names it: one answer is stored once, whichever
+    path saw it first."""
 
     @property
     def total_tokens(self) -> int:

@@ -19,7 +19,7 @@ import anyio
 from aiohttp import web
 
 from tokenwatch.core.tokens import count_text
-from tokenwatch.demo import fake_anthropic, fake_openai
+from tokenwatch.demo import fake_anthropic, fake_gemini, fake_openai
 from tokenwatch.demo.fake_exchange import (
     FAULT_HEADER,
     BadRequest,
@@ -65,6 +65,9 @@ OPENAI = _Provider(
 )
 ANTHROPIC = _Provider(
     "anthropic", fake_anthropic.error_body, fake_anthropic.headers, fake_anthropic.new_request_id
+)
+GEMINI = _Provider(
+    "gemini", fake_gemini.error_body, fake_gemini.headers, fake_gemini.new_request_id
 )
 _MESSAGES = {
     401: "You didn't provide an API key.",
@@ -127,6 +130,8 @@ class FakeLLM:
         ]
         for path, provider, handler in routes:
             app.router.add_post(path, self._route(path, provider, handler))
+        gemini = self._route(fake_gemini.ENDPOINT, GEMINI, fake_gemini.dispatch)
+        app.router.add_post("/v1beta/models/{target}", gemini)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/_fake/calls", self._calls)
         app.router.add_post("/_fake/reset", self._reset)
@@ -171,7 +176,7 @@ class FakeLLM:
         self._requests += 1
         started = time.monotonic()
         ex = Exchange(request, self.settings, self.cache, provider.request_id())
-        billed = endpoint != "/v1/messages/count_tokens"
+        billed = endpoint != "/v1/messages/count_tokens" and fake_gemini.billed(request.path)
         try:
             if not _authorised(request):
                 raise BadRequest(_MESSAGES[401], 401)
@@ -277,7 +282,8 @@ def asyncio_cancelled() -> BaseException:
 
 def _authorised(request: web.Request) -> bool:
     auth = request.headers.get("authorization", "")
-    return bool(request.headers.get("x-api-key") or auth.removeprefix("Bearer ").strip())
+    key = request.headers.get("x-api-key") or request.headers.get("x-goog-api-key")
+    return bool(key or auth.removeprefix("Bearer ").strip())
 
 
 @asynccontextmanager

@@ -22,6 +22,8 @@ RECENT_CALL_IDS: Final = 200_000
 """Call ids remembered to count a call reported twice (SDK and proxy, resend) only once."""
 STORE_RETRY_MAX: Final = 5.0
 UNNAMED: Final = "unnamed"
+RESPONSE_KEY: Final = "\x00response:"
+"""Prefix of a provider answer id among the remembered call ids (no call id starts with NUL)."""
 
 
 class Recorder:
@@ -60,20 +62,27 @@ class Recorder:
         await self.persist(fresh, wait=True)
 
     def accept(self, event: UsageEvent) -> bool:
-        """False for a call already counted (same call_id)."""
+        """False for a call already counted (same call_id, or same provider answer: the proxy
+        and a coding agent's session log both saw it)."""
         if not event.agent:
             event.agent = UNNAMED
-        if not event.call_id:
-            event.call_id = uuid.uuid4().hex
-            return True
-        if event.call_id in self._recent:
+        answer = RESPONSE_KEY + event.response_id if event.response_id else ""
+        if (event.call_id and event.call_id in self._recent) or (answer and answer in self._recent):
             self.duplicates += 1
             return False
+        if event.call_id:
+            self._remember(event.call_id)
+        else:
+            event.call_id = uuid.uuid4().hex  # never reported twice: nothing to remember
+        if answer:
+            self._remember(answer)
+        return True
+
+    def _remember(self, key: str) -> None:
         recent = self._recent
-        recent[event.call_id] = None
+        recent[key] = None
         if len(recent) > RECENT_CALL_IDS:
             recent.popitem(last=False)
-        return True
 
     def count(self, event: UsageEvent, signals: list[Signal]) -> None:
         """Count a priced call into its agent, the live figures and the rules; act on signals."""

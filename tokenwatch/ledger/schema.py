@@ -47,6 +47,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "lever",
     "saved_tokens",
     "saved_usd",
+    "response_id",
 )
 
 # The dimensions a rollup row is keyed by (besides its time bucket); every filter must be one.
@@ -281,6 +282,26 @@ def _v6_savings(db: sqlite3.Connection) -> None:
     )
 
 
+def _v7_session_logs(db: sqlite3.Connection) -> None:
+    """The provider's answer id (one answer stored once, whether the proxy or a coding agent's
+    session log saw it), and how far each session log has been read."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE events ADD COLUMN response_id TEXT NOT NULL DEFAULT '';
+        CREATE UNIQUE INDEX events_response_id ON events (response_id) WHERE response_id != '';
+        CREATE TABLE log_offsets (
+            source TEXT NOT NULL,
+            path TEXT NOT NULL,
+            inode INTEGER NOT NULL,
+            offset INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            PRIMARY KEY (source, path)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_events,
     _v2_dedup_rollups_and_supervision,
@@ -288,6 +309,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v4_conversation_signals,
     _v5_price_source,
     _v6_savings,
+    _v7_session_logs,
 )
 """MIGRATIONS[n] takes a database at `user_version` n to n + 1. Never edit one; append."""
 

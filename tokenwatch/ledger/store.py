@@ -357,6 +357,29 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(_read_failure(exc, self.path)) from None
 
+    # -- coding agents' session logs -------------------------------------------------------
+
+    async def log_offsets(self, source: str) -> dict[str, tuple[int, int, str]]:
+        """How far each of `source`'s session logs was read: path -> (inode, offset, state)."""
+        sql = "SELECT path, inode, offset, state FROM log_offsets WHERE source = ?"
+        return {r[0]: (r[1], r[2], r[3]) for r in await self._rows(sql, (source,))}
+
+    async def save_log_offsets(
+        self, source: str, rows: Iterable[tuple[str, int, int, str]]
+    ) -> None:
+        """Record (path, inode, offset, state) per log."""
+        sql = "INSERT OR REPLACE INTO log_offsets VALUES (?, ?, ?, ?, ?)"
+        await self._changes(sql, [(source, *row) for row in rows])
+
+    async def stored_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the ledger holds, as a call_id or as a response_id."""
+        found: set[str] = set()
+        for i in range(0, len(ids), 400):
+            part, marks = ids[i : i + 400], ", ".join("?" * len(ids[i : i + 400]))
+            sql = f"SELECT call_id, response_id FROM events WHERE call_id IN ({marks}) OR response_id IN ({marks})"
+            found.update(v for row in await self._rows(sql, [*part, *part]) for v in row)
+        return found.intersection(ids)
+
     # -- events -------------------------------------------------------------------------
 
     async def history(

@@ -13,6 +13,7 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     TextParts,
     Usage,
+    answer_id,
     fingerprint,
     int_field,
     json_object,
@@ -83,11 +84,12 @@ class AnthropicReader:
     text deltas are kept as bytes and decoded only when the usage must be estimated.
     """
 
-    __slots__ = ("_message", "_raw", "complete", "usage")
+    __slots__ = ("_id", "_message", "_raw", "complete", "usage")
 
     def __init__(self) -> None:
         self._raw: list[bytes] = []
         self._message: dict[str, Any] | None = None
+        self._id = ""
         self.usage: Usage | None = None
         self.complete = False
 
@@ -95,8 +97,14 @@ class AnthropicReader:
         doc = json_object(body)
         if doc is not None and doc.get("type") == "message":
             self._message = doc
-            self.usage = usage_from(doc.get("usage"))
+            self._id = answer_id(doc)
+            self._set_usage(usage_from(doc.get("usage")))
             self.complete = True
+
+    def _set_usage(self, usage: Usage | None) -> None:
+        if usage is not None:
+            usage.response_id = self._id
+        self.usage = usage
 
     def read_event(self, event: SseEvent) -> bool:
         if not event.data:
@@ -113,9 +121,10 @@ class AnthropicReader:
         if kind == "message_start":
             message = doc.get("message")
             if isinstance(message, dict):
-                self.usage = usage_from(message.get("usage"))
+                self._id = answer_id(message)
+                self._set_usage(usage_from(message.get("usage")))
         elif kind == "message_delta":
-            self.usage = usage_from(doc.get("usage"), self.usage)
+            self._set_usage(usage_from(doc.get("usage"), self.usage))
         elif kind in _CONTENT_EVENTS:
             self._raw.append(event.data)
         elif kind == "message_stop":

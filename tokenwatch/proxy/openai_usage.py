@@ -21,6 +21,7 @@ from tokenwatch.proxy.usage import (
     CallFacts,
     TextParts,
     Usage,
+    answer_id,
     fingerprint,
     int_field,
     json_object,
@@ -124,7 +125,7 @@ class OpenAIReader:
         doc = json_object(body)
         if doc is not None:
             self._answer = doc
-            self.usage = usage_from(doc.get("usage"), self._endpoint)
+            self.usage = _with_id(usage_from(doc.get("usage"), self._endpoint), doc)
             self.complete = True
             if self.usage is None:
                 self._raw.append(body)  # its text is then what the estimate counts
@@ -145,7 +146,7 @@ class OpenAIReader:
         if doc is None:
             return True
         usage, choices = doc.get("usage"), doc.get("choices")
-        self.usage = usage_from(usage, self._endpoint)
+        self.usage = _with_id(usage_from(usage, self._endpoint), doc)
         self.complete = True  # the usage chunk is the last before [DONE]
         if choices:
             self._raw.append(data)
@@ -162,7 +163,7 @@ class OpenAIReader:
         response = doc.get("response")
         if isinstance(response, dict):
             self._answer = response
-            self.usage = usage_from(response.get("usage"), RESPONSES)
+            self.usage = _with_id(usage_from(response.get("usage"), RESPONSES), response)
         self.complete = True
         return True
 
@@ -191,6 +192,12 @@ class OpenAIReader:
             for choice in choices if isinstance(choices, list) else ():
                 _choice_text(choice, text)
         return text.text()
+
+
+def _with_id(usage: Usage | None, doc: Any) -> Usage | None:
+    if usage is not None:
+        usage.response_id = answer_id(doc)
+    return usage
 
 
 def _choice_text(choice: Any, text: TextParts) -> None:

@@ -35,6 +35,9 @@ class Usage:
     reasoning_tokens: int = 0
     cost_usd: float | None = None
     """What the provider says it billed (OpenRouter's `usage.cost`), stored as reported."""
+    response_id: str = ""
+    """The provider's id of the answer (`msg_...`, `resp_...`): a coding agent's session log
+    names its calls by it, so a call both saw is stored once."""
 
 
 COST_HEADERS: Final = ("x-litellm-response-cost",)
@@ -200,6 +203,7 @@ def fill_event(event: UsageEvent, usage: Usage) -> None:
     event.cache_read_tokens = usage.cache_read_tokens
     event.cache_write_tokens = usage.cache_write_tokens
     event.reasoning_tokens = usage.reasoning_tokens
+    event.response_id = usage.response_id
     if usage.cost_usd is not None:  # the provider's own bill wins over our price tables
         event.cost_usd, event.price_source = usage.cost_usd, PROVIDER
 
@@ -211,3 +215,9 @@ def answer_hash(reader: Reader) -> str:
     except Exception as exc:
         log.debug("could not hash an answer (%s)", type(exc).__name__)
         return ""
+
+
+def answer_id(doc: Any) -> str:
+    """The `id` a provider gave its answer (a JSON object's), or ""."""
+    value = doc.get("id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and len(value) <= 200 else ""

@@ -22,7 +22,7 @@ log = logging.getLogger("tokenwatch.supervisor")
 
 LIVE: Final = ("budget", "rule", "prices", "agents")
 """Sections a running supervisor applies at once (agents: for launches after the edit)."""
-AT_RESTART: Final = ("supervisor", "proxy", "alerts", "export", "optimize", "fleet")
+AT_RESTART: Final = ("supervisor", "proxy", "alerts", "export", "optimize", "fleet", "session_logs")
 """Sections that take effect when the supervisor is next started."""
 POLL_INTERVAL: Final = 2.0
 """Seconds between looks at the config files for an edit."""

@@ -228,6 +228,8 @@ class Supervisor:
                 await self._start_proxy(tg, engine)
             if self._with_exporters:
                 await self._start_exporters(tg, engine)
+            if self.config.session_logs.follow:
+                await self._follow_session_logs(tg, engine, store)
             if self.config.overlay:  # read from files (not built in code): watch them
                 watch = ConfigWatch(self._config_files, self._config_edited)
                 await tg.start(watch.run, name="tokenwatch.config-watch")
@@ -415,6 +417,14 @@ class Supervisor:
             engine, table, settings, clock=self._clock, levers=self.levers, callers=callers
         )
         return proxy, await tg.start(proxy.serve, name="tokenwatch.proxy")
+
+    async def _follow_session_logs(
+        self, tg: anyio.abc.TaskGroup, engine: Engine, store: Store
+    ) -> None:
+        from tokenwatch.supervisor.session_follow import SessionFollower
+
+        follower = SessionFollower(engine, store, self.config.session_logs)
+        await tg.start(follower.run, name="tokenwatch.session-logs")
 
     async def _start_exporters(self, tg: anyio.abc.TaskGroup, engine: Engine) -> None:
         settings = self.config.export
