@@ -62,6 +62,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="the team's other hosts instead ([fleet]): their agents' spend and calls today, "
+        "last call and last shipment, read from the team's database (no supervisor needed)",
+    )
     p.set_defaults(func=run_status)
 
     for verb, text, every in (
@@ -247,6 +253,11 @@ def _answer(fn: Callable[[SupervisorClient], Awaitable[Any]], *, start: bool) ->
 
 def run_status(args: argparse.Namespace) -> int:
     from tokenwatch.client.control import SupervisorError, SupervisorUnavailable
+
+    if args.fleet:
+        from tokenwatch.cli.hosts import run_fleet_status
+
+        return run_fleet_status(args)
 
     try:  # read-only: a status never starts a supervisor, it says there is none
         status = _answer(lambda c: c.request("status"), start=False)

@@ -135,6 +135,7 @@ SCHEMAS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "launch": {"name": (_STR, True)},
     "history": {"agent": (_STR, True), "limit": (_INT, False)},
     "report": {"since": (_NUM, False), "by": (_STR, False)},
+    "fleet_hosts": {},
     "shutdown": {},
     "reload": {},
 }

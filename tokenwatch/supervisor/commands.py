@@ -255,6 +255,22 @@ class Commands:
             "fleet": [b.fleet_note for b in snap.budgets if b.fleet_note],
         }
 
+    async def on_fleet_hosts(self, session: Session, msg: dict[str, Any]) -> Any:
+        """The team's other hosts and their agents (fleet/roster.py); null without [fleet], and
+        the reason, with no hosts, while the team's database cannot be read."""
+        fleet = self.config.fleet
+        if fleet is None:
+            return None
+        from tokenwatch.core.periods import zone
+        from tokenwatch.fleet.connection import FleetUnreachable
+        from tokenwatch.fleet.roster import read_roster
+
+        tz = zone(self.config.supervisor.timezone)
+        try:
+            return (await read_roster(fleet, tz=tz, now=time.time())).to_dict()
+        except FleetUnreachable as exc:
+            return {"host": fleet.host, "error": str(exc), "hosts": []}
+
     async def on_subscribe(self, session: Session, msg: dict[str, Any]) -> Any:
         wanted = msg.get("interval") or self.engine.settings.snapshot_interval
         kinds = msg.get("kinds", PUSH_KINDS)

@@ -40,7 +40,7 @@ MAX_QUEUED_EVENTS: Final = 20_000
 """Usage events one connection may have waiting for the store before the server stops reading it."""
 CONCURRENT_TYPES: Final = frozenset(
     {"admit", "settle", "kill", "launch", "pause_all", "resume_all", "adopt", "shutdown", "exited"}
-)
+) | {"fleet_hosts"}  # the team's database may take connect_timeout to answer
 """Requests that may take long: run beside the connection's other traffic, replies by id."""
 MIN_SNAPSHOT_INTERVAL: Final = 0.1
 

@@ -26,6 +26,7 @@ from tokenwatch.tui.messages import (
     SnapshotArrived,
 )
 from tokenwatch.tui.screens.detail import AgentDetailScreen
+from tokenwatch.tui.screens.hosts import HostsScreen
 from tokenwatch.tui.screens.main import MainScreen
 from tokenwatch.tui.screens.report import ReportScreen
 from tokenwatch.tui.source import CommandError, DashboardSource
@@ -102,6 +103,8 @@ class TokenwatchApp(App[None]):
         self._last_apply = float("-inf")
         self._refresh_timer: Timer | None = None
         self._main = MainScreen(address=address, max_rows=max_rows, clock=clock)
+        self.fleet = False
+        """The supervisor has [fleet]: the other hosts screen (key h) is offered."""
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -109,6 +112,7 @@ class TokenwatchApp(App[None]):
         self.push_screen(self._main)
         self.run_worker(self._pump(), name="feed", exit_on_error=False)
         self.set_interval(1.0, self._tick)
+        self.send("fleet_hosts")  # only whether there is a team: the screen reads the rest
 
     async def _pump(self) -> None:
         """Only posts messages: the handlers below own every piece of UI state."""
@@ -192,6 +196,7 @@ class TokenwatchApp(App[None]):
             self.notify(message.status, title="supervisor", severity="warning", markup=False)
         else:
             self.notify("connected again", title="supervisor", markup=False)
+            self.send("fleet_hosts")  # the new supervisor may have [fleet], or not
 
     @on(FeedEnded)
     def _feed_ended(self, message: FeedEnded) -> None:
@@ -227,6 +232,10 @@ class TokenwatchApp(App[None]):
 
     @on(CommandDone)
     def _command_done(self, message: CommandDone) -> None:
+        if message.kind == "fleet_hosts":  # the start-up question; an old supervisor: no team
+            self.fleet = message.ok and message.result is not None
+            self.main.refresh_bindings()
+            return
         if message.ok:
             self.notify(describe_done(message), timeout=3, markup=False)
         else:
@@ -246,12 +255,19 @@ class TokenwatchApp(App[None]):
     def open_report(self) -> None:
         self.push_screen(ReportScreen())
 
+    def open_hosts(self) -> None:
+        self.push_screen(HostsScreen())
+
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         if not isinstance(screen, MainScreen):
             return
         for binding in MainScreen.BINDINGS:
-            if isinstance(binding, Binding) and binding.description:
+            if (
+                isinstance(binding, Binding)
+                and binding.description
+                and screen.check_action(binding.action, ())
+            ):
                 yield SystemCommand(
                     binding.description,
                     f"key {binding.key}",

@@ -56,6 +56,7 @@ class MainScreen(Screen[None]):
         Binding("s", "sort", "Sort", show=False),
         Binding("slash", "filter", "Filter"),
         Binding("r", "report", "Report"),
+        Binding("h", "hosts", "Other hosts"),  # offered with [fleet] only (check_action)
         Binding("l", "launch", "Launch"),
         Binding("question_mark", "help", "Help"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
@@ -271,6 +272,12 @@ class MainScreen(Screen[None]):
     def action_report(self) -> None:
         self.tw.open_report()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.tw.fleet or action != "hosts"
+
+    def action_hosts(self) -> None:
+        self.tw.open_hosts()
+
     def action_launch(self) -> None:
         names = self.tw.launchable
         if not names:
@@ -288,4 +295,5 @@ class MainScreen(Screen[None]):
         self.app.push_screen(LaunchScreen(names), chosen)
 
     def action_help(self) -> None:
-        self.app.push_screen(HelpScreen(self.BINDINGS))
+        keys = [b for b in self.BINDINGS if self.tw.fleet or getattr(b, "action", "") != "hosts"]
+        self.app.push_screen(HelpScreen(keys))
