@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+import orjson
 
 from tokenwatch.config import CacheSettings
 
@@ -80,6 +82,10 @@ def cache_key(scope: Iterable[str], headers: Mapping[str, str], body: bytes) -> 
 def storable_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The answer's headers worth replaying (no cookies, no stale date)."""
     return [(k, v) for k, v in headers if k.lower() not in _DROP_HEADERS]
+
+
+_INSERT = "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_DELETE = "DELETE FROM answers WHERE key = ?"
 
 
 def answer_size(answer: CachedAnswer) -> int:
@@ -247,25 +253,21 @@ class ResponseCache:
             return
         db.execute("BEGIN")
         try:
-            for key, now, answer in batch:
-                if answer is None:
-                    db.execute("DELETE FROM answers WHERE key = ?", (key,))
-                    continue
-                db.execute(
-                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key,
-                        now,
-                        now + self.settings.ttl,
-                        answer_size(answer),
-                        answer.status,
-                        json.dumps(answer.headers),
-                        answer.body,
-                        answer.model,
-                        json.dumps(answer.usage),
-                    ),
-                )
+            # runs of inserts and of deletes, in their order, each one executemany: this thread
+            # holds the GIL the event loop needs for every line of Python it runs per row
+            for deleting, run in itertools.groupby(batch, lambda entry: entry[2] is None):
+                if deleting:
+                    db.executemany(_DELETE, [(key,) for key, _, _ in run])
+                else:
+                    db.executemany(_INSERT, [self._row(key, now, a) for key, now, a in run])
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def _row(self, key: bytes, now: float, answer: CachedAnswer | None) -> tuple[object, ...]:
+        assert answer is not None
+        headers, usage = orjson.dumps(answer.headers), orjson.dumps(answer.usage)
+        size = answer_size(answer)
+        return (key, now, now + self.settings.ttl, size, answer.status, headers.decode(),
+                answer.body, answer.model, usage.decode())  # fmt: skip
