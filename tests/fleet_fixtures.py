@@ -8,6 +8,8 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -85,6 +87,11 @@ class Member:
             where, args = ("WHERE agent = ?", (agent,)) if agent else ("", ())
             (total,) = db.execute(f"SELECT coalesce(sum(cost_usd), 0) FROM events {where}", args)
             return float(total[0])
+
+    def ledger_calls(self) -> int:
+        """How many calls its SQLite ledger holds (refused ones included)."""
+        with contextlib.closing(sqlite3.connect(self.serve.paths.db)) as db:
+            return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
 
 
 @contextlib.contextmanager
@@ -174,3 +181,12 @@ async def team_figures(url: str, budget: str) -> tuple[float, float]:
         row = await cur.fetchone()
     assert row is not None
     return float(row[0]), float(row[1])
+
+
+def report_fleet(member: Member, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tokenwatch report --fleet` as a user of that machine runs it (its tokenwatch.toml in
+    the working directory)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwatch", "report", "--fleet", *args],
+        env=member.serve.env, cwd=member.home, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip

@@ -4,6 +4,7 @@ the database stopped mid-run under each policy (docs/fleet.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from tests.fleet_fixtures import (
     Member,
     fire,
+    report_fleet,
     team,
     team_figures,
     team_toml,
@@ -60,8 +62,10 @@ async def test_four_supervisors_fifty_calls_each_stay_within_one_shared_budget(
                 for member in members:
                     tg.start_soon(fire, member, f"crowd-{member.name}", 50, outcomes)
             for member in members:
-                member.stop()  # its ledger flushed and its settlements sent
+                member.stop()  # its ledger flushed, its settlements sent, its events shipped
             recorded = sum(member.ledger_usd() for member in members)
+            local_calls = sum(member.ledger_calls() for member in members)
+            report = report_fleet(members[0], "--format", "json")
         spent, reserved = await team_figures(url, "team")
     assert outcomes["ok"] + outcomes["refused"] == 200, outcomes
     assert outcomes["refused"] > 0  # the budget was reached across the fleet
@@ -70,6 +74,10 @@ async def test_four_supervisors_fifty_calls_each_stay_within_one_shared_budget(
     assert recorded <= limit * (1 + 1e-9)
     assert spent == pytest.approx(recorded, rel=1e-9, abs=1e-12)  # the team counted each once
     assert reserved == pytest.approx(0, abs=1e-12)
+    assert report.returncode == 0, report.stderr  # the team's ledger: the four local ones summed
+    total = json.loads(report.stdout)["total"]
+    assert total["requests"] == local_calls
+    assert total["cost_usd"] == pytest.approx(recorded, rel=1e-9, abs=1e-12)
 
 
 async def test_a_killed_supervisors_holds_expire_and_the_budget_recovers(

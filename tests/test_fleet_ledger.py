@@ -9,15 +9,13 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Sequence
 
 import anyio
 import pytest
 
-from tests.fleet_fixtures import Member, fire, team, team_toml
+from tests.fleet_fixtures import Member, fire, report_fleet, team, team_toml
 from tests.postgres_fixtures import PgCluster, PgDatabase, pytestmark_postgres
 from tests.supervisor_fixtures import start_serve, wait_answers
 from tokenwatch.demo.fake_llm import running_fake_llm
@@ -87,15 +85,6 @@ def assert_same(team: Figures, local: Figures) -> None:
 def restart(member: Member) -> None:
     member.serve = start_serve(member.serve.env, "--config", str(member.home / "tokenwatch.toml"))
     wait_answers(member.serve)
-
-
-def report_fleet(member: Member, *args: str) -> subprocess.CompletedProcess[str]:
-    """`tokenwatch report --fleet` as a user of that machine runs it (its tokenwatch.toml in
-    the working directory)."""
-    return subprocess.run(
-        [sys.executable, "-m", "tokenwatch", "report", "--fleet", *args],
-        env=member.serve.env, cwd=member.home, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
 
 
 async def test_three_supervisors_ship_and_the_team_ledger_is_the_sum_of_theirs(
