@@ -4,9 +4,11 @@ what fake-llm served."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +125,9 @@ class Pty:
         try:
             return self.proc.wait(120)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+            # the whole session: a launcher's native child, paused when a test failed before
+            # resuming it, would otherwise stay stopped on the machine (SIGKILL reaches it)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
             os.close(self.master)
