@@ -211,6 +211,36 @@ async def test_the_store_stays_within_its_size_bound(tmp_path: Path) -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_an_answer_refreshed_before_its_write_is_the_one_served_and_kept(
+    tmp_path: Path,
+) -> None:
+    settings = CacheSettings(enabled=True, ttl=10.0)
+    path, key = tmp_path / "cache.db", b"k" * 32
+    now = [1000.0]
+    cache = ResponseCache(path, settings, clock=lambda: now[0])
+
+    def answer(body: bytes) -> CachedAnswer:
+        return CachedAnswer(200, [("content-type", "application/json")], body, "m", (1, 1, 0, 0, 0))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(cache.run)
+        assert cache.put_nowait(key, answer(b"first"))
+        now[0] += 11  # expired: the next lookup drops it
+        assert await cache.get(key) is None
+        assert cache.put_nowait(key, answer(b"second"))  # all before the writer's next batch
+        served = await cache.get(key)
+        tg.cancel_scope.cancel()
+    assert served is not None
+    assert served.body == b"second"
+    again = ResponseCache(path, settings, clock=lambda: now[0])
+    async with anyio.create_task_group() as tg:
+        await tg.start(again.run)
+        kept = await again.get(key)
+        tg.cancel_scope.cancel()
+    assert kept is not None
+    assert kept.body == b"second"
+
+
 async def test_inside_the_supervisor_a_hit_is_stored_with_its_saving() -> None:
     """The supervisor keeps the cache beside the ledger, private, and prices the saving."""
     async with running_fake_llm() as fake:

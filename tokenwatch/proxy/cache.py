@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -104,7 +103,9 @@ class ResponseCache:
         self._index: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
         """key -> (expires_at, size), oldest first."""
         self._bytes = 0
-        self._pending: list[tuple[bytes, float, CachedAnswer | None]] = []
+        self._pending: dict[bytes, tuple[float, CachedAnswer | None]] = {}
+        """key -> (when, answer or None to delete), not yet written: only a key's last change
+        matters (an expired answer refreshed is one write, not a delete and an insert)."""
         self._wake = anyio.Event()
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
@@ -197,7 +198,7 @@ class ResponseCache:
             self._forget(next(iter(self._index)))
 
     def _queue(self, key: bytes, now: float, answer: CachedAnswer | None) -> None:
-        self._pending.append((key, now, answer))
+        self._pending[key] = (now, answer)
         self._wake.set()
 
     # -- reads and writes ------------------------------------------------------------------------
@@ -206,9 +207,8 @@ class ResponseCache:
         """The answer kept for `key`, read in a worker thread; None when it is gone."""
         if not self.has(key):
             return None
-        for queued, _, answer in reversed(self._pending):
-            if queued == key:
-                return answer  # None: deleted since
+        if key in self._pending:
+            return self._pending[key][1]  # None: deleted since
         return await self._thread(self._read, key)  # type: ignore[no-any-return]
 
     def _read(self, key: bytes) -> CachedAnswer | None:
@@ -235,7 +235,7 @@ class ResponseCache:
         return True
 
     async def _write_pending(self) -> None:
-        batch, self._pending = self._pending, []
+        batch, self._pending = self._pending, {}
         if not batch:
             return
         try:
@@ -244,29 +244,27 @@ class ResponseCache:
             log.warning("could not write the response cache %s: %s", self.path, exc)
         except BaseException:
             # cancelled before the thread took it (stopping): the shielded final write does it
-            self._pending[:0] = batch
+            self._pending = batch | self._pending  # what changed since wins
             raise
 
-    def _write(self, batch: list[tuple[bytes, float, CachedAnswer | None]]) -> None:
+    def _write(self, batch: dict[bytes, tuple[float, CachedAnswer | None]]) -> None:
         db = self._db
         if db is None:
             return
         db.execute("BEGIN")
         try:
-            # runs of inserts and of deletes, in their order, each one executemany: this thread
-            # holds the GIL the event loop needs for every line of Python it runs per row
-            for deleting, run in itertools.groupby(batch, lambda entry: entry[2] is None):
-                if deleting:
-                    db.executemany(_DELETE, [(key,) for key, _, _ in run])
-                else:
-                    db.executemany(_INSERT, [self._row(key, now, a) for key, now, a in run])
+            # one executemany for the deletes and one for the rest: this thread holds the GIL
+            # the event loop needs for every line of Python it runs per row
+            gone = [(key,) for key, (_, answer) in batch.items() if answer is None]
+            db.executemany(_DELETE, gone)
+            kept = [self._row(key, now, a) for key, (now, a) in batch.items() if a is not None]
+            db.executemany(_INSERT, kept)
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
-    def _row(self, key: bytes, now: float, answer: CachedAnswer | None) -> tuple[object, ...]:
-        assert answer is not None
+    def _row(self, key: bytes, now: float, answer: CachedAnswer) -> tuple[object, ...]:
         headers, usage = orjson.dumps(answer.headers), orjson.dumps(answer.usage)
         size = answer_size(answer)
         return (key, now, now + self.settings.ttl, size, answer.status, headers.decode(),
