@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio.to_thread
 import pytest
 
 from tests.postgres_fixtures import PgCluster, PgDatabase, pytestmark_postgres
@@ -102,6 +103,32 @@ class TestOnARealServer:
         assert line == (
             f"tokenwatch: the fleet database {pg_db.url} has no team ledger yet (no supervisor "
             "with [fleet] has connected to it)"
+        )
+
+    async def test_a_locked_ledger_is_one_line_after_report_timeout(
+        self, tokenwatch_home: Path, pg_db: PgDatabase, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import psycopg
+
+        from tokenwatch.fleet.schema import migrate
+
+        for key, value in pg_db.env().items():
+            monkeypatch.setenv(key, value)
+        (tokenwatch_home / "tokenwatch.toml").write_text(
+            f'[fleet]\nurl = "{pg_db.url}"\nconnect_timeout = 2\nreport_timeout = 1\n'
+        )
+        async with await psycopg.AsyncConnection.connect(pg_db.url, autocommit=True) as conn:
+            await migrate(conn)
+            # a migration or a long transaction elsewhere holding the team's table
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE fleet_events IN ACCESS EXCLUSIVE MODE")
+                done = await anyio.to_thread.run_sync(
+                    lambda: report(tokenwatch_home, pg_db.env(), "--fleet")
+                )
+        line = one_line(done, pg_db.cluster.password)
+        assert line == (
+            f"tokenwatch: the fleet database {pg_db.url} did not answer in 1 s "
+            "([fleet] report_timeout)"
         )
 
 

@@ -324,6 +324,9 @@ class FleetSettings:
     ship_interval: Annotated[float, Range(0.05, 3600)] = 1.0
     """Seconds between sending this supervisor's new ledger events to the team's table
     (`tokenwatch report --fleet`); while the server is away they wait in the local ledger."""
+    report_timeout: Annotated[float, Range(1, 3600)] = 120.0
+    """Seconds `tokenwatch report --fleet` waits for the team's database to answer (a table
+    locked by a migration, a stalled server) before saying so (1 to 3600)."""
 
 
 @dataclass(frozen=True, slots=True)

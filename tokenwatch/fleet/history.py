@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
+
 from tokenwatch.config import FleetSettings
 from tokenwatch.fleet.connection import FleetUnreachable, connect, describe, where
 from tokenwatch.ledger.rollups import period_windows
@@ -174,9 +176,19 @@ async def team_report(
 
     async with await connect(settings) as conn:
         try:
-            return await build_report(
-                TeamLedger(conn), by=by, since=since, until=until, top=top, tz=tz, **filters
-            )
+            # the server ends a query waiting longer (on a lock too) cleanly; the client's own
+            # deadline, a little later, is for a server that stopped answering at all
+            timeout = f"{math.ceil(settings.report_timeout * 1000)}ms"
+            await conn.execute("SELECT set_config('statement_timeout', %s, false)", (timeout,))
+            with anyio.fail_after(settings.report_timeout + settings.connect_timeout):
+                return await build_report(
+                    TeamLedger(conn), by=by, since=since, until=until, top=top, tz=tz, **filters
+                )
+        except (TimeoutError, psycopg.errors.QueryCanceled):
+            raise FleetUnreachable(
+                f"the fleet database {where(settings)} did not answer in "
+                f"{settings.report_timeout:g} s ([fleet] report_timeout)"
+            ) from None
         except psycopg.errors.UndefinedTable:
             raise FleetUnreachable(
                 f"the fleet database {where(settings)} has no team ledger yet (no supervisor "
